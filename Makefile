@@ -1,0 +1,38 @@
+# Two commands a user needs: `make repro` (the whole embedded pipeline) and `make test`.
+# Setup is idempotent: the venv is created once and reinstalled only when pyproject.toml changes.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup repro test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch and torchvision first, pinned as a pair (PyPI's torchvision fails beside other torch builds here).
+	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+repro: setup
+	test -d .dvc || $(BIN)/dvc init -q
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check pipeline stages student tests benchmarks
+	$(BIN)/ruff format --check pipeline stages student tests benchmarks
+
+bench: setup
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf data artifacts reports/*.png

@@ -1,0 +1,299 @@
+"""Typed parameters for every stage, loaded once from params.yaml.
+
+Each section of params.yaml maps to one dataclass below. Loading validates the whole file: an unknown key,
+a missing section or a value of the wrong type fails with the dotted key name and what is allowed, so a
+typo never silently falls back to a default. Command-line overrides use the same dotted names
+(``student.width=192``), which is also what ``dvc exp run -S`` writes into params.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+TASKS = ("vqa", "snli_ve", "vcr")
+
+
+class ConfigError(ValueError):
+    """A parameter file or override is invalid; the message names the file and the dotted key."""
+
+
+@dataclass
+class SyntheticParams:
+    seed: int = 0
+    image_size: int = 64
+    domains: list[str] = field(default_factory=lambda: ["plain", "textured", "outline"])
+    # Scenes per split; every scene yields one instance per task, so instances = scenes per task.
+    scenes: dict[str, int] = field(default_factory=lambda: {"train": 3000, "val": 300, "test": 600})
+    caption_scenes: int = 12000
+    captions_per_scene: int = 2
+    min_objects: int = 1
+    max_objects: int = 3
+    # Fraction of VQA human answers replaced by a plausible wrong answer, so the VQA score is not all-or-nothing.
+    vqa_answer_noise: float = 0.1
+
+
+@dataclass
+class DataParams:
+    source: Literal["synthetic", "vqa", "snli_ve", "vcr"] = "synthetic"
+    root: str = ""
+    out: str = "data/shards"
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    shard_size: int = 1000
+    image_shard_size: int = 1000
+    on_error: Literal["fail", "skip"] = "fail"
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+
+
+@dataclass
+class TeacherPretrainParams:
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 50
+    seed: int = 0
+    threads: int = 0  # 0: torch's default (all cores)
+    eval_captions: int = 32
+
+
+@dataclass
+class TeacherParams:
+    # An open_clip model name, or a path to an open_clip model-config JSON (the embedded default ships one).
+    model: str = "pipeline/model_configs/clip-td-tiny.json"
+    # An open_clip pretrained tag, a local checkpoint path, or "" for random init.
+    pretrained: str = "artifacts/teacher/teacher.pt"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    pretrain: TeacherPretrainParams = field(default_factory=TeacherPretrainParams)
+
+
+@dataclass
+class CacheParams:
+    store: str = "artifacts/cache/teacher.zarr"
+    dtype: Literal["float16", "int8"] = "float16"
+    compressor: Literal["zstd", "lz4", "none"] = "zstd"
+    clevel: int = 3
+    # Rows per work unit = rows per Zarr shard: one unit writes whole shards that no other unit touches.
+    image_rows_per_unit: int = 512
+    text_rows_per_unit: int = 4096
+    target_chunk_bytes: int = 1 << 20
+    batch_size: int = 128
+    num_workers: int = 1
+    views: int = 0
+    scheduler: str = "local"  # "local" (LocalCluster), "sync" (in-process), or a dask scheduler address
+    n_workers: int = 1
+    on_error: Literal["fail", "skip"] = "fail"
+
+
+@dataclass
+class StudentParams:
+    arch: str = "vilt"
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    patch_size: int = 8
+    image_size: int = 64
+    max_text_len: int = 40
+    dropout: float = 0.1
+
+
+@dataclass
+class TrainParams:
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup: int = 100
+    seed: int = 0
+    num_workers: int = 0
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    threads: int = 0
+
+
+@dataclass
+class DistillParams:
+    method: Literal[
+        "baseline",
+        "naive_kd",
+        "pooled_fd",
+        "clip_td",
+        "clip_td_unlabeled",
+        "clip_td_transductive",
+        "clip_td_no_select",
+        "clip_td_no_weight",
+        "clip_td_const_lambda",
+    ] = "clip_td"
+    rho_v: float = 0.25
+    rho_t: float = 0.5
+    selection: Literal["topk", "mass"] = "topk"
+    mass_p: float = 0.5
+    mass_tau: float = 0.1
+    relevance_source: Literal["last", "value", "intermediate"] = "last"
+    distance: Literal["cosine", "l1", "mse"] = "cosine"
+    balance: Literal["adaptive", "constant"] = "adaptive"
+    alpha0: float = 1.0
+    alpha_min: float = 0.1
+    lambda_const: float = 1.0
+    weight_clip: list[float] = field(default_factory=lambda: [0.1, 3.0])
+    vqa_candidates: int = 4
+
+
+@dataclass
+class ProtocolParams:
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    conditions: list[str] = field(default_factory=lambda: ["lowshot@0.05", "lowshot@0.25", "shift", "full"])
+    methods: list[str] = field(default_factory=lambda: ["baseline", "naive_kd", "clip_td"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    shift_target_domain: str = "outline"
+    shift_key: str = "domain"
+    val_fraction: float = 0.1
+
+
+@dataclass
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    teacher: TeacherParams = field(default_factory=TeacherParams)
+    cache: CacheParams = field(default_factory=CacheParams)
+    student: StudentParams = field(default_factory=StudentParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    distill: DistillParams = field(default_factory=DistillParams)
+    protocol: ProtocolParams = field(default_factory=ProtocolParams)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{source}: key '{key}': {what} (expected {_describe(tp)}, got {value!r})")
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad("not a mapping")
+        return _build(tp, value, key, source)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad("value not allowed")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError:
+                continue
+        raise bad("no alternative matches")
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad("not a list")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad("not a mapping")
+        kt, vt = typing.get_args(tp)
+        return {_coerce(k, kt, key, source): _coerce(v, vt, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is type(None):
+        if value is not None:
+            raise bad("must be null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("not a boolean")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("not an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("not a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("not a string")
+        return value
+    raise bad(f"unsupported type {tp}")
+
+
+def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(f"{source}: unknown key '{where}' (allowed here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], f"{prefix}.{f.name}" if prefix else f.name, source)
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check()
+    return obj
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected dotted.key=value")
+    key, val = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(val) if val.strip() else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Set dotted keys in a raw params mapping; values are parsed as YAML (``3``, ``0.1``, ``[a, b]``)."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Load and validate params.yaml (or defaults when path is None) with dotted overrides applied."""
+    source = str(path) if path else "<defaults>"
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{p}: parameter file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides)
+    return _build(Params, raw, "", source)
+
+
+def section(params: Params, name: str) -> Any:
+    return getattr(params, name)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def dump_defaults() -> str:
+    """params.yaml content holding every default (used to write and to check the shipped file)."""
+    return yaml.safe_dump(to_dict(Params()), sort_keys=False, default_flow_style=None)

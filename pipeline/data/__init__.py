@@ -1,0 +1,1 @@
+"""Prepared-dataset format, sample schema, synthetic world and official-format converters."""
