@@ -86,6 +86,8 @@ class CacheParams:
     batch_size: int = 128
     num_workers: int = 1
     views: int = 0
+    # Extra teacher token sources stored for relevance scoring (method §3): "value" (MaskCLIP), "intermediate".
+    relevance_tokens: list[str] = field(default_factory=list)
     scheduler: str = "local"  # "local" (LocalCluster), "sync" (in-process), or a dask scheduler address
     n_workers: int = 1
     on_error: Literal["fail", "skip"] = "fail"
@@ -145,6 +147,15 @@ class DistillParams:
     weight_clip: list[float] = field(default_factory=lambda: [0.1, 3.0])
     vqa_candidates: int = 4
 
+    def validate(self) -> None:
+        for key in ("rho_v", "rho_t", "mass_p"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                raise ConfigError(f"key 'distill.{key}': must be in (0, 1], got {getattr(self, key)}")
+        if len(self.weight_clip) != 2 or not 0 <= self.weight_clip[0] <= self.weight_clip[1]:
+            raise ConfigError(f"key 'distill.weight_clip': expected [low, high] with 0 <= low <= high, got {self.weight_clip}")
+        if self.vqa_candidates < 2:
+            raise ConfigError(f"key 'distill.vqa_candidates': need at least 2 (gold + a distractor), got {self.vqa_candidates}")
+
 
 @dataclass
 class ProtocolParams:
@@ -155,6 +166,22 @@ class ProtocolParams:
     shift_target_domain: str = "outline"
     shift_key: str = "domain"
     val_fraction: float = 0.1
+
+    def validate(self) -> None:
+        for t in self.tasks:
+            if t not in TASKS:
+                raise ConfigError(f"key 'protocol.tasks': unknown task {t!r} (allowed: {', '.join(TASKS)})")
+        for c in self.conditions:
+            if c in ("full", "shift"):
+                continue
+            if not c.startswith("lowshot@"):
+                raise ConfigError(f"key 'protocol.conditions': {c!r} is not full, shift or lowshot@<fraction>")
+            try:
+                f = float(c.split("@", 1)[1])
+            except ValueError:
+                raise ConfigError(f"key 'protocol.conditions': {c!r}: fraction is not a number") from None
+            if not 0.0 < f < 1.0:
+                raise ConfigError(f"key 'protocol.conditions': {c!r}: fraction must be in (0, 1)")
 
 
 @dataclass
@@ -296,4 +323,11 @@ def to_dict(obj: Any) -> dict:
 
 def dump_defaults() -> str:
     """params.yaml content holding every default (used to write and to check the shipped file)."""
-    return yaml.safe_dump(to_dict(Params()), sort_keys=False, default_flow_style=None)
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    # Sections as blocks (one key a line, easy to diff), short scalar lists inline.
+    _Dumper.add_representer(
+        list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True)
+    )
+    return yaml.dump(to_dict(Params()), Dumper=_Dumper, sort_keys=False, default_flow_style=False)

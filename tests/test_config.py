@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, Params, dump_defaults, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_hold_every_default():
+    # params.yaml is the one place a user reads defaults: it must list every key the code knows, unchanged.
+    assert yaml.safe_load((ROOT / "params.yaml").read_text()) == yaml.safe_load(dump_defaults())
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("student:\n  widht: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_params(p)
+    msg = str(e.value)
+    assert "student.widht" in msg and "width" in msg and str(p) in msg
+
+
+def test_mistyped_value_names_key(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("train:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=r"train\.steps.*not an integer"):
+        load_params(p)
+
+
+def test_literal_lists_allowed_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"distill\.method.*'clip_td'"):
+        load_params(None, ["distill.method=clip-td"])
+
+
+def test_overrides_parse_yaml_values():
+    p = load_params(None, ["student.width=192", "distill.rho_v=0.5", "protocol.seeds=[0, 1]", "data.synthetic.scenes.train=10"])
+    assert p.student.width == 192 and p.distill.rho_v == 0.5 and p.protocol.seeds == [0, 1]
+    assert p.data.synthetic.scenes["train"] == 10
+    assert isinstance(load_params(None, ["distill.alpha0=1"]).distill.alpha0, float)
+
+
+def test_range_validation_names_key():
+    with pytest.raises(ConfigError, match=r"distill\.rho_t"):
+        load_params(None, ["distill.rho_t=1.5"])
+    with pytest.raises(ConfigError, match=r"protocol\.conditions.*lowshot@2"):
+        load_params(None, ["protocol.conditions=[lowshot@2]"])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_params(None, ["student.width"])
