@@ -152,9 +152,13 @@ class DistillParams:
             if not 0.0 < getattr(self, key) <= 1.0:
                 raise ConfigError(f"key 'distill.{key}': must be in (0, 1], got {getattr(self, key)}")
         if len(self.weight_clip) != 2 or not 0 <= self.weight_clip[0] <= self.weight_clip[1]:
-            raise ConfigError(f"key 'distill.weight_clip': expected [low, high] with 0 <= low <= high, got {self.weight_clip}")
+            raise ConfigError(
+                f"key 'distill.weight_clip': expected [low, high] with 0 <= low <= high, got {self.weight_clip}"
+            )
         if self.vqa_candidates < 2:
-            raise ConfigError(f"key 'distill.vqa_candidates': need at least 2 (gold + a distractor), got {self.vqa_candidates}")
+            raise ConfigError(
+                f"key 'distill.vqa_candidates': need at least 2 (gold + a distractor), got {self.vqa_candidates}"
+            )
 
 
 @dataclass
@@ -175,7 +179,9 @@ class ProtocolParams:
             if c in ("full", "shift"):
                 continue
             if not c.startswith("lowshot@"):
-                raise ConfigError(f"key 'protocol.conditions': {c!r} is not full, shift or lowshot@<fraction>")
+                raise ConfigError(
+                    f"key 'protocol.conditions': {c!r} is not full, shift or lowshot@<fraction>"
+                )
             try:
                 f = float(c.split("@", 1)[1])
             except ValueError:
@@ -267,7 +273,9 @@ def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in raw:
-            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], f"{prefix}.{f.name}" if prefix else f.name, source)
+            kwargs[f.name] = _coerce(
+                raw[f.name], hints[f.name], f"{prefix}.{f.name}" if prefix else f.name, source
+            )
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if check is not None:
@@ -295,7 +303,9 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return raw
 
 
-def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+def load_params(
+    path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()
+) -> Params:
     """Load and validate params.yaml (or defaults when path is None) with dotted overrides applied."""
     source = str(path) if path else "<defaults>"
     raw: dict = {}
@@ -323,6 +333,7 @@ def to_dict(obj: Any) -> dict:
 
 def dump_defaults() -> str:
     """params.yaml content holding every default (used to write and to check the shipped file)."""
+
     class _Dumper(yaml.SafeDumper):
         pass
 

@@ -35,7 +35,9 @@ def prepare(source: str, root: Path | None, split: str, out: Path, params, on_er
             from pipeline.data import synthetic
 
             if split not in SYNTHETIC_SPLITS:
-                raise click.BadParameter(f"synthetic splits are {', '.join(SYNTHETIC_SPLITS)}", param_hint="--split")
+                raise click.BadParameter(
+                    f"synthetic splits are {', '.join(SYNTHETIC_SPLITS)}", param_hint="--split"
+                )
             synthetic.generate(split, params.data.synthetic, writer)
         else:
             if root is None:
@@ -86,7 +88,13 @@ def prepare(source: str, root: Path | None, split: str, out: Path, params, on_er
     "and line/key; 'skip' counts and lists every skipped item in OUT/<split>/skipped.json [default: data.on_error].",
 )
 @click.option("--params", "params_path", default="params.yaml", help="Parameter file holding the defaults.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a parameter, e.g. data.shard_size=500.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a parameter, e.g. data.shard_size=500.",
+)
 def main(source, root, splits, out, on_error, params_path, overrides) -> None:
     """Write a dataset split as WebDataset shards in clip-td's one sample format.
 

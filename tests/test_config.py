@@ -36,7 +36,10 @@ def test_literal_lists_allowed_values(tmp_path):
 
 
 def test_overrides_parse_yaml_values():
-    p = load_params(None, ["student.width=192", "distill.rho_v=0.5", "protocol.seeds=[0, 1]", "data.synthetic.scenes.train=10"])
+    p = load_params(
+        None,
+        ["student.width=192", "distill.rho_v=0.5", "protocol.seeds=[0, 1]", "data.synthetic.scenes.train=10"],
+    )
     assert p.student.width == 192 and p.distill.rho_v == 0.5 and p.protocol.seeds == [0, 1]
     assert p.data.synthetic.scenes["train"] == 10
     assert isinstance(load_params(None, ["distill.alpha0=1"]).distill.alpha0, float)

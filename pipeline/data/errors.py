@@ -36,4 +36,6 @@ class SkipReport:
         return len(self.skipped)
 
     def write(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"policy": self.policy, "count": self.count, "skipped": self.skipped}, indent=1))
+        Path(path).write_text(
+            json.dumps({"policy": self.policy, "count": self.count, "skipped": self.skipped}, indent=1)
+        )

@@ -62,7 +62,10 @@ class Instance:
             return SchemaError(f"instance '{self.key}': field '{f}': {why}")
 
         if not _KEY_OK.match(self.key):
-            raise bad("key", "must be non-empty and use only letters, digits, '_' and '-' (WebDataset splits keys on '.')")
+            raise bad(
+                "key",
+                "must be non-empty and use only letters, digits, '_' and '-' (WebDataset splits keys on '.')",
+            )
         if self.task not in TASKS:
             raise bad("task", f"unknown task {self.task!r}; allowed {TASKS}")
         if not self.image_id:
@@ -71,7 +74,9 @@ class Instance:
             if not self.question:
                 raise bad("question", "empty")
             if self.human_answers and len(self.human_answers) != VQA_HUMAN_ANSWERS:
-                raise bad("human_answers", f"expected {VQA_HUMAN_ANSWERS} answers, got {len(self.human_answers)}")
+                raise bad(
+                    "human_answers", f"expected {VQA_HUMAN_ANSWERS} answers, got {len(self.human_answers)}"
+                )
             if self.split != "test" and not self.answer:
                 raise bad("answer", "empty for a labelled split")
         elif self.task == "snli_ve":

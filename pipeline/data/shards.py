@@ -95,7 +95,9 @@ class DatasetWriter:
     def add_instance(self, inst: Instance) -> None:
         inst.validate()
         if inst.image_id not in self._images:
-            raise SchemaError(f"instance '{inst.key}': image '{inst.image_id}' was not added before the instance")
+            raise SchemaError(
+                f"instance '{inst.key}': image '{inst.image_id}' was not added before the instance"
+            )
         if inst.key in self._keys:
             raise SchemaError(f"instance '{inst.key}': duplicate key")
         self._keys.add(inst.key)
@@ -132,7 +134,9 @@ class DatasetWriter:
             **self.extra_info,
         }
         if info["instances"] == 0:
-            raise DataError(self.out, "dataset", "no instances were written (empty input, or every item skipped)")
+            raise DataError(
+                self.out, "dataset", "no instances were written (empty input, or every item skipped)"
+            )
         (self.out / INFO_FILE).write_text(json.dumps(info, indent=1))
         return info
 
@@ -162,10 +166,14 @@ class PreparedDataset:
         self.path = Path(path)
         info_path = self.path / INFO_FILE
         if not info_path.exists():
-            raise DataError(info_path, "dataset", "not a prepared dataset (run `python -m stages.prepare_data` first)")
+            raise DataError(
+                info_path, "dataset", "not a prepared dataset (run `python -m stages.prepare_data` first)"
+            )
         self.info: dict = json.loads(info_path.read_text())
         if self.info.get("format_version") != FORMAT_VERSION:
-            raise DataError(info_path, "format_version", f"{self.info.get('format_version')} != {FORMAT_VERSION}")
+            raise DataError(
+                info_path, "format_version", f"{self.info.get('format_version')} != {FORMAT_VERSION}"
+            )
         self.index: dict[str, list] = json.loads((self.path / INDEX_FILE).read_text())
         self.instance_urls = [str(self.path / n) for n in self.info["instance_shards"]]
         self.image_urls = [str(self.path / n) for n in self.info["image_shards"]]
@@ -199,7 +207,9 @@ class PreparedDataset:
         f.seek(offset)
         data = f.read(size)
         if len(data) != size:
-            raise DataError(self.image_urls[shard], image_id, f"truncated image: read {len(data)} of {size} bytes")
+            raise DataError(
+                self.image_urls[shard], image_id, f"truncated image: read {len(data)} of {size} bytes"
+            )
         return data
 
     def iter_instances(self) -> Iterator[Instance]:
@@ -283,7 +293,9 @@ def find_datasets(root: str | Path) -> list[Path]:
     return sorted(Path(p).parent for p in glob.glob(str(Path(root) / "**" / INFO_FILE), recursive=True))
 
 
-def write_instances(writer: DatasetWriter, items: Iterable[tuple[Instance, Callable[[], tuple[bytes, str]]]]) -> None:
+def write_instances(
+    writer: DatasetWriter, items: Iterable[tuple[Instance, Callable[[], tuple[bytes, str]]]]
+) -> None:
     """Helper for converters: add each instance's image (loaded lazily, once) then the instance."""
     for inst, load_image in items:
         if not writer.has_image(inst.image_id):

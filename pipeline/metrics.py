@@ -1,0 +1,53 @@
+"""Official task metrics (method §8), computed per instance so they can be broken down by domain and paired by seed."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+
+def vqa_score(prediction: str, human_answers: Sequence[str]) -> float:
+    """VQA accuracy: min(#humans who gave the answer / 3, 1), averaged over the 10 leave-one-out subsets of the
+    human answers (the official evaluation; answers are compared after the converters' normalisation)."""
+    if not human_answers:
+        raise ValueError("vqa_score needs the human answers of the instance")
+    n = len(human_answers)
+    matches = [a == prediction for a in human_answers]
+    total = sum(matches)
+    return sum(min((total - m) / 3.0, 1.0) for m in matches) / n
+
+
+def instance_scores(task: str, prediction: dict, inst) -> dict[str, float]:
+    """Per-instance metric values. prediction: vqa {"answer": str}; snli_ve {"label": int};
+    vcr {"answer": int, "rationale": int}."""
+    if task == "vqa":
+        return {"vqa_score": vqa_score(prediction["answer"], inst.human_answers or [inst.answer])}
+    if task == "snli_ve":
+        return {"accuracy": float(prediction["label"] == inst.label)}
+    if task == "vcr":
+        qa = prediction["answer"] == inst.label
+        qar = prediction["rationale"] == inst.rationale_label
+        return {"q2a": float(qa), "qa2r": float(qar), "q2ar": float(qa and qar)}
+    raise ValueError(f"unknown task {task!r}")
+
+
+PRIMARY = {"vqa": "vqa_score", "snli_ve": "accuracy", "vcr": "q2ar"}
+
+
+def aggregate(rows: Sequence[dict]) -> dict:
+    """rows: {"domain": str, <metric>: float, ...} per instance → overall means, per-domain means and counts."""
+    if not rows:
+        return {"n": 0, "overall": {}, "per_domain": {}}
+    keys = [k for k in rows[0] if k != "domain"]
+    by_domain: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_domain[r.get("domain", "")].append(r)
+
+    def mean(rs: Sequence[dict]) -> dict[str, float]:
+        return {k: sum(r[k] for r in rs) / len(rs) for k in keys}
+
+    return {
+        "n": len(rows),
+        "overall": mean(rows),
+        "per_domain": {d: {"n": len(rs), **mean(rs)} for d, rs in sorted(by_domain.items())},
+    }

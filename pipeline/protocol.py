@@ -1,0 +1,136 @@
+"""Which instances a run trains, validates and tests on (method §8).
+
+Conditions:
+  full         every labelled training instance of the task;
+  lowshot@f    a fraction f of them, stratified by label, nested across fractions (the 5% subset is inside the
+               25% subset for the same seed) and fixed per seed;
+  shift        training instances whose grouping key (default ``domain``) is not the target; tested on the
+               target group only.
+Validation (model selection) never touches the test split: it is the ``val`` split restricted to the
+condition's training groups, or, when there is no val split, a seeded slice of the training pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .data.schema import Instance
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    kind: str  # full | lowshot | shift
+    fraction: float = 1.0
+
+    @classmethod
+    def parse(cls, name: str) -> Condition:
+        if name in ("full", "shift"):
+            return cls(name, name)
+        if name.startswith("lowshot@"):
+            return cls(name, "lowshot", float(name.split("@", 1)[1]))
+        raise ValueError(f"unknown condition {name!r} (full, shift or lowshot@<fraction>)")
+
+
+def stratum(inst: Instance) -> str:
+    """The label a low-shot subset is stratified by."""
+    if inst.task == "vqa":
+        return inst.answer
+    if inst.task == "vcr":
+        return f"{inst.label}"
+    return str(inst.label)
+
+
+def group_of(inst: Instance, key: str) -> str:
+    """The grouping value for domain shift: an Instance field (``domain``) or a ``meta`` key (e.g. question_type)."""
+    if hasattr(inst, key) and key != "meta":
+        return str(getattr(inst, key))
+    return str(inst.meta.get(key, ""))
+
+
+def _rank(seed: int, key: str) -> str:
+    return hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()
+
+
+@dataclass
+class Split:
+    """Instance keys for one (task, condition, seed) run, plus the unlabeled images for the KD-only variants."""
+
+    train: list[str]
+    val: list[str]
+    test: list[str]
+    unlabeled_images: list[str] = field(default_factory=list)  # training images the low-shot subset drops
+    target_images: list[str] = field(
+        default_factory=list
+    )  # shifted target-domain images (transductive variant)
+
+    def summary(self) -> dict:
+        return {k: len(v) for k, v in self.__dict__.items()}
+
+
+def lowshot_subset(pool: Iterable[Instance], fraction: float, seed: int) -> list[str]:
+    """Stratified, nested, seeded subset: within each label stratum the instances are ordered by a seeded hash
+    and the first ⌈f·n⌉ kept, so a smaller fraction's subset is a prefix of a larger one's."""
+    by_stratum: dict[str, list[Instance]] = defaultdict(list)
+    for inst in pool:
+        by_stratum[stratum(inst)].append(inst)
+    keep: list[str] = []
+    for members in by_stratum.values():
+        members.sort(key=lambda i: _rank(seed, i.key))
+        keep += [i.key for i in members[: math.ceil(fraction * len(members))]]
+    return sorted(keep)
+
+
+def make_split(
+    task: str,
+    condition: str | Condition,
+    seed: int,
+    train: Iterable[Instance],
+    test: Iterable[Instance],
+    val: Iterable[Instance] | None = None,
+    *,
+    shift_key: str = "domain",
+    target: str = "",
+    val_fraction: float = 0.1,
+) -> Split:
+    cond = Condition.parse(condition) if isinstance(condition, str) else condition
+    if cond.kind == "shift" and not target:
+        raise ValueError("the shift condition needs a target group (protocol.shift_target_domain)")
+
+    def in_source(inst: Instance) -> bool:
+        return cond.kind != "shift" or group_of(inst, shift_key) != target
+
+    pool = [i for i in train if i.task == task and (i.label is not None or bool(i.answer))]
+    source = [i for i in pool if in_source(i)]
+    if val is not None:
+        val_keys = sorted(i.key for i in val if i.task == task and in_source(i))
+    else:
+        # No val split: hold out a seeded slice of the training source; it is removed from training.
+        cut = sorted(source, key=lambda i: _rank(seed + 10_000, i.key))[
+            : max(1, int(val_fraction * len(source)))
+        ]
+        val_keys = sorted(i.key for i in cut)
+        held = set(val_keys)
+        source = [i for i in source if i.key not in held]
+    if cond.kind == "lowshot":
+        train_keys = lowshot_subset(source, cond.fraction, seed)
+    else:
+        train_keys = sorted(i.key for i in source)
+    chosen = set(train_keys)
+    labelled_images = {i.image_id for i in source if i.key in chosen}
+    unlabeled = sorted({i.image_id for i in source if i.key not in chosen} - labelled_images)
+    test_list = [i for i in test if i.task == task]
+    if cond.kind == "shift":
+        test_list = [i for i in test_list if group_of(i, shift_key) == target]
+        target_images = sorted({i.image_id for i in test_list})
+    else:
+        target_images = []
+    if not train_keys:
+        raise ValueError(
+            f"{task}/{cond.name}/seed {seed}: no training instances (check the task and shift target)"
+        )
+    return Split(train_keys, val_keys, sorted(i.key for i in test_list), unlabeled, target_images)

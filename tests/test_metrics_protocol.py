@@ -1,0 +1,91 @@
+import pytest
+
+from pipeline.data.schema import Instance
+from pipeline.metrics import aggregate, instance_scores, vqa_score
+from pipeline.protocol import Condition, lowshot_subset, make_split
+
+
+def test_vqa_score_hand_computed():
+    # 3 of 10 humans said "red": each leave-one-out subset drops a "red" (7 subsets keep 3 → 1.0) or keeps
+    # only 2 (3 subsets → 2/3): (7·1 + 3·2/3)/10 = 0.9.
+    humans = ["red"] * 3 + ["blue"] * 7
+    assert vqa_score("red", humans) == pytest.approx(0.9)
+    assert vqa_score("blue", humans) == pytest.approx(1.0)
+    # One human: every subset that keeps it scores 1/3 (9 of 10), the one that drops it 0 → 0.3.
+    assert vqa_score("green", ["green"] + ["blue"] * 9) == pytest.approx(0.3)
+    assert vqa_score("pink", humans) == 0.0
+
+
+def test_vcr_q2ar_counts_instance_only_when_both_right():
+    inst = Instance(
+        key="k",
+        task="vcr",
+        image_id="i",
+        split="test",
+        question="q",
+        answers=list("abcd"),
+        rationales=list("efgh"),
+        label=1,
+        rationale_label=2,
+    )
+    assert instance_scores("vcr", {"answer": 1, "rationale": 2}, inst) == {
+        "q2a": 1.0,
+        "qa2r": 1.0,
+        "q2ar": 1.0,
+    }
+    assert instance_scores("vcr", {"answer": 1, "rationale": 0}, inst) == {
+        "q2a": 1.0,
+        "qa2r": 0.0,
+        "q2ar": 0.0,
+    }
+    assert instance_scores("vcr", {"answer": 0, "rationale": 2}, inst)["q2ar"] == 0.0
+
+
+def test_aggregate_per_domain():
+    rows = [
+        {"domain": "a", "accuracy": 1.0},
+        {"domain": "a", "accuracy": 0.0},
+        {"domain": "b", "accuracy": 1.0},
+    ]
+    agg = aggregate(rows)
+    assert agg["overall"]["accuracy"] == pytest.approx(2 / 3)
+    assert agg["per_domain"]["a"] == {"n": 2, "accuracy": 0.5}
+
+
+def _snli(n, split="train", domains=("plain", "textured", "outline")):
+    return [
+        Instance(
+            key=f"{split}{i}",
+            task="snli_ve",
+            image_id=f"{split}img{i // 2}",
+            split=split,
+            hypothesis="h",
+            label=i % 3,
+            domain=domains[i % len(domains)],
+        )
+        for i in range(n)
+    ]
+
+
+def test_lowshot_stratified_nested_seeded():
+    pool = _snli(600)
+    small, large = lowshot_subset(pool, 0.05, 0), lowshot_subset(pool, 0.25, 0)
+    assert set(small) <= set(large)
+    labels = {i.key: i.label for i in pool}
+    assert sorted(labels[k] for k in small).count(0) == 10 and len(small) == 30  # 5% of each 200-strong label
+    assert lowshot_subset(pool, 0.05, 0) == small and lowshot_subset(pool, 0.05, 1) != small
+
+
+def test_shift_excludes_target_from_train_and_val_tests_only_target():
+    train, val, test = _snli(300), _snli(30, "val"), _snli(60, "test")
+    s = make_split("snli_ve", "shift", 0, train, test, val, target="outline")
+    by_key = {i.key: i for i in train + test}
+    assert all(by_key[k].domain != "outline" for k in s.train)
+    assert all(by_key[k].domain == "outline" for k in s.test) and s.test
+    assert set(s.target_images) == {by_key[k].image_id for k in s.test}
+
+
+def test_val_carved_from_train_when_no_val_split_and_disjoint():
+    s = make_split("snli_ve", Condition.parse("lowshot@0.25"), 3, _snli(300), _snli(30, "test"), None)
+    assert s.val and not set(s.val) & set(s.train)
+    assert s.unlabeled_images  # the images the low-shot subset dropped, for the KD-only variants
