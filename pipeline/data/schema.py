@@ -77,7 +77,7 @@ class Instance:
                 raise bad(
                     "human_answers", f"expected {VQA_HUMAN_ANSWERS} answers, got {len(self.human_answers)}"
                 )
-            if self.split != "test" and not self.answer:
+            if "test" not in self.split and not self.answer:
                 raise bad("answer", "empty for a labelled split")
         elif self.task == "snli_ve":
             if not self.hypothesis:
