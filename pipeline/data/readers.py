@@ -1,0 +1,174 @@
+"""Helpers shared by the official-format converters (vqa, snli_ve, vcr).
+
+Everything here turns bad input into a ``DataError`` that names the file and the line or key, so a converter
+never has to catch a bare ``KeyError``/``JSONDecodeError`` and guess where it came from. ``InstanceSink`` is
+the one path by which a converter writes: it validates the instance, stores its image once and routes every
+problem through ``writer.skip`` (raise under the fail policy, record under the skip policy).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+from .schema import Instance, SchemaError
+from .shards import DatasetWriter
+
+_NOT_KEY = re.compile(r"[^A-Za-z0-9_\-]")
+# PIL format name -> extension stored in the image shard; the bytes are kept as they are, so the extension must
+# describe what the bytes really are, not what the file happens to be called.
+_PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+def sanitize_key(text: str) -> str:
+    """Replace every character a WebDataset key may not hold with '_' (e.g. '3416050480.jpg#4r1n')."""
+    return _NOT_KEY.sub("_", text)
+
+
+def load_json(path: Path) -> Any:
+    """A whole JSON file; a missing or malformed file is a DataError naming the file and the position."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(path, "file", "not found") from None
+    except OSError as e:
+        raise DataError(path, "file", f"unreadable: {e.strerror or e}") from None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"line {e.lineno} col {e.colno}", f"malformed JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"byte {e.start}", "not UTF-8 text") from None
+
+
+def iter_jsonl(path: Path, on_error: Callable[[DataError], None]) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) for every non-blank line of a JSON-lines file.
+
+    A bad line (not UTF-8, not JSON, not an object) goes to ``on_error`` and is not yielded, so one broken line
+    costs one item under the skip policy. A missing file raises: there is no item to skip.
+    """
+    if not path.is_file():
+        raise DataError(path, "file", "not found")
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                on_error(DataError(path, f"line {lineno}", "not UTF-8 text"))
+                continue
+            except json.JSONDecodeError as e:
+                on_error(DataError(path, f"line {lineno}", f"malformed JSON at col {e.colno}: {e.msg}"))
+                continue
+            if not isinstance(obj, dict):
+                on_error(
+                    DataError(path, f"line {lineno}", f"expected a JSON object, got {type(obj).__name__}")
+                )
+                continue
+            yield lineno, obj
+
+
+def require(obj: dict, name: str, types: type | tuple[type, ...], file: Path, where: str) -> Any:
+    """``obj[name]`` checked for presence and type; bool is not accepted where int is asked for."""
+    if name not in obj or obj[name] is None:
+        raise DataError(file, where, f"missing field {name!r}")
+    value = obj[name]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+        names = "/".join(t.__name__ for t in _as_tuple(types))
+        raise DataError(
+            file, where, f"field {name!r}: expected {names}, got {type(value).__name__} {value!r:.60}"
+        )
+    return value
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def read_image(path: Path) -> tuple[bytes, str]:
+    """The file's original bytes and the extension matching their real format.
+
+    Raises ``ValueError`` with a short reason; the caller knows which instance needed the image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError("image not found") from None
+    except OSError as e:
+        raise ValueError(f"image unreadable: {e.strerror or e}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+            im.verify()
+    except UnidentifiedImageError:
+        # PIL's own message names the BytesIO object's address, which would make skipped.json differ per run.
+        raise ValueError("image cannot be decoded: not a recognised image format") from None
+    except Exception as e:  # PIL raises unrelated types (SyntaxError, OSError, struct.error...) for bad files
+        raise ValueError(f"image cannot be decoded: {type(e).__name__}: {e}") from None
+    ext = _PIL_EXT.get(fmt or "")
+    if ext is None:
+        raise ValueError(f"unsupported image format {fmt!r} (allowed {sorted(_PIL_EXT)})")
+    return data, ext
+
+
+class InstanceSink:
+    """Writes converted instances: validate, add the image once, add the instance; bad input -> writer.skip.
+
+    Remembers images that failed to load, so a broken image shared by many instances is read once and each of
+    those instances is reported (and, under the skip policy, skipped) by name.
+    """
+
+    def __init__(self, writer: DatasetWriter):
+        self.writer = writer
+        self._bad_images: dict[Path, str] = {}
+        self._image_paths: dict[str, Path] = {}
+        self._keys: dict[str, str] = {}  # key -> where it was first seen
+
+    def skip(self, err: DataError) -> None:
+        self.writer.skip(err)
+
+    def add(self, inst: Instance, image_path: Path, file: Path, where: str) -> bool:
+        """Write ``inst`` (read at ``file``/``where``) with the image at ``image_path``; False if it was skipped."""
+        try:
+            inst.validate()
+        except SchemaError as e:
+            self.skip(DataError(file, where, str(e)))
+            return False
+        if inst.key in self._keys:
+            self.skip(
+                DataError(
+                    file, where, f"duplicate instance key {inst.key!r} (first at {self._keys[inst.key]})"
+                )
+            )
+            return False
+        known = self._image_paths.setdefault(inst.image_id, image_path)
+        if known != image_path:
+            # Sanitised ids of two different files coincide: storing either under the id would be wrong.
+            self.skip(
+                DataError(
+                    file, where, f"image id {inst.image_id!r} is used for both {known} and {image_path}"
+                )
+            )
+            return False
+        if not self.writer.has_image(inst.image_id):
+            reason = self._bad_images.get(image_path)
+            if reason is None:
+                try:
+                    data, ext = read_image(image_path)
+                except ValueError as e:
+                    reason = self._bad_images[image_path] = str(e)
+            if reason is not None:
+                self.skip(DataError(image_path, f"instance {inst.key} ({file.name} {where})", reason))
+                return False
+            self.writer.add_image(inst.image_id, data, ext, inst.domain)
+        self._keys[inst.key] = where
+        self.writer.add_instance(inst)
+        return True

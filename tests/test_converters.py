@@ -1,0 +1,258 @@
+"""Official-format converters (VQA v2, SNLI-VE, VCR): happy paths and every kind of bad input, both policies."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from pipeline.data import snli_ve, vcr, vqa
+from pipeline.data.errors import DataError, SkipReport
+from pipeline.data.schema import Instance, SchemaError
+from pipeline.data.shards import DatasetWriter, PreparedDataset
+from tests import fixtures_official as fx
+
+BUILDERS = {"vqa": (vqa, fx.build_vqa), "snli_ve": (snli_ve, fx.build_snli_ve), "vcr": (vcr, fx.build_vcr)}
+
+
+def run(module: ModuleType, built: fx.Built, out: Path, policy: str = "fail") -> tuple[PreparedDataset, dict]:
+    writer = DatasetWriter(
+        out, source=module.__name__.rsplit(".", 1)[-1], split=built.split, report=SkipReport(policy)
+    )
+    try:
+        module.convert(built.root, built.split, writer)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.close()
+        raise
+    writer.close()
+    return PreparedDataset(out), json.loads((out / "skipped.json").read_text())
+
+
+def by_key(ds: PreparedDataset) -> dict[str, Instance]:
+    return {inst.key: inst for inst in ds.iter_instances()}
+
+
+# ------------------------------------------------------------------------------------------------ happy paths
+
+
+def test_vqa_happy_path(tmp_path: Path) -> None:
+    built = fx.build_vqa(tmp_path / "vqa")
+    ds, skipped = run(vqa, built, tmp_path / "out")
+    assert len(ds) == fx.GOOD_INSTANCES and ds.info["images"] == fx.GOOD_IMAGES and skipped["count"] == 0
+    insts = by_key(ds)
+    for n, (raw, majority) in enumerate(fx.VQA_ANSWERS):
+        qid = (100 + n // 2) * 10 + n % 2
+        inst = insts[f"vqa-{qid}"]
+        assert inst.image_id == f"coco-val2014-{100 + n // 2}"
+        assert inst.human_answers == [vqa.normalize_answer(a) for a in raw] and len(inst.human_answers) == 10
+        assert inst.answer == majority, raw
+        assert inst.domain == inst.meta["answer_type"] == ("number" if n % 2 == 0 else "other")
+        assert inst.meta == {"question_id": qid, "question_type": "what is", "answer_type": inst.domain}
+    # Images are stored once, byte for byte.
+    src = fx.vqa_image_path(built.root, "val2014", 101).read_bytes()
+    assert ds.image_bytes("coco-val2014-101") == src
+    assert ds.index["coco-val2014-101"][3] == "jpg"
+
+
+@pytest.mark.parametrize(
+    ("raw", "norm"),
+    [
+        ("Two", "2"),
+        ("the dog.", "dog"),
+        ("A man's hat", "man's hat"),
+        ("black/white", "black white"),
+        ("black / white", "black white"),
+        ("1,000", "1000"),
+        ("2.5", "2.5"),
+        ("dont know", "don't know"),
+        ("yes!", "yes"),
+        ("  Red\tand   blue\n", "red and blue"),
+        ("none", "0"),
+    ],
+)
+def test_vqa_normalisation(raw: str, norm: str) -> None:
+    assert vqa.normalize_answer(raw) == norm
+
+
+def test_vqa_majority_tie_break() -> None:
+    assert vqa.majority_answer(["a", "b", "b", "a"]) == "a"
+    assert vqa.majority_answer(["a", "b", "b", "a"], preferred="b") == "b"
+    assert vqa.majority_answer(["a", "b", "b", "c"], preferred="a") == "b"
+
+
+def _schema_rejects_unlabelled(split: str) -> bool:
+    inst = Instance(key="k", task="vqa", image_id="i", split=split, question="q")
+    try:
+        inst.validate()
+    except SchemaError:
+        return True
+    return False
+
+
+@pytest.mark.xfail(
+    _schema_rejects_unlabelled("test2015"),
+    reason="schema.Instance.validate only exempts split == 'test' from needing a VQA answer",
+    raises=DataError,
+    strict=True,
+)
+def test_vqa_test_split_without_annotations(tmp_path: Path) -> None:
+    built = fx.build_vqa(tmp_path / "vqa", split="test2015", annotations=False)
+    ds, _ = run(vqa, built, tmp_path / "out")
+    assert len(ds) == fx.GOOD_INSTANCES
+    assert all(i.answer == "" and i.human_answers == [] for i in ds.iter_instances())
+
+
+def test_vqa_missing_annotations_outside_test_split(tmp_path: Path) -> None:
+    built = fx.build_vqa(tmp_path / "vqa", annotations=False)
+    with pytest.raises(DataError, match=r"v2_mscoco_val2014_annotations\.json: file: not found"):
+        run(vqa, built, tmp_path / "out", "skip")
+
+
+@pytest.mark.parametrize("which", ["questions", "annotations"])
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_vqa_malformed_file_always_raises(tmp_path: Path, which: str, policy: str) -> None:
+    built = fx.build_vqa(tmp_path / "vqa", malformed=which)
+    with pytest.raises(DataError, match=rf"_val2014_{which}\.json: line 1 col \d+: malformed JSON"):
+        run(vqa, built, tmp_path / "out", policy)
+
+
+def test_snli_ve_happy_path(tmp_path: Path) -> None:
+    ds, skipped = run(snli_ve, fx.build_snli_ve(tmp_path / "snli"), tmp_path / "out")
+    assert len(ds) == fx.GOOD_INSTANCES and ds.info["images"] == fx.GOOD_IMAGES and skipped["count"] == 0
+    inst = by_key(ds)["snli-3416050481_jpg_1r1c"]
+    assert inst.task == "snli_ve" and inst.image_id == "flickr-3416050481" and inst.split == "dev"
+    assert inst.hypothesis == "Hypothesis 1 about the image ." and inst.label == 2
+    assert inst.meta == {
+        "pair_id": "3416050481.jpg#1r1c",
+        "flickr30k_id": "3416050481",
+        "premise_caption": "A photo numbered 3416050481.",
+    }
+    assert sorted({i.label for i in ds.iter_instances()}) == [0, 1, 2]
+
+
+def test_vcr_happy_path(tmp_path: Path) -> None:
+    ds, skipped = run(vcr, fx.build_vcr(tmp_path / "vcr"), tmp_path / "out")
+    assert len(ds) == fx.GOOD_INSTANCES and ds.info["images"] == fx.GOOD_IMAGES and skipped["count"] == 0
+    inst = by_key(ds)["vcr-val-1"]
+    assert inst.question == "What is person1 doing with car1?"
+    assert inst.answers == [
+        "He is driving it.",
+        "person1 and person2 are washing car1.",
+        "person1 is sitting at the dining_table1.",
+        "person1, person2 and car1 aren't moving.",
+    ]
+    assert inst.rationales == [
+        "person2's hands are on the wheel.",
+        "There is a sponge (yellow).",
+        "It is parked.",
+        'person2 says "let\'s go".',
+    ]
+    assert (inst.label, inst.rationale_label) == (1, 2)
+    assert inst.domain == "3001_21_JUMP_STREET"
+    assert (
+        inst.image_id == "vcr-lsmdc_3001_21_JUMP_STREET_3001_21_JUMP_STREET_00_00_00_000-00_00_01_000_0_jpg"
+    )
+    assert (inst.meta["width"], inst.meta["height"]) == (24, 24)
+    assert inst.meta["refs"] == {
+        "0": {"tag": "person1", "box": [1.0, 2.0, 10.0, 12.0, 0.9]},
+        "1": {"tag": "person2", "box": [2.0, 3.0, 11.0, 13.0, 0.9]},
+        "2": {"tag": "car1", "box": [3.0, 4.0, 12.0, 14.0, 0.9]},
+        "3": {"tag": "dining_table1", "box": [4.0, 5.0, 13.0, 15.0, 0.9]},
+    }
+    assert ds.info["domains"] == {
+        "3001_21_JUMP_STREET": 4,
+        "1054_Harry_Potter_and_the_prisoners_of_azkaban": 2,
+    }
+
+
+def test_vcr_test_split_has_no_labels(tmp_path: Path) -> None:
+    ds, _ = run(vcr, fx.build_vcr(tmp_path / "vcr", split="test"), tmp_path / "out")
+    assert len(ds) == fx.GOOD_INSTANCES
+    assert all(i.label is None and i.rationale_label is None for i in ds.iter_instances())
+
+
+def test_vcr_missing_label_outside_test_split(tmp_path: Path) -> None:
+    built = fx.build_vcr(tmp_path / "vcr")
+    path = built.root / "val.jsonl"
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[2])
+    del row["rationale_label"]
+    lines[2] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"val\.jsonl: line 3: missing field 'rationale_label'"):
+        run(vcr, built, tmp_path / "out")
+
+
+def test_vcr_tags_and_detokenise() -> None:
+    tags = vcr.object_tags(["person", "car", "person", "cell phone"])
+    assert tags == ["person1", "car1", "person2", "cell_phone1"]
+    assert vcr.render(["Is", [2], "holding", "the", [3], "?"], tags) == "Is person2 holding the cell_phone1?"
+    assert vcr.render([[0, 2], "ca", "n't", "see", [1], ",", "right", "?"], tags) == (
+        "person1 and person2 can't see car1, right?"
+    )
+    with pytest.raises(ValueError, match="object index 4 out of range"):
+        vcr.render([[4]], tags)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+BAD_CASES = [
+    *(("vqa", k) for k in fx.VQA_KNOBS),
+    *(("snli_ve", k) for k in fx.SNLI_KNOBS),
+    *(("vcr", k) for k in fx.VCR_KNOBS),
+]
+
+
+@pytest.mark.parametrize(("source", "knob"), BAD_CASES)
+def test_bad_input_fails_naming_file_and_place(tmp_path: Path, source: str, knob: str) -> None:
+    module, build = BUILDERS[source]
+    built = build(tmp_path / source, knobs=(knob,))
+    with pytest.raises(DataError) as info:
+        run(module, built, tmp_path / "out", "fail")
+    file_name, where = built.bad[knob]
+    assert Path(info.value.file).name == file_name, str(info.value)
+    assert where in info.value.where and file_name in str(info.value) and where in str(info.value)
+
+
+@pytest.mark.parametrize(("source", "knob"), BAD_CASES)
+def test_bad_input_is_skipped_and_counted(tmp_path: Path, source: str, knob: str) -> None:
+    module, build = BUILDERS[source]
+    built = build(tmp_path / source, knobs=(knob,))
+    ds, skipped = run(module, built, tmp_path / "out", "skip")
+    assert len(ds) == fx.GOOD_INSTANCES and ds.info["images"] == fx.GOOD_IMAGES
+    assert ds.info["skipped"] == skipped["count"] == 1 and skipped["policy"] == "skip"
+    file_name, where = built.bad[knob]
+    (entry,) = skipped["skipped"]
+    assert Path(entry["file"]).name == file_name and where in entry["where"] and entry["reason"]
+
+
+@pytest.mark.parametrize("source", sorted(BUILDERS))
+def test_all_knobs_at_once_under_skip(tmp_path: Path, source: str) -> None:
+    module, build = BUILDERS[source]
+    knobs = {"vqa": fx.VQA_KNOBS, "snli_ve": fx.SNLI_KNOBS, "vcr": fx.VCR_KNOBS}[source]
+    ds, skipped = run(module, build(tmp_path / source, knobs=knobs), tmp_path / "out", "skip")
+    assert len(ds) == fx.GOOD_INSTANCES and ds.info["images"] == fx.GOOD_IMAGES
+    assert skipped["count"] == len(knobs)
+
+
+@pytest.mark.parametrize("source", sorted(BUILDERS))
+def test_empty_input_fails_at_close(tmp_path: Path, source: str) -> None:
+    module, build = BUILDERS[source]
+    with pytest.raises(DataError, match="no instances were written"):
+        run(module, build(tmp_path / source, empty=True), tmp_path / "out", "skip")
+
+
+def test_broken_image_shared_by_several_instances_reports_each(tmp_path: Path) -> None:
+    built = fx.build_snli_ve(tmp_path / "snli")
+    (built.root / "flickr30k_images" / "3416050481.jpg").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    ds, skipped = run(snli_ve, built, tmp_path / "out", "skip")
+    assert len(ds) == fx.GOOD_INSTANCES - fx.PER_IMAGE and ds.info["images"] == fx.GOOD_IMAGES - 1
+    assert [e["where"].split("(")[1] for e in skipped["skipped"]] == [
+        "snli_ve_dev.jsonl line 3)",
+        "snli_ve_dev.jsonl line 4)",
+    ]
+    assert all("cannot be decoded" in e["reason"] for e in skipped["skipped"])
