@@ -17,6 +17,9 @@ class DataError(ValueError):
         self.file, self.where, self.reason = str(file), where, reason
         super().__init__(f"{file}: {where}: {reason}")
 
+    def __reduce__(self) -> tuple:  # picklable across dask worker processes despite the 3-argument __init__
+        return (type(self), (self.file, self.where, self.reason))
+
 
 @dataclass
 class SkipReport:

@@ -1,0 +1,669 @@
+"""The teacher cache: one Zarr v3 store holding the frozen teacher's outputs for every unique image and text.
+
+Layout (method §1; N = unique images, M = unique texts, P patch tokens, E joint width, K views)::
+
+    <store>/zarr.json            attrs: format, format_version, package_version, teacher (describe()), embed_dim,
+                                 num_patches, grid, context_length, logit_scale, dtype, codec, views,
+                                 relevance_tokens, units, data, fingerprint, complete, extract (final metrics)
+    image/ids        [N]          str      image id used by the data shards (row order = data-shard order)
+    image/alias_ids  [A]          str      ids whose bytes equal an earlier image (deduplicated by SHA-1) ...
+    image/alias_rows [A]          int64    ... and the row they share
+    image/tokens     [N, P, E]    float16 | int8   last-layer patch tokens in the joint space (no CLS)
+    image/tokens_scale [N, P]     float16  int8 stores only: per-token scale (x ≈ q * scale)
+    image/pooled     [N, E]       float16  encode_image output, unnormalised
+    image/valid      [N]          uint8    0 = the image could not be decoded (rows zero-filled, on_error=skip)
+    image/<src>_tokens [N, P, E]  relevance-scoring token sources (e.g. value_tokens, MaskCLIP-style), optional
+    views/tokens     [N, K, P, E] optional: K views per image; view 0 is the deterministic eval transform
+    views/pooled     [N, K, E]
+    views/boxes      [N, K, 4]    float32  crop box (x0, y0, x1, y1), normalised to the original image
+    views/flip       [N, K]       uint8    1 = horizontally flipped after cropping
+    text/ids         [M]          str      text_hash(text)
+    text/lengths     [M]          int32    L_i = EOT index + 1 (SOT … EOT inclusive)
+    text/offsets     [M + 1]      int64    text i = text/tokens[offsets[i] : offsets[i] + lengths[i]]
+    text/tokens      [ΣS, E]      float16 | int8   ragged token states, no per-text padding
+    text/pooled      [M, E]       float16
+    manifest/<unit>.json                   one JSON per committed work unit (see ``commit_unit``)
+
+Work units and shards. Every large array is written through zarr's sharding codec and one work unit writes
+whole shards that no other unit touches (zarr loses data when two writers share a shard). Image unit u owns
+rows [u·R, (u+1)·R) with R = ``image_rows_per_unit`` = the shard's row count. Text unit t owns texts
+[t·R_t, (t+1)·R_t); because texts are ragged, its token rows start on a shard boundary of ``text/tokens``:
+every text unit owns exactly one shard of S rows, S = the largest unit's ΣL rounded up to whole inner chunks.
+The S − ΣL slack rows at the end of a unit's shard are written as zeros (= the fill value), and zarr's
+``write_empty_chunks=False`` (the default, honoured for the inner chunks of a shard) leaves inner chunks that
+are entirely slack out of the shard, so slack costs at most one partly-filled inner chunk on disk. This is
+why ``offsets[i + 1] - offsets[i]`` equals ``lengths[i]`` except for the last text of each unit: always read
+``offsets[i] : offsets[i] + lengths[i]``; ``offsets[M]`` is the length of ``text/tokens``.
+
+ids, lengths and offsets are written by the coordinator before any unit runs (tokenising is cheap), so a
+unit only writes its own token/pooled shards and then its manifest entry.
+
+Encoding. Token arrays are float16 (default) or int8 with a float16 scale per token (``<name>_scale``);
+pooled vectors, boxes and masks are never quantised (they are 1/P of the bytes and feed the confidence
+weights). Blosc zstd (or lz4, or none) with byte shuffle. Inner chunks hold ≈ ``target_chunk_bytes``: a
+random single-row read decodes one whole inner chunk, so readers should ask for whole batches (the reader
+sorts and deduplicates a batch's rows so each touched chunk is decoded once).
+
+Views. ``views/`` repeats view 0 (identical to ``image/``) so that a student can draw a view index in
+[0, K) and read one array; the duplication costs 1/K of the views group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import uuid
+import warnings
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+FORMAT = "clip-td-teacher-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest"
+SCALE_SUFFIX = "_scale"
+# Every relevance source the teacher can return besides the last-layer tokens (method §3).
+RELEVANCE_SOURCES = ("value", "intermediate")
+
+
+class StaleCacheError(RuntimeError):
+    """A store was built from a different teacher, data or layout than the one asked for."""
+
+    def __init__(self, url: str, fields: list[str], detail: str = ""):
+        self.url, self.fields = url, list(fields)
+        hint = detail or "rerun extraction with --overwrite to rebuild it"
+        super().__init__(f"teacher cache {url} is stale: differing fields: {', '.join(fields)}; {hint}")
+
+    def __reduce__(self) -> tuple:  # picklable across dask workers despite the custom __init__
+        return (type(self), (self.url, self.fields))
+
+
+class CacheFormatError(RuntimeError):
+    """The path is not a (complete) teacher cache this code can read."""
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("clip-td")
+    except Exception:  # running from a source tree without an installed distribution
+        return "0+unknown"
+
+
+# ----------------------------------------------------------------------------------------------- store access
+
+
+def _split_url(url: str) -> tuple[str, dict]:
+    """A zarr store argument for a path or fsspec URL. Local paths and file:// go to zarr's LocalStore (plain
+    files, atomic renames); other protocols go through fsspec."""
+    if url.startswith("file://"):
+        return url[len("file://") :], {}
+    return url, {}
+
+
+def open_group(url: str, mode: str = "r") -> zarr.Group:
+    store, opts = _split_url(url)
+    if "://" in store:
+        return zarr.open_group(store, mode=mode, storage_options=opts or None)
+    return zarr.open_group(store, mode=mode)
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path.rstrip("/")
+
+
+def store_exists(url: str) -> bool:
+    fs, path = _fs(url)
+    return fs.exists(f"{path}/zarr.json")
+
+
+def remove_store(url: str) -> None:
+    fs, path = _fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def bytes_on_disk(url: str) -> int:
+    fs, path = _fs(url)
+    return int(fs.du(path, total=True)) if fs.exists(path) else 0
+
+
+# -------------------------------------------------------------------------------------------------- manifest
+
+
+def commit_unit(url: str, name: str, record: dict) -> None:
+    """Publish one unit's manifest entry. Readers must never see half a file: a local store writes a temporary
+    file and renames it (atomic on POSIX); object stores make a single PUT visible all at once."""
+    fs, path = _fs(url)
+    data = json.dumps(record, indent=1, sort_keys=True).encode()
+    target = f"{path}/{MANIFEST}/{name}.json"
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    else:
+        fs.pipe_file(target, data)
+
+
+def committed_units(url: str) -> dict[str, dict]:
+    """Manifest entries by unit name (temporary files of an interrupted commit are ignored)."""
+    fs, path = _fs(url)
+    folder = f"{path}/{MANIFEST}"
+    if not fs.exists(folder):
+        return {}
+    out = {}
+    for p in fs.ls(folder, detail=False):
+        base = p.rstrip("/").rsplit("/", 1)[-1]
+        if base.endswith(".json") and base != "zarr.json":
+            out[base[: -len(".json")]] = json.loads(fs.cat_file(p))
+    return out
+
+
+def checksum(a: np.ndarray) -> str:
+    """crc32 of the array's bytes as stored (C order, store dtype)."""
+    return f"{zlib.crc32(np.ascontiguousarray(a).tobytes()) & 0xFFFFFFFF:08x}"
+
+
+# ----------------------------------------------------------------------------------------------- fingerprint
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def teacher_fingerprint(describe: dict, weights_sha256: str = "") -> dict:
+    """The teacher fields that change the cached numbers, from ``Teacher.describe()``. Paths, devices and
+    library versions are left out (moving a checkpoint does not change its outputs; its checksum does); the
+    model config and preprocessing enter as hashes to keep the fingerprint small. ``weights_sha256`` is the
+    hash of a randomly initialised teacher's weights, which no checkpoint checksum covers."""
+    keep = (
+        "model",
+        "pretrained_kind",
+        "pretrained_checksum",
+        "precision",
+        "embed_dim",
+        "num_patches",
+        "grid",
+    )
+    fp = {k: describe.get(k) for k in keep}
+    fp["config_sha256"] = _sha(describe.get("model_config"))
+    fp["preprocess_sha256"] = _sha(describe.get("preprocess"))
+    if weights_sha256:
+        fp["weights_sha256"] = weights_sha256
+    return fp
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_fingerprint(store_attrs: dict, expected: dict) -> list[str]:
+    """Dotted names of the fields of ``expected`` whose value differs in the store (missing counts as differing).
+    ``store_attrs`` may be the store's attrs (holding ``fingerprint``) or a fingerprint dict; ``expected`` may be
+    partial (a student that only cares about the data passes just ``{"data": ...}``)."""
+    have = store_attrs.get("fingerprint", store_attrs) if isinstance(store_attrs, dict) else {}
+    flat_have, flat_want = flatten(have), flatten(expected)
+    # JSON round trips turn tuples into lists; compare the JSON forms.
+    return sorted(
+        k
+        for k, v in flat_want.items()
+        if k not in flat_have or json.dumps(flat_have[k], default=str) != json.dumps(v, default=str)
+    )
+
+
+# ---------------------------------------------------------------------------------------------- quantisation
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token symmetric int8: q = round(x / s), s = max|x| / 127 over the last axis, s stored as float16.
+    The rounding uses the float16 scale actually stored, so dequantisation sees no second rounding error."""
+    x = np.asarray(x, dtype=np.float32)
+    scale = (np.abs(x).max(axis=-1) / 127.0).astype(np.float16)
+    s = scale.astype(np.float32)[..., None]
+    q = np.clip(np.rint(np.divide(x, s, out=np.zeros_like(x), where=s > 0)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * scale.astype(np.float32)[..., None]
+
+
+def encode_tokens(x: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    """Token states (float32, last axis E) in the store's encoding: {"": values} plus {"_scale": scale} for int8."""
+    if dtype == "int8":
+        q, s = quantize_int8(x)
+        return {"": q, SCALE_SUFFIX: s}
+    return {"": np.asarray(x).astype(np.float16)}
+
+
+def decode_tokens(values: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    if values.dtype == np.int8:
+        return dequantize_int8(values, scale)
+    return values.astype(np.float32)
+
+
+def reconstruction_cosine(x: np.ndarray, encoded: dict[str, np.ndarray]) -> np.ndarray:
+    """Per-token cosine between the float32 teacher output and what the store gives back (all-zero tokens,
+    e.g. zero-filled invalid images, are left out)."""
+    y = decode_tokens(encoded[""], encoded.get(SCALE_SUFFIX))
+    x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+    y = y.reshape(-1, y.shape[-1])
+    nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+    ok = (nx > 0) & (ny > 0)
+    return (x[ok] * y[ok]).sum(1) / (nx[ok] * ny[ok])
+
+
+# -------------------------------------------------------------------------------------------------- creation
+
+
+@dataclass
+class StoreLayout:
+    """Everything that fixes array shapes, chunking and unit boundaries."""
+
+    n_images: int
+    n_texts: int
+    embed_dim: int
+    num_patches: int
+    views: int = 0
+    relevance_tokens: list[str] = field(default_factory=list)
+    dtype: str = "float16"
+    compressor: str = "zstd"
+    clevel: int = 3
+    image_rows_per_unit: int = 512
+    text_rows_per_unit: int = 4096
+    target_chunk_bytes: int = 1 << 20
+    text_shard_rows: int = 1  # S: token rows owned by one text unit (set by ``text_token_layout``)
+    text_chunk_rows: int = 1
+
+    @property
+    def n_image_units(self) -> int:
+        return math.ceil(self.n_images / self.image_rows_per_unit)
+
+    @property
+    def n_text_units(self) -> int:
+        return math.ceil(self.n_texts / self.text_rows_per_unit)
+
+    @property
+    def token_itemsize(self) -> int:
+        return 1 if self.dtype == "int8" else 2
+
+    def token_dtype(self) -> str:
+        return "int8" if self.dtype == "int8" else "float16"
+
+    def image_chunk_rows(self, row_bytes: int) -> int:
+        return chunk_rows_for(self.image_rows_per_unit, row_bytes, self.target_chunk_bytes)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def chunk_rows_for(shard_rows: int, row_bytes: int, target_bytes: int) -> int:
+    """Inner chunk rows: the smallest divisor of the shard's rows whose chunk reaches target_bytes (zarr needs
+    chunks to tile a shard exactly), or the whole shard when even the shard is smaller than the target."""
+    want = max(1, math.ceil(target_bytes / max(1, row_bytes)))
+    if want >= shard_rows:
+        return shard_rows
+    return next(d for d in range(want, shard_rows + 1) if shard_rows % d == 0)
+
+
+def text_token_layout(lengths: Sequence[int], rows_per_unit: int, row_bytes: int, target_bytes: int) -> tuple:
+    """(offsets [M+1], shard rows S, chunk rows c). Each text unit's tokens start at unit·S, S = the largest
+    unit's token count rounded up to whole inner chunks of ≈ target_bytes."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    m = len(lengths)
+    n_units = max(1, math.ceil(m / rows_per_unit))
+    per_unit = [int(lengths[u * rows_per_unit : (u + 1) * rows_per_unit].sum()) for u in range(n_units)]
+    most = max(1, max(per_unit))
+    c = min(most, max(1, math.ceil(target_bytes / max(1, row_bytes))))
+    s = math.ceil(most / c) * c
+    offsets = np.zeros(m + 1, dtype=np.int64)
+    for u in range(n_units):
+        lo, hi = u * rows_per_unit, min(m, (u + 1) * rows_per_unit)
+        if hi > lo:
+            offsets[lo:hi] = u * s + np.cumsum(lengths[lo:hi]) - lengths[lo:hi]
+    offsets[m] = n_units * s if m else 0
+    return offsets, s, c
+
+
+def compressors_for(compressor: str, clevel: int, itemsize: int) -> list:
+    if compressor == "none":
+        return []
+    # Byte shuffle groups the high and low bytes of float16 values, which is what makes zstd/lz4 pay off.
+    return [BloscCodec(cname=compressor, clevel=clevel, shuffle="shuffle", typesize=itemsize)]
+
+
+def token_sources(layout: StoreLayout) -> list[str]:
+    """Array names of the token sources: "tokens" plus "<src>_tokens" per relevance source."""
+    return ["tokens", *(f"{s}_tokens" for s in layout.relevance_tokens)]
+
+
+def create_store(
+    url: str,
+    layout: StoreLayout,
+    attrs: dict,
+    image_ids: Sequence[str],
+    text_ids: Sequence[str],
+    text_lengths: Sequence[int],
+    text_offsets: np.ndarray,
+    alias_ids: Sequence[str] = (),
+    alias_rows: Sequence[int] = (),
+) -> zarr.Group:
+    """Create every group and array, and write what the coordinator knows up front (ids, lengths, offsets,
+    attrs). Units fill the rest. Metadata is only ever written here, by one process."""
+    g = open_group(url, mode="w")
+    n, m, p, e, k = layout.n_images, layout.n_texts, layout.num_patches, layout.embed_dim, layout.views
+    r, rt = max(1, layout.image_rows_per_unit), max(1, layout.text_rows_per_unit)
+    tdt, isz = layout.token_dtype(), layout.token_itemsize
+    comp = compressors_for(layout.compressor, layout.clevel, isz)
+    comp16 = compressors_for(layout.compressor, layout.clevel, 2)
+
+    def arr(
+        name: str, shape: tuple, dtype: str, shards: tuple | None, chunks: tuple, compressors: list
+    ) -> None:
+        # zarr rejects zero-length chunk sides; an empty array still gets a valid (unused) grid.
+        chunks = tuple(max(1, c) for c in chunks)
+        shards = tuple(max(1, s) for s in shards) if shards else None
+        g.create_array(
+            name,
+            shape=shape,
+            dtype=dtype,
+            chunks=chunks,
+            shards=shards,
+            compressors=compressors,
+            fill_value=0,
+        )
+
+    def ids(name: str, values: Sequence[str]) -> None:
+        g.create_array(name, shape=(len(values),), dtype=str, chunks=(max(1, min(len(values), 1 << 16)),))
+        if len(values):
+            g[name][:] = np.asarray(list(values), dtype=object)
+
+    ids("image/ids", image_ids)
+    ids("image/alias_ids", alias_ids)
+    g.create_array(
+        "image/alias_rows", shape=(len(alias_rows),), dtype="int64", chunks=(max(1, len(alias_rows)),)
+    )
+    if len(alias_rows):
+        g["image/alias_rows"][:] = np.asarray(alias_rows, dtype=np.int64)
+    ci = layout.image_chunk_rows(p * e * isz)
+    for src in token_sources(layout):
+        arr(f"image/{src}", (n, p, e), tdt, (r, p, e), (ci, p, e), comp)
+        if layout.dtype == "int8":
+            arr(f"image/{src}{SCALE_SUFFIX}", (n, p), "float16", (r, p), (r, p), comp16)
+    arr("image/pooled", (n, e), "float16", (r, e), (r, e), comp16)
+    arr("image/valid", (n,), "uint8", (r,), (r,), comp16)
+    if k > 0:
+        cv = layout.image_chunk_rows(k * p * e * isz)
+        for src in token_sources(layout):
+            arr(f"views/{src}", (n, k, p, e), tdt, (r, k, p, e), (cv, k, p, e), comp)
+            if layout.dtype == "int8":
+                arr(f"views/{src}{SCALE_SUFFIX}", (n, k, p), "float16", (r, k, p), (r, k, p), comp16)
+        arr("views/pooled", (n, k, e), "float16", (r, k, e), (r, k, e), comp16)
+        arr("views/boxes", (n, k, 4), "float32", (r, k, 4), (r, k, 4), comp16)
+        arr("views/flip", (n, k), "uint8", (r, k), (r, k), comp16)
+    s, c = layout.text_shard_rows, layout.text_chunk_rows
+    n_tok = int(text_offsets[-1]) if len(text_offsets) else 0
+    ids("text/ids", text_ids)
+    g.create_array("text/lengths", shape=(m,), dtype="int32", chunks=(max(1, min(m, 1 << 20)),))
+    g.create_array("text/offsets", shape=(m + 1,), dtype="int64", chunks=(max(1, min(m + 1, 1 << 20)),))
+    if m:
+        g["text/lengths"][:] = np.asarray(text_lengths, dtype=np.int32)
+        g["text/offsets"][:] = np.asarray(text_offsets, dtype=np.int64)
+    arr("text/tokens", (n_tok, e), tdt, (s, e), (c, e), comp)
+    if layout.dtype == "int8":
+        arr(f"text/tokens{SCALE_SUFFIX}", (n_tok,), "float16", (s,), (c,), comp16)
+    arr("text/pooled", (m, e), "float16", (rt, e), (rt, e), comp16)
+    g.create_group(MANIFEST, attributes={"what": "one JSON per committed work unit: <unit>.json"})
+    g.attrs.update({**attrs, "layout": layout.to_json(), "complete": False})
+    return g
+
+
+# ---------------------------------------------------------------------------------------------------- views
+
+
+def eval_view_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """The region open_clip's eval transform keeps (resize the short side, centre crop), normalised."""
+    side = min(width, height)
+    x0, y0 = (width - side) / 2 / width, (height - side) / 2 / height
+    return (x0, y0, 1.0 - x0, 1.0 - y0)
+
+
+def sample_view_box(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    scale: tuple[float, float] = (0.35, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[float, float, float, float]:
+    """A random-resized-crop box (torchvision's sampling rule), normalised to the image."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            return (x / width, y / height, (x + w) / width, (y + h) / height)
+    return eval_view_box(width, height)
+
+
+def view_seed(image_sha1: str, view: int) -> int:
+    """A view's RNG seed from the image content, so reruns and other datasets holding the image agree."""
+    return int(hashlib.sha1(f"{image_sha1}:{view}".encode()).hexdigest()[:12], 16)
+
+
+def apply_view(img: Any, box: Sequence[float], flip: bool, size: int) -> Any:
+    """Crop a PIL image to a normalised box, resize to size×size (bicubic) and flip: the student replays a
+    cached view with exactly this call followed by the teacher's ToTensor + Normalize."""
+    from PIL import Image
+
+    w, h = img.size
+    px = (round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h))
+    out = img.crop(px).resize((size, size), Image.Resampling.BICUBIC)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+
+
+# ---------------------------------------------------------------------------------------------------- reader
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted unique rows -> [(start, stop)] contiguous runs."""
+    if len(rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1)
+    starts = np.concatenate([[rows[0]], rows[breaks + 1]])
+    stops = np.concatenate([rows[breaks] + 1, [rows[-1] + 1]])
+    return list(zip(starts.tolist(), stops.tolist(), strict=True))
+
+
+def read_rows(a: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """Rows of an array in the order given. Row indices are deduplicated and sorted, each contiguous run is
+    one slice, and several runs go through one orthogonal selection so zarr decodes every inner chunk once and
+    fetches them concurrently; the result is scattered back to the requested order."""
+    rows = np.asarray(rows, dtype=np.int64)
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    runs = _runs(uniq)
+    if not runs:
+        return np.zeros((0, *a.shape[1:]), dtype=a.dtype)
+    if len(runs) == 1:
+        block = a[runs[0][0] : runs[0][1]]
+    else:
+        block = a.get_orthogonal_selection((uniq,))
+    return block[inverse]
+
+
+class TeacherCache:
+    """Read-only access to a complete teacher cache, by image id and by text."""
+
+    def __init__(self, url: str):
+        self.url = url
+        if not store_exists(url):
+            raise CacheFormatError(f"{url}: no teacher cache here (run `python -m stages.extract_teacher`)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.group = open_group(url, mode="r")
+        self.attrs: dict = dict(self.group.attrs)
+        if self.attrs.get("format") != FORMAT:
+            raise CacheFormatError(f"{url}: not a teacher cache (format={self.attrs.get('format')!r})")
+        if self.attrs.get("format_version") != FORMAT_VERSION:
+            raise CacheFormatError(
+                f"{url}: cache format version {self.attrs.get('format_version')} != {FORMAT_VERSION}; re-extract"
+            )
+        if not self.attrs.get("complete"):
+            done, total = len(committed_units(url)), self.attrs.get("units", {}).get("total", "?")
+            raise CacheFormatError(
+                f"{url}: extraction incomplete ({done}/{total} units committed); rerun it to resume"
+            )
+        self.embed_dim: int = int(self.attrs["embed_dim"])
+        self.grid: int = int(self.attrs["grid"])
+        self.num_patches: int = int(self.attrs["num_patches"])
+        self.views: int = int(self.attrs.get("views", 0))
+        self.dtype: str = self.attrs["dtype"]
+        self.relevance_tokens: list[str] = list(self.attrs.get("relevance_tokens", []))
+        g = self.group
+        self._image_row = {s: i for i, s in enumerate(g["image/ids"][:].tolist())}
+        for alias, row in zip(
+            g["image/alias_ids"][:].tolist(), g["image/alias_rows"][:].tolist(), strict=True
+        ):
+            self._image_row[alias] = int(row)
+        self._text_row = {s: i for i, s in enumerate(g["text/ids"][:].tolist())}
+        self._lengths = g["text/lengths"][:].astype(np.int64)
+        self._offsets = g["text/offsets"][:].astype(np.int64)
+
+    def __repr__(self) -> str:
+        return f"TeacherCache({self.url!r}, images={self.n_images}, texts={len(self._lengths)})"
+
+    @property
+    def n_images(self) -> int:
+        return int(self.group["image/ids"].shape[0])
+
+    @property
+    def n_texts(self) -> int:
+        return len(self._lengths)
+
+    def fingerprint(self) -> dict:
+        return dict(self.attrs.get("fingerprint", {}))
+
+    def image_rows(self, image_ids: Sequence[str]) -> np.ndarray:
+        try:
+            return np.array([self._image_row[i] for i in image_ids], dtype=np.int64)
+        except KeyError as e:
+            raise KeyError(f"{self.url}: image id {e.args[0]!r} is not in the teacher cache") from None
+
+    def text_rows(self, texts: Sequence[str]) -> np.ndarray:
+        from .texts import text_hash
+
+        rows = []
+        for t in texts:
+            r = self._text_row.get(text_hash(t))
+            if r is None:
+                raise KeyError(
+                    f"{self.url}: text {t!r} is not in the teacher cache (extracted from other data?)"
+                )
+            rows.append(r)
+        return np.array(rows, dtype=np.int64)
+
+    def _tokens(self, group: str, src: str, rows: np.ndarray, view: np.ndarray | None = None) -> np.ndarray:
+        a = self.group[f"{group}/{src}"]
+        scale = self.group[f"{group}/{src}{SCALE_SUFFIX}"] if self.dtype == "int8" else None
+        vals = read_rows(a, rows)
+        sc = read_rows(scale, rows) if scale is not None else None
+        if view is not None:  # pick each row's view after the row read (views sit inside a row's chunk)
+            idx = np.arange(len(rows))
+            vals = vals[idx, view]
+            sc = sc[idx, view] if sc is not None else None
+        return decode_tokens(vals, sc)
+
+    def image_targets(
+        self, image_ids: Sequence[str], relevance: str | None = None, views: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``tokens`` [B,P,E], ``pooled`` [B,E], ``valid`` [B] (bool) as float32 tensors; ``relevance`` [B,P,E]
+        when a relevance source is named ("last" = the tokens themselves). ``views`` (one index per id) reads the
+        cached augmented views instead of view 0."""
+        rows = self.image_rows(image_ids)
+        out: dict[str, torch.Tensor] = {}
+        if views is None:
+            group, v = "image", None
+            out["pooled"] = torch.from_numpy(read_rows(self.group["image/pooled"], rows).astype(np.float32))
+        else:
+            if self.views == 0:
+                raise ValueError(f"{self.url}: no views cached (extract with --views K)")
+            v = np.asarray(views, dtype=np.int64)
+            if len(v) != len(rows) or (v < 0).any() or (v >= self.views).any():
+                raise ValueError(f"views must give one index in [0, {self.views}) per image id")
+            group = "views"
+            pooled = read_rows(self.group["views/pooled"], rows)[np.arange(len(rows)), v]
+            out["pooled"] = torch.from_numpy(pooled.astype(np.float32))
+        out["tokens"] = torch.from_numpy(self._tokens(group, "tokens", rows, v))
+        if relevance is not None:
+            if relevance == "last":
+                out["relevance"] = out["tokens"]
+            elif relevance in self.relevance_tokens:
+                out["relevance"] = torch.from_numpy(self._tokens(group, f"{relevance}_tokens", rows, v))
+            else:
+                raise ValueError(
+                    f"{self.url}: relevance source {relevance!r} not cached (have: last, "
+                    f"{', '.join(self.relevance_tokens) or 'nothing else'}); extract with cache.relevance_tokens"
+                )
+        out["valid"] = torch.from_numpy(read_rows(self.group["image/valid"], rows).astype(bool))
+        return out
+
+    def view_params(self, image_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``boxes`` [B,K,4] (normalised x0,y0,x1,y1) and ``flip`` [B,K] (bool) of every cached view."""
+        if self.views == 0:
+            raise ValueError(f"{self.url}: no views cached (extract with --views K)")
+        rows = self.image_rows(image_ids)
+        return {
+            "boxes": torch.from_numpy(read_rows(self.group["views/boxes"], rows).astype(np.float32)),
+            "flip": torch.from_numpy(read_rows(self.group["views/flip"], rows).astype(bool)),
+        }
+
+    def text_targets(self, texts: Sequence[str]) -> dict[str, Any]:
+        """``tokens``: list of [L_i, E] float32 tensors (SOT … EOT), ``pooled`` [B,E], ``lengths`` [B] (long)."""
+        rows = self.text_rows(texts)
+        lengths = self._lengths[rows]
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        starts, lens = self._offsets[uniq], self._lengths[uniq]
+        # One token-row index for every needed position, read in one sorted pass, then cut per text.
+        tok_rows = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens, strict=True)])
+        tok = self._tokens("text", "tokens", tok_rows)
+        cuts = np.concatenate([[0], np.cumsum(lens)])
+        per_text = [torch.from_numpy(tok[cuts[i] : cuts[i + 1]]) for i in range(len(uniq))]
+        pooled = read_rows(self.group["text/pooled"], rows).astype(np.float32)
+        return {
+            "tokens": [per_text[j] for j in inverse],
+            "pooled": torch.from_numpy(pooled),
+            "lengths": torch.from_numpy(lengths.astype(np.int64)),
+        }
+
+    def verify(self) -> list[str]:
+        """Units whose stored bytes no longer match the checksums in their manifest entry."""
+        bad = []
+        for name, rec in sorted(committed_units(self.url).items()):
+            for key, info in rec.get("arrays", {}).items():
+                lo, hi = info["region"]  # rows along axis 0; a unit owns every column of its rows
+                if checksum(self.group[key][lo:hi]) != info["crc32"]:
+                    bad.append(f"{name}:{key}")
+        return bad

@@ -1,0 +1,872 @@
+"""Run the frozen teacher once over every unique image and text of the prepared datasets into the cache.
+
+The coordinator (``extract``) plans the work: unique images (deduplicated by SHA-1 across datasets, first
+seen first, i.e. data-shard order), unique texts (every text ``pipeline.texts.instance_texts`` gives for any
+instance, deduplicated by ``text_hash``), their token lengths, and the store layout. It creates the store
+(or reopens a matching one), then hands out *work units* as dask tasks. A unit owns whole Zarr shards: image
+unit u = rows [u·R, (u+1)·R), text unit t = texts [t·R_t, (t+1)·R_t) and one shard of token rows (see
+``pipeline.cache``). A unit loads the teacher once per worker process, reads its images through a torch
+DataLoader (worker processes decode and resize only; they never touch zarr), runs the teacher batch by
+batch, writes its shards and finally commits ``manifest/<unit>.json``. A rerun skips committed units, so an
+interrupted extraction resumes where it stopped; a unit that died half-way is recomputed and overwrites its
+own shards.
+
+Test hook: the environment variable ``CLIP_TD_EXTRACT_FAIL_UNIT=<unit name>`` makes that unit raise after it
+has written its first array and before it commits (a crash in the worst place).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import cache as C
+from .data.errors import DataError
+from .data.shards import PreparedDataset, decode_image
+from .texts import instance_texts, text_hash
+
+log = logging.getLogger("clip_td.extract")
+
+FAIL_ENV = "CLIP_TD_EXTRACT_FAIL_UNIT"
+MP_CONTEXT_ENV = "CLIP_TD_DATALOADER_CONTEXT"
+# Names of units computed by this process, in order: lets tests count what a rerun recomputed.
+UNIT_RUNS: list[str] = []
+
+
+class ImageError(DataError):
+    """An image the teacher cannot read; names the dataset directory and the image id."""
+
+    def __reduce__(self) -> tuple:  # DataError's 3-argument __init__ breaks default exception pickling (dask)
+        return (type(self), (self.file, self.where, self.reason))
+
+
+class TextError(DataError):
+    """A teacher text with no content; names the dataset directory and the instance key."""
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.file, self.where, self.reason))
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the test hook ``CLIP_TD_EXTRACT_FAIL_UNIT``."""
+
+
+# ----------------------------------------------------------------------------------------------- teacher
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    model: str
+    pretrained: str = ""
+    precision: str = "auto"
+    device: str = "auto"  # "auto": CUDA when available, else CPU
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_TEACHERS: dict[TeacherSpec, Any] = {}
+
+
+def get_teacher(spec: TeacherSpec, threads: int = 0) -> Any:
+    """The teacher for a spec, loaded once per process (every unit a worker runs reuses it)."""
+    from .teacher import create_teacher
+
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    t = _TEACHERS.get(spec)
+    if t is None:
+        if not spec.pretrained:
+            # Random init must give the same weights in every worker process as in the coordinator.
+            torch.manual_seed(0)
+        t = _TEACHERS[spec] = create_teacher(
+            spec.model, spec.pretrained, spec.resolved_device(), spec.precision
+        )
+    return t
+
+
+def weights_sha256(teacher: Any) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(teacher.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# -------------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class Plan:
+    """What the teacher must see, in store row order."""
+
+    dataset_paths: list[str]
+    images: list[tuple[int, str, str]]  # (dataset index, image id, sha1) per unique image
+    alias_ids: list[str]  # ids whose bytes equal an earlier row's (different id, same content)
+    alias_rows: list[int]
+    texts: list[str]
+    text_ids: list[str]
+    vqa_vocab: list[str]
+    vqa_vocab_from: str
+    counts: dict
+    data_fingerprint: dict
+    skipped_texts: list[dict] = field(default_factory=list)
+
+
+def _vocab_source(datasets: Sequence[PreparedDataset]) -> PreparedDataset | None:
+    with_answers = [d for d in datasets if d.info.get("answer_counts")]
+    train = [d for d in with_answers if d.info.get("split") == "train"]
+    return (train or with_answers or list(datasets) or [None])[0]
+
+
+def _dataset_fingerprints(datasets: Sequence[PreparedDataset]) -> dict[str, str]:
+    """{dataset directory name: fingerprint}, so a stale check names the dataset that changed (``data.datasets.
+    train``); names that repeat (vqa/train, snli_ve/train) get their parent folder in front."""
+    names = [Path(ds.path).name for ds in datasets]
+    out = {}
+    for ds, name in zip(datasets, names, strict=True):
+        key = name if names.count(name) == 1 else f"{Path(ds.path).parent.name}/{name}"
+        out[key] = ds.fingerprint
+    return out
+
+
+def plan_extraction(
+    datasets: Sequence[PreparedDataset], vqa_candidates: int = 4, on_error: str = "fail"
+) -> Plan:
+    """Unique images and texts over all datasets, with counts and the data fingerprint."""
+    images: list[tuple[int, str, str]] = []
+    by_id: dict[str, tuple[str, int]] = {}  # image id -> (sha1, row)
+    by_sha: dict[str, int] = {}
+    alias_ids, alias_rows = [], []
+    images_total = id_repeats = 0
+    for di, ds in enumerate(datasets):
+        for image_id in ds.image_ids():
+            images_total += 1
+            sha = ds.image_sha1(image_id)
+            if image_id in by_id:
+                if by_id[image_id][0] != sha:
+                    first = datasets[images[by_id[image_id][1]][0]].path
+                    raise DataError(ds.path, image_id, f"image id also in {first} with different bytes")
+                id_repeats += 1
+                continue
+            if sha in by_sha:  # same bytes under another id: one row, the id becomes an alias
+                by_id[image_id] = (sha, by_sha[sha])
+                alias_ids.append(image_id)
+                alias_rows.append(by_sha[sha])
+                continue
+            by_sha[sha] = by_id.setdefault(image_id, (sha, len(images)))[1]
+            images.append((di, image_id, sha))
+
+    src = _vocab_source(datasets)
+    vocab = src.answer_vocab() if src is not None else []
+    texts, text_ids, seen = [], [], set()
+    instances = texts_total = 0
+    skipped: list[dict] = []
+    for ds in datasets:
+        for inst in ds.iter_instances():
+            instances += 1
+            for t in instance_texts(inst, vocab, vqa_candidates).all():
+                texts_total += 1
+                if not t.strip():
+                    err = TextError(ds.path, inst.key, f"empty teacher text for task {inst.task!r}")
+                    if on_error == "fail":
+                        raise err
+                    skipped.append({"file": err.file, "where": err.where, "reason": err.reason})
+                    continue
+                h = text_hash(t)
+                if h not in seen:
+                    seen.add(h)
+                    texts.append(t)
+                    text_ids.append(h)
+
+    digest = hashlib.sha256()
+    for ds in datasets:
+        digest.update(f"ds\0{ds.fingerprint}\n".encode())
+    for _, image_id, sha in images:
+        digest.update(f"img\0{image_id}\0{sha}\n".encode())
+    for a, r in zip(alias_ids, alias_rows, strict=True):
+        digest.update(f"alias\0{a}\0{r}\n".encode())
+    for h in text_ids:
+        digest.update(f"txt\0{h}\n".encode())
+    counts = {
+        "datasets": len(datasets),
+        "instances": instances,
+        "images_total": images_total,
+        "unique_images": len(images),
+        "image_duplicates_removed": images_total - len(images),
+        "image_aliases": len(alias_ids),
+        "texts_total": texts_total,
+        "unique_texts": len(texts),
+        "text_duplicates_removed": texts_total - len(texts) - len(skipped),
+        "texts_skipped": len(skipped),
+    }
+    fingerprint = {
+        "hash": digest.hexdigest(),
+        "datasets": _dataset_fingerprints(datasets),
+        "vqa_candidates": vqa_candidates,
+    }
+    return Plan(
+        dataset_paths=[str(ds.path) for ds in datasets],
+        images=images,
+        alias_ids=alias_ids,
+        alias_rows=alias_rows,
+        texts=texts,
+        text_ids=text_ids,
+        vqa_vocab=vocab,
+        vqa_vocab_from=str(src.path) if src is not None else "",
+        counts=counts,
+        data_fingerprint=fingerprint,
+        skipped_texts=skipped,
+    )
+
+
+# --------------------------------------------------------------------------------------------- the units
+
+
+@dataclass
+class UnitJob:
+    """Everything one unit needs, shipped to a dask worker (small: ids and texts, never pixels)."""
+
+    name: str
+    kind: str  # "image" | "text"
+    row0: int
+    row1: int
+    store_url: str
+    teacher: TeacherSpec
+    dtype: str
+    views: int
+    relevance: tuple[str, ...]
+    batch_size: int
+    num_workers: int
+    on_error: str
+    threads: int = 0
+    dataset_paths: tuple[str, ...] = ()
+    items: tuple[tuple[int, str, str], ...] = ()  # image units: (dataset index, image id, sha1)
+    texts: tuple[str, ...] = ()  # text units
+    lengths: tuple[int, ...] = ()
+    tok0: int = 0
+    tok_rows: int = 0
+
+
+def _pil_steps(preprocess: Any) -> list:
+    """The PIL part of open_clip's eval transform (resize, crop, mode), i.e. everything before ToTensor; the
+    normalisation runs on the model's device (Teacher.normalize_uint8) so workers ship compact uint8."""
+    steps = list(getattr(preprocess, "transforms", []))
+    idx = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
+    return steps[:idx]
+
+
+def _to_uint8(img: Any) -> torch.Tensor:
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+class UnitImages(torch.utils.data.Dataset):
+    """One unit's images as uint8 views [K, 3, S, S] (view 0 = the eval transform). Runs in DataLoader worker
+    processes, so it holds only paths and transforms and opens the datasets lazily in each process; decode
+    errors come back as data (``ok`` = False + reason) because a DataLoader re-raises worker exceptions as a
+    bare RuntimeError that would lose the image id."""
+
+    def __init__(
+        self, dataset_paths: Sequence[str], items: Sequence[tuple], pil_steps: list, size: int, views: int
+    ):
+        self.dataset_paths, self.items = list(dataset_paths), list(items)
+        self.pil_steps, self.size, self.k = pil_steps, size, max(1, views)
+        self._open: dict[int, PreparedDataset] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def close(self) -> None:
+        """Close the tar handles PreparedDataset keeps open (it has no close of its own)."""
+        for ds in self._open.values():
+            for f in getattr(ds, "_files", {}).values():
+                f.close()
+        self._open.clear()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}}  # open file handles stay in the process that opened them
+
+    def __getitem__(self, i: int) -> tuple:
+        di, image_id, sha = self.items[i]
+        u8 = torch.zeros(self.k, 3, self.size, self.size, dtype=torch.uint8)
+        boxes = torch.zeros(self.k, 4, dtype=torch.float32)
+        flips = torch.zeros(self.k, dtype=torch.uint8)
+        try:
+            ds = self._open.get(di) or self._open.setdefault(di, PreparedDataset(self.dataset_paths[di]))
+            img = decode_image(ds.image_bytes(image_id))
+            eval_img = img
+            for t in self.pil_steps:
+                eval_img = t(eval_img)
+            u8[0] = _to_uint8(eval_img)
+            boxes[0] = torch.tensor(C.eval_view_box(*img.size))
+            for v in range(1, self.k):
+                rng = np.random.default_rng(C.view_seed(sha, v))
+                box = C.sample_view_box(rng, *img.size)
+                flip = bool(rng.random() < 0.5)
+                u8[v] = _to_uint8(C.apply_view(img, box, flip, self.size))
+                boxes[v], flips[v] = torch.tensor(box), int(flip)
+        except Exception as e:  # noqa: BLE001 - any decode failure is reported with the image id below
+            return i, u8, boxes, flips, False, f"cannot decode image: {type(e).__name__}: {e}"
+        return i, u8, boxes, flips, True, ""
+
+
+def collate_images(batch: list[tuple]) -> tuple:
+    idx, u8, boxes, flips, ok, why = zip(*batch, strict=True)
+    return torch.tensor(idx), torch.stack(u8), torch.stack(boxes), torch.stack(flips), list(ok), list(why)
+
+
+def _loader_context(num_workers: int, pil_steps: Sequence[Any] = ()) -> Any:
+    """Fresh worker processes from a fork server, never plain fork: a forked child inherits zarr's event-loop
+    thread (and any lock it held) from a unit that already wrote, and can deadlock."""
+    if num_workers <= 0:
+        return None
+    import multiprocessing as mp
+
+    method = os.environ.get(MP_CONTEXT_ENV, "forkserver")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        # Imported once into the fork server (which starts on first use), so each unit's workers fork with
+        # torch, PIL and the transforms' modules (open_clip, torchvision) loaded instead of spending seconds
+        # importing them while unpickling the dataset.
+        mods = {type(t).__module__ for t in pil_steps}
+        ctx.set_forkserver_preload(
+            [
+                "torch",
+                "PIL.Image",
+                "PIL.PngImagePlugin",
+                "PIL.JpegImagePlugin",
+                *sorted(mods),
+                "pipeline.extract",
+            ]
+        )
+    return ctx
+
+
+def _maybe_fail(name: str) -> None:
+    if os.environ.get(FAIL_ENV) == name:
+        raise InjectedFailure(f"injected failure in unit {name} ({FAIL_ENV})")
+
+
+def _image_unit(job: UnitJob, teacher: Any) -> tuple[dict, dict]:
+    n, k = len(job.items), max(1, job.views)
+    p, e = teacher.num_patches, teacher.embed_dim
+    sources = ["tokens", *(f"{s}_tokens" for s in job.relevance)]
+    tok = {s: np.zeros((n, k, p, e), np.float32) for s in sources}
+    pooled = np.zeros((n, k, e), np.float32)
+    boxes = np.zeros((n, k, 4), np.float32)
+    flips = np.zeros((n, k), np.uint8)
+    valid = np.ones(n, np.uint8)
+    invalid: list[str] = []
+    steps = _pil_steps(teacher.preprocess)
+    data = UnitImages(job.dataset_paths, job.items, steps, teacher.image_size, job.views)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=max(1, job.batch_size // k),  # a batch of images × views stays ≈ batch_size forward passes
+        num_workers=job.num_workers,
+        collate_fn=collate_images,
+        multiprocessing_context=_loader_context(job.num_workers, steps),
+        pin_memory=teacher.device.type == "cuda",
+    )
+    try:
+        bad = _run_image_batches(job, teacher, loader, (k, p, e), tok, pooled, boxes, flips)
+    finally:
+        data.close()  # the in-process (num_workers=0) reads left tar handles open here
+    for image_id, row in bad:
+        valid[row] = 0
+        invalid.append(image_id)
+
+    arrays: dict[str, np.ndarray] = {}
+    cos = []
+    for s in sources:
+        enc = C.encode_tokens(tok[s][:, 0], job.dtype)
+        cos.append(C.reconstruction_cosine(tok[s][:, 0], enc))
+        for suffix, a in enc.items():
+            arrays[f"image/{s}{suffix}"] = a
+        if job.views > 0:
+            for suffix, a in C.encode_tokens(tok[s], job.dtype).items():
+                arrays[f"views/{s}{suffix}"] = a
+    arrays["image/pooled"] = pooled[:, 0].astype(np.float16)
+    arrays["image/valid"] = valid
+    if job.views > 0:
+        arrays["views/pooled"] = pooled.astype(np.float16)
+        arrays["views/boxes"] = boxes
+        arrays["views/flip"] = flips
+    return {k_: (job.row0, a) for k_, a in arrays.items()}, {"invalid": invalid, "cos": np.concatenate(cos)}
+
+
+def _run_image_batches(
+    job: UnitJob, teacher: Any, loader: Any, kpe: tuple, tok: dict, pooled: Any, boxes: Any, flips: Any
+) -> list[tuple[str, int]]:
+    """Run the teacher over the loader's batches, filling the unit's buffers in place; returns (image id, row)
+    of every image that could not be decoded (under on_error=skip; under fail the first one raises)."""
+    k, p, e = kpe
+    bad = []
+    for idx, u8, bx, fl, ok, why in loader:
+        for j, good in enumerate(ok):
+            if not good:
+                di, image_id, _ = job.items[int(idx[j])]
+                err = ImageError(job.dataset_paths[di], image_id, why[j])
+                if job.on_error == "fail":
+                    raise err
+                log.warning("%s (zero-filled, image/valid = 0)", err)
+                bad.append((image_id, int(idx[j])))
+        b = len(idx)
+        pixels = teacher.normalize_uint8(u8.view(b * k, *u8.shape[2:]).to(teacher.device, non_blocking=True))
+        out = teacher.encode_images(pixels, relevance=job.relevance)
+        rows = idx.numpy()
+        keep = np.asarray(ok, bool)[:, None, None, None]  # rows of undecodable images stay zero
+        for s in tok:
+            key = "tokens" if s == "tokens" else s[: -len("_tokens")]
+            tok[s][rows] = out[key].cpu().numpy().reshape(b, k, p, e) * keep
+        pooled[rows] = out["pooled"].cpu().numpy().reshape(b, k, e) * keep[..., 0]
+        boxes[rows], flips[rows] = bx.numpy(), fl.numpy()
+    return bad
+
+
+def _text_unit(job: UnitJob, teacher: Any) -> tuple[dict, dict]:
+    n, e = len(job.texts), teacher.embed_dim
+    want = np.asarray(job.lengths, dtype=np.int64)
+    local = np.cumsum(want) - want  # each text's first row inside this unit's shard
+    buf = np.zeros((job.tok_rows, e), np.float32)  # slack rows at the end stay zero = fill value, not stored
+    pooled = np.zeros((n, e), np.float32)
+    bs = max(1, job.batch_size)
+    for lo in range(0, n, bs):
+        ids = teacher.tokenizer(list(job.texts[lo : lo + bs]))
+        out = teacher.encode_texts(ids)
+        got = out["lengths"].cpu().numpy()
+        if not np.array_equal(got, want[lo : lo + bs]):
+            raise RuntimeError(f"unit {job.name}: token lengths differ from the plan (tokenizer changed?)")
+        toks = out["tokens"].cpu().numpy()
+        for j, L in enumerate(got):
+            buf[local[lo + j] : local[lo + j] + L] = toks[j, :L]
+        pooled[lo : lo + len(got)] = out["pooled"].cpu().numpy()
+    enc = C.encode_tokens(buf, job.dtype)
+    real = np.concatenate([np.arange(s, s + L) for s, L in zip(local, want, strict=True)]) if n else []
+    cos = C.reconstruction_cosine(buf[real], {k_: a[real] for k_, a in enc.items()})
+    arrays = {f"text/tokens{suffix}": (job.tok0, a) for suffix, a in enc.items()}
+    arrays["text/pooled"] = (job.row0, pooled.astype(np.float16))
+    return arrays, {"invalid": [], "cos": cos}
+
+
+def run_unit(job: UnitJob) -> dict:
+    """Compute one unit, write its shards, commit its manifest entry; returns the manifest record."""
+    t0 = time.time()
+    teacher = get_teacher(job.teacher, job.threads)
+    arrays, info = _image_unit(job, teacher) if job.kind == "image" else _text_unit(job, teacher)
+    g = C.open_group(job.store_url, mode="r+")
+    record_arrays = {}
+    for i, (key, (start, a)) in enumerate(sorted(arrays.items())):
+        g[key][start : start + len(a)] = a
+        record_arrays[key] = {
+            "region": [start, start + len(a)],
+            "crc32": C.checksum(a),
+            "bytes": int(a.nbytes),
+        }
+        if i == 0:
+            _maybe_fail(job.name)
+    cos = info["cos"]
+    record = {
+        "unit": job.name,
+        "kind": job.kind,
+        "rows": [job.row0, job.row1],
+        "items": job.row1 - job.row0,
+        "arrays": record_arrays,
+        "invalid": info["invalid"],
+        "reconstruction_cosine": {
+            "mean": float(cos.mean()) if len(cos) else 1.0,
+            "min": float(cos.min()) if len(cos) else 1.0,
+            "n": int(len(cos)),
+        },
+        "seconds": round(time.time() - t0, 3),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    if job.kind == "text":
+        record["token_rows"] = [job.tok0, job.tok0 + job.tok_rows]
+    C.commit_unit(job.store_url, job.name, record)
+    UNIT_RUNS.append(job.name)
+    return record
+
+
+# ------------------------------------------------------------------------------------------- coordinator
+
+
+def _text_lengths(teacher: Any, texts: Sequence[str], batch: int = 4096) -> np.ndarray:
+    out = [
+        teacher.text_lengths(teacher.tokenizer(list(texts[i : i + batch])))
+        for i in range(0, len(texts), batch)
+    ]
+    return torch.cat(out).numpy().astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def _run_units(
+    jobs: list[UnitJob],
+    scheduler: str,
+    n_workers: int,
+    progress: bool,
+    cluster_kwargs: dict,
+    torch_threads: int,
+) -> list:
+    from tqdm import tqdm
+
+    records: list[dict] = []
+    bar = tqdm(total=len(jobs), unit="unit", disable=not progress, desc="extract")
+    t0, items = time.time(), 0
+
+    def done(rec: dict) -> None:
+        nonlocal items
+        records.append(rec)
+        items += rec["items"]
+        bar.update(1)
+        bar.set_postfix(items_per_s=f"{items / max(time.time() - t0, 1e-9):.1f}")
+
+    try:
+        if scheduler == "sync":
+            for job in jobs:
+                done(run_unit(job))
+            return records
+        import dask
+        from distributed import Client, LocalCluster, as_completed
+
+        cluster = None
+        if scheduler == "local":
+            cores = os.cpu_count() or 1
+            n = max(1, n_workers)
+            threads = torch_threads or max(1, cores // n)
+            kwargs = {"n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0"}
+            kwargs.update(cluster_kwargs)
+            # One dask thread per worker runs one unit at a time; torch inside it gets the worker's cores.
+            # Non-daemonic workers so a unit's DataLoader may start its own worker processes.
+            with dask.config.set({"distributed.worker.daemon": False}):
+                cluster = LocalCluster(**kwargs)
+            for j in jobs:
+                j.threads = threads
+            client = Client(cluster)
+        else:
+            client = Client(scheduler)
+        try:
+            futures = [
+                client.submit(run_unit, j, key=f"clip-td-{j.name}-{os.getpid()}-{time.time_ns()}")
+                for j in jobs
+            ]
+            for fut in as_completed(futures):
+                if fut.status == "error":
+                    client.cancel([f for f in futures if not f.done()])
+                    fut.result()  # re-raises the unit's exception here
+                done(fut.result())
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        return records
+    finally:
+        bar.close()
+
+
+def extract(
+    datasets: Sequence[PreparedDataset],
+    store_url: str,
+    teacher_spec: TeacherSpec | tuple | dict,
+    cache_params: Any,
+    scheduler: str = "local",
+    progress: bool = True,
+    *,
+    overwrite: bool = False,
+    rebuild_stale: bool = False,
+    vqa_candidates: int = 4,
+    cluster_kwargs: dict | None = None,
+    torch_threads: int = 0,
+) -> dict:
+    """Extract the teacher cache for ``datasets`` into ``store_url``; returns the metrics dict.
+
+    ``teacher_spec``: a TeacherSpec, a (model, pretrained, precision) tuple or a dict of those keys.
+    ``cache_params``: a pipeline.config.CacheParams. ``scheduler``: "local" (a LocalCluster of
+    ``cache_params.n_workers`` processes), "sync" (in this process, one unit after the other) or the address
+    of a running dask scheduler (its workers must see the datasets and the store at the same paths/URLs).
+    ``cluster_kwargs`` go to LocalCluster; ``torch_threads`` per local worker (0: cores // n_workers).
+    An existing store built from another teacher, data or layout raises StaleCacheError naming the fields,
+    unless ``overwrite`` (always delete it first) or ``rebuild_stale`` (delete it only when stale, so a
+    pipeline runner can both resume an interrupted store and replace one built from an older teacher).
+    """
+    t_start = time.time()
+    spec = _as_spec(teacher_spec)
+    cp = cache_params
+    relevance = tuple(getattr(cp, "relevance_tokens", None) or ())
+    bad = [r for r in relevance if r not in C.RELEVANCE_SOURCES]
+    if bad:
+        raise ValueError(f"cache.relevance_tokens: unknown source(s) {bad}; allowed {C.RELEVANCE_SOURCES}")
+
+    plan = plan_extraction(datasets, vqa_candidates, cp.on_error)
+    c = plan.counts
+    log.info(
+        "plan: %d instances; images %d -> %d unique (%d duplicates removed, %d aliases); texts %d -> %d unique "
+        "(%d duplicates removed, %d empty skipped)",
+        c["instances"], c["images_total"], c["unique_images"], c["image_duplicates_removed"], c["image_aliases"],
+        c["texts_total"], c["unique_texts"], c["text_duplicates_removed"], c["texts_skipped"],
+    )  # fmt: skip
+
+    teacher = get_teacher(spec)
+    describe = teacher.describe()
+    lengths = _text_lengths(teacher, plan.texts)
+    layout = C.StoreLayout(
+        n_images=len(plan.images),
+        n_texts=len(plan.texts),
+        embed_dim=teacher.embed_dim,
+        num_patches=teacher.num_patches,
+        views=int(cp.views),
+        relevance_tokens=list(relevance),
+        dtype=cp.dtype,
+        compressor=cp.compressor,
+        clevel=int(cp.clevel),
+        image_rows_per_unit=int(cp.image_rows_per_unit),
+        text_rows_per_unit=int(cp.text_rows_per_unit),
+        target_chunk_bytes=int(cp.target_chunk_bytes),
+    )
+    row_bytes = teacher.embed_dim * layout.token_itemsize
+    offsets, layout.text_shard_rows, layout.text_chunk_rows = C.text_token_layout(
+        lengths, layout.text_rows_per_unit, row_bytes, layout.target_chunk_bytes
+    )
+
+    from .teacher import autocast_dtype
+
+    tfp = C.teacher_fingerprint(
+        describe, weights_sha256(teacher) if describe.get("pretrained_kind") == "random" else ""
+    )
+    tfp["compute_dtype"] = str(autocast_dtype(teacher.device, teacher.precision) or torch.float32)
+    fingerprint = {
+        "format_version": C.FORMAT_VERSION,
+        "teacher": tfp,
+        "data": plan.data_fingerprint,
+        "store": {
+            "dtype": layout.dtype,
+            "compressor": layout.compressor,
+            "clevel": layout.clevel,
+            "views": layout.views,
+            "relevance_tokens": list(relevance),
+            "image_rows_per_unit": layout.image_rows_per_unit,
+            "text_rows_per_unit": layout.text_rows_per_unit,
+            "target_chunk_bytes": layout.target_chunk_bytes,
+        },
+    }
+
+    fresh = _open_or_check(store_url, fingerprint, overwrite, rebuild_stale)
+    n_units = layout.n_image_units + layout.n_text_units
+    if fresh:
+        attrs = {
+            "format": C.FORMAT,
+            "format_version": C.FORMAT_VERSION,
+            "package_version": C.package_version(),
+            "teacher": describe,
+            "embed_dim": teacher.embed_dim,
+            "num_patches": teacher.num_patches,
+            "grid": teacher.grid,
+            "context_length": teacher.context_length,
+            "logit_scale": teacher.logit_scale,
+            "dtype": layout.dtype,
+            "codec": {
+                "compressor": layout.compressor,
+                "clevel": layout.clevel,
+                "shuffle": "byte" if layout.compressor != "none" else None,
+                "int8": "per-token symmetric: x ≈ q * tokens_scale" if layout.dtype == "int8" else None,
+            },
+            "views": layout.views,
+            "relevance_tokens": list(relevance),
+            "units": {
+                "total": n_units,
+                "image": layout.n_image_units,
+                "text": layout.n_text_units,
+                "image_rows_per_unit": layout.image_rows_per_unit,
+                "text_rows_per_unit": layout.text_rows_per_unit,
+                "text_token_rows_per_unit": layout.text_shard_rows,
+            },
+            "data": {
+                **plan.data_fingerprint,
+                "paths": plan.dataset_paths,
+                "counts": plan.counts,
+                "vqa_vocab_from": plan.vqa_vocab_from,
+                "vqa_vocab": plan.vqa_vocab,
+            },
+            "fingerprint": fingerprint,
+        }
+        C.create_store(
+            store_url,
+            layout,
+            attrs,
+            [i for _, i, _ in plan.images],
+            plan.text_ids,
+            lengths,
+            offsets,
+            plan.alias_ids,
+            plan.alias_rows,
+        )
+
+    jobs = _make_jobs(plan, layout, lengths, offsets, store_url, spec, cp, relevance)
+    committed = C.committed_units(store_url)
+    todo = [j for j in jobs if j.name not in committed]
+    log.info(
+        "units: %d total, %d already committed, %d to compute", len(jobs), len(jobs) - len(todo), len(todo)
+    )
+    records = _run_units(todo, scheduler, int(cp.n_workers), progress, cluster_kwargs or {}, torch_threads)
+    committed = C.committed_units(store_url)
+    missing = [j.name for j in jobs if j.name not in committed]
+    if missing:  # cannot happen unless a unit lied; never mark such a store complete
+        raise RuntimeError(f"{store_url}: units not committed after extraction: {missing[:5]}")
+
+    seconds = time.time() - t_start
+    metrics = _metrics(store_url, plan, layout, lengths, committed, records, len(jobs), seconds)
+    g = C.open_group(store_url, mode="r+")
+    g.attrs.update({"complete": True, "extract": metrics})
+    return metrics
+
+
+def _as_spec(t: TeacherSpec | tuple | dict) -> TeacherSpec:
+    if isinstance(t, TeacherSpec):
+        return t
+    if isinstance(t, dict):
+        return TeacherSpec(**t)
+    return TeacherSpec(*t)
+
+
+def _open_or_check(url: str, fingerprint: dict, overwrite: bool, rebuild_stale: bool = False) -> bool:
+    """True when a new store must be created; raises StaleCacheError for a store built from something else."""
+    if not C.store_exists(url):
+        return True
+    if overwrite:
+        C.remove_store(url)
+        return True
+    attrs = dict(C.open_group(url, mode="r").attrs)
+    if attrs.get("format") != C.FORMAT:
+        raise C.StaleCacheError(url, ["format"], "it is not a teacher cache; pass --overwrite to replace it")
+    fp = attrs.get("fingerprint", {})
+    diff = sorted(set(C.check_fingerprint(fp, fingerprint)) | set(C.check_fingerprint(fingerprint, fp)))
+    if diff and rebuild_stale:
+        log.warning("%s is stale (differs in %s): rebuilding it", url, ", ".join(diff))
+        C.remove_store(url)
+        return True
+    if diff:
+        raise C.StaleCacheError(url, diff)
+    if not attrs.get("layout"):  # creation itself was interrupted: nothing was committed yet, start over
+        C.remove_store(url)
+        return True
+    return False
+
+
+def _make_jobs(plan, layout, lengths, offsets, url, spec, cp, relevance) -> list[UnitJob]:
+    common = dict(
+        store_url=url,
+        teacher=spec,
+        dtype=layout.dtype,
+        views=layout.views,
+        relevance=relevance,
+        batch_size=int(cp.batch_size),
+        num_workers=int(cp.num_workers),
+        on_error=cp.on_error,
+    )
+    jobs = []
+    r = layout.image_rows_per_unit
+    for u in range(layout.n_image_units):
+        lo, hi = u * r, min(layout.n_images, (u + 1) * r)
+        jobs.append(
+            UnitJob(
+                name=f"image-{u:06d}",
+                kind="image",
+                row0=lo,
+                row1=hi,
+                dataset_paths=tuple(plan.dataset_paths),
+                items=tuple(plan.images[lo:hi]),
+                **common,
+            )
+        )
+    rt, s = layout.text_rows_per_unit, layout.text_shard_rows
+    for u in range(layout.n_text_units):
+        lo, hi = u * rt, min(layout.n_texts, (u + 1) * rt)
+        assert offsets[lo] == u * s  # every text unit starts on its own shard boundary
+        jobs.append(
+            UnitJob(
+                name=f"text-{u:06d}",
+                kind="text",
+                row0=lo,
+                row1=hi,
+                texts=tuple(plan.texts[lo:hi]),
+                lengths=tuple(int(x) for x in lengths[lo:hi]),
+                tok0=u * s,
+                tok_rows=s,
+                **common,
+            )
+        )
+    return jobs
+
+
+def _metrics(url, plan, layout, lengths, committed, records, n_units, seconds) -> dict:
+    g = C.open_group(url, mode="r")
+    uncompressed = 0
+    for group in ("image", "views", "text"):
+        if group not in g:
+            continue
+        for name, a in g[group].arrays():
+            if a.dtype.kind in "OUT":  # ids are strings: not teacher output
+                continue
+            n = a.nbytes
+            if group == "text" and name.startswith("tokens"):  # count real rows, not unit slack
+                n = int(lengths.sum()) * (a.nbytes // max(1, a.shape[0]))
+            uncompressed += n
+    disk = C.bytes_on_disk(url)
+    cos = [r["reconstruction_cosine"] for r in committed.values() if r["reconstruction_cosine"]["n"]]
+    total_n = sum(c["n"] for c in cos)
+    items = sum(r["items"] for r in records)
+    invalid = sorted(i for r in committed.values() for i in r.get("invalid", []))
+    return {
+        **plan.counts,
+        "store": url,
+        "dtype": layout.dtype,
+        "compressor": layout.compressor,
+        "views": layout.views,
+        "relevance_tokens": layout.relevance_tokens,
+        "units_total": n_units,
+        "units_computed": len(records),
+        "units_skipped": n_units - len(records),
+        "computed_units": sorted(r["unit"] for r in records),
+        "items_computed": items,
+        "seconds": round(seconds, 3),
+        "unit_seconds": round(sum(r["seconds"] for r in records), 3),
+        "items_per_s": round(items / seconds, 2) if seconds > 0 else 0.0,
+        "bytes_on_disk": disk,
+        "uncompressed_bytes": uncompressed,
+        "compression_ratio": round(uncompressed / disk, 3) if disk else 0.0,
+        "reconstruction_cosine": {
+            "mean": sum(c["mean"] * c["n"] for c in cos) / total_n if total_n else 1.0,
+            "min": min((c["min"] for c in cos), default=1.0),
+            "tokens": total_n,
+        },
+        "images_invalid": len(invalid),
+        "invalid_images": invalid[:100],
+        "skipped_texts": plan.skipped_texts[:100],
+        "text_token_rows": int(lengths.sum()),
+        "text_token_slack_rows": int(layout.n_text_units * layout.text_shard_rows - lengths.sum()),
+        "text_token_rows_per_unit": layout.text_shard_rows,
+    }
+
+
+def find_default_datasets(root: str = "data/shards/synthetic") -> list[str]:
+    """Every prepared dataset under root except the caption corpora (those train the embedded teacher)."""
+    from .data.shards import find_datasets
+
+    out = []
+    for p in find_datasets(root):
+        rel = Path(p).relative_to(root).parts if Path(p) != Path(root) else ()
+        if not any(part.startswith("captions") for part in rel):
+            out.append(str(p))
+    return out

@@ -1,0 +1,188 @@
+"""Stage `extract-teacher`: run the frozen teacher once over every unique image and text into the Zarr cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from pipeline.config import ConfigError, load_params
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option(
+    "--shards",
+    "shards",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A prepared dataset directory (holding dataset.json) or a folder of them (repeatable). [default: every "
+    "prepared dataset under data.out/data.source (data/shards/synthetic) except the caption corpora "
+    "captions*, which only train the embedded teacher]",
+)
+@click.option(
+    "--out",
+    "store",
+    default=None,
+    help="The store: a local path or any fsspec URL (file://, s3://, gs://, …). [default: cache.store]",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="open_clip model name (ViT-B-32) or path to an open_clip model-config JSON. [default: teacher.model]",
+)
+@click.option(
+    "--pretrained",
+    default=None,
+    help="open_clip pretrained tag, a local checkpoint path, or '' for random init. [default: teacher.pretrained]",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Teacher batch. [default: cache.batch_size]",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    help="'local' starts a dask LocalCluster of cache.n_workers worker processes (one unit at a time each, "
+    "torch using cores/n_workers threads); 'sync' runs every unit in this process; anything else is the "
+    "address of a running dask scheduler (tcp://host:8786) whose workers see the same data paths and store "
+    "URL. [default: cache.scheduler]",
+)
+@click.option(
+    "--views",
+    type=click.IntRange(min=0),
+    default=None,
+    help="K > 0 also caches K views per image under views/ (view 0 = the eval transform, views 1..K-1 random "
+    "resized crops + flips with their boxes) so a student can replay them. [default: cache.views]",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "int8"]),
+    default=None,
+    help="Token storage: float16, or int8 with a float16 scale per token (half the bytes; the reconstruction "
+    "cosine goes into the metrics). [default: cache.dtype]",
+)
+@click.option(
+    "--device",
+    default="auto",
+    help="Torch device of the teacher in every worker; 'auto' = CUDA when available, else CPU.",
+)
+@click.option(
+    "--metrics",
+    "metrics_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("metrics/extract.json"),
+    help="Metrics JSON: instances, images/texts before and after deduplication, units computed vs skipped "
+    "(resumed), seconds, items/s, bytes on disk, uncompressed bytes, compression ratio, reconstruction cosine.",
+)
+@click.option("--params", "params_path", default="params.yaml", help="Parameter file holding the defaults.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a parameter (repeatable). Used: teacher.{model, pretrained, precision}, cache.{store, dtype, "
+    "compressor, clevel, image_rows_per_unit, text_rows_per_unit, target_chunk_bytes, batch_size, "
+    "num_workers, views, relevance_tokens, scheduler, n_workers, on_error}, distill.vqa_candidates, "
+    "data.{out, source}.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Delete an existing store first. Without it, a store built from another teacher, data or layout is "
+    "refused (naming the differing fields) and a matching one is resumed: committed units are skipped.",
+)
+@click.option(
+    "--rebuild-stale",
+    is_flag=True,
+    help="Rebuild a store whose fingerprint differs instead of refusing it; a matching store is still resumed. "
+    "dvc.yaml uses this, so a changed teacher or dataset rebuilds and an interrupted run resumes.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar or plan log.")
+def main(
+    shards, store, model, pretrained, batch_size, scheduler, views, dtype, device, metrics_path, params_path,
+    overrides, overwrite, rebuild_stale, quiet,
+) -> None:  # fmt: skip
+    """Extract the teacher cache (method §1): teacher outputs for every unique image and text, once.
+
+    Images are deduplicated by content (SHA-1) across all datasets and texts (every text the student and the
+    confidence weights will look up, pipeline.texts.instance_texts) by content hash. Work is split into units
+    that each own whole Zarr shards (cache.image_rows_per_unit images or cache.text_rows_per_unit texts) and
+    commit a manifest entry when written, so an interrupted run resumes where it stopped.
+    """
+    from pipeline.cache import CacheFormatError, StaleCacheError
+    from pipeline.data.errors import DataError
+    from pipeline.data.shards import PreparedDataset, find_datasets
+    from pipeline.extract import TeacherSpec, extract, find_default_datasets
+    from pipeline.teacher import TeacherError
+
+    try:
+        params = load_params(params_path if Path(params_path).exists() else None, overrides)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    cp = params.cache
+    changes = {
+        "batch_size": batch_size,
+        "scheduler": scheduler,
+        "views": views,
+        "dtype": dtype,
+        "store": store,
+    }
+    cp = dataclasses.replace(cp, **{k: v for k, v in changes.items() if v is not None})
+    if not quiet:
+        # The plan and unit counts; open_clip's own INFO chatter stays hidden.
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+        logging.getLogger("clip_td").setLevel(logging.INFO)
+
+    if shards:
+        paths = []
+        for s in shards:
+            found = [s] if (s / "dataset.json").exists() else find_datasets(s)
+            if not found:
+                raise click.UsageError(f"--shards {s}: no prepared dataset (dataset.json) there")
+            paths += [str(p) for p in found]
+    else:
+        root = Path(params.data.out) / params.data.source
+        paths = find_default_datasets(str(root))
+        if not paths:
+            raise click.UsageError(
+                f"no prepared datasets under {root} (run `python -m stages.prepare_data` first)"
+            )
+    spec = TeacherSpec(
+        model if model is not None else params.teacher.model,
+        pretrained if pretrained is not None else params.teacher.pretrained,
+        params.teacher.precision,
+        device,
+    )
+    try:
+        datasets = [PreparedDataset(p) for p in paths]
+        metrics = extract(
+            datasets,
+            cp.store,
+            spec,
+            cp,
+            scheduler=cp.scheduler,
+            progress=not quiet,
+            overwrite=overwrite,
+            rebuild_stale=rebuild_stale,
+            vqa_candidates=params.distill.vqa_candidates,
+        )
+    except (DataError, StaleCacheError, CacheFormatError, TeacherError) as e:
+        raise click.ClickException(str(e)) from e
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(metrics, indent=1))
+    click.echo(
+        f"{cp.store}: {metrics['unique_images']} images ({metrics['image_duplicates_removed']} duplicates removed), "
+        f"{metrics['unique_texts']} texts ({metrics['text_duplicates_removed']} duplicates removed); units "
+        f"{metrics['units_computed']} computed, {metrics['units_skipped']} skipped; {metrics['seconds']:.1f}s, "
+        f"{metrics['items_per_s']:.1f} items/s; {metrics['bytes_on_disk'] / 1e6:.1f} MB on disk "
+        f"(ratio {metrics['compression_ratio']:.2f}) -> {metrics_path}"
+    )
+
+
+if __name__ == "__main__":
+    main()

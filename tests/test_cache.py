@@ -1,0 +1,238 @@
+"""The teacher-cache store itself (pipeline.cache): layout arithmetic, int8 quantisation, shards owned by
+one writer with unit slack left unstored, the manifest, fingerprints and the batched reader. No teacher:
+the arrays are written by hand the way extraction units write them."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from pipeline import cache as C
+from pipeline.texts import text_hash
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------ arithmetic
+
+
+def test_chunk_rows_tile_the_shard_and_reach_the_target():
+    assert C.chunk_rows_for(512, 64 * 128 * 2, 1 << 20) == 64  # 16 KiB rows -> 1 MiB chunks
+    assert C.chunk_rows_for(10, 1000, 1 << 20) == 10  # shard smaller than the target: one chunk
+    assert C.chunk_rows_for(12, 100, 500) == 6  # want 5 rows; 6 is the smallest divisor of 12 that reaches it
+    assert C.chunk_rows_for(7, 100, 150) == 7  # a prime shard has no smaller tiling chunk
+
+
+def test_text_token_layout_starts_every_unit_on_its_shard():
+    lengths = [3, 5, 2, 7, 1]
+    offsets, s, c = C.text_token_layout(lengths, rows_per_unit=2, row_bytes=10, target_bytes=40)
+    # unit sums 8, 9, 1 -> largest 9, chunks of 4 rows -> S = 12 rows per unit shard
+    assert (s, c) == (12, 4)
+    assert offsets.tolist() == [0, 3, 12, 14, 24, 36]
+    for i, n in enumerate(lengths):
+        assert offsets[i] + n <= offsets[i + 1]
+
+
+def test_int8_per_token_quantisation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 16, 64)).astype(np.float32) * rng.uniform(0.01, 20, size=(50, 16, 1))
+    x[3, 2] = 0.0  # an all-zero token stays exactly zero
+    q, s = C.quantize_int8(x)
+    assert q.dtype == np.int8 and s.dtype == np.float16 and s.shape == (50, 16)
+    assert np.abs(q).max() <= 127 and (np.abs(q).max(-1) >= 126).sum() > 0.9 * q.shape[0] * q.shape[1]
+    y = C.dequantize_int8(q, s)
+    assert np.all(y[3, 2] == 0)
+    cos = C.reconstruction_cosine(x, {"": q, "_scale": s})
+    print(f"int8 reconstruction cosine on gaussian tokens: mean {cos.mean():.5f} min {cos.min():.5f}")
+    assert cos.min() > 0.99 and len(cos) == 50 * 16 - 1
+    assert C.reconstruction_cosine(x, C.encode_tokens(x, "float16")).min() > 0.9999
+
+
+# ----------------------------------------------------------------------------------------- a hand store
+
+
+def _layout(**kw) -> C.StoreLayout:
+    base = dict(
+        n_images=10, n_texts=5, embed_dim=8, num_patches=4, image_rows_per_unit=4, text_rows_per_unit=2
+    )
+    return C.StoreLayout(**{**base, **kw})
+
+
+def _hand_store(url: str, dtype: str = "float16") -> dict:
+    """A store written the way units write it: every image/text unit writes exactly its own shards."""
+    rng = np.random.default_rng(1)
+    lay = _layout(dtype=dtype, target_chunk_bytes=4 * 8 * 2)
+    texts = ["a cat", "two dogs on a mat", "x", "a long sentence of several words", "end"]
+    lengths = [3, 6, 2, 8, 2]
+    offsets, lay.text_shard_rows, lay.text_chunk_rows = C.text_token_layout(lengths, 2, 8 * 2, 4 * 8 * 2)
+    ids = [f"im{i}" for i in range(10)]
+    attrs = {
+        "format": C.FORMAT,
+        "format_version": C.FORMAT_VERSION,
+        "embed_dim": 8,
+        "grid": 2,
+        "num_patches": 4,
+    }
+    attrs |= {"dtype": dtype, "views": 0, "fingerprint": {"data": {"hash": "h"}}, "units": {"total": 6}}
+    g = C.create_store(url, lay, attrs, ids, [text_hash(t) for t in texts], lengths, offsets, ["alias9"], [9])
+    img = rng.normal(size=(10, 4, 8)).astype(np.float32)
+    pooled = rng.normal(size=(10, 8)).astype(np.float32)
+    txt = [rng.normal(size=(n, 8)).astype(np.float32) for n in lengths]
+    tpooled = rng.normal(size=(5, 8)).astype(np.float32)
+    for u in range(lay.n_image_units):
+        lo, hi = u * 4, min(10, u * 4 + 4)
+        for suffix, a in C.encode_tokens(img[lo:hi], dtype).items():
+            g[f"image/tokens{suffix}"][lo:hi] = a
+        g["image/pooled"][lo:hi] = pooled[lo:hi].astype(np.float16)
+        g["image/valid"][lo:hi] = 1
+        C.commit_unit(url, f"image-{u:06d}", {"unit": f"image-{u:06d}", "items": hi - lo})
+    s = lay.text_shard_rows
+    for u in range(lay.n_text_units):
+        buf = np.zeros((s, 8), np.float32)  # slack rows stay zero = fill value
+        for i in range(u * 2, min(5, u * 2 + 2)):
+            start = offsets[i] - u * s
+            buf[start : start + lengths[i]] = txt[i]
+        for suffix, a in C.encode_tokens(buf, dtype).items():
+            g[f"text/tokens{suffix}"][u * s : (u + 1) * s] = a
+        g["text/pooled"][u * 2 : u * 2 + 2] = tpooled[u * 2 : u * 2 + 2].astype(np.float16)
+    g.attrs["complete"] = True
+    return {"img": img, "pooled": pooled, "txt": txt, "tpooled": tpooled, "texts": texts, "layout": lay}
+
+
+def _stored_inner_chunks(shard_file: str, n_chunks: int) -> int:
+    """Inner chunks present in a shard: its index (at the end, before a crc32c) holds (offset, nbytes)
+    pairs, 2**64-1 for chunks that were never stored."""
+    with open(shard_file, "rb") as f:
+        raw = f.read()
+    index = np.frombuffer(raw[-(n_chunks * 16 + 4) : -4], dtype="<u8").reshape(n_chunks, 2)
+    return int((index[:, 0] != np.iinfo(np.uint64).max).sum())
+
+
+def test_store_layout_shards_and_unstored_slack(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    h = _hand_store(url)
+    g = zarr.open_group(url, mode="r")
+    assert g["image/tokens"].shape == (10, 4, 8) and g["image/tokens"].shards == (4, 4, 8)
+    assert g["image/tokens"].dtype == np.float16 and g["image/pooled"].shards == (4, 8)
+    # text shards: S rows per unit; inner chunks of 4 rows (≈ the 64-byte target)
+    s, c = h["layout"].text_shard_rows, h["layout"].text_chunk_rows
+    assert (s, c) == (12, 4) and g["text/tokens"].shards == (s, 8) and g["text/tokens"].chunks == (c, 8)
+    assert g["text/tokens"].shape == (3 * s, 8) and g["text/offsets"][-1] == 3 * s
+    codec = g["text/tokens"].metadata.to_dict()["codecs"][0]["configuration"]["codecs"][1]
+    assert codec["name"] == "blosc" and codec["configuration"]["cname"] == "zstd"
+    assert codec["configuration"]["shuffle"] == "shuffle"
+    # unit 2 holds a single 2-token text: 1 inner chunk stored, the 2 chunks of pure slack are not
+    assert _stored_inner_chunks(str(tmp_path / "s.zarr/text/tokens/c/2/0"), s // c) == 1
+    assert _stored_inner_chunks(str(tmp_path / "s.zarr/text/tokens/c/1/0"), s // c) == 3  # 6+2 = 8 of 12 rows
+    assert C.bytes_on_disk(url) > 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_reader_shuffled_batches(tmp_path, dtype):
+    url = f"file://{tmp_path}/r.zarr"
+    h = _hand_store(url, dtype)
+    tc = C.TeacherCache(url)
+    tol = 1e-2 if dtype == "float16" else 5e-2
+    order = [7, 0, 9, 7, 3, 2]  # unsorted, repeated, spanning the three shards
+    out = tc.image_targets([f"im{i}" for i in order])
+    assert out["tokens"].dtype == torch.float32 and out["tokens"].shape == (6, 4, 8)
+    np.testing.assert_allclose(out["tokens"].numpy(), h["img"][order], atol=tol * np.abs(h["img"]).max())
+    np.testing.assert_allclose(out["pooled"].numpy(), h["pooled"][order], atol=1e-2)
+    assert torch.equal(tc.image_targets(["alias9"])["tokens"][0], tc.image_targets(["im9"])["tokens"][0])
+    pick = [3, 0, 3, 4, 1]
+    tt = tc.text_targets([h["texts"][i] for i in pick])
+    assert tt["lengths"].tolist() == [8, 3, 8, 2, 6]
+    for j, i in enumerate(pick):
+        np.testing.assert_allclose(tt["tokens"][j].numpy(), h["txt"][i], atol=tol * np.abs(h["txt"][i]).max())
+    np.testing.assert_allclose(tt["pooled"].numpy(), h["tpooled"][pick], atol=1e-2)
+    with pytest.raises(KeyError, match="'im99' is not in the teacher cache"):
+        tc.image_targets(["im99"])
+    with pytest.raises(ValueError, match="relevance source 'value' not cached"):
+        tc.image_targets(["im1"], relevance="value")
+
+
+def test_read_rows_dedupes_sorts_and_scatters(tmp_path):
+    g = zarr.open_group(str(tmp_path / "z.zarr"), mode="w")
+    a = g.create_array("a", shape=(100, 3), chunks=(10, 3), dtype="int32")
+    a[:] = np.arange(300).reshape(100, 3)
+    for rows in ([5], [5, 6, 7], [99, 0, 42, 0, 43], []):
+        np.testing.assert_array_equal(C.read_rows(a, np.array(rows, dtype=np.int64)), a[:][rows])
+
+
+def test_reader_refuses_incomplete_foreign_and_missing(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    _hand_store(url)
+    C.open_group(url, mode="r+").attrs["complete"] = False
+    with pytest.raises(C.CacheFormatError, match=r"incomplete \(3/6 units committed\)"):
+        C.TeacherCache(url)
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["x"] = 1
+    with pytest.raises(C.CacheFormatError, match="not a teacher cache"):
+        C.TeacherCache(str(tmp_path / "other.zarr"))
+    with pytest.raises(C.CacheFormatError, match="no teacher cache here"):
+        C.TeacherCache(str(tmp_path / "nothing.zarr"))
+
+
+# ------------------------------------------------------------------------------ manifest and fingerprint
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_manifest_commit_is_whole_files(tmp_path, where):
+    url = str(tmp_path / "m.zarr") if where == "local" else f"memory://clip-td-test-{os.getpid()}/m.zarr"
+    rec = {"unit": "image-000003", "rows": [12, 16], "arrays": {"image/tokens": {"crc32": "0badf00d"}}}
+    C.commit_unit(url, "image-000003", rec)
+    C.commit_unit(url, "text-000000", {"unit": "text-000000"})
+    assert C.committed_units(url) == {"image-000003": rec, "text-000000": {"unit": "text-000000"}}
+    if where == "local":  # the temp file of the atomic rename never stays behind
+        assert sorted(os.listdir(tmp_path / "m.zarr" / "manifest")) == [
+            "image-000003.json",
+            "text-000000.json",
+        ]
+        (tmp_path / "m.zarr" / "manifest" / "text-000001.json.tmp-abc").write_text("{half")
+        assert sorted(C.committed_units(url)) == ["image-000003", "text-000000"]
+
+
+def test_check_fingerprint_names_dotted_fields():
+    store = {
+        "fingerprint": {"format_version": 1, "teacher": {"model": "a", "sha": "1"}, "data": {"hash": "x"}}
+    }
+    assert C.check_fingerprint(store, {"teacher": {"model": "a", "sha": "1"}, "data": {"hash": "x"}}) == []
+    assert C.check_fingerprint(store, {"teacher": {"model": "b", "sha": "1"}, "data": {"hash": "y"}}) == [
+        "data.hash",
+        "teacher.model",
+    ]
+    assert C.check_fingerprint(store, {"data": {"hash": "x", "new": 1}}) == [
+        "data.new"
+    ]  # missing = differing
+    assert (
+        C.check_fingerprint(store["fingerprint"], {"data": {"hash": "x"}}) == []
+    )  # the dict itself works too
+    err = C.StaleCacheError("s.zarr", ["data.hash", "teacher.model"])
+    assert "data.hash, teacher.model" in str(err) and "--overwrite" in str(err)
+    assert pickle.loads(pickle.dumps(err)).fields == ["data.hash", "teacher.model"]  # crosses dask workers
+
+
+# ------------------------------------------------------------------------------------------------ views
+
+
+def test_view_boxes_and_replay():
+    assert C.eval_view_box(40, 32) == pytest.approx((0.1, 0.0, 0.9, 1.0))
+    assert C.eval_view_box(32, 32) == (0.0, 0.0, 1.0, 1.0)
+    a = C.sample_view_box(np.random.default_rng(C.view_seed("abc", 1)), 64, 48)
+    b = C.sample_view_box(np.random.default_rng(C.view_seed("abc", 1)), 64, 48)
+    c = C.sample_view_box(np.random.default_rng(C.view_seed("abc", 2)), 64, 48)
+    assert a == b != c and 0 <= a[0] < a[2] <= 1 and 0 <= a[1] < a[3] <= 1
+    img = Image.new("RGB", (40, 20))
+    img.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
+    out = C.apply_view(img, (0.0, 0.0, 0.5, 1.0), False, 8)
+    assert out.size == (8, 8) and out.getpixel((4, 4)) == (255, 0, 0)
+    flipped = C.apply_view(img, (0.25, 0.0, 0.75, 1.0), True, 8)
+    assert flipped.getpixel((7, 4))[0] > 200 and flipped.getpixel((0, 4))[0] < 50  # red ends up on the right

@@ -1,0 +1,440 @@
+"""Teacher extraction (method §1): the cache equals a direct teacher forward, unique inputs are computed
+once, an interrupted run resumes to the same store, stale stores and bad inputs are refused by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from pipeline import cache as C
+from pipeline import extract as X
+from pipeline.config import CacheParams
+from pipeline.data.schema import Instance
+from pipeline.data.shards import DatasetWriter, PreparedDataset, decode_image
+from pipeline.teacher import create_teacher
+from pipeline.texts import instance_texts, text_hash
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+
+def _png(seed: int, size: tuple[int, int] = (40, 32)) -> bytes:
+    rng = random.Random(seed)
+    img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(3):
+        x, y = rng.randrange(size[0] - 8), rng.randrange(size[1] - 8)
+        d.rectangle([x, y, x + 8, y + 8], fill=tuple(rng.randrange(256) for _ in range(3)))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _vqa(key, image_id, split, q, a):
+    return Instance(
+        key=key, task="vqa", image_id=image_id, split=split, question=q, answer=a, human_answers=[a] * 10
+    )
+
+
+def _snli(key, image_id, split, h, label=0):
+    return Instance(key=key, task="snli_ve", image_id=image_id, split=split, hypothesis=h, label=label)
+
+
+def _vcr(key, image_id, split, q):
+    return Instance(
+        key=key,
+        task="vcr",
+        image_id=image_id,
+        split=split,
+        question=q,
+        answers=["a red cube", "a blue ball", "nothing at all", "two shapes"],
+        rationales=["it is red", "it is round", "the table is empty", "I count two"],
+        label=0,
+        rationale_label=2,
+    )
+
+
+def make_dataset(
+    path: Path, split: str, n_images: int, seed: int = 0, extra: list | None = None
+) -> PreparedDataset:
+    """n_images images; per image 2 VQA questions, one SNLI hypothesis (shared wording across images) and one
+    VCR question, so images and texts repeat the way the real tasks do."""
+    with DatasetWriter(path, source="synthetic", split=split, shard_size=7, image_shard_size=5) as w:
+        for i in range(n_images):
+            iid = f"img-{seed}-{i}"
+            w.add_image(iid, _png(seed * 1000 + i), "png")
+            w.add_instance(_vqa(f"{split}-vqa-{i}-a", iid, split, f"what colour is shape {i % 3}?", "red"))
+            w.add_instance(
+                _vqa(f"{split}-vqa-{i}-b", iid, split, "how many shapes?", ["two", "three"][i % 2])
+            )
+            w.add_instance(_snli(f"{split}-snli-{i}", iid, split, "there is a square"))
+            w.add_instance(_vcr(f"{split}-vcr-{i}", iid, split, f"why is shape {i % 2} here?"))
+        for image_id, data, inst in extra or []:
+            if data is not None and not w.has_image(image_id):
+                w.add_image(image_id, data, "png")
+            w.add_instance(inst)
+    return PreparedDataset(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("world")
+    cfg = root / "tiny-test.json"
+    cfg.write_text(json.dumps(TINY_CFG))
+    torch.manual_seed(0)
+    t = create_teacher(str(cfg), "")
+    ckpt = root / "teacher.pt"
+    torch.save(t.model.state_dict(), ckpt)
+    torch.manual_seed(1)
+    other = root / "other.pt"
+    torch.save(create_teacher(str(cfg), "").model.state_dict(), other)
+    train = make_dataset(root / "train", "train", 9, seed=0)
+    # val holds one image byte-identical to a train image under its own id (an alias) and one under the
+    # same id (a plain repeat), plus a text that train already has.
+    val = make_dataset(
+        root / "val",
+        "val",
+        4,
+        seed=1,
+        extra=[
+            ("dup-of-train-0", _png(0), _snli("val-snli-dup", "dup-of-train-0", "val", "there is a square")),
+            ("img-0-1", _png(1), _snli("val-snli-same-id", "img-0-1", "val", "a brand new sentence")),
+        ],
+    )
+    spec = X.TeacherSpec(str(cfg), str(ckpt), "fp32", "cpu")
+    teacher = X.get_teacher(spec)
+    return {"root": root, "cfg": str(cfg), "ckpt": str(ckpt), "other": str(other), "train": train, "val": val,
+            "spec": spec, "teacher": teacher}  # fmt: skip
+
+
+def params(**kw) -> CacheParams:
+    base = dict(
+        image_rows_per_unit=4, text_rows_per_unit=16, batch_size=3, num_workers=0, target_chunk_bytes=2048
+    )
+    return dataclasses.replace(CacheParams(), **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def baseline(world) -> dict:
+    url = str(world["root"] / "base.zarr")
+    X.UNIT_RUNS.clear()
+    m = X.extract(
+        [world["train"], world["val"]], url, world["spec"], params(), scheduler="sync", progress=False
+    )
+    return {"url": url, "metrics": m, "runs": list(X.UNIT_RUNS)}
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+def _direct_images(teacher, datasets, ids):
+    by_id = {i: ds for ds in datasets for i in ds.image_ids()}
+    px = torch.stack([teacher.preprocess(decode_image(by_id[i].image_bytes(i))) for i in ids])
+    return teacher.encode_images(px)
+
+
+def _all_texts(datasets, vocab):
+    return [
+        t for ds in datasets for inst in ds.iter_instances() for t in instance_texts(inst, vocab, 4).all()
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_cache_equals_direct_teacher_forward(world, baseline):
+    tc = C.TeacherCache(baseline["url"])
+    teacher = world["teacher"]
+    assert (tc.embed_dim, tc.grid, tc.num_patches) == (32, 4, 16)
+    ids = list(tc.group["image/ids"][:])
+    got = tc.image_targets(ids)
+    want = _direct_images(teacher, [world["train"], world["val"]], ids)
+    assert got["tokens"].shape == (len(ids), 16, 32)
+    assert _cos(got["tokens"], want["tokens"]).min() >= 0.999
+    assert _cos(got["pooled"], want["pooled"]).min() >= 0.999
+    assert bool(got["valid"].all())
+
+    texts = _all_texts([world["train"], world["val"]], tc.attrs["data"]["vqa_vocab"])
+    uniq = list(dict.fromkeys(texts))
+    tt = tc.text_targets(uniq)
+    direct = teacher.encode_texts(teacher.tokenizer(uniq))
+    for i, L in enumerate(direct["lengths"].tolist()):
+        assert tt["tokens"][i].shape == (L, 32)  # SOT … EOT only: no padding to the context length
+        assert _cos(tt["tokens"][i], direct["tokens"][i, :L]).min() >= 0.999
+    assert _cos(tt["pooled"], direct["pooled"]).min() >= 0.999
+    assert torch.equal(tt["lengths"], direct["lengths"])
+
+
+def test_text_tokens_ragged_offsets_and_unit_shards(world, baseline):
+    tc = C.TeacherCache(baseline["url"])
+    g = tc.group
+    lengths, offsets = g["text/lengths"][:].astype(int), g["text/offsets"][:].astype(int)
+    m = baseline["metrics"]
+    s = tc.attrs["units"]["text_token_rows_per_unit"]
+    assert lengths.sum() == m["text_token_rows"] and lengths.max() < 16  # nothing padded to the context (16)
+    assert g["text/tokens"].shape[0] == offsets[-1] == tc.attrs["units"]["text"] * s
+    rt = tc.attrs["units"]["text_rows_per_unit"]
+    for i in range(len(lengths)):
+        if (i + 1) % rt and i + 1 < len(lengths):
+            assert offsets[i + 1] == offsets[i] + lengths[i]  # packed back to back inside a unit
+        else:
+            assert offsets[i] + lengths[i] <= offsets[i + 1]  # the unit's slack follows its last text
+    assert all(offsets[u * rt] == u * s for u in range(tc.attrs["units"]["text"]))  # units start on shards
+    assert g["text/tokens"].shards == (s, 32)
+    assert m["text_token_slack_rows"] == offsets[-1] - lengths.sum()
+
+
+def test_duplicates_computed_once(world, baseline):
+    m = baseline["metrics"]
+    # 9 + 4 images, + 1 byte-identical under another id (alias) + 1 repeat of an id with the same bytes.
+    assert (m["images_total"], m["unique_images"], m["image_duplicates_removed"], m["image_aliases"]) == (
+        15,
+        13,
+        2,
+        1,
+    )
+    vocab = C.TeacherCache(baseline["url"]).attrs["data"]["vqa_vocab"]
+    texts = _all_texts([world["train"], world["val"]], vocab)
+    assert m["texts_total"] == len(texts) and m["unique_texts"] == len(set(texts)) < len(texts)
+    assert m["text_duplicates_removed"] == len(texts) - len(set(texts))
+    assert m["instances"] == 9 * 4 + 4 * 4 + 2
+    tc = C.TeacherCache(baseline["url"])
+    # The aliased id reads the row of the image it duplicates; the image went through the teacher once.
+    a, b = tc.image_targets(["img-0-0", "dup-of-train-0"])["tokens"]
+    assert torch.equal(a, b) and tc.n_images == 13
+    assert sum(r["items"] for r in C.committed_units(baseline["url"]).values()) == 13 + len(set(texts))
+
+
+def test_reader_shuffled_batch_returns_right_rows(world, baseline):
+    tc = C.TeacherCache(baseline["url"])
+    ids = list(tc.group["image/ids"][:])
+    batch = [ids[i] for i in [7, 0, 12, 7, 3, 4, 11, 0]]  # unsorted, repeated, across shards
+    got = tc.image_targets(batch, relevance="last")
+    want = _direct_images(world["teacher"], [world["train"], world["val"]], batch)
+    assert _cos(got["tokens"], want["tokens"]).min() >= 0.999 and torch.equal(got["relevance"], got["tokens"])
+    assert _cos(got["pooled"], want["pooled"]).min() >= 0.999
+    texts = ["there is a square", "how many shapes?", "there is a square", "why is shape 1 here? a red cube"]
+    tt = tc.text_targets(texts)
+    assert torch.equal(tt["tokens"][0], tt["tokens"][2]) and not torch.equal(tt["pooled"][0], tt["pooled"][1])
+    direct = world["teacher"].encode_texts(world["teacher"].tokenizer(texts))
+    assert _cos(tt["pooled"], direct["pooled"]).min() >= 0.999
+    with pytest.raises(KeyError, match="not in the teacher cache"):
+        tc.text_targets(["never extracted"])
+
+
+def test_manifest_checksums_and_metrics(baseline):
+    m = baseline["metrics"]
+    committed = C.committed_units(baseline["url"])
+    assert sorted(committed) == sorted(baseline["runs"]) and m["units_computed"] == m["units_total"] == len(
+        committed
+    )
+    n_text_units = -(-m["unique_texts"] // 16)
+    assert set(committed) == {f"image-{u:06d}" for u in range(4)} | {
+        f"text-{u:06d}" for u in range(n_text_units)
+    }
+    rec = committed["image-000001"]
+    assert rec["rows"] == [4, 8] and rec["arrays"]["image/tokens"]["region"] == [4, 8] and rec["seconds"] >= 0
+    assert C.TeacherCache(baseline["url"]).verify() == []
+    assert m["bytes_on_disk"] > 0 and m["compression_ratio"] == pytest.approx(
+        m["uncompressed_bytes"] / m["bytes_on_disk"], rel=1e-2
+    )
+    assert m["reconstruction_cosine"]["min"] > 0.999  # float16
+
+
+def test_interrupted_run_resumes_to_identical_store(world, baseline, tmp_path, monkeypatch):
+    url = str(tmp_path / "resume.zarr")
+    datasets = [world["train"], world["val"]]
+    monkeypatch.setenv(X.FAIL_ENV, "image-000001")
+    X.UNIT_RUNS.clear()
+    with pytest.raises(X.InjectedFailure):
+        X.extract(datasets, url, world["spec"], params(), scheduler="sync", progress=False)
+    assert sorted(C.committed_units(url)) == ["image-000000"] and X.UNIT_RUNS == ["image-000000"]
+    with pytest.raises(C.CacheFormatError, match="incomplete"):
+        C.TeacherCache(url)
+    monkeypatch.delenv(X.FAIL_ENV)
+    X.UNIT_RUNS.clear()
+    m = X.extract(datasets, url, world["spec"], params(), scheduler="sync", progress=False)
+    assert "image-000000" not in X.UNIT_RUNS and "image-000001" in X.UNIT_RUNS
+    assert m["units_skipped"] == 1 and m["units_computed"] == m["units_total"] - 1
+    a, b = C.open_group(url), C.open_group(baseline["url"])
+    for group in ("image", "text"):
+        for name, arr in b[group].arrays():
+            assert np.array_equal(a[f"{group}/{name}"][:], arr[:]), f"{group}/{name}"
+    X.UNIT_RUNS.clear()  # a third run finds everything committed and computes nothing
+    assert (
+        X.extract(datasets, url, world["spec"], params(), scheduler="sync", progress=False)["units_computed"]
+        == 0
+    )
+    assert X.UNIT_RUNS == []
+
+
+def test_stale_store_refused_naming_fields(world, baseline):
+    other = X.TeacherSpec(world["cfg"], world["other"], "fp32", "cpu")
+    with pytest.raises(C.StaleCacheError, match="teacher.pretrained_checksum") as e:
+        X.extract(
+            [world["train"], world["val"]], baseline["url"], other, params(), scheduler="sync", progress=False
+        )
+    assert "data.hash" not in e.value.fields
+    with pytest.raises(C.StaleCacheError, match=r"data\.datasets\.val, data\.hash") as e:
+        X.extract(
+            [world["train"]], baseline["url"], world["spec"], params(), scheduler="sync", progress=False
+        )
+    assert not any(f.startswith("teacher.") for f in e.value.fields)
+    with pytest.raises(C.StaleCacheError, match="store.dtype"):
+        X.extract(
+            [world["train"], world["val"]],
+            baseline["url"],
+            world["spec"],
+            params(dtype="int8"),
+            "sync",
+            False,
+        )
+
+
+def test_int8_store_reconstruction(world, baseline, tmp_path):
+    url = f"file://{tmp_path}/int8.zarr"  # an fsspec URL, not a bare path
+    m = X.extract([world["train"], world["val"]], url, world["spec"], params(dtype="int8"), "sync", False)
+    print("int8 reconstruction cosine:", m["reconstruction_cosine"], "ratio", m["compression_ratio"])
+    assert m["reconstruction_cosine"]["mean"] >= 0.99 and m["reconstruction_cosine"]["min"] >= 0.99
+    q, f = C.TeacherCache(url), C.TeacherCache(baseline["url"])
+    assert q.group["image/tokens"].dtype == np.int8 and q.group["image/tokens_scale"].shape == (13, 16)
+    ids = list(f.group["image/ids"][:])
+    assert _cos(q.image_targets(ids)["tokens"], f.image_targets(ids)["tokens"]).min() >= 0.99
+    texts = ["there is a square", "how many shapes?"]
+    for a, b in zip(q.text_targets(texts)["tokens"], f.text_targets(texts)["tokens"], strict=True):
+        assert _cos(a, b).min() >= 0.99
+
+
+def test_corrupted_image_names_dataset_and_id(world, tmp_path):
+    bad = make_dataset(
+        tmp_path / "bad", "train", 2, seed=5,
+        extra=[("broken-7", b"\x89PNG\r\n\x1a\n not really a png", _snli("bad-snli", "broken-7", "train", "hmm"))],
+    )  # fmt: skip
+    with pytest.raises(X.ImageError, match=r"bad.*broken-7.*cannot decode"):
+        X.extract([bad], str(tmp_path / "s.zarr"), world["spec"], params(), scheduler="sync", progress=False)
+    m = X.extract(
+        [bad],
+        str(tmp_path / "s2.zarr"),
+        world["spec"],
+        params(on_error="skip"),
+        "sync",
+        False,
+        overwrite=True,
+    )
+    assert m["images_invalid"] == 1 and m["invalid_images"] == ["broken-7"]
+    t = C.TeacherCache(str(tmp_path / "s2.zarr")).image_targets(["broken-7", "img-5-0"])
+    assert t["valid"].tolist() == [False, True] and float(t["tokens"][0].abs().sum()) == 0.0
+
+
+def test_empty_text_names_dataset_and_instance(world, tmp_path):
+    ds = make_dataset(
+        tmp_path / "e",
+        "train",
+        1,
+        seed=6,
+        extra=[(None, None, _vqa("blank-q", "img-6-0", "train", "  ", "red"))],
+    )
+    with pytest.raises(X.TextError, match=r"e.*blank-q.*empty teacher text"):
+        X.extract([ds], str(tmp_path / "e.zarr"), world["spec"], params(), scheduler="sync", progress=False)
+
+
+def test_views(world, tmp_path):
+    url = str(tmp_path / "views.zarr")
+    X.extract([world["val"]], url, world["spec"], params(views=3, relevance_tokens=["value"]), "sync", False)
+    tc = C.TeacherCache(url)
+    ids = list(tc.group["image/ids"][:])
+    vp = tc.view_params(ids)
+    assert vp["boxes"].shape == (len(ids), 3, 4) and vp["flip"].shape == (len(ids), 3)
+    # The 40×32 images: view 0 is the eval centre crop (short side kept whole), never flipped.
+    assert torch.allclose(vp["boxes"][:, 0], torch.tensor([0.1, 0.0, 0.9, 1.0]).expand(len(ids), 4))
+    assert not vp["flip"][:, 0].any()
+    v0 = tc.image_targets(ids, relevance="value", views=[0] * len(ids))
+    base = tc.image_targets(ids, relevance="value")
+    assert torch.equal(v0["tokens"], base["tokens"]) and torch.equal(v0["relevance"], base["relevance"])
+    # Replaying a cached view (box + flip) through apply_view gives what the teacher saw.
+    teacher = world["teacher"]
+    v2 = tc.image_targets(ids, views=[2] * len(ids))
+    px = []
+    for i, image_id in enumerate(ids):
+        img = decode_image(world["val"].image_bytes(image_id))
+        view = C.apply_view(img, vp["boxes"][i, 2].tolist(), bool(vp["flip"][i, 2]), teacher.image_size)
+        px.append(teacher.preprocess(view))
+    want = teacher.encode_images(torch.stack(px))
+    assert _cos(v2["tokens"], want["tokens"]).min() >= 0.999
+    assert not torch.allclose(v2["tokens"], base["tokens"])
+
+
+def test_local_cluster_one_worker_process(world, baseline, tmp_path):
+    # The production path: a distributed LocalCluster with one (non-daemonic) worker process that loads the
+    # teacher itself and runs each image unit's DataLoader with a worker process from the fork server.
+    url = str(tmp_path / "dist.zarr")
+    m = X.extract(
+        [world["train"], world["val"]], url, world["spec"], params(num_workers=1, n_workers=1),
+        scheduler="local", progress=False, torch_threads=1,
+    )  # fmt: skip
+    assert m["units_computed"] == m["units_total"]
+    assert {r["pid"] for r in C.committed_units(url).values()} != {os.getpid()}  # ran in the worker process
+    a, b = C.open_group(url), C.open_group(baseline["url"])
+    for key in ("image/tokens", "image/pooled", "text/tokens", "text/pooled", "text/offsets"):
+        assert np.array_equal(a[key][:], b[key][:]), key
+
+
+def test_text_ids_are_text_hashes_in_first_seen_order(baseline):
+    tc = C.TeacherCache(baseline["url"])
+    assert tc.group["text/ids"][0] == text_hash("what colour is shape 0?")  # train's first instance's text
+
+
+def test_stage_cli(world, tmp_path):
+    from click.testing import CliRunner
+
+    from stages.extract_teacher import main
+
+    assert "--overwrite" in CliRunner().invoke(main, ["--help"]).output
+    out, metrics = tmp_path / "cli.zarr", tmp_path / "m" / "extract.json"
+    args = ["--shards", str(world["root"] / "train"), "--out", str(out), "--model", world["cfg"]]
+    args += [
+        "--pretrained",
+        world["ckpt"],
+        "--scheduler",
+        "sync",
+        "--dtype",
+        "int8",
+        "--metrics",
+        str(metrics),
+    ]
+    args += ["--params", str(tmp_path / "absent.yaml"), "--quiet", "--device", "cpu"]
+    args += [
+        "--set",
+        "cache.image_rows_per_unit=4",
+        "--set",
+        "cache.num_workers=0",
+        "--set",
+        "teacher.precision=fp32",
+    ]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    m = json.loads(metrics.read_text())
+    assert m["unique_images"] == 9 and m["dtype"] == "int8" and "9 images" in r.output
+    r = CliRunner().invoke(main, [*args, "--views", "2"])
+    assert r.exit_code == 1 and "store.views" in r.output  # stale layout refused, named
