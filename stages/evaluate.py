@@ -1,0 +1,77 @@
+"""Stage `evaluate`: score an exported student on the test split of its protocol condition, per domain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import torch
+
+from pipeline.config import ConfigError, StudentParams, load_params
+from pipeline.data.shards import PreparedDataset
+from pipeline.metrics import PRIMARY
+from pipeline.protocol import make_split
+from student.data import TaskSpec, load_tokenizer
+from student.evaluation import evaluate
+from student.model import TaskHeads, create_student
+
+
+def evaluate_run(run_dir: Path, params) -> dict:
+    exported = torch.load(run_dir / "student.pt", map_location="cpu", weights_only=False)
+    run = exported["run"]
+    sp = StudentParams(**exported["student_params"])
+    student = create_student(sp.arch, sp)
+    student.load_state_dict(exported["student"])
+    heads = TaskHeads(student.width, len(exported["vocab"]), tasks=(run["task"],))
+    heads.load_state_dict(exported["heads"])
+    root = Path(run["data_root"])
+    test_ds = PreparedDataset(root / "test")
+    pp = params.protocol
+    split = make_split(
+        run["task"], run["condition"], run["seed"], PreparedDataset(root / "train").iter_instances(),
+        test_ds.iter_instances(), None, shift_key=pp.shift_key, target=pp.shift_target_domain,
+    )  # fmt: skip
+    spec = TaskSpec(run["task"], load_tokenizer(exported["teacher_model"]), sp.image_size, sp.max_text_len,
+                    exported["vocab"], params.distill.vqa_candidates)  # fmt: skip
+    result = evaluate(student, heads, test_ds, split.test, spec)
+    train = json.loads((run_dir / "train.json").read_text()) if (run_dir / "train.json").exists() else {}
+    return {
+        "run": {k: run[k] for k in ("task", "condition", "method", "seed")},
+        "primary_metric": PRIMARY[run["task"]],
+        "primary": result["primary"],
+        "metrics": result["metrics"],
+        "train": {k: train.get(k) for k in ("steps", "train_seconds", "best_val", "student_parameters")},
+    }
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("run_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--params", "params_path", default="params.yaml", help="Parameter file (protocol settings).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a parameter.")
+def main(run_dirs, params_path, overrides) -> None:
+    """Score each RUN_DIR's exported student (student.pt) on its condition's test split.
+
+    VQA score over the 10 human answers, SNLI-VE accuracy, VCR Q→A, QA→R and Q→AR, overall and per domain;
+    written to RUN_DIR/eval.json. The test split is read here only, never during training or model selection.
+    """
+    try:
+        params = load_params(params_path if Path(params_path).exists() else None, overrides)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    if not run_dirs:
+        raise click.UsageError("give at least one run directory (holding student.pt)")
+    for run_dir in run_dirs:
+        if not (run_dir / "student.pt").exists():
+            raise click.ClickException(
+                f"{run_dir}: no student.pt (train it first with python -m stages.train_student)"
+            )
+        result = evaluate_run(run_dir, params)
+        (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        click.echo(
+            f"{run_dir}: {result['primary_metric']} = {result['primary']:.4f} (n={result['metrics']['n']})"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Stage `train_student`: one student run (task × condition × method × seed) from the shards and the teacher cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from pipeline.config import ConfigError, load_params
+from student.losses import METHODS
+from student.train import RunSpec, run_student
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option(
+    "--task", type=click.Choice(["vqa", "snli_ve", "vcr"]), required=True, help="Which task head to train."
+)
+@click.option(
+    "--condition",
+    default="full",
+    help="Protocol condition: full, shift (train on source domains, test on protocol.shift_target_domain) or "
+    "lowshot@F (a stratified, nested fraction F of the labelled training instances).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default=None,
+    help="Distillation method [default: distill.method].",
+)
+@click.option("--seed", type=int, default=0, help="Run seed: weights, data order and the low-shot subset.")
+@click.option(
+    "--data",
+    "data_root",
+    default=None,
+    help="Directory with the prepared train/val/test splits [default: data.out/data.source].",
+)
+@click.option(
+    "--cache", default=None, help="Teacher cache (Zarr store path or fsspec URL) [default: cache.store]."
+)
+@click.option(
+    "--out", default=None, help="Run directory [default: runs/<task>-<condition>-<method>-s<seed>]."
+)
+@click.option(
+    "--online-teacher",
+    is_flag=True,
+    help="Compute the teacher targets by running the teacher inside the loop instead of reading the cache "
+    "(to check that the cache equals online targets and to measure what the cache saves).",
+)
+@click.option(
+    "--no-resume", is_flag=True, help="Start from scratch even if the run directory holds a checkpoint."
+)
+@click.option("--params", "params_path", default="params.yaml", help="Parameter file holding the defaults.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a parameter, e.g. train.steps=200.",
+)
+def main(
+    task, condition, method, seed, data_root, cache, out, online_teacher, no_resume, params_path, overrides
+) -> None:
+    """Train one student with the CLIP-TD loss (or a baseline), select it on validation, score the test split.
+
+    Writes OUT/metrics.json (test metrics overall and per domain, validation score, seconds), OUT/student.pt (the
+    exported student: backbone + task head, no distillation heads) and OUT/checkpoint.pt (resume state).
+    Under torchrun each rank streams its own shards and gradients are averaged over ranks.
+    """
+    try:
+        params = load_params(params_path if Path(params_path).exists() else None, overrides)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    method = method or params.distill.method
+    run = RunSpec(
+        task=task,
+        condition=condition,
+        method=method,
+        seed=seed,
+        data_root=data_root or str(Path(params.data.out) / params.data.source),
+        cache=cache or params.cache.store,
+        out=out or f"runs/{task}-{condition}-{method}-s{seed}",
+    )
+    metrics = run_student(params, run, online_teacher=online_teacher, resume=not no_resume)
+    click.echo(
+        json.dumps(
+            {"run": run.name, "best_val": metrics["best_val"], "seconds": round(metrics["train_seconds"], 1)}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Teacher targets for a batch: read from the cache, or computed by a teacher inside the loop.
+
+Both sources return the same dictionaries, so ``teacher_batch`` (which builds the loss inputs and the §5
+confidence weights) is shared: the online mode exists to prove that the cache equals online targets and to
+measure what the cache saves, never as a different code path through the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from pipeline.cache import TeacherCache
+from pipeline.data.shards import PreparedDataset, decode_image
+from student.data import Batch
+from student.losses import MethodSettings, TeacherBatch, confidence_weights
+
+
+class TargetSource(Protocol):
+    logit_scale: float
+    grid: int
+
+    def images(self, image_ids: Sequence[str], relevance: str | None) -> dict[str, Tensor]: ...
+
+    def texts(self, texts: Sequence[str]) -> dict: ...
+
+
+class CachedTargets:
+    """Targets from the Zarr store: one batched, sorted read per array per batch."""
+
+    def __init__(self, cache: TeacherCache):
+        self.cache = cache
+        self.grid = cache.grid
+        self.logit_scale = float(cache.attrs["logit_scale"])
+
+    def images(self, image_ids: Sequence[str], relevance: str | None) -> dict[str, Tensor]:
+        return self.cache.image_targets(image_ids, relevance=relevance)
+
+    def texts(self, texts: Sequence[str]) -> dict:
+        return self.cache.text_targets(texts)
+
+
+class OnlineTargets:
+    """The same targets computed by running the teacher on the batch (what training without a cache costs).
+
+    Outputs are rounded through the cache's dtype (float16) so cached and online runs see the same numbers."""
+
+    def __init__(
+        self, teacher, datasets: Sequence[PreparedDataset], round_to: torch.dtype | None = torch.float16
+    ):
+        self.teacher = teacher
+        self.grid = teacher.grid
+        self.logit_scale = float(teacher.logit_scale)
+        self._owner = {i: ds for ds in datasets for i in ds.index}
+        self.round_to = round_to
+
+    def _round(self, x: Tensor) -> Tensor:
+        return x.to(self.round_to).float() if self.round_to is not None else x.float()
+
+    @torch.no_grad()
+    def images(self, image_ids: Sequence[str], relevance: str | None) -> dict[str, Tensor]:
+        pixels = torch.stack(
+            [self.teacher.preprocess(decode_image(self._owner[i].image_bytes(i))) for i in image_ids]
+        )
+        extra = (relevance,) if relevance not in (None, "last") else ()
+        out = self.teacher.encode_images(pixels, relevance=extra)
+        res = {"tokens": self._round(out["tokens"]).cpu(), "pooled": self._round(out["pooled"]).cpu()}
+        if relevance is not None:
+            res["relevance"] = res["tokens"] if relevance == "last" else self._round(out[relevance]).cpu()
+        res["valid"] = torch.ones(len(image_ids), dtype=torch.bool)
+        return res
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str]) -> dict:
+        out = self.teacher.encode_texts(self.teacher.tokenizer(list(texts)))
+        lengths = out["lengths"].cpu()
+        tokens = self._round(out["tokens"]).cpu()
+        return {
+            "tokens": [tokens[i, : int(lengths[i])] for i in range(len(texts))],
+            "pooled": self._round(out["pooled"]).cpu(),
+            "lengths": lengths,
+        }
+
+
+def pad_tokens(per_text: Sequence[Tensor]) -> Tensor:
+    width = max(int(t.shape[0]) for t in per_text)
+    out = per_text[0].new_zeros(len(per_text), width, per_text[0].shape[-1])
+    for i, t in enumerate(per_text):
+        out[i, : t.shape[0]] = t
+    return out
+
+
+def teacher_batch(
+    batch: Batch, source: TargetSource, cfg: MethodSettings, task: str
+) -> tuple[TeacherBatch, Tensor]:
+    """Loss inputs for the batch's labelled instances and their detached §5 confidence weights [B]."""
+    relevance = cfg.relevance_source if cfg.kd == "tokens" and cfg.relevance_source != "last" else None
+    img = source.images(batch.image_ids, relevance)
+    distill_texts = [t.distill for t in batch.teacher_texts]
+    # One read for the distill texts and every candidate text of the batch.
+    cand_texts = [c for t in batch.teacher_texts for c in t.candidates + t.rationale_candidates]
+    txt = source.texts(distill_texts + cand_texts)
+    b = len(distill_texts)
+    tb: TeacherBatch = {
+        "img_tokens": img["tokens"],
+        "img_pooled": img["pooled"],
+        "txt_tokens": pad_tokens(txt["tokens"][:b]),
+        "txt_lengths": txt["lengths"][:b],
+        "txt_pooled": txt["pooled"][:b],
+    }
+    if "relevance" in img:
+        tb["rel_img_tokens"] = img["relevance"]
+    weights = torch.ones(b)
+    if cfg.weight:
+        tau = source.logit_scale
+        cand_pooled = txt["pooled"][b:]
+        if task == "snli_ve":
+            labels = torch.tensor([i.label for i in batch.instances])
+            weights = confidence_weights(
+                img["pooled"], tau, snli_labels=labels, e_txt=tb["txt_pooled"], clip=cfg.weight_clip
+            )
+        else:
+            k = len(batch.teacher_texts[0].candidates)
+            cand = (
+                cand_pooled[: b * k].view(b, k, -1)
+                if task == "vqa"
+                else cand_pooled.view(b, 2 * k, -1)[:, :k]
+            )
+            gold = torch.tensor([t.gold for t in batch.teacher_texts])
+            weights = confidence_weights(img["pooled"], tau, cand=cand, gold=gold, clip=cfg.weight_clip)
+            if task == "vcr":
+                # QA→R agreement too: the instance's weight is the mean of its Q→A and QA→R weights.
+                rat = cand_pooled.view(b, 2 * k, -1)[:, k:]
+                rgold = torch.tensor([t.rationale_gold for t in batch.teacher_texts])
+                weights = 0.5 * (
+                    weights
+                    + confidence_weights(img["pooled"], tau, cand=rat, gold=rgold, clip=cfg.weight_clip)
+                )
+    return tb, weights
+
+
+def unlabeled_teacher_batch(
+    image_ids: Sequence[str], source: TargetSource, cfg: MethodSettings
+) -> TeacherBatch:
+    """Image-only targets for the KD-only term (no text: txt_lengths 0, weights 1 per §5)."""
+    relevance = cfg.relevance_source if cfg.relevance_source != "last" else None
+    img = source.images(image_ids, relevance)
+    b, e = img["pooled"].shape
+    tb: TeacherBatch = {
+        "img_tokens": img["tokens"],
+        "img_pooled": img["pooled"],
+        "txt_tokens": torch.zeros(b, 1, e),
+        "txt_lengths": torch.zeros(b, dtype=torch.long),
+        "txt_pooled": torch.zeros(b, e),
+    }
+    if "relevance" in img:
+        tb["rel_img_tokens"] = img["relevance"]
+    return tb

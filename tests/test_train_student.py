@@ -1,0 +1,153 @@
+"""Student training from the teacher cache: cached == online targets, bit-exact resume, fingerprint refusal,
+every method runs, export drops the distillation heads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.config import CacheParams, Params, SyntheticParams, load_params
+from pipeline.data import synthetic
+from pipeline.data.shards import DatasetWriter, PreparedDataset
+from pipeline.extract import extract
+from student.losses import METHODS
+from student.model import count_parameters, create_student
+from student.train import FingerprintMismatch, RunSpec, Trainer, run_student
+
+TINY_TEACHER = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def _prepare(root, seed=0, scenes=(60, 12, 18)):
+    sp = SyntheticParams(
+        seed=seed, image_size=32, scenes=dict(zip(("train", "val", "test"), scenes, strict=True))
+    )
+    for split in ("train", "val", "test"):
+        with DatasetWriter(
+            root / split, source="synthetic", split=split, shard_size=40, image_shard_size=40
+        ) as w:
+            synthetic.generate(split, sp, w)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    _prepare(root / "shards")
+    cfg = root / "tiny-teacher.json"
+    cfg.write_text(json.dumps(TINY_TEACHER))
+    # A saved random-init teacher: the fingerprint then holds its checkpoint checksum, as with a real one.
+    from pipeline.teacher import create_teacher
+
+    torch.manual_seed(0)
+    teacher = create_teacher(str(cfg), "")
+    torch.save({"state_dict": teacher.model.state_dict()}, root / "teacher.pt")
+    store = str(root / "cache.zarr")
+    datasets = [PreparedDataset(root / "shards" / s) for s in ("train", "val", "test")]
+    extract(datasets, store, (str(cfg), str(root / "teacher.pt"), "fp32"),
+            CacheParams(image_rows_per_unit=64, text_rows_per_unit=512, batch_size=32, num_workers=0),
+            scheduler="sync", progress=False)  # fmt: skip
+    return root, cfg, store
+
+
+def _params(world, **over) -> Params:
+    root, cfg, _ = world
+    sets = [
+        f"teacher.model={cfg}", f"teacher.pretrained={root / 'teacher.pt'}", "teacher.precision=fp32",
+        "student.width=32", "student.layers=1", "student.heads=2", "student.image_size=32", "student.patch_size=8",
+        "student.max_text_len=24", "student.dropout=0.0", "train.batch_size=8", "train.steps=6", "train.warmup=2",
+        "train.eval_every=3", "train.checkpoint_every=3",
+    ]  # fmt: skip
+    sets += [f"{k}={v}" for k, v in over.items()]
+    return load_params(None, sets)
+
+
+def _run(world, tmp_path, task="snli_ve", method="clip_td", condition="lowshot@0.5", seed=0, name="run"):
+    root, _, store = world
+    return RunSpec(task, condition, method, seed, str(root / "shards"), store, str(tmp_path / name))
+
+
+@pytest.mark.parametrize("task", ["snli_ve", "vqa", "vcr"])
+def test_cached_targets_equal_online_targets(world, tmp_path, task):
+    # Same seed, same batches: the losses of the first steps agree whether the teacher targets come from the
+    # cache or from the teacher run inside the loop (both in float16, so only summation order differs).
+    params = _params(world)
+    logs = {}
+    for online in (False, True):
+        tr = Trainer(
+            params,
+            _run(world, tmp_path, task=task, name=f"{task}-{online}"),
+            online_teacher=online,
+            progress=False,
+        )
+        stream = tr.batches()
+        logs[online] = [tr.train_step(next(stream), None) for _ in range(3)]
+    for cached, online in zip(logs[False], logs[True], strict=True):
+        assert cached["loss"] == pytest.approx(online["loss"], rel=1e-4, abs=1e-5)
+        assert cached["kd"] == pytest.approx(online["kd"], rel=1e-4, abs=1e-5)
+
+
+def test_resume_is_bit_exact(world, tmp_path):
+    params = _params(world)
+    straight = Trainer(params, _run(world, tmp_path, name="straight"), progress=False)
+    straight.fit(resume=False)
+    first = Trainer(params, _run(world, tmp_path, name="resumed"), progress=False)
+    first.fit(resume=False, max_steps=3)  # stops after the step-3 checkpoint, as a killed run would
+    second = Trainer(params, _run(world, tmp_path, name="resumed"), progress=False)
+    out = second.fit(resume=True)
+    assert out["resumed_from"] == 3 and second.step == 6
+    for a, b in zip(
+        straight.student.state_dict().values(), second.student.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_transductive_needs_the_shift_condition(world, tmp_path):
+    with pytest.raises(ValueError, match="--condition shift"):
+        Trainer(
+            _params(world),
+            _run(world, tmp_path, method="clip_td_transductive", condition="full"),
+            progress=False,
+        )
+
+
+def test_cache_from_other_data_is_refused(world, tmp_path):
+    root, _, _ = world
+    other = tmp_path / "other"
+    _prepare(other, seed=1)
+    run = RunSpec("snli_ve", "full", "clip_td", 0, str(other), world[2], str(tmp_path / "r"))
+    with pytest.raises(FingerprintMismatch, match=r"data\.datasets\.train"):
+        Trainer(_params(world), run, progress=False)
+
+
+def test_cache_from_other_teacher_is_refused(world, tmp_path):
+    root, _, _ = world
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(FingerprintMismatch, match=r"teacher\.pretrained_checksum"):
+        Trainer(
+            _params(world, **{"teacher.pretrained": tmp_path / "other.pt"}),
+            _run(world, tmp_path),
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_and_exports_a_baseline_sized_student(world, tmp_path, method):
+    params = _params(world, **{"train.steps": 2, "train.eval_every": 2})
+    task = "vcr" if method == "clip_td" else "snli_ve"
+    condition = "shift" if method == "clip_td_transductive" else "lowshot@0.5"
+    metrics = run_student(
+        params, _run(world, tmp_path, task=task, method=method, condition=condition), progress=False
+    )
+    assert metrics["steps"] == 2 and metrics["final"]["loss"] == metrics["final"]["loss"]  # finite, not NaN
+    exported = torch.load(tmp_path / "run" / "student.pt", weights_only=False)
+    student = create_student(params.student.arch, params.student)
+    student.load_state_dict(exported["student"])  # strict: no distillation heads or extra weights inside
+    assert count_parameters(student) == count_parameters(create_student("vilt", params.student))
+    assert set(exported) >= {"student", "heads", "vocab", "run"} and "dheads" not in exported
+    if method == "baseline":
+        assert metrics["final"]["task"] == pytest.approx(metrics["final"]["loss"])
