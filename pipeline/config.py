@@ -164,7 +164,7 @@ class DistillParams:
 @dataclass
 class ProtocolParams:
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    conditions: list[str] = field(default_factory=lambda: ["lowshot@0.05", "lowshot@0.25", "shift", "full"])
+    conditions: list[str] = field(default_factory=lambda: ["lowshot-0.05", "lowshot-0.25", "shift", "full"])
     methods: list[str] = field(default_factory=lambda: ["baseline", "naive_kd", "clip_td"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     shift_target_domain: str = "outline"
@@ -175,19 +175,13 @@ class ProtocolParams:
         for t in self.tasks:
             if t not in TASKS:
                 raise ConfigError(f"key 'protocol.tasks': unknown task {t!r} (allowed: {', '.join(TASKS)})")
+        from .protocol import Condition  # the one parser of condition names
+
         for c in self.conditions:
-            if c in ("full", "shift"):
-                continue
-            if not c.startswith("lowshot@"):
-                raise ConfigError(
-                    f"key 'protocol.conditions': {c!r} is not full, shift or lowshot@<fraction>"
-                )
             try:
-                f = float(c.split("@", 1)[1])
-            except ValueError:
-                raise ConfigError(f"key 'protocol.conditions': {c!r}: fraction is not a number") from None
-            if not 0.0 < f < 1.0:
-                raise ConfigError(f"key 'protocol.conditions': {c!r}: fraction must be in (0, 1)")
+                Condition.parse(c)
+            except ValueError as e:
+                raise ConfigError(f"key 'protocol.conditions': {e}") from None
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Conditions:
   full         every labelled training instance of the task;
-  lowshot@f    a fraction f of them, stratified by label, nested across fractions (the 5% subset is inside the
+  lowshot-f    a fraction f of them, stratified by label, nested across fractions (the 5% subset is inside the
                25% subset for the same seed) and fixed per seed;
   shift        training instances whose grouping key (default ``domain``) is not the target; tested on the
                target group only.
@@ -31,9 +31,17 @@ class Condition:
     def parse(cls, name: str) -> Condition:
         if name in ("full", "shift"):
             return cls(name, name)
-        if name.startswith("lowshot@"):
-            return cls(name, "lowshot", float(name.split("@", 1)[1]))
-        raise ValueError(f"unknown condition {name!r} (full, shift or lowshot@<fraction>)")
+        # lowshot-F is canonical (DVC stage names cannot hold '@'); the method file's lowshot@F is accepted too.
+        for prefix in ("lowshot-", "lowshot@"):
+            if name.startswith(prefix):
+                try:
+                    fraction = float(name[len(prefix) :])
+                except ValueError:
+                    break
+                if 0.0 < fraction < 1.0:
+                    return cls(name, "lowshot", fraction)
+                break
+        raise ValueError(f"unknown condition {name!r} (full, shift or lowshot-<fraction in (0, 1)>)")
 
 
 def stratum(inst: Instance) -> str:

@@ -20,7 +20,7 @@ from student.train import RunSpec, run_student
     "--condition",
     default="full",
     help="Protocol condition: full, shift (train on source domains, test on protocol.shift_target_domain) or "
-    "lowshot@F (a stratified, nested fraction F of the labelled training instances).",
+    "lowshot-F (a stratified, nested fraction F of the labelled training instances).",
 )
 @click.option(
     "--method",
@@ -47,6 +47,7 @@ from student.train import RunSpec, run_student
     help="Compute the teacher targets by running the teacher inside the loop instead of reading the cache "
     "(to check that the cache equals online targets and to measure what the cache saves).",
 )
+@click.option("--quiet", is_flag=True, help="No progress bar (for pipelines that log to files).")
 @click.option(
     "--no-resume", is_flag=True, help="Start from scratch even if the run directory holds a checkpoint."
 )
@@ -59,7 +60,18 @@ from student.train import RunSpec, run_student
     help="Override a parameter, e.g. train.steps=200.",
 )
 def main(
-    task, condition, method, seed, data_root, cache, out, online_teacher, no_resume, params_path, overrides
+    task,
+    condition,
+    method,
+    seed,
+    data_root,
+    cache,
+    out,
+    online_teacher,
+    quiet,
+    no_resume,
+    params_path,
+    overrides,
 ) -> None:
     """Train one student with the CLIP-TD loss (or a baseline), select it on validation, score the test split.
 
@@ -81,7 +93,9 @@ def main(
         cache=cache or params.cache.store,
         out=out or f"runs/{task}-{condition}-{method}-s{seed}",
     )
-    metrics = run_student(params, run, online_teacher=online_teacher, resume=not no_resume)
+    metrics = run_student(
+        params, run, online_teacher=online_teacher, resume=not no_resume, progress=not quiet
+    )
     click.echo(
         json.dumps(
             {"run": run.name, "best_val": metrics["best_val"], "seconds": round(metrics["train_seconds"], 1)}

@@ -47,14 +47,14 @@ def runs(tmp_path: Path) -> Path:
     r = tmp_path / "runs"
     for seed, (b, t) in enumerate(zip(BASE, TD, strict=True)):
         # VCR carries secondaries: q2a = primary + 0.1 for both methods, so the q2a paired diff equals the primary's.
-        write_eval(r, "vcr", "lowshot@0.05", "baseline", seed, b, q2a=b + 0.1, qa2r=0.5)
-        write_eval(r, "vcr", "lowshot@0.05", "clip_td", seed, t, q2a=t + 0.1, qa2r=0.5)
+        write_eval(r, "vcr", "lowshot-0.05", "baseline", seed, b, q2a=b + 0.1, qa2r=0.5)
+        write_eval(r, "vcr", "lowshot-0.05", "clip_td", seed, t, q2a=t + 0.1, qa2r=0.5)
         write_eval(r, "vcr", "full", "baseline", seed, b + 0.2)
         write_eval(r, "vcr", "full", "clip_td", seed, t + 0.2)
         write_eval(r, "vcr", "shift", "baseline", seed, b - 0.1)
         # naive_kd: noisy around the baseline → paired |mean| < std.
-        write_eval(r, "vcr", "lowshot@0.05", "naive_kd", seed, b + [0.03, -0.04, 0.02][seed])
-    write_eval(r, "snli_ve", "lowshot@0.25", "clip_td", 0, 0.7)  # a single seed, no baseline
+        write_eval(r, "vcr", "lowshot-0.05", "naive_kd", seed, b + [0.03, -0.04, 0.02][seed])
+    write_eval(r, "snli_ve", "lowshot-0.25", "clip_td", 0, 0.7)  # a single seed, no baseline
     return r
 
 
@@ -65,10 +65,10 @@ def cell(summary: list[dict], task: str, condition: str, method: str) -> dict:
 
 def test_statistics_match_hand_computation(runs: Path) -> None:
     summary = summarise(collect(runs))
-    b = cell(summary, "vcr", "lowshot@0.05", "baseline")
+    b = cell(summary, "vcr", "lowshot-0.05", "baseline")
     assert b["n"] == 3 and b["mean"] == pytest.approx(0.42) and b["std"] == pytest.approx(0.02)
     assert b["verdict"] == "baseline" and b["paired"] is None and b["gain_pct"] is None
-    t = cell(summary, "vcr", "lowshot@0.05", "clip_td")
+    t = cell(summary, "vcr", "lowshot-0.05", "clip_td")
     assert t["mean"] == pytest.approx(0.48) and t["std"] == pytest.approx(0.026457513, abs=1e-8)
     assert t["gain_pct"] == pytest.approx((0.48 - 0.42) / 0.42 * 100) == pytest.approx(14.2857, abs=1e-4)
     assert t["paired"]["n"] == 3
@@ -80,17 +80,17 @@ def test_statistics_match_hand_computation(runs: Path) -> None:
     assert q2a["mean"] == pytest.approx(0.58) and q2a["paired"]["mean"] == pytest.approx(0.06)
     assert q2a["gain_pct"] == pytest.approx(0.06 / 0.52 * 100)
     assert t["secondary"]["qa2r"]["verdict"] == "not_distinguishable"  # identical values: Δ = 0
-    assert cell(summary, "vcr", "lowshot@0.05", "naive_kd")["verdict"] == "not_distinguishable"
+    assert cell(summary, "vcr", "lowshot-0.05", "naive_kd")["verdict"] == "not_distinguishable"
     assert cell(summary, "vcr", "shift", "baseline")["per_domain"]["outline"]["mean"] == pytest.approx(0.32)
-    one = cell(summary, "snli_ve", "lowshot@0.25", "clip_td")
+    one = cell(summary, "snli_ve", "lowshot-0.25", "clip_td")
     assert one["n"] == 1 and one["std"] is None and one["verdict"] == "no_baseline"
     # Order: tasks as in the protocol, low-shot before shift before full, baseline first.
     order = [(r["task"], r["condition"], r["method"]) for r in summary]
     assert order[:4] == [
-        ("snli_ve", "lowshot@0.25", "clip_td"),
-        ("vcr", "lowshot@0.05", "baseline"),
-        ("vcr", "lowshot@0.05", "naive_kd"),
-        ("vcr", "lowshot@0.05", "clip_td"),
+        ("snli_ve", "lowshot-0.25", "clip_td"),
+        ("vcr", "lowshot-0.05", "baseline"),
+        ("vcr", "lowshot-0.05", "naive_kd"),
+        ("vcr", "lowshot-0.05", "clip_td"),
     ]
     assert order[4:] == [
         ("vcr", "shift", "baseline"),
@@ -110,7 +110,7 @@ def test_markdown_holds_the_computed_values(runs: Path) -> None:
     assert "pairs)*" in naive_line  # flagged not distinguishable
     assert "| all.random_top1 | 0.8125 |" in md and "`loss_curve`" in md
     assert "## Teacher cache (extract)" in md and "Not available" in md
-    assert "seeds 0, 1, 2" in md and "snli_ve / lowshot@0.25 / clip_td (1)" in md
+    assert "seeds 0, 1, 2" in md and "snli_ve / lowshot-0.25 / clip_td (1)" in md
 
 
 def test_plots_written(runs: Path, tmp_path: Path) -> None:
@@ -155,9 +155,9 @@ def test_stage_writes_every_output(runs: Path, tmp_path: Path) -> None:
     for name in ("results.md", "lowshot.png", "shift.png", "plots.json", "summary.json"):
         assert (out / name).stat().st_size > 0
     summary = json.loads((out / "summary.json").read_text())
-    td = summary["vcr"]["lowshot@0.05"]["clip_td"]
+    td = summary["vcr"]["lowshot-0.05"]["clip_td"]
     assert td["n"] == 3 and td["mean"] == pytest.approx(0.48) and td["diff_mean"] == pytest.approx(0.06)
-    assert summary["snli_ve"]["lowshot@0.25"]["clip_td"]["std"] is None
+    assert summary["snli_ve"]["lowshot-0.25"]["clip_td"]["std"] is None
     records = json.loads((out / "plots.json").read_text())
     assert {"task": "vcr", "method": "clip_td", "fraction": 1.0}.items() <= next(
         r for r in records if r["condition"] == "full" and r["method"] == "clip_td"

@@ -66,7 +66,7 @@ def _params(world, **over) -> Params:
     return load_params(None, sets)
 
 
-def _run(world, tmp_path, task="snli_ve", method="clip_td", condition="lowshot@0.5", seed=0, name="run"):
+def _run(world, tmp_path, task="snli_ve", method="clip_td", condition="lowshot-0.5", seed=0, name="run"):
     root, _, store = world
     return RunSpec(task, condition, method, seed, str(root / "shards"), store, str(tmp_path / name))
 
@@ -139,7 +139,7 @@ def test_cache_from_other_teacher_is_refused(world, tmp_path):
 def test_every_method_trains_and_exports_a_baseline_sized_student(world, tmp_path, method):
     params = _params(world, **{"train.steps": 2, "train.eval_every": 2})
     task = "vcr" if method == "clip_td" else "snli_ve"
-    condition = "shift" if method == "clip_td_transductive" else "lowshot@0.5"
+    condition = "shift" if method == "clip_td_transductive" else "lowshot-0.5"
     metrics = run_student(
         params, _run(world, tmp_path, task=task, method=method, condition=condition), progress=False
     )
