@@ -1,0 +1,50 @@
+"""The prepare stage as a user runs it: --help, the synthetic world, official files with both error policies."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from pipeline.data.shards import PreparedDataset
+from stages.prepare_data import main
+from tests import fixtures_official as fx
+
+
+def test_help_explains_every_option():
+    out = CliRunner().invoke(main, ["--help"]).output
+    for option in ("--source", "--root", "--split", "--out", "--on-error", "--params", "--set"):
+        assert option in out
+    assert "skipped.json" in out and "snli_ve_<split>.jsonl" in out
+
+
+def test_synthetic_splits_via_cli(tmp_path):
+    args = ["--source", "synthetic", "--split", "train", "--split", "val", "--out", str(tmp_path), "--params", str(tmp_path / "none.yaml"),
+            "--set", "data.synthetic.scenes={train: 12, val: 6, test: 6}"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    train = PreparedDataset(tmp_path / "train")
+    assert train.info["tasks"] == {"vqa": 12, "snli_ve": 12, "vcr": 12} and train.info["images"] == 12
+    assert PreparedDataset(tmp_path / "val").info["images"] == 6
+
+
+def test_official_bad_input_fails_naming_place_or_is_listed_under_skip(tmp_path):
+    built = fx.build_snli_ve(tmp_path / "snli", knobs=("unknown_label",))
+    file, where = built.bad["unknown_label"]
+    base = [
+        "--source",
+        "snli_ve",
+        "--root",
+        str(built.root),
+        "--split",
+        built.split,
+        "--params",
+        str(tmp_path / "none.yaml"),
+    ]
+    res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "fail")])
+    assert res.exit_code != 0 and file in res.output and where in res.output
+    res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "skip"), "--on-error", "skip"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "skip" / built.split / "skipped.json").read_text())
+    assert report["count"] == 1 and where in report["skipped"][0]["where"]
+    assert "1 skipped" in res.output
