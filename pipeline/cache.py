@@ -70,6 +70,8 @@ from zarr.codecs import BloscCodec
 FORMAT = "clip-td-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest"
+# The single-writer lock (pipeline.lock) lives inside the store; removing or recreating a store keeps it.
+LOCK_FILE = ".lock"
 SCALE_SUFFIX = "_scale"
 # Every relevance source the teacher can return besides the last-layer tokens (method §3).
 RELEVANCE_SOURCES = ("value", "intermediate")
@@ -128,10 +130,19 @@ def store_exists(url: str) -> bool:
     return fs.exists(f"{path}/zarr.json")
 
 
-def remove_store(url: str) -> None:
+def remove_store(url: str, keep: Sequence[str] = (LOCK_FILE,)) -> None:
+    """Delete a store. Top-level entries named in ``keep`` survive: by default the writer's lock file
+    (``pipeline.lock``), so that rebuilding a store under its lock never opens a window for a second writer."""
     fs, path = _fs(url)
-    if fs.exists(path):
+    if not fs.exists(path):
+        return
+    entries = fs.ls(path, detail=False)
+    if not any(p.rstrip("/").rsplit("/", 1)[-1] in keep for p in entries):
         fs.rm(path, recursive=True)
+        return
+    for p in entries:
+        if p.rstrip("/").rsplit("/", 1)[-1] not in keep:
+            fs.rm(p, recursive=True)
 
 
 def bytes_on_disk(url: str) -> int:
@@ -372,7 +383,10 @@ def create_store(
 ) -> zarr.Group:
     """Create every group and array, and write what the coordinator knows up front (ids, lengths, offsets,
     attrs). Units fill the rest. Metadata is only ever written here, by one process."""
-    g = open_group(url, mode="w")
+    # Clear leftovers (an interrupted earlier creation or removal) but keep the writer's lock; zarr's own
+    # mode="w" would delete the lock file along with everything else.
+    remove_store(url)
+    g = open_group(url, mode="a")
     n, m, p, e, k = layout.n_images, layout.n_texts, layout.num_patches, layout.embed_dim, layout.views
     r, rt = max(1, layout.image_rows_per_unit), max(1, layout.text_rows_per_unit)
     tdt, isz = layout.token_dtype(), layout.token_itemsize
@@ -472,6 +486,22 @@ def sample_view_box(
 def view_seed(image_sha1: str, view: int) -> int:
     """A view's RNG seed from the image content, so reruns and other datasets holding the image agree."""
     return int(hashlib.sha1(f"{image_sha1}:{view}".encode()).hexdigest()[:12], 16)
+
+
+def view_params_for(image_sha1: str, width: int, height: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes [K, 4] (float32, normalised) and flips [K] (bool) of an image's K views by extraction's rule: view
+    0 = the eval crop, view v ≥ 1 drawn from ``view_seed(image_sha1, v)``. What a store with ``--views K``
+    holds in ``views/boxes`` and ``views/flip``; lets a run without a store (online teacher, no teacher) show
+    its images in the same views."""
+    boxes = np.zeros((k, 4), np.float32)
+    flips = np.zeros(k, bool)
+    if k > 0:
+        boxes[0] = eval_view_box(width, height)
+    for v in range(1, k):
+        rng = np.random.default_rng(view_seed(image_sha1, v))
+        boxes[v] = sample_view_box(rng, width, height)
+        flips[v] = rng.random() < 0.5
+    return boxes, flips
 
 
 def apply_view(img: Any, box: Sequence[float], flip: bool, size: int) -> Any:

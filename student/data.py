@@ -5,22 +5,39 @@ Teacher targets are read afterwards, in the main process, with one batched sorte
 event loop and forked workers can deadlock, so no worker ever touches the store. The same ``Batch`` can be
 given targets from the cache (``CachedTargets``) or from a teacher run inside the loop (``OnlineTargets``);
 both return identical dictionaries so the loss cannot tell them apart.
+
+Views (method §2). When the store holds K augmented views per image, each training sample is shown in one of
+them: the index is drawn in the worker (a hash of the stream seed, the sample's position and its key, so a
+replayed stream draws the same views), the student's pixels are that view's crop + flip made by
+``pipeline.cache.apply_view`` exactly as the teacher's were, and the index travels in ``Batch.views`` so the
+targets are read for the same view.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
+from pipeline.cache import TeacherCache, apply_view, view_params_for
 from pipeline.data.schema import Instance
-from pipeline.data.shards import PreparedDataset, decode_image, instance_pipeline
+from pipeline.data.shards import (
+    PreparedDataset,
+    _read_tar_samples,
+    decode_image,
+    instance_pipeline,
+    node_info,
+    node_shards,
+)
 from pipeline.texts import InstanceTexts, instance_texts
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -50,17 +67,11 @@ def image_tensor(
 ) -> torch.Tensor:
     """Encoded bytes → normalised [3,size,size]. ``view`` = (x0, y0, x1, y1, flip) replays a cached teacher view."""
     img = decode_image(data)
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
     if view is not None:
-        x0, y0, x1, y1, flip = view
-        h, w = x.shape[1:]
-        x = x[
-            :,
-            int(round(y0 * h)) : max(int(round(y1 * h)), int(round(y0 * h)) + 1),
-            int(round(x0 * w)) : max(int(round(x1 * w)), int(round(x0 * w)) + 1),
-        ]
-        if flip:
-            x = x.flip(-1)
+        # The teacher's own crop + bicubic resize + flip (PIL), so the student sees the very pixels the teacher
+        # saw (at the student's resolution); only the normalisation below is the student's.
+        img = apply_view(img, view[:4], bool(view[4]), size)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
     if x.shape[1:] != (size, size):
         x = F.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True)[
             0
@@ -91,10 +102,56 @@ class TaskSpec:
         return instance_texts(inst, self.vocab, self.vqa_candidates)
 
 
-def encode_sample(sample: dict, spec: TaskSpec) -> dict:
-    """One instance (+ image bytes) → student inputs and labels; runs in DataLoader workers."""
+@dataclass
+class ViewTable:
+    """Crop box and flip of each of the K views of every training image. Read once from the store (or made by
+    extraction's rule when there is no store) and shipped to the DataLoader workers, which never touch zarr."""
+
+    k: int
+    rows: dict[str, int]  # image id -> row of boxes / flips
+    boxes: np.ndarray  # [N, K, 4] float32, normalised (x0, y0, x1, y1)
+    flips: np.ndarray  # [N, K] bool
+
+    @classmethod
+    def from_cache(cls, cache: TeacherCache, image_ids: Sequence[str]) -> ViewTable:
+        vp = cache.view_params(image_ids)
+        return cls(
+            cache.views, {i: r for r, i in enumerate(image_ids)}, vp["boxes"].numpy(), vp["flip"].numpy()
+        )
+
+    @classmethod
+    def from_rule(cls, ds: PreparedDataset, k: int) -> ViewTable:
+        """The views a store extracted with ``--views k`` would hold (``view_params_for``); reads only each
+        image's header for its size."""
+        from PIL import Image
+
+        ids = ds.image_ids()
+        boxes, flips = np.zeros((len(ids), k, 4), np.float32), np.zeros((len(ids), k), bool)
+        for r, i in enumerate(ids):
+            with Image.open(io.BytesIO(ds.image_bytes(i))) as img:
+                boxes[r], flips[r] = view_params_for(ds.image_sha1(i), *img.size, k)
+        return cls(k, {i: r for r, i in enumerate(ids)}, boxes, flips)
+
+    def view(self, image_id: str, v: int) -> tuple[float, float, float, float, bool]:
+        r = self.rows[image_id]
+        return (*(float(c) for c in self.boxes[r, v]), bool(self.flips[r, v]))
+
+
+def choose_view(seed: int, position: int, key: str, k: int) -> int:
+    """The view sample number ``position`` of a seeded stream (instance ``key``) is shown in. A hash rather than
+    an RNG so every worker process agrees without shared state and a resumed run replays the same views."""
+    h = hashlib.sha1(f"{seed}:{position}:{key}".encode()).digest()
+    return int.from_bytes(h[:8], "little") % k
+
+
+def encode_sample(sample: dict, spec: TaskSpec, view: tuple[int, tuple] | None = None) -> dict:
+    """One instance (+ image bytes) → student inputs and labels; runs in DataLoader workers. ``view`` =
+    (index, (x0, y0, x1, y1, flip)) shows the image in that cached teacher view."""
     inst: Instance = sample["instance"]
-    out: dict = {"instance": inst, "pixels": image_tensor(sample["image"], spec.image_size), "labeled": True}
+    pixels = image_tensor(sample["image"], spec.image_size, view[1] if view is not None else None)
+    out: dict = {"instance": inst, "pixels": pixels, "labeled": True}
+    if view is not None:
+        out["view"] = view
     texts = spec.texts(inst)
     out["teacher_texts"] = texts
     if spec.task == "vcr":
@@ -122,6 +179,15 @@ def encode_unlabeled(image_id: str, data: bytes, spec: TaskSpec) -> dict:
     }
 
 
+class ImageViews(NamedTuple):
+    """The cached view each image of a batch was shown in: cached targets are read by ``index``, an online
+    teacher recomputes the view from ``boxes`` and ``flip``."""
+
+    index: torch.Tensor  # [B] long
+    boxes: torch.Tensor  # [B,4] float32, normalised (x0, y0, x1, y1)
+    flip: torch.Tensor  # [B] bool
+
+
 @dataclass
 class Batch:
     instances: list[Instance]
@@ -132,6 +198,7 @@ class Batch:
     unlabeled_ids: list[str] = field(default_factory=list)
     unlabeled_pixels: torch.Tensor | None = None
     unlabeled_text_ids: torch.Tensor | None = None
+    views: ImageViews | None = None  # None: every image in view 0 (no views cached, or evaluation)
 
     @property
     def image_ids(self) -> list[str]:
@@ -147,16 +214,30 @@ def collate(samples: list[dict]) -> Batch:
         ),
         target=torch.stack([s["target"] for s in samples]),
         teacher_texts=[s["teacher_texts"] for s in samples],
+        views=_collate_views(samples) if "view" in samples[0] else None,
+    )
+
+
+def _collate_views(samples: list[dict]) -> ImageViews:
+    return ImageViews(
+        index=torch.tensor([s["view"][0] for s in samples], dtype=torch.long),
+        boxes=torch.tensor([s["view"][1][:4] for s in samples], dtype=torch.float32),
+        flip=torch.tensor([s["view"][1][4] for s in samples], dtype=torch.bool),
     )
 
 
 class _Encoded(IterableDataset):
-    def __init__(self, pipeline, spec: TaskSpec):
-        self.pipeline, self.spec = pipeline, spec
+    def __init__(self, pipeline, spec: TaskSpec, views: ViewTable | None = None, seed: int = 0):
+        self.pipeline, self.spec, self.views, self.seed = pipeline, spec, views, seed
 
     def __iter__(self) -> Iterator[dict]:
-        for sample in self.pipeline:
-            yield encode_sample(sample, self.spec)
+        for position, sample in enumerate(self.pipeline):
+            view = None
+            if self.views is not None:
+                key = sample["instance"].key
+                v = choose_view(self.seed, position, key, self.views.k)
+                view = (v, self.views.view(sample["instance"].image_id, v))
+            yield encode_sample(sample, self.spec, view)
 
 
 def train_loader(
@@ -168,21 +249,37 @@ def train_loader(
     seed: int,
     num_workers: int = 0,
     shuffle_buffer: int = 2000,
+    views: ViewTable | None = None,
 ) -> Iterator[Batch]:
     """Endless shuffled batches of the labelled training instances ``keys`` (DDP ranks and workers each stream
-    their own shards)."""
+    their own shards). With ``views``, every sample is shown in one of its cached views (``Batch.views``)."""
     wanted = frozenset(keys)
+    if node_info()[1] > 1:
+        _check_rank_has_instances(ds, wanted)
     pipe = instance_pipeline(
         ds, training=True, seed=seed, shuffle_buffer=shuffle_buffer, select=lambda i: i.key in wanted
     )
     loader = DataLoader(
-        _Encoded(pipe, spec),
+        _Encoded(pipe, spec, views, seed),
         batch_size=batch_size,
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )
     return iter(loader)
+
+
+def _check_rank_has_instances(ds: PreparedDataset, wanted: frozenset[str]) -> None:
+    """A rank whose shards hold none of the selected instances would filter its resampled stream forever
+    (e.g. a small low-shot subset over few large shards); say so instead of hanging."""
+    for url in node_shards(ds):
+        if any(Instance.from_json(s["json"]).key in wanted for s in _read_tar_samples(url)):
+            return
+    rank, world = node_info()
+    raise ValueError(
+        f"{ds.path}: rank {rank} of {world} streams shards holding none of the {len(wanted)} selected training "
+        "instances; train on fewer ranks or prepare the data with a smaller data.shard_size"
+    )
 
 
 def eval_batches(

@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.cache import TeacherCache
+from pipeline.cache import TeacherCache, apply_view
 from pipeline.data.shards import PreparedDataset, decode_image
-from student.data import Batch
+from student.data import Batch, ImageViews
 from student.losses import MethodSettings, TeacherBatch, confidence_weights
 
 
@@ -23,7 +24,9 @@ class TargetSource(Protocol):
     logit_scale: float
     grid: int
 
-    def images(self, image_ids: Sequence[str], relevance: str | None) -> dict[str, Tensor]: ...
+    def images(
+        self, image_ids: Sequence[str], relevance: str | None, views: ImageViews | None = None
+    ) -> dict[str, Tensor]: ...
 
     def texts(self, texts: Sequence[str]) -> dict: ...
 
@@ -36,8 +39,11 @@ class CachedTargets:
         self.grid = cache.grid
         self.logit_scale = float(cache.attrs["logit_scale"])
 
-    def images(self, image_ids: Sequence[str], relevance: str | None) -> dict[str, Tensor]:
-        return self.cache.image_targets(image_ids, relevance=relevance)
+    def images(
+        self, image_ids: Sequence[str], relevance: str | None, views: ImageViews | None = None
+    ) -> dict[str, Tensor]:
+        index = views.index.tolist() if views is not None else None
+        return self.cache.image_targets(image_ids, relevance=relevance, views=index)
 
     def texts(self, texts: Sequence[str]) -> dict:
         return self.cache.text_targets(texts)
@@ -60,11 +66,20 @@ class OnlineTargets:
     def _round(self, x: Tensor) -> Tensor:
         return x.to(self.round_to).float() if self.round_to is not None else x.float()
 
+    def _pixels(self, image_id: str, views: ImageViews | None, j: int) -> Tensor:
+        img = decode_image(self._owner[image_id].image_bytes(image_id))
+        if views is None or int(views.index[j]) == 0:
+            return self.teacher.preprocess(img)  # view 0 is the eval transform, as extraction makes it
+        # Extraction's path for view v ≥ 1: crop + resize + flip, then uint8 → the teacher's normalisation.
+        view = apply_view(img, views.boxes[j].tolist(), bool(views.flip[j]), self.teacher.image_size)
+        u8 = torch.from_numpy(np.asarray(view.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+        return self.teacher.normalize_uint8(u8[None])[0]
+
     @torch.no_grad()
-    def images(self, image_ids: Sequence[str], relevance: str | None) -> dict[str, Tensor]:
-        pixels = torch.stack(
-            [self.teacher.preprocess(decode_image(self._owner[i].image_bytes(i))) for i in image_ids]
-        )
+    def images(
+        self, image_ids: Sequence[str], relevance: str | None, views: ImageViews | None = None
+    ) -> dict[str, Tensor]:
+        pixels = torch.stack([self._pixels(i, views, j) for j, i in enumerate(image_ids)])
         extra = (relevance,) if relevance not in (None, "last") else ()
         out = self.teacher.encode_images(pixels, relevance=extra)
         res = {"tokens": self._round(out["tokens"]).cpu(), "pooled": self._round(out["pooled"]).cpu()}
@@ -98,7 +113,7 @@ def teacher_batch(
 ) -> tuple[TeacherBatch, Tensor]:
     """Loss inputs for the batch's labelled instances and their detached §5 confidence weights [B]."""
     relevance = cfg.relevance_source if cfg.kd == "tokens" and cfg.relevance_source != "last" else None
-    img = source.images(batch.image_ids, relevance)
+    img = source.images(batch.image_ids, relevance, batch.views)  # the views the student was shown
     distill_texts = [t.distill for t in batch.teacher_texts]
     # One read for the distill texts and every candidate text of the batch.
     cand_texts = [c for t in batch.teacher_texts for c in t.candidates + t.rationale_candidates]

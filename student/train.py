@@ -16,6 +16,7 @@ import random
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from pipeline.cache import TeacherCache, check_fingerprint
 from pipeline.config import Params
 from pipeline.data.shards import PreparedDataset
 from pipeline.protocol import Split, make_split
-from student.data import Batch, TaskSpec, load_tokenizer, train_loader, unlabeled_batches
+from student.data import Batch, TaskSpec, ViewTable, load_tokenizer, train_loader, unlabeled_batches
 from student.evaluation import evaluate
 from student.losses import DistillHeads, MethodSettings, check_finite, distill_loss, method_config
 from student.model import StudentOutput, TaskHeads, count_parameters, create_student
@@ -51,6 +52,26 @@ class RunSpec:
 
 class FingerprintMismatch(RuntimeError):
     """The cache was extracted from other data or another teacher than this run uses."""
+
+
+# train.on_nonfinite=skip gives up once more than this fraction of train.steps had to be skipped.
+MAX_NONFINITE_FRACTION = 0.1
+
+
+class _PeerNonFinite(FloatingPointError):
+    """Another rank's step was not finite; this rank skips the same step (it already voted)."""
+
+
+def _teacher_config_sha256(model: str) -> str:
+    """The hash the cache's fingerprint holds for the teacher's model config (``teacher.config_sha256``), from
+    the config alone (no weights are loaded); "" when open_clip has no config for the name."""
+    import open_clip
+
+    from pipeline.cache import teacher_fingerprint
+    from pipeline.teacher import register_model
+
+    cfg = open_clip.get_model_config(register_model(model))
+    return teacher_fingerprint({"model_config": cfg})["config_sha256"] if cfg is not None else ""
 
 
 def seed_everything(seed: int) -> None:
@@ -120,10 +141,22 @@ class Trainer:
         tp = params.train
         if tp.threads:
             torch.set_num_threads(tp.threads)
+        # Under torchrun (WORLD_SIZE > 1) every rank streams its own shards (pipeline.data.shards.node_shards)
+        # with batch_size / world_size instances, so the global batch is the 1-process batch; gradients are
+        # averaged over the ranks before clipping, so every rank takes the same optimizer step.
         self.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if self.ddp and not dist.is_initialized():
-            dist.init_process_group("gloo")
+        self._owns_group = self.ddp and not dist.is_initialized()
+        if self._owns_group:
+            # Rank 0 validates alone while the other ranks wait in their next all_reduce: a generous timeout
+            # keeps a long validation from being taken for a dead rank.
+            dist.init_process_group("gloo", timeout=timedelta(hours=2))
         self.rank = dist.get_rank() if self.ddp else 0
+        self.world_size = dist.get_world_size() if self.ddp else 1
+        if tp.batch_size % self.world_size:
+            raise ValueError(
+                f"train.batch_size={tp.batch_size} must be divisible by the {self.world_size} ranks "
+                "(each rank takes batch_size / world_size instances per step)"
+            )
         root = Path(run.data_root)
         self.train_ds = PreparedDataset(root / "train")
         self.val_ds = PreparedDataset(root / "val") if (root / "val" / "dataset.json").exists() else None
@@ -147,6 +180,7 @@ class Trainer:
         vocab = self.train_ds.answer_vocab() if run.task == "vqa" else []
         self.spec = TaskSpec(run.task, load_tokenizer(teacher_model), params.student.image_size, params.student.max_text_len,
                              vocab, params.distill.vqa_candidates)  # fmt: skip
+        self.views = self._view_table()
         seed_everything(run.seed)
         self.student = create_student(params.student.arch, params.student)
         self.heads = TaskHeads(self.student.width, len(vocab), tasks=(run.task,))
@@ -156,6 +190,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params_list, lr=tp.lr, weight_decay=tp.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(tp.warmup, tp.steps))
         self.step = 0
+        self.nonfinite_steps = 0  # optimizer steps skipped under train.on_nonfinite=skip
         self.best = {"score": -1.0, "step": 0}
         self.out = Path(run.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -181,6 +216,10 @@ class Trainer:
 
             # The checkpoint the params name must be the one the cache was extracted with.
             expected["teacher"] = {"pretrained_checksum": sha256_file(tp.pretrained)}
+        # The model config fixes the teacher's preprocessing (image size, mean/std) and architecture.
+        config = _teacher_config_sha256(tp.model)
+        if config:
+            expected.setdefault("teacher", {})["config_sha256"] = config
         differ = check_fingerprint(cache.attrs, expected)
         if differ:
             raise FingerprintMismatch(
@@ -199,6 +238,22 @@ class Trainer:
             )
         return CachedTargets(cache)
 
+    def _view_table(self) -> ViewTable | None:
+        """The cached views training images are shown in (method §2), None when there are none. A run reading
+        the store uses the store's views; a run without one (online teacher, baseline) makes the views a store
+        extracted with cache.views would hold, so every method sees the same augmentation."""
+        if isinstance(self.source, CachedTargets):
+            cache = self.source.cache
+            if cache.views and cache.views != self.params.cache.views:
+                warnings.warn(
+                    f"{self.run.cache} holds {cache.views} views per image but cache.views="
+                    f"{self.params.cache.views}: training replays the store's views",
+                    stacklevel=2,
+                )
+            return ViewTable.from_cache(cache, self.train_ds.image_ids()) if cache.views else None
+        k = self.params.cache.views
+        return ViewTable.from_rule(self.train_ds, k) if k > 0 else None
+
     # ------------------------------------------------------------------ checkpoints
     def _ckpt_path(self) -> Path:
         return self.out / "checkpoint.pt"
@@ -214,6 +269,7 @@ class Trainer:
             "best": self.best,
             "rng": torch.get_rng_state(),
             "run": asdict(self.run),
+            "nonfinite_steps": self.nonfinite_steps,
         }
 
     def save_checkpoint(self) -> None:
@@ -235,6 +291,7 @@ class Trainer:
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
         self.step, self.best = st["step"], st["best"]
+        self.nonfinite_steps = st.get("nonfinite_steps", 0)
         torch.set_rng_state(st["rng"])
         return True
 
@@ -265,14 +322,13 @@ class Trainer:
             self.source.grid if self.source else 0,
         )
         check_finite("total loss", total)
+        if not self._all_ranks_finite(True):
+            raise _PeerNonFinite("another rank's loss is not finite: every rank skips this step")
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         if self.ddp:
-            for p in self.params_list:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= dist.get_world_size()
-        torch.nn.utils.clip_grad_norm_(self.params_list, 1.0)
+            self._average_gradients()
+        check_finite("gradient norm", torch.nn.utils.clip_grad_norm_(self.params_list, 1.0))
         self.opt.step()
         self.sched.step()
         return {
@@ -283,8 +339,9 @@ class Trainer:
 
     def batches(self):
         tp = self.params.train
-        return train_loader(self.train_ds, self.split.train, self.spec, batch_size=tp.batch_size,
-                            seed=tp.seed * 1000 + self.run.seed + 7919 * self.rank, num_workers=tp.num_workers)  # fmt: skip
+        return train_loader(self.train_ds, self.split.train, self.spec, batch_size=tp.batch_size // self.world_size,
+                            seed=tp.seed * 1000 + self.run.seed + 7919 * self.rank, num_workers=tp.num_workers,
+                            views=self.views)  # fmt: skip
 
     def unlabeled_stream(self):
         """Image-only batches for the KD-only term of the unlabeled variants (None when the method has none)."""
@@ -301,7 +358,77 @@ class Trainer:
                 stacklevel=2,
             )
             return None
-        return unlabeled_batches(sources, self.spec, max(1, self.params.train.batch_size // 2), self.run.seed)
+        # Each rank draws from its own share of the images (the same list, sorted, on every rank).
+        sources = [(ds, list(ids)[self.rank :: self.world_size]) for ds, ids in sources]
+        batch = max(1, self.params.train.batch_size // 2 // self.world_size)
+        return unlabeled_batches(sources, self.spec, batch, self.run.seed)
+
+    # ------------------------------------------------------------------ distributed
+    def _average_gradients(self) -> None:
+        """Every gradient averaged over the ranks with one all_reduce of a flat buffer. A parameter without a
+        gradient on this rank contributes zeros plus a "had one" flag: every rank then reduces the same buffer
+        (a per-parameter loop that skipped None would pair different tensors across ranks, or hang), and a
+        parameter no rank touched keeps grad None, so AdamW skips it as a 1-process run would."""
+        params = self.params_list
+        grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
+        had = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype)
+        flat = torch.cat([*grads, had])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, n_had in zip(params, flat[-len(params) :].tolist(), strict=True):
+            n = p.numel()
+            if n_had > 0:
+                p.grad = (flat[offset : offset + n] / self.world_size).view_as(p)
+            offset += n
+
+    def _broadcast_parameters(self) -> None:
+        """Rank 0's weights to every rank. Same-seed initialisation already agrees; this makes it a guarantee."""
+        for t in [*self.params_list, *self.student.buffers(), *self.heads.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+    def _mean_over_ranks(self, logs: dict) -> dict:
+        """The step's logged losses averaged over the ranks: the global batch's loss, as 1 process logs it."""
+        keys = sorted(k for k, v in logs.items() if isinstance(v, float))
+        vals = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(vals)
+        return {**logs, **dict(zip(keys, (vals / self.world_size).tolist(), strict=True))}
+
+    def close(self) -> None:
+        """Tear down the process group this trainer started (torchrun warns about one left open)."""
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False
+
+    # ------------------------------------------------------------------ non-finite steps
+    def _all_ranks_finite(self, ok: bool) -> bool:
+        """Under DDP with on_nonfinite=skip, ranks must skip a step together, or the finite ones would wait
+        forever in the gradient all_reduce: one MIN-reduce of the flag per step, reached by every rank before
+        that all_reduce (from ``train_step`` when finite, from ``_skip_nonfinite`` when not)."""
+        if not (self.ddp and self.params.train.on_nonfinite == "skip"):
+            return ok
+        flag = torch.tensor([1.0 if ok else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _skip_nonfinite(self, err: FloatingPointError) -> dict:
+        """train.on_nonfinite: "fail" re-raises (the message names the loss term); "skip" drops this step's
+        update (the batch is consumed, so a resumed run replays the same stream), counts it, and gives up once
+        more than MAX_NONFINITE_FRACTION of train.steps were skipped."""
+        tp = self.params.train
+        if tp.on_nonfinite != "skip":
+            raise err
+        if not isinstance(err, _PeerNonFinite):
+            self._all_ranks_finite(False)  # the vote the other ranks are waiting in
+        self.opt.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        limit = MAX_NONFINITE_FRACTION * tp.steps
+        if self.nonfinite_steps > limit:
+            raise FloatingPointError(
+                f"{self.run.name}: {self.nonfinite_steps} non-finite steps skipped, more than "
+                f"{MAX_NONFINITE_FRACTION:.0%} of train.steps={tp.steps}; last: {err}"
+            ) from err
+        warnings.warn(f"{self.run.name}: step {self.step + 1} skipped: {err}", stacklevel=2)
+        return {"loss": float("nan"), "skipped": 1.0}
 
     def validate(self) -> dict:
         return evaluate(self.student, self.heads, self.val_ds or self.train_ds, self.split.val, self.spec)
@@ -316,6 +443,8 @@ class Trainer:
             if unl is not None:
                 next(unl)
         torch.set_rng_state(rng_after_resume)
+        if self.ddp:
+            self._broadcast_parameters()
         history: list[dict] = []
         t0 = time.perf_counter()
         stop = min(tp.steps, max_steps) if max_steps else tp.steps
@@ -323,12 +452,19 @@ class Trainer:
             total=tp.steps, initial=self.step, desc=self.run.name, disable=not self.progress or self.rank != 0
         )
         while self.step < stop:
-            logs = self.train_step(next(stream), next(unl) if unl is not None else None)
+            try:
+                logs = self.train_step(next(stream), next(unl) if unl is not None else None)
+            except FloatingPointError as e:
+                logs = self._skip_nonfinite(e)
             self.step += 1
+            if self.ddp:
+                logs = self._mean_over_ranks(logs)
             history.append({"step": self.step, **logs})
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}")
-            if self.step % tp.eval_every == 0 or self.step == tp.steps:
+            # Only rank 0 validates, exports and checkpoints (the weights are the same on every rank); nothing
+            # inside is a collective, so the other ranks just go on to the next step's all_reduce and wait there.
+            if (self.step % tp.eval_every == 0 or self.step == tp.steps) and self.rank == 0:
                 score = self.validate()["primary"]
                 if score > self.best["score"]:
                     self.best = {"score": score, "step": self.step}
@@ -336,6 +472,10 @@ class Trainer:
             if self.step % tp.checkpoint_every == 0 or self.step == stop:
                 self.save_checkpoint()
         bar.close()
+        if self.ddp:  # every rank returns rank 0's selection (this also waits for rank 0's last checkpoint)
+            best = [self.best]
+            dist.broadcast_object_list(best, src=0)
+            self.best = best[0]
         return {"history": history, "seconds": time.perf_counter() - t0, "resumed_from": resumed_from}
 
     def export(self, path: Path) -> None:
@@ -353,7 +493,10 @@ def run_student(
     """Train and select on validation; writes train.json and the exported student.pt in the run directory.
     The test split is scored by the evaluate stage, never here."""
     trainer = Trainer(params, run, online_teacher=online_teacher, progress=progress)
-    fit = trainer.fit(resume=resume)
+    try:
+        fit = trainer.fit(resume=resume)
+    finally:
+        trainer.close()
     metrics = {
         "run": asdict(run),
         "split": trainer.split.summary(),
@@ -361,6 +504,7 @@ def run_student(
         "steps": trainer.step,
         "train_seconds": fit["seconds"],
         "resumed_from": fit["resumed_from"],
+        "nonfinite_steps_skipped": trainer.nonfinite_steps,
         "final": fit["history"][-1] if fit["history"] else None,
         "student_parameters": count_parameters(trainer.student) + count_parameters(trainer.heads),
     }

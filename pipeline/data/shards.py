@@ -215,7 +215,7 @@ class PreparedDataset:
     def iter_instances(self) -> Iterator[Instance]:
         """Every instance exactly once, in shard order (no workers, no shuffling)."""
         for url in self.instance_urls:
-            yield from (Instance.from_json(s["json"]) for s in _read_tar_samples(url))
+            yield from (_instance(url, s) for s in _read_tar_samples(url))
 
     def iter_images(self) -> Iterator[tuple[str, bytes]]:
         for image_id in self.index:
@@ -230,13 +230,67 @@ class PreparedDataset:
 def _read_tar_samples(url: str) -> Iterator[dict]:
     try:
         for sample in wds.tarfile_samples([{"url": url}]):
-            yield {"__key__": sample["__key__"], "json": json.loads(sample["json"])}
+            try:
+                obj = json.loads(sample["json"])
+            except (KeyError, ValueError) as e:
+                raise DataError(
+                    url, sample.get("__key__", "?"), f"instance sample without valid JSON: {e}"
+                ) from e
+            yield {"__key__": sample["__key__"], "json": obj}
+        _check_tar_complete(url)
     except (tarfile.TarError, OSError) as e:
         raise DataError(url, "tar", f"unreadable shard: {e}") from e
 
 
+def _check_tar_complete(url: str) -> None:
+    """Python's tarfile (and so webdataset) treats a file cut at a member boundary as a shorter archive and
+    silently drops the rest; a complete archive ends with two zero blocks after its last member."""
+    with open(url, "rb") as f, tarfile.open(fileobj=f) as tf:
+        tf.getmembers()  # headers only: seeks over the data
+        end = tf.offset
+        f.seek(end)
+        tail = f.read(2 * tarfile.BLOCKSIZE)
+    if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
+        raise DataError(
+            url, "tar", f"truncated shard: no end-of-archive marker after byte {end} (re-run prepare-data)"
+        )
+
+
+def _instance(url: str, sample: dict) -> Instance:
+    """A schema-checked instance; the prepared data is written through ``DatasetWriter`` (which validates), so
+    a violation here means a shard was altered or written by something else: name the shard and the key."""
+    key = sample.get("__key__", "?")
+    try:
+        return Instance.from_json(sample["json"]).validate()
+    except (SchemaError, TypeError) as e:
+        raise DataError(url, key, f"invalid instance: {e}") from e
+
+
 def _parse(sample: dict) -> Instance:
     return Instance.from_json(json.loads(sample["json"]))
+
+
+def node_info() -> tuple[int, int]:
+    """(rank, world size) of this process, read as webdataset reads them: RANK and WORLD_SIZE from the
+    environment (torchrun sets both, and DataLoader workers inherit them), else an initialised
+    torch.distributed group, else (0, 1)."""
+    rank, world, _worker, _workers = wds.utils.pytorch_worker_info()
+    return rank, world
+
+
+def node_shards(ds: PreparedDataset) -> list[str]:
+    """This rank's instance shards: every ``world``-th shard starting at ``rank``, disjoint across ranks."""
+    rank, world = node_info()
+    if world <= 1:
+        return list(ds.instance_urls)
+    if len(ds.instance_urls) < world:
+        raise DataError(
+            ds.path / INFO_FILE,
+            "instance_shards",
+            f"{len(ds.instance_urls)} instance shards cannot give each of {world} ranks its own; "
+            "prepare the data with a smaller data.shard_size or train on fewer ranks",
+        )
+    return ds.instance_urls[rank::world]
 
 
 def instance_pipeline(
@@ -251,17 +305,18 @@ def instance_pipeline(
 ) -> wds.DataPipeline:
     """A WebDataset pipeline yielding ``{"instance": Instance, "image": bytes}``.
 
-    ``training=True``: shards are split by node (DDP rank) and DataLoader worker, resampled endlessly with a
-    seed and samples shuffled in a buffer. ``training=False`` (exact mode): shards in order, split by worker
-    only so that every instance is produced exactly once per pass.
+    ``training=True``: each DDP rank takes its own shards (``node_shards``), resampled endlessly with a seed
+    and split by DataLoader worker, samples shuffled in a buffer. ``training=False`` (exact mode): every shard
+    in order, split by worker only, so that every instance is produced exactly once per pass on every rank.
     """
     stages: list = []
+    # The shard list is split by rank *before* resampling: wds.split_by_node after ResampledShards would only
+    # deal out the draws of one shared resampled stream, so every rank would still read every shard.
+    urls = node_shards(ds) if training else ds.instance_urls
     if training and resampled:
-        stages += [wds.ResampledShards(ds.instance_urls, seed=seed, deterministic=True)]
+        stages += [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
-        stages += [wds.SimpleShardList(ds.instance_urls)]
-    if training:
-        stages += [wds.split_by_node]
+        stages += [wds.SimpleShardList(urls)]
     stages += [wds.split_by_worker, wds.tarfile_to_samples()]
     if training:
         stages += [wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=_Rng(seed))]
