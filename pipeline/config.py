@@ -118,6 +118,9 @@ class TrainParams:
     eval_every: int = 500
     checkpoint_every: int = 500
     threads: int = 0
+    # A non-finite loss term or gradient norm: "fail" raises naming the term; "skip" drops that optimizer step,
+    # counts it in train.json and stops once more than 10% of train.steps were skipped.
+    on_nonfinite: Literal["fail", "skip"] = "fail"
 
 
 @dataclass

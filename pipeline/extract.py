@@ -12,7 +12,13 @@ interrupted extraction resumes where it stopped; a unit that died half-way is re
 own shards.
 
 Test hook: the environment variable ``CLIP_TD_EXTRACT_FAIL_UNIT=<unit name>`` makes that unit raise after it
-has written its first array and before it commits (a crash in the worst place).
+has written its first array and before it commits (a crash in the worst place); ``<unit name>:kill`` makes
+the process SIGKILL itself there instead (no ``finally`` runs: the lock is left behind, as after an OOM kill).
+
+One writer per store: ``extract`` holds ``<store>/.lock`` (``pipeline.lock``) for its whole run, so a second
+extraction of the same store is refused naming the holder, and a lock left by a killed run is taken over.
+Teacher outputs are screened before they are written: a NaN/Inf row fails the unit naming the image (or
+text) under ``on_error=fail``, and under ``skip`` an image's rows are zero-filled with ``image/valid = 0``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +65,41 @@ class TextError(DataError):
 
 class InjectedFailure(RuntimeError):
     """Raised by the test hook ``CLIP_TD_EXTRACT_FAIL_UNIT``."""
+
+
+class UnitWriteError(RuntimeError):
+    """Writing a unit's arrays failed (disk full, store went read-only, …); names the unit, the array, the rows
+    and the store. The unit is not committed, so a rerun recomputes it."""
+
+    def __init__(self, store: str, unit: str, key: str, rows: tuple[int, int], reason: str):
+        self.store, self.unit, self.key, self.rows, self.reason = store, unit, key, tuple(rows), reason
+        super().__init__(
+            f"unit {unit}: writing {key} rows [{rows[0]}, {rows[1]}) of {store} failed: {reason}; "
+            "the unit was not committed (rerun to resume)"
+        )
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.store, self.unit, self.key, self.rows, self.reason))
+
+
+class NonFiniteOutput(FloatingPointError):
+    """The teacher returned NaN/Inf; names the unit, the arrays and the images (or texts) at fault."""
+
+    def __init__(self, unit: str, items: list[str], arrays: list[str], kind: str = "image"):
+        self.unit, self.items, self.arrays, self.kind = unit, list(items), list(arrays), kind
+        shown = ", ".join(repr(i) for i in self.items[:10]) + (" …" if len(self.items) > 10 else "")
+        hint = (
+            "set cache.on_error=skip to store them as invalid (image/valid = 0)"
+            if kind == "image"
+            else "texts have no validity flag: fix the teacher precision or the text"
+        )
+        super().__init__(
+            f"unit {unit}: teacher output is not finite (NaN/Inf in {', '.join(self.arrays)}) for "
+            f"{len(self.items)} {kind}(s): {shown}; nothing of this unit was written; {hint}"
+        )
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.unit, self.items, self.arrays, self.kind))
 
 
 # ----------------------------------------------------------------------------------------------- teacher
@@ -268,9 +309,11 @@ def _pil_steps(preprocess: Any) -> list:
     return steps[:idx]
 
 
-def _to_uint8(img: Any) -> torch.Tensor:
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+def _to_uint8(img: Any) -> np.ndarray:
+    """PIL image -> uint8 [3, H, W] (a transposed view: the caller's assignment is the only copy)."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
 class UnitImages(torch.utils.data.Dataset):
@@ -300,10 +343,12 @@ class UnitImages(torch.utils.data.Dataset):
         return {**self.__dict__, "_open": {}}  # open file handles stay in the process that opened them
 
     def __getitem__(self, i: int) -> tuple:
+        # numpy per item (small torch tensors cost more to create than the copy itself); collate makes the
+        # one tensor per batch that travels through shared memory.
         di, image_id, sha = self.items[i]
-        u8 = torch.zeros(self.k, 3, self.size, self.size, dtype=torch.uint8)
-        boxes = torch.zeros(self.k, 4, dtype=torch.float32)
-        flips = torch.zeros(self.k, dtype=torch.uint8)
+        u8 = np.zeros((self.k, 3, self.size, self.size), np.uint8)
+        boxes = np.zeros((self.k, 4), np.float32)
+        flips = np.zeros(self.k, np.uint8)
         try:
             ds = self._open.get(di) or self._open.setdefault(di, PreparedDataset(self.dataset_paths[di]))
             img = decode_image(ds.image_bytes(image_id))
@@ -311,21 +356,56 @@ class UnitImages(torch.utils.data.Dataset):
             for t in self.pil_steps:
                 eval_img = t(eval_img)
             u8[0] = _to_uint8(eval_img)
-            boxes[0] = torch.tensor(C.eval_view_box(*img.size))
+            boxes[0] = C.eval_view_box(*img.size)
             for v in range(1, self.k):
                 rng = np.random.default_rng(C.view_seed(sha, v))
                 box = C.sample_view_box(rng, *img.size)
                 flip = bool(rng.random() < 0.5)
                 u8[v] = _to_uint8(C.apply_view(img, box, flip, self.size))
-                boxes[v], flips[v] = torch.tensor(box), int(flip)
+                boxes[v], flips[v] = box, int(flip)
         except Exception as e:  # noqa: BLE001 - any decode failure is reported with the image id below
             return i, u8, boxes, flips, False, f"cannot decode image: {type(e).__name__}: {e}"
         return i, u8, boxes, flips, True, ""
 
 
 def collate_images(batch: list[tuple]) -> tuple:
+    """(rows int64 [B], uint8 pixels [B, K, 3, S, S] as a tensor, boxes [B, K, 4], flips [B, K], ok, why)."""
     idx, u8, boxes, flips, ok, why = zip(*batch, strict=True)
-    return torch.tensor(idx), torch.stack(u8), torch.stack(boxes), torch.stack(flips), list(ok), list(why)
+    return (
+        np.asarray(idx, dtype=np.int64),
+        torch.from_numpy(np.stack(u8)),
+        np.stack(boxes),
+        np.stack(flips),
+        list(ok),
+        list(why),
+    )
+
+
+def _unit_batches(
+    data: UnitImages, batch_size: int, num_workers: int, pil_steps: Sequence[Any], pin: bool
+) -> Iterator[tuple]:
+    """The unit's collated batches in row order. Worker processes decode every batch but the first, which
+    is decoded here while they start: otherwise each unit would stall the teacher for a worker's start-up
+    plus a batch's decode. A unit of a single batch starts no worker at all."""
+    n = len(data)
+    head = min(n, batch_size)
+    rest = None
+    if num_workers > 0 and n > head:
+        workers = min(num_workers, -(-(n - head) // batch_size))
+        rest = iter(  # started now: the workers start and decode while the first batch is decoded here
+            torch.utils.data.DataLoader(
+                torch.utils.data.Subset(data, range(head, n)),
+                batch_size=batch_size,
+                num_workers=workers,
+                collate_fn=collate_images,
+                multiprocessing_context=_loader_context(workers, pil_steps),
+                pin_memory=pin,
+            )
+        )
+    for lo in range(0, head if rest is not None else n, batch_size):
+        yield collate_images([data[i] for i in range(lo, min(n, lo + batch_size))])
+    if rest is not None:
+        yield from rest
 
 
 def _loader_context(num_workers: int, pil_steps: Sequence[Any] = ()) -> Any:
@@ -356,7 +436,12 @@ def _loader_context(num_workers: int, pil_steps: Sequence[Any] = ()) -> Any:
 
 
 def _maybe_fail(name: str) -> None:
-    if os.environ.get(FAIL_ENV) == name:
+    want = os.environ.get(FAIL_ENV, "")
+    if want == f"{name}:kill":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    if want == name:
         raise InjectedFailure(f"injected failure in unit {name} ({FAIL_ENV})")
 
 
@@ -364,57 +449,83 @@ def _image_unit(job: UnitJob, teacher: Any) -> tuple[dict, dict]:
     n, k = len(job.items), max(1, job.views)
     p, e = teacher.num_patches, teacher.embed_dim
     sources = ["tokens", *(f"{s}_tokens" for s in job.relevance)]
-    tok = {s: np.zeros((n, k, p, e), np.float32) for s in sources}
-    pooled = np.zeros((n, k, e), np.float32)
+    # The unit's buffers hold the store encoding, filled batch by batch (never a float32 copy of the unit).
+    tok = {s: _token_buffers((n, k, p, e), job.dtype) for s in sources}
+    pooled = np.zeros((n, k, e), np.float16)
     boxes = np.zeros((n, k, 4), np.float32)
     flips = np.zeros((n, k), np.uint8)
     valid = np.ones(n, np.uint8)
     invalid: list[str] = []
     steps = _pil_steps(teacher.preprocess)
     data = UnitImages(job.dataset_paths, job.items, steps, teacher.image_size, job.views)
-    loader = torch.utils.data.DataLoader(
-        data,
-        batch_size=max(1, job.batch_size // k),  # a batch of images × views stays ≈ batch_size forward passes
-        num_workers=job.num_workers,
-        collate_fn=collate_images,
-        multiprocessing_context=_loader_context(job.num_workers, steps),
-        pin_memory=teacher.device.type == "cuda",
+    # A batch of images × views stays ≈ batch_size forward passes.
+    batches = _unit_batches(
+        data, max(1, job.batch_size // k), job.num_workers, steps, teacher.device.type == "cuda"
     )
     try:
-        bad = _run_image_batches(job, teacher, loader, (k, p, e), tok, pooled, boxes, flips)
+        bad, cos = _run_image_batches(job, teacher, batches, (k, p, e), tok, pooled, boxes, flips)
     finally:
-        data.close()  # the in-process (num_workers=0) reads left tar handles open here
+        batches.close()  # stops the decode workers now, also when a batch raised
+        data.close()  # the in-process reads (first batch, num_workers=0) left tar handles open here
     for image_id, row in bad:
         valid[row] = 0
         invalid.append(image_id)
 
+    # View 0 of every encoded array is the image/ array (per-token encodings: slicing equals re-encoding).
     arrays: dict[str, np.ndarray] = {}
-    cos = []
     for s in sources:
-        enc = C.encode_tokens(tok[s][:, 0], job.dtype)
-        cos.append(C.reconstruction_cosine(tok[s][:, 0], enc))
-        for suffix, a in enc.items():
-            arrays[f"image/{s}{suffix}"] = a
-        if job.views > 0:
-            for suffix, a in C.encode_tokens(tok[s], job.dtype).items():
+        for suffix, a in tok[s].items():
+            arrays[f"image/{s}{suffix}"] = a[:, 0]
+            if job.views > 0:
                 arrays[f"views/{s}{suffix}"] = a
-    arrays["image/pooled"] = pooled[:, 0].astype(np.float16)
+    arrays["image/pooled"] = pooled[:, 0]
     arrays["image/valid"] = valid
     if job.views > 0:
-        arrays["views/pooled"] = pooled.astype(np.float16)
+        arrays["views/pooled"] = pooled
         arrays["views/boxes"] = boxes
         arrays["views/flip"] = flips
-    return {k_: (job.row0, a) for k_, a in arrays.items()}, {"invalid": invalid, "cos": np.concatenate(cos)}
+    cos_all = np.concatenate([c for s in sources for c in cos[s]] or [np.zeros(0, np.float32)])
+    return {k_: (job.row0, a) for k_, a in arrays.items()}, {"invalid": invalid, "cos": cos_all}
+
+
+def _token_buffers(shape: tuple, dtype: str) -> dict[str, np.ndarray]:
+    """Zeroed arrays of ``C.encode_tokens``'s output for float32 tokens of ``shape``."""
+    if dtype == "int8":
+        return {"": np.zeros(shape, np.int8), C.SCALE_SUFFIX: np.zeros(shape[:-1], np.float16)}
+    return {"": np.zeros(shape, np.float16)}
+
+
+def _encode_batch(x: torch.Tensor, dtype: str) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """Float32 tokens [..., E] (on any device) -> (``C.encode_tokens(x)``, the decoded float32 tokens). float16
+    is converted by torch on the teacher's device (round-to-nearest-even, the same bits as numpy's astype), so
+    a GPU ships half the bytes; int8 goes through ``C.quantize_int8`` itself."""
+    if dtype == "int8":
+        enc = C.encode_tokens(x.cpu().numpy(), dtype)
+        return enc, torch.from_numpy(C.decode_tokens(enc[""], enc[C.SCALE_SUFFIX]))
+    y = x.half()
+    return {"": y.cpu().numpy()}, y.float()
+
+
+def _token_cosine(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """``C.reconstruction_cosine`` in torch on the batch (multi-threaded, on the teacher's device): per-token
+    cosine of the teacher output and what the store gives back, all-zero tokens left out."""
+    x = x.reshape(-1, x.shape[-1])
+    y = y.reshape(-1, y.shape[-1]).to(x.device)
+    nx, ny = torch.linalg.vector_norm(x, dim=1), torch.linalg.vector_norm(y, dim=1)
+    ok = (nx > 0) & (ny > 0)
+    return ((x * y).sum(1)[ok] / (nx * ny)[ok]).cpu().numpy()
 
 
 def _run_image_batches(
-    job: UnitJob, teacher: Any, loader: Any, kpe: tuple, tok: dict, pooled: Any, boxes: Any, flips: Any
-) -> list[tuple[str, int]]:
-    """Run the teacher over the loader's batches, filling the unit's buffers in place; returns (image id, row)
-    of every image that could not be decoded (under on_error=skip; under fail the first one raises)."""
+    job: UnitJob, teacher: Any, batches: Any, kpe: tuple, tok: dict, pooled: Any, boxes: Any, flips: Any
+) -> tuple[list[tuple[str, int]], dict[str, list[np.ndarray]]]:
+    """Run the teacher over the batches, filling the unit's (encoded) buffers in place. Returns (image id,
+    row) of every image that could not be decoded (under on_error=skip; under fail the first one raises) and
+    the view-0 reconstruction cosines per token source, batch by batch."""
     k, p, e = kpe
     bad = []
-    for idx, u8, bx, fl, ok, why in loader:
+    cos: dict[str, list[np.ndarray]] = {s: [] for s in tok}
+    for idx, u8, bx, fl, ok, why in batches:
         for j, good in enumerate(ok):
             if not good:
                 di, image_id, _ = job.items[int(idx[j])]
@@ -426,14 +537,20 @@ def _run_image_batches(
         b = len(idx)
         pixels = teacher.normalize_uint8(u8.view(b * k, *u8.shape[2:]).to(teacher.device, non_blocking=True))
         out = teacher.encode_images(pixels, relevance=job.relevance)
-        rows = idx.numpy()
-        keep = np.asarray(ok, bool)[:, None, None, None]  # rows of undecodable images stay zero
-        for s in tok:
-            key = "tokens" if s == "tokens" else s[: -len("_tokens")]
-            tok[s][rows] = out[key].cpu().numpy().reshape(b, k, p, e) * keep
-        pooled[rows] = out["pooled"].cpu().numpy().reshape(b, k, e) * keep[..., 0]
-        boxes[rows], flips[rows] = bx.numpy(), fl.numpy()
-    return bad
+        keep = None  # rows of undecodable images stay zero
+        if not all(ok):
+            keep = torch.tensor(ok, dtype=torch.float32, device=pixels.device).repeat_interleave(k)
+        for s, buf in tok.items():
+            x = out["tokens" if s == "tokens" else s[: -len("_tokens")]]
+            x = x if keep is None else x * keep[:, None, None]
+            enc, dec = _encode_batch(x, job.dtype)
+            for suffix, a in enc.items():
+                buf[suffix][idx] = a.reshape(b, k, *a.shape[1:])
+            cos[s].append(_token_cosine(x.reshape(b, k, p, e)[:, 0], dec.reshape(b, k, p, e)[:, 0]))
+        pooled_b = out["pooled"] if keep is None else out["pooled"] * keep[:, None]
+        pooled[idx] = pooled_b.half().cpu().numpy().reshape(b, k, e)
+        boxes[idx], flips[idx] = bx, fl
+    return bad, cos
 
 
 def _text_unit(job: UnitJob, teacher: Any) -> tuple[dict, dict]:
@@ -461,15 +578,67 @@ def _text_unit(job: UnitJob, teacher: Any) -> tuple[dict, dict]:
     return arrays, {"invalid": [], "cos": cos}
 
 
+def _screen_nonfinite(job: UnitJob, arrays: dict, info: dict) -> None:
+    """Never commit NaN/Inf. Checked on the encoded arrays, i.e. what would be stored (a finite float32 value
+    beyond float16's range becomes Inf only there). Image rows: fail naming the image ids, or under
+    ``on_error=skip`` zero-fill the teacher outputs of those rows and mark them invalid, like undecodable
+    images. Text rows have no validity flag, so a non-finite text always fails naming the text."""
+    floats = {k: a for k, (_, a) in arrays.items() if a.dtype.kind == "f" and not k.endswith("/boxes")}
+    if job.kind == "image":
+        n = len(job.items)
+        bad, where = np.zeros(n, bool), []
+        for key, a in floats.items():
+            rows = ~np.isfinite(a.reshape(n, -1)).all(axis=1) if n else np.zeros(0, bool)
+            if rows.any():
+                bad |= rows
+                where.append(key)
+        if not bad.any():
+            return
+        rows = np.flatnonzero(bad)
+        ids = [job.items[r][1] for r in rows]
+        if job.on_error == "fail":
+            raise NonFiniteOutput(job.name, ids, sorted(where))
+        for a in floats.values():
+            a[rows] = 0
+        arrays["image/valid"][1][rows] = 0
+        log.warning("unit %s: non-finite teacher output for %s (zero-filled, image/valid = 0)", job.name, ids)
+        info["invalid"] = sorted(set(info["invalid"]) | set(ids))
+        info["nonfinite"] = ids
+        info["cos"] = info["cos"][np.isfinite(info["cos"])]
+        return
+    lengths = np.asarray(job.lengths, dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    bad_texts, where = set(), []
+    for key, a in floats.items():
+        rows = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+        if not rows.any():
+            continue
+        where.append(key)
+        if key.startswith("text/tokens"):  # token rows -> the texts owning them
+            owner = np.searchsorted(starts, np.flatnonzero(rows), side="right") - 1
+            bad_texts |= {int(j) for j in owner if 0 <= j < len(lengths)}
+        else:
+            bad_texts |= {int(j) for j in np.flatnonzero(rows)}
+    if where:
+        raise NonFiniteOutput(job.name, [job.texts[j] for j in sorted(bad_texts)], sorted(where), "text")
+
+
 def run_unit(job: UnitJob) -> dict:
     """Compute one unit, write its shards, commit its manifest entry; returns the manifest record."""
     t0 = time.time()
+    log.debug("unit %s: start (pid %d)", job.name, os.getpid())  # names the unit in flight if the run dies
     teacher = get_teacher(job.teacher, job.threads)
     arrays, info = _image_unit(job, teacher) if job.kind == "image" else _text_unit(job, teacher)
+    _screen_nonfinite(job, arrays, info)
     g = C.open_group(job.store_url, mode="r+")
     record_arrays = {}
     for i, (key, (start, a)) in enumerate(sorted(arrays.items())):
-        g[key][start : start + len(a)] = a
+        try:
+            g[key][start : start + len(a)] = a
+        except Exception as e:  # noqa: BLE001 - any storage failure is reported with the unit and array
+            raise UnitWriteError(
+                job.store_url, job.name, key, (start, start + len(a)), f"{type(e).__name__}: {e}"
+            ) from e
         record_arrays[key] = {
             "region": [start, start + len(a)],
             "crc32": C.checksum(a),
@@ -485,6 +654,7 @@ def run_unit(job: UnitJob) -> dict:
         "items": job.row1 - job.row0,
         "arrays": record_arrays,
         "invalid": info["invalid"],
+        "nonfinite": info.get("nonfinite", []),
         "reconstruction_cosine": {
             "mean": float(cos.mean()) if len(cos) else 1.0,
             "min": float(cos.min()) if len(cos) else 1.0,
@@ -600,7 +770,35 @@ def extract(
     An existing store built from another teacher, data or layout raises StaleCacheError naming the fields,
     unless ``overwrite`` (always delete it first) or ``rebuild_stale`` (delete it only when stale, so a
     pipeline runner can both resume an interrupted store and replace one built from an older teacher).
+
+    The store's lock (``pipeline.lock``) is held throughout: a second extraction of the same store is refused
+    with ``StoreLocked`` naming the holder, a location that cannot be written fails with ``StoreNotWritable``
+    naming the path before any work, and a lock left by a killed run is taken over with a warning.
     """
+    from .lock import StoreLock
+
+    with StoreLock(store_url, purpose=f"extract-teacher (scheduler {scheduler})"):
+        return _extract_locked(
+            datasets, store_url, teacher_spec, cache_params, scheduler, progress, overwrite=overwrite,
+            rebuild_stale=rebuild_stale, vqa_candidates=vqa_candidates, cluster_kwargs=cluster_kwargs,
+            torch_threads=torch_threads,
+        )  # fmt: skip
+
+
+def _extract_locked(
+    datasets: Sequence[PreparedDataset],
+    store_url: str,
+    teacher_spec: TeacherSpec | tuple | dict,
+    cache_params: Any,
+    scheduler: str,
+    progress: bool,
+    *,
+    overwrite: bool,
+    rebuild_stale: bool,
+    vqa_candidates: int,
+    cluster_kwargs: dict | None,
+    torch_threads: int,
+) -> dict:
     t_start = time.time()
     spec = _as_spec(teacher_spec)
     cp = cache_params
@@ -611,6 +809,13 @@ def extract(
 
     plan = plan_extraction(datasets, vqa_candidates, cp.on_error)
     c = plan.counts
+    if not plan.images or not plan.texts:  # a store without rows is never what a caller wants: say why
+        raise DataError(
+            ", ".join(plan.dataset_paths) or "(no datasets)",
+            "dataset",
+            f"nothing to extract: {c['unique_images']} images, {c['unique_texts']} texts "
+            f"({c['instances']} instances, {c['texts_skipped']} empty texts skipped)",
+        )
     log.info(
         "plan: %d instances; images %d -> %d unique (%d duplicates removed, %d aliases); texts %d -> %d unique "
         "(%d duplicates removed, %d empty skipped)",
@@ -852,6 +1057,7 @@ def _metrics(url, plan, layout, lengths, committed, records, n_units, seconds) -
             "tokens": total_n,
         },
         "images_invalid": len(invalid),
+        "images_nonfinite": sum(len(r.get("nonfinite", [])) for r in committed.values()),
         "invalid_images": invalid[:100],
         "skipped_texts": plan.skipped_texts[:100],
         "text_token_rows": int(lengths.sum()),

@@ -117,7 +117,8 @@ def main(
     from pipeline.cache import CacheFormatError, StaleCacheError
     from pipeline.data.errors import DataError
     from pipeline.data.shards import PreparedDataset, find_datasets
-    from pipeline.extract import TeacherSpec, extract, find_default_datasets
+    from pipeline.extract import NonFiniteOutput, TeacherSpec, UnitWriteError, extract, find_default_datasets
+    from pipeline.lock import StoreLocked, StoreNotWritable
     from pipeline.teacher import TeacherError
 
     try:
@@ -171,7 +172,10 @@ def main(
             rebuild_stale=rebuild_stale,
             vqa_candidates=params.distill.vqa_candidates,
         )
-    except (DataError, StaleCacheError, CacheFormatError, TeacherError) as e:
+    except (
+        DataError, StaleCacheError, CacheFormatError, TeacherError, StoreLocked, StoreNotWritable, UnitWriteError,
+        NonFiniteOutput,
+    ) as e:  # fmt: skip
         raise click.ClickException(str(e)) from e
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(metrics, indent=1))

@@ -97,11 +97,13 @@ def main(
     metrics = run_student(
         params, run, online_teacher=online_teacher, resume=not no_resume, progress=not quiet
     )
-    click.echo(
-        json.dumps(
-            {"run": run.name, "best_val": metrics["best_val"], "seconds": round(metrics["train_seconds"], 1)}
-        )
-    )
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per torchrun rank
+        summary = {
+            "run": run.name,
+            "best_val": metrics["best_val"],
+            "seconds": round(metrics["train_seconds"], 1),
+        }
+        click.echo(json.dumps(summary))
 
 
 if __name__ == "__main__":

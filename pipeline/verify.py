@@ -1,0 +1,407 @@
+"""Offline integrity check of a teacher cache: everything a student will trust, checked against the store.
+
+``verify_store`` runs seven checks and never stops at the first fault, so one report lists everything:
+
+* ``format``    the attrs name a teacher cache of this format version, marked complete;
+* ``shapes``    every array's shape and dtype follow from the attrs (N images, P patches, E width, K views,
+                M texts, ΣS token rows) and the unit counts from the layout;
+* ``offsets``   text offsets start at 0, never decrease, leave room for each text's length, end at the
+                token array's length, and every text unit starts on its own shard;
+* ``ids``       image, alias and text ids are unique; aliases point at existing rows;
+* ``manifest``  every planned unit (from the attrs) is committed, no unknown unit is, and each entry covers
+                the rows and arrays its unit owns;
+* ``checksums`` the crc32 of every committed region equals its manifest entry (bit rot, a foreign writer,
+                a unit overwritten after its commit);
+* ``nonfinite`` no NaN/Inf anywhere in the float arrays: ``dask.array.from_zarr`` per array, chunked by unit
+                shard, reduced with ``isfinite().all()`` per row, so a fault names the array, the row and the
+                image or text id.
+
+A check that cannot run (an array missing, a manifest entry unreadable) is itself a fault naming why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import cache as C
+from .lock import read_lock
+
+MAX_SHOWN = 10  # faults listed per check in the text report (the JSON report keeps up to MAX_FAULTS)
+MAX_FAULTS = 1000
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    summary: str  # one line: what was examined and what was found
+    faults: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        head = f"{'OK' if self.ok else 'FAIL':<5} {self.name:<10} {self.summary}"
+        if self.ok or not self.faults:
+            return head
+        shown = "; ".join(self.faults[:MAX_SHOWN])
+        more = f" (+{len(self.faults) - MAX_SHOWN} more)" if len(self.faults) > MAX_SHOWN else ""
+        return f"{head}: {shown}{more}"
+
+
+@dataclass
+class Report:
+    store: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def failed(self) -> list[str]:
+        return [c.name for c in self.checks if not c.ok]
+
+    def lines(self) -> list[str]:
+        bad = self.failed()
+        tail = f"RESULT {'OK' if self.ok else 'FAIL'}: {len(self.checks) - len(bad)}/{len(self.checks)} checks passed"
+        return [f"verify-cache {self.store}", *(c.line() for c in self.checks), tail]
+
+    def to_json(self) -> dict:
+        return {
+            "store": self.store,
+            "ok": self.ok,
+            "failed": self.failed(),
+            "checks": [{**asdict(c), "faults": c.faults[:MAX_FAULTS]} for c in self.checks],
+        }
+
+
+class _Store:
+    """The opened group plus what every check derives from the attrs."""
+
+    def __init__(self, url: str):
+        self.url = url
+        if not C.store_exists(url):
+            raise C.CacheFormatError(f"{url}: no teacher cache here (no zarr.json)")
+        with warnings.catch_warnings():  # the lock file of a running extraction is not a zarr node
+            warnings.simplefilter("ignore")
+            self.g = C.open_group(url, mode="r")
+        self.attrs: dict = dict(self.g.attrs)
+        if self.attrs.get("format") != C.FORMAT:
+            raise C.CacheFormatError(f"{url}: not a teacher cache (format={self.attrs.get('format')!r})")
+        self.layout: dict = dict(self.attrs.get("layout") or {})
+        self.units: dict = dict(self.attrs.get("units") or {})
+        self.n = int(self.g["image/ids"].shape[0]) if "image/ids" in self.g else 0
+        self.m = int(self.g["text/ids"].shape[0]) if "text/ids" in self.g else 0
+        self.p, self.e = int(self.attrs.get("num_patches", 0)), int(self.attrs.get("embed_dim", 0))
+        self.k = int(self.attrs.get("views", 0))
+        self.dtype = self.attrs.get("dtype", "float16")
+        self.sources = ["tokens", *(f"{r}_tokens" for r in self.attrs.get("relevance_tokens", []))]
+        self._cache: dict[str, np.ndarray] = {}
+
+    def read(self, key: str) -> np.ndarray:
+        if key not in self._cache:
+            self._cache[key] = self.g[key][:]
+        return self._cache[key]
+
+    def text_row_of_token(self, rows: np.ndarray) -> np.ndarray:
+        """The text owning each token row (-1 for unit slack)."""
+        off, lengths = self.read("text/offsets").astype(np.int64), self.read("text/lengths").astype(np.int64)
+        j = np.searchsorted(off[:-1], rows, side="right") - 1
+        inside = (j >= 0) & (rows < off[np.clip(j, 0, None)] + lengths[np.clip(j, 0, None)])
+        return np.where(inside, j, -1)
+
+
+def expected_arrays(s: _Store) -> dict[str, tuple[tuple, str]]:
+    """{array path: (shape, dtype)} implied by the attrs."""
+    n, m, p, e, k = s.n, s.m, s.p, s.e, s.k
+    tdt = "int8" if s.dtype == "int8" else "float16"
+    n_tok = int(s.read("text/offsets")[-1]) if m else 0
+    out: dict[str, tuple[tuple, str]] = {}
+    for src in s.sources:
+        out[f"image/{src}"] = ((n, p, e), tdt)
+        if s.dtype == "int8":
+            out[f"image/{src}{C.SCALE_SUFFIX}"] = ((n, p), "float16")
+    out["image/pooled"] = ((n, e), "float16")
+    out["image/valid"] = ((n,), "uint8")
+    if k > 0:
+        for src in s.sources:
+            out[f"views/{src}"] = ((n, k, p, e), tdt)
+            if s.dtype == "int8":
+                out[f"views/{src}{C.SCALE_SUFFIX}"] = ((n, k, p), "float16")
+        out["views/pooled"] = ((n, k, e), "float16")
+        out["views/boxes"] = ((n, k, 4), "float32")
+        out["views/flip"] = ((n, k), "uint8")
+    out["text/lengths"] = ((m,), "int32")
+    out["text/offsets"] = ((m + 1,), "int64")
+    out["text/tokens"] = ((n_tok, e), tdt)
+    if s.dtype == "int8":
+        out[f"text/tokens{C.SCALE_SUFFIX}"] = ((n_tok,), "float16")
+    out["text/pooled"] = ((m, e), "float16")
+    return out
+
+
+def _unit_arrays(s: _Store, kind: str) -> list[str]:
+    """Arrays every unit of a kind writes (what its manifest entry must cover)."""
+    exp = expected_arrays(s)
+    if kind == "image":
+        return sorted(a for a in exp if a.startswith(("image/", "views/")))
+    return sorted(a for a in exp if a.startswith(("text/tokens", "text/pooled")))
+
+
+def _planned_units(s: _Store) -> dict[str, dict]:
+    """Unit name -> {"kind", "rows"} from the attrs, as extraction planned them."""
+    r = int(s.layout.get("image_rows_per_unit") or s.units.get("image_rows_per_unit") or 1)
+    rt = int(s.layout.get("text_rows_per_unit") or s.units.get("text_rows_per_unit") or 1)
+    out = {}
+    for u in range(int(s.units.get("image", math.ceil(s.n / r)))):
+        out[f"image-{u:06d}"] = {"kind": "image", "rows": [u * r, min(s.n, (u + 1) * r)]}
+    for u in range(int(s.units.get("text", math.ceil(s.m / rt)))):
+        out[f"text-{u:06d}"] = {"kind": "text", "rows": [u * rt, min(s.m, (u + 1) * rt)]}
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- checks
+
+
+def check_format(s: _Store) -> Check:
+    faults = []
+    if s.attrs.get("format_version") != C.FORMAT_VERSION:
+        faults.append(f"format_version {s.attrs.get('format_version')} != {C.FORMAT_VERSION}")
+    if not s.layout:
+        faults.append("no layout in the attrs (store creation was interrupted)")
+    if not s.attrs.get("complete"):
+        faults.append("not marked complete (extraction unfinished or still running: rerun it to resume)")
+    holder = read_lock(s.url)
+    if holder is not None:
+        faults.append(
+            f"locked by pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}: "
+            "a writer is (or was, if it died) extracting into it"
+        )
+    summary = f"{C.FORMAT} v{s.attrs.get('format_version')}, {'complete' if s.attrs.get('complete') else 'INCOMPLETE'}"
+    return Check("format", not faults, summary, faults)
+
+
+def check_shapes(s: _Store) -> Check:
+    faults = []
+    exp = expected_arrays(s)
+    for key, (shape, dtype) in exp.items():
+        if key not in s.g:
+            faults.append(f"{key}: missing")
+            continue
+        a = s.g[key]
+        if tuple(a.shape) != shape:
+            faults.append(f"{key}: shape {tuple(a.shape)} != {shape} expected from the attrs")
+        if str(a.dtype) != dtype:
+            faults.append(f"{key}: dtype {a.dtype} != {dtype}")
+    for key, want in (("image/alias_rows", "image/alias_ids"),):
+        if key in s.g and want in s.g and s.g[key].shape != s.g[want].shape:
+            faults.append(f"{key}: {s.g[key].shape[0]} rows for {s.g[want].shape[0]} alias ids")
+    r = int(s.layout.get("image_rows_per_unit", 0) or 0)
+    rt = int(s.layout.get("text_rows_per_unit", 0) or 0)
+    if r and s.units.get("image") != math.ceil(s.n / r):
+        faults.append(f"attrs units.image={s.units.get('image')} but {s.n} images / {r} rows per unit")
+    if rt and s.units.get("text") != math.ceil(s.m / rt):
+        faults.append(f"attrs units.text={s.units.get('text')} but {s.m} texts / {rt} rows per unit")
+    summary = f"{len(exp)} arrays vs attrs (N_img={s.n}, P={s.p}, E={s.e}, K={s.k}, M={s.m}, dtype={s.dtype})"
+    return Check("shapes", not faults, summary, faults)
+
+
+def check_offsets(s: _Store) -> Check:
+    faults = []
+    off, lengths = s.read("text/offsets").astype(np.int64), s.read("text/lengths").astype(np.int64)
+    m = len(lengths)
+    if len(off) != m + 1:
+        return Check(
+            "offsets", False, f"{m} texts", [f"text/offsets has {len(off)} entries, expected {m + 1}"]
+        )
+    if m and off[0] != 0:
+        faults.append(f"offsets[0] = {off[0]} != 0")
+    for i in np.flatnonzero(np.diff(off) < 0)[:MAX_FAULTS]:
+        faults.append(f"offsets decrease at text {i}: {off[i]} > {off[i + 1]}")
+    for i in np.flatnonzero(lengths < 1)[:MAX_FAULTS]:
+        faults.append(f"text {i}: length {lengths[i]} < 1")
+    for i in np.flatnonzero(off[:-1] + lengths > off[1:])[:MAX_FAULTS]:
+        faults.append(
+            f"text {i}: offsets[{i}] + lengths[{i}] = {off[i] + lengths[i]} > offsets[{i + 1}] = {off[i + 1]}"
+        )
+    if "text/tokens" in s.g and off[-1] != s.g["text/tokens"].shape[0]:
+        faults.append(f"offsets[M] = {off[-1]} != text/tokens rows {s.g['text/tokens'].shape[0]}")
+    rt = int(s.layout.get("text_rows_per_unit", 0) or 0)
+    shard = int(s.units.get("text_token_rows_per_unit", 0) or 0)
+    if rt and shard:
+        for u in range(math.ceil(m / rt)):
+            if off[u * rt] != u * shard:
+                faults.append(
+                    f"text unit {u} starts at token row {off[u * rt]}, not on its shard ({u * shard})"
+                )
+    summary = f"{m} texts, {int(lengths.sum()) if m else 0} token rows of {int(off[-1])}"
+    return Check("offsets", not faults, summary, faults)
+
+
+def _dupes(values: list) -> list:
+    return [v for v, c in Counter(values).items() if c > 1]
+
+
+def check_ids(s: _Store) -> Check:
+    faults = []
+    image_ids = s.read("image/ids").tolist()
+    text_ids = s.read("text/ids").tolist()
+    alias_ids = s.read("image/alias_ids").tolist() if "image/alias_ids" in s.g else []
+    alias_rows = s.read("image/alias_rows").tolist() if "image/alias_rows" in s.g else []
+    for what, ids in (("image", image_ids), ("alias", alias_ids), ("text", text_ids)):
+        faults += [f"{what} id {d!r} repeats" for d in _dupes(ids)[:MAX_FAULTS]]
+    faults += [f"alias id {a!r} is also an image row id" for a in sorted(set(alias_ids) & set(image_ids))]
+    faults += [
+        f"alias id {a!r} points at row {r} outside [0, {len(image_ids)})"
+        for a, r in zip(alias_ids, alias_rows, strict=False)
+        if not 0 <= int(r) < len(image_ids)
+    ]
+    summary = f"{len(image_ids)} image ids, {len(alias_ids)} aliases, {len(text_ids)} text ids"
+    return Check("ids", not faults, summary, faults)
+
+
+def check_manifest(s: _Store) -> Check:
+    faults = []
+    planned = _planned_units(s)
+    committed = C.committed_units(s.url)
+    missing = [u for u in planned if u not in committed]
+    unknown = sorted(u for u in committed if u not in planned)
+    faults += [f"{u}: planned but not committed" for u in missing]
+    faults += [f"{u}: committed but not part of this store's plan" for u in unknown]
+    want = {kind: _unit_arrays(s, kind) for kind in ("image", "text")}
+    for name, rec in sorted(committed.items()):
+        plan = planned.get(name)
+        if plan is None:
+            continue
+        if list(rec.get("rows", [])) != plan["rows"]:
+            faults.append(f"{name}: rows {rec.get('rows')} != planned {plan['rows']}")
+        absent = [a for a in want[plan["kind"]] if a not in rec.get("arrays", {})]
+        if absent:
+            faults.append(f"{name}: entry does not cover {', '.join(absent)}")
+    summary = f"{len(planned) - len(missing)}/{len(planned)} planned units committed, {len(unknown)} unknown"
+    return Check("manifest", not faults, summary, faults)
+
+
+def check_checksums(s: _Store, workers: int = 4) -> Check:
+    committed = C.committed_units(s.url)
+    regions = [
+        (name, key, info)
+        for name, rec in sorted(committed.items())
+        for key, info in rec.get("arrays", {}).items()
+    ]
+
+    def one(item: tuple) -> str:
+        name, key, info = item
+        lo, hi = info["region"]
+        if key not in s.g:
+            return f"{name}: {key} missing from the store"
+        try:
+            got = C.checksum(s.g[key][lo:hi])
+        except Exception as e:  # noqa: BLE001 - undecodable bytes are a checksum fault of this unit
+            return f"{name}: {key} rows [{lo}, {hi}) unreadable: {type(e).__name__}: {e}"
+        return (
+            ""
+            if got == info["crc32"]
+            else f"{name}: {key} rows [{lo}, {hi}) crc32 {got} != manifest {info['crc32']}"
+        )
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        faults = [f for f in pool.map(one, regions) if f]
+    bad_units = sorted({f.split(":", 1)[0] for f in faults})
+    summary = f"{len(regions)} regions of {len(committed)} units, {len(bad_units)} unit(s) differ"
+    return Check("checksums", not faults, summary, faults)
+
+
+def _row_name(s: _Store, key: str, row: int) -> str:
+    if key.startswith(("image/", "views/")):
+        ids = s.read("image/ids")
+        return f"image {ids[row]!r}" if row < len(ids) else "?"
+    if key.startswith("text/tokens"):
+        j = int(s.text_row_of_token(np.array([row]))[0])
+        return f"text {s.read('text/ids')[j]!r}" if j >= 0 else "unit slack"
+    ids = s.read("text/ids")
+    return f"text {ids[row]!r}" if row < len(ids) else "?"
+
+
+def check_nonfinite(s: _Store, workers: int = 0) -> Check:
+    """Per array, a dask array chunked by the store's shards (= one unit's region), reduced to a per-row
+    all-finite flag; all arrays are computed in one dask graph."""
+    import dask
+    import dask.array as da
+
+    keys = [
+        key
+        for key, (shape, dtype) in expected_arrays(s).items()
+        if dtype.startswith("float") and key in s.g and shape and shape[0] > 0
+    ]
+    flags = []
+    for key in keys:
+        a = s.g[key]
+        shard_rows = (a.shards or a.chunks)[0]
+        x = da.from_zarr(a, chunks=(shard_rows, *a.shape[1:]))
+        flags.append(da.isfinite(x).all(axis=tuple(range(1, x.ndim))) if x.ndim > 1 else da.isfinite(x))
+    kw: dict[str, Any] = {"scheduler": "threads"}
+    if workers > 0:
+        kw["num_workers"] = workers
+    faults, rows_seen = [], 0
+    try:
+        results = list(dask.compute(*flags, **kw)) if flags else []
+    except Exception:  # noqa: BLE001 - an undecodable shard: scan array by array to name the one at fault
+        results = []
+        for key, f in zip(keys, flags, strict=True):
+            try:
+                results.append(f.compute(**kw))
+            except Exception as e:  # noqa: BLE001
+                faults.append(f"{key}: unreadable ({type(e).__name__}: {e})")
+                results.append(np.ones(0, bool))
+    for key, ok in zip(keys, results, strict=True):
+        rows_seen += len(ok)
+        for row in np.flatnonzero(~ok)[:MAX_FAULTS]:
+            faults.append(f"{key} row {int(row)} ({_row_name(s, key, int(row))}): NaN/Inf")
+    summary = f"{len(keys)} float arrays, {rows_seen} rows scanned, {len(faults)} non-finite row(s)"
+    return Check("nonfinite", not faults, summary, faults)
+
+
+CHECKS: dict[str, Callable[..., Check]] = {
+    "format": check_format,
+    "shapes": check_shapes,
+    "offsets": check_offsets,
+    "ids": check_ids,
+    "manifest": check_manifest,
+    "checksums": check_checksums,
+    "nonfinite": check_nonfinite,
+}
+
+
+def verify_store(url: str, *, scan: bool = True, workers: int = 0) -> Report:
+    """Run every check on the store at ``url`` (``scan=False`` leaves out the NaN/Inf scan, the one check that
+    decodes every value twice). Raises CacheFormatError when ``url`` holds no teacher cache at all."""
+    s = _Store(url)
+    report = Report(url)
+    for name, fn in CHECKS.items():
+        if name == "nonfinite" and not scan:
+            continue
+        try:
+            if name == "checksums":
+                check = fn(s, workers or 4)
+            elif name == "nonfinite":
+                check = fn(s, workers)
+            else:
+                check = fn(s)
+        except Exception as e:  # noqa: BLE001 - a check that cannot run is a fault, reported with its cause
+            check = Check(name, False, "could not run", [f"{type(e).__name__}: {e}"])
+        report.checks.append(check)
+    return report
+
+
+def write_json(report: Report, path: str) -> None:
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report.to_json(), indent=1))
