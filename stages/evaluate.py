@@ -8,10 +8,11 @@ from pathlib import Path
 import click
 import torch
 
-from pipeline.config import ConfigError, StudentParams, load_params
+from pipeline.config import StudentParams
 from pipeline.data.shards import PreparedDataset
 from pipeline.metrics import PRIMARY
 from pipeline.protocol import make_split
+from stages.common import params_options, stage_params
 from student.data import TaskSpec, load_tokenizer
 from student.evaluation import evaluate
 from student.model import TaskHeads, create_student
@@ -47,18 +48,14 @@ def evaluate_run(run_dir: Path, params) -> dict:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("run_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--params", "params_path", default="params.yaml", help="Parameter file (protocol settings).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a parameter.")
+@params_options
 def main(run_dirs, params_path, overrides) -> None:
     """Score each RUN_DIR's exported student (student.pt) on its condition's test split.
 
     VQA score over the 10 human answers, SNLI-VE accuracy, VCR Q→A, QA→R and Q→AR, overall and per domain;
     written to RUN_DIR/eval.json. The test split is read here only, never during training or model selection.
     """
-    try:
-        params = load_params(params_path if Path(params_path).exists() else None, overrides)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from e
+    params = stage_params(params_path, overrides)
     if not run_dirs:
         raise click.UsageError("give at least one run directory (holding student.pt)")
     for run_dir in run_dirs:

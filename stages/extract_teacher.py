@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import ConfigError, load_params
+from stages.common import params_options, stage_params
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -79,17 +79,7 @@ from pipeline.config import ConfigError, load_params
     help="Metrics JSON: instances, images/texts before and after deduplication, units computed vs skipped "
     "(resumed), seconds, items/s, bytes on disk, uncompressed bytes, compression ratio, reconstruction cosine.",
 )
-@click.option("--params", "params_path", default="params.yaml", help="Parameter file holding the defaults.")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a parameter (repeatable). Used: teacher.{model, pretrained, precision}, cache.{store, dtype, "
-    "compressor, clevel, image_rows_per_unit, text_rows_per_unit, target_chunk_bytes, batch_size, "
-    "num_workers, views, relevance_tokens, scheduler, n_workers, on_error}, distill.vqa_candidates, "
-    "data.{out, source}.",
-)
+@params_options
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -121,10 +111,7 @@ def main(
     from pipeline.lock import StoreLocked, StoreNotWritable
     from pipeline.teacher import TeacherError
 
-    try:
-        params = load_params(params_path if Path(params_path).exists() else None, overrides)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from e
+    params = stage_params(params_path, overrides)
     cp = params.cache
     changes = {
         "batch_size": batch_size,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import ConfigError, load_params
 from pipeline.data.errors import DataError, SkipReport
 from pipeline.data.schema import SchemaError
 from pipeline.data.shards import DatasetWriter
+from stages.common import params_options, stage_params
 
 SOURCES = ("synthetic", "vqa", "snli_ve", "vcr")
 SYNTHETIC_SPLITS = ("train", "val", "test", "captions", "captions_val")
@@ -87,14 +87,7 @@ def prepare(source: str, root: Path | None, split: str, out: Path, params, on_er
     help="Bad input (missing file, unreadable image, malformed line, unknown label): 'fail' stops naming the file "
     "and line/key; 'skip' counts and lists every skipped item in OUT/<split>/skipped.json [default: data.on_error].",
 )
-@click.option("--params", "params_path", default="params.yaml", help="Parameter file holding the defaults.")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a parameter, e.g. data.shard_size=500.",
-)
+@params_options
 def main(source, root, splits, out, on_error, params_path, overrides) -> None:
     """Write a dataset split as WebDataset shards in clip-td's one sample format.
 
@@ -102,10 +95,7 @@ def main(source, root, splits, out, on_error, params_path, overrides) -> None:
     (each image stored once, however many instances use it), an image index for random access, a
     dataset.json with counts and a fingerprint, and skipped.json.
     """
-    try:
-        params = load_params(params_path if Path(params_path).exists() else None, overrides)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from e
+    params = stage_params(params_path, overrides)
     source = source or params.data.source
     on_error = on_error or params.data.on_error
     out = out or Path(params.data.out) / source

@@ -6,20 +6,11 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import ConfigError, load_params
+from stages.common import params_options, stage_params
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--params", "params_path", default="params.yaml", help="Parameter file holding the defaults.")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a parameter, e.g. teacher.pretrain.steps=100 (repeatable). Used: teacher.model (open_clip "
-    "model-config JSON or name), teacher.precision, teacher.pretrain.{steps, batch_size, lr, weight_decay, "
-    "warmup, seed, threads, eval_captions}.",
-)
+@params_options
 @click.option(
     "--captions",
     type=click.Path(path_type=Path),
@@ -65,10 +56,7 @@ def main(params_path, overrides, captions, val, out, metrics_path, device, quiet
     from pipeline.pretrain import pretrain_teacher
     from pipeline.teacher import TeacherError
 
-    try:
-        params = load_params(params_path if Path(params_path).exists() else None, overrides)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from e
+    params = stage_params(params_path, overrides)
     try:
         m = pretrain_teacher(
             params.teacher,

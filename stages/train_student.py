@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import ConfigError, load_params
+from stages.common import params_options, stage_params
 from student.losses import METHODS
 from student.train import RunSpec, run_student
 
@@ -52,14 +52,7 @@ from student.train import RunSpec, run_student
 @click.option(
     "--no-resume", is_flag=True, help="Start from scratch even if the run directory holds a checkpoint."
 )
-@click.option("--params", "params_path", default="params.yaml", help="Parameter file holding the defaults.")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a parameter, e.g. train.steps=200.",
-)
+@params_options
 def main(
     task,
     condition,
@@ -80,10 +73,7 @@ def main(
     exported student: backbone + task head, no distillation heads) and OUT/checkpoint.pt (resume state).
     Under torchrun each rank streams its own shards and gradients are averaged over ranks.
     """
-    try:
-        params = load_params(params_path if Path(params_path).exists() else None, overrides)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from e
+    params = stage_params(params_path, overrides)
     method = method or params.distill.method
     run = RunSpec(
         task=task,

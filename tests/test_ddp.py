@@ -229,9 +229,10 @@ def test_torchrun_stage_matches_one_process(world, tmp_path):
         "student.max_text_len=24", "student.dropout=0.0", "train.batch_size=8", "train.warmup=2",
         *(f"{k}={v}" for k, v in sets.items()),
     ]  # fmt: skip
+    (tmp_path / "defaults.yaml").write_text("")
     _torchrun(["-m", "stages.train_student", "--task", TASK, "--condition", CONDITION, "--method", METHOD,
                "--data", str(root / "shards"), "--cache", store, "--out", str(out), "--no-resume",
-               "--params", str(tmp_path / "defaults.yaml"),  # absent: the dataclass defaults, as _params
+               "--params", str(tmp_path / "defaults.yaml"),  # empty: the dataclass defaults, as _params
                *(a for o in overrides for a in ("--set", o))])  # fmt: skip
 
     two = json.loads((out / "train.json").read_text())  # written by rank 0 only

@@ -423,7 +423,8 @@ def test_stage_cli(world, tmp_path):
         "--metrics",
         str(metrics),
     ]
-    args += ["--params", str(tmp_path / "absent.yaml"), "--quiet", "--device", "cpu"]
+    (tmp_path / "defaults.yaml").write_text("")  # empty: the dataclass defaults, whatever params.yaml says
+    args += ["--params", str(tmp_path / "defaults.yaml"), "--quiet", "--device", "cpu"]
     args += [
         "--set",
         "cache.image_rows_per_unit=4",

@@ -19,7 +19,7 @@ def test_help_explains_every_option():
 
 
 def test_synthetic_splits_via_cli(tmp_path):
-    args = ["--source", "synthetic", "--split", "train", "--split", "val", "--out", str(tmp_path), "--params", str(tmp_path / "none.yaml"),
+    args = ["--source", "synthetic", "--split", "train", "--split", "val", "--out", str(tmp_path),
             "--set", "data.synthetic.scenes={train: 12, val: 6, test: 6}"]  # fmt: skip
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
@@ -38,8 +38,6 @@ def test_official_bad_input_fails_naming_place_or_is_listed_under_skip(tmp_path)
         str(built.root),
         "--split",
         built.split,
-        "--params",
-        str(tmp_path / "none.yaml"),
     ]
     res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "fail")])
     assert res.exit_code != 0 and file in res.output and where in res.output
@@ -48,3 +46,8 @@ def test_official_bad_input_fails_naming_place_or_is_listed_under_skip(tmp_path)
     report = json.loads((tmp_path / "skip" / built.split / "skipped.json").read_text())
     assert report["count"] == 1 and where in report["skipped"][0]["where"]
     assert "1 skipped" in res.output
+
+
+def test_params_path_given_but_missing_is_an_error_not_silent_defaults(tmp_path):
+    res = CliRunner().invoke(main, ["--source", "synthetic", "--params", str(tmp_path / "typo.yaml")])
+    assert res.exit_code == 2 and "typo.yaml: no such file" in res.output
