@@ -46,25 +46,54 @@ def evaluate_run(run_dir: Path, params) -> dict:
     }
 
 
+def grid_run_dirs(params, runs: Path) -> list[Path]:
+    """The run directory of every cell of the protocol grid in params (the DVC matrix's cells)."""
+    pp = params.protocol
+    return [
+        runs / f"{t}-{c}-{m}-s{s}"
+        for t in pp.tasks
+        for c in pp.conditions
+        for m in pp.methods
+        for s in pp.seeds
+    ]
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("run_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--runs",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs"),
+    help="With no RUN_DIRS: evaluate every cell of the protocol grid (protocol.tasks × conditions × methods × "
+    "seeds) found as RUNS/<task>-<condition>-<method>-s<seed>.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write OUT/<run name>/eval.json instead of RUN_DIR/eval.json (dvc.yaml keeps evaluation outputs apart "
+    "from the training stages' outputs).",
+)
 @params_options
-def main(run_dirs, params_path, overrides) -> None:
+def main(run_dirs, runs, out, params_path, overrides) -> None:
     """Score each RUN_DIR's exported student (student.pt) on its condition's test split.
 
     VQA score over the 10 human answers, SNLI-VE accuracy, VCR Q→A, QA→R and Q→AR, overall and per domain;
-    written to RUN_DIR/eval.json. The test split is read here only, never during training or model selection.
+    written to RUN_DIR/eval.json (or OUT/<run name>/eval.json). The test split is read here only, never during
+    training or model selection. One process scores the whole grid, so the pipeline pays torch's start-up once.
     """
     params = stage_params(params_path, overrides)
-    if not run_dirs:
-        raise click.UsageError("give at least one run directory (holding student.pt)")
+    run_dirs = list(run_dirs) or grid_run_dirs(params, runs)
+    missing = [str(d) for d in run_dirs if not (d / "student.pt").exists()]
+    if missing:
+        raise click.ClickException(
+            f"no student.pt in {', '.join(missing)} (train first with python -m stages.train_student)"
+        )
     for run_dir in run_dirs:
-        if not (run_dir / "student.pt").exists():
-            raise click.ClickException(
-                f"{run_dir}: no student.pt (train it first with python -m stages.train_student)"
-            )
         result = evaluate_run(run_dir, params)
-        (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        dest = (out / run_dir.name) if out else run_dir
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "eval.json").write_text(json.dumps(result, indent=1))
         click.echo(
             f"{run_dir}: {result['primary_metric']} = {result['primary']:.4f} (n={result['metrics']['n']})"
         )

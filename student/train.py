@@ -152,9 +152,10 @@ class Trainer:
             dist.init_process_group("gloo", timeout=timedelta(hours=2))
         self.rank = dist.get_rank() if self.ddp else 0
         self.world_size = dist.get_world_size() if self.ddp else 1
-        if tp.batch_size % self.world_size:
+        self.batch_size = tp.task_batch_size.get(run.task, tp.batch_size)
+        if self.batch_size % self.world_size:
             raise ValueError(
-                f"train.batch_size={tp.batch_size} must be divisible by the {self.world_size} ranks "
+                f"train batch size {self.batch_size} ({run.task}) must be divisible by the {self.world_size} ranks "
                 "(each rank takes batch_size / world_size instances per step)"
             )
         root = Path(run.data_root)
@@ -339,7 +340,7 @@ class Trainer:
 
     def batches(self):
         tp = self.params.train
-        return train_loader(self.train_ds, self.split.train, self.spec, batch_size=tp.batch_size // self.world_size,
+        return train_loader(self.train_ds, self.split.train, self.spec, batch_size=self.batch_size // self.world_size,
                             seed=tp.seed * 1000 + self.run.seed + 7919 * self.rank, num_workers=tp.num_workers,
                             views=self.views)  # fmt: skip
 
@@ -360,7 +361,7 @@ class Trainer:
             return None
         # Each rank draws from its own share of the images (the same list, sorted, on every rank).
         sources = [(ds, list(ids)[self.rank :: self.world_size]) for ds, ids in sources]
-        batch = max(1, self.params.train.batch_size // 2 // self.world_size)
+        batch = max(1, self.batch_size // 2 // self.world_size)
         return unlabeled_batches(sources, self.spec, batch, self.run.seed)
 
     # ------------------------------------------------------------------ distributed
