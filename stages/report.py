@@ -47,7 +47,16 @@ from pipeline.report import ReportError, write_report
     default="baseline",
     help="Method every other method is compared with (relative gain and paired per-seed difference).",
 )
-def main(runs_dir: Path, teacher_path: Path, extract_path: Path, out_dir: Path, baseline: str) -> None:
+@click.option(
+    "--readme",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also copy results.md into this file between the lines '<!-- results:start -->' and "
+    "'<!-- results:end -->' (make repro keeps the README's table current this way).",
+)
+def main(
+    runs_dir: Path, teacher_path: Path, extract_path: Path, out_dir: Path, baseline: str, readme: Path | None
+) -> None:
     """Summarise the runs (method §8): per task a table of methods × conditions with mean ± std over seeds, the
     relative gain over the baseline and the paired per-seed difference (cells whose difference is within its
     std are marked), the teacher's quality, plots of accuracy vs labeled fraction and under domain shift.
@@ -60,6 +69,26 @@ def main(runs_dir: Path, teacher_path: Path, extract_path: Path, out_dir: Path, 
         raise click.ClickException(str(e)) from e
     for name, path in paths.items():
         click.echo(f"{name}: {path}")
+    if readme is not None:
+        inject(readme, Path(paths["results"]).read_text(), out_dir)
+        click.echo(f"readme: {readme}")
+
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def inject(readme: Path, results_md: str, out_dir: Path) -> None:
+    """Replace the README's results block with the generated report (headings demoted one level)."""
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise click.ClickException(f"{readme}: no '{START}' … '{END}' block to fill")
+    body = "\n".join(
+        ("#" + line) if line.startswith("#") else line for line in results_md.strip().splitlines()
+    )
+    plots = f"![accuracy vs labelled fraction]({out_dir}/lowshot.png)\n![domain shift]({out_dir}/shift.png)"
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    readme.write_text(f"{head}{START}\n{body}\n\n{plots}\n{END}{tail}")
 
 
 if __name__ == "__main__":

@@ -168,3 +168,15 @@ def test_stage_writes_every_output(runs: Path, tmp_path: Path) -> None:
     empty = CliRunner().invoke(main, ["--runs", str(tmp_path / "nothing"), "--out", str(out)])
     assert empty.exit_code != 0 and "no evaluated runs" in empty.output
     assert "--teacher" in CliRunner().invoke(main, ["--help"]).output
+
+
+def test_readme_block_is_replaced_and_the_rest_kept(tmp_path):
+    from stages.report import END, START, inject
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\nintro\n{START}\nold table\n{END}\n## After\n")
+    inject(readme, "# Results\n| a | b |\n", tmp_path / "reports")
+    text = readme.read_text()
+    assert "old table" not in text and "## Results" in text and "| a | b |" in text
+    assert text.startswith("# Title\nintro\n") and text.endswith(f"{END}\n## After\n")
+    assert "lowshot.png" in text
