@@ -7,11 +7,13 @@ measure what the cache saves, never as a different code path through the loss.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import zarr
 from torch import Tensor
 
 from pipeline.cache import TeacherCache, apply_view
@@ -31,13 +33,115 @@ class TargetSource(Protocol):
     def texts(self, texts: Sequence[str]) -> dict: ...
 
 
-class CachedTargets:
-    """Targets from the Zarr store: one batched, sorted read per array per batch."""
+class _ChunkLRU:
+    """Decoded inner chunks (store dtype) by (array path, chunk index), least recently used evicted first."""
 
-    def __init__(self, cache: TeacherCache):
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = int(max_bytes), 0
+        self.chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[str, int]) -> np.ndarray | None:
+        a = self.chunks.get(key)
+        if a is not None:
+            self.chunks.move_to_end(key)
+        return a
+
+    def put(self, key: tuple[str, int], a: np.ndarray) -> None:
+        self.chunks[key] = a
+        self.bytes += a.nbytes
+        while self.bytes > self.max_bytes and len(self.chunks) > 1:
+            _, old = self.chunks.popitem(last=False)
+            self.bytes -= old.nbytes
+
+
+class _ChunkCachedArray:
+    """A zarr array whose row reads (``a[i:j]``, ``a.get_orthogonal_selection((rows,))``: all that
+    ``pipeline.cache.read_rows`` uses) decode each inner chunk once and keep it in a shared LRU. A training
+    batch needs a few rows of many chunks; the stream (shards in order, a shuffle buffer) comes back to the same
+    chunks batch after batch, so without the LRU every batch would decompress whole chunks for a few rows."""
+
+    def __init__(self, array: Any, lru: _ChunkLRU):
+        self.array, self.lru = array, lru
+        self.shape, self.dtype, self.path = array.shape, array.dtype, array.path
+        self.rows_per_chunk = max(1, int(array.chunks[0]))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.array, name)
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        if isinstance(sel, slice) and sel.step in (None, 1) and len(self.shape) > 0:
+            return self.rows(np.arange(*sel.indices(self.shape[0])[:2]))
+        return self.array[sel]
+
+    def get_orthogonal_selection(self, sel: Any) -> np.ndarray:
+        if isinstance(sel, tuple) and len(sel) == 1 and not isinstance(sel[0], slice):
+            return self.rows(np.asarray(sel[0], dtype=np.int64))
+        return self.array.get_orthogonal_selection(sel)
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        cr, n = self.rows_per_chunk, self.shape[0]
+        chunk = srt // cr
+        uniq, starts = np.unique(chunk, return_index=True)
+        have = {int(c): self.lru.get((self.path, int(c))) for c in uniq}
+        missing = [c for c, a in have.items() if a is None]
+        self.lru.hits += len(uniq) - len(missing)
+        self.lru.misses += len(missing)
+        # Missing chunks are read as whole-chunk slices, one per run of adjacent chunks: zarr decodes each
+        # once, and slicing is far cheaper than an orthogonal selection listing every row of the chunks.
+        run: list[int] = []
+        for c in [*missing, None]:
+            if run and (c is None or c != run[-1] + 1):
+                block = self.array[run[0] * cr : min(n, (run[-1] + 1) * cr)]
+                for j, rc in enumerate(run):
+                    part = block[j * cr : (j + 1) * cr]
+                    # Own memory per chunk, so evicting one frees it (a view would pin the whole run).
+                    have[rc] = part = part.copy() if len(run) > 1 else part
+                    self.lru.put((self.path, rc), part)
+                run = []
+            if c is not None:
+                run.append(c)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        stops = [*starts[1:], len(srt)]
+        for c, lo, hi in zip(uniq.tolist(), starts.tolist(), stops, strict=True):
+            out[order[lo:hi]] = have[c][srt[lo:hi] - c * cr]
+        return out
+
+
+class _ChunkCachedGroup:
+    """The store's group with its arrays opened once (no metadata read per batch) and row reads cached."""
+
+    def __init__(self, group: Any, max_bytes: int):
+        self.group, self.lru = group, _ChunkLRU(max_bytes)
+        self._arrays: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        a = self._arrays.get(name)
+        if a is None:
+            a = self.group[name]
+            a = self._arrays[name] = _ChunkCachedArray(a, self.lru) if isinstance(a, zarr.Array) else a
+        return a
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.group
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.group, name)
+
+
+class CachedTargets:
+    """Targets from the Zarr store: one batched, sorted read per array per batch, through an LRU of decoded
+    inner chunks (``chunk_cache_bytes``; 0 turns it off) so that a chunk is decompressed once while the
+    training stream keeps coming back to it, not once per batch."""
+
+    def __init__(self, cache: TeacherCache, chunk_cache_bytes: int = 256 << 20):
         self.cache = cache
         self.grid = cache.grid
         self.logit_scale = float(cache.attrs["logit_scale"])
+        if chunk_cache_bytes > 0 and not isinstance(cache.group, _ChunkCachedGroup):
+            cache.group = _ChunkCachedGroup(cache.group, chunk_cache_bytes)
 
     def images(
         self, image_ids: Sequence[str], relevance: str | None, views: ImageViews | None = None

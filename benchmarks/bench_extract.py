@@ -1,0 +1,255 @@
+"""Extraction throughput against the bare teacher forward: pipeline images/s ÷ bare forward images/s.
+
+The pipeline side is ``pipeline.extract.run_unit`` on the image units of a real extraction (DataLoader decode,
+teacher forward, encoding, Zarr shard writes, manifest commit), with params.yaml's ``cache`` section
+(default: batch 128, one decode worker, 512 rows per unit, float16 + zstd). The bare side pushes the same images,
+decoded and resized beforehand into uint8 tensors, through ``Teacher.normalize_uint8`` + ``encode_images``
+with the same batch size and torch threads. The two alternate unit by unit (repetition 0 of the pipeline is
+the extraction itself, which creates the store; later repetitions rewrite its units), so machine load hits
+both; the target is the median of the per-unit ratios. Also reported: the CPU-seconds ratio (this process +
+its decode workers; a cross-check that moves less with other load) and the share of pipeline time spent
+inside the teacher.
+
+Two teachers: the embedded ``clip-td-tiny`` config at 64 px (the forward is cheap, so every per-image cost
+outside the model shows) and ViT-B-32 at 224 px (random init; the forward dominates). The datasets hold
+images (one instance, hence a handful of texts) plus some byte-identical copies under other ids, so the
+extraction plans deduplication but spends its time on image units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import TINY_TEACHER, Result, Scratch, cache_params, log, median, parser
+
+CONFIGS = {
+    # name: (model, image size, images, repetitions incl. the extraction); --quick: images / 4, 2 repetitions
+    "tiny-64px": (TINY_TEACHER, 64, 2048, 3),
+    "vit-b-32-224px": ("ViT-B-32", 224, 256, 2),
+}
+DUPLICATE_EVERY = 10  # every 10th image id repeats an earlier image's bytes (deduplicated to an alias)
+
+
+def image_only_dataset(path: Path, n: int, size: int, seed: int = 0) -> Path:
+    """n synthetic scenes rendered at size px as a prepared dataset with duplicates and a single instance."""
+    from pipeline.config import SyntheticParams
+    from pipeline.data import synthetic
+    from pipeline.data.schema import Instance
+    from pipeline.data.shards import DatasetWriter
+
+    if (path / "dataset.json").exists():
+        return path
+    sp = SyntheticParams(seed=seed, image_size=size)
+    with DatasetWriter(path, source="synthetic", split="train", shard_size=1000, image_shard_size=1000) as w:
+        first = None
+        for i in range(n):
+            if i % DUPLICATE_EVERY == DUPLICATE_EVERY - 1 and first is not None:
+                w.add_image(f"dup-{i:07d}", first, "png")
+                continue
+            png = synthetic.render(synthetic.make_scene(seed, "train", i, sp), size)
+            first = first or png
+            w.add_image(f"img-{i:07d}", png, "png")
+        # A prepared dataset needs an instance; one adds a few texts (a text unit of negligible cost).
+        hyp = "there is a red circle"
+        w.add_instance(
+            Instance(key="i0", task="snli_ve", image_id="img-0000000", split="train", hypothesis=hyp)
+        )
+    return path
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _worker_cpu(settle: bool = False) -> float | None:
+    """CPU seconds of the finished DataLoader workers: they are children of multiprocessing's fork server,
+    which reaps them, so they appear in its cutime + cstime (Linux /proc; None elsewhere)."""
+    try:
+        from multiprocessing import forkserver
+
+        pid = forkserver._forkserver._forkserver_pid
+        if pid is None:
+            return 0.0
+        if settle:
+            time.sleep(0.02)  # let the fork server reap the unit's workers
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    except Exception:  # noqa: BLE001 - a missing /proc or a changed private attribute: no CPU figure
+        return None
+
+
+def _warm_decode_workers(X, teacher, ds, num_workers: int) -> None:
+    """Start multiprocessing's fork server (it imports torch once) before anything is timed."""
+    if num_workers <= 0:
+        return
+    steps = X._pil_steps(teacher.preprocess)
+    first = ds.image_ids()[0]
+    data = X.UnitImages([str(ds.path)], [(0, first, ds.image_sha1(first))], steps, teacher.image_size, 0)
+    ctx = X._loader_context(1, steps)
+    list(
+        torch.utils.data.DataLoader(
+            data, num_workers=1, collate_fn=X.collate_images, multiprocessing_context=ctx
+        )
+    )
+
+
+def measure(name: str, model: str, size: int, n: int, reps: int, work: Path) -> dict:
+    from pipeline import extract as X
+    from pipeline.cache import committed_units
+    from pipeline.data.shards import PreparedDataset, decode_image
+
+    ds = PreparedDataset(image_only_dataset(work / f"{name}-data", n, size))
+    spec = X.TeacherSpec(model, "", "auto")
+    cp = dataclasses.replace(cache_params(), store=str(work / f"{name}.zarr"))
+    teacher = X.get_teacher(spec)
+    _warm_decode_workers(X, teacher, ds, cp.num_workers)
+    bs = max(1, cp.batch_size // max(1, cp.views))
+
+    # Time inside the teacher during pipeline units: what the pipeline spends outside the model is the rest.
+    encode = teacher.encode_images
+    in_model = [0.0]
+
+    def timed_encode(*a, **k):
+        t = time.perf_counter()
+        out = encode(*a, **k)
+        _sync(teacher.device)
+        in_model[0] += time.perf_counter() - t
+        return out
+
+    run_unit = X.run_unit
+
+    def timed_unit(job) -> tuple[float, float, float, dict]:
+        """(wall, CPU incl. decode workers, seconds in the model, manifest record) of one pipeline unit."""
+        teacher.encode_images = timed_encode
+        in_model[0] = 0.0
+        c0, w0 = time.process_time(), _worker_cpu() or 0.0
+        t = time.perf_counter()
+        try:
+            record = run_unit(job)
+            wall = time.perf_counter() - t
+        finally:
+            teacher.encode_images = encode
+        return wall, time.process_time() - c0 + (_worker_cpu(settle=True) or 0.0) - w0, in_model[0], record
+
+    # Repetition 0 is the extraction itself (which creates the store the later repetitions rewrite).
+    jobs, first = [], {}
+
+    def recording(job):
+        jobs.append(job)
+        if job.kind != "image":
+            return run_unit(job)
+        first[job.name] = timed_unit(job)
+        return first[job.name][-1]
+
+    X.run_unit = recording
+    try:
+        t0 = time.perf_counter()
+        metrics = X.extract([ds], cp.store, spec, cp, scheduler="sync", progress=False, overwrite=True)
+        extract_wall = time.perf_counter() - t0
+    finally:
+        X.run_unit = run_unit
+    del teacher.encode_images  # back to the class method
+    image_jobs = [j for j in jobs if j.kind == "image"]
+    unit_seconds = {r["unit"]: r["seconds"] for r in committed_units(cp.store).values()}
+    log(f"{name}: extraction {extract_wall:.1f} s ({len(image_jobs)} image units)")
+
+    # The bare side's input: every unit's images decoded and resized once, as uint8 [n, 3, S, S].
+    pixels = {
+        j.name: torch.stack([teacher.pil_to_uint8(decode_image(ds.image_bytes(i))) for _, i, _ in j.items])
+        for j in image_jobs
+    }
+
+    def bare(u8: torch.Tensor) -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
+        for lo in range(0, len(u8), bs):
+            teacher.encode_images(teacher.normalize_uint8(u8[lo : lo + bs].to(teacher.device)))
+        _sync(teacher.device)
+        return time.perf_counter() - t, time.process_time() - c
+
+    bare(pixels[image_jobs[0].name][:bs])  # warm the bare path (allocator, caches) with one batch
+    # Unit j through the pipeline, then the same images through the bare forward: each pair is measured within
+    # seconds of machine time, so the median of the pair ratios resists the load spikes of a shared machine.
+    pipe_s, bare_s, model_s, pairs = [], [], [], []
+    pipe_cpu = bare_cpu = 0.0
+    for rep in range(reps):
+        p = b = m = 0.0
+        for j in image_jobs:
+            dp, dpc, dm, _ = first[j.name] if rep == 0 else timed_unit(j)
+            db, dbc = bare(pixels[j.name])
+            p, b, m = p + dp, b + db, m + dm
+            pipe_cpu, bare_cpu = pipe_cpu + dpc, bare_cpu + dbc
+            pairs.append(db / dp)
+        pipe_s.append(p)
+        bare_s.append(b)
+        model_s.append(m)
+    images = sum(len(j.items) for j in image_jobs)
+    ratios = [bb / pp for pp, bb in zip(pipe_s, bare_s, strict=True)]
+    cpu_ok = pipe_cpu > 0 and _worker_cpu() is not None
+    out = {
+        "model": Path(model).stem if model.endswith(".json") else model,
+        "image_size": size,
+        "images": images,
+        "image_ids": n,
+        "image_aliases": metrics["image_aliases"],
+        "units": len(image_jobs),
+        "batch_size": cp.batch_size,
+        "num_workers": cp.num_workers,
+        "image_rows_per_unit": cp.image_rows_per_unit,
+        "dtype": cp.dtype,
+        "compressor": f"{cp.compressor}/{cp.clevel}",
+        "device": str(teacher.device),
+        "torch_threads": torch.get_num_threads(),
+        "repetitions": reps,
+        "pipeline_images_per_s": [round(images / s, 2) for s in pipe_s],
+        "bare_images_per_s": [round(images / s, 2) for s in bare_s],
+        "ratio_per_repetition": [round(r, 4) for r in ratios],
+        "ratio_unit_pairs": [round(r, 4) for r in pairs],
+        "ratio": round(median(pairs), 4),
+        # CPU seconds per image, bare ÷ pipeline (pipeline = this process + its decode workers): the share of
+        # the machine's CPU the pipeline spends in the model; less sensitive to other load than wall time.
+        "cpu_ratio": round(bare_cpu / pipe_cpu, 4) if cpu_ok else None,
+        "model_share_of_pipeline_time": round(
+            median([m / p for m, p in zip(model_s, pipe_s, strict=True)]), 4
+        ),
+        "extract_seconds": round(extract_wall, 2),
+        "manifest_unit_seconds": unit_seconds,
+    }
+    log(
+        f"{name}: pipeline/bare = {out['ratio']} (median of unit pairs), per repetition "
+        f"{out['ratio_per_repetition']}, cpu {out['cpu_ratio']}, model share {out['model_share_of_pipeline_time']}"
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of %(default)s")
+    args = p.parse_args(argv)
+    res = Result("extract")
+    with Scratch(args.work) as work:
+        for name in args.configs.split(","):
+            model, size, n, reps = CONFIGS[name]
+            if args.quick:
+                n, reps = max(128, n // 4), 2  # one repetition after the extraction
+            res.measurements[name] = m = measure(name, model, size, n, reps, work)
+            res.target(
+                f"{name}: pipeline/bare images per s",
+                m["ratio"],
+                ">=",
+                0.95,
+                f"{m['pipeline_images_per_s'][-1]} vs {m['bare_images_per_s'][-1]} img/s, {m['device']}, "
+                f"{m['torch_threads']} threads",
+            )
+    res.settings = {"configs": args.configs, "quick": args.quick, "duplicate_every": DUPLICATE_EVERY}
+    res.write(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

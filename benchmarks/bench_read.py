@@ -1,0 +1,194 @@
+"""Cache reads during training: read rate ÷ student consumption rate, and read amplification.
+
+Training-shaped batches (``Trainer.batches()`` of a cached ``clip_td`` run with params.yaml's defaults) are
+read in streaming order exactly as ``teacher_batch`` reads them: ``CachedTargets.images`` for the batch's
+images and ``CachedTargets.texts`` for its distill texts plus every candidate text.
+
+* rate: targets (images + texts) per second read, over the whole stream from a cold reader, ÷ targets per
+  second a cached ``clip_td`` student step consumes (median step time, steps on the same batches).
+* amplification: bytes the zarr store handed out (every ``LocalStore`` read is counted: shard indexes, inner
+  chunks, metadata) ÷ bytes needed, i.e. the on-disk (compressed) bytes of the distinct rows each batch asks
+  for, summed over batches. Measured with the reader's chunk LRU at its default size, at a size smaller than
+  the store (so the figure does not come from holding the whole store), and off (one decode per batch).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import Result, Scratch, log, median, parser
+from benchmarks.world import build
+
+TASKS = ("vqa", "snli_ve", "vcr")
+
+
+class ByteCounter:
+    """Counts the bytes zarr's LocalStore reads from files (its module-level ``_get`` does every read)."""
+
+    def __init__(self):
+        import zarr.storage._local as local
+
+        self._mod, self._orig = local, local._get
+        self.bytes = self.calls = 0
+
+    def __enter__(self) -> ByteCounter:
+        orig = self._orig
+
+        def counting(path, prototype, byte_range):
+            buf = orig(path, prototype, byte_range)
+            self.calls += 1
+            self.bytes += len(buf) if buf is not None else 0
+            return buf
+
+        self._mod._get = counting
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mod._get = self._orig
+
+
+def disk_bytes_per_row(store: str, cache) -> dict[str, float]:
+    """On-disk bytes per stored row of every array a training batch reads (text/tokens: per real token row,
+    its shard's unused slack rows are not stored)."""
+    real_rows = {"text/tokens": int(cache._lengths.sum())}
+    res = {}
+    for name in ("image/tokens", "image/tokens_scale", "image/pooled", "image/valid", "text/tokens",
+                 "text/tokens_scale", "text/pooled"):  # fmt: skip
+        folder = Path(store) / name
+        if not folder.exists():
+            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "zarr.json")
+        rows = real_rows.get(name.removesuffix("_scale"), cache.group[name].shape[0])
+        res[name] = size / max(1, rows)
+    return res
+
+
+def needed_bytes(batch, cache, per_row: dict[str, float]) -> float:
+    """Compressed bytes of the distinct rows a batch asks for."""
+    rows = np.unique(cache.image_rows(batch.image_ids))
+    texts = [t.distill for t in batch.teacher_texts]
+    texts += [c for t in batch.teacher_texts for c in t.candidates + t.rationale_candidates]
+    trows = np.unique(cache.text_rows(texts))
+    tok_rows = int(cache._lengths[trows].sum())
+    total = 0.0
+    for name, bpr in per_row.items():
+        if name.startswith("image/"):
+            total += len(rows) * bpr
+        elif name.startswith("text/tokens"):
+            total += tok_rows * bpr
+        else:
+            total += len(trows) * bpr
+    return total
+
+
+def read_batch(source, batch) -> int:
+    """What teacher_batch reads; returns the number of targets (images + texts)."""
+    source.images(batch.image_ids, None, batch.views)
+    texts = [t.distill for t in batch.teacher_texts]
+    texts += [c for t in batch.teacher_texts for c in t.candidates + t.rationale_candidates]
+    source.texts(texts)
+    return len(batch.image_ids) + len(texts)
+
+
+def measure_task(world, task: str, n_batches: int, steps: int, work: Path) -> dict:
+    from pipeline.cache import TeacherCache
+    from student.targets import CachedTargets
+    from student.train import RunSpec, Trainer
+
+    run = RunSpec(task, "full", "clip_td", 0, str(world.root), world.store(), str(work / f"read-{task}"))
+    tr = Trainer(world.params(), run, progress=False)
+    stream = tr.batches()
+    batches = [next(stream) for _ in range(n_batches)]
+    store_bytes = sum(f.stat().st_size for f in Path(world.store()).rglob("*") if f.is_file())
+    small = max(1 << 20, store_bytes // 4)
+    out: dict = {"task": task, "batches": n_batches, "store_bytes": store_bytes}
+    for label, budget in (("default", None), ("quarter_store", small), ("off", 0)):
+        cache = TeacherCache(world.store())
+        source = CachedTargets(cache) if budget is None else CachedTargets(cache, chunk_cache_bytes=budget)
+        per_row = disk_bytes_per_row(world.store(), cache)
+        needs = [needed_bytes(b, cache, per_row) for b in batches]
+        need = sum(needs)
+        half = n_batches // 2
+        targets = 0
+        with ByteCounter() as counter:
+            t = time.perf_counter()
+            for i, b in enumerate(batches):
+                if i == half:
+                    read_first_half = counter.bytes
+                targets += read_batch(source, b)
+            seconds = time.perf_counter() - t
+        lru = getattr(cache.group, "lru", None)
+        out[label] = {
+            "chunk_cache_bytes": lru.max_bytes if lru is not None else 0,
+            "bytes_read": counter.bytes,
+            "store_reads": counter.calls,
+            "bytes_needed": round(need),
+            "amplification": round(counter.bytes / need, 4),
+            # From a cold reader the first batches pay for whole chunks; the second half shows the steady state.
+            "amplification_second_half": round((counter.bytes - read_first_half) / sum(needs[half:]), 4),
+            "read_seconds_per_batch": round(seconds / n_batches, 5),
+            "targets_per_batch": targets / n_batches,
+            "read_targets_per_s": round(targets / seconds, 1),
+            "chunk_hits": lru.hits if lru is not None else 0,
+            "chunk_misses": lru.misses if lru is not None else 0,
+        }
+    # Consumption: cached clip_td steps on the same batches (the Trainer above reads with the default LRU).
+    step_s = []
+    for i, b in enumerate(batches[: steps + 1]):  # one warm-up step
+        t = time.perf_counter()
+        tr.train_step(b, None)
+        if i >= 1:
+            step_s.append(time.perf_counter() - t)
+    step = median(step_s)
+    per_batch = out["default"]["targets_per_batch"]
+    out["step_seconds_median"] = round(step, 5)
+    out["consume_targets_per_s"] = round(per_batch / step, 1)
+    for label in ("default", "quarter_store", "off"):
+        out[label]["read_over_consume"] = round(
+            out[label]["read_targets_per_s"] / out["consume_targets_per_s"], 2
+        )
+    d = out["default"]
+    log(
+        f"{task}: read {d['read_targets_per_s']:.0f} targets/s vs consumed {out['consume_targets_per_s']:.0f}/s "
+        f"(x{d['read_over_consume']}); amplification {d['amplification']} (LRU {d['chunk_cache_bytes'] >> 20} MB), "
+        f"{out['quarter_store']['amplification']} (LRU {out['quarter_store']['chunk_cache_bytes'] >> 20} MB), "
+        f"{out['off']['amplification']} (no LRU)"
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--batches", type=int, default=60, help="batches read in streaming order per task")
+    p.add_argument("--steps", type=int, default=3, help="student steps timed for the consumption rate")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="params override (repeatable)"
+    )
+    args = p.parse_args(argv)
+    n = max(10, args.batches // 4) if args.quick else args.batches
+    res = Result("read")
+    with Scratch(args.work) as work:
+        world = build(work, args.quick, overrides=tuple(args.set))
+        res.settings = {
+            "overrides": args.set,
+            "tasks": args.tasks,
+            "batches": n,
+            "steps": args.steps,
+            "condition": "full",
+        }
+        for task in args.tasks.split(","):
+            res.measurements[task] = m = measure_task(world, task, n, args.steps, work)
+            res.target(f"{task}: read rate / consumption rate", m["default"]["read_over_consume"], ">=", 10)
+            res.target(
+                f"{task}: read amplification (streaming order)", m["default"]["amplification"], "<=", 2
+            )
+    res.write(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,205 @@
+"""Student step time: cached ``clip_td`` ÷ ``baseline`` (what distilling from the cache costs) and online
+teacher ÷ cached ``clip_td`` (what the cache saves).
+
+Three Trainers built from params.yaml (student, train, distill defaults; the embedded teacher) take
+``Trainer.train_step`` on the same pre-collected training batches, round-robin step by step so that machine
+load hits all three alike; after a few warm-up steps the median of N steps is reported. The cached step's
+time inside ``CachedTargets`` (the reads) is reported as well: bench_read turns it into a rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import Result, Scratch, log, median, parser
+from benchmarks.world import build
+
+TASKS = ("vqa", "snli_ve", "vcr")
+DEFAULT_TASKS = ("vqa", "snli_ve")  # vcr steps cost 8 student passes (4 Q→A + 4 QA→R): --tasks adds it
+WARMUP = 3
+
+
+class _Timed:
+    """Wraps a TargetSource, adding up the seconds spent in its images/texts calls."""
+
+    def __init__(self, source):
+        self.source, self.seconds = source, 0.0
+        self.grid, self.logit_scale = source.grid, source.logit_scale
+
+    def _call(self, name, *a, **k):
+        t = time.perf_counter()
+        try:
+            return getattr(self.source, name)(*a, **k)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+    def images(self, *a, **k):
+        return self._call("images", *a, **k)
+
+    def texts(self, *a, **k):
+        return self._call("texts", *a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+
+def measure_task(world, task: str, steps: int, work: Path, threads: int = 0, online: bool = True) -> dict:
+    import student.train as T
+    from student.train import RunSpec, Trainer
+
+    params = world.params(*([f"train.threads={threads}"] if threads else []))
+    arms = {"baseline": ("baseline", False), "clip_td": ("clip_td", False), "online": ("clip_td", True)}
+    if not online:
+        del arms["online"]
+    trainers = {}
+    for arm, (method, online) in arms.items():
+        run = RunSpec(
+            task, "full", method, 0, str(world.root), world.store(), str(work / f"run-{task}-{arm}")
+        )
+        trainers[arm] = tr = Trainer(params, run, online_teacher=online, progress=False)
+        if tr.source is not None:
+            tr.source = _Timed(tr.source)
+    stream = trainers["baseline"].batches()
+    batches = [next(stream) for _ in range(WARMUP + steps)]
+    times: dict[str, list[float]] = {a: [] for a in arms}
+    cpu: dict[str, list[float]] = {a: [] for a in arms}
+    source_s: dict[str, list[float]] = {a: [] for a in arms}
+    # Seconds inside teacher_batch (reads + padding + §5 weights) and distill_loss (the loss forward; its
+    # backward shows only in the step), per step: where a cached step's extra time goes.
+    parts: dict[str, dict[str, list[float]]] = {a: {"teacher_batch": [], "distill_loss": []} for a in arms}
+    spent = {"teacher_batch": 0.0, "distill_loss": 0.0}
+    originals = {name: getattr(T, name) for name in spent}
+
+    def timing(name):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return originals[name](*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t
+
+        return wrapper
+
+    for name in spent:
+        setattr(T, name, timing(name))
+    order = list(arms)
+    for i, batch in enumerate(batches):
+        # Rotate who goes first, so no arm always runs right after the same other one.
+        for arm in order[i % len(order) :] + order[: i % len(order)]:
+            tr = trainers[arm]
+            if tr.source is not None:
+                tr.source.seconds = 0.0
+            spent.update(teacher_batch=0.0, distill_loss=0.0)
+            t, c = time.perf_counter(), time.process_time()
+            tr.train_step(batch, None)
+            dt, dc = time.perf_counter() - t, time.process_time() - c
+            if i >= WARMUP:
+                times[arm].append(dt)
+                cpu[arm].append(dc)
+                source_s[arm].append(tr.source.seconds if tr.source is not None else 0.0)
+                for name, v in spent.items():
+                    parts[arm][name].append(v)
+    for name, f in originals.items():
+        setattr(T, name, f)
+    med = {a: median(v) for a, v in times.items()}
+    pair_cached = [c / b for c, b in zip(times["clip_td"], times["baseline"], strict=True)]
+    b = len(batches[0].instances)
+    texts_per_step = sum(
+        1 + len(t.candidates) + len(t.rationale_candidates) for t in batches[0].teacher_texts
+    )
+    out = {
+        "task": task,
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": b,
+        "targets_per_step": {"images": b, "texts": texts_per_step},
+        "steps_timed": steps,
+        "warmup_steps": WARMUP,
+        "step_seconds_median": {a: round(v, 5) for a, v in med.items()},
+        "step_seconds": {a: [round(x, 5) for x in v] for a, v in times.items()},
+        "target_read_seconds_median": {
+            a: round(median(v), 5) for a, v in source_s.items() if a != "baseline"
+        },
+        # Medians of the per-step ratios (each pair measured back to back) and the ratio of the medians.
+        "cached_over_baseline": round(median(pair_cached), 4),
+        "cached_over_baseline_of_medians": round(med["clip_td"] / med["baseline"], 4),
+        # CPU seconds per step (this process, all threads): less sensitive to other load on the machine.
+        "cpu_seconds_median": {a: round(median(v), 5) for a, v in cpu.items()},
+        "cpu_cached_over_baseline": round(median(cpu["clip_td"]) / median(cpu["baseline"]), 4),
+        "read_share_of_cached_step": round(median(source_s["clip_td"]) / med["clip_td"], 4),
+        "seconds_median_in": {
+            a: {name: round(median(v), 5) for name, v in parts[a].items()} for a in arms if a != "baseline"
+        },
+    }
+    if "online" in arms:
+        pair_online = [o / c for o, c in zip(times["online"], times["clip_td"], strict=True)]
+        out["online_over_cached"] = round(median(pair_online), 4)
+        out["online_over_cached_of_medians"] = round(med["online"] / med["clip_td"], 4)
+        out["cpu_online_over_cached"] = round(median(cpu["online"]) / median(cpu["clip_td"]), 4)
+    log(
+        f"{task} ({out['torch_threads']} threads): step "
+        + " / ".join(f"{a} {med[a] * 1e3:.0f}" for a in arms)
+        + f" ms: cached÷baseline {out['cached_over_baseline']}"
+        + (f", online÷cached {out['online_over_cached']}" if "online" in arms else "")
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, of {TASKS}")
+    p.add_argument(
+        "--single-thread",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure with torch on 1 thread (the load-insensitive compute ratio)",
+    )
+    p.add_argument("--steps", type=int, default=20, help=f"timed steps per arm (after {WARMUP} warm-up)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="params override (repeatable)"
+    )
+    args = p.parse_args(argv)
+    steps = max(3, args.steps // 3) if args.quick else args.steps
+    res = Result("train")
+    with Scratch(args.work) as work:
+        world = build(work, args.quick, overrides=tuple(args.set))
+        params = world.params()
+        res.settings = {
+            "overrides": args.set,
+            "tasks": args.tasks,
+            "steps": steps,
+            "warmup": WARMUP,
+            "condition": "full",
+            "student": vars(params.student),
+            "batch_size": params.train.batch_size,
+            "teacher": Path(world.teacher_model).stem,
+            "teacher_weights": "trained" if world.trained_teacher else "random init",
+            "torch_threads": torch.get_num_threads(),
+            "quick": args.quick,
+        }
+        default_threads = torch.get_num_threads()
+        for task in args.tasks.split(","):
+            res.measurements[task] = m = measure_task(world, task, steps, work)
+            res.target(f"{task}: cached clip_td step / baseline step", m["cached_over_baseline"], "<=", 1.10)
+            res.target(f"{task}: online-teacher step / cached step", m["online_over_cached"], ">=", 2.0)
+            if args.single_thread and default_threads > 1:
+                # One thread: no OpenMP barrier waits, which on a machine shared with other work inflate
+                # the many small ops of a KD step far more than a baseline step's; the compute ratio.
+                m1 = measure_task(world, task, steps, work, threads=1, online=False)
+                torch.set_num_threads(default_threads)
+                res.measurements[f"{task}@1thread"] = m1
+                res.target(
+                    f"{task}: cached clip_td step / baseline step, 1 thread",
+                    m1["cached_over_baseline"],
+                    "<=",
+                    1.10,
+                )
+    res.write(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
