@@ -186,17 +186,26 @@ class StoreLock:
             os.makedirs(self.root, exist_ok=True)
         except OSError as e:
             raise self._writable_error(e, self.root) from e
+        # Write the holder record to a private file first, then hard-link it into place: link() fails if the
+        # lock exists (create-if-absent, like O_EXCL), and a competitor never reads a lock file that is still
+        # empty and mistakes it for a half-written, stale one.
+        tmp = f"{self.path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise self._writable_error(e, self.root) from e
+        try:
+            os.link(tmp, self.path)
         except FileExistsError:
             return False
         except OSError as e:
             raise self._writable_error(e, self.path) from e
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
         finally:
-            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return True
 
     def _create_remote(self, data: bytes) -> bool:
