@@ -17,38 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import CacheParams
 from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset, _read_tar_samples, instance_pipeline
-from pipeline.extract import extract
 from student.data import Batch, TaskSpec, eval_batches, load_tokenizer, train_loader
 from student.model import create_student
 from student.train import RunSpec, Trainer, forward_task, run_student
-from tests.test_train_student import TINY_TEACHER, _params, _prepare
+from tests.test_train_student import _params, build_world
 
 REPO = Path(__file__).resolve().parents[1]
 TASK, CONDITION, METHOD = "snli_ve", "lowshot@0.5", "clip_td"
-
-
-def build_world(root: Path, views: int = 0) -> tuple[Path, Path, str]:
-    """The tiny world of test_train_student (5 train instance shards of 40), extracted with ``views``."""
-    _prepare(root / "shards")
-    cfg = root / "tiny-teacher.json"
-    cfg.write_text(json.dumps(TINY_TEACHER))
-    from pipeline.teacher import create_teacher
-
-    torch.manual_seed(0)
-    teacher = create_teacher(str(cfg), "")
-    torch.save({"state_dict": teacher.model.state_dict()}, root / "teacher.pt")
-    store = str(root / "cache.zarr")
-    datasets = [PreparedDataset(root / "shards" / s) for s in ("train", "val", "test")]
-    cp = CacheParams(
-        image_rows_per_unit=64, text_rows_per_unit=512, batch_size=32, num_workers=0, views=views
-    )
-    extract(
-        datasets, store, (str(cfg), str(root / "teacher.pt"), "fp32"), cp, scheduler="sync", progress=False
-    )
-    return root, cfg, store
 
 
 @pytest.fixture(scope="module")

@@ -34,13 +34,12 @@ def _prepare(root, seed=0, scenes=(60, 12, 18)):
             synthetic.generate(split, sp, w)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
+def build_world(root, views: int = 0):
+    """The tiny world: prepared shards, a saved random-init teacher (so the fingerprint holds a checkpoint
+    checksum, as with a real one) and its cache extracted with ``views``."""
     _prepare(root / "shards")
     cfg = root / "tiny-teacher.json"
     cfg.write_text(json.dumps(TINY_TEACHER))
-    # A saved random-init teacher: the fingerprint then holds its checkpoint checksum, as with a real one.
     from pipeline.teacher import create_teacher
 
     torch.manual_seed(0)
@@ -48,10 +47,18 @@ def world(tmp_path_factory):
     torch.save({"state_dict": teacher.model.state_dict()}, root / "teacher.pt")
     store = str(root / "cache.zarr")
     datasets = [PreparedDataset(root / "shards" / s) for s in ("train", "val", "test")]
-    extract(datasets, store, (str(cfg), str(root / "teacher.pt"), "fp32"),
-            CacheParams(image_rows_per_unit=64, text_rows_per_unit=512, batch_size=32, num_workers=0),
-            scheduler="sync", progress=False)  # fmt: skip
+    cp = CacheParams(
+        image_rows_per_unit=64, text_rows_per_unit=512, batch_size=32, num_workers=0, views=views
+    )
+    extract(
+        datasets, store, (str(cfg), str(root / "teacher.pt"), "fp32"), cp, scheduler="sync", progress=False
+    )
     return root, cfg, store
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world"))
 
 
 def _params(world, **over) -> Params:

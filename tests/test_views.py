@@ -14,8 +14,7 @@ from pipeline.teacher import create_teacher
 from student.data import CLIP_MEAN, CLIP_STD, ViewTable
 from student.targets import OnlineTargets, teacher_batch
 from student.train import RunSpec, Trainer
-from tests.test_ddp import build_world
-from tests.test_train_student import _params
+from tests.test_train_student import _params, build_world
 
 K = 3
 
