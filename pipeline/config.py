@@ -102,6 +102,10 @@ class StudentParams:
     heads: int = 2
     mlp_ratio: float = 4.0
     patch_size: int = 16
+    # "patch": ViLT's linear patch embedding. "conv": a small strided-conv stem ending on the same patch grid
+    # (Xiao et al. 2021, "Early convolutions help transformers see better"): a from-scratch student then
+    # learns to use the image in far fewer steps.
+    stem: Literal["patch", "conv"] = "patch"
     image_size: int = 64
     max_text_len: int = 32
     dropout: float = 0.1
@@ -253,6 +257,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad("not an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-3 (no dot) as a string; accept what Python reads as a number.
+            try:
+                return float(value)
+            except ValueError:
+                raise bad("not a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("not a number")
         return float(value)

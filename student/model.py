@@ -109,7 +109,7 @@ class ViltStudent(nn.Module):
         self.max_text_len = params.max_text_len
         self.vocab_size = vocab_size
         self.eot_id = vocab_size - 1
-        self.patch_embed = nn.Conv2d(3, d, params.patch_size, stride=params.patch_size)
+        self.patch_embed = make_stem(params.stem, d, params.patch_size)
         self.tok_embed = nn.Embedding(vocab_size, d)
         self.cls = nn.Parameter(torch.zeros(1, 1, d))
         self.img_pos = nn.Parameter(torch.zeros(1, self.grid**2, d))
@@ -121,6 +121,10 @@ class ViltStudent(nn.Module):
         )
         self.ln_f = nn.LayerNorm(d)
         self.apply(_init_weights)
+        if params.stem == "conv":  # conv layers keep PyTorch's fan-in init; N(0, 0.02) would starve the stem
+            for m in self.patch_embed.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.reset_parameters()
         for p in (self.cls, self.img_pos, self.txt_pos):
             nn.init.normal_(p, std=0.02)
         # GPT-2's scaled init of residual projections keeps the residual stream's variance flat with depth.
@@ -143,6 +147,23 @@ class ViltStudent(nn.Module):
         x = self.ln_f(x)
         g2 = img.shape[1]
         return StudentOutput(x[:, 0], x[:, 1 : 1 + g2], x[:, 1 + g2 :], text_mask)
+
+
+def make_stem(kind: str, width: int, patch: int) -> nn.Module:
+    """Pixels [B,3,H,W] -> [B,width,H/patch,W/patch]."""
+    if kind == "patch":
+        return nn.Conv2d(3, width, patch, stride=patch)
+    if kind != "conv":
+        raise ValueError(f"unknown student.stem {kind!r} (allowed: patch, conv)")
+    if patch < 4 or patch & (patch - 1):
+        raise ValueError(f"student.stem=conv needs a power-of-two student.patch_size >= 4, got {patch}")
+    # Two stride-2 3x3 convs, then one conv covering the remaining patch/4 factor.
+    c1, c2, rest = max(8, width // 4), max(16, width // 2), patch // 4
+    return nn.Sequential(
+        nn.Conv2d(3, c1, 3, stride=2, padding=1), nn.GELU(),
+        nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.GELU(),
+        nn.Conv2d(c2, width, rest, stride=rest),
+    )  # fmt: skip
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -163,9 +163,11 @@ class Trainer:
         self.val_ds = PreparedDataset(root / "val") if (root / "val" / "dataset.json").exists() else None
         self.test_ds = PreparedDataset(root / "test")
         pp = params.protocol
+        # Parsed once: the split is drawn from them and the training batches are served from them.
+        self.train_instances = [i for i in self.train_ds.iter_instances() if i.task == run.task]
         self.split: Split = make_split(
             run.task, run.condition, run.seed,
-            self.train_ds.iter_instances(), self.test_ds.iter_instances(),
+            self.train_instances, self.test_ds.iter_instances(),
             self.val_ds.iter_instances() if self.val_ds else None,
             shift_key=pp.shift_key, target=pp.shift_target_domain, val_fraction=pp.val_fraction,
         )  # fmt: skip
@@ -188,7 +190,9 @@ class Trainer:
         self.dheads = DistillHeads(self.student.width, self.source_dim()) if self.needs_teacher else None
         modules = [self.student, self.heads] + ([self.dheads] if self.dheads is not None else [])
         self.params_list = [p for m in modules for p in m.parameters()]
-        self.opt = torch.optim.AdamW(self.params_list, lr=tp.lr, weight_decay=tp.weight_decay)
+        # fused: one kernel over all parameters instead of ~10 per tensor; on 2 CPU cores the per-tensor
+        # update of the 49,408-row token embedding was 40% of a default step (torch profiler).
+        self.opt = torch.optim.AdamW(self.params_list, lr=tp.lr, weight_decay=tp.weight_decay, fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(tp.warmup, tp.steps))
         self.step = 0
         self.nonfinite_steps = 0  # optimizer steps skipped under train.on_nonfinite=skip
@@ -342,7 +346,7 @@ class Trainer:
         tp = self.params.train
         return train_loader(self.train_ds, self.split.train, self.spec, batch_size=self.batch_size // self.world_size,
                             seed=tp.seed * 1000 + self.run.seed + 7919 * self.rank, num_workers=tp.num_workers,
-                            views=self.views)  # fmt: skip
+                            views=self.views, instances=self.train_instances)  # fmt: skip
 
     def unlabeled_stream(self):
         """Image-only batches for the KD-only term of the unlabeled variants (None when the method has none)."""

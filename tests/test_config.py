@@ -43,6 +43,10 @@ def test_overrides_parse_yaml_values():
     assert p.student.width == 192 and p.distill.rho_v == 0.5 and p.protocol.seeds == [0, 1]
     assert p.data.synthetic.scenes["train"] == 10
     assert isinstance(load_params(None, ["distill.alpha0=1"]).distill.alpha0, float)
+    # YAML 1.1 reads 3e-3 as a string; a float key still takes it, and a word is still refused.
+    assert load_params(None, ["train.lr=3e-3"]).train.lr == 3e-3
+    with pytest.raises(ConfigError, match=r"train\.lr.*not a number"):
+        load_params(None, ["train.lr=fast"])
 
 
 def test_range_validation_names_key():

@@ -67,6 +67,28 @@ def test_each_rank_streams_its_own_shards(world, monkeypatch):
     assert seen[0] | seen[1] == set(wanted)
 
 
+def test_in_memory_batches_cover_each_selected_instance_once_per_epoch(world, monkeypatch):
+    # The trainer serves a split it already parsed from memory: every rank gets a disjoint share, and within
+    # an epoch no instance repeats, so a low-shot subset is seen as evenly as the streamed one.
+    root, cfg, _ = world
+    ds = PreparedDataset(root / "shards" / "train")
+    pool = [i for i in ds.iter_instances() if i.task == TASK]
+    wanted = sorted(i.key for i in pool)[::2]
+    spec = TaskSpec(TASK, load_tokenizer(str(cfg)), 32, 24)
+    seen = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        share = len(wanted[rank::2])
+        stream = train_loader(ds, wanted, spec, batch_size=share, seed=3, instances=pool)
+        first, second = [[i.key for i in next(stream).instances] for _ in range(2)]
+        assert len(set(first)) == len(first) == share and set(first) == set(second)
+        seen[rank] = set(first)
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(wanted)
+    with pytest.raises(ValueError, match="selected keys have no instance"):
+        train_loader(ds, [*wanted, "no-such-key"], spec, batch_size=2, seed=0, instances=pool)
+
+
 def test_too_few_shards_or_an_empty_rank_fail_loudly(world, monkeypatch):
     root, cfg, _ = world
     ds = PreparedDataset(root / "shards" / "train")
