@@ -15,6 +15,7 @@ import os
 import random
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -301,19 +302,27 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ loop
-    def train_step(self, batch: Batch, unlabeled) -> dict:
+    def targets(self, batch: Batch, unlabeled) -> tuple | None:
+        """The step's teacher targets (labelled instances, then the KD-only images): (tb, weights, u_tb)."""
+        if not self.needs_teacher:
+            return None
+        tb, weights = teacher_batch(batch, self.source, self.cfg, self.run.task)
+        u_tb = unlabeled_teacher_batch(unlabeled[0], self.source, self.cfg) if unlabeled is not None else None
+        return tb, weights, u_tb
+
+    def train_step(self, batch: Batch, unlabeled, targets: tuple | None = None) -> dict:
         task, cfg = self.run.task, self.cfg
         self.student.train()
         l_task, out = forward_task(self.student, self.heads, task, batch)
         check_finite("task loss", l_task)
         tb = weights = None
         if self.needs_teacher:
-            tb, weights = teacher_batch(batch, self.source, cfg, task)
+            tb, weights, u_tb = targets if targets is not None else self.targets(batch, unlabeled)
             if unlabeled is not None:
                 u_ids, u_pixels, u_text = unlabeled
                 u_out = self.student(u_pixels, u_text)
                 out = _cat_outputs(out, u_out)
-                tb = _cat_teacher(tb, unlabeled_teacher_batch(u_ids, self.source, cfg))
+                tb = _cat_teacher(tb, u_tb)
                 weights = torch.cat([weights, torch.ones(len(u_ids))])
         total, parts = distill_loss(
             out,
@@ -456,26 +465,30 @@ class Trainer:
         bar = tqdm(
             total=tp.steps, initial=self.step, desc=self.run.name, disable=not self.progress or self.rank != 0
         )
-        while self.step < stop:
-            try:
-                logs = self.train_step(next(stream), next(unl) if unl is not None else None)
-            except FloatingPointError as e:
-                logs = self._skip_nonfinite(e)
-            self.step += 1
-            if self.ddp:
-                logs = self._mean_over_ranks(logs)
-            history.append({"step": self.step, **logs})
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.3f}")
-            # Only rank 0 validates, exports and checkpoints (the weights are the same on every rank); nothing
-            # inside is a collective, so the other ranks just go on to the next step's all_reduce and wait there.
-            if (self.step % tp.eval_every == 0 or self.step == tp.steps) and self.rank == 0:
-                score = self.validate()["primary"]
-                if score > self.best["score"]:
-                    self.best = {"score": score, "step": self.step}
-                    self.export(self.out / "student.pt")
-            if self.step % tp.checkpoint_every == 0 or self.step == stop:
-                self.save_checkpoint()
+        pending = _Prefetch(self, stream, unl)
+        try:
+            while self.step < stop:
+                try:
+                    logs = self.train_step(*pending.next())
+                except FloatingPointError as e:
+                    logs = self._skip_nonfinite(e)
+                self.step += 1
+                if self.ddp:
+                    logs = self._mean_over_ranks(logs)
+                history.append({"step": self.step, **logs})
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss']:.3f}")
+                # Only rank 0 validates, exports and checkpoints (the weights are the same on every rank); nothing
+                # inside is a collective, so the other ranks just go on to the next step's all_reduce and wait there.
+                if (self.step % tp.eval_every == 0 or self.step == tp.steps) and self.rank == 0:
+                    score = self.validate()["primary"]
+                    if score > self.best["score"]:
+                        self.best = {"score": score, "step": self.step}
+                        self.export(self.out / "student.pt")
+                if self.step % tp.checkpoint_every == 0 or self.step == stop:
+                    self.save_checkpoint()
+        finally:
+            pending.close()
         bar.close()
         if self.ddp:  # every rank returns rank 0's selection (this also waits for rank 0's last checkpoint)
             best = [self.best]
@@ -490,6 +503,32 @@ class Trainer:
         torch.save({"student": self.student.state_dict(), "heads": self.heads.state_dict(), "run": asdict(self.run),
                     "student_params": asdict(self.params.student), "vocab": self.spec.vocab,
                     "teacher_model": self.params.teacher.model}, path)  # fmt: skip
+
+
+class _Prefetch:
+    """Step n+1's batch, KD-only images and teacher targets are made on one background thread while step n
+    computes: decoding and cache reads (zstd releases the GIL) then overlap the model instead of adding to
+    it. Only this thread touches the target source during training, so the chunk cache needs no lock; the
+    order of batches is the stream's, so a resumed run still replays the same data."""
+
+    def __init__(self, trainer: Trainer, stream, unl):
+        self.trainer, self.stream, self.unl = trainer, stream, unl
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-td-prefetch")
+        self.future = self.pool.submit(self._make)
+
+    def _make(self) -> tuple:
+        batch = next(self.stream)
+        unlabeled = next(self.unl) if self.unl is not None else None
+        return batch, unlabeled, self.trainer.targets(batch, unlabeled)
+
+    def next(self) -> tuple:
+        item = self.future.result()
+        self.future = self.pool.submit(self._make)
+        return item
+
+    def close(self) -> None:
+        self.future.cancel()
+        self.pool.shutdown(wait=True)
 
 
 def run_student(

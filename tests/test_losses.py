@@ -46,7 +46,9 @@ def identity_heads(d: int = 2) -> DistillHeads:
 
 
 def settings(method: str = "clip_td", **kw):
-    return dataclasses.replace(method_config(method, DistillParams()), **kw)
+    # The hand values below are worked out for α decaying from 1 to 0.1 (the method file's schedule), pinned
+    # here so that tuning the shipped default does not change what these tests check.
+    return dataclasses.replace(method_config(method, DistillParams(alpha0=1.0, alpha_min=0.1)), **kw)
 
 
 # ---------------------------------------------------------------------------------------------- grid resize
@@ -379,7 +381,7 @@ def test_gradients_reach_student_and_heads_only_as_used():
     total, logs = clip_td_loss(out, heads, teacher, T([0.5, 1.5]), l_task, 3, 10, DistillParams(), 3)
     total.backward()
     assert all(torch.isfinite(v) for v in logs.values())
-    assert student.patch_embed.weight.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in student.patch_embed.parameters())
     assert student.tok_embed.weight.grad.abs().sum() > 0
     assert heads.h_v.weight.grad.abs().sum() > 0
     assert heads.h_t.weight.grad.abs().sum() > 0

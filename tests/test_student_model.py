@@ -125,8 +125,19 @@ def test_task_heads_shapes_and_losses():
         TaskHeads(16, tasks=("snli_ve",))("vqa", pooled)
 
 
+def test_conv_stem_ends_on_the_patch_grid():
+    # The conv stem is a drop-in for the patch embedding: same token grid, so teacher alignment is unchanged.
+    torch.manual_seed(0)
+    for patch, size in ((8, 16), (16, 64)):
+        student = ViltStudent(tiny_params(stem="conv", patch_size=patch, image_size=size), VOCAB)
+        out = student(torch.randn(2, 3, size, size), torch.tensor([[VOCAB - 2, 5, VOCAB - 1]] * 2))
+        assert student.grid == size // patch and out.image_tokens.shape == (2, (size // patch) ** 2, 16)
+    with pytest.raises(ValueError, match="power-of-two"):
+        ViltStudent(tiny_params(stem="conv", patch_size=6, image_size=12), VOCAB)
+
+
 def test_student_owns_no_distillation_parameters():
-    params = tiny_params()
+    params = tiny_params(stem="patch")
     torch.manual_seed(0)
     baseline = ViltStudent(params, VOCAB)
     distilled = ViltStudent(params, VOCAB)

@@ -204,8 +204,8 @@ class PreparedDataset:
         f = self._files.get(shard)
         if f is None:
             f = self._files[shard] = open(self.image_urls[shard], "rb")  # noqa: SIM115 - kept open for reuse
-        f.seek(offset)
-        data = f.read(size)
+        # pread: no shared file position, so a prefetch thread and the main thread can read side by side.
+        data = os.pread(f.fileno(), size, offset)
         if len(data) != size:
             raise DataError(
                 self.image_urls[shard], image_id, f"truncated image: read {len(data)} of {size} bytes"
