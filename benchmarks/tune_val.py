@@ -26,9 +26,29 @@ from student.evaluation import evaluate
 from student.train import RunSpec, Trainer
 
 
+def summary(path: str) -> str:
+    """A markdown table of the lines in ``path``: mean (min-max, seeds) per tag, task, condition and method."""
+    groups: dict[tuple, list[dict]] = {}
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        groups.setdefault((r["tag"], r["task"], r["condition"], r["method"]), []).append(r)
+    rows = ["| tag | overrides | task | condition | method | seeds | val mean (min–max) | val, target domain |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (tag, task, cond, method), rs in groups.items():
+        vals = [r["val"] for r in rs]
+        tgt = [r["val_per_domain"].get("outline", 0.0) for r in rs] if cond == "shift" else []
+        rows.append(
+            f"| {tag} | {' '.join(rs[0]['overrides']) or '(defaults)'} | {task} | {cond} | {method} | "
+            f"{','.join(str(r['seed']) for r in rs)} | {sum(vals) / len(vals):.3f} ({min(vals):.3f}–{max(vals):.3f}) | "
+            + (f"{sum(tgt) / len(tgt):.3f}" if tgt else "")
+            + " |"
+        )
+    return "\n".join(rows)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--task", required=True, type=click.Choice(["vqa", "snli_ve", "vcr"]))
-@click.option("--condition", required=True, help="full, shift or lowshot-F.")
+@click.option("--task", type=click.Choice(["vqa", "snli_ve", "vcr"]))
+@click.option("--condition", help="full, shift or lowshot-F.")
 @click.option("--methods", default="baseline,naive_kd,clip_td", help="Comma-separated methods.")
 @click.option("--seeds", default="0", help="Comma-separated seeds.")
 @click.option("--data", "data_root", default="data/shards/synthetic")
@@ -38,9 +58,15 @@ from student.train import RunSpec, Trainer
 @click.option("--threads", default=1, help="torch threads (two 1-thread sweeps use both cores best).")
 @click.option("--out", default="benchmarks/results/tuning.jsonl")
 @click.option("--tag", default="", help="A label stored with each line.")
+@click.option("--summary", "show_summary", is_flag=True, help="Print a markdown table of --out and exit.")
 def main(
-    task, condition, methods, seeds, data_root, cache, params_path, overrides, threads, out, tag
+    task, condition, methods, seeds, data_root, cache, params_path, overrides, threads, out, tag, show_summary
 ) -> None:
+    if show_summary:
+        click.echo(summary(out))
+        return
+    if not task or not condition:
+        raise click.UsageError("--task and --condition are required (or --summary)")
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(threads)
     params = load_params(params_path, list(overrides))
