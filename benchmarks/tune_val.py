@@ -46,6 +46,50 @@ def summary(path: str) -> str:
     return "\n".join(rows)
 
 
+@torch.no_grad()
+def image_sensitivity(student, ds: PreparedDataset, keys: list[str], spec, n: int = 128) -> float:
+    """Mean relative change of the pooled output when the images of a validation batch are shuffled among
+    its texts: near 0 means the student answers from the text alone."""
+    from student.data import eval_batches
+
+    batch = next(eval_batches(ds, keys, spec, n))
+    pixels, text = batch.pixels, batch.text_ids
+    if text.dim() == 3:  # VCR: the first Q->A candidate of each instance
+        text = text[:, 0]
+    student.eval()
+    a = student(pixels, text).pooled
+    b = student(pixels[torch.randperm(len(pixels), generator=torch.Generator().manual_seed(0))], text).pooled
+    return float(((a - b).norm(dim=1) / a.norm(dim=1).clamp(min=1e-8)).mean())
+
+
+def text_prior(data_root: str) -> dict[str, float]:
+    """Validation score of a blind predictor: the most frequent training label of the same question text (VQA)
+    or hypothesis template (SNLI-VE). A student at this score is not using the image."""
+    from collections import Counter, defaultdict
+
+    from pipeline.metrics import instance_scores
+
+    train = list(PreparedDataset(Path(data_root) / "train").iter_instances())
+    val = list(PreparedDataset(Path(data_root) / "val").iter_instances())
+    out = {}
+    for task, key, label in (
+        ("vqa", lambda i: i.question, lambda i: i.answer),
+        ("snli_ve", lambda i: i.meta.get("template", ""), lambda i: i.label),
+    ):
+        counts: dict[str, Counter] = defaultdict(Counter)
+        for i in train:
+            if i.task == task:
+                counts[key(i)][label(i)] += 1
+        overall = sum(counts.values(), Counter())
+        scores = []
+        for i in (v for v in val if v.task == task):
+            guess = (counts.get(key(i)) or overall).most_common(1)[0][0]
+            pred = {"answer": guess} if task == "vqa" else {"label": guess}
+            scores.append(instance_scores(task, pred, i)[PRIMARY[task]])
+        out[task] = sum(scores) / len(scores)
+    return out
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--task", type=click.Choice(["vqa", "snli_ve", "vcr"]))
 @click.option("--condition", help="full, shift or lowshot-F.")
@@ -59,11 +103,21 @@ def summary(path: str) -> str:
 @click.option("--out", default="benchmarks/results/tuning.jsonl")
 @click.option("--tag", default="", help="A label stored with each line.")
 @click.option("--summary", "show_summary", is_flag=True, help="Print a markdown table of --out and exit.")
+@click.option(
+    "--prior",
+    "show_prior",
+    is_flag=True,
+    help="Print the blind (text-only) validation score per task and exit.",
+)
 def main(
-    task, condition, methods, seeds, data_root, cache, params_path, overrides, threads, out, tag, show_summary
-) -> None:
+    task, condition, methods, seeds, data_root, cache, params_path, overrides, threads, out, tag, show_summary,
+    show_prior,
+) -> None:  # fmt: skip
     if show_summary:
         click.echo(summary(out))
+        return
+    if show_prior:
+        click.echo(json.dumps({k: round(v, 4) for k, v in text_prior(data_root).items()}))
         return
     if not task or not condition:
         raise click.UsageError("--task and --condition are required (or --summary)")
@@ -80,10 +134,12 @@ def main(
             trainer = Trainer(params, run, progress=False)
             trainer.fit(resume=False)
             scored = evaluate(trainer.student, trainer.heads, val, keys, trainer.spec)
+            sensitivity = image_sensitivity(trainer.student, val, keys, trainer.spec)
             line = {
                 "tag": tag, "task": task, "condition": condition, "method": method, "seed": seed,
                 "overrides": list(overrides), "val": scored["primary"],
                 "val_per_domain": {d: m[PRIMARY[task]] for d, m in scored["metrics"]["per_domain"].items()},
+                "image_sensitivity": sensitivity,
                 "seconds": time.perf_counter() - t0,
             }  # fmt: skip
             click.echo(json.dumps(line))

@@ -118,7 +118,7 @@ class TrainParams:
     steps: int = 200
     batch_size: int = 32
     # Per-task batch sizes that replace batch_size: a VCR instance is 8 student sequences (4 Q→A + 4 QA→R).
-    task_batch_size: dict[str, int] = field(default_factory=lambda: {"vcr": 8})
+    task_batch_size: dict[str, int] = field(default_factory=lambda: {"vcr": 4})
     # 2e-3: with 200 steps the higher rate helped every KD arm on VQA low-shot validation (tuning.jsonl)
     lr: float = 2e-3
     weight_decay: float = 0.05

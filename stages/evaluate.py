@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -18,6 +19,14 @@ from student.evaluation import evaluate
 from student.model import TaskHeads, create_student
 
 
+@functools.cache
+def _instances(split_dir: Path) -> tuple[PreparedDataset, tuple]:
+    """A split's dataset and parsed instances, once per process: the grid's runs share the same splits, and
+    parsing the train shards again for each of 54 runs was most of this stage's time."""
+    ds = PreparedDataset(split_dir)
+    return ds, tuple(ds.iter_instances())
+
+
 def evaluate_run(run_dir: Path, params) -> dict:
     exported = torch.load(run_dir / "student.pt", map_location="cpu", weights_only=False)
     run = exported["run"]
@@ -27,11 +36,11 @@ def evaluate_run(run_dir: Path, params) -> dict:
     heads = TaskHeads(student.width, len(exported["vocab"]), tasks=(run["task"],))
     heads.load_state_dict(exported["heads"])
     root = Path(run["data_root"])
-    test_ds = PreparedDataset(root / "test")
+    test_ds, test_instances = _instances(root / "test")
     pp = params.protocol
     split = make_split(
-        run["task"], run["condition"], run["seed"], PreparedDataset(root / "train").iter_instances(),
-        test_ds.iter_instances(), None, shift_key=pp.shift_key, target=pp.shift_target_domain,
+        run["task"], run["condition"], run["seed"], _instances(root / "train")[1],
+        test_instances, None, shift_key=pp.shift_key, target=pp.shift_target_domain,
     )  # fmt: skip
     spec = TaskSpec(run["task"], load_tokenizer(exported["teacher_model"]), sp.image_size, sp.max_text_len,
                     exported["vocab"], params.distill.vqa_candidates)  # fmt: skip
