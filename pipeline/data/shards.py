@@ -246,8 +246,8 @@ def _check_tar_complete(url: str) -> None:
     """Python's tarfile (and so webdataset) treats a file cut at a member boundary as a shorter archive and
     silently drops the rest; a complete archive ends with two zero blocks (then zero padding to a record).
     Only the file's tail is read: walking every header again doubled the cost of parsing a shard, and a
-    member's own data cannot end a file in two whole zero blocks (its padding is under one block; JSON and
-    image bytes hold no 1 KiB runs of zeros)."""
+    member's own data cannot end a file in two whole zero blocks (its padding is under one block, and the JSON
+    of an instance holds no NUL bytes)."""
     size = os.path.getsize(url)
     with open(url, "rb") as f:
         f.seek(max(0, size - 2 * tarfile.BLOCKSIZE))
