@@ -99,14 +99,16 @@ def _warm_decode_workers(X, teacher, ds, num_workers: int) -> None:
     )
 
 
-def measure(name: str, model: str, size: int, n: int, reps: int, work: Path) -> dict:
+def measure(
+    name: str, model: str, size: int, n: int, reps: int, work: Path, overrides: tuple[str, ...] = ()
+) -> dict:
     from pipeline import extract as X
     from pipeline.cache import committed_units
     from pipeline.data.shards import PreparedDataset, decode_image
 
     ds = PreparedDataset(image_only_dataset(work / f"{name}-data", n, size))
     spec = X.TeacherSpec(model, "", "auto")
-    cp = dataclasses.replace(cache_params(), store=str(work / f"{name}.zarr"))
+    cp = dataclasses.replace(cache_params(overrides), store=str(work / f"{name}.zarr"))
     teacher = X.get_teacher(spec)
     _warm_decode_workers(X, teacher, ds, cp.num_workers)
     bs = max(1, cp.batch_size // max(1, cp.views))
@@ -228,7 +230,7 @@ def measure(name: str, model: str, size: int, n: int, reps: int, work: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__)
+    p = parser(__doc__, overrides=True)
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of %(default)s")
     args = p.parse_args(argv)
     res = Result("extract")
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             model, size, n, reps = CONFIGS[name]
             if args.quick:
                 n, reps = max(128, n // 4), 2  # one repetition after the extraction
-            res.measurements[name] = m = measure(name, model, size, n, reps, work)
+            res.measurements[name] = m = measure(name, model, size, n, reps, work, tuple(args.set))
             res.target(
                 f"{name}: pipeline/bare images per s",
                 m["ratio"],
@@ -246,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{m['pipeline_images_per_s'][-1]} vs {m['bare_images_per_s'][-1]} img/s, {m['device']}, "
                 f"{m['torch_threads']} threads",
             )
-    res.settings = {"configs": args.configs, "quick": args.quick, "duplicate_every": DUPLICATE_EVERY}
+    res.settings = {
+        "configs": args.configs, "quick": args.quick, "duplicate_every": DUPLICATE_EVERY, "overrides": args.set,
+    }  # fmt: skip
     res.write(args.out)
     return 0
 

@@ -161,13 +161,10 @@ def measure_task(world, task: str, n_batches: int, steps: int, work: Path) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__)
+    p = parser(__doc__, overrides=True)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--batches", type=int, default=60, help="batches read in streaming order per task")
     p.add_argument("--steps", type=int, default=3, help="student steps timed for the consumption rate")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="params override (repeatable)"
-    )
     args = p.parse_args(argv)
     n = max(10, args.batches // 4) if args.quick else args.batches
     res = Result("read")

@@ -197,7 +197,7 @@ def measure_loop(world, task: str, steps: int, work: Path, block: int = 10) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__)
+    p = parser(__doc__, overrides=True)
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, of {TASKS}")
     p.add_argument(
         "--single-thread",
@@ -206,9 +206,6 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure with torch on 1 thread (the load-insensitive compute ratio)",
     )
     p.add_argument("--steps", type=int, default=20, help=f"timed steps per arm (after {WARMUP} warm-up)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="params override (repeatable)"
-    )
     args = p.parse_args(argv)
     steps = max(3, args.steps // 3) if args.quick else args.steps
     res = Result("train")

@@ -124,8 +124,13 @@ class Result:
         return path
 
 
-def parser(doc: str | None) -> argparse.ArgumentParser:
+def parser(doc: str | None, overrides: bool = False) -> argparse.ArgumentParser:
+    """The options every benchmark takes; ``overrides`` adds ``--set KEY=VALUE`` over params.yaml."""
     p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    if overrides:
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="params override (repeatable)"
+        )
     p.add_argument(
         "--out", default=str(DEFAULT_OUT), help="folder for <benchmark>.json (default: %(default)s)"
     )
@@ -167,11 +172,11 @@ def make_world(
     return out
 
 
-def cache_params():
-    """params.yaml's ``cache`` section (what ``make repro`` extracts with)."""
+def cache_params(overrides: tuple[str, ...] = ()):
+    """params.yaml's ``cache`` section (what ``make repro`` extracts with), with ``--set`` overrides."""
     from pipeline.config import load_params
 
-    return load_params(ROOT / "params.yaml").cache
+    return load_params(ROOT / "params.yaml", overrides).cache
 
 
 def teacher_weights() -> str:

@@ -281,7 +281,7 @@ def train_loader(
 
     Given ``instances`` (the parsed Instance of every key, which the caller already holds from drawing the
     split) the batches come from memory in seeded epochs: a low-shot subset is a few percent of the shards, and
-    streaming would read and parse every shard to keep that few percent (measured: 150 ms of a 200 ms step).
+    streaming would read and parse every shard to keep that few percent (cProfile: 150 ms of a 200 ms step).
     Without them, each DDP rank and worker streams its own shards and a shuffle buffer mixes them."""
     wanted = frozenset(keys)
     if instances is not None:

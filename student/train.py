@@ -192,7 +192,7 @@ class Trainer:
         modules = [self.student, self.heads] + ([self.dheads] if self.dheads is not None else [])
         self.params_list = [p for m in modules for p in m.parameters()]
         # fused: one kernel over all parameters instead of ~10 per tensor; on 2 CPU cores the per-tensor
-        # update of the 49,408-row token embedding was 40% of a default step (torch profiler).
+        # update of the 49,408-row token embedding was 40% of a default step (cProfile).
         self.opt = torch.optim.AdamW(self.params_list, lr=tp.lr, weight_decay=tp.weight_decay, fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(tp.warmup, tp.steps))
         self.step = 0
