@@ -110,7 +110,8 @@ def measure(
     spec = X.TeacherSpec(model, "", "auto")
     cp = dataclasses.replace(cache_params(overrides), store=str(work / f"{name}.zarr"))
     teacher = X.get_teacher(spec)
-    _warm_decode_workers(X, teacher, ds, cp.num_workers)
+    workers = X.decode_workers(cp.num_workers, str(teacher.device))
+    _warm_decode_workers(X, teacher, ds, workers)
     bs = max(1, cp.batch_size // max(1, cp.views))
 
     # Time inside the teacher during pipeline units: what the pipeline spends outside the model is the rest.
@@ -201,7 +202,7 @@ def measure(
         "image_aliases": metrics["image_aliases"],
         "units": len(image_jobs),
         "batch_size": cp.batch_size,
-        "num_workers": cp.num_workers,
+        "num_workers": workers,
         "image_rows_per_unit": cp.image_rows_per_unit,
         "dtype": cp.dtype,
         "compressor": f"{cp.compressor}/{cp.clevel}",

@@ -84,13 +84,23 @@ class CacheParams:
     text_rows_per_unit: int = 4096
     target_chunk_bytes: int = 1 << 20
     batch_size: int = 128
-    num_workers: int = 1
+    # Decode worker processes per unit. -1: automatic, i.e. 0 when the teacher runs on the CPU (images decode on a
+    # thread beside the model, whose torch threads already fill the cores; a process would only contend)
+    # and min(4, cores - 1) when it runs on a GPU, where decoding is what keeps the device waiting.
+    num_workers: int = -1
     views: int = 0
     # Extra teacher token sources stored for relevance scoring (method §3): "value" (MaskCLIP), "intermediate".
     relevance_tokens: list[str] = field(default_factory=list)
     scheduler: str = "local"  # "local" (LocalCluster), "sync" (in-process), or a dask scheduler address
     n_workers: int = 1
     on_error: Literal["fail", "skip"] = "fail"
+
+    def validate(self) -> None:
+        if self.num_workers < -1:
+            raise ConfigError(
+                f"key 'cache.num_workers': -1 (automatic), 0 (decode in-process) or a number of worker "
+                f"processes, got {self.num_workers}"
+            )
 
 
 @dataclass

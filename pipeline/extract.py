@@ -29,6 +29,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,6 +317,28 @@ def _to_uint8(img: Any) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
+def _steps_keep_own_size(pil_steps: Sequence[Any], size: int) -> bool:
+    """Whether the eval transform returns an RGB image of its own output size unchanged (open_clip's resize,
+    centre crop and mode conversion do), so images stored at the teacher's size skip it: at 64 px the
+    transform's Python overhead costs as much as the PNG decode. Probed once with a random image, so a
+    transform that does change such an image (any filter or colour step) keeps running on every image."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    probe = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+    out = probe
+    try:
+        for t in pil_steps:
+            out = t(out)
+    except Exception:  # noqa: BLE001 - a transform that cannot take the probe: run the steps on every image
+        return False
+    return (
+        getattr(out, "size", None) == probe.size
+        and getattr(out, "mode", None) == "RGB"
+        and np.array_equal(np.asarray(out), np.asarray(probe))
+    )
+
+
 class UnitImages(torch.utils.data.Dataset):
     """One unit's images as uint8 views [K, 3, S, S] (view 0 = the eval transform). Runs in DataLoader worker
     processes, so it holds only paths and transforms and opens the datasets lazily in each process; decode
@@ -327,6 +350,7 @@ class UnitImages(torch.utils.data.Dataset):
     ):
         self.dataset_paths, self.items = list(dataset_paths), list(items)
         self.pil_steps, self.size, self.k = pil_steps, size, max(1, views)
+        self.steps_keep_own_size = _steps_keep_own_size(pil_steps, size)
         self._open: dict[int, PreparedDataset] = {}
 
     def __len__(self) -> int:
@@ -353,8 +377,9 @@ class UnitImages(torch.utils.data.Dataset):
             ds = self._open.get(di) or self._open.setdefault(di, PreparedDataset(self.dataset_paths[di]))
             img = decode_image(ds.image_bytes(image_id))
             eval_img = img
-            for t in self.pil_steps:
-                eval_img = t(eval_img)
+            if not (self.steps_keep_own_size and img.size == (self.size, self.size)):
+                for t in self.pil_steps:
+                    eval_img = t(eval_img)
             u8[0] = _to_uint8(eval_img)
             boxes[0] = C.eval_view_box(*img.size)
             for v in range(1, self.k):
@@ -402,10 +427,22 @@ def _unit_batches(
                 pin_memory=pin,
             )
         )
-    for lo in range(0, head if rest is not None else n, batch_size):
-        yield collate_images([data[i] for i in range(lo, min(n, lo + batch_size))])
     if rest is not None:
+        yield collate_images([data[i] for i in range(head)])
         yield from rest
+        return
+
+    def decode(lo: int) -> tuple:
+        return collate_images([data[i] for i in range(lo, min(n, lo + batch_size))])
+
+    # In-process decode runs one batch ahead on a thread, so it overlaps the teacher's forward instead of
+    # alternating with it (PIL decodes and torch computes with the GIL released).
+    with ThreadPoolExecutor(1, thread_name_prefix="clip-td-decode") as pool:
+        ahead = pool.submit(decode, 0) if n else None
+        for lo in range(batch_size, n + batch_size, batch_size):
+            batch = ahead.result()
+            ahead = pool.submit(decode, lo) if lo < n else None
+            yield batch
 
 
 def _loader_context(num_workers: int, pil_steps: Sequence[Any] = ()) -> Any:
@@ -969,6 +1006,16 @@ def _open_or_check(url: str, fingerprint: dict, overwrite: bool, rebuild_stale: 
     return False
 
 
+def decode_workers(num_workers: int, device: str) -> int:
+    """``cache.num_workers`` resolved: -1 picks in-process decoding for a CPU teacher (its torch threads already
+    use every core) and up to 4 worker processes, leaving a core to the coordinator, for a GPU teacher."""
+    if num_workers >= 0:
+        return num_workers
+    if not device.startswith("cuda"):
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
 def _make_jobs(plan, layout, lengths, offsets, url, spec, cp, relevance) -> list[UnitJob]:
     common = dict(
         store_url=url,
@@ -977,7 +1024,7 @@ def _make_jobs(plan, layout, lengths, offsets, url, spec, cp, relevance) -> list
         views=layout.views,
         relevance=relevance,
         batch_size=int(cp.batch_size),
-        num_workers=int(cp.num_workers),
+        num_workers=decode_workers(int(cp.num_workers), spec.resolved_device()),
         on_error=cp.on_error,
     )
     jobs = []

@@ -54,6 +54,8 @@ def test_range_validation_names_key():
         load_params(None, ["distill.rho_t=1.5"])
     with pytest.raises(ConfigError, match=r"protocol\.conditions.*lowshot@2"):
         load_params(None, ["protocol.conditions=[lowshot@2]"])
+    with pytest.raises(ConfigError, match=r"cache\.num_workers.*-1 \(automatic\)"):
+        load_params(None, ["cache.num_workers=-2"])
 
 
 def test_bad_override_syntax():

@@ -439,3 +439,55 @@ def test_stage_cli(world, tmp_path):
     assert m["unique_images"] == 9 and m["dtype"] == "int8" and "9 images" in r.output
     r = CliRunner().invoke(main, [*args, "--views", "2"])
     assert r.exit_code == 1 and "store.views" in r.output  # stale layout refused, named
+
+
+def test_images_at_teacher_size_skip_only_a_transform_that_keeps_them(world, tmp_path):
+    """Images stored at the teacher's size skip the eval transform only where it would return them unchanged:
+    the pixels equal the full transform's either way, and a transform that alters them still runs."""
+    from PIL import ImageFilter
+
+    teacher = world["teacher"]
+    s = teacher.image_size
+    with DatasetWriter(tmp_path / "ds", source="synthetic", split="train") as w:
+        for i in range(3):
+            w.add_image(f"at-size-{i}", _png(i, (s, s)), "png")
+            w.add_image(f"other-{i}", _png(10 + i, (s + 9, s - 3)), "png")
+        w.add_instance(_snli("k", "at-size-0", "train", "there is a square"))
+    ds = PreparedDataset(tmp_path / "ds")
+    items = [(0, i, ds.image_sha1(i)) for i in ds.image_ids()]
+    steps = X._pil_steps(teacher.preprocess)
+    blur = [*steps, lambda im: im.filter(ImageFilter.GaussianBlur(1))]
+    for pil_steps, skips in ((steps, True), (blur, False)):
+        data = X.UnitImages([str(ds.path)], items, pil_steps, s, 0)
+        assert data.steps_keep_own_size is skips
+        for row, (_, image_id, _) in enumerate(items):
+            img = decode_image(ds.image_bytes(image_id))
+            for t in pil_steps:
+                img = t(img)
+            want = np.asarray(img).transpose(2, 0, 1)
+            np.testing.assert_array_equal(data[row][1][0], want, err_msg=image_id)
+        data.close()
+
+
+def test_automatic_decode_workers_follow_the_teacher_device(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert X.decode_workers(-1, "cpu") == 0  # torch already fills the cores: decode on a thread
+    assert X.decode_workers(-1, "cuda:0") == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert X.decode_workers(-1, "cuda") == 1
+    assert X.decode_workers(3, "cpu") == 3  # an explicit count is kept
+
+
+def test_dvc_reruns_extraction_for_every_store_setting_and_only_those(baseline):
+    """dvc.yaml's extract_teacher stage lists the cache params that the store's fingerprint holds (+ on_error):
+    a setting the fingerprint would call stale must also make DVC rerun the stage, and a speed-only
+    setting (workers, batch, scheduler) must not recompute CLIP."""
+    import yaml
+
+    stage = yaml.safe_load((Path(__file__).parent.parent / "dvc.yaml").read_text())["stages"][
+        "extract_teacher"
+    ]
+    listed = {p.split(".", 1)[1] for p in stage["params"] if isinstance(p, str) and p.startswith("cache.")}
+    store_keys = set(C.open_group(baseline["url"], mode="r").attrs["fingerprint"]["store"])
+    assert listed == store_keys | {"on_error"}
+    assert "cache" not in stage["params"]

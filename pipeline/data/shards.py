@@ -369,4 +369,4 @@ def decode_image(data: bytes):
 
     img = Image.open(io.BytesIO(data))
     img.load()
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
