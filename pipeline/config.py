@@ -9,6 +9,7 @@ typo never silently falls back to a default. Command-line overrides use the same
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -143,6 +144,13 @@ class TrainParams:
     # A non-finite loss term or gradient norm: "fail" raises naming the term; "skip" drops that optimizer step,
     # counts it in train.json and stops once more than 10% of train.steps were skipped.
     on_nonfinite: Literal["fail", "skip"] = "fail"
+    # Where the student (and an online teacher) run: "auto" = the first CUDA device when there is one, else
+    # the CPU; or "cpu", "cuda", "cuda:N". Cached targets are read on the CPU and moved with the batch.
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"key 'train.device': expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass

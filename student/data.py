@@ -15,6 +15,7 @@ targets are read for the same view.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -203,6 +204,24 @@ class Batch:
     @property
     def image_ids(self) -> list[str]:
         return [i.image_id for i in self.instances]
+
+    def to(self, device: torch.device) -> Batch:
+        """The model inputs on ``device`` (instances, texts and views stay host-side: only the loss and the
+        targets' weights read them, on the CPU)."""
+        if self.pixels.device == torch.device(device):
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.to(device, non_blocking=True) if t is not None else None
+
+        return dataclasses.replace(
+            self,
+            pixels=move(self.pixels),
+            text_ids=move(self.text_ids),
+            target=move(self.target),
+            unlabeled_pixels=move(self.unlabeled_pixels),
+            unlabeled_text_ids=move(self.unlabeled_text_ids),
+        )
 
 
 def collate(samples: list[dict]) -> Batch:

@@ -14,6 +14,7 @@ from student.model import TaskHeads
 
 @torch.no_grad()
 def predict(student, heads: TaskHeads, task: str, batch: Batch, vocab: Sequence[str]) -> list[dict]:
+    batch = batch.to(next(student.parameters()).device)
     if task == "vcr":
         b, k2, length = batch.text_ids.shape
         out = student(batch.pixels.repeat_interleave(k2, 0), batch.text_ids.view(b * k2, length))

@@ -103,7 +103,7 @@ def forward_task(student, heads: TaskHeads, task: str, batch: Batch) -> tuple[to
     k = k2 // 2
     l_qa, _ = heads.loss("vcr", pooled[:, :k], batch.target[:, 0])
     l_qr, _ = heads.loss("vcr", pooled[:, k:], batch.target[:, 1])
-    gold = torch.arange(b) * k2 + batch.target[:, 0]
+    gold = torch.arange(b, device=batch.target.device) * k2 + batch.target[:, 0]
     kd_out = StudentOutput(
         out.pooled[gold], out.image_tokens[gold], out.text_tokens[gold], out.text_mask[gold]
     )
@@ -135,6 +135,28 @@ def _cat_teacher(a: dict, b: dict) -> dict:
     return out
 
 
+def resolve_device(name: str) -> torch.device:
+    """``train.device``: "auto" is the current CUDA device when there is one, else the CPU; a CUDA device that
+    is not there fails here, naming the key, instead of at the first tensor copy."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name}: torch sees no CUDA device here (use auto or cpu)")
+    return device
+
+
+def to_device(x, device: torch.device):
+    """Tensors inside (nested) tuples, lists and dicts moved to ``device``; everything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
+
+
 class Trainer:
     def __init__(self, params: Params, run: RunSpec, *, online_teacher: bool = False, progress: bool = True):
         self.params, self.run, self.progress = params, run, progress
@@ -142,6 +164,7 @@ class Trainer:
         tp = params.train
         if tp.threads:
             torch.set_num_threads(tp.threads)
+        self.device = resolve_device(tp.device)
         # Under torchrun (WORLD_SIZE > 1) every rank streams its own shards (pipeline.data.shards.node_shards)
         # with batch_size / world_size instances, so the global batch is the 1-process batch; gradients are
         # averaged over the ranks before clipping, so every rank takes the same optimizer step.
@@ -190,6 +213,8 @@ class Trainer:
         self.heads = TaskHeads(self.student.width, len(vocab), tasks=(run.task,))
         self.dheads = DistillHeads(self.student.width, self.source_dim()) if self.needs_teacher else None
         modules = [self.student, self.heads] + ([self.dheads] if self.dheads is not None else [])
+        for m in modules:  # initialised on the CPU first, so a seed gives the same weights on every device
+            m.to(self.device)
         self.params_list = [p for m in modules for p in m.parameters()]
         # fused: one kernel over all parameters instead of ~10 per tensor; on 2 CPU cores the per-tensor
         # update of the 49,408-row token embedding was 40% of a default step (cProfile).
@@ -211,7 +236,7 @@ class Trainer:
         if online:
             from pipeline.teacher import create_teacher
 
-            teacher = create_teacher(tp.model, tp.pretrained, precision=tp.precision)
+            teacher = create_teacher(tp.model, tp.pretrained, device=self.device, precision=tp.precision)
             return OnlineTargets(
                 teacher, [d for d in (self.train_ds, self.val_ds, self.test_ds) if d is not None]
             )
@@ -308,11 +333,14 @@ class Trainer:
             return None
         tb, weights = teacher_batch(batch, self.source, self.cfg, self.run.task)
         u_tb = unlabeled_teacher_batch(unlabeled[0], self.source, self.cfg) if unlabeled is not None else None
-        return tb, weights, u_tb
+        return to_device((tb, weights, u_tb), self.device)  # on the prefetch thread: the copy overlaps too
 
     def train_step(self, batch: Batch, unlabeled, targets: tuple | None = None) -> dict:
         task, cfg = self.run.task, self.cfg
         self.student.train()
+        batch = batch.to(self.device)
+        if unlabeled is not None:
+            unlabeled = (unlabeled[0], *to_device(tuple(unlabeled[1:]), self.device))
         l_task, out = forward_task(self.student, self.heads, task, batch)
         check_finite("task loss", l_task)
         tb = weights = None
@@ -323,7 +351,7 @@ class Trainer:
                 u_out = self.student(u_pixels, u_text)
                 out = _cat_outputs(out, u_out)
                 tb = _cat_teacher(tb, u_tb)
-                weights = torch.cat([weights, torch.ones(len(u_ids))])
+                weights = torch.cat([weights, torch.ones(len(u_ids), device=weights.device)])
         total, parts = distill_loss(
             out,
             self.dheads,
@@ -385,7 +413,7 @@ class Trainer:
         parameter no rank touched keeps grad None, so AdamW skips it as a 1-process run would."""
         params = self.params_list
         grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
-        had = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype)
+        had = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
         flat = torch.cat([*grads, had])
         dist.all_reduce(flat)
         offset = 0

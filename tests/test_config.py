@@ -56,6 +56,8 @@ def test_range_validation_names_key():
         load_params(None, ["protocol.conditions=[lowshot@2]"])
     with pytest.raises(ConfigError, match=r"cache\.num_workers.*-1 \(automatic\)"):
         load_params(None, ["cache.num_workers=-2"])
+    with pytest.raises(ConfigError, match=r"train\.device.*'gpu'"):
+        load_params(None, ["train.device=gpu"])
 
 
 def test_bad_override_syntax():

@@ -158,3 +158,41 @@ def test_every_method_trains_and_exports_a_baseline_sized_student(world, tmp_pat
     assert set(exported) >= {"student", "heads", "vocab", "run"} and "dheads" not in exported
     if method == "baseline":
         assert metrics["final"]["task"] == pytest.approx(metrics["final"]["loss"])
+
+
+def test_training_device_resolves_and_a_missing_gpu_names_the_key(monkeypatch):
+    from student.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match=r"train\.device=cuda:1.*no CUDA device"):
+        resolve_device("cuda:1")
+
+
+def test_batches_and_targets_move_to_the_training_device(world, tmp_path):
+    """What a GPU run moves: the model inputs and every teacher target tensor; instances and texts stay."""
+    from student.train import to_device
+
+    tr = Trainer(_params(world), _run(world, tmp_path, task="vqa"), progress=False)
+    batch = next(tr.batches())
+    tb, weights, u_tb = tr.targets(batch, None)
+    moved = batch.to("meta")  # a device without memory: shows where each tensor would go
+    assert {moved.pixels.device.type, moved.text_ids.device.type, moved.target.device.type} == {"meta"}
+    assert moved.instances is batch.instances and moved.teacher_texts is batch.teacher_texts
+    assert batch.pixels.device.type == "cpu"  # the host batch is left as it was
+    tb_m, w_m, u_m = to_device((tb, weights, u_tb), torch.device("meta"))
+    assert set(tb_m) == set(tb) and {t.device.type for t in tb_m.values()} == {"meta"}
+    assert w_m.device.type == "meta" and u_m is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_steps_match_cpu_steps(world, tmp_path):
+    logs = {}
+    for device in ("cpu", "cuda"):
+        tr = Trainer(_params(world, **{"train.device": device}), _run(world, tmp_path, name=device),
+                     progress=False)  # fmt: skip
+        assert next(tr.student.parameters()).device.type == device
+        stream = tr.batches()
+        logs[device] = [tr.train_step(next(stream), None) for _ in range(3)]
+    for c, g in zip(logs["cpu"], logs["cuda"], strict=True):
+        assert g["loss"] == pytest.approx(c["loss"], rel=1e-3, abs=1e-4)
