@@ -100,14 +100,21 @@ def _warm_decode_workers(X, teacher, ds, num_workers: int) -> None:
 
 
 def measure(
-    name: str, model: str, size: int, n: int, reps: int, work: Path, overrides: tuple[str, ...] = ()
+    name: str,
+    model: str,
+    size: int,
+    n: int,
+    reps: int,
+    work: Path,
+    overrides: tuple[str, ...] = (),
+    precision: str = "auto",
 ) -> dict:
     from pipeline import extract as X
     from pipeline.cache import committed_units
     from pipeline.data.shards import PreparedDataset, decode_image
 
     ds = PreparedDataset(image_only_dataset(work / f"{name}-data", n, size))
-    spec = X.TeacherSpec(model, "", "auto")
+    spec = X.TeacherSpec(model, "", precision)
     cp = dataclasses.replace(cache_params(overrides), store=str(work / f"{name}.zarr"))
     teacher = X.get_teacher(spec)
     workers = X.decode_workers(cp.num_workers, str(teacher.device))
@@ -207,6 +214,7 @@ def measure(
         "dtype": cp.dtype,
         "compressor": f"{cp.compressor}/{cp.clevel}",
         "device": str(teacher.device),
+        "precision": precision,
         "torch_threads": torch.get_num_threads(),
         "repetitions": reps,
         "pipeline_images_per_s": [round(images / s, 2) for s in pipe_s],

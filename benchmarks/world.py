@@ -29,9 +29,10 @@ class World:
     teacher_pt: str
     trained_teacher: bool
     overrides: tuple[str, ...] = ()  # --set key=value for the student runs (params.yaml's dotted names)
+    home: Path | None = None  # where the teacher's checkpoint and caches live (default: beside the shards)
 
     def store(self, dtype: str = "float16") -> str:
-        return str(self.root.parent / f"cache-{dtype}.zarr")
+        return str((self.home or self.root.parent) / f"cache-{dtype}.zarr")
 
     def params(self, *overrides: str):
         """params.yaml (the student, train and distill defaults) with this world's teacher."""
@@ -44,9 +45,17 @@ class World:
 
 
 def build(
-    work: Path, quick: bool = False, dtypes: tuple[str, ...] = ("float16",), overrides: tuple[str, ...] = ()
+    work: Path,
+    quick: bool = False,
+    dtypes: tuple[str, ...] = ("float16",),
+    overrides: tuple[str, ...] = (),
+    teacher_model: str = TINY_TEACHER,
+    precision: str = "auto",
 ) -> World:
-    """The world and one extracted cache per dtype (each reused when already complete)."""
+    """The world and one extracted cache per dtype (each reused when already complete). ``teacher_model``
+    other than the embedded one (an open_clip name, e.g. ViT-B-16 for the GPU check) is a random init saved as
+    a checkpoint, with its own folder; ``precision`` is the extraction's (and, through ``World.params``, an
+    online teacher's)."""
     from pipeline.data.shards import PreparedDataset
     from pipeline.extract import extract
 
@@ -54,7 +63,11 @@ def build(
     scenes = QUICK_SCENES if quick else SCENES
     root = base / "shards"
     make_world(root, scenes)
-    trained = teacher_weights()
+    embedded = teacher_model == TINY_TEACHER
+    if not embedded:  # the same shards; the teacher, its checkpoint and its caches apart
+        base = base / Path(teacher_model).stem
+        base.mkdir(parents=True, exist_ok=True)
+    trained = teacher_weights() if embedded else ""
     pt = base / ("teacher-trained.pt" if trained else "teacher.pt")
     if trained:  # a snapshot: make repro may rewrite or clean artifacts/ while the benchmarks run
         import shutil
@@ -64,9 +77,10 @@ def build(
         from pipeline.teacher import create_teacher
 
         torch.manual_seed(0)
-        teacher = create_teacher(TINY_TEACHER, "")
+        teacher = create_teacher(teacher_model, "")
         torch.save({"state_dict": teacher.model.state_dict()}, pt)
-    world = World(root, TINY_TEACHER, str(pt), bool(trained), tuple(overrides))
+    sets = (*overrides, f"teacher.precision={precision}")
+    world = World(root, teacher_model, str(pt), bool(trained), sets, base)
     datasets = [PreparedDataset(root / s) for s in scenes]
     for dtype in dtypes:
         url = world.store(dtype)
@@ -76,7 +90,7 @@ def build(
         metrics = extract(
             datasets,
             url,
-            (TINY_TEACHER, str(pt), "auto"),
+            (teacher_model, str(pt), precision),
             dataclasses.replace(cache_params(), store=url, dtype=dtype),
             scheduler="sync",
             progress=False,
