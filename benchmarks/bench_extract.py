@@ -238,6 +238,18 @@ def measure(
     return out
 
 
+def add_target(res: Result, name: str, m: dict) -> None:
+    """The issue's extraction target for one measurement (bench_extract and bench_gpu report it alike)."""
+    res.target(
+        f"{name}: pipeline/bare images per s",
+        m["ratio"],
+        ">=",
+        0.95,
+        f"{m['pipeline_images_per_s'][-1]} vs {m['bare_images_per_s'][-1]} img/s, {m['device']}, "
+        f"{m['torch_threads']} threads, {m['num_workers']} decode workers",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, overrides=True)
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of %(default)s")
@@ -249,14 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick:
                 n, reps = max(128, n // 4), 2  # one repetition after the extraction
             res.measurements[name] = m = measure(name, model, size, n, reps, work, tuple(args.set))
-            res.target(
-                f"{name}: pipeline/bare images per s",
-                m["ratio"],
-                ">=",
-                0.95,
-                f"{m['pipeline_images_per_s'][-1]} vs {m['bare_images_per_s'][-1]} img/s, {m['device']}, "
-                f"{m['torch_threads']} threads",
-            )
+            add_target(res, name, m)
     res.settings = {
         "configs": args.configs, "quick": args.quick, "duplicate_every": DUPLICATE_EVERY, "overrides": args.set,
     }  # fmt: skip

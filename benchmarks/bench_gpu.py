@@ -65,14 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"extract-{MODEL.lower()}-workers{'auto' if w < 0 else w}"
             m = bench_extract.measure(name, MODEL, SIZE, n, reps, work, sets, precision=precision)
             res.measurements[name] = m
-            res.target(
-                f"{name}: pipeline/bare images per s",
-                m["ratio"],
-                ">=",
-                0.95,
-                f"{m['pipeline_images_per_s'][-1]} vs {m['bare_images_per_s'][-1]} img/s, {m['device']}, "
-                f"{m['num_workers']} decode workers",
-            )
+            bench_extract.add_target(res, name, m)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the next setting starts from the same free memory
         steps = max(3, args.steps // 5) if args.quick else args.steps
