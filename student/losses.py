@@ -38,6 +38,11 @@ class TeacherBatch(TypedDict):
     txt_lengths: Tensor
     txt_pooled: Tensor
     rel_img_tokens: NotRequired[Tensor]
+    # Added by ``prepare_teacher`` (the teacher-only half of clip_td_loss).
+    img_target: NotRequired[Tensor]
+    img_select: NotRequired[Tensor]
+    txt_target: NotRequired[Tensor]
+    txt_relevance: NotRequired[Tensor]
 
 
 class DistillHeads(nn.Module):
@@ -347,6 +352,37 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return total / mask.sum(1).clamp(min=1).to(values.dtype)
 
 
+def prepare_teacher(
+    teacher: TeacherBatch, g_t: int, g_s: int, cfg: DistillParams | MethodSettings
+) -> TeacherBatch:
+    """The part of ``clip_td_loss`` that reads no student tensor: float32 image targets on the student's
+    g_S x g_S grid (§2) as ``img_target``, the image token selection as ``img_select`` and the text tokens'
+    relevance to the image as ``txt_relevance`` (§3; with selection on), float32 text targets as
+    ``txt_target``. The trainer runs it on the prefetch thread so that a step does not pay for it; the loss
+    runs it itself on a batch without these keys. Returns a new dict; a prepared batch comes back as it is."""
+    if "img_target" in teacher:
+        return teacher
+    s = _settings(cfg)
+    f32 = torch.float32
+    has_text = teacher["txt_lengths"].long() > 0
+    e_img = teacher["img_pooled"].to(f32)
+    out = dict(teacher)
+    out["img_target"] = t_img = resize_teacher_grid(teacher["img_tokens"].to(f32), g_t, g_s)
+    out["txt_target"] = t_txt = teacher["txt_tokens"].to(f32)
+    if s.select:
+        # Image tokens: all g_S² are valid; relevance against the instance text, or against the image's own
+        # pooled embedding when the instance has no text.
+        rel_src = teacher.get("rel_img_tokens")
+        rel_tok = t_img if rel_src is None else resize_teacher_grid(rel_src.to(f32), g_t, g_s)
+        query = torch.where(has_text[:, None], teacher["txt_pooled"].to(f32), e_img)
+        valid_v = torch.ones(t_img.shape[:2], dtype=torch.bool, device=t_img.device)
+        out["img_select"] = select_tokens(cosine_relevance(rel_tok, query), valid_v, s.rho_v, s)
+        # Per token, so the loss may cut it to the student's text length; which tokens are distillable
+        # depends on the student's text mask, hence the text selection itself stays in the loss.
+        out["txt_relevance"] = cosine_relevance(t_txt, e_img)
+    return out  # type: ignore[return-value]
+
+
 def clip_td_loss(
     out: StudentOutput,
     heads: DistillHeads,
@@ -367,24 +403,20 @@ def clip_td_loss(
     if s.kd != "tokens":
         raise ValueError(f"clip_td_loss: method '{s.method}' is not a token-distillation method")
     check_finite("task", l_task)
-    f32 = torch.float32
     b, n_img, _ = out.image_tokens.shape
     g_s = math.isqrt(n_img)
+    teacher = prepare_teacher(teacher, g_t, g_s, s)
     lengths = teacher["txt_lengths"].to(out.text_tokens.device).long()
     has_text = lengths > 0
-    e_img = teacher["img_pooled"].to(f32)
-    e_txt = teacher["txt_pooled"].to(f32)
 
-    # Image tokens: all g_S² are valid; relevance against the instance text (§3).
-    t_img = resize_teacher_grid(teacher["img_tokens"].to(f32), g_t, g_s)
-    valid_v = torch.ones(b, n_img, dtype=torch.bool, device=t_img.device)
-    if s.select:
-        rel_src = teacher.get("rel_img_tokens")
-        rel_tok = t_img if rel_src is None else resize_teacher_grid(rel_src.to(f32), g_t, g_s)
-        query = torch.where(has_text[:, None], e_txt, e_img)
-        sel_v = select_tokens(cosine_relevance(rel_tok, query), valid_v, s.rho_v, s)
-    else:
-        sel_v = valid_v
+    # Image tokens (§3): the selection was made by prepare_teacher, on the student's grid.
+    t_img = teacher["img_target"]
+    if t_img.shape[1] != n_img:
+        raise ValueError(
+            f"prepared teacher targets hold {t_img.shape[1]} image tokens, the student {n_img}: "
+            "prepare_teacher was called with another student grid"
+        )
+    sel_v = teacher["img_select"] if s.select else torch.ones_like(t_img[..., 0], dtype=torch.bool)
     d_v = token_distance(heads.h_v(out.image_tokens).float(), t_img, s.distance)
     kd_img = _masked_mean(d_v, sel_v)
 
@@ -396,10 +428,10 @@ def clip_td_loss(
             "student text and teacher text disagree: the student's text mask length differs from the cached "
             "txt_lengths (the student must read the teacher tokenizer's ids of the distill text)"
         )
-    t_txt = teacher["txt_tokens"][:, :n].to(f32)
+    t_txt = teacher["txt_target"][:, :n]
     valid_t = distillable_text_mask(lengths, n) & out.text_mask[:, :n]
     if s.select:
-        sel_t = select_tokens(cosine_relevance(t_txt, e_img), valid_t, s.rho_t, s)
+        sel_t = select_tokens(teacher["txt_relevance"][:, :n], valid_t, s.rho_t, s)
     else:
         sel_t = valid_t
     d_t = token_distance(heads.h_t(out.text_tokens[:, :n]).float(), t_txt, s.distance)

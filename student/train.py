@@ -31,7 +31,14 @@ from pipeline.data.shards import PreparedDataset
 from pipeline.protocol import Split, make_split
 from student.data import Batch, TaskSpec, ViewTable, load_tokenizer, train_loader, unlabeled_batches
 from student.evaluation import evaluate
-from student.losses import DistillHeads, MethodSettings, check_finite, distill_loss, method_config
+from student.losses import (
+    DistillHeads,
+    MethodSettings,
+    check_finite,
+    distill_loss,
+    method_config,
+    prepare_teacher,
+)
 from student.model import StudentOutput, TaskHeads, count_parameters, create_student
 from student.targets import CachedTargets, OnlineTargets, TargetSource, teacher_batch, unlabeled_teacher_batch
 
@@ -328,12 +335,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def targets(self, batch: Batch, unlabeled) -> tuple | None:
-        """The step's teacher targets (labelled instances, then the KD-only images): (tb, weights, u_tb)."""
+        """The step's teacher targets, labelled instances then the KD-only images: (tb, weights [B]). Runs on
+        the prefetch thread, so everything the loss computes from the teacher alone (``prepare_teacher``)
+        and the copy to the device overlap the previous step."""
         if not self.needs_teacher:
             return None
         tb, weights = teacher_batch(batch, self.source, self.cfg, self.run.task)
-        u_tb = unlabeled_teacher_batch(unlabeled[0], self.source, self.cfg) if unlabeled is not None else None
-        return to_device((tb, weights, u_tb), self.device)  # on the prefetch thread: the copy overlaps too
+        if unlabeled is not None:
+            tb = _cat_teacher(tb, unlabeled_teacher_batch(unlabeled[0], self.source, self.cfg))
+            weights = torch.cat([weights, torch.ones(len(unlabeled[0]))])  # §5: KD-only images weigh 1
+        if self.cfg.kd == "tokens":
+            tb = prepare_teacher(tb, self.source.grid, self.student.grid, self.cfg)
+        return to_device((tb, weights), self.device)
 
     def train_step(self, batch: Batch, unlabeled, targets: tuple | None = None) -> dict:
         task, cfg = self.run.task, self.cfg
@@ -345,13 +358,10 @@ class Trainer:
         check_finite("task loss", l_task)
         tb = weights = None
         if self.needs_teacher:
-            tb, weights, u_tb = targets if targets is not None else self.targets(batch, unlabeled)
+            tb, weights = targets if targets is not None else self.targets(batch, unlabeled)
             if unlabeled is not None:
-                u_ids, u_pixels, u_text = unlabeled
-                u_out = self.student(u_pixels, u_text)
-                out = _cat_outputs(out, u_out)
-                tb = _cat_teacher(tb, u_tb)
-                weights = torch.cat([weights, torch.ones(len(u_ids), device=weights.device)])
+                _, u_pixels, u_text = unlabeled
+                out = _cat_outputs(out, self.student(u_pixels, u_text))
         total, parts = distill_loss(
             out,
             self.dheads,

@@ -22,6 +22,7 @@ from student.losses import (
     naive_kd_loss,
     normalise_weights,
     pooled_fd_loss,
+    prepare_teacher,
     resize_teacher_grid,
     select_mass,
     select_topk,
@@ -386,6 +387,83 @@ def test_gradients_reach_student_and_heads_only_as_used():
     assert heads.h_v.weight.grad.abs().sum() > 0
     assert heads.h_t.weight.grad.abs().sum() > 0
     assert heads.h_p.weight.grad is None
+
+
+@pytest.mark.parametrize(
+    "method, kw",
+    [
+        ("clip_td", {}),
+        ("clip_td", {"selection": "mass"}),
+        ("clip_td_no_select", {}),
+        ("naive_kd", {}),
+    ],
+)
+@pytest.mark.parametrize("relevance", [False, True])
+def test_teacher_prepared_off_the_step_gives_the_same_loss_and_gradients(method, kw, relevance):
+    """The trainer runs prepare_teacher on its prefetch thread; the loss must not change by a bit. Covers a
+    grid resize (3x3 -> 2x2), ragged texts, a row without text, and a teacher text longer than the student's."""
+    torch.manual_seed(0)
+    sp = StudentParams(
+        width=16, layers=1, heads=2, mlp_ratio=2.0, patch_size=8, image_size=16, max_text_len=4, dropout=0.0
+    )
+    student = create_student("vilt", sp, vocab_size=100)
+    heads = DistillHeads(16, 8)
+    pixels, ids = torch.randn(3, 3, 16, 16), T([[98, 5, 6, 99, 0, 0], [98, 5, 99, 0, 0, 0], [0] * 6])
+    teacher = {
+        "img_tokens": torch.randn(3, 9, 8).half(),  # the cache's float16, as the trainer reads it
+        "img_pooled": torch.randn(3, 8).half(),
+        "txt_tokens": torch.randn(3, 6, 8).half(),
+        "txt_lengths": T([4, 3, 0]),
+        "txt_pooled": torch.randn(3, 8).half(),
+    }
+    if relevance:
+        teacher["rel_img_tokens"] = torch.randn(3, 9, 8).half()
+    s = settings(method, **kw)
+    results = []
+    for prepared in (False, True):
+        student.zero_grad(set_to_none=True)
+        heads.zero_grad(set_to_none=True)
+        tb = prepare_teacher(teacher, 3, student.grid, s) if prepared else teacher
+        out = student(pixels, ids)
+        total, logs = distill_loss(out, heads, tb, T([0.5, 1.0, 1.5]), out.pooled.pow(2).mean(), 3, 10, s, 3)
+        total.backward()
+        grads = [q.grad.clone() for q in [*student.parameters(), *heads.parameters()] if q.grad is not None]
+        results.append((total.detach(), {k: v.clone() for k, v in logs.items()}, grads))
+    (t0, l0, g0), (t1, l1, g1) = results
+    assert torch.equal(t0, t1)
+    assert l0.keys() == l1.keys() and all(torch.equal(l0[k], l1[k]) for k in l0)
+    assert len(g0) == len(g1) > 0 and all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+    assert "img_target" not in teacher  # the caller's batch is left as it was
+    assert prepare_teacher(tb, 3, student.grid, s) is tb  # a prepared batch is not prepared twice
+    f = {k: v.float() for k, v in teacher.items() if v.is_floating_point()}
+    assert torch.equal(tb["img_target"], resize_teacher_grid(f["img_tokens"], 3, 2))
+    if s.select:  # §3 by hand: text tokens score against their own image; image tokens against the text,
+        # or the image itself for the row without text
+        cos = torch.nn.functional.cosine_similarity
+        assert torch.equal(
+            tb["txt_relevance"], cos(f["txt_tokens"], f["img_pooled"][:, None], dim=-1, eps=1e-8)
+        )
+        rel = resize_teacher_grid(f.get("rel_img_tokens", f["img_tokens"]), 3, 2)
+        query = torch.stack([f["txt_pooled"][0], f["txt_pooled"][1], f["img_pooled"][2]])
+        scores = cos(rel, query[:, None], dim=-1, eps=1e-8)
+        if s.selection == "topk":  # rho_v = 0.25 of 4 tokens: the best one
+            want = torch.nn.functional.one_hot(scores.argmax(1), 4).bool()
+            assert torch.equal(tb["img_select"], want)
+
+
+def test_teacher_prepared_for_another_grid_is_refused():
+    sp = StudentParams(
+        width=16, layers=1, heads=2, mlp_ratio=2.0, patch_size=8, image_size=16, max_text_len=4, dropout=0.0
+    )
+    student = create_student("vilt", sp, vocab_size=100)
+    teacher = {
+        "img_tokens": torch.randn(1, 9, 8), "img_pooled": torch.randn(1, 8), "txt_tokens": torch.randn(1, 3, 8),
+        "txt_lengths": T([3]), "txt_pooled": torch.randn(1, 8),
+    }  # fmt: skip
+    tb = prepare_teacher(teacher, 3, 3, settings())  # a 3x3 student grid; this student has 2x2
+    out = student(torch.randn(1, 3, 16, 16), T([[98, 5, 99]]))
+    with pytest.raises(ValueError, match="another student grid"):
+        clip_td_loss(out, DistillHeads(16, 8), tb, None, T(1.0), 0, 1, settings(), 3)
 
 
 def test_method_config_and_baseline():

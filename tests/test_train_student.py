@@ -175,14 +175,15 @@ def test_batches_and_targets_move_to_the_training_device(world, tmp_path):
 
     tr = Trainer(_params(world), _run(world, tmp_path, task="vqa"), progress=False)
     batch = next(tr.batches())
-    tb, weights, u_tb = tr.targets(batch, None)
+    tb, weights = tr.targets(batch, None)
     moved = batch.to("meta")  # a device without memory: shows where each tensor would go
     assert {moved.pixels.device.type, moved.text_ids.device.type, moved.target.device.type} == {"meta"}
     assert moved.instances is batch.instances and moved.teacher_texts is batch.teacher_texts
     assert batch.pixels.device.type == "cpu"  # the host batch is left as it was
-    tb_m, w_m, u_m = to_device((tb, weights, u_tb), torch.device("meta"))
+    tb_m, w_m = to_device((tb, weights), torch.device("meta"))
+    assert {"img_target", "img_select", "txt_target", "txt_relevance"} <= set(tb)  # prepared off the step
     assert set(tb_m) == set(tb) and {t.device.type for t in tb_m.values()} == {"meta"}
-    assert w_m.device.type == "meta" and u_m is None
+    assert w_m.device.type == "meta"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
