@@ -18,9 +18,12 @@ extraction plans deduplication but spends its time on image units.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,7 +33,7 @@ from benchmarks.common import TINY_TEACHER, Result, Scratch, cache_params, log, 
 CONFIGS = {
     # name: (model, image size, images, repetitions incl. the extraction); --quick: images / 4, 2 repetitions
     "tiny-64px": (TINY_TEACHER, 64, 2048, 3),
-    "vit-b-32-224px": ("ViT-B-32", 224, 256, 2),
+    "vit-b-32-224px": ("ViT-B-32", 224, 1024, 3),
 }
 DUPLICATE_EVERY = 10  # every 10th image id repeats an earlier image's bytes (deduplicated to an alias)
 
@@ -97,6 +100,78 @@ def _warm_decode_workers(X, teacher, ds, num_workers: int) -> None:
             data, num_workers=1, collate_fn=X.collate_images, multiprocessing_context=ctx
         )
     )
+
+
+@contextlib.contextmanager
+def _patched(patches: list[tuple[object, str, Callable]]):
+    """Set attributes for the duration of the block (wrappers made from the current values), then restore."""
+    saved = [(obj, name, obj.__dict__.get(name, _MISSING)) for obj, name, _ in patches]
+    try:
+        for obj, name, wrap in patches:
+            setattr(obj, name, wrap(getattr(obj, name)))
+        yield
+    finally:
+        for obj, name, old in reversed(saved):
+            if old is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+
+_MISSING = object()
+
+
+def profile_phases(X, teacher, jobs: list, run_unit: Callable, decode_in_process: bool) -> dict:
+    """One more pass over the image units with each phase of ``run_unit`` timed, in ms per image: where the
+    pipeline's time outside the model goes. ``decode`` (read + PNG decode + uint8 + collate) is the CPU time
+    of the thread that decodes, which runs beside the model (None when worker processes decode); the other
+    phases are wall time on the unit's thread, and ``other`` is what the unit spent outside all of them
+    (waiting for a decoded batch, buffer copies, the manifest record)."""
+    import zarr
+
+    spent: dict[str, float] = collections.defaultdict(float)
+
+    def timed(phase: str, clock: Callable[[], float] = time.perf_counter, sync: bool = False):
+        def wrap(f):
+            def g(*a, **k):
+                t = clock()
+                try:
+                    return f(*a, **k)
+                finally:
+                    if sync:
+                        _sync(teacher.device)
+                    spent[phase] += clock() - t
+
+            return g
+
+        return wrap
+
+    decode = timed("decode", time.thread_time)
+    patches = [
+        (X.UnitImages, "__getitem__", decode),
+        (X, "collate_images", decode),
+        (teacher, "normalize_uint8", timed("normalize")),
+        (teacher, "encode_images", timed("model", sync=True)),
+        (X, "_encode_batch", timed("encode")),
+        (X, "_token_cosine", timed("encode")),
+        (X, "_screen_nonfinite", timed("screen")),
+        (zarr.Array, "__setitem__", timed("store_write")),
+        (X.C, "checksum", timed("checksum")),
+        (X.C, "commit_unit", timed("commit")),
+    ]
+    total = 0.0
+    with _patched(patches):
+        for job in jobs:
+            t = time.perf_counter()
+            run_unit(job)
+            total += time.perf_counter() - t
+    images = sum(len(j.items) for j in jobs)
+    main = {k: v for k, v in spent.items() if k != "decode"}
+    ms = {k: round(1e3 * v / images, 4) for k, v in sorted(main.items())}
+    ms["other"] = round(1e3 * (total - sum(main.values())) / images, 4)
+    ms["decode_cpu"] = round(1e3 * spent["decode"] / images, 4) if decode_in_process else None
+    ms["unit"] = round(1e3 * total / images, 4)
+    return ms
 
 
 def measure(
@@ -199,6 +274,8 @@ def measure(
         bare_s.append(b)
         model_s.append(m)
     images = sum(len(j.items) for j in image_jobs)
+    phases = profile_phases(X, teacher, image_jobs, run_unit, decode_in_process=workers == 0)
+    phases["bare_forward"] = round(1e3 * median(bare_s) / images, 4)
     ratios = [bb / pp for pp, bb in zip(pipe_s, bare_s, strict=True)]
     cpu_ok = pipe_cpu > 0 and _worker_cpu() is not None
     out = {
@@ -228,6 +305,8 @@ def measure(
         "model_share_of_pipeline_time": round(
             median([m / p for m, p in zip(model_s, pipe_s, strict=True)]), 4
         ),
+        # ms per image in each phase of one more (profiled) pass, beside the bare forward's ms per image.
+        "phase_ms_per_image": phases,
         "extract_seconds": round(extract_wall, 2),
         "manifest_unit_seconds": unit_seconds,
     }

@@ -1,8 +1,9 @@
 """Cache reads during training: read rate ÷ student consumption rate, and read amplification.
 
-Training-shaped batches (``Trainer.batches()`` of a cached ``clip_td`` run with params.yaml's defaults) are
-read in streaming order exactly as ``teacher_batch`` reads them: ``CachedTargets.images`` for the batch's
-images and ``CachedTargets.texts`` for its distill texts plus every candidate text.
+Training-shaped batches (``Trainer.batches()`` of a cached ``clip_td`` run with params.yaml's defaults, as many
+as one run takes: ``train.steps``) are read in streaming order exactly as ``teacher_batch`` reads them:
+``CachedTargets.images`` for the batch's images and ``CachedTargets.texts`` for its distill texts plus every
+candidate text.
 
 * rate: targets (images + texts) per second read, over the whole stream from a cold reader, ÷ targets per
   second a cached ``clip_td`` student step consumes (median step time, steps on the same batches).
@@ -163,13 +164,22 @@ def measure_task(world, task: str, n_batches: int, steps: int, work: Path) -> di
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, overrides=True)
     p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--batches", type=int, default=60, help="batches read in streaming order per task")
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=0,
+        help="batches read in streaming order per task (default: train.steps, i.e. one default training run)",
+    )
     p.add_argument("--steps", type=int, default=3, help="student steps timed for the consumption rate")
     args = p.parse_args(argv)
-    n = max(10, args.batches // 4) if args.quick else args.batches
     res = Result("read")
     with Scratch(args.work) as work:
         world = build(work, args.quick, overrides=tuple(args.set))
+        # A fixed number of batches would cover less of the store for a task with small batches (VCR: 4
+        # instances), so from a cold reader every chunk would be read for a fraction of its rows: the default
+        # is what a training run reads.
+        n = args.batches or world.params().train.steps
+        n = max(10, n // 4) if args.quick else n
         res.settings = {
             "overrides": args.set,
             "tasks": args.tasks,

@@ -63,6 +63,15 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
+def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
+    """(25th, 50th, 75th percentile); with fewer than two values, that value three times."""
+    if len(xs) < 2:
+        v = float(xs[0]) if xs else float("nan")
+        return v, v, v
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return float(q1), float(q2), float(q3)
+
+
 @dataclass
 class Target:
     """One target of the issue: ``value op threshold``."""

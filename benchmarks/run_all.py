@@ -1,8 +1,9 @@
 """Run every benchmark (``make bench``): extraction, student training, reads, storage, scaling.
 
 Each writes ``<out>/<name>.json`` and prints one verdict line per target; this prints them again at the end
-with a summary. The student benchmarks share one scratch folder, so the synthetic world and its caches are
-built once. Exit status 0 even when a target is missed (a benchmark is a measurement, not a test); 1 only if
+with a summary. Each runs in its own process, so none inherits another's state (a Trainer sets torch's
+process-wide thread count to ``train.threads``; thread pools, allocator and monkeypatched timers stay behind).
+The student benchmarks share one scratch folder, so the synthetic world and its caches are built once. Exit status 0 even when a target is missed (a benchmark is a measurement, not a test); 1 only if
 a benchmark crashed.
 """
 
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
-import traceback
 from pathlib import Path
 
 from benchmarks import bench_extract, bench_read, bench_scaling, bench_storage, bench_train
-from benchmarks.common import DEFAULT_OUT, Scratch, machine
+from benchmarks.common import DEFAULT_OUT, ROOT, Scratch, machine
 
 # Cheapest first; the student benchmarks reuse the world bench_train builds.
 BENCHMARKS = {
@@ -45,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {name}", flush=True)
             argv_b = ["--out", args.out, "--work", str(work)] + (["--quick"] if args.quick else [])
             t = time.perf_counter()
-            try:
-                BENCHMARKS[name].main(argv_b)
-            except Exception:  # noqa: BLE001 - report and go on with the other benchmarks
-                traceback.print_exc()
+            cmd = [sys.executable, "-m", BENCHMARKS[name].__name__, *argv_b]
+            rc = subprocess.run(cmd, cwd=ROOT).returncode
+            if rc:  # reported, and the other benchmarks still run
+                print(f"== {name}: exit status {rc}", flush=True)
                 failed.append(name)
             print(f"== {name}: {time.perf_counter() - t:.0f} s", flush=True)
     print(f"\nsummary ({time.perf_counter() - t0:.0f} s, results in {args.out}):")
