@@ -102,6 +102,9 @@ def _warm_decode_workers(X, teacher, ds, num_workers: int) -> None:
     )
 
 
+_MISSING = object()  # an attribute _patched found only on the class, not the object: deleted on restore
+
+
 @contextlib.contextmanager
 def _patched(patches: list[tuple[object, str, Callable]]):
     """Set attributes for the duration of the block (wrappers made from the current values), then restore."""
@@ -116,9 +119,6 @@ def _patched(patches: list[tuple[object, str, Callable]]):
                 delattr(obj, name)
             else:
                 setattr(obj, name, old)
-
-
-_MISSING = object()
 
 
 def profile_phases(X, teacher, jobs: list, run_unit: Callable, decode_in_process: bool) -> dict:

@@ -38,7 +38,7 @@ class TeacherBatch(TypedDict):
     txt_lengths: Tensor
     txt_pooled: Tensor
     rel_img_tokens: NotRequired[Tensor]
-    # Added by ``prepare_teacher`` (the teacher-only half of clip_td_loss).
+    # What ``prepare_teacher`` puts in place of the three token arrays (the teacher-only half of clip_td_loss).
     img_target: NotRequired[Tensor]
     img_select: NotRequired[Tensor]
     txt_target: NotRequired[Tensor]
@@ -358,15 +358,17 @@ def prepare_teacher(
     """The part of ``clip_td_loss`` that reads no student tensor: float32 image targets on the student's
     g_S x g_S grid (§2) as ``img_target``, the image token selection as ``img_select`` and the text tokens'
     relevance to the image as ``txt_relevance`` (§3; with selection on), float32 text targets as
-    ``txt_target``. The trainer runs it on the prefetch thread so that a step does not pay for it; the loss
-    runs it itself on a batch without these keys. Returns a new dict; a prepared batch comes back as it is."""
+    ``txt_target``. These replace the cached token arrays they are made from (``img_tokens``,
+    ``rel_img_tokens``, ``txt_tokens``), so a prepared batch holds no second copy of them. The trainer runs it
+    on the prefetch thread, on the training device, so that a step does not pay for it; the loss runs it
+    itself on a batch without these keys. Returns a new dict; a prepared batch comes back as it is."""
     if "img_target" in teacher:
         return teacher
     s = _settings(cfg)
     f32 = torch.float32
     has_text = teacher["txt_lengths"].long() > 0
     e_img = teacher["img_pooled"].to(f32)
-    out = dict(teacher)
+    out = {k: v for k, v in teacher.items() if k not in ("img_tokens", "rel_img_tokens", "txt_tokens")}
     out["img_target"] = t_img = resize_teacher_grid(teacher["img_tokens"].to(f32), g_t, g_s)
     out["txt_target"] = t_txt = teacher["txt_tokens"].to(f32)
     if s.select:
@@ -421,7 +423,7 @@ def clip_td_loss(
     kd_img = _masked_mean(d_v, sel_v)
 
     # Text tokens: student position i <-> teacher position i, SOT / EOT / padding never distilled (§2).
-    n = min(out.text_tokens.shape[1], teacher["txt_tokens"].shape[1])
+    n = min(out.text_tokens.shape[1], teacher["txt_target"].shape[1])
     fits = lengths <= out.text_tokens.shape[1]
     if (fits & (out.text_mask.sum(1) != lengths)).any():
         raise ValueError(

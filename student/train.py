@@ -336,17 +336,19 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def targets(self, batch: Batch, unlabeled) -> tuple | None:
         """The step's teacher targets, labelled instances then the KD-only images: (tb, weights [B]). Runs on
-        the prefetch thread, so everything the loss computes from the teacher alone (``prepare_teacher``)
-        and the copy to the device overlap the previous step."""
+        the prefetch thread, so the copy to the device and everything the loss computes from the teacher
+        alone (``prepare_teacher``, after the copy: the cache's float16 travels, not float32) overlap the
+        previous step."""
         if not self.needs_teacher:
             return None
         tb, weights = teacher_batch(batch, self.source, self.cfg, self.run.task)
         if unlabeled is not None:
             tb = _cat_teacher(tb, unlabeled_teacher_batch(unlabeled[0], self.source, self.cfg))
             weights = torch.cat([weights, torch.ones(len(unlabeled[0]))])  # §5: KD-only images weigh 1
+        tb, weights = to_device((tb, weights), self.device)
         if self.cfg.kd == "tokens":
             tb = prepare_teacher(tb, self.source.grid, self.student.grid, self.cfg)
-        return to_device((tb, weights), self.device)
+        return tb, weights
 
     def train_step(self, batch: Batch, unlabeled, targets: tuple | None = None) -> dict:
         task, cfg = self.run.task, self.cfg

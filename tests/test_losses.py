@@ -435,6 +435,7 @@ def test_teacher_prepared_off_the_step_gives_the_same_loss_and_gradients(method,
     assert len(g0) == len(g1) > 0 and all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
     assert "img_target" not in teacher  # the caller's batch is left as it was
     assert prepare_teacher(tb, 3, student.grid, s) is tb  # a prepared batch is not prepared twice
+    assert not {"img_tokens", "rel_img_tokens", "txt_tokens"} & set(tb)  # replaced, not copied
     f = {k: v.float() for k, v in teacher.items() if v.is_floating_point()}
     assert torch.equal(tb["img_target"], resize_teacher_grid(f["img_tokens"], 3, 2))
     if s.select:  # §3 by hand: text tokens score against their own image; image tokens against the text,
