@@ -1,9 +1,9 @@
 """Cache reads during training: read rate ÷ student consumption rate, and read amplification.
 
 Training-shaped batches (``Trainer.batches()`` of a cached ``clip_td`` run with params.yaml's defaults, as many
-as one run takes: ``train.steps``) are read in streaming order exactly as ``teacher_batch`` reads them:
-``CachedTargets.images`` for the batch's images and ``CachedTargets.texts`` for its distill texts plus every
-candidate text.
+as one run takes: ``train.steps``) are read in streaming order exactly as ``teacher_batch`` reads them
+(``student.targets.read_targets``): the batch's images, its distill texts (tokens and pooled) and, for the
+§5 weights, every candidate text (pooled only).
 
 * rate: targets (images + texts) per second read, over the whole stream from a cold reader, ÷ targets per
   second a cached ``clip_td`` student step consumes (median step time, steps on the same batches).
@@ -67,13 +67,16 @@ def disk_bytes_per_row(store: str, cache) -> dict[str, float]:
     return res
 
 
-def needed_bytes(batch, cache, per_row: dict[str, float]) -> float:
-    """Compressed bytes of the distinct rows a batch asks for."""
+def needed_bytes(batch, cache, per_row: dict[str, float], weighted: bool) -> float:
+    """Compressed bytes of the distinct rows a batch asks for: every image array's rows, the distill texts'
+    token and pooled rows, and the candidate texts' pooled rows when §5 weights are on."""
     rows = np.unique(cache.image_rows(batch.image_ids))
-    texts = [t.distill for t in batch.teacher_texts]
-    texts += [c for t in batch.teacher_texts for c in t.candidates + t.rationale_candidates]
-    trows = np.unique(cache.text_rows(texts))
-    tok_rows = int(cache._lengths[trows].sum())
+    drows = np.unique(cache.text_rows([t.distill for t in batch.teacher_texts]))
+    cands = (
+        [c for t in batch.teacher_texts for c in t.candidates + t.rationale_candidates] if weighted else []
+    )
+    prows = np.union1d(drows, cache.text_rows(cands))
+    tok_rows = int(cache._lengths[drows].sum())
     total = 0.0
     for name, bpr in per_row.items():
         if name.startswith("image/"):
@@ -81,17 +84,17 @@ def needed_bytes(batch, cache, per_row: dict[str, float]) -> float:
         elif name.startswith("text/tokens"):
             total += tok_rows * bpr
         else:
-            total += len(trows) * bpr
+            total += len(prows) * bpr
     return total
 
 
-def read_batch(source, batch) -> int:
-    """What teacher_batch reads; returns the number of targets (images + texts)."""
-    source.images(batch.image_ids, None, batch.views)
-    texts = [t.distill for t in batch.teacher_texts]
-    texts += [c for t in batch.teacher_texts for c in t.candidates + t.rationale_candidates]
-    source.texts(texts)
-    return len(batch.image_ids) + len(texts)
+def read_batch(source, batch, cfg) -> int:
+    """What teacher_batch reads (``student.targets.read_targets``); returns the number of targets (images
+    + texts)."""
+    from student.targets import read_targets
+
+    _, txt, cand = read_targets(batch, source, cfg)
+    return len(batch.image_ids) + len(txt["pooled"]) + (len(cand["pooled"]) if cand is not None else 0)
 
 
 def measure_task(world, task: str, n_batches: int, steps: int, work: Path) -> dict:
@@ -110,7 +113,7 @@ def measure_task(world, task: str, n_batches: int, steps: int, work: Path) -> di
         cache = TeacherCache(world.store())
         source = CachedTargets(cache) if budget is None else CachedTargets(cache, chunk_cache_bytes=budget)
         per_row = disk_bytes_per_row(world.store(), cache)
-        needs = [needed_bytes(b, cache, per_row) for b in batches]
+        needs = [needed_bytes(b, cache, per_row, tr.cfg.weight) for b in batches]
         need = sum(needs)
         half = n_batches // 2
         targets = 0
@@ -119,7 +122,7 @@ def measure_task(world, task: str, n_batches: int, steps: int, work: Path) -> di
             for i, b in enumerate(batches):
                 if i == half:
                     read_first_half = counter.bytes
-                targets += read_batch(source, b)
+                targets += read_batch(source, b, tr.cfg)
             seconds = time.perf_counter() - t
         lru = getattr(cache.group, "lru", None)
         out[label] = {

@@ -581,6 +581,7 @@ class TeacherCache:
         self._text_row = {s: i for i, s in enumerate(g["text/ids"][:].tolist())}
         self._lengths = g["text/lengths"][:].astype(np.int64)
         self._offsets = g["text/offsets"][:].astype(np.int64)
+        self._text_row_memo: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"TeacherCache({self.url!r}, images={self.n_images}, texts={len(self._lengths)})"
@@ -605,15 +606,22 @@ class TeacherCache:
     def text_rows(self, texts: Sequence[str]) -> np.ndarray:
         from .texts import text_hash
 
-        rows = []
-        for t in texts:
-            r = self._text_row.get(text_hash(t))
+        # Memoised by string: a training run asks for the same candidate and question texts batch after
+        # batch, and hashing them each time was a third of a batch's read time. At most one entry per text
+        # the store holds.
+        memo = self._text_row_memo
+        rows = np.empty(len(texts), dtype=np.int64)
+        for i, t in enumerate(texts):
+            r = memo.get(t)
             if r is None:
-                raise KeyError(
-                    f"{self.url}: text {t!r} is not in the teacher cache (extracted from other data?)"
-                )
-            rows.append(r)
-        return np.array(rows, dtype=np.int64)
+                r = self._text_row.get(text_hash(t))
+                if r is None:
+                    raise KeyError(
+                        f"{self.url}: text {t!r} is not in the teacher cache (extracted from other data?)"
+                    )
+                memo[t] = r
+            rows[i] = r
+        return rows
 
     def _tokens(self, group: str, src: str, rows: np.ndarray, view: np.ndarray | None = None) -> np.ndarray:
         a = self.group[f"{group}/{src}"]
@@ -670,23 +678,26 @@ class TeacherCache:
             "flip": torch.from_numpy(read_rows(self.group["views/flip"], rows).astype(bool)),
         }
 
-    def text_targets(self, texts: Sequence[str]) -> dict[str, Any]:
-        """``tokens``: list of [L_i, E] float32 tensors (SOT … EOT), ``pooled`` [B,E], ``lengths`` [B] (long)."""
+    def text_targets(self, texts: Sequence[str], tokens: bool = True) -> dict[str, Any]:
+        """``tokens``: list of [L_i, E] float32 tensors (SOT … EOT), ``pooled`` [B,E], ``lengths`` [B] (long).
+        ``tokens=False`` leaves the token rows unread (no ``tokens`` key): the §5 weights need only the
+        candidates' pooled embeddings."""
         rows = self.text_rows(texts)
         lengths = self._lengths[rows]
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        starts, lens = self._offsets[uniq], self._lengths[uniq]
-        # One token-row index for every needed position, read in one sorted pass, then cut per text.
-        tok_rows = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens, strict=True)])
-        tok = self._tokens("text", "tokens", tok_rows)
-        cuts = np.concatenate([[0], np.cumsum(lens)])
-        per_text = [torch.from_numpy(tok[cuts[i] : cuts[i + 1]]) for i in range(len(uniq))]
+        out: dict[str, Any] = {}
+        if tokens:
+            uniq, inverse = np.unique(rows, return_inverse=True)
+            starts, lens = self._offsets[uniq], self._lengths[uniq]
+            # One token-row index for every needed position, read in one sorted pass, then cut per text.
+            cuts = np.concatenate([[0], np.cumsum(lens)])
+            tok_rows = np.arange(int(cuts[-1]), dtype=np.int64) + np.repeat(starts - cuts[:-1], lens)
+            tok = torch.from_numpy(self._tokens("text", "tokens", tok_rows))
+            per_text = tok.split(lens.tolist())
+            out["tokens"] = [per_text[j] for j in inverse.tolist()]
         pooled = read_rows(self.group["text/pooled"], rows).astype(np.float32)
-        return {
-            "tokens": [per_text[j] for j in inverse],
-            "pooled": torch.from_numpy(pooled),
-            "lengths": torch.from_numpy(lengths.astype(np.int64)),
-        }
+        out["pooled"] = torch.from_numpy(pooled)
+        out["lengths"] = torch.from_numpy(lengths.astype(np.int64))
+        return out
 
     def verify(self) -> list[str]:
         """Units whose stored bytes no longer match the checksums in their manifest entry."""

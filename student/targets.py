@@ -30,7 +30,7 @@ class TargetSource(Protocol):
         self, image_ids: Sequence[str], relevance: str | None, views: ImageViews | None = None
     ) -> dict[str, Tensor]: ...
 
-    def texts(self, texts: Sequence[str]) -> dict: ...
+    def texts(self, texts: Sequence[str], tokens: bool = True) -> dict: ...
 
 
 class _ChunkLRU:
@@ -149,8 +149,8 @@ class CachedTargets:
         index = views.index.tolist() if views is not None else None
         return self.cache.image_targets(image_ids, relevance=relevance, views=index)
 
-    def texts(self, texts: Sequence[str]) -> dict:
-        return self.cache.text_targets(texts)
+    def texts(self, texts: Sequence[str], tokens: bool = True) -> dict:
+        return self.cache.text_targets(texts, tokens=tokens)
 
 
 class OnlineTargets:
@@ -193,15 +193,14 @@ class OnlineTargets:
         return res
 
     @torch.no_grad()
-    def texts(self, texts: Sequence[str]) -> dict:
+    def texts(self, texts: Sequence[str], tokens: bool = True) -> dict:
         out = self.teacher.encode_texts(self.teacher.tokenizer(list(texts)))
         lengths = out["lengths"].cpu()
-        tokens = self._round(out["tokens"]).cpu()
-        return {
-            "tokens": [tokens[i, : int(lengths[i])] for i in range(len(texts))],
-            "pooled": self._round(out["pooled"]).cpu(),
-            "lengths": lengths,
-        }
+        res = {"pooled": self._round(out["pooled"]).cpu(), "lengths": lengths}
+        if tokens:
+            tok = self._round(out["tokens"]).cpu()
+            res["tokens"] = [tok[i, : int(lengths[i])] for i in range(len(texts))]
+        return res
 
 
 def pad_tokens(per_text: Sequence[Tensor]) -> Tensor:
@@ -212,44 +211,54 @@ def pad_tokens(per_text: Sequence[Tensor]) -> Tensor:
     return out
 
 
+def read_targets(batch: Batch, source: TargetSource, cfg: MethodSettings) -> tuple[dict, dict, dict | None]:
+    """Everything a batch's loss inputs come from, read once: image targets (in the views the student was
+    shown), the distill texts' tokens and pooled embeddings, and, only when §5 weights are on, the candidate
+    texts' pooled embeddings (one read for every candidate of the batch; their tokens are never needed)."""
+    relevance = cfg.relevance_source if cfg.kd == "tokens" and cfg.relevance_source != "last" else None
+    img = source.images(batch.image_ids, relevance, batch.views)
+    txt = source.texts([t.distill for t in batch.teacher_texts])
+    cand = None
+    if cfg.weight:
+        cand_texts = [c for t in batch.teacher_texts for c in t.candidates + t.rationale_candidates]
+        if cand_texts:
+            cand = source.texts(cand_texts, tokens=False)
+    return img, txt, cand
+
+
 def teacher_batch(
     batch: Batch, source: TargetSource, cfg: MethodSettings, task: str
 ) -> tuple[TeacherBatch, Tensor]:
     """Loss inputs for the batch's labelled instances and their detached §5 confidence weights [B]."""
-    relevance = cfg.relevance_source if cfg.kd == "tokens" and cfg.relevance_source != "last" else None
-    img = source.images(batch.image_ids, relevance, batch.views)  # the views the student was shown
-    distill_texts = [t.distill for t in batch.teacher_texts]
-    # One read for the distill texts and every candidate text of the batch.
-    cand_texts = [c for t in batch.teacher_texts for c in t.candidates + t.rationale_candidates]
-    txt = source.texts(distill_texts + cand_texts)
-    b = len(distill_texts)
+    img, txt, cand = read_targets(batch, source, cfg)
+    b = len(batch.teacher_texts)
     tb: TeacherBatch = {
         "img_tokens": img["tokens"],
         "img_pooled": img["pooled"],
-        "txt_tokens": pad_tokens(txt["tokens"][:b]),
-        "txt_lengths": txt["lengths"][:b],
-        "txt_pooled": txt["pooled"][:b],
+        "txt_tokens": pad_tokens(txt["tokens"]),
+        "txt_lengths": txt["lengths"],
+        "txt_pooled": txt["pooled"],
     }
     if "relevance" in img:
         tb["rel_img_tokens"] = img["relevance"]
     weights = torch.ones(b)
     if cfg.weight:
         tau = source.logit_scale
-        cand_pooled = txt["pooled"][b:]
         if task == "snli_ve":
             labels = torch.tensor([i.label for i in batch.instances])
             weights = confidence_weights(
                 img["pooled"], tau, snli_labels=labels, e_txt=tb["txt_pooled"], clip=cfg.weight_clip
             )
         else:
+            cand_pooled = cand["pooled"]
             k = len(batch.teacher_texts[0].candidates)
-            cand = (
+            cands = (
                 cand_pooled[: b * k].view(b, k, -1)
                 if task == "vqa"
                 else cand_pooled.view(b, 2 * k, -1)[:, :k]
             )
             gold = torch.tensor([t.gold for t in batch.teacher_texts])
-            weights = confidence_weights(img["pooled"], tau, cand=cand, gold=gold, clip=cfg.weight_clip)
+            weights = confidence_weights(img["pooled"], tau, cand=cands, gold=gold, clip=cfg.weight_clip)
             if task == "vcr":
                 # QA→R agreement too: the instance's weight is the mean of its Q→A and QA→R weights.
                 rat = cand_pooled.view(b, 2 * k, -1)[:, k:]

@@ -35,6 +35,9 @@ def test_chunk_cache_returns_what_the_store_holds(tmp_path, dtype, budget):
         want, got = plain.text_targets(texts), cached.texts(texts)
         assert torch.equal(want["pooled"], got["pooled"]) and torch.equal(want["lengths"], got["lengths"])
         assert all(torch.equal(a, b) for a, b in zip(want["tokens"], got["tokens"], strict=True))
+        pooled_only = cached.texts(texts, tokens=False)  # the §5 candidates: no token rows read
+        assert "tokens" not in pooled_only and torch.equal(pooled_only["pooled"], want["pooled"])
+        assert torch.equal(pooled_only["lengths"], want["lengths"])
     lru = cached.cache.group.lru
     assert lru.bytes <= max(budget, max(a.nbytes for a in lru.chunks.values()))
 

@@ -503,3 +503,35 @@ def test_check_finite_names_the_term():
     )
     with pytest.raises(FloatingPointError, match="kd_per_instance"):
         clip_td_loss(out, identity_heads(), teacher, None, T(1.0), 0, 1, settings(), 1)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "l1", "mse"])
+def test_only_selected_tokens_are_projected_and_their_mean_matches_the_dense_formula(kind):
+    """clip_td projects and compares only the selected tokens. Against the dense formula (every token through
+    the head, then a mean over the selection): the same values and gradients; a row with no selected token
+    gives 0, and a non-finite teacher value at an unselected slot (e.g. padding) does not leak."""
+    from student.losses import _selected_distance
+
+    torch.manual_seed(0)
+    b, n, d, e = 4, 7, 5, 3
+    tokens = torch.randn(b, n, d, requires_grad=True)
+    target = torch.randn(b, n, e)
+    sel = torch.rand(b, n) < 0.4
+    sel[2] = False  # nothing selected
+    sel[0, 0] = True
+    target[~sel] = float("nan")
+    head = torch.nn.Linear(d, e)
+    seen = []
+    head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    got = _selected_distance(tokens, head, target, sel, kind)
+    assert seen == [int(sel.sum())]  # only the selected tokens reach the head
+    (g_tok, g_w) = torch.autograd.grad(got.sum(), (tokens, head.weight))
+
+    dense = token_distance(head(tokens).float(), target.nan_to_num(0.0), kind)
+    want = torch.where(sel, dense, 0.0).sum(1) / sel.sum(1).clamp(min=1)
+    (w_tok, w_w) = torch.autograd.grad(want.sum(), (tokens, head.weight))
+    assert torch.isfinite(got).all() and got[2] == 0
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_tok, w_tok)
+    torch.testing.assert_close(g_w, w_w)
+    assert (g_tok[~sel] == 0).all()

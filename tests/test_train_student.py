@@ -197,3 +197,55 @@ def test_cuda_steps_match_cpu_steps(world, tmp_path):
         logs[device] = [tr.train_step(next(stream), None) for _ in range(3)]
     for c, g in zip(logs["cpu"], logs["cuda"], strict=True):
         assert g["loss"] == pytest.approx(c["loss"], rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.parametrize("task", ["vqa", "vcr"])
+@pytest.mark.parametrize("method", ["clip_td", "clip_td_no_weight"])
+def test_teacher_batch_reads_candidate_texts_pooled_only(world, tmp_path, task, method):
+    """A batch reads its distill texts' tokens, and the candidate texts only for the §5 weights and only their
+    pooled embeddings; the weights come out as computed by hand from the plain store reader."""
+    from student.losses import confidence_weights
+    from student.targets import teacher_batch
+
+    tr = Trainer(_params(world), _run(world, tmp_path, task=task, method=method), progress=False)
+    calls = []
+    source = tr.source
+
+    class Spy:
+        grid, logit_scale = source.grid, source.logit_scale
+
+        def images(self, *a, **k):
+            return source.images(*a, **k)
+
+        def texts(self, texts, tokens=True):
+            calls.append((list(texts), tokens))
+            return source.texts(texts, tokens=tokens)
+
+    batch = next(tr.batches())
+    tb, w = teacher_batch(batch, Spy(), tr.cfg, task)
+    distill = [t.distill for t in batch.teacher_texts]
+    cands = [c for t in batch.teacher_texts for c in t.candidates + t.rationale_candidates]
+    weighted = method == "clip_td"
+    assert calls == [(distill, True)] + ([(cands, False)] if weighted else [])
+    plain = source.cache.text_targets(distill + cands)
+    b = len(distill)
+    assert torch.equal(tb["txt_pooled"], plain["pooled"][:b]) and torch.equal(
+        tb["txt_lengths"], plain["lengths"][:b]
+    )
+    for i, t in enumerate(plain["tokens"][:b]):
+        assert torch.equal(tb["txt_tokens"][i, : len(t)], t) and not tb["txt_tokens"][i, len(t) :].any()
+    if not weighted:
+        assert torch.equal(w, torch.ones(b))
+        return
+    k = len(batch.teacher_texts[0].candidates)
+    pooled = plain["pooled"][b:].view(b, -1, plain["pooled"].shape[-1])
+    img = source.cache.image_targets(batch.image_ids)["pooled"]
+    clip = tr.cfg.weight_clip
+
+    def conf(cand, gold):
+        return confidence_weights(img, source.logit_scale, cand=cand, gold=torch.tensor(gold), clip=clip)
+
+    want = conf(pooled[:, :k], [t.gold for t in batch.teacher_texts])
+    if task == "vcr":
+        want = 0.5 * (want + conf(pooled[:, k:], [t.rationale_gold for t in batch.teacher_texts]))
+    torch.testing.assert_close(w, want, rtol=0, atol=0)
