@@ -40,8 +40,9 @@ unit only writes its own token/pooled shards and then its manifest entry.
 
 Encoding. Token arrays are float16 (default) or int8 with a float16 scale per token (``<name>_scale``);
 pooled vectors, boxes and masks are never quantised (they are 1/P of the bytes and feed the confidence
-weights). Blosc zstd (or lz4, or none) with byte shuffle. Inner chunks hold ≈ ``target_chunk_bytes``: a
-random single-row read decodes one whole inner chunk, so readers should ask for whole batches (the reader
+weights). Blosc zstd (or lz4, or none) with byte shuffle. Inner chunks hold ≈ ``target_chunk_bytes`` (text
+arrays: ``text_chunk_bytes``, smaller, as texts are read a few scattered rows at a time): a random
+single-row read decodes one whole inner chunk, so readers should ask for whole batches (the reader
 sorts and deduplicates a batch's rows so each touched chunk is decoded once).
 
 Views. ``views/`` repeats view 0 (identical to ``image/``) so that a student can draw a view index in
@@ -305,6 +306,7 @@ class StoreLayout:
     image_rows_per_unit: int = 512
     text_rows_per_unit: int = 4096
     target_chunk_bytes: int = 1 << 20
+    text_chunk_bytes: int = 1 << 20
     text_shard_rows: int = 1  # S: token rows owned by one text unit (set by ``text_token_layout``)
     text_chunk_rows: int = 1
 
@@ -448,7 +450,14 @@ def create_store(
     arr("text/tokens", (n_tok, e), tdt, (s, e), (c, e), comp)
     if layout.dtype == "int8":
         arr(f"text/tokens{SCALE_SUFFIX}", (n_tok,), "float16", (s,), (c,), comp16)
-    arr("text/pooled", (m, e), "float16", (rt, e), (rt, e), comp16)
+    arr(
+        "text/pooled",
+        (m, e),
+        "float16",
+        (rt, e),
+        (chunk_rows_for(rt, e * 2, layout.text_chunk_bytes), e),
+        comp16,
+    )
     g.create_group(MANIFEST, attributes={"what": "one JSON per committed work unit: <unit>.json"})
     g.attrs.update({**attrs, "layout": layout.to_json(), "complete": False})
     return g

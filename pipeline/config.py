@@ -84,6 +84,10 @@ class CacheParams:
     image_rows_per_unit: int = 512
     text_rows_per_unit: int = 4096
     target_chunk_bytes: int = 1 << 20
+    # Text arrays get smaller inner chunks: training reads a batch's texts a few rows at a time, and no
+    # instance order makes those reads local (a question text is shared by images all over the store), so
+    # every read decodes a whole chunk for one text (bench_read: amplification by array).
+    text_chunk_bytes: int = 1 << 15
     batch_size: int = 128
     # Decode worker processes per unit. -1: automatic, i.e. 0 when the teacher runs on the CPU (images decode on a
     # thread beside the model, whose torch threads already fill the cores; a process would only contend)
@@ -147,10 +151,25 @@ class TrainParams:
     # Where the student (and an online teacher) run: "auto" = the first CUDA device when there is one, else
     # the CPU; or "cpu", "cuda", "cuda:N". Cached targets are read on the CPU and moved with the batch.
     device: str = "auto"
+    # Epoch order of the training instances. "random": a permutation. "chunked": instances grouped by the
+    # teacher-cache inner chunk their image's targets sit in, groups in random order, instances shuffled
+    # within windows of ``order_window`` groups: a batch then needs few chunks, so a store larger than the
+    # reader's chunk LRU (``target_cache_mb``) is decompressed about once per epoch instead of once per
+    # instance (benchmarks/bench_read.py). Every method of a run set sees the same order for a seed.
+    order: Literal["random", "chunked"] = "random"
+    order_window: int = 8
+    # The training reader's LRU of decoded inner chunks, in MiB (0 turns it off).
+    target_cache_mb: int = 256
 
     def validate(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"key 'train.device': expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.order_window < 1:
+            raise ConfigError(
+                f"key 'train.order_window': expected a number of chunks >= 1, got {self.order_window}"
+            )
+        if self.target_cache_mb < 0:
+            raise ConfigError(f"key 'train.target_cache_mb': expected MiB >= 0, got {self.target_cache_mb}")
 
 
 @dataclass

@@ -876,10 +876,11 @@ def _extract_locked(
         image_rows_per_unit=int(cp.image_rows_per_unit),
         text_rows_per_unit=int(cp.text_rows_per_unit),
         target_chunk_bytes=int(cp.target_chunk_bytes),
+        text_chunk_bytes=int(cp.text_chunk_bytes),
     )
     row_bytes = teacher.embed_dim * layout.token_itemsize
     offsets, layout.text_shard_rows, layout.text_chunk_rows = C.text_token_layout(
-        lengths, layout.text_rows_per_unit, row_bytes, layout.target_chunk_bytes
+        lengths, layout.text_rows_per_unit, row_bytes, layout.text_chunk_bytes
     )
 
     from .teacher import autocast_dtype
@@ -901,6 +902,7 @@ def _extract_locked(
             "image_rows_per_unit": layout.image_rows_per_unit,
             "text_rows_per_unit": layout.text_rows_per_unit,
             "target_chunk_bytes": layout.target_chunk_bytes,
+            "text_chunk_bytes": layout.text_chunk_bytes,
         },
     }
 

@@ -20,7 +20,7 @@ import hashlib
 import io
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -259,26 +259,53 @@ class _Encoded(IterableDataset):
             yield encode_sample(sample, self.spec, view)
 
 
+def epoch_order(rng: np.random.Generator, groups: np.ndarray | None, n: int, window: int = 8) -> np.ndarray:
+    """One epoch's order of n instances. Without ``groups``: ``rng.permutation(n)``. With ``groups`` (an id
+    per instance, e.g. the cache chunk of its image): the groups in random order, cut into windows of
+    ``window`` groups, the instances of each window shuffled together; so any stretch of the epoch draws on
+    at most ``window`` groups at a time, plus the next window's at a boundary."""
+    if groups is None:
+        return rng.permutation(n)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    place = np.empty(len(uniq), dtype=np.int64)
+    place[rng.permutation(len(uniq))] = np.arange(len(uniq))
+    return np.lexsort((rng.random(n), place[inverse] // window))
+
+
 class _Selected(IterableDataset):
     """Endless seeded epochs over instances already in memory, each joined with its image bytes (read by
     byte offset). Each DDP rank takes every ``world``-th instance and each DataLoader worker every
-    ``workers``-th position of the rank's epoch order, so nothing is seen twice within an epoch."""
+    ``workers``-th position of the rank's epoch order, so nothing is seen twice within an epoch.
+    ``group_of`` (image id -> group) makes the epochs chunk-local (``epoch_order``)."""
 
-    def __init__(self, ds: PreparedDataset, instances: Sequence[Instance], seed: int):
+    def __init__(
+        self,
+        ds: PreparedDataset,
+        instances: Sequence[Instance],
+        seed: int,
+        group_of: Mapping[str, int] | None = None,
+        window: int = 8,
+    ):
         rank, world = node_info()
-        self.ds, self.seed = ds, seed
+        self.ds, self.seed, self.window = ds, seed, window
         self.instances = sorted(instances, key=lambda i: i.key)[rank::world]
         if not self.instances:
             raise ValueError(
                 f"{ds.path}: rank {rank} of {world} got none of the {len(instances)} selected training instances"
             )
+        self.groups = None
+        if group_of is not None:
+            missing = sorted({i.image_id for i in self.instances} - group_of.keys())
+            if missing:
+                raise KeyError(f"{ds.path}: no order group for image {missing[0]!r} ({len(missing)} images)")
+            self.groups = np.array([group_of[i.image_id] for i in self.instances], dtype=np.int64)
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng(self.seed)
         while True:
-            for j in rng.permutation(len(self.instances))[wid::nw]:
+            for j in epoch_order(rng, self.groups, len(self.instances), self.window)[wid::nw]:
                 inst = self.instances[j]
                 yield {"instance": inst, "image": self.ds.image_bytes(inst.image_id)}
 
@@ -294,9 +321,12 @@ def train_loader(
     shuffle_buffer: int = 2000,
     views: ViewTable | None = None,
     instances: Sequence[Instance] | None = None,
+    group_of: Mapping[str, int] | None = None,
+    order_window: int = 8,
 ) -> Iterator[Batch]:
     """Endless shuffled batches of the labelled training instances ``keys``. With ``views``, every sample is
-    shown in one of its cached views (``Batch.views``).
+    shown in one of its cached views (``Batch.views``). With ``group_of`` (needs ``instances``), epochs are
+    chunk-local: see ``epoch_order``.
 
     Given ``instances`` (the parsed Instance of every key, which the caller already holds from drawing the
     split) the batches come from memory in seeded epochs: a low-shot subset is a few percent of the shards, and
@@ -307,8 +337,10 @@ def train_loader(
         chosen = [i for i in instances if i.key in wanted]
         if len(chosen) != len(wanted):
             raise ValueError(f"{ds.path}: {len(wanted) - len(chosen)} selected keys have no instance")
-        pipe = _Selected(ds, chosen, seed)
+        pipe = _Selected(ds, chosen, seed, group_of, order_window)
     else:
+        if group_of is not None:
+            raise ValueError("a chunk-local order (group_of) needs the instances in memory (instances=...)")
         if node_info()[1] > 1:
             _check_rank_has_instances(ds, wanted)
         pipe = instance_pipeline(

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.cache import TeacherCache, check_fingerprint
+from pipeline.cache import TeacherCache, check_fingerprint, store_exists
 from pipeline.config import Params
 from pipeline.data.shards import PreparedDataset
 from pipeline.protocol import Split, make_split
@@ -215,6 +215,7 @@ class Trainer:
         self.spec = TaskSpec(run.task, load_tokenizer(teacher_model), params.student.image_size, params.student.max_text_len,
                              vocab, params.distill.vqa_candidates)  # fmt: skip
         self.views = self._view_table()
+        self.order_groups = self._order_groups()
         seed_everything(run.seed)
         self.student = create_student(params.student.arch, params.student)
         self.heads = TaskHeads(self.student.width, len(vocab), tasks=(run.task,))
@@ -274,7 +275,27 @@ class Trainer:
             raise FingerprintMismatch(
                 f"{self.run.cache}: VQA answer vocabulary differs from {self.train_ds.path}'s"
             )
-        return CachedTargets(cache)
+        return CachedTargets(cache, chunk_cache_bytes=self.params.train.target_cache_mb << 20)
+
+    def _order_groups(self) -> dict[str, int] | None:
+        """train.order=chunked: each training image's inner chunk in the array its targets are read from (the
+        cached views' when the store has views). Read from the store for every method, the baseline too, so
+        that all methods of a seed see the same batches."""
+        if self.params.train.order == "random":
+            return None
+        if isinstance(self.source, CachedTargets):
+            cache = self.source.cache
+        elif self.run.cache and store_exists(self.run.cache):
+            cache = TeacherCache(self.run.cache)
+        else:
+            raise ValueError(
+                f"train.order=chunked orders instances by the teacher cache's chunks, and this run has no cache "
+                f"at {self.run.cache!r}: extract one, or use train.order=random"
+            )
+        name = "views/tokens" if cache.views else "image/tokens"
+        rows_per_chunk = int(cache.group[name].chunks[0])
+        ids = sorted({i.image_id for i in self.train_instances})
+        return dict(zip(ids, (cache.image_rows(ids) // rows_per_chunk).tolist(), strict=True))
 
     def _view_table(self) -> ViewTable | None:
         """The cached views training images are shown in (method §2), None when there are none. A run reading
@@ -395,7 +416,8 @@ class Trainer:
         tp = self.params.train
         return train_loader(self.train_ds, self.split.train, self.spec, batch_size=self.batch_size // self.world_size,
                             seed=tp.seed * 1000 + self.run.seed + 7919 * self.rank, num_workers=tp.num_workers,
-                            views=self.views, instances=self.train_instances)  # fmt: skip
+                            views=self.views, instances=self.train_instances, group_of=self.order_groups,
+                            order_window=tp.order_window)  # fmt: skip
 
     def unlabeled_stream(self):
         """Image-only batches for the KD-only term of the unlabeled variants (None when the method has none)."""

@@ -55,3 +55,25 @@ def test_chunk_cache_decodes_each_chunk_once(tmp_path):
     assert lru.misses == misses and lru.hits > 0  # everything came from the LRU the second time round
     off = CachedTargets(C.TeacherCache(url), chunk_cache_bytes=0)
     assert not hasattr(off.cache.group, "lru")  # 0 turns the LRU off: the plain zarr group
+
+
+def test_epoch_order_random_is_the_plain_permutation_and_chunked_stays_local():
+    from student.data import epoch_order
+
+    n = 500
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert np.array_equal(epoch_order(a, None, n), b.permutation(n))  # random order: what it always was
+    groups = np.random.default_rng(1).integers(0, 40, n)  # 40 chunks, instances in no particular row order
+    rng = np.random.default_rng(7)
+    first, second = epoch_order(rng, groups, n, window=4), epoch_order(rng, groups, n, window=4)
+    for order in (first, second):
+        assert np.array_equal(np.sort(order), np.arange(n))  # every instance once per epoch
+        # Each window's instances are contiguous: the groups seen so far change in runs of 4.
+        g = groups[order]
+        starts = [0] + [i for i in range(1, n) if not set(g[i:]) & set(g[:i]) and g[i] != g[i - 1]]
+        for lo, hi in zip(starts, starts[1:] + [n], strict=True):
+            assert len(set(g[lo:hi])) <= 4
+        assert len(starts) == 10  # 40 groups / 4 per window
+    assert not np.array_equal(first, second)  # a new draw every epoch
+    again = np.random.default_rng(7)
+    assert np.array_equal(epoch_order(again, groups, n, window=4), first)  # seeded

@@ -491,3 +491,23 @@ def test_dvc_reruns_extraction_for_every_store_setting_and_only_those(baseline):
     store_keys = set(C.open_group(baseline["url"], mode="r").attrs["fingerprint"]["store"])
     assert listed == store_keys | {"on_error"}
     assert "cache" not in stage["params"]
+
+
+def test_text_arrays_take_their_own_chunk_size(world, baseline, tmp_path):
+    """cache.text_chunk_bytes sizes the text arrays' inner chunks (read a few scattered rows at a time), apart
+    from target_chunk_bytes (image arrays); what the store gives back does not change."""
+    url = str(tmp_path / "small-text-chunks.zarr")
+    X.extract(
+        [world["train"], world["val"]], url, world["spec"], params(text_chunk_bytes=256),
+        scheduler="sync", progress=False,
+    )  # fmt: skip
+    small, base = C.TeacherCache(url), C.TeacherCache(baseline["url"])
+    row = 32 * 2  # embed_dim 32, float16
+    assert small.group["text/tokens"].chunks[0] == 256 // row
+    assert small.group["text/pooled"].chunks[0] == 256 // row  # divides the 16-row shard
+    assert base.group["text/tokens"].chunks[0] > 256 // row
+    assert small.group["image/tokens"].chunks == base.group["image/tokens"].chunks
+    texts = list(dict.fromkeys(_all_texts([world["train"], world["val"]], base.attrs["data"]["vqa_vocab"])))
+    a, b = small.text_targets(texts), base.text_targets(texts)
+    assert torch.equal(a["pooled"], b["pooled"]) and torch.equal(a["lengths"], b["lengths"])
+    assert all(torch.equal(x, y) for x, y in zip(a["tokens"], b["tokens"], strict=True))

@@ -34,9 +34,9 @@ def _prepare(root, seed=0, scenes=(60, 12, 18)):
             synthetic.generate(split, sp, w)
 
 
-def build_world(root, views: int = 0):
+def build_world(root, views: int = 0, target_chunk_bytes: int = 1 << 20):
     """The tiny world: prepared shards, a saved random-init teacher (so the fingerprint holds a checkpoint
-    checksum, as with a real one) and its cache extracted with ``views``."""
+    checksum, as with a real one) and its cache extracted with ``views`` and ``target_chunk_bytes``."""
     _prepare(root / "shards")
     cfg = root / "tiny-teacher.json"
     cfg.write_text(json.dumps(TINY_TEACHER))
@@ -48,8 +48,9 @@ def build_world(root, views: int = 0):
     store = str(root / "cache.zarr")
     datasets = [PreparedDataset(root / "shards" / s) for s in ("train", "val", "test")]
     cp = CacheParams(
-        image_rows_per_unit=64, text_rows_per_unit=512, batch_size=32, num_workers=0, views=views
-    )
+        image_rows_per_unit=64, text_rows_per_unit=512, batch_size=32, num_workers=0, views=views,
+        target_chunk_bytes=target_chunk_bytes,
+    )  # fmt: skip
     extract(
         datasets, store, (str(cfg), str(root / "teacher.pt"), "fp32"), cp, scheduler="sync", progress=False
     )
@@ -249,3 +250,39 @@ def test_teacher_batch_reads_candidate_texts_pooled_only(world, tmp_path, task, 
     if task == "vcr":
         want = 0.5 * (want + conf(pooled[:, k:], [t.rationale_gold for t in batch.teacher_texts]))
     torch.testing.assert_close(w, want, rtol=0, atol=0)
+
+
+def test_chunked_order_is_chunk_local_and_the_same_for_every_method(tmp_path):
+    """train.order=chunked: every method (the baseline reads no targets but orders by the same store) sees the
+    same batches, and a window of order_window chunks is used up before the next begins."""
+    world = build_world(tmp_path / "w", target_chunk_bytes=8 << 10)  # 8 image rows per inner chunk
+    params = _params(world, **{"train.order": "chunked", "train.order_window": 1, "train.batch_size": 4})
+    trs = {
+        m: Trainer(params, _run(world, tmp_path, method=m, name=m), progress=False)
+        for m in ("baseline", "clip_td")
+    }
+    streams = {m: tr.batches() for m, tr in trs.items()}
+    tr = trs["clip_td"]
+    group_of = tr.order_groups
+    n = len(tr.split.train)
+    keys, groups = [], []
+    for _ in range(-(-n // 4)):
+        b = {m: next(s) for m, s in streams.items()}
+        assert [i.key for i in b["baseline"].instances] == [i.key for i in b["clip_td"].instances]
+        keys += [i.key for i in b["clip_td"].instances]
+        groups += [group_of[i] for i in b["clip_td"].image_ids]
+    first_epoch = groups[:n]
+    assert len(set(keys[:n])) == n  # each training instance once in the first epoch
+    # window 1: each chunk's instances come as one run, so the chunk sequence changes exactly once per chunk
+    changes = sum(a != b for a, b in zip(first_epoch, first_epoch[1:], strict=False))
+    assert changes == len(set(first_epoch)) - 1 > 0
+    random = Trainer(_params(world), _run(world, tmp_path, name="random"), progress=False)
+    assert random.order_groups is None
+    assert [i.key for i in next(random.batches()).instances] != keys[:8]
+
+
+def test_chunked_order_without_a_cache_is_refused(world, tmp_path):
+    root, _, _ = world
+    run = RunSpec("snli_ve", "lowshot-0.5", "baseline", 0, str(root / "shards"), "", str(tmp_path / "r"))
+    with pytest.raises(ValueError, match="train.order=chunked.*no cache"):
+        Trainer(_params(world, **{"train.order": "chunked"}), run, progress=False)
