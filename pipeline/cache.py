@@ -306,7 +306,7 @@ class StoreLayout:
     image_rows_per_unit: int = 512
     text_rows_per_unit: int = 4096
     target_chunk_bytes: int = 1 << 20
-    text_chunk_bytes: int = 1 << 20
+    text_chunk_bytes: int = 1 << 15
     text_shard_rows: int = 1  # S: token rows owned by one text unit (set by ``text_token_layout``)
     text_chunk_rows: int = 1
 
