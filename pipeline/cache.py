@@ -188,7 +188,8 @@ def committed_units(url: str) -> dict[str, dict]:
 
 def checksum(a: np.ndarray) -> str:
     """crc32 of the array's bytes as stored (C order, store dtype)."""
-    return f"{zlib.crc32(np.ascontiguousarray(a).tobytes()) & 0xFFFFFFFF:08x}"
+    # A flat uint8 view, not tobytes(): the copy took two thirds of the time on a unit's 100 MB of tokens.
+    return f"{zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8)) & 0xFFFFFFFF:08x}"
 
 
 # ----------------------------------------------------------------------------------------------- fingerprint

@@ -558,6 +558,28 @@ def _poison(monkeypatch, world, targets: dict[str, tuple[str, float]]) -> None:
     monkeypatch.setattr(teacher, "encode_images", encode_images)
 
 
+def test_nonfinite_rows_agrees_with_isfinite_on_every_float16_bit_pattern():
+    """The unit screen tests float16 on its bits; every one of the 65,536 patterns (NaN payloads, ±Inf,
+    65504, subnormals, -0) must be judged as np.isfinite judges it, in any row and column."""
+    values = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    want = ~np.isfinite(values)
+    assert want.sum() == 2 * 1024  # 2 signs × 1,024 mantissas with the exponent all ones
+    assert X.nonfinite_rows(values[:, None]).tolist() == want.tolist()
+    rng = np.random.default_rng(0)
+    rows = np.zeros((64, 3, 5), np.float16)
+    hits = rng.choice(len(values), 16)
+    for r, h in enumerate(hits):
+        rows[r, rng.integers(3), rng.integers(5)] = values[h]
+    assert X.nonfinite_rows(rows).tolist() == [bool(want[h]) for h in hits] + [False] * 48
+    # Blocks of one row, of 7 (not dividing 64) and of all rows at once.
+    for block in (1, 7 * rows[0].nbytes, rows.nbytes):
+        assert X.nonfinite_rows(rows, block).tolist() == X.nonfinite_rows(rows).tolist()
+    # A strided view (view 0 of [N, K, P, E]) and float32 (isfinite) give the same answer.
+    assert X.nonfinite_rows(np.stack([rows, rows], 1)[:, 0]).tolist() == X.nonfinite_rows(rows).tolist()
+    assert X.nonfinite_rows(rows.astype(np.float32)).tolist() == X.nonfinite_rows(rows).tolist()
+    assert X.nonfinite_rows(np.zeros((0, 4), np.float16)).tolist() == []
+
+
 def test_nonfinite_teacher_output_fails_or_is_marked_invalid(world, tmp_path, monkeypatch):
     _poison(monkeypatch, world, {"img-5": ("tokens", float("nan")), "img-12": ("pooled", float("inf"))})
     url = str(tmp_path / "nan.zarr")
