@@ -14,6 +14,11 @@ Two teachers: the embedded ``clip-td-tiny`` config at 64 px (the forward is chea
 outside the model shows) and ViT-B-32 at 224 px (random init; the forward dominates). The datasets hold
 images (one instance, hence a handful of texts) plus some byte-identical copies under other ids, so the
 extraction plans deduplication but spends its time on image units.
+
+``host-vit-b-16-224px`` times no ratio: ViT-B-16's forward is replaced by a stub returning fixed tensors of
+its output size, and ``phase_ms_per_image`` is what one worker's host spends per image around a forward that
+costs nothing. Its ``unit_tail_ms_per_image`` (screen, shard writes, checksums, commit) runs after a unit's
+last forward, so with a GPU teacher in one worker it bounds the pipeline/bare ratio ``bench_gpu`` measures.
 """
 
 from __future__ import annotations
@@ -35,6 +40,15 @@ CONFIGS = {
     "tiny-64px": (TINY_TEACHER, 64, 2048, 3),
     "vit-b-32-224px": ("ViT-B-32", 224, 1024, 3),
 }
+# The host's share at a real teacher's output size, with the forward replaced by a stub: what a GPU teacher
+# leaves to the CPU of one worker (not a ratio, so no target; the GPU check reads its ratio against it).
+HOST_CONFIGS = {"host-vit-b-16-224px": ("ViT-B-16", 224, 1024, 3)}
+UNIT_TAIL = (
+    "screen",
+    "store_write",
+    "checksum",
+    "commit",
+)  # after a unit's last forward, nothing overlaps them
 DUPLICATE_EVERY = 10  # every 10th image id repeats an earlier image's bytes (deduplicated to an alias)
 
 
@@ -317,6 +331,68 @@ def measure(
     return out
 
 
+def measure_host(
+    name: str, model: str, size: int, n: int, reps: int, work: Path, overrides: tuple[str, ...] = ()
+) -> dict:
+    """The pipeline's per-image work outside the forward at ``model``'s output size: ``encode_images`` returns
+    fixed tensors of the right shape, so each phase of ``profile_phases`` (median over ``reps`` passes over
+    the image units) is what the host spends around a forward that costs nothing."""
+    from pipeline import extract as X
+
+    ds = X.PreparedDataset(image_only_dataset(work / f"{name}-data", n, size))
+    spec = X.TeacherSpec(model, "", "auto")
+    cp = dataclasses.replace(cache_params(overrides), store=str(work / f"{name}.zarr"))
+    teacher = X.get_teacher(spec)
+    workers = X.decode_workers(cp.num_workers, str(teacher.device))
+    _warm_decode_workers(X, teacher, ds, workers)
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(cp.batch_size, teacher.num_patches, teacher.embed_dim, generator=g).to(teacher.device)
+
+    def stub(_encode):
+        def encode_images(pixels, relevance=()):
+            b = len(pixels)
+            return {"tokens": bank[:b], "pooled": bank[:b, 0], **{r: bank[:b] for r in relevance}}
+
+        return encode_images
+
+    jobs, run_unit = [], X.run_unit
+
+    def recording(job):
+        jobs.append(job)
+        return run_unit(job)
+
+    with _patched([(teacher, "encode_images", stub), (X, "run_unit", lambda _: recording)]):
+        X.extract([ds], cp.store, spec, cp, scheduler="sync", progress=False, overwrite=True)
+        image_jobs = [j for j in jobs if j.kind == "image"]
+        passes = [
+            profile_phases(X, teacher, image_jobs, run_unit, decode_in_process=workers == 0)
+            for _ in range(reps)
+        ]
+    phases = {k: median([p[k] for p in passes]) for k in passes[0] if passes[0][k] is not None}
+    tail = round(sum(phases.get(k, 0.0) for k in UNIT_TAIL), 4)
+    out = {
+        "model": model,
+        "image_size": size,
+        "tokens_per_image": [teacher.num_patches, teacher.embed_dim],
+        "store_bytes_per_image": teacher.num_patches * teacher.embed_dim * (1 if cp.dtype == "int8" else 2),
+        "images": sum(len(j.items) for j in image_jobs),
+        "units": len(image_jobs),
+        "batch_size": cp.batch_size,
+        "num_workers": workers,
+        "dtype": cp.dtype,
+        "compressor": f"{cp.compressor}/{cp.clevel}",
+        "device": str(teacher.device),
+        "torch_threads": torch.get_num_threads(),
+        "repetitions": reps,
+        "phase_ms_per_image": phases,
+        "phase_ms_per_image_per_pass": passes,
+        # screen + store writes + checksums + commit: the unit's tail, serial with the forward in one worker.
+        "unit_tail_ms_per_image": tail,
+    }
+    log(f"{name}: unit tail {tail} ms/img ({', '.join(f'{k} {phases.get(k)}' for k in UNIT_TAIL)})")
+    return out
+
+
 def add_target(res: Result, name: str, m: dict) -> None:
     """The issue's extraction target for one measurement (bench_extract and bench_gpu report it alike)."""
     res.target(
@@ -331,14 +407,21 @@ def add_target(res: Result, name: str, m: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, overrides=True)
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of %(default)s")
+    every = {**CONFIGS, **HOST_CONFIGS}
+    p.add_argument("--configs", default=",".join(every), help="comma-separated subset of %(default)s")
     args = p.parse_args(argv)
+    unknown = [c for c in args.configs.split(",") if c not in every]
+    if unknown:
+        p.error(f"--configs: unknown {unknown} (allowed: {', '.join(every)})")
     res = Result("extract")
     with Scratch(args.work) as work:
         for name in args.configs.split(","):
-            model, size, n, reps = CONFIGS[name]
+            model, size, n, reps = every[name]
             if args.quick:
                 n, reps = max(128, n // 4), 2  # one repetition after the extraction
+            if name in HOST_CONFIGS:
+                res.measurements[name] = measure_host(name, model, size, n, reps, work, tuple(args.set))
+                continue
             res.measurements[name] = m = measure(name, model, size, n, reps, work, tuple(args.set))
             add_target(res, name, m)
     res.settings = {
