@@ -744,6 +744,23 @@ def _text_lengths(teacher: Any, texts: Sequence[str], batch: int = 4096) -> np.n
     return torch.cat(out).numpy().astype(np.int64) if out else np.zeros(0, np.int64)
 
 
+def local_cluster(n_workers: int, cluster_kwargs: dict | None = None) -> Any:
+    """The ``local`` scheduler's LocalCluster: n worker processes, one dask thread each (one unit at a time;
+    torch inside it gets the worker's cores), non-daemonic so a unit's DataLoader may start processes.
+    dask's worker environment loses ``MALLOC_TRIM_THRESHOLD_``: any explicit trim threshold turns off
+    glibc's adaptive mmap threshold, so every large torch buffer became a fresh mmap whose pages fault in
+    again, and the embedded teacher's forward took 1.8× as long in a worker as in this process."""
+    import dask
+    from distributed import LocalCluster
+
+    spawn = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+    spawn.pop("MALLOC_TRIM_THRESHOLD_", None)
+    kwargs = {"n_workers": n_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0"}
+    kwargs.update(cluster_kwargs or {})
+    with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": spawn}):
+        return LocalCluster(**kwargs)
+
+
 def _run_units(
     jobs: list[UnitJob],
     scheduler: str,
@@ -770,20 +787,14 @@ def _run_units(
             for job in jobs:
                 done(run_unit(job))
             return records
-        import dask
-        from distributed import Client, LocalCluster, as_completed
+        from distributed import Client, as_completed
 
         cluster = None
         if scheduler == "local":
             cores = os.cpu_count() or 1
             n = max(1, n_workers)
             threads = torch_threads or max(1, cores // n)
-            kwargs = {"n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0"}
-            kwargs.update(cluster_kwargs)
-            # One dask thread per worker runs one unit at a time; torch inside it gets the worker's cores.
-            # Non-daemonic workers so a unit's DataLoader may start its own worker processes.
-            with dask.config.set({"distributed.worker.daemon": False}):
-                cluster = LocalCluster(**kwargs)
+            cluster = local_cluster(n, cluster_kwargs)
             for j in jobs:
                 j.threads = threads
             client = Client(cluster)

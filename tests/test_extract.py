@@ -400,6 +400,17 @@ def test_local_cluster_one_worker_process(world, baseline, tmp_path):
         assert np.array_equal(a[key][:], b[key][:]), key
 
 
+def test_local_workers_keep_glibcs_adaptive_malloc(monkeypatch):
+    # dask sets MALLOC_TRIM_THRESHOLD_ in its workers, which made the teacher's forward 1.8× slower there;
+    # the rest of its worker environment (one BLAS thread per library) stays.
+    from distributed import Client
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with X.local_cluster(1) as cluster, Client(cluster) as client:
+        env = list(client.run(lambda: dict(os.environ)).values())[0]
+    assert "MALLOC_TRIM_THRESHOLD_" not in env and env["OMP_NUM_THREADS"] == "1"
+
+
 def test_text_ids_are_text_hashes_in_first_seen_order(baseline):
     tc = C.TeacherCache(baseline["url"])
     assert tc.group["text/ids"][0] == text_hash("what colour is shape 0?")  # train's first instance's text
