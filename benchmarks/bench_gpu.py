@@ -10,6 +10,9 @@ Run as one command where a CUDA device is lent (``python -m benchmarks.bench_gpu
   expected), once with the embedded tiny teacher and once with ViT-B-16 as the teacher (its own cache of the
   same synthetic world).
 
+* The unit tail (bench_extract's ``host-vit-b-16-224px`` on this machine's CPU, forward stubbed): what one
+  worker spends after each unit's last forward, which bounds the one-worker extraction ratio.
+
 ``--quick`` shrinks every size so the script can be smoke-tested on a CPU; its numbers are not the check's.
 Without ``--quick`` a machine without CUDA is refused: CPU numbers are bench_extract's and bench_train's.
 """
@@ -68,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             bench_extract.add_target(res, name, m)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the next setting starts from the same free memory
+        # The host's share around a stubbed forward on this machine: the one-worker bound on the ratios above.
+        name = f"host-{MODEL.lower()}-{SIZE}px"
+        res.measurements[name] = bench_extract.measure_host(
+            name, MODEL, SIZE, min(n, 1024), reps, work, (f"cache.batch_size={BATCH}", *args.set)
+        )
         steps = max(3, args.steps // 5) if args.quick else args.steps
         for label in teachers:
             model = known[label]
