@@ -368,7 +368,7 @@ def measure_host(
             profile_phases(X, teacher, image_jobs, run_unit, decode_in_process=workers == 0)
             for _ in range(reps)
         ]
-    phases = {k: median([p[k] for p in passes]) for k in passes[0] if passes[0][k] is not None}
+    phases = {k: round(median([p[k] for p in passes]), 4) for k in passes[0] if passes[0][k] is not None}
     tail = round(sum(phases.get(k, 0.0) for k in UNIT_TAIL), 4)
     out = {
         "model": model,
