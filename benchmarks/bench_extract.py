@@ -43,12 +43,8 @@ CONFIGS = {
 # The host's share at a real teacher's output size, with the forward replaced by a stub: what a GPU teacher
 # leaves to the CPU of one worker (not a ratio, so no target; the GPU check reads its ratio against it).
 HOST_CONFIGS = {"host-vit-b-16-224px": ("ViT-B-16", 224, 1024, 3)}
-UNIT_TAIL = (
-    "screen",
-    "store_write",
-    "checksum",
-    "commit",
-)  # after a unit's last forward, nothing overlaps them
+# The phases after a unit's last forward: in one worker nothing overlaps them.
+UNIT_TAIL = ("screen", "store_write", "checksum", "commit")
 DUPLICATE_EVERY = 10  # every 10th image id repeats an earlier image's bytes (deduplicated to an alias)
 
 
@@ -188,6 +184,19 @@ def profile_phases(X, teacher, jobs: list, run_unit: Callable, decode_in_process
     return ms
 
 
+def _setup(name: str, model: str, size: int, n: int, work: Path, overrides: tuple, precision: str) -> tuple:
+    """(dataset, teacher spec, cache params, teacher, decode workers) of one config, decode workers warmed."""
+    from pipeline import extract as X
+
+    ds = X.PreparedDataset(image_only_dataset(work / f"{name}-data", n, size))
+    spec = X.TeacherSpec(model, "", precision)
+    cp = dataclasses.replace(cache_params(overrides), store=str(work / f"{name}.zarr"))
+    teacher = X.get_teacher(spec)
+    workers = X.decode_workers(cp.num_workers, str(teacher.device))
+    _warm_decode_workers(X, teacher, ds, workers)
+    return ds, spec, cp, teacher, workers
+
+
 def measure(
     name: str,
     model: str,
@@ -200,14 +209,9 @@ def measure(
 ) -> dict:
     from pipeline import extract as X
     from pipeline.cache import committed_units
-    from pipeline.data.shards import PreparedDataset, decode_image
+    from pipeline.data.shards import decode_image
 
-    ds = PreparedDataset(image_only_dataset(work / f"{name}-data", n, size))
-    spec = X.TeacherSpec(model, "", precision)
-    cp = dataclasses.replace(cache_params(overrides), store=str(work / f"{name}.zarr"))
-    teacher = X.get_teacher(spec)
-    workers = X.decode_workers(cp.num_workers, str(teacher.device))
-    _warm_decode_workers(X, teacher, ds, workers)
+    ds, spec, cp, teacher, workers = _setup(name, model, size, n, work, overrides, precision)
     bs = max(1, cp.batch_size // max(1, cp.views))
 
     # Time inside the teacher during pipeline units: what the pipeline spends outside the model is the rest.
@@ -339,12 +343,7 @@ def measure_host(
     the image units) is what the host spends around a forward that costs nothing."""
     from pipeline import extract as X
 
-    ds = X.PreparedDataset(image_only_dataset(work / f"{name}-data", n, size))
-    spec = X.TeacherSpec(model, "", "auto")
-    cp = dataclasses.replace(cache_params(overrides), store=str(work / f"{name}.zarr"))
-    teacher = X.get_teacher(spec)
-    workers = X.decode_workers(cp.num_workers, str(teacher.device))
-    _warm_decode_workers(X, teacher, ds, workers)
+    ds, spec, cp, teacher, workers = _setup(name, model, size, n, work, overrides, "auto")
     g = torch.Generator().manual_seed(0)
     bank = torch.randn(cp.batch_size, teacher.num_patches, teacher.embed_dim, generator=g).to(teacher.device)
 

@@ -749,7 +749,7 @@ def local_cluster(n_workers: int, cluster_kwargs: dict | None = None) -> Any:
     torch inside it gets the worker's cores), non-daemonic so a unit's DataLoader may start processes.
     dask's worker environment loses ``MALLOC_TRIM_THRESHOLD_``: any explicit trim threshold turns off
     glibc's adaptive mmap threshold, so every large torch buffer became a fresh mmap whose pages fault in
-    again, and the embedded teacher's forward took 1.8× as long in a worker as in this process."""
+    again (the default repro's extract units: 27.7 s with it, 15.7 s without; ``metrics/extract.json``)."""
     import dask
     from distributed import LocalCluster
 
