@@ -15,10 +15,15 @@ outside the model shows) and ViT-B-32 at 224 px (random init; the forward domina
 images (one instance, hence a handful of texts) plus some byte-identical copies under other ids, so the
 extraction plans deduplication but spends its time on image units.
 
-``host-vit-b-16-224px`` times no ratio: ViT-B-16's forward is replaced by a stub returning fixed tensors of
-its output size, and ``phase_ms_per_image`` is what one worker's host spends per image around a forward that
-costs nothing. Its ``unit_tail_ms_per_image`` (screen, shard writes, checksums, commit) runs after a unit's
-last forward, so with a GPU teacher in one worker it bounds the pipeline/bare ratio ``bench_gpu`` measures.
+The ``host-…`` configs time no ratio: ViT-B-16's forward is replaced by a stub returning fixed tensors of its
+output size, after sleeping ``forward_ms`` per image (0: a forward that costs nothing; a sleep holds no CPU,
+like a GPU forward the host waits for). ``phase_ms_per_image`` is what one worker's host spends per image:
+on the unit's thread, and ``writer`` (screen, shard writes, checksums) on the unit's writer threads, which
+run behind the next batches' forward. ``after_last_forward_ms_per_image`` is what the unit still spends once
+its last forward returned (the last shards' writes, the commit): in one worker with a GPU teacher, nothing
+overlaps it. The ``-2ms-forward`` pair shows how much of the writing the unit's shards hide behind a 2 ms
+forward: 2048-image units of 128-row shards (the default ``cache.image_shard_bytes`` at ViT-B-16's size)
+against one shard per unit.
 """
 
 from __future__ import annotations
@@ -42,9 +47,16 @@ CONFIGS = {
 }
 # The host's share at a real teacher's output size, with the forward replaced by a stub: what a GPU teacher
 # leaves to the CPU of one worker (not a ratio, so no target; the GPU check reads its ratio against it).
-HOST_CONFIGS = {"host-vit-b-16-224px": ("ViT-B-16", 224, 1024, 3)}
-# The phases after a unit's last forward: in one worker nothing overlaps them.
-UNIT_TAIL = ("screen", "store_write", "checksum", "commit")
+# name: (model, image size, images, repetitions, stub forward ms per image, cache overrides)
+HOST_CONFIGS = {
+    "host-vit-b-16-224px": ("ViT-B-16", 224, 1024, 3, 0.0, ()),
+    "host-vit-b-16-224px-2ms-forward": ("ViT-B-16", 224, 2048, 3, 2.0, ("cache.image_rows_per_unit=2048",)),
+    "host-vit-b-16-224px-2ms-forward-unit-shards": (
+        "ViT-B-16", 224, 2048, 3, 2.0, ("cache.image_rows_per_unit=2048", f"cache.image_shard_bytes={1 << 40}"),
+    ),
+}  # fmt: skip
+# Phases run on the unit's writer threads, behind the forward of the batches after their rows.
+WRITER_PHASES = ("screen", "store_write", "checksum")
 DUPLICATE_EVERY = 10  # every 10th image id repeats an earlier image's bytes (deduplicated to an alias)
 
 
@@ -134,12 +146,15 @@ def _patched(patches: list[tuple[object, str, Callable]]):
 def profile_phases(X, teacher, jobs: list, run_unit: Callable, decode_in_process: bool) -> dict:
     """One more pass over the image units with each phase of ``run_unit`` timed, in ms per image: where the
     pipeline's time outside the model goes. ``decode`` (read + PNG decode + uint8 + collate) is the CPU time
-    of the thread that decodes, which runs beside the model (None when worker processes decode); the other
-    phases are wall time on the unit's thread, and ``other`` is what the unit spent outside all of them
-    (waiting for a decoded batch, buffer copies, the manifest record)."""
+    of the thread that decodes, which runs beside the model (None when worker processes decode); the phases
+    of ``writer`` are wall time summed over the unit's writer threads, behind the forward; the others are
+    wall time on the unit's thread, and ``other`` is what the unit spent outside all of them (waiting for a
+    decoded batch, buffer copies, waiting for the writers). ``after_last_forward`` is the unit's time after
+    its last forward returned: the part of the writing nothing hides in one worker."""
     import zarr
 
     spent: dict[str, float] = collections.defaultdict(float)
+    last_forward = [0.0]
 
     def timed(phase: str, clock: Callable[[], float] = time.perf_counter, sync: bool = False):
         def wrap(f):
@@ -151,6 +166,8 @@ def profile_phases(X, teacher, jobs: list, run_unit: Callable, decode_in_process
                     if sync:
                         _sync(teacher.device)
                     spent[phase] += clock() - t
+                    if phase == "model":
+                        last_forward[0] = time.perf_counter()
 
             return g
 
@@ -164,31 +181,37 @@ def profile_phases(X, teacher, jobs: list, run_unit: Callable, decode_in_process
         (teacher, "encode_images", timed("model", sync=True)),
         (X, "_encode_batch", timed("encode")),
         (X, "_token_cosine", timed("encode")),
-        (X, "_screen_nonfinite", timed("screen")),
+        (X, "_screen_image_rows", timed("screen")),
         (zarr.Array, "__setitem__", timed("store_write")),
-        (X.C, "checksum", timed("checksum")),
+        (X.C, "crc32", timed("checksum")),
         (X.C, "commit_unit", timed("commit")),
     ]
-    total = 0.0
+    total = after = 0.0
     with _patched(patches):
         for job in jobs:
             t = time.perf_counter()
             run_unit(job)
-            total += time.perf_counter() - t
+            end = time.perf_counter()
+            total += end - t
+            after += end - last_forward[0]
     images = sum(len(j.items) for j in jobs)
-    main = {k: v for k, v in spent.items() if k != "decode"}
+    main = {k: v for k, v in spent.items() if k != "decode" and k not in WRITER_PHASES}
     ms = {k: round(1e3 * v / images, 4) for k, v in sorted(main.items())}
     ms["other"] = round(1e3 * (total - sum(main.values())) / images, 4)
     ms["decode_cpu"] = round(1e3 * spent["decode"] / images, 4) if decode_in_process else None
+    ms["writer"] = {k: round(1e3 * spent[k] / images, 4) for k in WRITER_PHASES}
+    ms["after_last_forward"] = round(1e3 * after / images, 4)
     ms["unit"] = round(1e3 * total / images, 4)
     return ms
 
 
 def _setup(name: str, model: str, size: int, n: int, work: Path, overrides: tuple, precision: str) -> tuple:
-    """(dataset, teacher spec, cache params, teacher, decode workers) of one config, decode workers warmed."""
+    """(dataset, teacher spec, cache params, teacher, decode workers) of one config, decode workers warmed.
+    Configs of the same model, size and images share their dataset."""
     from pipeline import extract as X
 
-    ds = X.PreparedDataset(image_only_dataset(work / f"{name}-data", n, size))
+    data = f"{Path(model).stem.lower()}-{size}px-{n}-data"
+    ds = X.PreparedDataset(image_only_dataset(work / data, n, size))
     spec = X.TeacherSpec(model, "", precision)
     cp = dataclasses.replace(cache_params(overrides), store=str(work / f"{name}.zarr"))
     teacher = X.get_teacher(spec)
@@ -336,11 +359,19 @@ def measure(
 
 
 def measure_host(
-    name: str, model: str, size: int, n: int, reps: int, work: Path, overrides: tuple[str, ...] = ()
+    name: str,
+    model: str,
+    size: int,
+    n: int,
+    reps: int,
+    work: Path,
+    overrides: tuple[str, ...] = (),
+    forward_ms: float = 0.0,
 ) -> dict:
-    """The pipeline's per-image work outside the forward at ``model``'s output size: ``encode_images`` returns
-    fixed tensors of the right shape, so each phase of ``profile_phases`` (median over ``reps`` passes over
-    the image units) is what the host spends around a forward that costs nothing."""
+    """The pipeline's per-image work outside the forward at ``model``'s output size: ``encode_images`` sleeps
+    ``forward_ms`` per image and returns fixed tensors of the right shape, so each phase of
+    ``profile_phases`` (median over ``reps`` passes over the image units) is what the host spends around a
+    forward that holds no CPU."""
     from pipeline import extract as X
 
     ds, spec, cp, teacher, workers = _setup(name, model, size, n, work, overrides, "auto")
@@ -350,6 +381,8 @@ def measure_host(
     def stub(_encode):
         def encode_images(pixels, relevance=()):
             b = len(pixels)
+            if forward_ms:
+                time.sleep(forward_ms * b / 1e3)
             return {"tokens": bank[:b], "pooled": bank[:b, 0], **{r: bank[:b] for r in relevance}}
 
         return encode_images
@@ -367,8 +400,15 @@ def measure_host(
             profile_phases(X, teacher, image_jobs, run_unit, decode_in_process=workers == 0)
             for _ in range(reps)
         ]
-    phases = {k: round(median([p[k] for p in passes]), 4) for k in passes[0] if passes[0][k] is not None}
-    tail = round(sum(phases.get(k, 0.0) for k in UNIT_TAIL), 4)
+    phases = {
+        k: round(median([p[k] for p in passes]), 4)
+        for k in passes[0]
+        if passes[0][k] is not None and k != "writer"
+    }
+    phases["writer"] = {k: round(median([p["writer"][k] for p in passes]), 4) for k in WRITER_PHASES}
+    writer = round(sum(phases["writer"].values()), 4)
+    after = phases["after_last_forward"]
+    shard_rows = X.C.open_group(cp.store, mode="r").attrs["units"]["image_rows_per_shard"]
     out = {
         "model": model,
         "image_size": size,
@@ -376,19 +416,28 @@ def measure_host(
         "store_bytes_per_image": teacher.num_patches * teacher.embed_dim * (1 if cp.dtype == "int8" else 2),
         "images": sum(len(j.items) for j in image_jobs),
         "units": len(image_jobs),
+        "image_rows_per_unit": cp.image_rows_per_unit,
+        "image_rows_per_shard": shard_rows,
         "batch_size": cp.batch_size,
         "num_workers": workers,
+        "write_threads": X.write_threads(),
         "dtype": cp.dtype,
         "compressor": f"{cp.compressor}/{cp.clevel}",
         "device": str(teacher.device),
         "torch_threads": torch.get_num_threads(),
+        "stub_forward_ms_per_image": forward_ms,
         "repetitions": reps,
         "phase_ms_per_image": phases,
         "phase_ms_per_image_per_pass": passes,
-        # screen + store writes + checksums + commit: the unit's tail, serial with the forward in one worker.
-        "unit_tail_ms_per_image": tail,
+        # Screen + shard writes + checksums: the writing the writer threads must keep up with.
+        "writer_ms_per_image": writer,
+        # What the unit spends after its last forward: in one worker, nothing overlaps it.
+        "after_last_forward_ms_per_image": after,
     }
-    log(f"{name}: unit tail {tail} ms/img ({', '.join(f'{k} {phases.get(k)}' for k in UNIT_TAIL)})")
+    log(
+        f"{name}: unit {phases['unit']} ms/img, writing {writer} ms/img, after the last forward {after} ms/img "
+        f"({shard_rows}-row shards, stub forward {forward_ms} ms/img)"
+    )
     return out
 
 
@@ -415,11 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     res = Result("extract")
     with Scratch(args.work) as work:
         for name in args.configs.split(","):
-            model, size, n, reps = every[name]
+            model, size, n, reps, *host = every[name]
             if args.quick:
                 n, reps = max(128, n // 4), 2  # one repetition after the extraction
-            if name in HOST_CONFIGS:
-                res.measurements[name] = measure_host(name, model, size, n, reps, work, tuple(args.set))
+            if host:
+                forward_ms, sets = host
+                res.measurements[name] = measure_host(
+                    name, model, size, n, reps, work, (*sets, *args.set), forward_ms
+                )
                 continue
             res.measurements[name] = m = measure(name, model, size, n, reps, work, tuple(args.set))
             add_target(res, name, m)

@@ -10,8 +10,8 @@ Run as one command where a CUDA device is lent (``python -m benchmarks.bench_gpu
   expected), once with the embedded tiny teacher and once with ViT-B-16 as the teacher (its own cache of the
   same synthetic world).
 
-* The unit tail (bench_extract's ``host-vit-b-16-224px`` on this machine's CPU, forward stubbed): what one
-  worker spends after each unit's last forward, which bounds the one-worker extraction ratio.
+* The host's share (bench_extract's ``host-vit-b-16-224px`` on this machine's CPU, forward stubbed): what one
+  worker's CPU spends per image around the forward, and after each unit's last forward.
 
 ``--quick`` shrinks every size so the script can be smoke-tested on a CPU; its numbers are not the check's.
 Without ``--quick`` a machine without CUDA is refused: CPU numbers are bench_extract's and bench_train's.
@@ -64,14 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     with Scratch(args.work) as work:
         for w in (int(x) for x in args.workers.split(",") if x):
-            sets = (f"cache.batch_size={BATCH}", f"cache.num_workers={w}", *args.set)
+            # Units of 2048 images (16 batches): a unit's shards are written behind its next batches' forward,
+            # so only its last batch's shards are written after its last forward (an eighth of its writing).
+            sets = (
+                f"cache.batch_size={BATCH}",
+                "cache.image_rows_per_unit=2048",
+                f"cache.num_workers={w}",
+                *args.set,
+            )
             name = f"extract-{MODEL.lower()}-workers{'auto' if w < 0 else w}"
             m = bench_extract.measure(name, MODEL, SIZE, n, reps, work, sets, precision=precision)
             res.measurements[name] = m
             bench_extract.add_target(res, name, m)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the next setting starts from the same free memory
-        # The host's share around a stubbed forward on this machine: the one-worker bound on the ratios above.
+        # The host's share around a stubbed forward on this machine's CPU: what the ratios above leave to it.
         name = f"host-{MODEL.lower()}-{SIZE}px"
         res.measurements[name] = bench_extract.measure_host(
             name, MODEL, SIZE, min(n, 1024), reps, work, (f"cache.batch_size={BATCH}", *args.set)

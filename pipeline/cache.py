@@ -26,7 +26,9 @@ Layout (method §1; N = unique images, M = unique texts, P patch tokens, E joint
 
 Work units and shards. Every large array is written through zarr's sharding codec and one work unit writes
 whole shards that no other unit touches (zarr loses data when two writers share a shard). Image unit u owns
-rows [u·R, (u+1)·R) with R = ``image_rows_per_unit`` = the shard's row count. Text unit t owns texts
+rows [u·R, (u+1)·R) with R = ``image_rows_per_unit``, a whole number of image shards of R_s =
+``image_rows_per_shard`` rows: a unit writes each of its shards as soon as its rows are computed, behind the
+teacher's next batches, and commits once all are written (see ``pipeline.extract``). Text unit t owns texts
 [t·R_t, (t+1)·R_t); because texts are ragged, its token rows start on a shard boundary of ``text/tokens``:
 every text unit owns exactly one shard of S rows, S = the largest unit's ΣL rounded up to whole inner chunks.
 The S − ΣL slack rows at the end of a unit's shard are written as zeros (= the fill value), and zarr's
@@ -51,6 +53,7 @@ Views. ``views/`` repeats view 0 (identical to ``image/``) so that a student can
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -188,8 +191,52 @@ def committed_units(url: str) -> dict[str, dict]:
 
 def checksum(a: np.ndarray) -> str:
     """crc32 of the array's bytes as stored (C order, store dtype)."""
+    return f"{crc32(a):08x}"
+
+
+def crc32(a: np.ndarray) -> int:
+    """``checksum`` as an int, to chain over row blocks with ``crc32_combine``."""
     # A flat uint8 view, not tobytes(): the copy took two thirds of the time on a unit's 100 MB of tokens.
-    return f"{zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8)) & 0xFFFFFFFF:08x}"
+    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8)) & 0xFFFFFFFF
+
+
+def _gf2_times(mat: tuple[int, ...], vec: int) -> int:
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def _gf2_compose(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """The operator ``a ∘ b`` (apply b, then a)."""
+    return tuple(_gf2_times(a, col) for col in b)
+
+
+@functools.lru_cache(maxsize=64)
+def _crc32_shift(n_bytes: int) -> tuple[int, ...]:
+    """The GF(2) operator that appends n_bytes zero bytes to a crc32 register (zlib's crc32_combine method,
+    composed once per length and cached: a unit's full shards all have the same length)."""
+    op = (0xEDB88320, *(1 << k for k in range(31)))  # one zero bit
+    for _ in range(3):
+        op = _gf2_compose(op, op)  # one zero byte
+    acc = tuple(1 << k for k in range(32))  # identity
+    while n_bytes:
+        if n_bytes & 1:
+            acc = _gf2_compose(op, acc)
+        n_bytes >>= 1
+        if n_bytes:
+            op = _gf2_compose(op, op)
+    return acc
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """crc32 of A + B from crc32(A), crc32(B) and len(B) in bytes (zlib has it in C, Python's zlib does not
+    expose it): a unit's shards are checksummed by whichever writer thread writes them, and the unit's record
+    keeps one crc per array over its rows in order, as ``verify`` recomputes it."""
+    return (_gf2_times(_crc32_shift(len2), crc1) ^ crc2) if len2 > 0 else crc1
 
 
 # ----------------------------------------------------------------------------------------------- fingerprint
@@ -307,6 +354,7 @@ class StoreLayout:
     image_rows_per_unit: int = 512
     text_rows_per_unit: int = 4096
     target_chunk_bytes: int = 1 << 20
+    image_rows_per_shard: int = 0  # divides image_rows_per_unit; 0 = one shard per unit (stores before it)
     text_chunk_bytes: int = 1 << 15
     text_shard_rows: int = 1  # S: token rows owned by one text unit (set by ``text_token_layout``)
     text_chunk_rows: int = 1
@@ -326,8 +374,12 @@ class StoreLayout:
     def token_dtype(self) -> str:
         return "int8" if self.dtype == "int8" else "float16"
 
+    @property
+    def image_shard_rows(self) -> int:
+        return self.image_rows_per_shard or self.image_rows_per_unit
+
     def image_chunk_rows(self, row_bytes: int) -> int:
-        return chunk_rows_for(self.image_rows_per_unit, row_bytes, self.target_chunk_bytes)
+        return chunk_rows_for(self.image_shard_rows, row_bytes, self.target_chunk_bytes)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -391,7 +443,7 @@ def create_store(
     remove_store(url)
     g = open_group(url, mode="a")
     n, m, p, e, k = layout.n_images, layout.n_texts, layout.num_patches, layout.embed_dim, layout.views
-    r, rt = max(1, layout.image_rows_per_unit), max(1, layout.text_rows_per_unit)
+    r, rt = max(1, layout.image_shard_rows), max(1, layout.text_rows_per_unit)
     tdt, isz = layout.token_dtype(), layout.token_itemsize
     comp = compressors_for(layout.compressor, layout.clevel, isz)
     comp16 = compressors_for(layout.compressor, layout.clevel, 2)

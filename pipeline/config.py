@@ -80,10 +80,16 @@ class CacheParams:
     dtype: Literal["float16", "int8"] = "float16"
     compressor: Literal["zstd", "lz4", "none"] = "zstd"
     clevel: int = 3
-    # Rows per work unit = rows per Zarr shard: one unit writes whole shards that no other unit touches.
+    # Rows per work unit: a unit writes whole Zarr shards that no other unit touches, and a kill loses at most
+    # the unit in flight.
     image_rows_per_unit: int = 512
     text_rows_per_unit: int = 4096
     target_chunk_bytes: int = 1 << 20
+    # Image shards hold the fewest rows dividing image_rows_per_unit that reach this many bytes (of the largest
+    # image array's rows), at most a unit. A unit writes each shard behind the teacher's next batches, so only
+    # its last batch's shards are written after its last forward: with a GPU teacher, use units of many
+    # shards. The embedded tiny teacher's rows are small, so its shards are whole units.
+    image_shard_bytes: int = 16 << 20
     # Text arrays get smaller inner chunks: training reads a batch's texts a few rows at a time, and no
     # instance order makes those reads local (a question text is shared by images all over the store), so
     # every read decodes a whole chunk for one text (bench_read: amplification by array).
@@ -101,6 +107,9 @@ class CacheParams:
     on_error: Literal["fail", "skip"] = "fail"
 
     def validate(self) -> None:
+        for key in ("image_rows_per_unit", "text_rows_per_unit", "target_chunk_bytes", "image_shard_bytes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key 'cache.{key}': must be at least 1, got {getattr(self, key)}")
         if self.num_workers < -1:
             raise ConfigError(
                 f"key 'cache.num_workers': -1 (automatic), 0 (decode in-process) or a number of worker "

@@ -7,7 +7,8 @@ instance, deduplicated by ``text_hash``), their token lengths, and the store lay
 unit u = rows [u·R, (u+1)·R), text unit t = texts [t·R_t, (t+1)·R_t) and one shard of token rows (see
 ``pipeline.cache``). A unit loads the teacher once per worker process, reads its images through a torch
 DataLoader (worker processes decode and resize only; they never touch zarr), runs the teacher batch by
-batch, writes its shards and finally commits ``manifest/<unit>.json``. A rerun skips committed units, so an
+batch, writes each image shard on a writer thread as soon as the teacher has filled its rows (behind the next
+batches' forward) and, once every shard is written, commits ``manifest/<unit>.json``. A rerun skips committed units, so an
 interrupted extraction resumes where it stopped; a unit that died half-way is recomputed and overwrites its
 own shards.
 
@@ -24,12 +25,14 @@ text) under ``on_error=fail``, and under ``skip`` an image's rows are zero-fille
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,6 +303,7 @@ class UnitJob:
     lengths: tuple[int, ...] = ()
     tok0: int = 0
     tok_rows: int = 0
+    shard_rows: int = 0  # image units: rows per image shard (0: the whole unit)
 
 
 def _pil_steps(preprocess: Any) -> list:
@@ -483,6 +487,9 @@ def _maybe_fail(name: str) -> None:
 
 
 def _image_unit(job: UnitJob, teacher: Any) -> tuple[dict, dict]:
+    """Run the teacher over the unit's images and write its shards; returns (the arrays' manifest records,
+    info). Each shard is screened and written on a writer thread as soon as the teacher has filled its rows,
+    so in a unit of many shards only the last batch's shards are written after the last forward."""
     n, k = len(job.items), max(1, job.views)
     p, e = teacher.num_patches, teacher.embed_dim
     sources = ["tokens", *(f"{s}_tokens" for s in job.relevance)]
@@ -492,21 +499,6 @@ def _image_unit(job: UnitJob, teacher: Any) -> tuple[dict, dict]:
     boxes = np.zeros((n, k, 4), np.float32)
     flips = np.zeros((n, k), np.uint8)
     valid = np.ones(n, np.uint8)
-    invalid: list[str] = []
-    steps = _pil_steps(teacher.preprocess)
-    data = UnitImages(job.dataset_paths, job.items, steps, teacher.image_size, job.views)
-    # A batch of images × views stays ≈ batch_size forward passes.
-    batches = _unit_batches(
-        data, max(1, job.batch_size // k), job.num_workers, steps, teacher.device.type == "cuda"
-    )
-    try:
-        bad, cos = _run_image_batches(job, teacher, batches, (k, p, e), tok, pooled, boxes, flips)
-    finally:
-        batches.close()  # stops the decode workers now, also when a batch raised
-        data.close()  # the in-process reads (first batch, num_workers=0) left tar handles open here
-    for image_id, row in bad:
-        valid[row] = 0
-        invalid.append(image_id)
 
     # View 0 of every encoded array is the image/ array (per-token encodings: slicing equals re-encoding).
     arrays: dict[str, np.ndarray] = {}
@@ -521,8 +513,121 @@ def _image_unit(job: UnitJob, teacher: Any) -> tuple[dict, dict]:
         arrays["views/pooled"] = pooled
         arrays["views/boxes"] = boxes
         arrays["views/flip"] = flips
+
+    shard = job.shard_rows or n
+    written = 0  # rows [0, written) are handed to the writer
+
+    def write_block(lo: int, hi: int) -> list[str]:  # on a writer thread
+        ids = _screen_image_rows(job, arrays, lo, hi)
+        for key in sorted(arrays):
+            writer.write(key, job.row0 + lo, arrays[key][lo:hi])
+        return ids
+
+    def computed(upto: int) -> None:
+        nonlocal written
+        writer.raise_failed()  # a failed shard stops the unit now, not after its last forward
+        while written < n and min(n, written + shard) <= upto:
+            hi = min(n, written + shard)
+            writer.submit(write_block, written, hi)
+            written = hi
+
+    steps = _pil_steps(teacher.preprocess)
+    data = UnitImages(job.dataset_paths, job.items, steps, teacher.image_size, job.views)
+    # A batch of images × views stays ≈ batch_size forward passes.
+    batches = _unit_batches(
+        data, max(1, job.batch_size // k), job.num_workers, steps, teacher.device.type == "cuda"
+    )
+    writer = UnitWriter(job, list(arrays), write_threads())
+    try:
+        bad, cos = _run_image_batches(
+            job, teacher, batches, (k, p, e), tok, pooled, boxes, flips, valid, computed
+        )
+        computed(n)
+        records, results = writer.finish()
+    finally:
+        writer.close()  # on an error: no shard write outlives the unit
+        batches.close()  # stops the decode workers now, also when a batch raised
+        data.close()  # the in-process reads (first batch, num_workers=0) left tar handles open here
+    nonfinite = sorted({i for ids in results for i in ids})
     cos_all = np.concatenate([c for s in sources for c in cos[s]] or [np.zeros(0, np.float32)])
-    return {k_: (job.row0, a) for k_, a in arrays.items()}, {"invalid": invalid, "cos": cos_all}
+    info = {"invalid": sorted({image_id for image_id, _ in bad} | set(nonfinite)), "cos": cos_all}
+    if nonfinite:
+        info["nonfinite"] = nonfinite
+        info["cos"] = cos_all[np.isfinite(cos_all)]
+    return records, info
+
+
+def write_threads() -> int:
+    """Writer threads per unit: shard compression (Blosc releases the GIL) must keep up with a GPU teacher's
+    forward, but on a small CPU machine the teacher and the decode already fill the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores // 4))
+
+
+class UnitWriter:
+    """Writes one unit's arrays, a block of whole shards per task, on writer threads, and returns each array's
+    manifest record (region, crc32 over its rows in row order, bytes) once every block is written. Blocks
+    of one unit never share a shard, so the writer threads never write the same shard file."""
+
+    def __init__(self, job: UnitJob, keys: Sequence[str], threads: int = 1):
+        self.job = job
+        g = C.open_group(job.store_url, mode="r+")
+        self.arrays = {}
+        for key in keys:
+            arr = g[key]
+            if job.kind == "image":
+                # Image rows are dense, so skip zarr's empty-chunk test: it compares every chunk with the fill
+                # value through a void view, which cost more than the compression at ViT-B-16 sizes. Text units
+                # keep it, so their all-slack inner chunks stay out of the shard (see pipeline.cache).
+                arr = arr.with_config({"write_empty_chunks": True})
+            self.arrays[key] = arr
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="clip-td-write")
+        self.tasks: list[Future] = []
+        self.parts: dict[str, list[tuple[int, int, int, int]]] = {k: [] for k in keys}
+        self.lock = threading.Lock()
+        self.first = True
+
+    def submit(self, fn: Callable, *args: Any) -> None:
+        self.tasks.append(self.pool.submit(fn, *args))
+
+    def write(self, key: str, start: int, a: np.ndarray) -> None:
+        """Rows [start, start + len(a)) of ``key`` (whole shards); called on a writer thread."""
+        try:
+            self.arrays[key][start : start + len(a)] = a
+        except Exception as e:  # noqa: BLE001 - any storage failure is reported with the unit and array
+            raise UnitWriteError(
+                self.job.store_url, self.job.name, key, (start, start + len(a)), f"{type(e).__name__}: {e}"
+            ) from e
+        crc = C.crc32(a)
+        with self.lock:
+            self.parts[key].append((start, start + len(a), crc, int(a.nbytes)))
+            first, self.first = self.first, False
+        if first:
+            _maybe_fail(self.job.name)
+
+    def raise_failed(self) -> None:
+        for t in self.tasks:
+            if t.done() and t.exception() is not None:
+                raise t.exception()
+
+    def finish(self) -> tuple[dict[str, dict], list]:
+        """Wait for every block; (records by array, the blocks' return values in submission order). The first
+        failed block (in submission order) raises."""
+        results = [t.result() for t in self.tasks]
+        records = {}
+        for key, parts in self.parts.items():
+            parts.sort()
+            crc, nbytes = (parts[0][2], parts[0][3]) if parts else (0, 0)
+            for (_, stop, _, _), (start, _, c, b) in itertools.pairwise(parts):
+                if start != stop:  # a bug, never data: the unit must not commit with rows unwritten
+                    raise RuntimeError(f"unit {self.job.name}: {key} has unwritten rows [{stop}, {start})")
+                crc, nbytes = C.crc32_combine(crc, c, b), nbytes + b
+            region = [parts[0][0], parts[-1][1]] if parts else [0, 0]
+            records[key] = {"region": region, "crc32": f"{crc:08x}", "bytes": nbytes}
+        return records, results
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _token_buffers(shape: tuple, dtype: str) -> dict[str, np.ndarray]:
@@ -554,15 +659,30 @@ def _token_cosine(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
 
 
 def _run_image_batches(
-    job: UnitJob, teacher: Any, batches: Any, kpe: tuple, tok: dict, pooled: Any, boxes: Any, flips: Any
+    job: UnitJob,
+    teacher: Any,
+    batches: Any,
+    kpe: tuple,
+    tok: dict,
+    pooled: Any,
+    boxes: Any,
+    flips: Any,
+    valid: Any,
+    computed: Callable[[int], None],
 ) -> tuple[list[tuple[str, int]], dict[str, list[np.ndarray]]]:
-    """Run the teacher over the batches, filling the unit's (encoded) buffers in place. Returns (image id,
-    row) of every image that could not be decoded (under on_error=skip; under fail the first one raises) and
-    the view-0 reconstruction cosines per token source, batch by batch."""
+    """Run the teacher over the batches (in row order), filling the unit's (encoded) buffers in place and
+    calling ``computed(rows)`` once rows [0, rows) are final. Returns (image id, row) of every image that
+    could not be decoded (under on_error=skip, with ``valid`` 0; under fail the first one raises) and the
+    view-0 reconstruction cosines per token source, batch by batch."""
     k, p, e = kpe
     bad = []
     cos: dict[str, list[np.ndarray]] = {s: [] for s in tok}
+    done = 0
     for idx, u8, bx, fl, ok, why in batches:
+        if len(idx) and (int(idx[0]) != done or int(idx[-1]) != done + len(idx) - 1):
+            raise RuntimeError(
+                f"unit {job.name}: batch rows {idx[0]}.. arrived out of order (expected {done})"
+            )
         for j, good in enumerate(ok):
             if not good:
                 di, image_id, _ = job.items[int(idx[j])]
@@ -571,6 +691,7 @@ def _run_image_batches(
                     raise err
                 log.warning("%s (zero-filled, image/valid = 0)", err)
                 bad.append((image_id, int(idx[j])))
+                valid[int(idx[j])] = 0
         b = len(idx)
         pixels = teacher.normalize_uint8(u8.view(b * k, *u8.shape[2:]).to(teacher.device, non_blocking=True))
         out = teacher.encode_images(pixels, relevance=job.relevance)
@@ -587,6 +708,8 @@ def _run_image_batches(
         pooled_b = out["pooled"] if keep is None else out["pooled"] * keep[:, None]
         pooled[idx] = pooled_b.half().cpu().numpy().reshape(b, k, e)
         boxes[idx], flips[idx] = bx, fl
+        done += b
+        computed(done)
     return bad, cos
 
 
@@ -634,39 +757,39 @@ def nonfinite_rows(a: np.ndarray, block_bytes: int = 1 << 21) -> np.ndarray:
     return out
 
 
-def _screen_nonfinite(job: UnitJob, arrays: dict, info: dict) -> None:
-    """Never commit NaN/Inf. Checked on the encoded arrays, i.e. what would be stored (a finite float32 value
-    beyond float16's range becomes Inf only there). Image rows: fail naming the image ids, or under
-    ``on_error=skip`` zero-fill the teacher outputs of those rows and mark them invalid, like undecodable
-    images. Text rows have no validity flag, so a non-finite text always fails naming the text."""
-    floats = {k: a for k, (_, a) in arrays.items() if a.dtype.kind == "f" and not k.endswith("/boxes")}
-    if job.kind == "image":
-        n = len(job.items)
-        bad, where = np.zeros(n, bool), []
-        for key, a in floats.items():
-            rows = nonfinite_rows(a)
-            if rows.any():
-                bad |= rows
-                where.append(key)
-        if not bad.any():
-            return
-        rows = np.flatnonzero(bad)
-        ids = [job.items[r][1] for r in rows]
-        if job.on_error == "fail":
-            raise NonFiniteOutput(job.name, ids, sorted(where))
-        for a in floats.values():
-            a[rows] = 0
-        arrays["image/valid"][1][rows] = 0
-        log.warning("unit %s: non-finite teacher output for %s (zero-filled, image/valid = 0)", job.name, ids)
-        info["invalid"] = sorted(set(info["invalid"]) | set(ids))
-        info["nonfinite"] = ids
-        info["cos"] = info["cos"][np.isfinite(info["cos"])]
-        return
+def _screen_image_rows(job: UnitJob, arrays: dict[str, np.ndarray], lo: int, hi: int) -> list[str]:
+    """Never commit NaN/Inf. Checked on the encoded rows [lo, hi) of the unit's arrays, i.e. what would be
+    stored (a finite float32 value beyond float16's range becomes Inf only there). Fails naming the image ids,
+    or under ``on_error=skip`` zero-fills the teacher outputs of those rows and marks them invalid, like
+    undecodable images; returns the ids so marked."""
+    floats = {k: a for k, a in arrays.items() if a.dtype.kind == "f" and not k.endswith("/boxes")}
+    bad, where = np.zeros(hi - lo, bool), []
+    for key, a in floats.items():
+        rows = nonfinite_rows(a[lo:hi])
+        if rows.any():
+            bad |= rows
+            where.append(key)
+    if not bad.any():
+        return []
+    rows = lo + np.flatnonzero(bad)
+    ids = [job.items[r][1] for r in rows]
+    if job.on_error == "fail":
+        raise NonFiniteOutput(job.name, ids, sorted(where))
+    for a in floats.values():
+        a[rows] = 0
+    arrays["image/valid"][rows] = 0
+    log.warning("unit %s: non-finite teacher output for %s (zero-filled, image/valid = 0)", job.name, ids)
+    return ids
+
+
+def _screen_texts(job: UnitJob, arrays: dict) -> None:
+    """``_screen_image_rows`` for a text unit: text rows have no validity flag, so a non-finite text always
+    fails naming the text."""
     lengths = np.asarray(job.lengths, dtype=np.int64)
     starts = np.cumsum(lengths) - lengths
     bad_texts, where = set(), []
-    for key, a in floats.items():
-        rows = nonfinite_rows(a)
+    for key, (_, a) in arrays.items():
+        rows = nonfinite_rows(a) if a.dtype.kind == "f" else np.zeros(len(a), bool)
         if not rows.any():
             continue
         where.append(key)
@@ -679,35 +802,32 @@ def _screen_nonfinite(job: UnitJob, arrays: dict, info: dict) -> None:
         raise NonFiniteOutput(job.name, [job.texts[j] for j in sorted(bad_texts)], sorted(where), "text")
 
 
+def _write_text_unit(job: UnitJob, arrays: dict) -> dict[str, dict]:
+    """A text unit's arrays (one shard each) through a ``UnitWriter``; their manifest records."""
+    writer = UnitWriter(job, sorted(arrays))
+    try:
+
+        def write_all() -> None:
+            for key in sorted(arrays):
+                writer.write(key, *arrays[key])
+
+        writer.submit(write_all)
+        return writer.finish()[0]
+    finally:
+        writer.close()
+
+
 def run_unit(job: UnitJob) -> dict:
     """Compute one unit, write its shards, commit its manifest entry; returns the manifest record."""
     t0 = time.time()
     log.debug("unit %s: start (pid %d)", job.name, os.getpid())  # names the unit in flight if the run dies
     teacher = get_teacher(job.teacher, job.threads)
-    arrays, info = _image_unit(job, teacher) if job.kind == "image" else _text_unit(job, teacher)
-    _screen_nonfinite(job, arrays, info)
-    g = C.open_group(job.store_url, mode="r+")
-    record_arrays = {}
-    for i, (key, (start, a)) in enumerate(sorted(arrays.items())):
-        try:
-            arr = g[key]
-            if job.kind == "image":
-                # Image rows are dense, so skip zarr's empty-chunk test: it compares every chunk with the fill
-                # value through a void view, which cost more than the compression at ViT-B-16 sizes. Text units
-                # keep it, so their all-slack inner chunks stay out of the shard (see pipeline.cache).
-                arr = arr.with_config({"write_empty_chunks": True})
-            arr[start : start + len(a)] = a
-        except Exception as e:  # noqa: BLE001 - any storage failure is reported with the unit and array
-            raise UnitWriteError(
-                job.store_url, job.name, key, (start, start + len(a)), f"{type(e).__name__}: {e}"
-            ) from e
-        record_arrays[key] = {
-            "region": [start, start + len(a)],
-            "crc32": C.checksum(a),
-            "bytes": int(a.nbytes),
-        }
-        if i == 0:
-            _maybe_fail(job.name)
+    if job.kind == "image":
+        record_arrays, info = _image_unit(job, teacher)
+    else:
+        arrays, info = _text_unit(job, teacher)
+        _screen_texts(job, arrays)
+        record_arrays = _write_text_unit(job, arrays)
     cos = info["cos"]
     record = {
         "unit": job.name,
@@ -914,6 +1034,11 @@ def _extract_locked(
         target_chunk_bytes=int(cp.target_chunk_bytes),
         text_chunk_bytes=int(cp.text_chunk_bytes),
     )
+    # Image shards: the largest image array's rows (tokens, with their views) reaching image_shard_bytes.
+    image_row_bytes = max(1, layout.views) * layout.num_patches * layout.embed_dim * layout.token_itemsize
+    layout.image_rows_per_shard = C.chunk_rows_for(
+        layout.image_rows_per_unit, image_row_bytes, int(cp.image_shard_bytes)
+    )
     row_bytes = teacher.embed_dim * layout.token_itemsize
     offsets, layout.text_shard_rows, layout.text_chunk_rows = C.text_token_layout(
         lengths, layout.text_rows_per_unit, row_bytes, layout.text_chunk_bytes
@@ -936,13 +1061,21 @@ def _extract_locked(
             "views": layout.views,
             "relevance_tokens": list(relevance),
             "image_rows_per_unit": layout.image_rows_per_unit,
+            "image_shard_bytes": int(cp.image_shard_bytes),
             "text_rows_per_unit": layout.text_rows_per_unit,
             "target_chunk_bytes": layout.target_chunk_bytes,
             "text_chunk_bytes": layout.text_chunk_bytes,
         },
     }
 
-    fresh = _open_or_check(store_url, fingerprint, overwrite, rebuild_stale)
+    # Stores from before image_shard_bytes hold one shard per unit: they resume as they are when this setting
+    # also gives one shard per unit.
+    legacy = (
+        {"image_shard_bytes": int(cp.image_shard_bytes)}
+        if layout.image_shard_rows == layout.image_rows_per_unit
+        else {}
+    )
+    fresh = _open_or_check(store_url, fingerprint, overwrite, rebuild_stale, legacy)
     n_units = layout.n_image_units + layout.n_text_units
     if fresh:
         attrs = {
@@ -969,6 +1102,7 @@ def _extract_locked(
                 "image": layout.n_image_units,
                 "text": layout.n_text_units,
                 "image_rows_per_unit": layout.image_rows_per_unit,
+                "image_rows_per_shard": layout.image_rows_per_shard,
                 "text_rows_per_unit": layout.text_rows_per_unit,
                 "text_token_rows_per_unit": layout.text_shard_rows,
             },
@@ -1020,8 +1154,11 @@ def _as_spec(t: TeacherSpec | tuple | dict) -> TeacherSpec:
     return TeacherSpec(*t)
 
 
-def _open_or_check(url: str, fingerprint: dict, overwrite: bool, rebuild_stale: bool = False) -> bool:
-    """True when a new store must be created; raises StaleCacheError for a store built from something else."""
+def _open_or_check(
+    url: str, fingerprint: dict, overwrite: bool, rebuild_stale: bool = False, legacy: dict | None = None
+) -> bool:
+    """True when a new store must be created; raises StaleCacheError for a store built from something else.
+    ``legacy``: values of store settings newer than the store, equivalent to what it was built with."""
     if not C.store_exists(url):
         return True
     if overwrite:
@@ -1031,6 +1168,8 @@ def _open_or_check(url: str, fingerprint: dict, overwrite: bool, rebuild_stale: 
     if attrs.get("format") != C.FORMAT:
         raise C.StaleCacheError(url, ["format"], "it is not a teacher cache; pass --overwrite to replace it")
     fp = attrs.get("fingerprint", {})
+    if isinstance(fp.get("store"), dict) and legacy:
+        fp = {**fp, "store": {**legacy, **fp["store"]}}
     diff = sorted(set(C.check_fingerprint(fp, fingerprint)) | set(C.check_fingerprint(fingerprint, fp)))
     if diff and rebuild_stale:
         log.warning("%s is stale (differs in %s): rebuilding it", url, ", ".join(diff))
@@ -1077,6 +1216,7 @@ def _make_jobs(plan, layout, lengths, offsets, url, spec, cp, relevance) -> list
                 row1=hi,
                 dataset_paths=tuple(plan.dataset_paths),
                 items=tuple(plan.images[lo:hi]),
+                shard_rows=layout.image_shard_rows,
                 **common,
             )
         )

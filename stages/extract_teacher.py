@@ -102,7 +102,9 @@ def main(
     Images are deduplicated by content (SHA-1) across all datasets and texts (every text the student and the
     confidence weights will look up, pipeline.texts.instance_texts) by content hash. Work is split into units
     that each own whole Zarr shards (cache.image_rows_per_unit images or cache.text_rows_per_unit texts) and
-    commit a manifest entry when written, so an interrupted run resumes where it stopped.
+    commit a manifest entry when written, so an interrupted run resumes where it stopped. An image unit writes
+    each of its shards (cache.image_shard_bytes) behind the teacher's next batches: with a GPU teacher, give
+    units many shards (e.g. --set cache.image_rows_per_unit=2048 for ViT-B-16).
     """
     from pipeline.cache import CacheFormatError, StaleCacheError
     from pipeline.data.errors import DataError

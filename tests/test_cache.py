@@ -236,3 +236,12 @@ def test_view_boxes_and_replay():
     assert out.size == (8, 8) and out.getpixel((4, 4)) == (255, 0, 0)
     flipped = C.apply_view(img, (0.25, 0.0, 0.75, 1.0), True, 8)
     assert flipped.getpixel((7, 4))[0] > 200 and flipped.getpixel((0, 4))[0] < 50  # red ends up on the right
+
+
+def test_crc32_combine_equals_the_crc32_of_the_concatenation():
+    import zlib
+
+    rng = np.random.default_rng(0)
+    for n1, n2 in [(0, 0), (0, 5), (5, 0), (1, 1), (3, 1 << 20), *rng.integers(0, 5000, (40, 2)).tolist()]:
+        a, b = rng.bytes(n1), rng.bytes(n2)
+        assert C.crc32_combine(zlib.crc32(a), zlib.crc32(b), n2) == zlib.crc32(a + b), (n1, n2)

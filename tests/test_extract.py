@@ -522,3 +522,112 @@ def test_text_arrays_take_their_own_chunk_size(world, baseline, tmp_path):
     a, b = small.text_targets(texts), base.text_targets(texts)
     assert torch.equal(a["pooled"], b["pooled"]) and torch.equal(a["lengths"], b["lengths"])
     assert all(torch.equal(x, y) for x, y in zip(a["tokens"], b["tokens"], strict=True))
+
+
+def test_units_of_many_image_shards_store_the_same_rows_and_checksums(world, baseline, tmp_path):
+    """cache.image_shard_bytes splits a unit's image arrays into smaller shards (here 2 rows of 1 KiB, batches
+    of 3: a batch ends inside a shard). The store gives back the same bytes, and each unit's manifest crc32
+    (combined over its shards, in row order) equals the one-shard-per-unit store's."""
+    url = str(tmp_path / "shards.zarr")
+    X.extract(
+        [world["train"], world["val"]], url, world["spec"], params(image_shard_bytes=2048),
+        scheduler="sync", progress=False,
+    )  # fmt: skip
+    small, base = C.open_group(url, mode="r"), C.open_group(baseline["url"], mode="r")
+    assert small["image/tokens"].shards[0] == 2 and base["image/tokens"].shards[0] == 4
+    assert small.attrs["units"]["image_rows_per_shard"] == 2
+    for name, arr in base["image"].arrays():
+        assert small[f"image/{name}"][:].tobytes() == arr[:].tobytes(), name
+    got, want = C.committed_units(url), C.committed_units(baseline["url"])
+    assert got.keys() == want.keys()
+    for unit, rec in want.items():
+        assert {k: (v["region"], v["crc32"]) for k, v in got[unit]["arrays"].items()} == {
+            k: (v["region"], v["crc32"]) for k, v in rec["arrays"].items()
+        }, unit
+    assert C.TeacherCache(url).verify() == []
+
+
+def test_image_shards_are_written_behind_the_next_forward(world, tmp_path, monkeypatch):
+    """A unit hands each shard to its writer as soon as the teacher has filled its rows: with 2-row shards and
+    batches of 2, the first shard is on disk before the unit's second forward returns (the forward waits
+    for it; writing only after the unit's last forward would time the wait out)."""
+    import threading
+
+    import zarr
+
+    teacher, encode = world["teacher"], world["teacher"].encode_images
+    first_shard = threading.Event()
+    calls, waited = {"n": 0}, []
+    real = zarr.Array.__setitem__
+
+    def setitem(self, selection, value):
+        real(self, selection, value)
+        if self.path == "image/tokens" and selection == slice(0, 2):
+            first_shard.set()
+
+    def encode_images(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            waited.append(first_shard.wait(timeout=10))
+        return encode(*a, **k)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", setitem)
+    monkeypatch.setattr(teacher, "encode_images", encode_images)
+    url = str(tmp_path / "behind.zarr")
+    X.extract(
+        [world["train"]], url, world["spec"], params(image_shard_bytes=2048, batch_size=2),
+        scheduler="sync", progress=False,
+    )  # fmt: skip
+    assert waited == [True]
+    assert C.TeacherCache(url).verify() == []
+
+
+def test_a_failed_shard_write_stops_the_unit_and_a_rerun_completes(world, baseline, tmp_path, monkeypatch):
+    """A shard write that fails while the teacher runs on stops the unit (nothing committed, the error names
+    unit, array and rows); the rerun recomputes that unit only and ends equal to the uninterrupted store."""
+    import errno
+
+    import zarr
+
+    real = zarr.Array.__setitem__
+
+    def flaky(self, selection, value):
+        if self.path == "image/tokens" and selection == slice(6, 8):  # unit image-000001's second shard
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, selection, value)
+
+    url = str(tmp_path / "flaky.zarr")
+    sets = params(image_shard_bytes=2048)
+    monkeypatch.setattr(zarr.Array, "__setitem__", flaky)
+    with pytest.raises(X.UnitWriteError, match=r"unit image-000001: writing image/tokens rows \[6, 8\)"):
+        X.extract([world["train"], world["val"]], url, world["spec"], sets, scheduler="sync", progress=False)
+    assert "image-000001" not in C.committed_units(url) and "image-000000" in C.committed_units(url)
+    monkeypatch.setattr(zarr.Array, "__setitem__", real)
+    X.UNIT_RUNS.clear()
+    m = X.extract([world["train"], world["val"]], url, world["spec"], sets, scheduler="sync", progress=False)
+    assert X.UNIT_RUNS[0] == "image-000001" and m["units_skipped"] == 1
+    a, b = C.open_group(url, mode="r"), C.open_group(baseline["url"], mode="r")
+    for name, arr in b["image"].arrays():
+        assert a[f"image/{name}"][:].tobytes() == arr[:].tobytes(), name
+
+
+def test_stores_from_before_image_shard_bytes_resume(world, baseline, tmp_path):
+    """A store whose fingerprint predates cache.image_shard_bytes (one shard per unit) is reused while the
+    setting still gives one shard per unit, and called stale by that key once it would split the shards."""
+    import shutil
+
+    url = str(tmp_path / "old.zarr")
+    shutil.copytree(baseline["url"], url)
+    g = C.open_group(url, mode="r+")
+    fp = dict(g.attrs["fingerprint"])
+    fp["store"] = {k: v for k, v in fp["store"].items() if k != "image_shard_bytes"}
+    g.attrs["fingerprint"] = fp
+    m = X.extract(
+        [world["train"], world["val"]], url, world["spec"], params(), scheduler="sync", progress=False
+    )
+    assert m["units_computed"] == 0
+    with pytest.raises(C.StaleCacheError, match="image_shard_bytes"):
+        X.extract(
+            [world["train"], world["val"]], url, world["spec"], params(image_shard_bytes=2048),
+            scheduler="sync", progress=False,
+        )  # fmt: skip
