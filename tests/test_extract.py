@@ -582,35 +582,6 @@ def test_image_shards_are_written_behind_the_next_forward(world, tmp_path, monke
     assert C.TeacherCache(url).verify() == []
 
 
-def test_a_failed_shard_write_stops_the_unit_and_a_rerun_completes(world, baseline, tmp_path, monkeypatch):
-    """A shard write that fails while the teacher runs on stops the unit (nothing committed, the error names
-    unit, array and rows); the rerun recomputes that unit only and ends equal to the uninterrupted store."""
-    import errno
-
-    import zarr
-
-    real = zarr.Array.__setitem__
-
-    def flaky(self, selection, value):
-        if self.path == "image/tokens" and selection == slice(6, 8):  # unit image-000001's second shard
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, selection, value)
-
-    url = str(tmp_path / "flaky.zarr")
-    sets = params(image_shard_bytes=2048)
-    monkeypatch.setattr(zarr.Array, "__setitem__", flaky)
-    with pytest.raises(X.UnitWriteError, match=r"unit image-000001: writing image/tokens rows \[6, 8\)"):
-        X.extract([world["train"], world["val"]], url, world["spec"], sets, scheduler="sync", progress=False)
-    assert "image-000001" not in C.committed_units(url) and "image-000000" in C.committed_units(url)
-    monkeypatch.setattr(zarr.Array, "__setitem__", real)
-    X.UNIT_RUNS.clear()
-    m = X.extract([world["train"], world["val"]], url, world["spec"], sets, scheduler="sync", progress=False)
-    assert X.UNIT_RUNS[0] == "image-000001" and m["units_skipped"] == 1
-    a, b = C.open_group(url, mode="r"), C.open_group(baseline["url"], mode="r")
-    for name, arr in b["image"].arrays():
-        assert a[f"image/{name}"][:].tobytes() == arr[:].tobytes(), name
-
-
 def test_stores_from_before_image_shard_bytes_resume(world, baseline, tmp_path):
     """A store whose fingerprint predates cache.image_shard_bytes (one shard per unit) is reused while the
     setting still gives one shard per unit, and called stale by that key once it would split the shards."""

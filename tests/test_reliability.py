@@ -42,10 +42,13 @@ from tests.test_extract import TINY_CFG, _png, _snli, _vcr, _vqa
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 16
 # Small units so a run holds many (8 image units of 2 rows, ~10 text units of 4 texts): kills land among them.
+# Image shards of one row and batches of one image: each image unit writes its first shard behind its second
+# forward, so kills also land between a unit's shard writes.
 UNIT_SETS = [
     "cache.image_rows_per_unit=2",
+    "cache.image_shard_bytes=1",
     "cache.text_rows_per_unit=4",
-    "cache.batch_size=2",
+    "cache.batch_size=1",
     "cache.num_workers=0",
     "cache.target_chunk_bytes=2048",
     "teacher.precision=fp32",
@@ -66,8 +69,9 @@ def _one_thread():
 def cache_params(**kw) -> CacheParams:
     """The in-process twin of UNIT_SETS (byte-equal results with the stage's subprocess)."""
     base = dict(
-        image_rows_per_unit=2, text_rows_per_unit=4, batch_size=2, num_workers=0, target_chunk_bytes=2048
-    )
+        image_rows_per_unit=2, image_shard_bytes=1, text_rows_per_unit=4, batch_size=1, num_workers=0,
+        target_chunk_bytes=2048,
+    )  # fmt: skip
     return dataclasses.replace(CacheParams(), **{**base, **kw})
 
 
@@ -203,8 +207,8 @@ def test_sigkill_at_random_points_resumes_to_the_uninterrupted_store(world, refe
         assert set(after) <= planned
         if r == 0:
             assert started[-1] == "image-000002" and "image-000002" not in after
-            # Its first array (sorted: image/pooled, rows [4, 6) = shard 2) is on disk, half a unit.
-            assert (Path(url) / "image" / "pooled" / "c" / "2" / "0").exists()
+            # Its first array written (sorted: image/pooled, row 4 = shard 4) is on disk, part of a unit.
+            assert (Path(url) / "image" / "pooled" / "c" / "4" / "0").exists()
             assert (Path(url) / C.LOCK_FILE).exists()  # no finally ran
         started_ever += started
         print(f"kill {kills}: units started {started}, committed {len(after)}, lost in flight {in_flight}")
@@ -490,25 +494,24 @@ def test_read_only_store_location_fails_naming_the_path(world, tmp_path, monkeyp
 
 
 def test_write_error_mid_unit_names_the_unit_and_a_rerun_completes(world, reference, tmp_path, monkeypatch):
+    """A shard write that fails (unit image-000001's second shard; its first was written behind its second
+    forward) stops the unit before it commits, naming unit, array and rows; a rerun recomputes that unit."""
     url = str(tmp_path / "w.zarr")
     real = zarr.Array.__setitem__
-    calls = {"n": 0}
 
     def flaky(self, selection, value):
-        if self.path == "image/tokens":  # the second unit's tokens: after its image/pooled was written
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise OSError(errno.ENOSPC, "No space left on device")
+        if self.path == "image/tokens" and selection == slice(3, 4):  # after that shard's image/pooled
+            raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, selection, value)
 
     monkeypatch.setattr(zarr.Array, "__setitem__", flaky)
     with pytest.raises(
-        X.UnitWriteError, match=r"unit image-000001: writing image/tokens rows \[2, 4\) .*No space"
+        X.UnitWriteError, match=r"unit image-000001: writing image/tokens rows \[3, 4\) .*No space"
     ):
         X.extract([world["ds"]], url, world["spec"], cache_params(), scheduler="sync", progress=False)
     committed = C.committed_units(url)
     assert "image-000000" in committed and "image-000001" not in committed
-    assert np.abs(C.open_group(url)["image/pooled"][2:4]).sum() > 0  # half of the unit is on disk
+    assert np.abs(C.open_group(url)["image/pooled"][2:4]).sum(axis=1).all()  # both its shards began
     monkeypatch.setattr(zarr.Array, "__setitem__", real)
     X.UNIT_RUNS.clear()
     m = X.extract([world["ds"]], url, world["spec"], cache_params(), scheduler="sync", progress=False)
