@@ -420,7 +420,7 @@ def measure_host(
         "image_rows_per_shard": shard_rows,
         "batch_size": cp.batch_size,
         "num_workers": workers,
-        "write_threads": X.write_threads(),
+        "write_threads": X.write_threads(cp.write_threads),
         "dtype": cp.dtype,
         "compressor": f"{cp.compressor}/{cp.clevel}",
         "device": str(teacher.device),

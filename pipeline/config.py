@@ -99,6 +99,10 @@ class CacheParams:
     # thread beside the model, whose torch threads already fill the cores; a process would only contend)
     # and min(4, cores - 1) when it runs on a GPU, where decoding is what keeps the device waiting.
     num_workers: int = -1
+    # Threads that compress and write an image unit's shards behind the teacher's forward. -1: automatic,
+    # min(4, cores // 4) and at least 1 (a CPU teacher already fills a small machine's cores; a GPU teacher
+    # needs several to keep up). Speed only: the store is the same for any value.
+    write_threads: int = -1
     views: int = 0
     # Extra teacher token sources stored for relevance scoring (method §3): "value" (MaskCLIP), "intermediate".
     relevance_tokens: list[str] = field(default_factory=list)
@@ -110,6 +114,10 @@ class CacheParams:
         for key in ("image_rows_per_unit", "text_rows_per_unit", "target_chunk_bytes", "image_shard_bytes"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key 'cache.{key}': must be at least 1, got {getattr(self, key)}")
+        if self.write_threads == 0 or self.write_threads < -1:
+            raise ConfigError(
+                f"key 'cache.write_threads': -1 (automatic) or at least 1, got {self.write_threads}"
+            )
         if self.num_workers < -1:
             raise ConfigError(
                 f"key 'cache.num_workers': -1 (automatic), 0 (decode in-process) or a number of worker "

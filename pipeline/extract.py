@@ -304,6 +304,7 @@ class UnitJob:
     tok0: int = 0
     tok_rows: int = 0
     shard_rows: int = 0  # image units: rows per image shard (0: the whole unit)
+    write_threads: int = -1  # cache.write_threads, resolved where the unit runs
 
 
 def _pil_steps(preprocess: Any) -> list:
@@ -537,7 +538,7 @@ def _image_unit(job: UnitJob, teacher: Any) -> tuple[dict, dict]:
     batches = _unit_batches(
         data, max(1, job.batch_size // k), job.num_workers, steps, teacher.device.type == "cuda"
     )
-    writer = UnitWriter(job, list(arrays), write_threads())
+    writer = UnitWriter(job, list(arrays), write_threads(job.write_threads))
     try:
         bad, cos = _run_image_batches(
             job, teacher, batches, (k, p, e), tok, pooled, boxes, flips, valid, computed
@@ -557,9 +558,12 @@ def _image_unit(job: UnitJob, teacher: Any) -> tuple[dict, dict]:
     return records, info
 
 
-def write_threads() -> int:
-    """Writer threads per unit: shard compression (Blosc releases the GIL) must keep up with a GPU teacher's
-    forward, but on a small CPU machine the teacher and the decode already fill the cores."""
+def write_threads(setting: int = -1) -> int:
+    """Writer threads per image unit for ``cache.write_threads`` (-1: automatic). Shard compression (Blosc
+    releases the GIL) must keep up with a GPU teacher's forward, but on a small CPU machine the teacher and
+    the decode already fill the cores."""
+    if setting > 0:
+        return setting
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(4, cores // 4))
 
@@ -1217,6 +1221,7 @@ def _make_jobs(plan, layout, lengths, offsets, url, spec, cp, relevance) -> list
                 dataset_paths=tuple(plan.dataset_paths),
                 items=tuple(plan.images[lo:hi]),
                 shard_rows=layout.image_shard_rows,
+                write_threads=int(cp.write_threads),
                 **common,
             )
         )

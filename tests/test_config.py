@@ -56,6 +56,10 @@ def test_range_validation_names_key():
         load_params(None, ["protocol.conditions=[lowshot@2]"])
     with pytest.raises(ConfigError, match=r"cache\.num_workers.*-1 \(automatic\)"):
         load_params(None, ["cache.num_workers=-2"])
+    with pytest.raises(ConfigError, match=r"cache\.write_threads.*-1 \(automatic\) or at least 1, got 0"):
+        load_params(None, ["cache.write_threads=0"])
+    with pytest.raises(ConfigError, match=r"cache\.image_shard_bytes.*at least 1, got 0"):
+        load_params(None, ["cache.image_shard_bytes=0"])
     with pytest.raises(ConfigError, match=r"train\.device.*'gpu'"):
         load_params(None, ["train.device=gpu"])
 

@@ -480,6 +480,13 @@ def test_images_at_teacher_size_skip_only_a_transform_that_keeps_them(world, tmp
         data.close()
 
 
+def test_write_threads_setting_or_a_quarter_of_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    assert X.write_threads(-1) == 4 and X.write_threads(8) == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    assert X.write_threads(-1) == 1  # a 2-core machine: the teacher and the decode already fill it
+
+
 def test_automatic_decode_workers_follow_the_teacher_device(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert X.decode_workers(-1, "cpu") == 0  # torch already fills the cores: decode on a thread
@@ -524,13 +531,15 @@ def test_text_arrays_take_their_own_chunk_size(world, baseline, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a["tokens"], b["tokens"], strict=True))
 
 
-def test_units_of_many_image_shards_store_the_same_rows_and_checksums(world, baseline, tmp_path):
+@pytest.mark.parametrize("writers", [1, 3])
+def test_units_of_many_image_shards_store_the_same_rows_and_checksums(world, baseline, tmp_path, writers):
     """cache.image_shard_bytes splits a unit's image arrays into smaller shards (here 2 rows of 1 KiB, batches
-    of 3: a batch ends inside a shard). The store gives back the same bytes, and each unit's manifest crc32
-    (combined over its shards, in row order) equals the one-shard-per-unit store's."""
+    of 3: a batch ends inside a shard), written by one or several threads. The store gives back the same
+    bytes, and each unit's manifest crc32 (combined over its shards, in row order) equals the
+    one-shard-per-unit store's."""
     url = str(tmp_path / "shards.zarr")
     X.extract(
-        [world["train"], world["val"]], url, world["spec"], params(image_shard_bytes=2048),
+        [world["train"], world["val"]], url, world["spec"], params(image_shard_bytes=2048, write_threads=writers),
         scheduler="sync", progress=False,
     )  # fmt: skip
     small, base = C.open_group(url, mode="r"), C.open_group(baseline["url"], mode="r")
