@@ -8,9 +8,9 @@ unit u = rows [u·R, (u+1)·R), text unit t = texts [t·R_t, (t+1)·R_t) and one
 ``pipeline.cache``). A unit loads the teacher once per worker process, reads its images through a torch
 DataLoader (worker processes decode and resize only; they never touch zarr), runs the teacher batch by
 batch, writes each image shard on a writer thread as soon as the teacher has filled its rows (behind the next
-batches' forward) and, once every shard is written, commits ``manifest/<unit>.json``. A rerun skips committed units, so an
-interrupted extraction resumes where it stopped; a unit that died half-way is recomputed and overwrites its
-own shards.
+batches' forward) and, once every shard is written, commits ``manifest/<unit>.json``. A rerun skips committed
+units, so an interrupted extraction resumes where it stopped; a unit that died half-way is recomputed and
+overwrites its own shards.
 
 Test hook: the environment variable ``CLIP_TD_EXTRACT_FAIL_UNIT=<unit name>`` makes that unit raise after it
 has written its first array and before it commits (a crash in the worst place); ``<unit name>:kill`` makes
