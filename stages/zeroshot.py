@@ -1,0 +1,71 @@
+"""Stage `zeroshot`: the teacher's own zero-shot score per task and protocol condition, from the cache alone."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from pipeline.cache import CacheFormatError, TeacherCache
+from pipeline.data.shards import PreparedDataset
+from pipeline.zeroshot import task_zeroshot
+from stages.common import params_options, stage_params
+
+
+def _split(root: Path, name: str) -> list:
+    path = root / name
+    if not (path / "dataset.json").exists():
+        raise click.ClickException(f"{path}: no prepared split here (run python -m stages.prepare_data)")
+    return list(PreparedDataset(path).iter_instances())
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option(
+    "--data",
+    "data_root",
+    default=None,
+    help="Directory with the prepared train/val/test splits [default: data.out/data.source].",
+)
+@click.option("--cache", default=None, help="Teacher cache (Zarr store path) [default: cache.store].")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("metrics/zeroshot.json"),
+    help="Where to write {task: {condition: {metric, score, chance, n, how}}}.",
+)
+@params_options
+def main(data_root, cache, out, params_path, overrides) -> None:
+    """Score the teacher zero-shot on every task and condition of protocol.* (the ceiling beside each result).
+
+    Reads pooled embeddings from the cache through the candidate texts the confidence weights use (docs/method.md
+    §5): VCR candidates, VQA declarative candidates, SNLI-VE image–hypothesis cosine cut by two thresholds fitted
+    on validation. The teacher does not run again; test instances are only scored.
+    """
+    params = stage_params(params_path, overrides)
+    root = Path(data_root or Path(params.data.out) / params.data.source)
+    try:
+        tc = TeacherCache(cache or params.cache.store)
+    except CacheFormatError as e:
+        raise click.ClickException(str(e)) from e
+    train, val, test = (_split(root, s) for s in ("train", "val", "test"))
+    vocab = tc.attrs.get("data", {}).get("vqa_vocab") or PreparedDataset(root / "train").answer_vocab()
+    pp = params.protocol
+    result: dict = {}
+    for task in pp.tasks:
+        for z in task_zeroshot(
+            tc, task, pp.conditions, train, val, test,
+            vocab=vocab, vqa_candidates=params.distill.vqa_candidates,
+            shift_key=pp.shift_key, shift_target=pp.shift_target_domain,
+        ):  # fmt: skip
+            result.setdefault(task, {})[z.condition] = z.as_dict()
+            click.echo(f"{task}/{z.condition}: {z.metric} {z.score:.4f} (chance {z.chance:.4f}, n={z.n})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The teacher's zero-shot score: picks the candidate closest to the image, thresholds fitted on validation only,
+and the stage writes one entry per task × condition."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from click.testing import CliRunner
+
+from pipeline.data.schema import Instance
+from pipeline.texts import instance_texts, text_hash
+from pipeline.zeroshot import fit_snli_thresholds, snli_labels, task_zeroshot
+from stages.zeroshot import main as zeroshot_main
+from tests.test_train_student import build_world
+
+
+class OracleCache:
+    """A cache whose image embedding is the sum of the pooled embeddings of the texts the teacher 'knows' for
+    that image; every text gets a random direction (nearly orthogonal at this width)."""
+
+    def __init__(self, known: dict[str, list[str]], dim: int = 512):
+        self.dim = dim
+        self.known = known
+
+    def _vec(self, key: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(text_hash(key)[:8], 16))
+        return torch.randn(self.dim, generator=g)
+
+    def image_targets(self, image_ids):
+        return {"pooled": torch.stack([sum(self._vec(t) for t in self.known[i]) for i in image_ids])}
+
+    def text_targets(self, texts, tokens=False):
+        return {"pooled": torch.stack([self._vec(t) for t in texts])}
+
+
+def _vcr(n: int) -> list[Instance]:
+    out = []
+    for k in range(n):
+        out.append(Instance(
+            key=f"v{k}", task="vcr", image_id=f"img{k}", split="test", domain="plain",
+            question=f"what is object {k}?", answers=[f"answer {k} {j}" for j in range(4)],
+            rationales=[f"because {k} {j}" for j in range(4)], label=k % 4, rationale_label=(k + 1) % 4,
+        ))  # fmt: skip
+    return out
+
+
+def test_vcr_zeroshot_picks_the_candidate_the_teacher_knows():
+    insts = _vcr(8)
+    texts = {i.image_id: instance_texts(i) for i in insts}
+    gold_answer = {i.image_id: [texts[i.image_id].candidates[i.label]] for i in insts}
+    both = {
+        i.image_id: [*gold_answer[i.image_id], texts[i.image_id].rationale_candidates[i.rationale_label]]
+        for i in insts
+    }
+    wrong = {i.image_id: [texts[i.image_id].candidates[(i.label + 1) % 4]] for i in insts}
+    scores = {}
+    for name, known in (("both", both), ("wrong", wrong)):
+        [z] = task_zeroshot(
+            OracleCache(known), "vcr", ["full"], insts, [], insts,
+            vocab=[], vqa_candidates=4, shift_key="domain", shift_target="",
+        )  # fmt: skip
+        assert z.n == 8 and z.chance == 1 / 16 and z.metric == "q2ar"
+        scores[name] = z.score
+    assert scores == {"both": 1.0, "wrong": 0.0}
+
+
+def test_vqa_zeroshot_scores_the_picked_answer_and_reports_the_candidates_chance():
+    vocab = ["red", "blue", "green", "yellow", "one", "two"]
+    insts = [
+        Instance(key=f"q{k}", task="vqa", image_id=f"img{k}", split="test", domain="plain",
+                 question="what colour is the shape?", answer=vocab[k % 4], human_answers=[vocab[k % 4]] * 10)
+        for k in range(12)
+    ]  # fmt: skip
+    gold_text = {}
+    for i in insts:
+        t = instance_texts(i, vocab, 4)
+        gold_text[i.image_id] = [t.candidates[t.gold]]
+    [z] = task_zeroshot(
+        OracleCache(gold_text), "vqa", ["full"], insts, [], insts,
+        vocab=vocab, vqa_candidates=4, shift_key="domain", shift_target="",
+    )  # fmt: skip
+    assert z.score == 1.0
+    assert abs(z.chance - 0.25) < 1e-9  # one right answer among 4 candidates, all 10 humans agree
+
+
+def test_snli_thresholds_separate_the_three_labels():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    sim = np.where(labels == 0, 0.8, np.where(labels == 1, 0.5, 0.2)) + rng.normal(0, 0.02, 300)
+    lo, hi = fit_snli_thresholds(sim, labels)
+    assert (snli_labels(sim, lo, hi) == labels).mean() > 0.98
+
+
+def test_stage_writes_every_task_and_condition(tmp_path):
+    root, cfg, store = build_world(tmp_path / "w")
+    out = tmp_path / "zeroshot.json"
+    res = CliRunner().invoke(
+        zeroshot_main,
+        ["--data", str(root / "shards"), "--cache", store, "--out", str(out),
+         "--set", "protocol.conditions=[full,shift]"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    z = json.loads(out.read_text())
+    assert set(z) == {"vqa", "snli_ve", "vcr"}
+    for task in z:
+        assert set(z[task]) == {"full", "shift"}
+        for cell in z[task].values():
+            assert 0.0 <= cell["score"] <= 1.0 and 0.0 < cell["chance"] < 1.0 and cell["n"] > 0
+    # The shift cell scores the target domain only: fewer instances than full.
+    assert z["vqa"]["shift"]["n"] < z["vqa"]["full"]["n"]
+
+
+def test_stage_names_a_missing_cache(tmp_path):
+    res = CliRunner().invoke(zeroshot_main, ["--data", str(tmp_path), "--cache", str(tmp_path / "nope.zarr")])
+    assert res.exit_code != 0 and "nope.zarr" in res.output
