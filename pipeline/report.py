@@ -936,11 +936,16 @@ def plot_lowshot(
 
 
 def plot_shift(
-    summary: Sequence[dict], path: str | Path, baseline: str = "baseline", blind: str = BLIND
+    summary: Sequence[dict],
+    path: str | Path,
+    baseline: str = "baseline",
+    zeroshot: dict[str, dict[str, float]] | None = None,
+    blind: str = BLIND,
 ) -> Path:
     """Domain-shift bars: per task, the primary metric on the held-out target domain per method (error bars =
-    95% t interval of the mean over seeds). Where the ``full`` runs report the same target domain, a lighter bar beside it shows the
-    score when that domain was seen in training, so the bar gap is the cost of the shift."""
+    95% t interval of the mean over seeds). Where the ``full`` runs report the same target domain, a lighter
+    bar beside it shows the score when that domain was seen in training, so the bar gap is the cost of the
+    shift. A measured teacher zero-shot score on the shift condition is a dotted horizontal line."""
     plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -983,6 +988,9 @@ def plot_shift(
                 alpha=0.45,
                 label="full (target seen), same test domain",
             )
+        ceiling = (zeroshot or {}).get(task, {}).get(rows[0]["condition"])
+        if ceiling is not None:
+            ax.axhline(ceiling, linestyle=":", color="black", label="teacher zero-shot, target domain")
         ax.set_xticks(xs)
         ax.set_xticklabels(
             ["blind (text only)" if r["method"] == blind else r["method"] for r in rows],
@@ -1082,7 +1090,7 @@ def write_report(
             markdown(summary, teacher, extract, zeroshot, baseline=baseline, blind=blind, sources=sources)
         )
         plot_lowshot(summary, tmp["lowshot"], baseline=baseline, zeroshot=zeroshot, blind=blind)
-        plot_shift(summary, tmp["shift"], baseline=baseline, blind=blind)
+        plot_shift(summary, tmp["shift"], baseline=baseline, zeroshot=zeroshot, blind=blind)
         tmp["plots"].write_text(json.dumps(plots_data(summary), indent=1))
         tmp["summary"].write_text(json.dumps(summary_metrics(summary, zeroshot), indent=1))
         for k, name in names.items():

@@ -393,6 +393,23 @@ def test_stage_writes_every_output(runs: Path, tmp_path: Path) -> None:
     assert "--zeroshot" in CliRunner().invoke(main, ["--help"]).output
 
 
+def test_a_failing_report_leaves_the_previous_one_whole(runs: Path, tmp_path: Path, monkeypatch) -> None:
+    import pipeline.report as report
+
+    out = tmp_path / "reports"
+    report.write_report(runs, out, tmp_path / "none.json", tmp_path / "none.json")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(report, "plot_shift", broken)
+    write_eval(runs, "vqa", "full", "baseline", 0, 0.5)  # the next report would differ
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        report.write_report(runs, out, tmp_path / "none.json", tmp_path / "none.json")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no half-written file, no leftovers
+
+
 def test_readme_block_is_replaced_and_the_rest_kept(tmp_path):
     from stages.report import END, START, inject
 
