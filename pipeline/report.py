@@ -1,25 +1,53 @@
 """Aggregate evaluated runs into the results report (method §8): tables, plots and DVC metrics/plots files.
 
-Every number in the report is computed here from the inputs — the runs' eval.json files, the teacher metrics
-and the optional extract metrics — so the report can never drift from the runs it claims to describe.
+Every number in the report is computed here from the inputs — the runs' eval.json files, the teacher metrics,
+the optional extract metrics and the optional teacher zero-shot scores — so the report can never drift from
+the runs it claims to describe.
 
 Statistics, per (task, condition, method) cell and per metric:
   * mean ± sample std (ddof=1) over seeds; the std is undefined (None, printed "—") for a single seed;
   * relative gain over the baseline, in % of the baseline mean: (mean - mean_baseline) / |mean_baseline|;
-  * the paired difference: per seed present in both runs, method - baseline, then mean ± std over those pairs.
-    Pairing removes the seed-to-seed variance both methods share (same low-shot subset, same init seed), so it
-    is the comparison the protocol asks for; a cell whose paired |mean| is below its std is flagged as not
-    distinguishable from the baseline.
+  * the paired difference Δ: per seed present in both runs (same task, condition and seed: same low-shot
+    subset, same init seed), method - baseline. Pairing removes the seed-to-seed variance both methods share.
+    Over the n pairs: mean Δ, its 95% confidence interval mean ± t_{0.975, n-1} · std / √n (Student t, n - 1
+    degrees of freedom) and the two-sided p-value of the paired t-test. A cell is marked a gain or a loss
+    only when its interval excludes 0; with a single pair there is no interval ("n/a") and never a mark.
+    With 3 seeds t_{0.975, 2} = 4.30, so a difference has to be about 2.5 of its per-seed std to count.
+
+Floor and ceiling (issue 24 item 2), shown beside every task × condition:
+  * floor — runs whose method is ``blind`` (the same student, budget and seeds with the image blanked: what
+    the text alone gives). They are ordinary runs/<cell>/eval.json files (``"method": "blind"``) and get the
+    same statistics as any method, paired against the baseline; the table shows them in a
+    "blind (text only)" row. A condition without blind runs says "not measured".
+  * ceiling — the teacher's zero-shot score on the task's test split, scored through the same candidate
+    texts the confidence weights use. Read from an optional JSON file (``--zeroshot``, default
+    metrics/zeroshot.json)::
+
+        {"<task>": {"<condition>": <score>, ...}, ...}
+        e.g. {"vqa": {"lowshot-0.1": 0.61, "shift": 0.55}, "vcr": {"lowshot-0.1": 0.31, "shift": 0.29}}
+
+    <task> as in eval.json's run.task, <condition> as in run.condition (full, shift, lowshot-<fraction>:
+    the test split each condition is scored on differs, e.g. shift scores the held-out domain only),
+    <score> the task's primary metric (vqa_score, accuracy, q2ar) as a number in [0, 1]. A missing file, task
+    or condition shows "not measured" in the "teacher zero-shot" row.
+
+reports/summary.json (for ``dvc metrics show``): task → condition → method → entry, with entry =
+``{task, condition, method, metric, n_seeds, mean, std, delta_mean, ci95: [lo, hi], p, rel_gain_pct,
+delta_std, n_pairs, verdict, role, secondary}`` (delta fields, ci95 and p null for the baseline, without a
+baseline and — ci95 and p — below 2 pairs; role: baseline | method | floor). A measured teacher zero-shot
+score adds an entry with method ``teacher_zeroshot`` and role ``ceiling`` (mean = the score, n_seeds null).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
+import tempfile
 import typing
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +56,16 @@ from .protocol import Condition
 
 # The protocol asks for at least 3 seeds per cell (method §8); cells with fewer are listed in the report.
 MIN_SEEDS = 3
-# Markers appended to a cell's comparison line, explained in the report's notes.
-MARK_INDISTINGUISHABLE = "*"
-MARK_FEW_PAIRS = "†"
+# Marks appended to a cell's comparison line: only where the paired Δ's 95% interval excludes 0.
+MARK_GAIN = "▲ gain"
+MARK_LOSS = "▼ loss"
 NOT_RUN = "·"
+NOT_MEASURED = "not measured"
+# The floor: the same student with the image blanked (see the module docstring).
+BLIND = "blind"
+# summary.json's method name for the teacher's zero-shot score (the ceiling).
+ZEROSHOT = "teacher_zeroshot"
+CI_LEVEL = 0.95
 
 # Table order: the methods in the order params.yaml's distill.method lists them, unknown ones after.
 _METHOD_ORDER = typing.get_args(typing.get_type_hints(DistillParams)["method"])
@@ -139,6 +173,77 @@ def collect(runs_dir: str | Path) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------- statistics
+# Student's t without scipy (not a dependency): the CDF through the regularized incomplete beta function,
+# evaluated by its continued fraction (Lentz's method, as in Numerical Recipes §6.4), and the quantile by
+# bisection on that CDF. Accuracy ~1e-12, far below the 3 printed digits.
+
+
+def _beta_cf(a: float, b: float, x: float) -> float:
+    tiny, eps = 1e-300, 1e-15
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        m2 = 2 * m
+        for num in (
+            m * (b - m) * x / ((qam + m2) * (a + m2)),
+            -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),
+        ):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x must be in [0, 1], got {x}")
+    if x in (0.0, 1.0):
+        return x
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    # The continued fraction converges fast only below (a + 1) / (a + b + 2); use the symmetry above it.
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_cf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_cf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with df degrees of freedom."""
+    if df <= 0:
+        raise ValueError(f"degrees of freedom must be > 0, got {df}")
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(q: float, df: float) -> float:
+    """The t with P(T <= t) = q, e.g. t_quantile(0.975, 2) = 4.303 (the 95% two-sided critical value)."""
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q must be in (0, 1), got {q}")
+    if q < 0.5:
+        return -t_quantile(1.0 - q, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < q:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        if t_cdf(mid, df) < q:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return (lo + hi) / 2.0
+
+
 # ------------------------------------------------------------------------------------------- summarise
 
 
@@ -152,9 +257,12 @@ def condition_order(condition: str) -> tuple:
     return {"lowshot": (0, c.fraction), "shift": (1, 0.0), "full": (2, 0.0)}[c.kind]
 
 
-def method_order(method: str, baseline: str = "baseline") -> tuple:
+def method_order(method: str, baseline: str = "baseline", blind: str = BLIND) -> tuple:
+    """Baseline first, then the methods as params.yaml lists them, unknown ones, and the blind floor last."""
     if method == baseline:
         return (0, 0, "")
+    if method == blind:
+        return (3, 0, "")
     if method in _METHOD_ORDER:
         return (1, _METHOD_ORDER.index(method), "")
     return (2, 0, method)
@@ -167,13 +275,44 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def mean_ci(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float] | None:
+    """Student-t confidence interval of the mean of ``values`` (n - 1 df); None below 2 values."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean, std = _mean_std(values)
+    half = t_quantile(0.5 + level / 2.0, n - 1) * std / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def paired_test(diffs: Sequence[float], level: float = CI_LEVEL) -> dict:
+    """Paired t-test on per-seed differences: ``{n, mean, std, ci95, p}``; ci95 and p are None below 2 pairs.
+
+    Identical differences (std 0) give a zero-width interval at the mean and p = 0, or p = 1 when they are
+    all 0: no seed-to-seed spread, so the sign of the mean is certain."""
+    n = len(diffs)
+    mean, std = _mean_std(diffs)
+    out: dict[str, Any] = {"n": n, "mean": mean, "std": std, "ci95": None, "p": None}
+    if n < 2:
+        return out
+    half = t_quantile(0.5 + level / 2.0, n - 1) * std / math.sqrt(n)
+    out["ci95"] = [mean - half, mean + half]
+    if std == 0.0:
+        out["p"] = 1.0 if mean == 0.0 else 0.0
+    else:
+        t = mean / (std / math.sqrt(n))
+        out["p"] = min(1.0, 2.0 * t_cdf(-abs(t), n - 1))
+    return out
+
+
 def compare(values: dict[int, float], base: dict[int, float] | None, is_baseline: bool = False) -> dict:
     """Stats of one metric in one cell, given per-seed values and the baseline's per-seed values (None when the
     cell has no baseline runs): ``{n, seeds, values, mean, std, gain_pct, paired, verdict}`` with paired =
-    ``{n, seeds, diffs, mean, std}`` or None.
+    ``{n, seeds, diffs, mean, std, ci95, p}`` (see ``paired_test``) or None.
 
-    verdict: "baseline" (the baseline's own cell), "no_baseline", "few_pairs" (< 2 common seeds: no spread to
-    judge by), "not_distinguishable" (paired |mean| < std, or exactly 0) or "distinguishable".
+    verdict: "baseline" (the baseline's own cell), "no_baseline", "few_pairs" (< 2 seeds run by both: no
+    interval), "gain" / "loss" (the 95% interval of the paired Δ lies above / below 0) or "no_difference"
+    (the interval contains 0).
     """
     seeds = sorted(values)
     mean, std = _mean_std([values[s] for s in seeds])
@@ -194,14 +333,16 @@ def compare(values: dict[int, float], base: dict[int, float] | None, is_baseline
         out["gain_pct"] = (mean - base_mean) / abs(base_mean) * 100.0
     common = sorted(set(values) & set(base))
     diffs = [values[s] - base[s] for s in common]
-    d_mean, d_std = _mean_std(diffs)
-    out["paired"] = {"n": len(common), "seeds": common, "diffs": diffs, "mean": d_mean, "std": d_std}
-    if d_std is None:
+    out["paired"] = {"seeds": common, "diffs": diffs, **paired_test(diffs)}
+    ci = out["paired"]["ci95"]
+    if ci is None:
         out["verdict"] = "few_pairs"
-    elif abs(d_mean) < d_std or d_mean == 0.0:
-        out["verdict"] = "not_distinguishable"
+    elif ci[0] > 0.0:
+        out["verdict"] = "gain"
+    elif ci[1] < 0.0:
+        out["verdict"] = "loss"
     else:
-        out["verdict"] = "distinguishable"
+        out["verdict"] = "no_difference"
     return out
 
 
@@ -216,16 +357,23 @@ def _train_summary(runs: Iterable[dict]) -> dict:
     return out
 
 
-def summarise(rows: Sequence[dict], baseline: str = "baseline") -> list[dict]:
+def summarise(rows: Sequence[dict], baseline: str = "baseline", blind: str = BLIND) -> list[dict]:
     """One row per (task, condition, method), ordered task → condition → method.
 
     Each row holds the primary metric's stats (see ``compare``) at top level plus ``primary_metric``,
-    ``secondary`` ({metric: stats} for every other overall metric the runs report, e.g. VCR q2a and qa2r),
-    ``per_domain`` ({domain: {n, mean, std}} of the primary metric, for the shift plot's in-domain reference)
-    and ``train`` (mean steps, train_seconds, student_parameters).
+    ``role`` ("baseline", "floor" for the ``blind`` method, "method" otherwise), ``secondary`` ({metric:
+    stats} for every other overall metric the runs report, e.g. VCR q2a and qa2r), ``per_domain`` ({domain:
+    {n, mean, std}} of the primary metric, for the shift plot's in-domain reference) and ``train`` (mean
+    steps, train_seconds, student_parameters).
     """
+    if baseline == blind:
+        raise ReportError(f"the baseline and the blind floor cannot be the same method ({baseline!r})")
     cells: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in rows:
+        if r["method"] == ZEROSHOT:
+            raise ReportError(
+                f"{r['path']}: method name {ZEROSHOT!r} is reserved for the teacher zero-shot score"
+            )
         cells[(r["task"], r["condition"], r["method"])].append(r)
 
     def per_seed(runs: list[dict], metric: str | None) -> dict[int, float]:
@@ -235,7 +383,7 @@ def summarise(rows: Sequence[dict], baseline: str = "baseline") -> list[dict]:
 
     out = []
     for task, condition, method in sorted(
-        cells, key=lambda k: (task_order(k[0]), condition_order(k[1]), method_order(k[2], baseline))
+        cells, key=lambda k: (task_order(k[0]), condition_order(k[1]), method_order(k[2], baseline, blind))
     ):
         runs = cells[(task, condition, method)]
         base_runs = cells.get((task, condition, baseline))
@@ -247,6 +395,7 @@ def summarise(rows: Sequence[dict], baseline: str = "baseline") -> list[dict]:
             "condition": condition,
             "method": method,
             "primary_metric": primary_metric,
+            "role": "baseline" if method == baseline else "floor" if method == blind else "method",
             **compare(values, base, is_baseline=method == baseline),
         }
         secondary_names = sorted({k for r in runs for k in r["overall"]} - {primary_metric})
@@ -281,26 +430,63 @@ def fmt(value: float | None, digits: int = 3, sign: bool = False) -> str:
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
+def fmt_p(p: float | None) -> str:
+    if p is None:
+        return "p n/a"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
 def format_cell(stats: dict) -> str:
-    """``mean ± std (n)``, then for a non-baseline method ``gain% · Δ paired mean ± std (n pairs)`` + marker."""
+    """``mean ± std (n)``, then for a cell compared with the baseline: ``Δ paired mean, 95% CI [lo, hi], p
+    (n pairs) · gain%`` and a gain / loss mark when the interval excludes 0."""
     text = f"{fmt(stats['mean'])} ± {fmt(stats['std'])} ({stats['n']})"
     paired = stats["paired"]
     if paired is None:
         return text
-    gain = "gain —" if stats["gain_pct"] is None else f"{stats['gain_pct']:+.2f}%"
-    marker = {"not_distinguishable": MARK_INDISTINGUISHABLE, "few_pairs": MARK_FEW_PAIRS}.get(
-        stats["verdict"], ""
+    gain = "gain n/a" if stats["gain_pct"] is None else f"{stats['gain_pct']:+.2f}%"
+    n = paired["n"]
+    if n == 0:
+        diff = "Δ n/a (no seed run by both)"
+    elif paired["ci95"] is None:
+        diff = f"Δ {fmt(paired['mean'], sign=True)}, 95% CI n/a ({n} pair)"
+    else:
+        lo, hi = paired["ci95"]
+        diff = (
+            f"Δ {fmt(paired['mean'], sign=True)}, 95% CI [{fmt(lo, sign=True)}, {fmt(hi, sign=True)}], "
+            f"{fmt_p(paired['p'])} ({n} pairs)"
+        )
+    mark = {"gain": f" {MARK_GAIN}", "loss": f" {MARK_LOSS}"}.get(stats["verdict"], "")
+    return f"{text}<br>{diff} · {gain}{mark}"
+
+
+def _table(header: str, conditions: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
+    lines = [f"| {header} | " + " | ".join(conditions) + " |", "|---|" + "---|" * len(conditions)]
+    return lines + [f"| {label} | " + " | ".join(texts) + " |" for label, texts in rows]
+
+
+def _task_table(
+    cells: dict[tuple[str, str], dict],
+    methods: list[str],
+    conditions: list[str],
+    floor: str,
+    ceiling: dict[str, float] | None,
+) -> list[str]:
+    """Methods × conditions, then the floor (blind runs) and, when ``ceiling`` is given (primary metric
+    only), the teacher zero-shot row; unmeasured floor or ceiling cells say so rather than vanish."""
+    rows = [
+        (m, [format_cell(cells[(m, c)]) if (m, c) in cells else NOT_RUN for c in conditions]) for m in methods
+    ]
+    rows.append(
+        (
+            "blind (text only)",
+            [format_cell(cells[(floor, c)]) if (floor, c) in cells else NOT_MEASURED for c in conditions],
+        )
     )
-    diff = f"Δ {fmt(paired['mean'], sign=True)} ± {fmt(paired['std'])} ({paired['n']} pairs)"
-    return f"{text}<br>{gain} · {diff}{marker}"
-
-
-def _table(cells: dict[tuple[str, str], dict], methods: list[str], conditions: list[str]) -> list[str]:
-    lines = ["| method | " + " | ".join(conditions) + " |", "|---|" + "---|" * len(conditions)]
-    for m in methods:
-        row = [format_cell(cells[(m, c)]) if (m, c) in cells else NOT_RUN for c in conditions]
-        lines.append(f"| {m} | " + " | ".join(row) + " |")
-    return lines
+    if ceiling is not None:
+        rows.append(
+            ("teacher zero-shot", [fmt(ceiling[c]) if c in ceiling else NOT_MEASURED for c in conditions])
+        )
+    return _table("method", conditions, rows)
 
 
 def flatten(data: Any, prefix: str = "") -> tuple[list[tuple[str, Any]], list[str]]:
@@ -352,14 +538,17 @@ def markdown(
     summary: Sequence[dict],
     teacher: dict | None,
     extract: dict | None = None,
+    zeroshot: dict[str, dict[str, float]] | None = None,
     *,
     baseline: str = "baseline",
+    blind: str = BLIND,
     sources: dict[str, str] | None = None,
 ) -> str:
     """results.md: one table per task (+ one per secondary metric), teacher and cache sections, and notes.
 
-    teacher / extract: the metrics dicts, or None when their file is missing ("not available").
-    sources: where the inputs came from, for the text (keys runs, teacher, extract).
+    teacher / extract / zeroshot: the inputs' contents, or None when their file is missing ("not available",
+    "not measured"); zeroshot as ``load_zeroshot`` returns it.
+    sources: where the inputs came from, for the text (keys runs, teacher, extract, zeroshot).
     """
     if not summary:
         raise ReportError("nothing to report: the summary is empty")
@@ -367,12 +556,16 @@ def markdown(
         "runs": "runs",
         "teacher": "metrics/teacher.json",
         "extract": "metrics/extract.json",
+        "zeroshot": "metrics/zeroshot.json",
         **(sources or {}),
     }
     by_task: dict[str, list[dict]] = defaultdict(list)
     for row in summary:
         by_task[row["task"]].append(row)
     n_runs = sum(r["n"] for r in summary)
+
+    def order(methods: Iterable[str]) -> list[str]:
+        return sorted(set(methods), key=lambda m: method_order(m, baseline, blind))
 
     lines = [
         "# clip-td results",
@@ -381,23 +574,31 @@ def markdown(
         f"({len(by_task)} task(s), {len(summary)} task × condition × method cells). "
         "See *How these numbers were produced* at the end.",
         "",
-        f"Cells: test-set mean ± sample std over seeds (number of seeds); below it, for every method other than "
-        f"`{baseline}`: relative gain of the mean over `{baseline}` in %, and Δ = paired per-seed difference "
-        f"(method − {baseline}) as mean ± std (number of seeds run by both). "
-        f"{MARK_INDISTINGUISHABLE} = not distinguishable from {baseline} (|mean Δ| < std Δ); "
-        f"{MARK_FEW_PAIRS} = fewer than 2 paired seeds, so no spread to judge by; "
-        f"{NOT_RUN} = not run; — = undefined (e.g. the std of a single seed).",
+        "Cells: test-set mean ± sample std over seeds (number of seeds). Below it, for every method other "
+        f"than `{baseline}`: Δ = paired per-seed difference (method − {baseline}, same task, condition and "
+        "seed) with its 95% confidence interval (Student t, n − 1 df) and the two-sided paired t-test p-value "
+        f"(n = seeds run by both), then the relative gain of the mean over `{baseline}` in %. "
+        f"{MARK_GAIN} / {MARK_LOSS}: marked only when the 95% interval of Δ excludes 0; an unmarked cell is "
+        f"not distinguishable from `{baseline}` with these seeds. With one paired seed there is no interval "
+        "(n/a) and no mark. *blind (text only)* = the same student with the image blanked (the floor: what "
+        "the text alone gives); *teacher zero-shot* = the teacher's own score through the task's candidate "
+        "texts (the knowledge there is to distil; primary metric only); either says "
+        f"'{NOT_MEASURED}' where no input gives it. {NOT_RUN} = not run; — = undefined (e.g. the std of a "
+        "single seed).",
         "",
     ]
     few_seeds: list[str] = []
-    flagged: list[str] = []
+    marked: dict[str, list[str]] = {"gain": [], "loss": [], "few_pairs": []}
     for task in sorted(by_task, key=task_order):
         rows = by_task[task]
         conditions = sorted({r["condition"] for r in rows}, key=condition_order)
-        methods = sorted({r["method"] for r in rows}, key=lambda m: method_order(m, baseline))
+        methods = order(r["method"] for r in rows if r["method"] != blind)
         metric = rows[0]["primary_metric"]
+        ceiling = (zeroshot or {}).get(task, {})
         lines += [f"## {task} — {metric} (primary)", ""]
-        lines += _table({(r["method"], r["condition"]): r for r in rows}, methods, conditions)
+        lines += _task_table(
+            {(r["method"], r["condition"]): r for r in rows}, methods, conditions, blind, ceiling
+        )
         lines.append("")
         if baseline not in methods:
             lines += [f"No `{baseline}` runs for {task}: gains and paired differences are not available.", ""]
@@ -407,13 +608,14 @@ def markdown(
                 (r["method"], r["condition"]): r["secondary"][name] for r in rows if name in r["secondary"]
             }
             lines += [f"### {task} — {name} (secondary)", ""]
-            lines += _table(cells, methods, conditions) + [""]
+            lines += _task_table(cells, methods, conditions, blind, None) + [""]
         for r in rows:
             where = f"{task} / {r['condition']} / {r['method']}"
             if r["n"] < MIN_SEEDS:
                 few_seeds.append(f"{where} ({r['n']})")
-            if r["verdict"] in ("not_distinguishable", "few_pairs"):
-                flagged.append(where)
+            # The floor's comparison tells whether the baseline uses the image, not a method's gain or loss.
+            if r["verdict"] in marked and r["role"] != "floor":
+                marked[r["verdict"]].append(where)
 
     lines += _scalar_section("Teacher quality", teacher, src["teacher"])
     lines += _scalar_section("Teacher cache (extract)", extract, src["extract"])
@@ -431,16 +633,47 @@ def markdown(
             f"primary metric `{rows[0]['primary_metric']}`; conditions "
             + ", ".join(sorted({r["condition"] for r in rows}, key=condition_order))
             + "; methods "
-            + ", ".join(sorted({r["method"] for r in rows}, key=lambda m: method_order(m, baseline)))
+            + ", ".join(order(r["method"] for r in rows))
             + "."
+        )
+
+    def unmeasured(measured: Callable[[str, str], bool]) -> list[str]:
+        return [
+            f"{t} / {c}"
+            for t in sorted(by_task, key=task_order)
+            for c in sorted({r["condition"] for r in by_task[t]}, key=condition_order)
+            if not measured(t, c)
+        ]
+
+    floor_cells = {(r["task"], r["condition"]) for r in summary if r["method"] == blind}
+    no_floor = unmeasured(lambda t, c: (t, c) in floor_cells)
+    if zeroshot is None:
+        ceiling_note = f"{NOT_MEASURED}: `{src['zeroshot']}` was not found."
+    else:
+        absent = unmeasured(lambda t, c: c in zeroshot.get(t, {}))
+        ceiling_note = f"from `{src['zeroshot']}`" + (
+            f"; {NOT_MEASURED} for " + "; ".join(absent) + "." if absent else "."
         )
     lines += [
         "- Mean ± sample standard deviation (ddof = 1) over seeds; a single seed has no std (—).",
         f"- Gain = (mean − mean of {baseline}) / |mean of {baseline}| × 100, from the cell means over all of "
         "each method's seeds.",
         f"- Paired Δ: for each seed run by both the method and {baseline} in the same task and condition "
-        "(same low-shot subset and initialisation seed), method − baseline; mean ± sample std over those seeds. "
-        f"A cell is marked {MARK_INDISTINGUISHABLE} when |mean Δ| < std Δ: the gain is within seed-to-seed noise.",
+        "(same low-shot subset and initialisation seed), method − baseline. Over the n pairs: the mean, its 95% "
+        "confidence interval mean ± t(0.975, n − 1) · std / √n and the two-sided paired t-test p-value, "
+        f"with Student's t on n − 1 degrees of freedom (t(0.975, 2) = {t_quantile(0.975, 2):.3f} for 3 seeds). "
+        f"A cell is marked {MARK_GAIN} or {MARK_LOSS} only when that interval excludes 0.",
+        f"- Floor: runs of method `{blind}` (the same student, budget and seeds with the image blanked), "
+        f"paired against {baseline} like any method; a {MARK_LOSS} there means {baseline} beats text alone, "
+        "i.e. uses the image. "
+        + (
+            f"{NOT_MEASURED[0].upper() + NOT_MEASURED[1:]} (no `{blind}` runs) for "
+            + "; ".join(no_floor)
+            + "."
+            if no_floor
+            else "Measured for every task and condition."
+        ),
+        f"- Teacher zero-shot (ceiling), in each task's primary metric: {ceiling_note}",
         "- Model selection used each run's validation split only; the test split is read once, by the evaluate "
         "stage (method §8).",
     ]
@@ -450,17 +683,19 @@ def markdown(
         )
     else:
         lines.append(f"- Every cell has at least the protocol's {MIN_SEEDS} seeds.")
-    if flagged:
-        lines.append(
-            f"- Not distinguishable from {baseline} (or too few pairs to tell): " + "; ".join(flagged) + "."
-        )
-    cost = _cost_lines(summary, baseline)
+    for verdict, text in (
+        ("gain", f"Gains over {baseline} (95% interval of Δ above 0)"),
+        ("loss", f"Losses against {baseline} (95% interval of Δ below 0)"),
+        ("few_pairs", f"No interval (fewer than 2 seeds run by both the method and {baseline})"),
+    ):
+        lines.append(f"- {text}: " + ("; ".join(marked[verdict]) if marked[verdict] else "none") + ".")
+    cost = _cost_lines(summary, baseline, blind)
     if cost:
         lines += ["", "Training cost per method (means over all of its runs):", ""] + cost
     return "\n".join(lines) + "\n"
 
 
-def _cost_lines(summary: Sequence[dict], baseline: str) -> list[str]:
+def _cost_lines(summary: Sequence[dict], baseline: str, blind: str = BLIND) -> list[str]:
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in summary:
         if r["train"]:
@@ -476,7 +711,7 @@ def _cost_lines(summary: Sequence[dict], baseline: str) -> list[str]:
         return f"{value:,.0f}" if key != "train_seconds" else f"{value:.1f}"
 
     lines = ["| method | student parameters | steps | train seconds |", "|---|---|---|---|"]
-    for m in sorted(by_method, key=lambda m: method_order(m, baseline)):
+    for m in sorted(by_method, key=lambda m: method_order(m, baseline, blind)):
         rows = by_method[m]
         lines.append(
             f"| {m} | {weighted(rows, 'student_parameters')} | {weighted(rows, 'steps')} | "
@@ -488,27 +723,58 @@ def _cost_lines(summary: Sequence[dict], baseline: str) -> list[str]:
 # ------------------------------------------------------------------------------------ DVC metrics/plots
 
 
-def summary_metrics(summary: Sequence[dict]) -> dict:
-    """For `dvc metrics show`: {task: {condition: {method: {metric, mean, std, n, gain_pct, diff_mean,
-    diff_std, n_pairs, secondary: {metric: {mean, std, n}}}}}}."""
+def _entry(stats: dict) -> dict:
+    """The summary.json statistics of one metric in one cell (see the module docstring)."""
+    paired = stats["paired"] or {}
+    return {
+        "n_seeds": stats["n"],
+        "mean": stats["mean"],
+        "std": stats["std"],
+        "delta_mean": paired.get("mean"),
+        "ci95": paired.get("ci95"),
+        "p": paired.get("p"),
+        "rel_gain_pct": stats["gain_pct"],
+        "delta_std": paired.get("std"),
+        "n_pairs": paired.get("n"),
+        "verdict": stats["verdict"],
+    }
+
+
+def summary_metrics(summary: Sequence[dict], zeroshot: dict[str, dict[str, float]] | None = None) -> dict:
+    """For `dvc metrics show` and other tools: {task: {condition: {method: entry}}}, one entry per task ×
+    condition × method (fields in the module docstring), plus a ``teacher_zeroshot`` entry per measured
+    zero-shot score."""
     out: dict = {}
+    metric_of: dict[str, str] = {}
     for r in summary:
-        paired = r["paired"] or {}
+        metric_of.setdefault(r["task"], r["primary_metric"])
         cell = {
+            "task": r["task"],
+            "condition": r["condition"],
+            "method": r["method"],
             "metric": r["primary_metric"],
-            "mean": r["mean"],
-            "std": r["std"],
-            "n": r["n"],
-            "gain_pct": r["gain_pct"],
-            "diff_mean": paired.get("mean"),
-            "diff_std": paired.get("std"),
-            "n_pairs": paired.get("n"),
+            **_entry(r),
+            "role": r["role"],
         }
         if r["secondary"]:
-            cell["secondary"] = {
-                k: {"mean": s["mean"], "std": s["std"], "n": s["n"]} for k, s in r["secondary"].items()
-            }
+            cell["secondary"] = {k: _entry(s) for k, s in r["secondary"].items()}
         out.setdefault(r["task"], {}).setdefault(r["condition"], {})[r["method"]] = cell
+    for task, scores in (zeroshot or {}).items():
+        for condition, score in scores.items():
+            out.setdefault(task, {}).setdefault(condition, {})[ZEROSHOT] = {
+                "task": task,
+                "condition": condition,
+                "method": ZEROSHOT,
+                "metric": metric_of.get(task),
+                "n_seeds": None,
+                "mean": score,
+                "std": None,
+                "delta_mean": None,
+                "ci95": None,
+                "p": None,
+                "rel_gain_pct": None,
+                "role": "ceiling",
+            }
     return out
 
 
@@ -519,21 +785,28 @@ def _fraction(condition: str) -> float | None:
 
 
 def plots_data(summary: Sequence[dict]) -> list[dict]:
-    """Records for `dvc plots show` (x = fraction, y = mean): low-shot and full cells of the primary metric."""
-    return [
-        {
-            "task": r["task"],
-            "method": r["method"],
-            "condition": r["condition"],
-            "fraction": _fraction(r["condition"]),
-            "metric": r["primary_metric"],
-            "mean": r["mean"],
-            "std": r["std"],
-            "n": r["n"],
-        }
-        for r in summary
-        if _fraction(r["condition"]) is not None
-    ]
+    """Records for `dvc plots show` (x = fraction, y = mean): low-shot and full cells of the primary metric,
+    with the 95% t interval of the mean over seeds (None for one seed)."""
+    records = []
+    for r in summary:
+        if _fraction(r["condition"]) is None:
+            continue
+        ci = mean_ci(r["values"])
+        records.append(
+            {
+                "task": r["task"],
+                "method": r["method"],
+                "condition": r["condition"],
+                "fraction": _fraction(r["condition"]),
+                "metric": r["primary_metric"],
+                "mean": r["mean"],
+                "std": r["std"],
+                "n": r["n"],
+                "ci95_lo": ci[0] if ci else None,
+                "ci95_hi": ci[1] if ci else None,
+            }
+        )
+    return records
 
 
 # -------------------------------------------------------------------------------------------------- plots
@@ -561,41 +834,99 @@ def _save_empty(plt, path: Path, message: str) -> None:
     plt.close(fig)
 
 
-def plot_lowshot(summary: Sequence[dict], path: str | Path, baseline: str = "baseline") -> Path:
-    """Primary metric vs labeled fraction (full = 1.0), one line per method, one subplot per task; error
-    bars = std over seeds (none for a single seed)."""
+def _ci_half(std: float | None, n: int) -> float:
+    """Half-width of the 95% t interval of a mean of n seeds; 0 (no bar) for a single seed."""
+    if std is None or n < 2:
+        return 0.0
+    return t_quantile(0.5 + CI_LEVEL / 2.0, n - 1) * std / math.sqrt(n)
+
+
+def lowshot_series(
+    summary: Sequence[dict],
+    baseline: str = "baseline",
+    zeroshot: dict[str, dict[str, float]] | None = None,
+    blind: str = BLIND,
+) -> list[dict]:
+    """What the low-shot plot draws, per task: ``{task, metric, fractions, log_x, lines, zeroshot}`` with
+    fractions = every low-shot fraction present plus full (= 1.0), log_x when there are more than two, lines =
+    ``[{method, label, x, y, err}]`` (err = half-width of the 95% t interval of the mean over seeds, 0 for one
+    seed) and zeroshot = ``[(fraction, score)]`` of the measured teacher zero-shot scores."""
+    rows = [r for r in summary if _fraction(r["condition"]) is not None]
+    out = []
+    for task in _tasks(rows):
+        task_rows = [r for r in rows if r["task"] == task]
+        lines = []
+        for m in sorted({r["method"] for r in task_rows}, key=lambda m: method_order(m, baseline, blind)):
+            pts = sorted((_fraction(r["condition"]), r) for r in task_rows if r["method"] == m)
+            lines.append(
+                {
+                    "method": m,
+                    "label": "blind (text only)" if m == blind else m,
+                    "x": [x for x, _ in pts],
+                    "y": [r["mean"] for _, r in pts],
+                    "err": [_ci_half(r["std"], r["n"]) for _, r in pts],
+                }
+            )
+        zs = sorted(
+            (f, score)
+            for c, score in (zeroshot or {}).get(task, {}).items()
+            if (f := _fraction(c)) is not None
+        )
+        fractions = sorted({_fraction(r["condition"]) for r in task_rows} | {f for f, _ in zs})
+        out.append(
+            {
+                "task": task,
+                "metric": task_rows[0]["primary_metric"],
+                "fractions": fractions,
+                # Low-shot fractions span orders of magnitude (0.01 … 1); a log axis keeps their points apart.
+                "log_x": len(fractions) > 2,
+                "lines": lines,
+                "zeroshot": zs,
+            }
+        )
+    return out
+
+
+def plot_lowshot(
+    summary: Sequence[dict],
+    path: str | Path,
+    baseline: str = "baseline",
+    zeroshot: dict[str, dict[str, float]] | None = None,
+    blind: str = BLIND,
+) -> Path:
+    """Primary metric vs labeled fraction, one subplot per task, as ``lowshot_series`` lays it out: one line
+    per method (the blind floor dashed) with 95% CI error bars, teacher zero-shot as a dotted line of crosses."""
     plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in summary if _fraction(r["condition"]) is not None]
-    tasks = _tasks(rows)
-    if not tasks:
+    series = lowshot_series(summary, baseline, zeroshot, blind)
+    if not series:
         _save_empty(plt, path, "no low-shot or full runs")
         return path
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        task_rows = [r for r in rows if r["task"] == task]
-        methods = sorted({r["method"] for r in task_rows}, key=lambda m: method_order(m, baseline))
-        for m in methods:
-            pts = sorted((_fraction(r["condition"]), r) for r in task_rows if r["method"] == m)
-            xs = [x for x, _ in pts]
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], series, strict=True):
+        for line in task["lines"]:
             ax.errorbar(
-                xs,
-                [r["mean"] for _, r in pts],
-                yerr=[r["std"] or 0.0 for _, r in pts],
+                line["x"],
+                line["y"],
+                yerr=line["err"],
                 marker="o",
                 capsize=3,
-                label=m,
+                linestyle="--" if line["method"] == blind else "-",
+                label=line["label"],
             )
-        fractions = sorted({_fraction(r["condition"]) for r in task_rows})
-        # Fractions span orders of magnitude (0.01 … 1); a log axis keeps the low-shot points apart.
-        ax.set_xscale("log")
+        if task["zeroshot"]:
+            zs = task["zeroshot"]
+            ax.plot([f for f, _ in zs], [v for _, v in zs], "x:", color="black", label="teacher zero-shot")
+        if task["log_x"]:
+            ax.set_xscale("log")
+        fractions = task["fractions"]
         ax.set_xticks(fractions)
         ax.set_xticklabels([f"{f:.0%}" if f >= 0.01 else f"{f:.1%}" for f in fractions])
         ax.minorticks_off()
         ax.set_xlabel("labeled fraction")
-        ax.set_ylabel(task_rows[0]["primary_metric"])
-        ax.set_title(task)
+        ax.set_ylabel(task["metric"])
+        ax.set_title(f"{task['task']} (bars: 95% CI)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -604,10 +935,17 @@ def plot_lowshot(summary: Sequence[dict], path: str | Path, baseline: str = "bas
     return path
 
 
-def plot_shift(summary: Sequence[dict], path: str | Path, baseline: str = "baseline") -> Path:
+def plot_shift(
+    summary: Sequence[dict],
+    path: str | Path,
+    baseline: str = "baseline",
+    zeroshot: dict[str, dict[str, float]] | None = None,
+    blind: str = BLIND,
+) -> Path:
     """Domain-shift bars: per task, the primary metric on the held-out target domain per method (error bars =
-    std over seeds). Where the ``full`` runs report the same target domain, a lighter bar beside it shows the
-    score when that domain was seen in training, so the bar gap is the cost of the shift."""
+    95% t interval of the mean over seeds). Where the ``full`` runs report the same target domain, a lighter
+    bar beside it shows the score when that domain was seen in training, so the bar gap is the cost of the
+    shift. A measured teacher zero-shot score on the shift condition is a dotted horizontal line."""
     plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -621,7 +959,7 @@ def plot_shift(summary: Sequence[dict], path: str | Path, baseline: str = "basel
     width = 0.38
     for ax, task in zip(axes[0], tasks, strict=True):
         rows = sorted(
-            (r for r in shift if r["task"] == task), key=lambda r: method_order(r["method"], baseline)
+            (r for r in shift if r["task"] == task), key=lambda r: method_order(r["method"], baseline, blind)
         )
         xs = list(range(len(rows)))
         refs: dict[int, dict] = {}
@@ -636,7 +974,7 @@ def plot_shift(summary: Sequence[dict], path: str | Path, baseline: str = "basel
             [x - shift_off for x in xs],
             [r["mean"] for r in rows],
             width,
-            yerr=[r["std"] or 0.0 for r in rows],
+            yerr=[_ci_half(r["std"], r["n"]) for r in rows],
             capsize=3,
             label="shift (target unseen)",
         )
@@ -645,13 +983,20 @@ def plot_shift(summary: Sequence[dict], path: str | Path, baseline: str = "basel
                 [x + width / 2 for x in refs],
                 [d["mean"] for d in refs.values()],
                 width,
-                yerr=[d["std"] or 0.0 for d in refs.values()],
+                yerr=[_ci_half(d["std"], d["n"]) for d in refs.values()],
                 capsize=3,
                 alpha=0.45,
                 label="full (target seen), same test domain",
             )
+        ceiling = (zeroshot or {}).get(task, {}).get(rows[0]["condition"])
+        if ceiling is not None:
+            ax.axhline(ceiling, linestyle=":", color="black", label="teacher zero-shot, target domain")
         ax.set_xticks(xs)
-        ax.set_xticklabels([r["method"] for r in rows], rotation=30, ha="right")
+        ax.set_xticklabels(
+            ["blind (text only)" if r["method"] == blind else r["method"] for r in rows],
+            rotation=30,
+            ha="right",
+        )
         targets = sorted({d for r in rows for d in r["per_domain"]})
         ax.set_title(f"{task} — target: {', '.join(targets) or '?'}")
         ax.set_ylabel(rows[0]["primary_metric"])
@@ -680,31 +1025,74 @@ def load_optional_json(path: str | Path) -> dict | None:
     return data
 
 
+def load_zeroshot(path: str | Path) -> dict[str, dict[str, float]] | None:
+    """The teacher zero-shot scores ``{task: {condition: score}}`` (format in the module docstring), or None
+    when the file does not exist. Any malformed entry fails, naming the file and the key."""
+    data = load_optional_json(path)
+    if data is None:
+        return None
+    out: dict[str, dict[str, float]] = {}
+    for task, scores in data.items():
+        if not isinstance(scores, dict):
+            raise ReportError(
+                f"{path}: key '{task}': expected an object {{condition: score}}, got {scores!r}"
+            )
+        for condition, score in scores.items():
+            try:
+                Condition.parse(condition)
+            except ValueError as e:
+                raise ReportError(f"{path}: key '{task}.{condition}': {e}") from None
+            if not _number(score) or not 0.0 <= score <= 1.0:
+                raise ReportError(
+                    f"{path}: key '{task}.{condition}': expected a score in [0, 1] (the task's primary metric), "
+                    f"got {score!r}"
+                )
+            out.setdefault(task, {})[condition] = float(score)
+    return out
+
+
 def write_report(
     runs_dir: str | Path,
     out_dir: str | Path,
     teacher_path: str | Path = "metrics/teacher.json",
     extract_path: str | Path = "metrics/extract.json",
     baseline: str = "baseline",
+    zeroshot_path: str | Path = "metrics/zeroshot.json",
+    blind: str = BLIND,
 ) -> dict[str, Path]:
     """Collect, summarise and write results.md, lowshot.png, shift.png, plots.json and summary.json.
-    Returns {name: path} of what was written."""
-    summary = summarise(collect(runs_dir), baseline=baseline)
+    Returns {name: path} of what was written.
+
+    Everything is written into a temporary folder inside ``out_dir`` first and renamed into place only once
+    all of it succeeded, so a failing report leaves the previous one whole."""
+    summary = summarise(collect(runs_dir), baseline=baseline, blind=blind)
     teacher = load_optional_json(teacher_path)
     extract = load_optional_json(extract_path)
+    zeroshot = load_zeroshot(zeroshot_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "results": out / "results.md",
-        "lowshot": out / "lowshot.png",
-        "shift": out / "shift.png",
-        "plots": out / "plots.json",
-        "summary": out / "summary.json",
+    names = {
+        "results": "results.md",
+        "lowshot": "lowshot.png",
+        "shift": "shift.png",
+        "plots": "plots.json",
+        "summary": "summary.json",
     }
-    sources = {"runs": str(runs_dir), "teacher": str(teacher_path), "extract": str(extract_path)}
-    paths["results"].write_text(markdown(summary, teacher, extract, baseline=baseline, sources=sources))
-    plot_lowshot(summary, paths["lowshot"], baseline=baseline)
-    plot_shift(summary, paths["shift"], baseline=baseline)
-    paths["plots"].write_text(json.dumps(plots_data(summary), indent=1))
-    paths["summary"].write_text(json.dumps(summary_metrics(summary), indent=1))
-    return paths
+    sources = {
+        "runs": str(runs_dir),
+        "teacher": str(teacher_path),
+        "extract": str(extract_path),
+        "zeroshot": str(zeroshot_path),
+    }
+    with tempfile.TemporaryDirectory(dir=out, prefix=".report-") as tmp_dir:
+        tmp = {k: Path(tmp_dir) / name for k, name in names.items()}
+        tmp["results"].write_text(
+            markdown(summary, teacher, extract, zeroshot, baseline=baseline, blind=blind, sources=sources)
+        )
+        plot_lowshot(summary, tmp["lowshot"], baseline=baseline, zeroshot=zeroshot, blind=blind)
+        plot_shift(summary, tmp["shift"], baseline=baseline, zeroshot=zeroshot, blind=blind)
+        tmp["plots"].write_text(json.dumps(plots_data(summary), indent=1))
+        tmp["summary"].write_text(json.dumps(summary_metrics(summary, zeroshot), indent=1))
+        for k, name in names.items():
+            os.replace(tmp[k], out / name)
+    return {k: out / name for k, name in names.items()}

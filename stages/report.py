@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -35,17 +36,32 @@ from pipeline.report import ReportError, write_report
     "--teacher.",
 )
 @click.option(
+    "--zeroshot",
+    "zeroshot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("metrics/zeroshot.json"),
+    help='Teacher zero-shot scores, the ceiling row of every task table: {"<task>": {"<condition>": score}}, '
+    "score in the task's primary metric (in [0, 1]). Missing file, task or condition: 'not measured'.",
+)
+@click.option(
     "--out",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("reports"),
     help="Output directory: results.md, lowshot.png, shift.png, plots.json (records for `dvc plots show`: x = "
-    "fraction, y = mean) and summary.json (for `dvc metrics show`: task → condition → method → mean, std, n).",
+    "fraction, y = mean) and summary.json (for `dvc metrics show`: task → condition → method → n_seeds, mean, "
+    "std, delta_mean, ci95, p, rel_gain_pct, …).",
 )
 @click.option(
     "--baseline",
     default="baseline",
     help="Method every other method is compared with (relative gain and paired per-seed difference).",
+)
+@click.option(
+    "--blind",
+    default="blind",
+    help="Method whose runs are the floor: the same student with the image blanked, shown as the "
+    "'blind (text only)' row ('not measured' where it has no runs).",
 )
 @click.option(
     "--readme",
@@ -55,16 +71,33 @@ from pipeline.report import ReportError, write_report
     "'<!-- results:end -->' (make repro keeps the README's table current this way).",
 )
 def main(
-    runs_dir: Path, teacher_path: Path, extract_path: Path, out_dir: Path, baseline: str, readme: Path | None
+    runs_dir: Path,
+    teacher_path: Path,
+    extract_path: Path,
+    zeroshot_path: Path,
+    out_dir: Path,
+    baseline: str,
+    blind: str,
+    readme: Path | None,
 ) -> None:
-    """Summarise the runs (method §8): per task a table of methods × conditions with mean ± std over seeds, the
-    relative gain over the baseline and the paired per-seed difference (cells whose difference is within its
-    std are marked), the teacher's quality, plots of accuracy vs labeled fraction and under domain shift.
+    """Summarise the runs (method §8): per task a table of methods × conditions with mean ± std over seeds and,
+    against the baseline, the paired per-seed difference with its 95% confidence interval (Student t) and
+    p-value — a cell is marked a gain or a loss only when that interval excludes 0 — beside the floor (blind
+    runs, text only) and the ceiling (teacher zero-shot); the teacher's quality; plots of accuracy vs labeled
+    fraction and under domain shift.
 
     Every number is computed from the input files; nothing is typed in by hand.
     """
     try:
-        paths = write_report(runs_dir, out_dir, teacher_path, extract_path, baseline=baseline)
+        paths = write_report(
+            runs_dir,
+            out_dir,
+            teacher_path,
+            extract_path,
+            baseline=baseline,
+            zeroshot_path=zeroshot_path,
+            blind=blind,
+        )
     except ReportError as e:
         raise click.ClickException(str(e)) from e
     for name, path in paths.items():
@@ -88,7 +121,10 @@ def inject(readme: Path, results_md: str, out_dir: Path) -> None:
     plots = f"![accuracy vs labelled fraction]({out_dir}/lowshot.png)\n![domain shift]({out_dir}/shift.png)"
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{START}\n{body}\n\n{plots}\n{END}{tail}")
+    # Beside the README, then renamed over it: an interrupted write never leaves a truncated README.
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(f"{head}{START}\n{body}\n\n{plots}\n{END}{tail}")
+    os.replace(tmp, readme)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,41 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from pipeline.report import ReportError, collect, markdown, plot_lowshot, plot_shift, summarise
+from pipeline.report import (
+    ReportError,
+    betainc,
+    collect,
+    load_zeroshot,
+    lowshot_series,
+    markdown,
+    paired_test,
+    plot_lowshot,
+    plot_shift,
+    summarise,
+    t_cdf,
+    t_quantile,
+)
 from stages.report import main
 
 BASE = [0.40, 0.42, 0.44]  # mean 0.42, std 0.02
 TD = [0.46, 0.47, 0.51]  # mean 0.48; paired diffs 0.06, 0.05, 0.07 → mean 0.06, std 0.01; gain 14.29 %
+# Paired CI by hand: se = 0.01 / √3; t(0.975, 2) = 0.95 / √(2 · 0.975 · 0.025) = 4.30265 → 0.06 ± 0.024841.
+# t = 0.06 / se = 6√3; with 2 df the t CDF is ½ + t / (2√(2 + t²)), so p = 1 − √(108 / 110) = 0.00913.
+TD_CI = (0.06 - 0.024841, 0.06 + 0.024841)
+TD_P = 1 - math.sqrt(108 / 110)
+# pooled_fd: diffs 0.02, 0.05, 0.08 → mean 0.05 > std 0.03 (the old rule's "difference"), but the 95% CI
+# 0.05 ± 4.303 · 0.03 / √3 = [−0.0245, 0.1245] holds 0: not marked.
+POOLED = [0.02, 0.05, 0.08]
+# clip_td_no_select: consistently worse → the CI lies below 0: a loss.
+NO_SELECT = [-0.05, -0.06, -0.04]
+# blind: the text-only floor, well below the baseline.
+BLIND = [0.25, 0.26, 0.24]
 
 
 def write_eval(
@@ -54,6 +79,9 @@ def runs(tmp_path: Path) -> Path:
         write_eval(r, "vcr", "shift", "baseline", seed, b - 0.1)
         # naive_kd: noisy around the baseline → paired |mean| < std.
         write_eval(r, "vcr", "lowshot-0.05", "naive_kd", seed, b + [0.03, -0.04, 0.02][seed])
+        write_eval(r, "vcr", "lowshot-0.05", "pooled_fd", seed, b + POOLED[seed])
+        write_eval(r, "vcr", "lowshot-0.05", "clip_td_no_select", seed, b + NO_SELECT[seed])
+        write_eval(r, "vcr", "lowshot-0.05", "blind", seed, BLIND[seed], q2a=0.3, qa2r=0.3)
     write_eval(r, "snli_ve", "lowshot-0.25", "clip_td", 0, 0.7)  # a single seed, no baseline
     return r
 
@@ -61,6 +89,33 @@ def runs(tmp_path: Path) -> Path:
 def cell(summary: list[dict], task: str, condition: str, method: str) -> dict:
     (row,) = [r for r in summary if (r["task"], r["condition"], r["method"]) == (task, condition, method)]
     return row
+
+
+def test_t_distribution_matches_table_values() -> None:
+    # Two-sided 95% critical values from any t table, and other quantiles.
+    for df, table in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (29, 2.045), (120, 1.980)):
+        assert t_quantile(0.975, df) == pytest.approx(table, abs=5e-4), df
+    assert t_quantile(0.995, 2) == pytest.approx(9.925, abs=5e-4)
+    assert t_quantile(0.95, 5) == pytest.approx(2.015, abs=5e-4)
+    assert t_quantile(0.025, 4) == pytest.approx(-2.776, abs=5e-4)
+    # Closed forms: Cauchy (1 df) and 2 df.
+    assert t_cdf(1.0, 1) == pytest.approx(0.75, abs=1e-12)
+    assert t_cdf(3.0, 2) == pytest.approx(0.5 + 3 / (2 * math.sqrt(11)), abs=1e-12)
+    assert t_cdf(0.0, 7) == pytest.approx(0.5)
+    assert 2 * t_cdf(-2.0, 10) == pytest.approx(0.07339, abs=1e-5)  # two-sided p of t = 2 with 10 df
+    assert betainc(2, 3, 0.4) == pytest.approx(0.5248, abs=1e-12)  # I_0.4(2, 3), a polynomial for integers
+    with pytest.raises(ValueError):
+        t_quantile(1.0, 3)
+
+
+def test_paired_interval_and_p_value_by_hand() -> None:
+    t = paired_test([0.06, 0.05, 0.07])
+    assert t["n"] == 3 and t["mean"] == pytest.approx(0.06) and t["std"] == pytest.approx(0.01)
+    assert t["ci95"] == pytest.approx(list(TD_CI), abs=1e-6)
+    assert t["p"] == pytest.approx(TD_P, abs=1e-9)
+    one = paired_test([0.06])
+    assert one["mean"] == pytest.approx(0.06) and one["ci95"] is None and one["p"] is None
+    assert paired_test([0.0, 0.0])["p"] == 1.0  # identical methods: nothing to see
 
 
 def test_statistics_match_hand_computation(runs: Path) -> None:
@@ -74,43 +129,166 @@ def test_statistics_match_hand_computation(runs: Path) -> None:
     assert t["paired"]["n"] == 3
     assert t["paired"]["diffs"] == pytest.approx([0.06, 0.05, 0.07])
     assert t["paired"]["mean"] == pytest.approx(0.06) and t["paired"]["std"] == pytest.approx(0.01)
-    assert t["verdict"] == "distinguishable"
+    assert t["paired"]["ci95"] == pytest.approx(list(TD_CI), abs=1e-6)
+    assert t["paired"]["p"] == pytest.approx(TD_P, abs=1e-9)
+    assert t["verdict"] == "gain"
     # Secondary metric: same values shifted by 0.1 → identical gain on a different base, identical paired diff.
     q2a = t["secondary"]["q2a"]
     assert q2a["mean"] == pytest.approx(0.58) and q2a["paired"]["mean"] == pytest.approx(0.06)
-    assert q2a["gain_pct"] == pytest.approx(0.06 / 0.52 * 100)
-    assert t["secondary"]["qa2r"]["verdict"] == "not_distinguishable"  # identical values: Δ = 0
-    assert cell(summary, "vcr", "lowshot-0.05", "naive_kd")["verdict"] == "not_distinguishable"
+    assert q2a["gain_pct"] == pytest.approx(0.06 / 0.52 * 100) and q2a["verdict"] == "gain"
+    assert t["secondary"]["qa2r"]["verdict"] == "no_difference"  # identical values: Δ = 0
+    assert cell(summary, "vcr", "lowshot-0.05", "naive_kd")["verdict"] == "no_difference"
     assert cell(summary, "vcr", "shift", "baseline")["per_domain"]["outline"]["mean"] == pytest.approx(0.32)
     one = cell(summary, "snli_ve", "lowshot-0.25", "clip_td")
     assert one["n"] == 1 and one["std"] is None and one["verdict"] == "no_baseline"
-    # Order: tasks as in the protocol, low-shot before shift before full, baseline first.
+    # Order: tasks as in the protocol, low-shot before shift before full, baseline first, the blind floor last.
     order = [(r["task"], r["condition"], r["method"]) for r in summary]
-    assert order[:4] == [
+    assert order[:7] == [
         ("snli_ve", "lowshot-0.25", "clip_td"),
         ("vcr", "lowshot-0.05", "baseline"),
         ("vcr", "lowshot-0.05", "naive_kd"),
+        ("vcr", "lowshot-0.05", "pooled_fd"),
         ("vcr", "lowshot-0.05", "clip_td"),
+        ("vcr", "lowshot-0.05", "clip_td_no_select"),
+        ("vcr", "lowshot-0.05", "blind"),
     ]
-    assert order[4:] == [
+    assert order[7:] == [
         ("vcr", "shift", "baseline"),
         ("vcr", "full", "baseline"),
         ("vcr", "full", "clip_td"),
     ]
 
 
+def test_a_cell_is_marked_only_when_its_interval_excludes_zero(runs: Path) -> None:
+    summary = summarise(collect(runs))
+    pooled = cell(summary, "vcr", "lowshot-0.05", "pooled_fd")
+    # |mean Δ| = 0.05 > std Δ = 0.03, which the old rule called a difference; the interval still holds 0.
+    assert pooled["paired"]["mean"] > pooled["paired"]["std"]
+    lo, hi = pooled["paired"]["ci95"]
+    assert lo == pytest.approx(0.05 - 4.302653 * 0.03 / math.sqrt(3), abs=1e-6) and lo < 0 < hi
+    assert pooled["verdict"] == "no_difference"
+    loss = cell(summary, "vcr", "lowshot-0.05", "clip_td_no_select")
+    assert loss["paired"]["ci95"][1] < 0 and loss["verdict"] == "loss"
+    blind = cell(summary, "vcr", "lowshot-0.05", "blind")
+    assert blind["role"] == "floor" and blind["verdict"] == "loss"  # the baseline beats text alone
+
+    md = markdown(summary, None, None)
+    row = {m: " | ".join(cols) for m, cols in table(md, "## vcr — q2ar (primary)").items()}
+    assert "▲ gain" in row["clip_td"] and "▼" not in row["clip_td"]
+    assert (
+        "▲" not in row["pooled_fd"]
+        and "▼" not in row["pooled_fd"]
+        and "95% CI [-0.025, +0.125]" in row["pooled_fd"]
+    )
+    assert "▼ loss" in row["clip_td_no_select"]
+    assert "▲" not in row["naive_kd"] and "▼" not in row["naive_kd"]
+    assert "only when the 95% interval of Δ excludes 0" in md  # the legend says so
+    assert "|mean Δ| < std Δ" not in md
+
+
+def test_one_seed_pair_has_no_interval_and_no_mark(tmp_path: Path) -> None:
+    r = tmp_path / "runs"
+    write_eval(r, "vqa", "full", "baseline", 0, 0.40)
+    write_eval(r, "vqa", "full", "clip_td", 0, 0.90)
+    write_eval(r, "vqa", "full", "clip_td", 1, 0.91)  # a second seed the baseline lacks: still one pair
+    td = cell(summarise(collect(r)), "vqa", "full", "clip_td")
+    assert td["paired"]["n"] == 1 and td["paired"]["ci95"] is None and td["paired"]["p"] is None
+    assert td["verdict"] == "few_pairs"
+    md = markdown(summarise(collect(r)), None, None)
+    td_line = next(line for line in md.splitlines() if line.startswith("| clip_td |"))
+    assert "Δ +0.500, 95% CI n/a (1 pair)" in td_line and "▲" not in td_line
+    assert "No interval (fewer than 2 seeds run by both the method and baseline): vqa / full / clip_td." in md
+
+
 def test_markdown_holds_the_computed_values(runs: Path) -> None:
     summary = summarise(collect(runs))
     md = markdown(summary, {"all": {"random_top1": 0.8125}, "loss_curve": [[0, 1.0]]}, None)
-    assert "0.480 ± 0.026 (3)<br>+14.29% · Δ +0.060 ± 0.010 (3 pairs)" in md
+    assert (
+        "0.480 ± 0.026 (3)<br>Δ +0.060, 95% CI [+0.035, +0.085], p = 0.009 (3 pairs) · +14.29% ▲ gain" in md
+    )
     assert "0.420 ± 0.020 (3)" in md
     assert "0.700 ± — (1)" in md  # one seed: no std, no crash
     assert "## vcr — q2ar (primary)" in md and "### vcr — q2a (secondary)" in md
-    naive_line = next(line for line in md.splitlines() if line.startswith("| naive_kd |"))
-    assert "pairs)*" in naive_line  # flagged not distinguishable
     assert "| all.random_top1 | 0.8125 |" in md and "`loss_curve`" in md
     assert "## Teacher cache (extract)" in md and "Not available" in md
     assert "seeds 0, 1, 2" in md and "snli_ve / lowshot-0.25 / clip_td (1)" in md
+    assert (
+        "Gains over baseline (95% interval of Δ above 0): vcr / lowshot-0.05 / clip_td; vcr / full / clip_td."
+        in md
+    )
+
+
+def table(md: str, heading: str) -> dict[str, list[str]]:
+    """The rows of the markdown table under ``heading``: {first column: other columns}."""
+    lines = md.split(heading + "\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    return {cols[0]: cols[1:] for cols in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:])}
+
+
+def test_floor_and_ceiling_rows_shown_or_not_measured(runs: Path) -> None:
+    summary = summarise(collect(runs))
+    # Without zero-shot scores: both rows are there, saying what was not measured.
+    t = table(markdown(summary, None, None), "## vcr — q2ar (primary)")
+    assert list(t)[-2:] == ["blind (text only)", "teacher zero-shot"]
+    blind_low, blind_shift, blind_full = t["blind (text only)"]  # conditions: lowshot-0.05, shift, full
+    assert blind_low.startswith("0.250 ± 0.010 (3)<br>Δ -0.170") and blind_low.endswith("▼ loss")
+    assert blind_shift == blind_full == "not measured"
+    assert t["teacher zero-shot"] == ["not measured"] * 3
+    snli = table(markdown(summary, None, None), "## snli_ve — accuracy (primary)")
+    assert snli["blind (text only)"] == ["not measured"] and snli["teacher zero-shot"] == ["not measured"]
+    assert "blind (text only)" in table(markdown(summary, None, None), "### vcr — q2a (secondary)")
+    # With zero-shot scores for some conditions: the values, and "not measured" for the rest.
+    md = markdown(summary, None, None, {"vcr": {"lowshot-0.05": 0.61, "full": 0.625}})
+    t = table(md, "## vcr — q2ar (primary)")
+    assert t["teacher zero-shot"] == ["0.610", "not measured", "0.625"]
+    assert "not measured for snli_ve / lowshot-0.25; vcr / shift." in md
+    assert "(no `blind` runs) for snli_ve / lowshot-0.25; vcr / shift; vcr / full." in md
+
+
+def test_zeroshot_file_is_validated(tmp_path: Path) -> None:
+    path = tmp_path / "zeroshot.json"
+    assert load_zeroshot(path) is None  # missing: "not measured"
+    path.write_text(json.dumps({"vqa": {"lowshot-0.1": 0.6, "shift": 1}}))
+    assert load_zeroshot(path) == {"vqa": {"lowshot-0.1": 0.6, "shift": 1.0}}
+    for bad, key in (
+        ({"vqa": {"lowshot-0.1": 61.0}}, "vqa.lowshot-0.1"),  # a percentage, not the metric's [0, 1]
+        ({"vqa": {"lowshot-0.1": "0.6"}}, "vqa.lowshot-0.1"),
+        ({"vqa": {"fewshot": 0.6}}, "vqa.fewshot"),
+        ({"vqa": 0.6}, "vqa"),
+    ):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ReportError, match=f"zeroshot.json: key '{key}'"):
+            load_zeroshot(path)
+
+
+def test_lowshot_plot_shows_every_fraction_with_confidence_bars(tmp_path: Path) -> None:
+    r = tmp_path / "runs"
+    for seed in range(3):
+        for condition, base in (
+            ("lowshot-0.01", 0.2),
+            ("lowshot-0.1", 0.3),
+            ("lowshot-0.25", 0.35),
+            ("full", 0.4),
+        ):
+            write_eval(r, "vqa", condition, "baseline", seed, base + 0.01 * seed)
+            write_eval(r, "vqa", condition, "clip_td", seed, base + 0.05)
+        write_eval(r, "vqa", "shift", "baseline", seed, 0.1)
+    write_eval(r, "vqa", "lowshot-0.1", "blind", 0, 0.15)
+    summary = summarise(collect(r))
+    (vqa,) = lowshot_series(summary, zeroshot={"vqa": {"lowshot-0.1": 0.5, "shift": 0.4}})
+    assert vqa["fractions"] == [0.01, 0.1, 0.25, 1.0] and vqa["log_x"]
+    lines = {line["method"]: line for line in vqa["lines"]}
+    assert list(lines) == ["baseline", "clip_td", "blind"]
+    assert lines["baseline"]["x"] == [0.01, 0.1, 0.25, 1.0]
+    assert lines["baseline"]["y"] == pytest.approx([0.21, 0.31, 0.36, 0.41])
+    # 95% CI half-width of a 3-seed mean with std 0.01: t(0.975, 2) · 0.01 / √3.
+    assert lines["baseline"]["err"] == pytest.approx([4.302653 * 0.01 / math.sqrt(3)] * 4, abs=1e-6)
+    assert lines["clip_td"]["err"] == pytest.approx([0.0] * 4, abs=1e-12)  # identical seeds: no spread
+    assert lines["blind"]["label"] == "blind (text only)" and lines["blind"]["err"] == [0.0]  # one seed
+    assert vqa["zeroshot"] == [(0.1, 0.5)]  # shift is not on the fraction axis
+    two = lowshot_series([row for row in summary if row["condition"] in ("lowshot-0.1", "full")])
+    assert two[0]["fractions"] == [0.1, 1.0] and not two[0]["log_x"]
+    png = plot_lowshot(summary, tmp_path / "low.png", zeroshot={"vqa": {"lowshot-0.1": 0.5}})
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plots_written(runs: Path, tmp_path: Path) -> None:
@@ -145,29 +323,91 @@ def test_duplicate_and_empty_runs(tmp_path: Path) -> None:
         collect(r)
 
 
+ENTRY_FIELDS = {
+    "task", "condition", "method", "metric", "n_seeds", "mean", "std", "delta_mean", "ci95", "p", "rel_gain_pct",
+}  # fmt: skip
+
+
 def test_stage_writes_every_output(runs: Path, tmp_path: Path) -> None:
     teacher = tmp_path / "teacher.json"
     teacher.write_text(json.dumps({"domains": {"plain": {"random_top1": 0.9}}}))
+    zeroshot = tmp_path / "zeroshot.json"
+    zeroshot.write_text(json.dumps({"vcr": {"shift": 0.31}}))
     out = tmp_path / "reports"
     args = ["--runs", str(runs), "--teacher", str(teacher), "--extract", str(tmp_path / "none.json")]
-    result = CliRunner().invoke(main, [*args, "--out", str(out)])
+    result = CliRunner().invoke(main, [*args, "--zeroshot", str(zeroshot), "--out", str(out)])
     assert result.exit_code == 0, result.output
     for name in ("results.md", "lowshot.png", "shift.png", "plots.json", "summary.json"):
         assert (out / name).stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "lowshot.png", "plots.json", "results.md", "shift.png", "summary.json"
+    ]  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
+    entries = [
+        e for conditions in summary.values() for methods in conditions.values() for e in methods.values()
+    ]
+    assert len(entries) == 11  # 10 task × condition × method cells + 1 teacher zero-shot score
+    assert all(ENTRY_FIELDS <= e.keys() for e in entries)
     td = summary["vcr"]["lowshot-0.05"]["clip_td"]
-    assert td["n"] == 3 and td["mean"] == pytest.approx(0.48) and td["diff_mean"] == pytest.approx(0.06)
-    assert summary["snli_ve"]["lowshot-0.25"]["clip_td"]["std"] is None
+    assert (td["task"], td["condition"], td["method"], td["metric"]) == (
+        "vcr",
+        "lowshot-0.05",
+        "clip_td",
+        "q2ar",
+    )
+    assert (
+        td["n_seeds"] == 3 and td["mean"] == pytest.approx(0.48) and td["std"] == pytest.approx(0.026457513)
+    )
+    assert td["delta_mean"] == pytest.approx(0.06) and td["ci95"] == pytest.approx(list(TD_CI), abs=1e-6)
+    assert td["p"] == pytest.approx(TD_P) and td["rel_gain_pct"] == pytest.approx(14.2857, abs=1e-4)
+    assert td["secondary"]["q2a"]["delta_mean"] == pytest.approx(0.06)
+    base = summary["vcr"]["lowshot-0.05"]["baseline"]
+    assert base["delta_mean"] is base["ci95"] is base["p"] is base["rel_gain_pct"] is None
+    assert base["mean"] == pytest.approx(0.42) and base["role"] == "baseline"
+    assert summary["vcr"]["lowshot-0.05"]["blind"]["role"] == "floor"
+    single = summary["snli_ve"]["lowshot-0.25"]["clip_td"]
+    assert single["std"] is None and single["ci95"] is None and single["delta_mean"] is None
+    ceiling = summary["vcr"]["shift"]["teacher_zeroshot"]
+    assert ceiling["mean"] == 0.31 and ceiling["role"] == "ceiling" and ceiling["metric"] == "q2ar"
     records = json.loads((out / "plots.json").read_text())
     assert {"task": "vcr", "method": "clip_td", "fraction": 1.0}.items() <= next(
         r for r in records if r["condition"] == "full" and r["method"] == "clip_td"
     ).items()
     assert all(r["condition"] != "shift" for r in records)
-    assert "| domains.plain.random_top1 | 0.9 |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| domains.plain.random_top1 | 0.9 |" in md and "teacher zero-shot" in md
+
+    # A malformed zero-shot file fails in one line naming it, and leaves the previous report untouched.
+    before = (out / "summary.json").read_bytes()
+    zeroshot.write_text(json.dumps({"vcr": {"shift": "high"}}))
+    bad = CliRunner().invoke(main, [*args, "--zeroshot", str(zeroshot), "--out", str(out)])
+    assert (
+        bad.exit_code != 0
+        and "zeroshot.json: key 'vcr.shift'" in bad.output
+        and "Traceback" not in bad.output
+    )
+    assert (out / "summary.json").read_bytes() == before
 
     empty = CliRunner().invoke(main, ["--runs", str(tmp_path / "nothing"), "--out", str(out)])
     assert empty.exit_code != 0 and "no evaluated runs" in empty.output
-    assert "--teacher" in CliRunner().invoke(main, ["--help"]).output
+    assert "--zeroshot" in CliRunner().invoke(main, ["--help"]).output
+
+
+def test_a_failing_report_leaves_the_previous_one_whole(runs: Path, tmp_path: Path, monkeypatch) -> None:
+    import pipeline.report as report
+
+    out = tmp_path / "reports"
+    report.write_report(runs, out, tmp_path / "none.json", tmp_path / "none.json")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(report, "plot_shift", broken)
+    write_eval(runs, "vqa", "full", "baseline", 0, 0.5)  # the next report would differ
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        report.write_report(runs, out, tmp_path / "none.json", tmp_path / "none.json")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no half-written file, no leftovers
 
 
 def test_readme_block_is_replaced_and_the_rest_kept(tmp_path):
