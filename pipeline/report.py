@@ -23,8 +23,10 @@ Floor and ceiling (issue 24 item 2), shown beside every task × condition:
     texts the confidence weights use. Read from an optional JSON file (``--zeroshot``, default
     metrics/zeroshot.json)::
 
-        {"<task>": {"<condition>": <score>, ...}, ...}
+        {"<task>": {"<condition>": <score> | {"score": <score>, ...}, ...}, ...}
         e.g. {"vqa": {"lowshot-0.1": 0.61, "shift": 0.55}, "vcr": {"lowshot-0.1": 0.31, "shift": 0.29}}
+
+    (``python -m stages.zeroshot`` writes the object form, with the metric, chance level, n and method.)
 
     <task> as in eval.json's run.task, <condition> as in run.condition (full, shift, lowshot-<fraction>:
     the test split each condition is scored on differs, e.g. shift scores the held-out domain only),
@@ -1038,6 +1040,8 @@ def load_zeroshot(path: str | Path) -> dict[str, dict[str, float]] | None:
                 f"{path}: key '{task}': expected an object {{condition: score}}, got {scores!r}"
             )
         for condition, score in scores.items():
+            if isinstance(score, dict) and "score" in score:  # stages.zeroshot's entries carry their details
+                score = score["score"]
             try:
                 Condition.parse(condition)
             except ValueError as e:

@@ -249,6 +249,11 @@ def test_zeroshot_file_is_validated(tmp_path: Path) -> None:
     assert load_zeroshot(path) is None  # missing: "not measured"
     path.write_text(json.dumps({"vqa": {"lowshot-0.1": 0.6, "shift": 1}}))
     assert load_zeroshot(path) == {"vqa": {"lowshot-0.1": 0.6, "shift": 1.0}}
+    # The zeroshot stage's object form reads the same.
+    path.write_text(
+        json.dumps({"vqa": {"shift": {"metric": "vqa_score", "score": 0.5, "chance": 0.3, "n": 9}}})
+    )
+    assert load_zeroshot(path) == {"vqa": {"shift": 0.5}}
     for bad, key in (
         ({"vqa": {"lowshot-0.1": 61.0}}, "vqa.lowshot-0.1"),  # a percentage, not the metric's [0, 1]
         ({"vqa": {"lowshot-0.1": "0.6"}}, "vqa.lowshot-0.1"),
