@@ -17,8 +17,15 @@ SOURCES = ("synthetic", "vqa", "snli_ve", "vcr")
 SYNTHETIC_SPLITS = ("train", "val", "test", "captions", "captions_val")
 
 
-def check_args(source: str, root: Path | None, splits: tuple[str, ...], out: Path) -> None:
+def check_args(source: str, root: Path | None, splits: tuple[str, ...], out: Path, params) -> None:
     """Every argument problem, for every split, before anything is read or written."""
+    for key in ("shard_size", "image_shard_size"):
+        value = getattr(params.data, key)
+        # webdataset's ShardWriter takes 0 or less as "one sample per shard" rather than refusing it.
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise click.UsageError(f"key 'data.{key}': must be an integer >= 1, got {value!r}")
+    if not splits:
+        raise click.BadParameter("no split to convert (data.splits is empty)", param_hint="--split")
     for split in splits:
         try:
             check_split_name(split)
@@ -120,7 +127,7 @@ def main(source, root, splits, out, on_error, params_path, overrides) -> None:
     # earlier ones as they were too, not half of the splits new and half old.
     done: list[tuple[DatasetWriter, float]] = []
     try:
-        check_args(source, root, splits, out)
+        check_args(source, root, splits, out, params)
         for split in splits:
             t0 = time.perf_counter()
             done.append((build(source, root, split, out, params, on_error), time.perf_counter() - t0))

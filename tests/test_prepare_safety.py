@@ -282,3 +282,21 @@ def test_damaged_metadata_of_a_prepared_split_is_named_when_read(tmp_path, good,
     with pytest.raises(DataError) as info:
         PreparedDataset(out / "dev")
     assert info.value.file == str(out / "dev" / name)
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("data.shard_size=0", "data.shard_size"),
+        ("data.image_shard_size=-3", "data.image_shard_size"),
+        ("data.splits=[]", "no split to convert"),
+    ],
+)
+def test_params_that_would_write_nonsense_are_refused(tmp_path, good, setting, named):
+    built, out = good
+    before = snapshot(out)
+    res = CliRunner().invoke(
+        main, ["--source", "snli_ve", "--root", str(built.root), "--out", str(out), "--set", setting]
+    )
+    assert named in error_line(res)
+    assert snapshot(out) == before
