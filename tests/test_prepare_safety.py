@@ -300,3 +300,13 @@ def test_params_that_would_write_nonsense_are_refused(tmp_path, good, setting, n
     )
     assert named in error_line(res)
     assert snapshot(out) == before
+
+
+def test_json_nested_too_deeply_is_a_line_not_a_recursion_traceback(tmp_path):
+    built = fx.build_snli_ve(tmp_path / "snli")
+    path = built.root / "snli_ve_dev.jsonl"
+    path.write_text(path.read_text() + "[" * 100_000 + "\n")
+    line = error_line(prepare(built.root, tmp_path / "out", built.split))
+    assert "snli_ve_dev.jsonl" in line and "line 7" in line and "nested too deeply" in line
+    res = prepare(built.root, tmp_path / "out", built.split, extra=("--on-error", "skip"))
+    assert res.exit_code == 0 and "1 skipped" in res.output, res.output

@@ -44,6 +44,8 @@ def load_json(path: Path) -> Any:
         raise DataError(path, f"line {e.lineno} col {e.colno}", f"malformed JSON: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise DataError(path, f"byte {e.start}", "not UTF-8 text") from None
+    except RecursionError:
+        raise DataError(path, "file", "JSON nested too deeply to parse") from None
 
 
 def iter_jsonl(path: Path, on_error: Callable[[DataError], None]) -> Iterator[tuple[int, dict]]:
@@ -65,6 +67,9 @@ def iter_jsonl(path: Path, on_error: Callable[[DataError], None]) -> Iterator[tu
                 continue
             except json.JSONDecodeError as e:
                 on_error(DataError(path, f"line {lineno}", f"malformed JSON at col {e.colno}: {e.msg}"))
+                continue
+            except RecursionError:
+                on_error(DataError(path, f"line {lineno}", "JSON nested too deeply to parse"))
                 continue
             if not isinstance(obj, dict):
                 on_error(
