@@ -310,3 +310,17 @@ def test_json_nested_too_deeply_is_a_line_not_a_recursion_traceback(tmp_path):
     assert "snli_ve_dev.jsonl" in line and "line 7" in line and "nested too deeply" in line
     res = prepare(built.root, tmp_path / "out", built.split, extra=("--on-error", "skip"))
     assert res.exit_code == 0 and "1 skipped" in res.output, res.output
+
+
+def test_input_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path):
+    built = fx.build_snli_ve(tmp_path / "snli")
+    image = built.root / "flickr30k_images" / "3416050481.jpg"
+    image.unlink()
+    image.symlink_to("/dev/zero")  # reading it would never end
+    line = error_line(prepare(built.root, tmp_path / "out", built.split))
+    assert "3416050481.jpg" in line and "not a regular file" in line
+    jsonl = built.root / "snli_ve_dev.jsonl"
+    jsonl.unlink()
+    os.mkfifo(jsonl)  # opening it for reading would block
+    line = error_line(prepare(built.root, tmp_path / "out", built.split))
+    assert "snli_ve_dev.jsonl" in line and "not a regular file" in line
