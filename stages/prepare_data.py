@@ -125,27 +125,28 @@ def main(source, root, splits, out, on_error, params_path, overrides) -> None:
     splits = splits or tuple(params.data.splits)
     # Every split is built before any is moved into place: a run that fails on its last split leaves the
     # earlier ones as they were too, not half of the splits new and half old.
-    done: list[tuple[DatasetWriter, float]] = []
+    done: list[DatasetWriter] = []
     try:
         check_args(source, root, splits, out, params)
         for split in splits:
             t0 = time.perf_counter()
-            done.append((build(source, root, split, out, params, on_error), time.perf_counter() - t0))
-        for writer, _ in done:
+            writer = build(source, root, split, out, params, on_error)
+            done.append(writer)
+            info = writer.info
+            click.echo(
+                f"{source}/{split}: {info['instances']} instances {info['tasks']}, {info['images']} unique "
+                f"images, {info['skipped']} skipped, {time.perf_counter() - t0:.1f}s"
+            )
+        for writer in done:
             writer.commit()
     except (DataError, SchemaError, ValueError) as e:
         raise click.ClickException(_one_line(e)) from e
     except OSError as e:
         raise click.ClickException(_one_line(f"{e.filename or out}: {e.strerror or e}")) from e
     finally:
-        for writer, _ in done:
+        for writer in done:
             writer.abort()  # a no-op for the committed ones
-    for writer, seconds in done:
-        info = writer.info
-        click.echo(
-            f"{source}/{writer.split}: {info['instances']} instances {info['tasks']}, {info['images']} unique "
-            f"images, {info['skipped']} skipped, {seconds:.1f}s -> {writer.out}"
-        )
+    click.echo(f"-> {', '.join(str(w.out) for w in done)}")
 
 
 def _one_line(e: object) -> str:
