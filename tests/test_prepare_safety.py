@@ -324,3 +324,20 @@ def test_input_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path
     os.mkfifo(jsonl)  # opening it for reading would block
     line = error_line(prepare(built.root, tmp_path / "out", built.split))
     assert "snli_ve_dev.jsonl" in line and "not a regular file" in line
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"source": "mine"}', "not written by prepare_data"),
+        (b'{"format_version": 0, "fingerprint": "x"}', "format_version 0"),
+    ],
+)
+def test_folder_whose_dataset_json_is_not_ours_is_refused(tmp_path, good, content, why):
+    built, out = good
+    (out / "dev" / "dataset.json").write_bytes(content)
+    before = snapshot(tmp_path)
+    line = error_line(prepare(built.root, out, built.split))
+    assert str(out / "dev") in line and why in line
+    assert snapshot(tmp_path) == before

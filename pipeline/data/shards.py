@@ -103,8 +103,13 @@ def _not_a_prepared_split(info: Path) -> str:
         doc = json.loads(info.read_bytes())
     except (OSError, ValueError):
         return f"{INFO_FILE} is not valid JSON"
-    if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION or "fingerprint" not in doc:
+    if not isinstance(doc, dict) or "fingerprint" not in doc or "format_version" not in doc:
         return f"{INFO_FILE} was not written by prepare_data"
+    if doc["format_version"] != FORMAT_VERSION:
+        # A split of another format version may be what some other checkout of the project reads.
+        return (
+            f"{INFO_FILE} has format_version {doc['format_version']!r}, this version writes {FORMAT_VERSION}"
+        )
     return ""
 
 
