@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import time
 from pathlib import Path
@@ -11,44 +10,64 @@ import click
 
 from pipeline.data.errors import DataError, SkipReport
 from pipeline.data.schema import SchemaError
-from pipeline.data.shards import DatasetWriter
+from pipeline.data.shards import DatasetWriter, check_destination, check_split_name
 from stages.common import params_options, stage_params
 
 SOURCES = ("synthetic", "vqa", "snli_ve", "vcr")
 SYNTHETIC_SPLITS = ("train", "val", "test", "captions", "captions_val")
 
 
-def prepare(source: str, root: Path | None, split: str, out: Path, params, on_error: str) -> dict:
-    """Convert one split into ``out/<split>/``; returns the written dataset.json content."""
-    report = SkipReport(on_error)
-    dest = out / split
+def check_args(source: str, root: Path | None, splits: tuple[str, ...], out: Path, params) -> None:
+    """Every argument problem, for every split, before anything is read or written."""
+    for key in ("shard_size", "image_shard_size"):
+        value = getattr(params.data, key)
+        # webdataset's ShardWriter takes 0 or less as "one sample per shard" rather than refusing it.
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise click.UsageError(f"key 'data.{key}': must be an integer >= 1, got {value!r}")
+    if not splits:
+        raise click.BadParameter("no split to convert (data.splits is empty)", param_hint="--split")
+    for split in splits:
+        try:
+            check_split_name(split)
+        except DataError as e:
+            raise click.BadParameter(f"{split!r}: {e.reason}", param_hint="--split") from None
+        if source == "synthetic" and split not in SYNTHETIC_SPLITS:
+            raise click.BadParameter(
+                f"{split!r}: synthetic splits are {', '.join(SYNTHETIC_SPLITS)}", param_hint="--split"
+            )
+    if len(set(splits)) != len(splits):
+        raise click.BadParameter(f"a split is named twice in {list(splits)}", param_hint="--split")
+    if source != "synthetic" and root is None:
+        raise click.BadParameter(f"--root is required for --source {source}", param_hint="--root")
+    if out.exists() and not out.is_dir():
+        raise click.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
+    for split in splits:
+        check_destination(out / split)  # a folder we may not replace is refused before any input is read
+
+
+def build(source: str, root: Path | None, split: str, out: Path, params, on_error: str) -> DatasetWriter:
+    """Convert one split into a temp folder beside ``out/<split>/``; the returned writer is finished, not yet
+    committed (nothing at ``out/<split>`` has changed). On an error the temp folder is gone."""
     writer = DatasetWriter(
-        dest,
+        out / split,
         source=source,
         split=split,
         shard_size=params.data.shard_size,
         image_shard_size=params.data.image_shard_size,
-        report=report,
+        report=SkipReport(on_error),
     )
     try:
         if source == "synthetic":
             from pipeline.data import synthetic
 
-            if split not in SYNTHETIC_SPLITS:
-                raise click.BadParameter(
-                    f"synthetic splits are {', '.join(SYNTHETIC_SPLITS)}", param_hint="--split"
-                )
             synthetic.generate(split, params.data.synthetic, writer)
         else:
-            if root is None:
-                raise click.BadParameter(f"--root is required for --source {source}", param_hint="--root")
             importlib.import_module(f"pipeline.data.{source}").convert(root, split, writer)
+        writer.finish()
     except BaseException:
-        # Release the shard files; the conversion error is the one to report, not a follow-on from close.
-        with contextlib.suppress(Exception):
-            writer.close()
+        writer.abort()
         raise
-    return writer.close()
+    return writer
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -94,22 +113,46 @@ def main(source, root, splits, out, on_error, params_path, overrides) -> None:
     Each split becomes a directory of instance shards (one JSON sample per task example) and image shards
     (each image stored once, however many instances use it), an image index for random access, a
     dataset.json with counts and a fingerprint, and skipped.json.
+
+    Splits are built in hidden folders beside OUT/<split>/ and moved into place only when every split of the
+    run is complete: a failed run changes nothing. An existing OUT/<split>/ is replaced only when it is a
+    split this stage wrote and holds nothing else; any other folder, file or symlink there is refused.
     """
     params = stage_params(params_path, overrides)
     source = source or params.data.source
     on_error = on_error or params.data.on_error
     out = out or Path(params.data.out) / source
     splits = splits or tuple(params.data.splits)
-    for split in splits:
-        t0 = time.perf_counter()
-        try:
-            info = prepare(source, root, split, out, params, on_error)
-        except (DataError, SchemaError) as e:
-            raise click.ClickException(str(e)) from e
-        click.echo(
-            f"{source}/{split}: {info['instances']} instances {info['tasks']}, {info['images']} unique images, "
-            f"{info['skipped']} skipped, {time.perf_counter() - t0:.1f}s -> {out / split}"
-        )
+    # Every split is built before any is moved into place: a run that fails on its last split leaves the
+    # earlier ones as they were too, not half of the splits new and half old.
+    done: list[DatasetWriter] = []
+    try:
+        check_args(source, root, splits, out, params)
+        for split in splits:
+            t0 = time.perf_counter()
+            writer = build(source, root, split, out, params, on_error)
+            done.append(writer)
+            info = writer.info
+            click.echo(
+                f"{source}/{split}: {info['instances']} instances {info['tasks']}, {info['images']} unique "
+                f"images, {info['skipped']} skipped, {time.perf_counter() - t0:.1f}s"
+            )
+        for writer in done:
+            writer.commit()
+    except (DataError, SchemaError, ValueError) as e:
+        raise click.ClickException(_one_line(e)) from e
+    except OSError as e:
+        raise click.ClickException(_one_line(f"{e.filename or out}: {e.strerror or e}")) from e
+    finally:
+        for writer in done:
+            writer.abort()  # a no-op for the committed ones
+    click.echo(f"-> {', '.join(str(w.out) for w in done)}")
+
+
+def _one_line(e: object) -> str:
+    # Messages quote values from the input; one holding a newline or a lone surrogate must not break the line
+    # (or the terminal encoding) that reports it.
+    return " ".join(str(e).split()).encode("utf-8", "backslashreplace").decode()
 
 
 if __name__ == "__main__":

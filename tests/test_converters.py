@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from types import ModuleType
@@ -14,21 +13,15 @@ from pipeline.data.errors import DataError, SkipReport
 from pipeline.data.schema import Instance
 from pipeline.data.shards import DatasetWriter, PreparedDataset
 from tests import fixtures_official as fx
+from tests.test_prepare_safety import truncate_jpeg
 
 BUILDERS = {"vqa": (vqa, fx.build_vqa), "snli_ve": (snli_ve, fx.build_snli_ve), "vcr": (vcr, fx.build_vcr)}
 
 
 def run(module: ModuleType, built: fx.Built, out: Path, policy: str = "fail") -> tuple[PreparedDataset, dict]:
-    writer = DatasetWriter(
-        out, source=module.__name__.rsplit(".", 1)[-1], split=built.split, report=SkipReport(policy)
-    )
-    try:
+    source = module.__name__.rsplit(".", 1)[-1]
+    with DatasetWriter(out, source=source, split=built.split, report=SkipReport(policy)) as writer:
         module.convert(built.root, built.split, writer)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            writer.close()
-        raise
-    writer.close()
     return PreparedDataset(out), json.loads((out / "skipped.json").read_text())
 
 
@@ -241,3 +234,17 @@ def test_broken_image_shared_by_several_instances_reports_each(tmp_path: Path) -
         "snli_ve_dev.jsonl line 4)",
     ]
     assert all("cannot be decoded" in e["reason"] for e in skipped["skipped"])
+
+
+@pytest.mark.parametrize("source", sorted(BUILDERS))
+def test_truncated_jpeg_fails_or_is_skipped_for_each_instance_using_it(tmp_path: Path, source: str) -> None:
+    module, build = BUILDERS[source]
+    built = build(tmp_path / source)
+    image = sorted(built.root.rglob("*.jpg"))[0]
+    truncate_jpeg(image)
+    with pytest.raises(DataError, match="truncated") as info:
+        run(module, built, tmp_path / "fail", "fail")
+    assert info.value.file == str(image)
+    ds, skipped = run(module, built, tmp_path / "skip", "skip")
+    assert ds.info["images"] == fx.GOOD_IMAGES - 1 and skipped["count"] == fx.PER_IMAGE
+    assert all(e["file"] == str(image) for e in skipped["skipped"])

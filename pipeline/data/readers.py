@@ -8,9 +8,11 @@ problem through ``writer.skip`` (raise under the fail policy, record under the s
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import re
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ def sanitize_key(text: str) -> str:
 def load_json(path: Path) -> Any:
     """A whole JSON file; a missing or malformed file is a DataError naming the file and the position."""
     try:
+        _require_regular(path)
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(path, "file", "not found") from None
@@ -44,6 +47,16 @@ def load_json(path: Path) -> Any:
         raise DataError(path, f"line {e.lineno} col {e.colno}", f"malformed JSON: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise DataError(path, f"byte {e.start}", "not UTF-8 text") from None
+    except RecursionError:
+        raise DataError(path, "file", "JSON nested too deeply to parse") from None
+
+
+def _require_regular(path: Path) -> None:
+    """Raise OSError unless ``path`` (after symlinks) is a regular file: reading a FIFO or a device such as
+    /dev/zero named by the input would block or never end."""
+    mode = path.stat().st_mode  # FileNotFoundError when missing
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EINVAL, "not a regular file")
 
 
 def iter_jsonl(path: Path, on_error: Callable[[DataError], None]) -> Iterator[tuple[int, dict]]:
@@ -52,8 +65,12 @@ def iter_jsonl(path: Path, on_error: Callable[[DataError], None]) -> Iterator[tu
     A bad line (not UTF-8, not JSON, not an object) goes to ``on_error`` and is not yielded, so one broken line
     costs one item under the skip policy. A missing file raises: there is no item to skip.
     """
-    if not path.is_file():
-        raise DataError(path, "file", "not found")
+    try:
+        _require_regular(path)
+    except FileNotFoundError:
+        raise DataError(path, "file", "not found") from None
+    except OSError as e:
+        raise DataError(path, "file", f"unreadable: {e.strerror or e}") from None
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -65,6 +82,9 @@ def iter_jsonl(path: Path, on_error: Callable[[DataError], None]) -> Iterator[tu
                 continue
             except json.JSONDecodeError as e:
                 on_error(DataError(path, f"line {lineno}", f"malformed JSON at col {e.colno}: {e.msg}"))
+                continue
+            except RecursionError:
+                on_error(DataError(path, f"line {lineno}", "JSON nested too deeply to parse"))
                 continue
             if not isinstance(obj, dict):
                 on_error(
@@ -99,6 +119,7 @@ def read_image(path: Path) -> tuple[bytes, str]:
     from PIL import Image, UnidentifiedImageError
 
     try:
+        _require_regular(path)
         data = path.read_bytes()
     except FileNotFoundError:
         raise ValueError("image not found") from None
@@ -107,7 +128,12 @@ def read_image(path: Path) -> tuple[bytes, str]:
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format
-            im.verify()
+            # A full decode: verify() only walks the chunk structure, and for JPEG it reads no image data at
+            # all, so a truncated file would pass here and fail later, at extraction. draft() lets the JPEG
+            # decoder skip most of the inverse DCT; it still has to read every byte of the scan.
+            if fmt == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
     except UnidentifiedImageError:
         # PIL's own message names the BytesIO object's address, which would make skipped.json differ per run.
         raise ValueError("image cannot be decoded: not a recognised image format") from None

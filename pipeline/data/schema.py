@@ -13,7 +13,9 @@ Instances refer to images by ``image_id`` only, so an image used by many instanc
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,10 +59,27 @@ class Instance:
     rationale_label: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self) -> Instance:
-        def bad(f: str, why: str) -> SchemaError:
-            return SchemaError(f"instance '{self.key}': field '{f}': {why}")
+    def validate(self, *, check_text: bool = True) -> Instance:
+        """The instance itself, or a SchemaError naming its key and the field. ``check_text=False`` skips the
+        Unicode check of every string (the costly part) for instances read back from shards written by
+        ``DatasetWriter``, which ran it."""
 
+        def bad(f: str, why: str) -> SchemaError:
+            return SchemaError(f"instance {self.key!r}: field '{f}': {why}")
+
+        # A lone surrogate (from a JSON "\\udXXX" escape) is a str but no text: every later stage encodes
+        # texts as UTF-8 (the cache's text ids, the tokenizer) and would fail there instead. One C-speed
+        # encode of the whole instance finds out; the field is looked for only when there is one.
+        try:
+            if check_text:
+                json.dumps(vars(self), ensure_ascii=False, default=str).encode("utf-8")
+        except UnicodeEncodeError:
+            for name, text in _strings(vars(self)):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    where = f"U+{ord(text[e.start]):04X} at {e.start} in {text!r:.80}"
+                    raise bad(name, f"not valid Unicode: lone surrogate {where}") from None
         if not _KEY_OK.match(self.key):
             raise bad(
                 "key",
@@ -116,6 +135,21 @@ class Instance:
         if self.task == "caption":
             return self.caption
         return self.question
+
+
+def _strings(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted field path, string) for every string in a JSON-like value, keys included."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            name = str(k).encode("utf-8", "backslashreplace").decode()  # the path is printed in errors
+            sub = f"{path}.{name}" if path else name
+            yield from _strings(k, sub)
+            yield from _strings(v, sub)
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{path}[{i}]")
 
 
 def image_key(image_id: str) -> str:

@@ -8,6 +8,10 @@ A prepared dataset is a directory::
     images.index.json     image id -> [shard, byte offset, size, ext, sha1]: random access into the image tars
     skipped.json          the skip report (empty under the fail policy)
 
+A split is built in a hidden folder beside its destination (``.<split>.tmp-<pid>-<random>``) and renamed into
+place only when complete, so a failed or killed run leaves the previous split as it was, and only a folder
+recognisably a prepared split is ever replaced (see ``check_destination``).
+
 Images are stored once however many instances use them; readers join an instance to its image by a
 seek into the image tar (no scan), which is what lets the training stream and the teacher read images in
 any order.
@@ -15,11 +19,16 @@ any order.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
 import json
 import os
+import re
+import secrets
+import shutil
+import socket
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -37,8 +46,81 @@ INDEX_FILE = "images.index.json"
 REPORT_FILE = "skipped.json"
 
 
+# Everything a prepared split folder may hold: a folder holding anything else is not (only) ours to replace.
+_OWN_FILES = re.compile(r"^(dataset\.json|images\.index\.json|skipped\.json|(instances|images)-\d{6}\.tar)$")
+_TMP_MARK = ".clip-td-partial"  # in a temp split folder: host and pid of the run building it
+
+
+def check_split_name(split: str) -> str:
+    """A split name is one plain folder name under --out; anything that could resolve elsewhere is refused."""
+    if not split or split.startswith(".") or any(c in split for c in "/\\\0"):
+        raise DataError(
+            "--split", repr(split), "must be a plain folder name (no path separator, no leading '.')"
+        )
+    return split
+
+
+def check_destination(dest: str | Path) -> None:
+    """Refuse, before any input is read, a destination that a prepare run could not replace safely.
+
+    Absent or an empty folder: fine. A prepared split (a regular dataset.json of ours and nothing but our
+    files): replaced when the new one is complete. Anything else (a symlink, a file, a foreign or half-written
+    folder) is left alone with an error naming it.
+    """
+    dest = Path(dest)
+    if dest.is_symlink():
+        raise DataError(dest, "split folder", "is a symbolic link; refusing to write through it")
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise DataError(dest, "split folder", "exists and is not a folder")
+    entries = sorted(p.name for p in dest.iterdir())
+    if not entries:
+        return
+    info = dest / INFO_FILE
+    why = _not_a_prepared_split(info)
+    if why:
+        raise DataError(
+            dest,
+            "split folder",
+            f"not empty and not a prepared split ({why}); remove it or pick another --out",
+        )
+    foreign = [
+        n for n in entries if not _OWN_FILES.match(n) or (dest / n).is_symlink() or not (dest / n).is_file()
+    ]
+    if foreign:
+        raise DataError(
+            dest / foreign[0],
+            "split folder",
+            "not written by prepare_data; move it away to replace this split",
+        )
+
+
+def _not_a_prepared_split(info: Path) -> str:
+    if info.is_symlink() or not info.is_file():
+        return f"no regular {INFO_FILE}"
+    try:
+        doc = json.loads(info.read_bytes())
+    except (OSError, ValueError):
+        return f"{INFO_FILE} is not valid JSON"
+    if not isinstance(doc, dict) or "fingerprint" not in doc or "format_version" not in doc:
+        return f"{INFO_FILE} was not written by prepare_data"
+    if doc["format_version"] != FORMAT_VERSION:
+        # A split of another format version may be what some other checkout of the project reads.
+        return (
+            f"{INFO_FILE} has format_version {doc['format_version']!r}, this version writes {FORMAT_VERSION}"
+        )
+    return ""
+
+
 class DatasetWriter:
-    """Writes a prepared dataset. Use as a context manager; ``close`` writes the index and dataset.json."""
+    """Writes a prepared dataset into a fresh folder beside ``out`` and renames it into place when complete.
+
+    Use as a context manager (an exception inside discards the partial split), or call ``finish`` then
+    ``commit`` (``close`` does both), and ``abort`` on failure. Until ``commit`` whatever was at ``out``
+    is untouched, so a run that fails, or is killed, leaves the previous split as it was; and since every file
+    is new in a new folder, a symlink planted in ``out`` is never written through.
+    """
 
     def __init__(
         self,
@@ -52,27 +134,37 @@ class DatasetWriter:
         extra_info: dict | None = None,
     ):
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        # A rerun must not leave shards of an earlier, larger run behind for readers to glob up.
-        for old in [*self.out.glob("instances-*.tar"), *self.out.glob("images-*.tar")]:
-            old.unlink()
+        check_destination(self.out)
+        self._made_parents = _mkdirs(self.out.parent)
+        try:
+            _remove_stale_tmp(self.out)
+            self.tmp = _new_dir(self.out.parent, f".{self.out.name}.tmp-{os.getpid()}-")
+            (self.tmp / _TMP_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        except BaseException:
+            _remove_empty(self._made_parents)
+            raise
         self.source, self.split = source, split
         self.report = report or SkipReport()
         self.extra_info = extra_info or {}
-        self._inst = wds.ShardWriter(str(self.out / "instances-%06d.tar"), maxcount=shard_size, verbose=0)
-        self._img = wds.ShardWriter(str(self.out / "images-%06d.tar"), maxcount=image_shard_size, verbose=0)
+        self._inst = wds.ShardWriter(str(self.tmp / "instances-%06d.tar"), maxcount=shard_size, verbose=0)
+        self._img = wds.ShardWriter(str(self.tmp / "images-%06d.tar"), maxcount=image_shard_size, verbose=0)
         self._images: dict[str, tuple[str, str]] = {}  # image id -> (sha1, ext)
         self._keys: set[str] = set()
         self._hash = hashlib.sha1()
         self.counts: Counter = Counter()
         self.domains: Counter = Counter()
         self.answer_counts: Counter = Counter()
+        self.info: dict | None = None
+        self._state = "open"
 
     def __enter__(self) -> DatasetWriter:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
 
     def has_image(self, image_id: str) -> bool:
         return image_id in self._images
@@ -112,33 +204,144 @@ class DatasetWriter:
     def skip(self, err: DataError) -> None:
         self.report.handle(err)
 
-    def close(self) -> dict:
-        self._inst.close()
-        self._img.close()
-        index = _index_image_tars(self.out)
-        (self.out / INDEX_FILE).write_text(json.dumps(index))
-        self.report.write(self.out / REPORT_FILE)
-        info = {
-            "format_version": FORMAT_VERSION,
-            "source": self.source,
-            "split": self.split,
-            "instances": sum(self.counts.values()),
-            "tasks": dict(self.counts),
-            "domains": dict(self.domains),
-            "images": len(self._images),
-            "instance_shards": sorted(p.name for p in self.out.glob("instances-*.tar")),
-            "image_shards": sorted(p.name for p in self.out.glob("images-*.tar")),
-            "answer_counts": dict(self.answer_counts.most_common()),
-            "skipped": self.report.count,
-            "fingerprint": self._hash.hexdigest(),
-            **self.extra_info,
-        }
-        if info["instances"] == 0:
-            raise DataError(
-                self.out, "dataset", "no instances were written (empty input, or every item skipped)"
-            )
-        (self.out / INFO_FILE).write_text(json.dumps(info, indent=1))
+    def finish(self) -> dict:
+        """Write the index, skip report and dataset.json into the temp folder; returns dataset.json's content.
+        Nothing at ``out`` changes yet. On an error the temp folder is removed."""
+        if self._state != "open":
+            raise RuntimeError(f"DatasetWriter for {self.out}: finish() after {self._state}")
+        try:
+            self._inst.close()
+            self._img.close()
+            if not self.counts:
+                raise DataError(
+                    self.out, "dataset", "no instances were written (empty input, or every item skipped)"
+                )
+            index = _index_image_tars(self.tmp)
+            (self.tmp / INDEX_FILE).write_text(json.dumps(index))
+            self.report.write(self.tmp / REPORT_FILE)
+            info = {
+                "format_version": FORMAT_VERSION,
+                "source": self.source,
+                "split": self.split,
+                "instances": sum(self.counts.values()),
+                "tasks": dict(self.counts),
+                "domains": dict(self.domains),
+                "images": len(self._images),
+                "instance_shards": sorted(p.name for p in self.tmp.glob("instances-*.tar")),
+                "image_shards": sorted(p.name for p in self.tmp.glob("images-*.tar")),
+                "answer_counts": dict(self.answer_counts.most_common()),
+                "skipped": self.report.count,
+                "fingerprint": self._hash.hexdigest(),
+                **self.extra_info,
+            }
+            # dataset.json last: a folder holding it is complete.
+            (self.tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
+        except BaseException:
+            self.abort()
+            raise
+        self.info, self._state = info, "finished"
         return info
+
+    def commit(self) -> dict:
+        """Move the finished split into place, replacing the previous one only if it is a prepared split."""
+        if self._state != "finished":
+            raise RuntimeError(f"DatasetWriter for {self.out}: commit() before finish() ({self._state})")
+        try:
+            check_destination(self.out)  # again: the folder may have changed while the input was read
+            (self.tmp / _TMP_MARK).unlink()
+            if self.out.exists():
+                old = _new_dir(self.out.parent, f".{self.out.name}.old-{os.getpid()}-")
+                os.replace(self.out, old)  # onto the empty folder just made: rename(2) allows that
+                try:
+                    os.replace(self.tmp, self.out)
+                except BaseException:
+                    os.replace(old, self.out)
+                    raise
+            else:
+                old = None
+                os.replace(self.tmp, self.out)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        if old is not None:
+            # The new split is in place; a previous one that cannot be removed is only a hidden leftover.
+            shutil.rmtree(old, ignore_errors=True)
+        return self.info
+
+    def close(self) -> dict:
+        """``finish`` then ``commit``."""
+        self.finish()
+        return self.commit()
+
+    def abort(self) -> None:
+        """Discard the partial split (and folders this writer created for it); ``out`` is untouched."""
+        if self._state in ("committed", "aborted"):
+            return
+        self._state = "aborted"
+        for w in (self._inst, self._img):
+            with contextlib.suppress(Exception):
+                w.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        _remove_empty(self._made_parents)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a writer created, innermost first, as long as they are still empty."""
+    for d in reversed(folders):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def _new_dir(parent: Path, prefix: str) -> Path:
+    """A new, empty folder ``parent/<prefix><random>``. Not mkdtemp: its 0700 mode would stay with the split
+    after the rename, and a shared dataset must get the permissions the user's umask gives any folder."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"{parent}: no free name for a folder {prefix}*")
+
+
+def _mkdirs(path: Path) -> list[Path]:
+    """``path.mkdir(parents=True)``, returning the folders it created (outermost first)."""
+    made = []
+    p = path
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return made[::-1]
+
+
+def _remove_stale_tmp(dest: Path) -> None:
+    """Remove temp folders of this split left by killed runs: only those marked as ours, by this host, by a
+    process that no longer exists (so a concurrent run's folder is never touched)."""
+    host = socket.gethostname()
+    for d in dest.parent.glob(f".{glob.escape(dest.name)}.tmp-*"):
+        mark = d / _TMP_MARK
+        try:
+            if d.is_symlink() or mark.is_symlink() or not mark.is_file():
+                continue
+            mark_host, pid = mark.read_text().split()
+            if mark_host != host or _alive(int(pid)):
+                continue
+        except (OSError, ValueError):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _index_image_tars(out: Path) -> dict[str, list]:
@@ -169,12 +372,15 @@ class PreparedDataset:
             raise DataError(
                 info_path, "dataset", "not a prepared dataset (run `python -m stages.prepare_data` first)"
             )
-        self.info: dict = json.loads(info_path.read_text())
+        self.info: dict = _load_own_json(info_path)
         if self.info.get("format_version") != FORMAT_VERSION:
             raise DataError(
                 info_path, "format_version", f"{self.info.get('format_version')} != {FORMAT_VERSION}"
             )
-        self.index: dict[str, list] = json.loads((self.path / INDEX_FILE).read_text())
+        for key in ("instances", "instance_shards", "image_shards", "fingerprint"):
+            if key not in self.info:
+                raise DataError(info_path, key, "missing (re-run prepare_data)")
+        self.index: dict[str, list] = _load_own_json(self.path / INDEX_FILE)
         self.instance_urls = [str(self.path / n) for n in self.info["instance_shards"]]
         self.image_urls = [str(self.path / n) for n in self.info["image_shards"]]
         self._files: dict[int, Any] = {}
@@ -227,6 +433,21 @@ class PreparedDataset:
         return answers[:size] if size else answers
 
 
+def _load_own_json(path: Path) -> dict:
+    """A JSON object prepare_data wrote; damage is a DataError naming the file, not a parser traceback."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise DataError(path, "file", "not found (re-run prepare_data)") from None
+    except OSError as e:
+        raise DataError(path, "file", f"unreadable: {e.strerror or e}") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError alike
+        raise DataError(path, "file", f"not valid JSON ({e}); re-run prepare_data") from None
+    if not isinstance(doc, dict):
+        raise DataError(path, "top level", f"expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
 def _read_tar_samples(url: str) -> Iterator[dict]:
     try:
         for sample in wds.tarfile_samples([{"url": url}]):
@@ -265,7 +486,7 @@ def _instance(url: str, sample: dict) -> Instance:
     a violation here means a shard was altered or written by something else: name the shard and the key."""
     key = sample.get("__key__", "?")
     try:
-        return Instance.from_json(sample["json"]).validate()
+        return Instance.from_json(sample["json"]).validate(check_text=False)
     except (SchemaError, TypeError) as e:
         raise DataError(url, key, f"invalid instance: {e}") from e
 

@@ -1,0 +1,343 @@
+"""prepare_data never destroys what a user has: each bad input is refused with one line naming it, and
+whatever was on disk before (a good split, a foreign folder, a symlink's target) is byte-identical after."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from pipeline.data.errors import DataError
+from pipeline.data.schema import Instance
+from pipeline.data.shards import DatasetWriter, PreparedDataset
+from pipeline.texts import text_hash
+from stages.prepare_data import main
+from tests import fixtures_official as fx
+
+
+def snapshot(root: Path) -> dict[str, object]:
+    """Every entry under root, hidden ones included: bytes for files, the target for symlinks."""
+    out: dict[str, object] = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = ("link", os.readlink(p))
+        elif p.is_dir():
+            out[rel] = "dir"
+        else:
+            out[rel] = p.read_bytes()
+    return out
+
+
+def truncate_jpeg(path: Path) -> None:
+    """Cut a JPEG inside its entropy-coded scan: the markers (all PIL's verify() looks at) stay intact."""
+    data = path.read_bytes()
+    sos = data.index(b"\xff\xda")
+    scan = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+    path.write_bytes(data[: (scan + len(data)) // 2])
+
+
+def prepare(root: Path, out: Path, *splits: str, source: str = "snli_ve", extra: tuple = ()) -> Result:
+    args = ["--source", source, "--root", str(root), "--out", str(out)]
+    for split in splits:
+        args += ["--split", split]
+    return CliRunner().invoke(main, [*args, *extra])
+
+
+def error_line(res: Result) -> str:
+    """The one error line of a refused run (a message, not a traceback)."""
+    assert res.exit_code != 0, res.output
+    assert isinstance(res.exception, SystemExit), repr(res.exception)
+    lines = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    return lines[0]
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> tuple[fx.Built, Path]:
+    """SNLI-VE official files and a good prepared split of them under tmp_path/out."""
+    built = fx.build_snli_ve(tmp_path / "snli")
+    res = prepare(built.root, tmp_path / "out", built.split)
+    assert res.exit_code == 0, res.output
+    return built, tmp_path / "out"
+
+
+def test_rerun_with_wrong_root_leaves_the_good_split_as_it_was(tmp_path, good):
+    built, out = good
+    before = snapshot(out)
+    (tmp_path / "wrong").mkdir()
+    line = error_line(prepare(tmp_path / "wrong", out, built.split))
+    assert "snli_ve_dev.jsonl" in line and "not found" in line
+    assert snapshot(out) == before
+    # A rerun that succeeds does replace it, and leaves no temp folder behind.
+    res = prepare(built.root, out, built.split, extra=("--on-error", "skip"))
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["dev"]
+    assert json.loads((out / "dev" / "skipped.json").read_text())["policy"] == "skip"
+
+
+def test_failure_partway_leaves_no_partial_split_and_the_previous_one_intact(tmp_path, good):
+    _, out = good
+    bad = fx.build_snli_ve(tmp_path / "bad", knobs=("missing_image",))  # good lines first, then the bad one
+    fresh = tmp_path / "fresh" / "out"
+    line = error_line(prepare(bad.root, fresh, bad.split))
+    assert "1000000001.jpg" in line and "line 7" in line
+    assert not (tmp_path / "fresh").exists()  # not even the folders it made for the split
+    before = snapshot(out)
+    error_line(prepare(bad.root, out, bad.split))
+    assert snapshot(out) == before
+
+
+def test_a_failing_split_leaves_the_earlier_splits_of_the_run_unchanged_too(tmp_path):
+    root, out = tmp_path / "snli", tmp_path / "out"
+    fx.build_snli_ve(root, split="dev")
+    fx.build_snli_ve(root, split="test")
+    assert prepare(root, out, "dev", "test").exit_code == 0
+    (root / "snli_ve_dev.jsonl").write_text((root / "snli_ve_dev.jsonl").read_text().replace("about", "of"))
+    fx.build_snli_ve(root, split="test", knobs=("missing_image",))
+    before = snapshot(out)
+    assert "1000000001.jpg" in error_line(prepare(root, out, "dev", "test"))
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("split", ["../elsewhere/dev", "ABS", "..", ".hidden", "a/b", "a\\b"])
+def test_split_that_is_not_a_plain_name_is_refused(tmp_path, good, split):
+    built, out = good
+    elsewhere = tmp_path / "elsewhere" / "dev"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "keep.txt").write_text("user data")
+    split = str(elsewhere) if split == "ABS" else split
+    before = snapshot(tmp_path)
+    line = error_line(prepare(built.root, out, split))
+    assert "--split" in line and repr(split) in line
+    assert snapshot(tmp_path) == before
+
+
+def test_symlinked_file_in_a_split_is_refused_and_its_target_unchanged(tmp_path, good):
+    built, out = good
+    sentinel = tmp_path / "sentinel.txt"
+    sentinel.write_text("precious")
+    (out / "dev" / "skipped.json").unlink()
+    (out / "dev" / "skipped.json").symlink_to(sentinel)
+    before = snapshot(tmp_path)
+    line = error_line(prepare(built.root, out, built.split))
+    assert str(out / "dev" / "skipped.json") in line
+    assert snapshot(tmp_path) == before and sentinel.read_text() == "precious"
+
+
+def test_symlinked_dataset_json_is_not_taken_for_a_prepared_split(tmp_path, good):
+    built, out = good
+    sentinel = tmp_path / "sentinel.json"
+    sentinel.write_text((out / "dev" / "dataset.json").read_text())  # even a valid one, behind a link
+    (out / "dev" / "dataset.json").unlink()
+    (out / "dev" / "dataset.json").symlink_to(sentinel)
+    before = snapshot(tmp_path)
+    line = error_line(prepare(built.root, out, built.split))
+    assert str(out / "dev") in line and "no regular dataset.json" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_split_folder_that_is_a_symlink_is_refused(tmp_path):
+    built = fx.build_snli_ve(tmp_path / "snli")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "dev").symlink_to(target, target_is_directory=True)
+    before = snapshot(tmp_path)
+    line = error_line(prepare(built.root, tmp_path / "out", built.split))
+    assert str(tmp_path / "out" / "dev") in line and "symbolic link" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_folder_that_is_not_a_prepared_split_is_refused(tmp_path):
+    built = fx.build_snli_ve(tmp_path / "snli")
+    (tmp_path / "out" / "dev").mkdir(parents=True)
+    (tmp_path / "out" / "dev" / "notes.txt").write_text("user data")
+    before = snapshot(tmp_path)
+    line = error_line(prepare(built.root, tmp_path / "out", built.split))
+    assert str(tmp_path / "out" / "dev") in line and "not a prepared split" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_prepared_split_holding_a_user_file_is_refused_naming_the_file(tmp_path, good):
+    built, out = good
+    (out / "dev" / "notes.txt").write_text("user data")
+    before = snapshot(tmp_path)
+    line = error_line(prepare(built.root, out, built.split))
+    assert str(out / "dev" / "notes.txt") in line
+    assert snapshot(tmp_path) == before
+
+
+def test_split_path_that_is_a_file_is_refused(tmp_path):
+    built = fx.build_snli_ve(tmp_path / "snli")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "dev").write_text("user data")
+    before = snapshot(tmp_path)
+    line = error_line(prepare(built.root, tmp_path / "out", built.split))
+    assert str(tmp_path / "out" / "dev") in line and "not a folder" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_truncated_jpeg_fails_prepare_or_is_a_counted_skip(tmp_path, good):
+    built, out = good
+    image = built.root / "flickr30k_images" / "3416050481.jpg"  # used by lines 3 and 4
+    truncate_jpeg(image)
+    before = snapshot(out)
+    line = error_line(prepare(built.root, out, built.split))
+    assert "3416050481.jpg" in line and "line 3" in line and "truncated" in line
+    assert snapshot(out) == before
+    res = prepare(built.root, out, built.split, extra=("--on-error", "skip"))
+    assert res.exit_code == 0 and "2 skipped" in res.output, res.output
+    assert PreparedDataset(out / "dev").info["images"] == fx.GOOD_IMAGES - 1
+
+
+def _lone_surrogate_vqa(tmp_path: Path) -> tuple[fx.Built, str]:
+    built = fx.build_vqa(tmp_path / "vqa")
+    q = built.root / "v2_OpenEnded_mscoco_val2014_questions.json"
+    text = q.read_text()
+    assert "picture 1000?" in text
+    q.write_text(text.replace("picture 1000?", "picture \\ud800 1000?"))  # a JSON escape: valid JSON
+    return built, q.name
+
+
+def _lone_surrogate_snli(tmp_path: Path) -> tuple[fx.Built, str]:
+    built = fx.build_snli_ve(tmp_path / "snli")
+    path = built.root / "snli_ve_dev.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].replace("Hypothesis 1", "Hypothesis \\udc00 1")
+    path.write_text("\n".join(lines) + "\n")
+    return built, path.name
+
+
+@pytest.mark.parametrize(
+    ("source", "make", "where", "field"),
+    [
+        ("vqa", _lone_surrogate_vqa, "question_id=1000", "question"),
+        ("snli_ve", _lone_surrogate_snli, "line 2", "hypothesis"),
+    ],
+)
+def test_lone_surrogate_in_text_fails_prepare_or_is_a_counted_skip(tmp_path, source, make, where, field):
+    built, file_name = make(tmp_path)
+    out = tmp_path / "out"
+    line = error_line(prepare(built.root, out, built.split, source=source))
+    assert file_name in line and where in line and f"field '{field}'" in line and "lone surrogate" in line
+    assert not out.exists()
+    res = prepare(built.root, out, built.split, source=source, extra=("--on-error", "skip"))
+    assert res.exit_code == 0 and "1 skipped" in res.output, res.output
+    # What was kept is text every later stage can hash.
+    assert all(text_hash(i.student_text()) for i in PreparedDataset(out / built.split).iter_instances())
+
+
+def test_only_stale_temp_folders_of_dead_runs_on_this_host_are_removed(tmp_path, good):
+    built, out = good
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live, unmarked = out / ".dev.tmp-1-a", out / ".dev.tmp-2-b", out / ".dev.tmp-3-c"
+    for folder, pid in ((stale, dead.pid), (live, os.getpid()), (unmarked, None)):
+        folder.mkdir()
+        (folder / "instances-000000.tar").write_bytes(b"partial")
+        if pid is not None:
+            (folder / ".clip-td-partial").write_text(f"{socket.gethostname()} {pid}\n")
+    assert prepare(built.root, out, built.split).exit_code == 0
+    assert not stale.exists() and live.exists() and unmarked.exists()
+
+
+def test_writer_used_as_context_manager_leaves_nothing_when_the_body_raises(tmp_path):
+    dest = tmp_path / "a" / "split"
+    with pytest.raises(RuntimeError), DatasetWriter(dest, source="test", split="split") as w:
+        w.add_image("img", b"\x89PNG not checked here", "png")
+        w.add_instance(Instance(key="k", task="caption", image_id="img", split="split", caption="a cat"))
+        raise RuntimeError("conversion failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_split_folder_gets_the_permissions_of_any_new_folder(tmp_path, good):
+    _, out = good
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "dev").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_out_below_a_file_is_one_line_naming_it(tmp_path):
+    built = fx.build_snli_ve(tmp_path / "snli")
+    (tmp_path / "file").write_text("user data")
+    before = snapshot(tmp_path)
+    line = error_line(prepare(built.root, tmp_path / "file" / "out", built.split))
+    assert str(tmp_path / "file" / "out") in line
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["dataset.json", "images.index.json"])
+@pytest.mark.parametrize("damage", [b"", b'{"format_version": 1', b"[1, 2]", b"\xff\xfe"])
+def test_damaged_metadata_of_a_prepared_split_is_named_when_read(tmp_path, good, name, damage):
+    _, out = good
+    (out / "dev" / name).write_bytes(damage)
+    with pytest.raises(DataError) as info:
+        PreparedDataset(out / "dev")
+    assert info.value.file == str(out / "dev" / name)
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("data.shard_size=0", "data.shard_size"),
+        ("data.image_shard_size=-3", "data.image_shard_size"),
+        ("data.splits=[]", "no split to convert"),
+    ],
+)
+def test_params_that_would_write_nonsense_are_refused(tmp_path, good, setting, named):
+    built, out = good
+    before = snapshot(out)
+    res = CliRunner().invoke(
+        main, ["--source", "snli_ve", "--root", str(built.root), "--out", str(out), "--set", setting]
+    )
+    assert named in error_line(res)
+    assert snapshot(out) == before
+
+
+def test_json_nested_too_deeply_is_a_line_not_a_recursion_traceback(tmp_path):
+    built = fx.build_snli_ve(tmp_path / "snli")
+    path = built.root / "snli_ve_dev.jsonl"
+    path.write_text(path.read_text() + "[" * 100_000 + "\n")
+    line = error_line(prepare(built.root, tmp_path / "out", built.split))
+    assert "snli_ve_dev.jsonl" in line and "line 7" in line and "nested too deeply" in line
+    res = prepare(built.root, tmp_path / "out", built.split, extra=("--on-error", "skip"))
+    assert res.exit_code == 0 and "1 skipped" in res.output, res.output
+
+
+def test_input_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path):
+    built = fx.build_snli_ve(tmp_path / "snli")
+    image = built.root / "flickr30k_images" / "3416050481.jpg"
+    image.unlink()
+    image.symlink_to("/dev/zero")  # reading it would never end
+    line = error_line(prepare(built.root, tmp_path / "out", built.split))
+    assert "3416050481.jpg" in line and "not a regular file" in line
+    jsonl = built.root / "snli_ve_dev.jsonl"
+    jsonl.unlink()
+    os.mkfifo(jsonl)  # opening it for reading would block
+    line = error_line(prepare(built.root, tmp_path / "out", built.split))
+    assert "snli_ve_dev.jsonl" in line and "not a regular file" in line
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"source": "mine"}', "not written by prepare_data"),
+        (b'{"format_version": 0, "fingerprint": "x"}', "format_version 0"),
+    ],
+)
+def test_folder_whose_dataset_json_is_not_ours_is_refused(tmp_path, good, content, why):
+    built, out = good
+    (out / "dev" / "dataset.json").write_bytes(content)
+    before = snapshot(tmp_path)
+    line = error_line(prepare(built.root, out, built.split))
+    assert str(out / "dev") in line and why in line
+    assert snapshot(tmp_path) == before
