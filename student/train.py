@@ -97,14 +97,18 @@ def load_state(path: Path, what: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = re.search(r"Unsupported global: ([^\n]*?)(?: was not| \(|\n|$)", str(e))
-        why = f"it holds {detail.group(1).strip()}" if detail else str(e).splitlines()[0]
+        # torch's message is several paragraphs and suggests weights_only=False; keep only what it refused.
+        detail = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
+        why = f"it asks for {detail.group(1)}" if detail else "it asks for objects outside the allowlist"
         raise CheckpointError(
             f"{path}: refused to load {what}: not plain tensors and data ({why}); a file written by this code "
             "never needs code to load, so it was made elsewhere or tampered with"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        # The first sentence: torch's zip reader appends a paragraph of advice (and EOFError says nothing).
+        reason = (
+            str(e).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(e).strip() else type(e).__name__
+        )
         raise CheckpointError(
             f"{path}: cannot load {what}, truncated or not a torch file ({reason})"
         ) from None
