@@ -62,7 +62,11 @@ USER_ERRORS = (
 )
 @click.option("--quiet", is_flag=True, help="No progress bar (for pipelines that log to files).")
 @click.option(
-    "--no-resume", is_flag=True, help="Start from scratch even if the run directory holds a checkpoint."
+    "--no-resume",
+    is_flag=True,
+    help="Start from scratch even if the run directory holds a checkpoint. Without it, a checkpoint is resumed "
+    "only if it is this run's (same task, condition, method, seed, training params, data and cache); "
+    "otherwise the run stops naming what differs.",
 )
 @params_options
 def main(

@@ -79,6 +79,14 @@ def manifest_regions(url: str) -> dict[str, list[tuple[int, int, str, str]]]:
     return {k: sorted(v) for k, v in regions.items()}
 
 
+def _unit_array(name: str) -> bool:
+    """Arrays that extraction writes unit by unit (every row must be covered by a manifest entry); the id,
+    alias and offset arrays are written once when the store is created and have no entries."""
+    if name in ("image/ids", "image/alias_ids", "image/alias_rows"):
+        return False
+    return name.startswith(("image/", "views/", "text/tokens", "text/pooled"))
+
+
 class _VerifiedGroup:
     """The store's group whose arrays check, the first time a read touches a unit's rows, that those rows still
     hash to the crc32 of the unit's manifest entry: each unit of each array read is verified once per run,
@@ -95,8 +103,8 @@ class _VerifiedGroup:
         a = self._arrays.get(name)
         if a is None:
             a = self.group[name]
-            if isinstance(a, zarr.Array) and name in self.regions:
-                a = _VerifiedArray(a, self, self.regions[name])
+            if isinstance(a, zarr.Array) and (name in self.regions or _unit_array(name)):
+                a = _VerifiedArray(a, self, self.regions.get(name, []))
             self._arrays[name] = a
         return a
 
@@ -142,13 +150,33 @@ class _VerifiedArray:
             lo, hi, unit, crc = self.regions[i]
             self.group.check(self.array, self.path, lo, hi, unit, crc)
 
+    def _uncovered(self, row: int) -> CacheCorrupt:
+        return CacheCorrupt(
+            f"teacher cache {self.group.url}: row {row} of {self.path} belongs to no committed unit in the "
+            f"manifest (an entry is missing or was rewritten); run python -m stages.verify_cache {self.group.url}"
+        )
+
     def _verify_rows(self, rows: np.ndarray) -> None:
-        if len(rows):
-            idx = np.searchsorted(self._starts, np.unique(rows), side="right") - 1
-            self._verify(sorted({int(i) for i in idx if i >= 0}))
+        if not len(rows):
+            return
+        rows = np.unique(rows)
+        idx = np.searchsorted(self._starts, rows, side="right") - 1
+        his = np.array([r[1] for r in self.regions], dtype=np.int64)
+        outside = (idx < 0) | (rows >= his[np.clip(idx, 0, None)] if len(his) else True)
+        if np.any(outside):
+            raise self._uncovered(int(rows[np.flatnonzero(outside)[0]]))
+        self._verify(sorted({int(i) for i in idx}))
 
     def _verify_span(self, lo: int, hi: int) -> None:
-        self._verify([i for i, r in enumerate(self.regions) if r[0] < hi and r[1] > lo])
+        touched = [i for i, r in enumerate(self.regions) if r[0] < hi and r[1] > lo]
+        covered = lo
+        for i in touched:  # regions are sorted: walk them, any gap is a row no unit owns
+            if self.regions[i][0] > covered:
+                break
+            covered = max(covered, self.regions[i][1])
+        if covered < hi:
+            raise self._uncovered(covered)
+        self._verify(touched)
 
     def __getitem__(self, sel: Any) -> np.ndarray:
         if isinstance(sel, slice) and sel.step in (None, 1):

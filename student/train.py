@@ -67,6 +67,10 @@ class RunError(RuntimeError):
     """A run cannot go on for a reason the user can fix; the message is one line naming the file or field."""
 
 
+class RunSetupError(RunError, ValueError):
+    """The run's options do not fit together or fit the data (a ValueError, as it was before it was named)."""
+
+
 class FingerprintMismatch(RunError):
     """The cache was extracted from other data or another teacher than this run uses."""
 
@@ -267,7 +271,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name}: torch sees no CUDA device here (use auto or cpu)")
+        raise RunError(f"train.device={name}: torch sees no CUDA device here (use auto or cpu)")
     return device
 
 
@@ -303,7 +307,7 @@ class Trainer:
         self.world_size = dist.get_world_size() if self.ddp else 1
         self.batch_size = tp.task_batch_size.get(run.task, tp.batch_size)
         if self.batch_size % self.world_size:
-            raise ValueError(
+            raise RunSetupError(
                 f"train batch size {self.batch_size} ({run.task}) must be divisible by the {self.world_size} ranks "
                 "(each rank takes batch_size / world_size instances per step)"
             )
@@ -314,14 +318,17 @@ class Trainer:
         pp = params.protocol
         # Parsed once: the split is drawn from them and the training batches are served from them.
         self.train_instances = [i for i in self.train_ds.iter_instances() if i.task == run.task]
-        self.split: Split = make_split(
-            run.task, run.condition, run.seed,
-            self.train_instances, self.test_ds.iter_instances(),
-            self.val_ds.iter_instances() if self.val_ds else None,
-            shift_key=pp.shift_key, target=pp.shift_target_domain, val_fraction=pp.val_fraction,
-        )  # fmt: skip
+        try:
+            self.split: Split = make_split(
+                run.task, run.condition, run.seed,
+                self.train_instances, self.test_ds.iter_instances(),
+                self.val_ds.iter_instances() if self.val_ds else None,
+                shift_key=pp.shift_key, target=pp.shift_target_domain, val_fraction=pp.val_fraction,
+            )  # fmt: skip
+        except ValueError as e:  # no training instances for the task/condition, a shift without a target
+            raise RunSetupError(f"{root}: {e}") from None
         if self.cfg.unlabeled == "target" and not run.condition.startswith("shift"):
-            raise ValueError(
+            raise RunSetupError(
                 f"{run.method} distils on the shifted target domain's images: it needs --condition shift"
             )
         self.needs_teacher = self.cfg.kd != "none"
@@ -408,7 +415,7 @@ class Trainer:
         elif self.run.cache and store_exists(self.run.cache):
             cache = TeacherCache(self.run.cache)
         else:
-            raise ValueError(
+            raise RunSetupError(
                 f"train.order=chunked orders instances by the teacher cache's chunks, and this run has no cache "
                 f"at {self.run.cache!r}: extract one, or use train.order=random"
             )

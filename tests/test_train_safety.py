@@ -277,3 +277,21 @@ def test_non_finite_loss_is_one_line_and_exports_nothing(world, tmp_path, monkey
     line = error_line(train(world, out))
     assert "task loss" in line and "not finite" in line and "train.on_nonfinite=skip" in line
     assert not any((out / n).exists() for n in (*RUN_FILES, ".lock"))
+
+
+@pytest.mark.parametrize(("damage", "says"), [
+    ("deleted", "belongs to no committed unit in the manifest"),
+    ("garbage", "manifest/image-000000.json: unreadable manifest entry (JSONDecodeError"),
+])  # fmt: skip
+def test_a_missing_or_garbage_manifest_entry_stops_training(world, done, tmp_path, damage, says):
+    store = tmp_path / "manifest.zarr"
+    shutil.copytree(world[2], store)
+    entry = store / "manifest" / "image-000000.json"
+    if damage == "deleted":
+        entry.unlink()
+    else:
+        entry.write_text('{"rows": [0, 6')
+    out = _outputs_of_an_earlier_run(done, tmp_path)
+    before = snapshot(out)
+    line = error_line(train(world, out, cache=str(store)))
+    assert says in line and snapshot(out) == before
