@@ -79,14 +79,6 @@ def manifest_regions(url: str) -> dict[str, list[tuple[int, int, str, str]]]:
     return {k: sorted(v) for k, v in regions.items()}
 
 
-def _unit_array(name: str) -> bool:
-    """Arrays that extraction writes unit by unit (every row must be covered by a manifest entry); the id,
-    alias and offset arrays are written once when the store is created and have no entries."""
-    if name in ("image/ids", "image/alias_ids", "image/alias_rows"):
-        return False
-    return name.startswith(("image/", "views/", "text/tokens", "text/pooled"))
-
-
 class _VerifiedGroup:
     """The store's group whose arrays check, the first time a read touches a unit's rows, that those rows still
     hash to the crc32 of the unit's manifest entry: each unit of each array read is verified once per run,
@@ -103,8 +95,10 @@ class _VerifiedGroup:
         a = self._arrays.get(name)
         if a is None:
             a = self.group[name]
-            if isinstance(a, zarr.Array) and (name in self.regions or _unit_array(name)):
-                a = _VerifiedArray(a, self, self.regions.get(name, []))
+            # An array no entry records a crc32 for (a hand-made or pre-checksum store) is read as before;
+            # once any entry covers an array, every row read must belong to a verified unit.
+            if isinstance(a, zarr.Array) and name in self.regions:
+                a = _VerifiedArray(a, self, self.regions[name])
             self._arrays[name] = a
         return a
 

@@ -5,6 +5,12 @@ targets from the cache (or computes them online), and optimises task loss + the 
 linear warmup and cosine decay. Model selection uses the validation split only; the test split is scored
 once, with the selected weights. Checkpoints hold everything needed to resume bit-for-bit: on resume the
 data stream is replayed to the checkpointed step instead of being reseeded.
+
+Safety: checkpoints and exported students hold only tensors and plain data and load with
+``weights_only=True``; a checkpoint records the run's identity (task, condition, method, seed, the params
+that change the numbers, data and cache fingerprints) and is resumed only by that run; ``run_student`` holds
+``<out>/.lock`` so two runs never write one directory; cached targets are checked against the store's
+manifest crc32 per unit on first read, and non-finite targets are named (``student.targets``).
 """
 
 from __future__ import annotations
