@@ -502,9 +502,15 @@ def load_params(
         if not p.exists():
             raise ConfigError(f"{p}: parameter file not found")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+            raise ConfigError(
+                f"{p}: cannot read the parameter file ({getattr(e, 'strerror', None) or e})"
+            ) from None
+        try:
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
     raw = apply_overrides(raw, overrides)

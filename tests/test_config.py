@@ -109,3 +109,13 @@ def test_an_error_is_blamed_on_where_the_value_came_from(tmp_path):
     with pytest.raises(ConfigError, match=r"^--set train\.lr=\[: value is not valid YAML"):
         load_params(path, ["train.lr=["])
     assert load_params(path, ["cache.clevel=0"]).cache.clevel == 0  # blosc's "stored", a valid level
+
+
+def test_unreadable_or_broken_parameter_files_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: cannot read the parameter file"):
+        load_params(tmp_path)  # a directory
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: not valid YAML: ") as e:
+        load_params(bad)
+    assert "\n" not in str(e.value)

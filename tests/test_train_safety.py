@@ -295,3 +295,31 @@ def test_a_missing_or_garbage_manifest_entry_stops_training(world, done, tmp_pat
     before = snapshot(out)
     line = error_line(train(world, out, cache=str(store)))
     assert says in line and snapshot(out) == before
+
+
+def test_evaluate_scores_an_exported_student_and_writes_eval_json(world, run_copy, tmp_path):
+    params = world[0] / "empty-params.yaml"
+    r = CliRunner().invoke(
+        evaluate_main, [str(run_copy), "--params", str(params), "--out", str(tmp_path / "ev")]
+    )
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "ev" / "run" / "eval.json").read_text())
+    assert result["run"]["seed"] == 0 and result["metrics"]["n"] > 0 and 0.0 <= result["primary"] <= 1.0
+    assert not list((tmp_path / "ev" / "run").glob(".eval.json.tmp*"))
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_and_the_run_resumes(world, run_copy):
+    import subprocess
+    import sys
+
+    from pipeline.lock import holder_info
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    holder = {**holder_info("train_student killed"), "pid": int(dead.stdout), "proc_start": None}
+    (run_copy / ".lock").write_text(json.dumps(holder))
+    r = train(world, run_copy)
+    assert r.exit_code == 0, r.output
+    assert json.loads((run_copy / "train.json").read_text())["resumed_from"] == 4
+    assert not (run_copy / ".lock").exists()
