@@ -185,7 +185,8 @@ class CacheParams:
         if self.num_workers < -1:
             raise _invalid(
                 "cache.num_workers",
-                f"-1 (automatic), 0 (decode in-process) or a number of worker processes, got {self.num_workers}",
+                "-1 (automatic), 0 (decode in-process) or a number of worker processes, "
+                f"got {self.num_workers}",
             )
 
 

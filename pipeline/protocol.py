@@ -39,7 +39,8 @@ class Condition:
                     fraction = float(text)
                 except ValueError:
                     raise ValueError(
-                        f"condition {name!r}: the low-shot fraction {text!r} is not a number (e.g. lowshot-0.1)"
+                        f"condition {name!r}: the low-shot fraction {text!r} is not a number "
+                        "(e.g. lowshot-0.1)"
                     ) from None
                 # NaN fails both comparisons; 1.0 is `full` under another name, so it is refused too.
                 if 0.0 < fraction < 1.0:

@@ -64,8 +64,8 @@ USER_ERRORS = (
 @click.option(
     "--no-resume",
     is_flag=True,
-    help="Start from scratch even if the run directory holds a checkpoint. Without it, a checkpoint is resumed "
-    "only if it is this run's (same task, condition, method, seed, training params, data and cache); "
+    help="Start from scratch even if the run directory holds a checkpoint. Without it, a checkpoint is "
+    "resumed only if it is this run's (same task, condition, method, seed, training params, data and cache); "
     "otherwise the run stops naming what differs.",
 )
 @params_options
@@ -105,10 +105,11 @@ def main(
         out=out or f"runs/{task}-{condition}-{method}-s{seed}",
     )
     for split in ("train", "test"):
-        if not (Path(run.data_root) / split / "dataset.json").is_file():
+        info = Path(run.data_root) / split / "dataset.json"
+        if not info.is_file():
             raise click.ClickException(
-                f"--data {run.data_root}: no prepared {split} split ({Path(run.data_root) / split / 'dataset.json'} "
-                "missing); run python -m stages.prepare_data first"
+                f"--data {run.data_root}: no prepared {split} split ({info} missing); "
+                "run python -m stages.prepare_data first"
             )
     try:
         metrics = run_student(

@@ -80,9 +80,9 @@ def manifest_regions(url: str) -> dict[str, list[tuple[int, int, str, str]]]:
 
 
 class _VerifiedGroup:
-    """The store's group whose arrays check, the first time a read touches a unit's rows, that those rows still
-    hash to the crc32 of the unit's manifest entry: each unit of each array read is verified once per run,
-    which costs one extra decode of what the run reads (``verify_cache`` decodes the whole store)."""
+    """The store's group whose arrays check, the first time a read touches a unit's rows, that those rows
+    still hash to the crc32 of the unit's manifest entry: each unit of each array read is verified once per
+    run, which costs one extra decode of what the run reads (``verify_cache`` decodes the whole store)."""
 
     def __init__(self, group: Any, url: str):
         self.group, self.url = group, url
@@ -147,7 +147,8 @@ class _VerifiedArray:
     def _uncovered(self, row: int) -> CacheCorrupt:
         return CacheCorrupt(
             f"teacher cache {self.group.url}: row {row} of {self.path} belongs to no committed unit in the "
-            f"manifest (an entry is missing or was rewritten); run python -m stages.verify_cache {self.group.url}"
+            "manifest (an entry is missing or was rewritten); "
+            f"run python -m stages.verify_cache {self.group.url}"
         )
 
     def _verify_rows(self, rows: np.ndarray) -> None:
@@ -307,7 +308,8 @@ class CachedTargets:
         """Where a target comes from, for an error: the store, the array, the row and the id."""
         if kind == "image":
             row = int(self.cache.image_rows([key])[0])
-            return f"teacher cache {self.cache.url}: {'views' if viewed else 'image'}/{field} row {row} (image {key!r})"
+            array = f"{'views' if viewed else 'image'}/{field}"
+            return f"teacher cache {self.cache.url}: {array} row {row} (image {key!r})"
         row = int(self.cache.text_rows([key])[0])
         what = "the token rows of text row" if field == "tokens" else "row"
         return f"teacher cache {self.cache.url}: text/{field} {what} {row} (text {key!r})"
@@ -399,7 +401,7 @@ def read_targets(batch: Batch, source: TargetSource, cfg: MethodSettings) -> tup
 
 
 def _first_nonfinite(t: Tensor | Sequence[Tensor] | None) -> int | None:
-    """Index of the first item (row of a tensor, or tensor of a list) holding NaN/Inf; None when all finite."""
+    """Index of the first item (row of a tensor, or tensor of a list) with NaN/Inf; None when all finite."""
     if t is None:
         return None
     if isinstance(t, Tensor):
@@ -411,7 +413,8 @@ def _first_nonfinite(t: Tensor | Sequence[Tensor] | None) -> int | None:
 
 
 def check_targets_finite(
-    source: TargetSource, image_ids: Sequence[str], img: dict, texts: Sequence[str] = (), txt: dict | None = None,
+    source: TargetSource, image_ids: Sequence[str], img: dict,
+    texts: Sequence[str] = (), txt: dict | None = None,
     cand_texts: Sequence[str] = (), cand: dict | None = None, viewed: bool = False,
 ) -> None:  # fmt: skip
     """Name a non-finite target (array, row, id) before the loss turns it into a confusing error elsewhere."""

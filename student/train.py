@@ -111,8 +111,8 @@ def load_state(path: Path, what: str) -> dict:
         detail = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
         why = f"it asks for {detail.group(1)}" if detail else "it asks for objects outside the allowlist"
         raise CheckpointError(
-            f"{path}: refused to load {what}: not plain tensors and data ({why}); a file written by this code "
-            "never needs code to load, so it was made elsewhere or tampered with"
+            f"{path}: refused to load {what}: not plain tensors and data ({why}); a file written by this "
+            "code never needs code to load, so it was made elsewhere or tampered with"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         # The first sentence: torch's zip reader appends a paragraph of advice (and EOFError says nothing).
@@ -451,8 +451,9 @@ class Trainer:
         return self.out / "checkpoint.pt"
 
     def identity(self) -> dict:
-        """What makes a checkpoint this run's: task, condition, method, seed, world size, the params that change
-        the numbers (hash, plus the values to name what differs), the data's and the targets' fingerprints."""
+        """What makes a checkpoint this run's: task, condition, method, seed, world size, the params that
+        change the numbers (hash, plus the values to name what differs), the data's and the targets'
+        fingerprints."""
         if self._identity is None:
             self._identity = self._make_identity()
         return self._identity
@@ -516,8 +517,8 @@ class Trainer:
         differ = identity_differences(have, self.identity())
         if differ:
             raise CheckpointError(
-                f"{path}: the checkpoint belongs to another run ({'; '.join(differ)}); rerun with --no-resume "
-                "to start over in this directory, or use another --out"
+                f"{path}: the checkpoint belongs to another run ({'; '.join(differ)}); "
+                "rerun with --no-resume to start over in this directory, or use another --out"
             )
         try:
             self.student.load_state_dict(st["student"])
@@ -747,9 +748,9 @@ class Trainer:
         Plain data and tensors (loads with weights_only=True), renamed into place when complete."""
         if self.rank != 0:
             return
-        exported = {"student": self.student.state_dict(), "heads": self.heads.state_dict(), "run": asdict(self.run),
-                    "student_params": asdict(self.params.student), "vocab": list(self.spec.vocab),
-                    "teacher_model": self.params.teacher.model}  # fmt: skip
+        exported = {"student": self.student.state_dict(), "heads": self.heads.state_dict(),
+                    "run": asdict(self.run), "student_params": asdict(self.params.student),
+                    "vocab": list(self.spec.vocab), "teacher_model": self.params.teacher.model}  # fmt: skip
         _write_atomic(path, lambda tmp: torch.save(exported, tmp))
 
 
@@ -797,8 +798,8 @@ def run_student(
             h = e.holder
             raise RunLocked(
                 f"run directory {run.out} is in use by pid {h.get('pid', '?')} on {h.get('host', '?')} since "
-                f"{h.get('started', '?')} ({h.get('purpose', '?')}): wait for it, or use another --out; if that "
-                f"process is dead, delete {h.get('lock_path', run.out + '/.lock')}"
+                f"{h.get('started', '?')} ({h.get('purpose', '?')}): wait for it, or use another --out; "
+                f"if that process is dead, delete {h.get('lock_path', run.out + '/.lock')}"
             ) from None
     try:
         return _train(params, run, online_teacher=online_teacher, progress=progress, resume=resume)

@@ -1,6 +1,6 @@
-"""train_student and evaluate on bad inputs: no file runs code, a run folder is locked and resumed only by its own
-run, a damaged or non-finite cache is named, and every user error is one line that leaves what was there before
-(checkpoint.pt, student.pt, train.json, eval.json) byte-for-byte as it was."""
+"""train_student and evaluate on bad inputs: no file runs code, a run folder is locked and resumed only by its
+own run, a damaged or non-finite cache is named, and every user error is one line that leaves what was there
+before (checkpoint.pt, student.pt, train.json, eval.json) byte-for-byte as it was."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from stages.train_student import main as train_main
 from tests.test_train_student import build_world
 
 SETS = [
-    "teacher.precision=fp32", "student.width=32", "student.layers=1", "student.heads=2", "student.image_size=32",
-    "student.patch_size=8", "student.max_text_len=24", "student.dropout=0.0", "train.batch_size=8",
-    "train.steps=4", "train.warmup=1", "train.eval_every=2", "train.checkpoint_every=2",
+    "teacher.precision=fp32", "student.width=32", "student.layers=1", "student.heads=2",
+    "student.image_size=32", "student.patch_size=8", "student.max_text_len=24", "student.dropout=0.0",
+    "train.batch_size=8", "train.steps=4", "train.warmup=1", "train.eval_every=2", "train.checkpoint_every=2",
 ]  # fmt: skip
 RUN_FILES = ("checkpoint.pt", "student.pt", "train.json")
 
@@ -86,7 +86,7 @@ class _RunsCode:
         return (os.mkdir, (self.marker,))
 
 
-# ------------------------------------------------------------------------------------------- no file runs code
+# ------------------------------------------------------------------------------------------ no file runs code
 
 
 def test_exports_and_checkpoints_load_with_weights_only(done):
