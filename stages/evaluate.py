@@ -16,7 +16,7 @@ from pipeline.data.shards import PreparedDataset
 from pipeline.metrics import PRIMARY
 from pipeline.protocol import make_split
 from stages.common import params_options, stage_params
-from student.data import TaskSpec, load_tokenizer
+from student.data import TaskSpec, load_tokenizer, open_prepared
 from student.evaluation import evaluate
 from student.model import TaskHeads, create_student
 from student.train import CheckpointError, load_state
@@ -26,7 +26,7 @@ from student.train import CheckpointError, load_state
 def _instances(split_dir: Path) -> tuple[PreparedDataset, tuple]:
     """A split's dataset and parsed instances, once per process: the grid's runs share the same splits, and
     parsing the train shards again for each of 54 runs was most of this stage's time."""
-    ds = PreparedDataset(split_dir)
+    ds = open_prepared(split_dir)
     return ds, tuple(ds.iter_instances())
 
 

@@ -37,10 +37,17 @@ from tqdm import tqdm
 
 from pipeline.cache import TeacherCache, check_fingerprint, store_exists
 from pipeline.config import Params, to_dict
-from pipeline.data.shards import PreparedDataset
 from pipeline.lock import StoreLock, StoreLocked
 from pipeline.protocol import Split, make_split
-from student.data import Batch, TaskSpec, ViewTable, load_tokenizer, train_loader, unlabeled_batches
+from student.data import (
+    Batch,
+    TaskSpec,
+    ViewTable,
+    load_tokenizer,
+    open_prepared,
+    train_loader,
+    unlabeled_batches,
+)
 from student.evaluation import evaluate
 from student.losses import (
     DistillHeads,
@@ -318,9 +325,9 @@ class Trainer:
                 "(each rank takes batch_size / world_size instances per step)"
             )
         root = Path(run.data_root)
-        self.train_ds = PreparedDataset(root / "train")
-        self.val_ds = PreparedDataset(root / "val") if (root / "val" / "dataset.json").exists() else None
-        self.test_ds = PreparedDataset(root / "test")
+        self.train_ds = open_prepared(root / "train")
+        self.val_ds = open_prepared(root / "val") if (root / "val" / "dataset.json").exists() else None
+        self.test_ds = open_prepared(root / "test")
         pp = params.protocol
         # Parsed once: the split is drawn from them and the training batches are served from them.
         self.train_instances = [i for i in self.train_ds.iter_instances() if i.task == run.task]

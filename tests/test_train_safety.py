@@ -323,3 +323,14 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_and_the_run_resumes(world, ru
     assert r.exit_code == 0, r.output
     assert json.loads((run_copy / "train.json").read_text())["resumed_from"] == 4
     assert not (run_copy / ".lock").exists()
+
+
+@pytest.mark.parametrize("name", ["dataset.json", "images.index.json"])
+def test_a_corrupt_prepared_split_is_named(world, done, tmp_path, name):
+    data = tmp_path / "shards"
+    shutil.copytree(world[0] / "shards", data)
+    (data / "train" / name).write_text('{"format_version": ')
+    out = _outputs_of_an_earlier_run(done, tmp_path)
+    before = snapshot(out)
+    line = error_line(train(world, out, data=str(data)))
+    assert f"{data / 'train' / name}: file: unreadable (" in line and snapshot(out) == before
