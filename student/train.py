@@ -118,8 +118,9 @@ def load_state(path: Path, what: str) -> dict:
         detail = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
         why = f"it asks for {detail.group(1)}" if detail else "it asks for objects outside the allowlist"
         raise CheckpointError(
-            f"{path}: refused to load {what}: not plain tensors and data ({why}); a file written by this "
-            "code never needs code to load, so it was made elsewhere or tampered with"
+            f"{path}: refused to load {what}: not plain tensors and data ({why}, which unpickling would "
+            "import and call); this version writes only tensors and plain data, so the file comes from an "
+            "older version or from elsewhere and was not opened"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         # The first sentence: torch's zip reader appends a paragraph of advice (and EOFError says nothing).

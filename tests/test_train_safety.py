@@ -334,3 +334,15 @@ def test_a_corrupt_prepared_split_is_named(world, done, tmp_path, name):
     before = snapshot(out)
     line = error_line(train(world, out, data=str(data)))
     assert f"{data / 'train' / name}: file: unreadable (" in line and snapshot(out) == before
+
+
+def test_a_checkpoint_without_a_run_identity_is_not_resumed(world, run_copy):
+    state = torch.load(run_copy / "checkpoint.pt", weights_only=True)
+    del state["identity"]  # as an older version wrote it: nothing says which run it belongs to
+    torch.save(state, run_copy / "checkpoint.pt")
+    before = snapshot(run_copy)
+    line = error_line(train(world, run_copy))
+    assert "records no run identity" in line and "--no-resume" in line and snapshot(run_copy) == before
+    r = train(world, run_copy, "--no-resume")  # the way out the message names
+    assert r.exit_code == 0, r.output
+    assert json.loads((run_copy / "train.json").read_text())["resumed_from"] == 0
