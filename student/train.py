@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.cache import TeacherCache, check_fingerprint, store_exists
+from pipeline.cache import TeacherCache, check_fingerprint, flatten, store_exists
 from pipeline.config import Params, to_dict
 from pipeline.lock import StoreLock, StoreLocked
 from pipeline.protocol import Split, make_split
@@ -149,17 +149,7 @@ def _params_identity(params: Params, reads_store: bool) -> dict:
     }  # fmt: skip
     if not reads_store:  # views made by rule from cache.views (a store's own views are in its fingerprint)
         out["cache"] = {"views": params.cache.views}
-    return _flatten(out)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    return flatten(out)
 
 
 def _sha256(obj) -> str:
