@@ -9,6 +9,7 @@ typo never silently falls back to a default. Command-line overrides use the same
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -22,7 +23,39 @@ TASKS = ("vqa", "snli_ve", "vcr")
 
 
 class ConfigError(ValueError):
-    """A parameter file or override is invalid; the message names the file and the dotted key."""
+    """A parameter file or override is invalid; the message names the file and the dotted key. ``key`` is the
+    dotted key at fault, so a value that came from ``--set`` is blamed on that override, not on the file."""
+
+    def __init__(self, message: str, key: str | None = None, sourced: bool = True):
+        super().__init__(message)
+        self.key, self.sourced = key, sourced
+
+
+def _invalid(key: str, what: str) -> ConfigError:
+    """A range error from a ``validate`` method; ``_build`` prefixes where the value came from."""
+    return ConfigError(f"key '{key}': {what}", key=key, sourced=False)
+
+
+def _at_least(section: str, obj: Any, keys: tuple[str, ...], low: int, what: str = "") -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value < low:
+            raise _invalid(f"{section}.{key}", f"must be at least {low}{what}, got {value}")
+
+
+def _positive_finite(section: str, obj: Any, keys: tuple[str, ...], allow_zero: bool = False) -> None:
+    """NaN passes every comparison, so finiteness is checked first (``lr=.nan`` trained NaN weights)."""
+    for key in keys:
+        value = getattr(obj, key)
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise _invalid(f"{section}.{key}", f"must be a finite number {bound}, got {value}")
+
+
+def _fraction(key: str, value: float, closed: bool = True) -> None:
+    """A fraction in (0, 1] (``closed``) or (0, 1)."""
+    if not (0.0 < value < 1.0 or (closed and value == 1.0)):
+        raise _invalid(key, f"must be in (0, {'1]' if closed else '1)'}, got {value}")
 
 
 @dataclass
@@ -39,6 +72,22 @@ class SyntheticParams:
     # Fraction of VQA human answers replaced by a plausible wrong answer, so the VQA score is not all-or-nothing.
     vqa_answer_noise: float = 0.1
 
+    def validate(self) -> None:
+        _at_least("data.synthetic", self, ("image_size", "captions_per_scene", "min_objects"), 1)
+        _at_least("data.synthetic", self, ("caption_scenes",), 0)
+        if self.max_objects < self.min_objects:
+            raise _invalid(
+                "data.synthetic.max_objects",
+                f"must be at least min_objects={self.min_objects}, got {self.max_objects}",
+            )
+        for split, n in self.scenes.items():
+            if n < 0:
+                raise _invalid(f"data.synthetic.scenes.{split}", f"must be at least 0, got {n}")
+        if not 0.0 <= self.vqa_answer_noise <= 1.0:
+            raise _invalid(
+                "data.synthetic.vqa_answer_noise", f"must be in [0, 1], got {self.vqa_answer_noise}"
+            )
+
 
 @dataclass
 class DataParams:
@@ -51,6 +100,9 @@ class DataParams:
     on_error: Literal["fail", "skip"] = "fail"
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
 
+    def validate(self) -> None:
+        _at_least("data", self, ("shard_size", "image_shard_size"), 1)
+
 
 @dataclass
 class TeacherPretrainParams:
@@ -62,6 +114,12 @@ class TeacherPretrainParams:
     seed: int = 0
     threads: int = 0  # 0: torch's default (all cores)
     eval_captions: int = 32
+
+    def validate(self) -> None:
+        _at_least("teacher.pretrain", self, ("steps", "batch_size", "eval_captions"), 1)
+        _at_least("teacher.pretrain", self, ("warmup", "threads"), 0)
+        _positive_finite("teacher.pretrain", self, ("lr",))
+        _positive_finite("teacher.pretrain", self, ("weight_decay",), allow_zero=True)
 
 
 @dataclass
@@ -111,17 +169,24 @@ class CacheParams:
     on_error: Literal["fail", "skip"] = "fail"
 
     def validate(self) -> None:
-        for key in ("image_rows_per_unit", "text_rows_per_unit", "target_chunk_bytes", "image_shard_bytes"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"key 'cache.{key}': must be at least 1, got {getattr(self, key)}")
+        _at_least(
+            "cache", self,
+            ("image_rows_per_unit", "text_rows_per_unit", "target_chunk_bytes", "image_shard_bytes",
+             "text_chunk_bytes", "batch_size", "n_workers"),
+            1,
+        )  # fmt: skip
+        _at_least("cache", self, ("views",), 0)
+        # Blosc's levels (numcodecs.Blosc: 0 stores uncompressed, 9 is the most); the codec takes any int and
+        # fails only when the first shard is written, after the teacher has run.
+        if self.compressor != "none" and not 0 <= self.clevel <= 9:
+            raise _invalid("cache.clevel", f"blosc {self.compressor} levels are 0..9, got {self.clevel}")
         if self.write_threads == 0 or self.write_threads < -1:
-            raise ConfigError(
-                f"key 'cache.write_threads': -1 (automatic) or at least 1, got {self.write_threads}"
-            )
+            raise _invalid("cache.write_threads", f"-1 (automatic) or at least 1, got {self.write_threads}")
         if self.num_workers < -1:
-            raise ConfigError(
-                f"key 'cache.num_workers': -1 (automatic), 0 (decode in-process) or a number of worker "
-                f"processes, got {self.num_workers}"
+            raise _invalid(
+                "cache.num_workers",
+                "-1 (automatic), 0 (decode in-process) or a number of worker processes, "
+                f"got {self.num_workers}",
             )
 
 
@@ -141,6 +206,16 @@ class StudentParams:
     image_size: int = 64
     max_text_len: int = 32
     dropout: float = 0.1
+
+    def validate(self) -> None:
+        _at_least(
+            "student", self, ("width", "layers", "heads", "patch_size", "image_size", "max_text_len"), 1
+        )
+        if self.width % self.heads:
+            raise _invalid("student.heads", f"must divide student.width={self.width}, got {self.heads}")
+        _positive_finite("student", self, ("mlp_ratio",))
+        if not 0.0 <= self.dropout < 1.0:
+            raise _invalid("student.dropout", f"must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -179,14 +254,24 @@ class TrainParams:
     target_cache_mb: int = 256
 
     def validate(self) -> None:
+        # steps=0 or -1 used to "train" nothing, export no student and exit 0.
+        _at_least("train", self, ("steps", "batch_size", "eval_every", "checkpoint_every"), 1)
+        _at_least("train", self, ("warmup", "num_workers", "threads"), 0)
+        for task, size in self.task_batch_size.items():
+            if task not in TASKS:
+                raise _invalid(
+                    "train.task_batch_size", f"unknown task {task!r} (allowed: {', '.join(TASKS)})"
+                )
+            if size < 1:
+                raise _invalid(f"train.task_batch_size.{task}", f"must be at least 1, got {size}")
+        _positive_finite("train", self, ("lr",))
+        _positive_finite("train", self, ("weight_decay",), allow_zero=True)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ConfigError(f"key 'train.device': expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise _invalid("train.device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.order_window < 1:
-            raise ConfigError(
-                f"key 'train.order_window': expected a number of chunks >= 1, got {self.order_window}"
-            )
+            raise _invalid("train.order_window", f"expected a number of chunks >= 1, got {self.order_window}")
         if self.target_cache_mb < 0:
-            raise ConfigError(f"key 'train.target_cache_mb': expected MiB >= 0, got {self.target_cache_mb}")
+            raise _invalid("train.target_cache_mb", f"expected MiB >= 0, got {self.target_cache_mb}")
 
 
 @dataclass
@@ -220,15 +305,15 @@ class DistillParams:
 
     def validate(self) -> None:
         for key in ("rho_v", "rho_t", "mass_p"):
-            if not 0.0 < getattr(self, key) <= 1.0:
-                raise ConfigError(f"key 'distill.{key}': must be in (0, 1], got {getattr(self, key)}")
-        if len(self.weight_clip) != 2 or not 0 <= self.weight_clip[0] <= self.weight_clip[1]:
-            raise ConfigError(
-                f"key 'distill.weight_clip': expected [low, high] with 0 <= low <= high, got {self.weight_clip}"
-            )
+            _fraction(f"distill.{key}", getattr(self, key))
+        _positive_finite("distill", self, ("mass_tau",))
+        _positive_finite("distill", self, ("alpha0", "alpha_min", "lambda_const"), allow_zero=True)
+        wc = self.weight_clip
+        if len(wc) != 2 or not all(map(math.isfinite, wc)) or not 0 <= wc[0] <= wc[1]:
+            raise _invalid("distill.weight_clip", f"expected [low, high] with 0 <= low <= high, got {wc}")
         if self.vqa_candidates < 2:
-            raise ConfigError(
-                f"key 'distill.vqa_candidates': need at least 2 (gold + a distractor), got {self.vqa_candidates}"
+            raise _invalid(
+                "distill.vqa_candidates", f"need at least 2 (gold + a distractor), got {self.vqa_candidates}"
             )
 
 
@@ -245,14 +330,16 @@ class ProtocolParams:
     def validate(self) -> None:
         for t in self.tasks:
             if t not in TASKS:
-                raise ConfigError(f"key 'protocol.tasks': unknown task {t!r} (allowed: {', '.join(TASKS)})")
+                raise _invalid("protocol.tasks", f"unknown task {t!r} (allowed: {', '.join(TASKS)})")
         from .protocol import Condition  # the one parser of condition names
 
         for c in self.conditions:
             try:
                 Condition.parse(c)
             except ValueError as e:
-                raise ConfigError(f"key 'protocol.conditions': {e}") from None
+                raise _invalid("protocol.conditions", str(e)) from None
+        # Held out of the training pool when there is no val split: all of it would leave nothing to train on.
+        _fraction("protocol.val_fraction", self.val_fraction, closed=False)
 
 
 @dataclass
@@ -275,9 +362,27 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+class _Source:
+    """Where each key's value came from: the file, or the ``--set`` override that replaced it (or a section
+    above it), so an error is blamed on what the user actually typed."""
+
+    def __init__(self, file: str, overrides: dict[str, str] | None = None):
+        self.file, self.overrides = file, overrides or {}
+
+    def __call__(self, key: str) -> str:
+        parts = re.sub(r"\[\d+\]", "", key).split(".")
+        for n in range(len(parts), 0, -1):
+            text = self.overrides.get(".".join(parts[:n]))
+            if text is not None:
+                return f"--set {text}"
+        return self.file
+
+
+def _coerce(value: Any, tp: Any, key: str, source: _Source) -> Any:
     def bad(what: str) -> ConfigError:
-        return ConfigError(f"{source}: key '{key}': {what} (expected {_describe(tp)}, got {value!r})")
+        return ConfigError(
+            f"{source(key)}: key '{key}': {what} (expected {_describe(tp)}, got {value!r})", key
+        )
 
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -334,13 +439,15 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise bad(f"unsupported type {tp}")
 
 
-def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
+def _build(cls: type, raw: dict, prefix: str, source: _Source) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in raw:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else str(k)
-            raise ConfigError(f"{source}: unknown key '{where}' (allowed here: {', '.join(sorted(names))})")
+            raise ConfigError(
+                f"{source(where)}: unknown key '{where}' (allowed here: {', '.join(sorted(names))})", where
+            )
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in raw:
@@ -350,15 +457,27 @@ def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if check is not None:
-        check()
+        try:
+            check()
+        except ConfigError as e:
+            if e.sourced:
+                raise
+            raise ConfigError(f"{source(e.key or prefix)}: {e}", e.key) from None
     return obj
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"override '{text}': expected dotted.key=value")
+        raise ConfigError(f"--set {text}: expected dotted.key=value")
     key, val = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(val) if val.strip() else ""
+    if not key.strip() or "" in key.strip().split("."):
+        raise ConfigError(f"--set {text}: expected dotted.key=value (empty key)")
+    try:
+        value = yaml.safe_load(val) if val.strip() else ""
+    except yaml.YAMLError as e:
+        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--set {text}: value is not valid YAML ({reason})") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -369,7 +488,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{text}': '{part}' is not a section")
+                raise ConfigError(f"--set {text}: '{part}' is not a section")
         node[path[-1]] = value
     return raw
 
@@ -378,19 +497,27 @@ def load_params(
     path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()
 ) -> Params:
     """Load and validate params.yaml (or defaults when path is None) with dotted overrides applied."""
-    source = str(path) if path else "<defaults>"
     raw: dict = {}
     if path:
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"{p}: parameter file not found")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+            raise ConfigError(
+                f"{p}: cannot read the parameter file ({getattr(e, 'strerror', None) or e})"
+            ) from None
+        try:
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
     raw = apply_overrides(raw, overrides)
+    source = _Source(str(path) if path else "<defaults>", {
+        ".".join(_parse_override(text)[0]): text for text in overrides
+    })  # fmt: skip
     return _build(Params, raw, "", source)
 
 

@@ -34,13 +34,18 @@ class Condition:
         # lowshot-F is canonical (DVC stage names cannot hold '@'); the method file's lowshot@F is accepted too.
         for prefix in ("lowshot-", "lowshot@"):
             if name.startswith(prefix):
+                text = name[len(prefix) :]
                 try:
-                    fraction = float(name[len(prefix) :])
+                    fraction = float(text)
                 except ValueError:
-                    break
+                    raise ValueError(
+                        f"condition {name!r}: the low-shot fraction {text!r} is not a number "
+                        "(e.g. lowshot-0.1)"
+                    ) from None
+                # NaN fails both comparisons; 1.0 is `full` under another name, so it is refused too.
                 if 0.0 < fraction < 1.0:
                     return cls(name, "lowshot", fraction)
-                break
+                raise ValueError(f"condition {name!r}: the low-shot fraction {text} is not in (0, 1)")
         raise ValueError(f"unknown condition {name!r} (full, shift or lowshot-<fraction in (0, 1)>)")
 
 

@@ -4,37 +4,72 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import click
 import torch
 
 from pipeline.config import StudentParams
+from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset
 from pipeline.metrics import PRIMARY
 from pipeline.protocol import make_split
 from stages.common import params_options, stage_params
-from student.data import TaskSpec, load_tokenizer
+from student.data import TaskSpec, load_tokenizer, open_prepared
 from student.evaluation import evaluate
 from student.model import TaskHeads, create_student
+from student.train import CheckpointError, load_state
 
 
 @functools.cache
 def _instances(split_dir: Path) -> tuple[PreparedDataset, tuple]:
     """A split's dataset and parsed instances, once per process: the grid's runs share the same splits, and
     parsing the train shards again for each of 54 runs was most of this stage's time."""
-    ds = PreparedDataset(split_dir)
+    ds = open_prepared(split_dir)
     return ds, tuple(ds.iter_instances())
 
 
+class ExportError(RuntimeError):
+    """student.pt is not a student exported by train_student (or does not load); names the file."""
+
+
+def load_student(path: Path) -> tuple[dict, torch.nn.Module, TaskHeads]:
+    """The exported student, loaded with weights_only=True: (export dict, student, task head)."""
+    try:
+        exported = load_state(path, "exported student")
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    missing = [
+        k
+        for k in ("run", "student_params", "student", "heads", "vocab", "teacher_model")
+        if k not in exported
+    ]
+    if missing:
+        raise ExportError(f"{path}: not a student exported by train_student (no {', '.join(missing)})")
+    run = exported["run"]
+    if not isinstance(run, dict) or any(
+        k not in run for k in ("task", "condition", "method", "seed", "data_root")
+    ):
+        raise ExportError(f"{path}: not a student exported by train_student (its 'run' record is incomplete)")
+    try:
+        sp = StudentParams(**exported["student_params"])
+        student = create_student(sp.arch, sp)
+        student.load_state_dict(exported["student"])
+        heads = TaskHeads(student.width, len(exported["vocab"]), tasks=(run["task"],))
+        heads.load_state_dict(exported["heads"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(
+            f"{path}: the exported student does not load ({type(e).__name__}: {reason})"
+        ) from None
+    return exported, student, heads
+
+
 def evaluate_run(run_dir: Path, params) -> dict:
-    exported = torch.load(run_dir / "student.pt", map_location="cpu", weights_only=False)
+    exported, student, heads = load_student(run_dir / "student.pt")
     run = exported["run"]
     sp = StudentParams(**exported["student_params"])
-    student = create_student(sp.arch, sp)
-    student.load_state_dict(exported["student"])
-    heads = TaskHeads(student.width, len(exported["vocab"]), tasks=(run["task"],))
-    heads.load_state_dict(exported["heads"])
     root = Path(run["data_root"])
     test_ds, test_instances = _instances(root / "test")
     pp = params.protocol
@@ -99,10 +134,15 @@ def main(run_dirs, runs, out, params_path, overrides) -> None:
             f"no student.pt in {', '.join(missing)} (train first with python -m stages.train_student)"
         )
     for run_dir in run_dirs:
-        result = evaluate_run(run_dir, params)
+        try:
+            result = evaluate_run(run_dir, params)
+        except (ExportError, DataError, FileNotFoundError) as e:
+            raise click.ClickException(" ".join(str(e).split())) from None
         dest = (out / run_dir.name) if out else run_dir
         dest.mkdir(parents=True, exist_ok=True)
-        (dest / "eval.json").write_text(json.dumps(result, indent=1))
+        tmp = dest / f".eval.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, dest / "eval.json")  # a failed write leaves the previous eval.json
         click.echo(
             f"{run_dir}: {result['primary_metric']} = {result['primary']:.4f} (n={result['metrics']['n']})"
         )

@@ -8,9 +8,21 @@ from pathlib import Path
 
 import click
 
+from pipeline.cache import CacheFormatError, StaleCacheError
+from pipeline.data.errors import DataError
+from pipeline.lock import StoreNotWritable
+from pipeline.protocol import Condition
 from stages.common import params_options, stage_params
 from student.losses import METHODS
-from student.train import RunSpec, run_student
+from student.targets import CacheCorrupt, NonFiniteTarget
+from student.train import RunError, RunSpec, run_student
+
+# What a user can cause and fix (bad data, cache, checkpoint, params met at run time, a locked --out, a loss
+# gone NaN under train.on_nonfinite=fail): one line each, no traceback. Anything else is a bug and keeps its.
+USER_ERRORS = (
+    RunError, CacheFormatError, StaleCacheError, CacheCorrupt, NonFiniteTarget, DataError, StoreNotWritable,
+    FloatingPointError, FileNotFoundError,
+)  # fmt: skip
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -50,7 +62,11 @@ from student.train import RunSpec, run_student
 )
 @click.option("--quiet", is_flag=True, help="No progress bar (for pipelines that log to files).")
 @click.option(
-    "--no-resume", is_flag=True, help="Start from scratch even if the run directory holds a checkpoint."
+    "--no-resume",
+    is_flag=True,
+    help="Start from scratch even if the run directory holds a checkpoint. Without it, a checkpoint is "
+    "resumed only if it is this run's (same task, condition, method, seed, training params, data and cache); "
+    "otherwise the run stops naming what differs.",
 )
 @params_options
 def main(
@@ -73,6 +89,10 @@ def main(
     exported student: backbone + task head, no distillation heads) and OUT/checkpoint.pt (resume state).
     Under torchrun each rank streams its own shards and gradients are averaged over ranks.
     """
+    try:
+        Condition.parse(condition)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--condition") from None
     params = stage_params(params_path, overrides)
     method = method or params.distill.method
     run = RunSpec(
@@ -84,9 +104,24 @@ def main(
         cache=cache or params.cache.store,
         out=out or f"runs/{task}-{condition}-{method}-s{seed}",
     )
-    metrics = run_student(
-        params, run, online_teacher=online_teacher, resume=not no_resume, progress=not quiet
-    )
+    for split in ("train", "test"):
+        info = Path(run.data_root) / split / "dataset.json"
+        if not info.is_file():
+            raise click.ClickException(
+                f"--data {run.data_root}: no prepared {split} split ({info} missing); "
+                "run python -m stages.prepare_data first"
+            )
+    try:
+        metrics = run_student(
+            params, run, online_teacher=online_teacher, resume=not no_resume, progress=not quiet
+        )
+    except USER_ERRORS as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, FloatingPointError):
+            text = (
+                f"{run.name}: training stopped, not finite: {text} (train.on_nonfinite=skip skips such steps)"
+            )
+        raise click.ClickException(text) from None
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per torchrun rank
         summary = {
             "run": run.name,

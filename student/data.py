@@ -19,9 +19,11 @@ import dataclasses
 import hashlib
 import io
 import itertools
+import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -30,8 +32,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.cache import TeacherCache, apply_view, view_params_for
+from pipeline.data.errors import DataError
 from pipeline.data.schema import Instance
 from pipeline.data.shards import (
+    INDEX_FILE,
+    INFO_FILE,
     PreparedDataset,
     _read_tar_samples,
     decode_image,
@@ -43,6 +48,27 @@ from pipeline.texts import InstanceTexts, instance_texts
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def open_prepared(path: str | Path) -> PreparedDataset:
+    """A prepared split; a damaged dataset.json or image index is a DataError naming the file (the bare JSON
+    error names no file, and a missing key only its name)."""
+    path = Path(path)
+    try:
+        return PreparedDataset(path)
+    except DataError:
+        raise
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        for name in (INFO_FILE, INDEX_FILE):
+            try:
+                json.loads((path / name).read_text())
+            except (ValueError, OSError) as bad:
+                raise DataError(
+                    path / name, "file", f"unreadable ({bad}); rerun python -m stages.prepare_data"
+                ) from None
+        raise DataError(
+            path / INFO_FILE, "dataset", f"not a readable prepared split ({type(e).__name__}: {e})"
+        ) from None
 
 
 def load_tokenizer(model: str):

@@ -7,16 +7,19 @@ measure what the cache saves, never as a different code path through the loss.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import json
+import threading
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import fsspec
 import numpy as np
 import torch
 import zarr
 from torch import Tensor
 
-from pipeline.cache import TeacherCache, apply_view
+from pipeline.cache import MANIFEST, TeacherCache, apply_view, checksum, committed_units
 from pipeline.data.shards import PreparedDataset, decode_image
 from student.data import Batch, ImageViews
 from student.losses import MethodSettings, TeacherBatch, confidence_weights
@@ -31,6 +34,160 @@ class TargetSource(Protocol):
     ) -> dict[str, Tensor]: ...
 
     def texts(self, texts: Sequence[str], tokens: bool = True) -> dict: ...
+
+
+class CacheCorrupt(RuntimeError):
+    """A unit's stored bytes differ from the crc32 its manifest entry recorded when it was committed (bit rot,
+    a foreign writer), or the manifest itself cannot be read; names the store, array, unit and rows."""
+
+
+class NonFiniteTarget(ValueError):
+    """A teacher target holds NaN/Inf; names the array, row and image or text (not a loss-term error: these
+    targets are wrong data, so ``train.on_nonfinite=skip`` must not skip past them)."""
+
+
+def _unreadable_manifest_entry(url: str) -> str:
+    """The manifest file that does not parse ("" when every one does)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    for p in fs.ls(f"{path.rstrip('/')}/{MANIFEST}", detail=False):
+        if p.endswith(".json"):
+            try:
+                json.loads(fs.cat_file(p))
+            except ValueError:
+                return p
+    return ""
+
+
+def manifest_regions(url: str) -> dict[str, list[tuple[int, int, str, str]]]:
+    """{array path: [(lo, hi, unit, crc32)] sorted by lo}: the rows each committed unit owns in each array."""
+    hint = f"run python -m stages.verify_cache {url}, then re-extract"
+    try:
+        units = committed_units(url)
+    except (ValueError, OSError) as e:
+        where = _unreadable_manifest_entry(url) or f"{url}/{MANIFEST}"
+        raise CacheCorrupt(f"{where}: unreadable manifest entry ({type(e).__name__}: {e}); {hint}") from None
+    regions: dict[str, list[tuple[int, int, str, str]]] = defaultdict(list)
+    for name, rec in units.items():
+        try:
+            for key, info in rec.get("arrays", {}).items():
+                lo, hi = (int(v) for v in info["region"])
+                regions[key].append((lo, hi, name, str(info["crc32"])))
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise CacheCorrupt(
+                f"{url}/{MANIFEST}/{name}.json: malformed manifest entry ({type(e).__name__}: {e}); {hint}"
+            ) from None
+    return {k: sorted(v) for k, v in regions.items()}
+
+
+class _VerifiedGroup:
+    """The store's group whose arrays check, the first time a read touches a unit's rows, that those rows
+    still hash to the crc32 of the unit's manifest entry: each unit of each array read is verified once per
+    run, which costs one extra decode of what the run reads (``verify_cache`` decodes the whole store)."""
+
+    def __init__(self, group: Any, url: str):
+        self.group, self.url = group, url
+        self.regions = manifest_regions(url)
+        self.verified: set[tuple[str, str]] = set()
+        self.lock = threading.Lock()
+        self._arrays: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        a = self._arrays.get(name)
+        if a is None:
+            a = self.group[name]
+            # An array no entry records a crc32 for (a hand-made or pre-checksum store) is read as before;
+            # once any entry covers an array, every row read must belong to a verified unit.
+            if isinstance(a, zarr.Array) and name in self.regions:
+                a = _VerifiedArray(a, self, self.regions[name])
+            self._arrays[name] = a
+        return a
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.group
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.group, name)
+
+    def check(self, array: Any, key: str, lo: int, hi: int, unit: str, crc: str) -> None:
+        with self.lock:
+            if (key, unit) in self.verified:
+                return
+            hint = f"run python -m stages.verify_cache {self.url}, then re-extract the store"
+            try:
+                got = checksum(array[lo:hi])
+            except Exception as e:  # noqa: BLE001 - undecodable bytes are this unit's corruption
+                raise CacheCorrupt(
+                    f"teacher cache {self.url}: {key} rows [{lo}, {hi}) of unit {unit} are unreadable "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); {hint}"
+                ) from None
+            if got != crc:
+                raise CacheCorrupt(
+                    f"teacher cache {self.url}: {key} rows [{lo}, {hi}) of unit {unit} have crc32 {got}, "
+                    f"but the manifest recorded {crc} (the bytes changed after extraction); {hint}"
+                )
+            self.verified.add((key, unit))
+
+
+class _VerifiedArray:
+    """A zarr array whose row reads (slices, orthogonal row selections) verify the units they touch first."""
+
+    def __init__(self, array: Any, group: _VerifiedGroup, regions: list[tuple[int, int, str, str]]):
+        self.array, self.group, self.regions = array, group, regions
+        self.shape, self.dtype, self.path = array.shape, array.dtype, array.path
+        self._starts = np.array([r[0] for r in regions], dtype=np.int64)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.array, name)
+
+    def _verify(self, idx: Sequence[int]) -> None:
+        for i in idx:
+            lo, hi, unit, crc = self.regions[i]
+            self.group.check(self.array, self.path, lo, hi, unit, crc)
+
+    def _uncovered(self, row: int) -> CacheCorrupt:
+        return CacheCorrupt(
+            f"teacher cache {self.group.url}: row {row} of {self.path} belongs to no committed unit in the "
+            "manifest (an entry is missing or was rewritten); "
+            f"run python -m stages.verify_cache {self.group.url}"
+        )
+
+    def _verify_rows(self, rows: np.ndarray) -> None:
+        if not len(rows):
+            return
+        rows = np.unique(rows)
+        idx = np.searchsorted(self._starts, rows, side="right") - 1
+        his = np.array([r[1] for r in self.regions], dtype=np.int64)
+        outside = (idx < 0) | (rows >= his[np.clip(idx, 0, None)] if len(his) else True)
+        if np.any(outside):
+            raise self._uncovered(int(rows[np.flatnonzero(outside)[0]]))
+        self._verify(sorted({int(i) for i in idx}))
+
+    def _verify_span(self, lo: int, hi: int) -> None:
+        touched = [i for i, r in enumerate(self.regions) if r[0] < hi and r[1] > lo]
+        covered = lo
+        for i in touched:  # regions are sorted: walk them, any gap is a row no unit owns
+            if self.regions[i][0] > covered:
+                break
+            covered = max(covered, self.regions[i][1])
+        if covered < hi:
+            raise self._uncovered(covered)
+        self._verify(touched)
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        if isinstance(sel, slice) and sel.step in (None, 1):
+            self._verify_span(*sel.indices(self.shape[0])[:2])
+        elif isinstance(sel, (int, np.integer)):
+            self._verify_rows(np.array([int(sel) % self.shape[0]]))
+        else:
+            self._verify_span(0, self.shape[0])
+        return self.array[sel]
+
+    def get_orthogonal_selection(self, sel: Any) -> np.ndarray:
+        if isinstance(sel, tuple) and len(sel) == 1 and not isinstance(sel[0], slice):
+            self._verify_rows(np.asarray(sel[0], dtype=np.int64))
+        else:
+            self._verify_span(0, self.shape[0])
+        return self.array.get_orthogonal_selection(sel)
 
 
 class _ChunkLRU:
@@ -121,7 +278,8 @@ class _ChunkCachedGroup:
         a = self._arrays.get(name)
         if a is None:
             a = self.group[name]
-            a = self._arrays[name] = _ChunkCachedArray(a, self.lru) if isinstance(a, zarr.Array) else a
+            cached = isinstance(a, (zarr.Array, _VerifiedArray))
+            a = self._arrays[name] = _ChunkCachedArray(a, self.lru) if cached else a
         return a
 
     def __contains__(self, name: str) -> bool:
@@ -134,14 +292,27 @@ class _ChunkCachedGroup:
 class CachedTargets:
     """Targets from the Zarr store: one batched, sorted read per array per batch, through an LRU of decoded
     inner chunks (``chunk_cache_bytes``; 0 turns it off) so that a chunk is decompressed once while the
-    training stream keeps coming back to it, not once per batch."""
+    training stream keeps coming back to it, not once per batch. With ``verify`` (the default), every unit a
+    read touches is checked once against its manifest crc32 (``CacheCorrupt`` names the array and unit)."""
 
-    def __init__(self, cache: TeacherCache, chunk_cache_bytes: int = 256 << 20):
+    def __init__(self, cache: TeacherCache, chunk_cache_bytes: int = 256 << 20, verify: bool = True):
         self.cache = cache
         self.grid = cache.grid
         self.logit_scale = float(cache.attrs["logit_scale"])
+        if verify and not isinstance(cache.group, (_VerifiedGroup, _ChunkCachedGroup)):
+            cache.group = _VerifiedGroup(cache.group, cache.url)
         if chunk_cache_bytes > 0 and not isinstance(cache.group, _ChunkCachedGroup):
             cache.group = _ChunkCachedGroup(cache.group, chunk_cache_bytes)
+
+    def locate(self, kind: str, field: str, key: str, viewed: bool = False) -> str:
+        """Where a target comes from, for an error: the store, the array, the row and the id."""
+        if kind == "image":
+            row = int(self.cache.image_rows([key])[0])
+            array = f"{'views' if viewed else 'image'}/{field}"
+            return f"teacher cache {self.cache.url}: {array} row {row} (image {key!r})"
+        row = int(self.cache.text_rows([key])[0])
+        what = "the token rows of text row" if field == "tokens" else "row"
+        return f"teacher cache {self.cache.url}: text/{field} {what} {row} (text {key!r})"
 
     def images(
         self, image_ids: Sequence[str], relevance: str | None, views: ImageViews | None = None
@@ -166,6 +337,9 @@ class OnlineTargets:
         self.logit_scale = float(teacher.logit_scale)
         self._owner = {i: ds for ds in datasets for i in ds.index}
         self.round_to = round_to
+
+    def locate(self, kind: str, field: str, key: str, viewed: bool = False) -> str:
+        return f"online teacher: {kind} {field} of {kind} {key!r}"
 
     def _round(self, x: Tensor) -> Tensor:
         return x.to(self.round_to).float() if self.round_to is not None else x.float()
@@ -226,11 +400,47 @@ def read_targets(batch: Batch, source: TargetSource, cfg: MethodSettings) -> tup
     return img, txt, cand
 
 
+def _first_nonfinite(t: Tensor | Sequence[Tensor] | None) -> int | None:
+    """Index of the first item (row of a tensor, or tensor of a list) with NaN/Inf; None when all finite."""
+    if t is None:
+        return None
+    if isinstance(t, Tensor):
+        if not len(t):
+            return None
+        ok = torch.isfinite(t.reshape(len(t), -1)).all(1)
+        return None if bool(ok.all()) else int((~ok).nonzero()[0])
+    return next((i for i, x in enumerate(t) if not bool(torch.isfinite(x).all())), None)
+
+
+def check_targets_finite(
+    source: TargetSource, image_ids: Sequence[str], img: dict,
+    texts: Sequence[str] = (), txt: dict | None = None,
+    cand_texts: Sequence[str] = (), cand: dict | None = None, viewed: bool = False,
+) -> None:  # fmt: skip
+    """Name a non-finite target (array, row, id) before the loss turns it into a confusing error elsewhere."""
+    parts = [("image", f, image_ids, img.get(f)) for f in ("pooled", "tokens", "relevance")]
+    if txt is not None:
+        parts += [("text", f, texts, txt.get(f)) for f in ("pooled", "tokens")]
+    if cand is not None:
+        parts.append(("text", "pooled", cand_texts, cand.get("pooled")))
+    for kind, fld, keys, t in parts:
+        i = _first_nonfinite(t)
+        if i is not None:
+            locate = getattr(source, "locate", None)
+            where = locate(kind, fld, keys[i], viewed) if locate else f"teacher {kind} {fld} of {keys[i]!r}"
+            raise NonFiniteTarget(f"{where}: teacher target holds NaN/Inf (non-finite)")
+
+
 def teacher_batch(
     batch: Batch, source: TargetSource, cfg: MethodSettings, task: str
 ) -> tuple[TeacherBatch, Tensor]:
     """Loss inputs for the batch's labelled instances and their detached §5 confidence weights [B]."""
     img, txt, cand = read_targets(batch, source, cfg)
+    check_targets_finite(
+        source, batch.image_ids, img, [t.distill for t in batch.teacher_texts], txt,
+        [c for t in batch.teacher_texts for c in t.candidates + t.rationale_candidates], cand,
+        viewed=batch.views is not None,
+    )  # fmt: skip
     b = len(batch.teacher_texts)
     tb: TeacherBatch = {
         "img_tokens": img["tokens"],
@@ -276,6 +486,7 @@ def unlabeled_teacher_batch(
     """Image-only targets for the KD-only term (no text: txt_lengths 0, weights 1 per §5)."""
     relevance = cfg.relevance_source if cfg.relevance_source != "last" else None
     img = source.images(image_ids, relevance)
+    check_targets_finite(source, image_ids, img)
     b, e = img["pooled"].shape
     tb: TeacherBatch = {
         "img_tokens": img["tokens"],

@@ -5,16 +5,26 @@ targets from the cache (or computes them online), and optimises task loss + the 
 linear warmup and cosine decay. Model selection uses the validation split only; the test split is scored
 once, with the selected weights. Checkpoints hold everything needed to resume bit-for-bit: on resume the
 data stream is replayed to the checkpointed step instead of being reseeded.
+
+Safety: checkpoints and exported students hold only tensors and plain data and load with
+``weights_only=True``; a checkpoint records the run's identity (task, condition, method, seed, the params
+that change the numbers, data and cache fingerprints) and is resumed only by that run; ``run_student`` holds
+``<out>/.lock`` so two runs never write one directory; cached targets are checked against the store's
+manifest crc32 per unit on first read, and non-finite targets are named (``student.targets``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import time
 import warnings
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -25,11 +35,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.cache import TeacherCache, check_fingerprint, store_exists
-from pipeline.config import Params
-from pipeline.data.shards import PreparedDataset
+from pipeline.cache import TeacherCache, check_fingerprint, flatten, store_exists
+from pipeline.config import Params, to_dict
+from pipeline.lock import StoreLock, StoreLocked
 from pipeline.protocol import Split, make_split
-from student.data import Batch, TaskSpec, ViewTable, load_tokenizer, train_loader, unlabeled_batches
+from student.data import (
+    Batch,
+    TaskSpec,
+    ViewTable,
+    load_tokenizer,
+    open_prepared,
+    train_loader,
+    unlabeled_batches,
+)
 from student.evaluation import evaluate
 from student.losses import (
     DistillHeads,
@@ -58,8 +76,116 @@ class RunSpec:
         return f"{self.task}-{self.condition}-{self.method}-s{self.seed}"
 
 
-class FingerprintMismatch(RuntimeError):
+class RunError(RuntimeError):
+    """A run cannot go on for a reason the user can fix; the message is one line naming the file or field."""
+
+
+class RunSetupError(RunError, ValueError):
+    """The run's options do not fit together or fit the data (a ValueError, as it was before it was named)."""
+
+
+class FingerprintMismatch(RunError):
     """The cache was extracted from other data or another teacher than this run uses."""
+
+
+class CheckpointError(RunError):
+    """checkpoint.pt cannot be resumed: unreadable, not written by this code, or another run's."""
+
+
+class RunLocked(RunError):
+    """Another process is training into the same run directory."""
+
+
+# The checkpoint's run identity: what must match for a resumed run to be the run that was interrupted.
+IDENTITY_FIELDS = ("task", "condition", "method", "seed", "world_size", "params_sha256", "data", "cache")
+# train.* keys that change only speed or bookkeeping, never the numbers: a resume may change them.
+_SPEED_ONLY = {"threads", "num_workers", "device", "target_cache_mb", "checkpoint_every"}
+
+
+def load_state(path: Path, what: str) -> dict:
+    """A torch file saved by this code, loaded with ``weights_only=True`` (tensors and plain containers only:
+    a file that would run code when unpickled is refused). Every failure is one line naming the file."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    if size == 0:
+        raise CheckpointError(f"{path}: cannot load {what}: the file is empty (0 bytes)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is several paragraphs and suggests weights_only=False; keep only what it refused.
+        detail = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
+        why = f"it asks for {detail.group(1)}" if detail else "it asks for objects outside the allowlist"
+        raise CheckpointError(
+            f"{path}: refused to load {what}: not plain tensors and data ({why}, which unpickling would "
+            "import and call); this version writes only tensors and plain data, so the file comes from an "
+            "older version or from elsewhere and was not opened"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        # The first sentence: torch's zip reader appends a paragraph of advice (and EOFError says nothing).
+        reason = (
+            str(e).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(e).strip() else type(e).__name__
+        )
+        raise CheckpointError(
+            f"{path}: cannot load {what}, truncated or not a torch file ({reason})"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a {what} (holds a {type(state).__name__}, not a dict)")
+    return state
+
+
+def _params_identity(params: Params, reads_store: bool) -> dict:
+    """The parameters that change a run's numbers, flattened to dotted keys (what a resume must share)."""
+    train = {k: v for k, v in to_dict(params.train).items() if k not in _SPEED_ONLY}
+    pp = params.protocol
+    out = {
+        "student": to_dict(params.student),
+        "train": train,
+        "distill": to_dict(params.distill),
+        "protocol": {"shift_key": pp.shift_key, "shift_target_domain": pp.shift_target_domain,
+                     "val_fraction": pp.val_fraction},
+        "teacher": {"model": params.teacher.model},
+    }  # fmt: skip
+    if not reads_store:  # views made by rule from cache.views (a store's own views are in its fingerprint)
+        out["cache"] = {"views": params.cache.views}
+    return flatten(out)
+
+
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def identity_differences(have: dict, want: dict) -> list[str]:
+    """``field (checkpoint → this run)`` for every identity field that differs; params by their dotted key."""
+    out = []
+    for key in IDENTITY_FIELDS:
+        a, b = have.get(key), want.get(key)
+        if key == "params_sha256":
+            if a == b:
+                continue
+            pa, pb = have.get("params") or {}, want.get("params") or {}
+            keys = sorted(k for k in pa.keys() | pb.keys() if pa.get(k, "<unset>") != pb.get(k, "<unset>"))
+            out += [f"{k} ({pa.get(k, '<unset>')} → {pb.get(k, '<unset>')})" for k in keys] or ["params"]
+        elif key in ("data", "cache") and a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                out += [f"{key}.{k} fingerprint" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+            else:
+                out.append(f"{key} fingerprint")
+        elif a != b:
+            out.append(f"{key} ({a} → {b})")
+    return out
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write beside the destination and rename into place: a kill mid-write leaves the previous file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 # train.on_nonfinite=skip gives up once more than this fraction of train.steps had to be skipped.
@@ -149,7 +275,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name}: torch sees no CUDA device here (use auto or cpu)")
+        raise RunError(f"train.device={name}: torch sees no CUDA device here (use auto or cpu)")
     return device
 
 
@@ -185,25 +311,28 @@ class Trainer:
         self.world_size = dist.get_world_size() if self.ddp else 1
         self.batch_size = tp.task_batch_size.get(run.task, tp.batch_size)
         if self.batch_size % self.world_size:
-            raise ValueError(
+            raise RunSetupError(
                 f"train batch size {self.batch_size} ({run.task}) must be divisible by the {self.world_size} ranks "
                 "(each rank takes batch_size / world_size instances per step)"
             )
         root = Path(run.data_root)
-        self.train_ds = PreparedDataset(root / "train")
-        self.val_ds = PreparedDataset(root / "val") if (root / "val" / "dataset.json").exists() else None
-        self.test_ds = PreparedDataset(root / "test")
+        self.train_ds = open_prepared(root / "train")
+        self.val_ds = open_prepared(root / "val") if (root / "val" / "dataset.json").exists() else None
+        self.test_ds = open_prepared(root / "test")
         pp = params.protocol
         # Parsed once: the split is drawn from them and the training batches are served from them.
         self.train_instances = [i for i in self.train_ds.iter_instances() if i.task == run.task]
-        self.split: Split = make_split(
-            run.task, run.condition, run.seed,
-            self.train_instances, self.test_ds.iter_instances(),
-            self.val_ds.iter_instances() if self.val_ds else None,
-            shift_key=pp.shift_key, target=pp.shift_target_domain, val_fraction=pp.val_fraction,
-        )  # fmt: skip
+        try:
+            self.split: Split = make_split(
+                run.task, run.condition, run.seed,
+                self.train_instances, self.test_ds.iter_instances(),
+                self.val_ds.iter_instances() if self.val_ds else None,
+                shift_key=pp.shift_key, target=pp.shift_target_domain, val_fraction=pp.val_fraction,
+            )  # fmt: skip
+        except ValueError as e:  # no training instances for the task/condition, a shift without a target
+            raise RunSetupError(f"{root}: {e}") from None
         if self.cfg.unlabeled == "target" and not run.condition.startswith("shift"):
-            raise ValueError(
+            raise RunSetupError(
                 f"{run.method} distils on the shifted target domain's images: it needs --condition shift"
             )
         self.needs_teacher = self.cfg.kd != "none"
@@ -231,6 +360,8 @@ class Trainer:
         self.step = 0
         self.nonfinite_steps = 0  # optimizer steps skipped under train.on_nonfinite=skip
         self.best = {"score": -1.0, "step": 0}
+        self.last_logs: dict | None = None  # the last step's logs (a resumed run at its end reports them)
+        self._identity: dict | None = None
         self.out = Path(run.out)
         self.out.mkdir(parents=True, exist_ok=True)
 
@@ -288,7 +419,7 @@ class Trainer:
         elif self.run.cache and store_exists(self.run.cache):
             cache = TeacherCache(self.run.cache)
         else:
-            raise ValueError(
+            raise RunSetupError(
                 f"train.order=chunked orders instances by the teacher cache's chunks, and this run has no cache "
                 f"at {self.run.cache!r}: extract one, or use train.order=random"
             )
@@ -317,41 +448,92 @@ class Trainer:
     def _ckpt_path(self) -> Path:
         return self.out / "checkpoint.pt"
 
+    def identity(self) -> dict:
+        """What makes a checkpoint this run's: task, condition, method, seed, world size, the params that
+        change the numbers (hash, plus the values to name what differs), the data's and the targets'
+        fingerprints."""
+        if self._identity is None:
+            self._identity = self._make_identity()
+        return self._identity
+
+    def _make_identity(self) -> dict:
+        reads_store = isinstance(self.source, CachedTargets) or self.order_groups is not None
+        params = _params_identity(self.params, reads_store)
+        data = {
+            ds.path.name: ds.fingerprint
+            for ds in (self.train_ds, self.val_ds, self.test_ds)
+            if ds is not None
+        }
+        if isinstance(self.source, CachedTargets):
+            cache = {"store": _sha256(self.source.cache.fingerprint())}
+        elif self.needs_teacher:
+            tp = self.params.teacher
+            cache = {"online_teacher": _sha256([tp.model, tp.pretrained, tp.precision])}
+        elif self.order_groups is not None:  # a baseline ordered by the store's chunks
+            cache = {"store": _sha256(TeacherCache(self.run.cache).fingerprint())}
+        else:
+            cache = {}
+        r = self.run
+        return {"task": r.task, "condition": r.condition, "method": r.method, "seed": r.seed,
+                "world_size": self.world_size, "params_sha256": _sha256(params), "params": params,
+                "data": data, "cache": cache}  # fmt: skip
+
     def state(self) -> dict:
+        # Plain containers, numbers, strings and tensors only: the file loads with weights_only=True.
         return {
             "student": self.student.state_dict(),
             "heads": self.heads.state_dict(),
             "dheads": self.dheads.state_dict() if self.dheads is not None else None,
             "opt": self.opt.state_dict(),
             "sched": self.sched.state_dict(),
-            "step": self.step,
-            "best": self.best,
+            "step": int(self.step),
+            "best": {"score": float(self.best["score"]), "step": int(self.best["step"])},
             "rng": torch.get_rng_state(),
             "run": asdict(self.run),
-            "nonfinite_steps": self.nonfinite_steps,
+            "identity": self.identity(),
+            "nonfinite_steps": int(self.nonfinite_steps),
+            "last_logs": self.last_logs,
         }
 
     def save_checkpoint(self) -> None:
         if self.rank != 0:
             return
-        tmp = self._ckpt_path().with_suffix(".tmp")
-        torch.save(self.state(), tmp)
-        os.replace(tmp, self._ckpt_path())  # a kill mid-save leaves the previous checkpoint intact
+        _write_atomic(self._ckpt_path(), lambda tmp: torch.save(self.state(), tmp))
 
     def load_checkpoint(self) -> bool:
+        """Resume from checkpoint.pt when it is this run's (same identity); refuse naming what differs."""
         path = self._ckpt_path()
         if not path.exists():
             return False
-        st = torch.load(path, map_location="cpu", weights_only=False)
-        self.student.load_state_dict(st["student"])
-        self.heads.load_state_dict(st["heads"])
-        if self.dheads is not None and st["dheads"] is not None:
-            self.dheads.load_state_dict(st["dheads"])
-        self.opt.load_state_dict(st["opt"])
-        self.sched.load_state_dict(st["sched"])
-        self.step, self.best = st["step"], st["best"]
-        self.nonfinite_steps = st.get("nonfinite_steps", 0)
-        torch.set_rng_state(st["rng"])
+        st = load_state(path, "checkpoint")
+        have = st.get("identity")
+        if not isinstance(have, dict):
+            raise CheckpointError(
+                f"{path}: the checkpoint records no run identity (written by an older version, or not a "
+                "train_student checkpoint); rerun with --no-resume to start over, or use another --out"
+            )
+        differ = identity_differences(have, self.identity())
+        if differ:
+            raise CheckpointError(
+                f"{path}: the checkpoint belongs to another run ({'; '.join(differ)}); "
+                "rerun with --no-resume to start over in this directory, or use another --out"
+            )
+        try:
+            self.student.load_state_dict(st["student"])
+            self.heads.load_state_dict(st["heads"])
+            if self.dheads is not None and st["dheads"] is not None:
+                self.dheads.load_state_dict(st["dheads"])
+            self.opt.load_state_dict(st["opt"])
+            self.sched.load_state_dict(st["sched"])
+            self.step, self.best = int(st["step"]), dict(st["best"])
+            self.nonfinite_steps = int(st.get("nonfinite_steps", 0))
+            self.last_logs = st.get("last_logs")
+            torch.set_rng_state(st["rng"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{path}: the checkpoint does not fit this run's model ({reason})"
+            ) from None
         return True
 
     # ------------------------------------------------------------------ loop
@@ -538,6 +720,7 @@ class Trainer:
                 if self.ddp:
                     logs = self._mean_over_ranks(logs)
                 history.append({"step": self.step, **logs})
+                self.last_logs = history[-1]
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss']:.3f}")
                 # Only rank 0 validates, exports and checkpoints (the weights are the same on every rank); nothing
@@ -559,12 +742,14 @@ class Trainer:
         return {"history": history, "seconds": time.perf_counter() - t0, "resumed_from": resumed_from}
 
     def export(self, path: Path) -> None:
-        """The deployable student: backbone + task head only; the distillation projection heads are dropped."""
+        """The deployable student: backbone + task head only; the distillation projection heads are dropped.
+        Plain data and tensors (loads with weights_only=True), renamed into place when complete."""
         if self.rank != 0:
             return
-        torch.save({"student": self.student.state_dict(), "heads": self.heads.state_dict(), "run": asdict(self.run),
-                    "student_params": asdict(self.params.student), "vocab": self.spec.vocab,
-                    "teacher_model": self.params.teacher.model}, path)  # fmt: skip
+        exported = {"student": self.student.state_dict(), "heads": self.heads.state_dict(),
+                    "run": asdict(self.run), "student_params": asdict(self.params.student),
+                    "vocab": list(self.spec.vocab), "teacher_model": self.params.teacher.model}  # fmt: skip
+        _write_atomic(path, lambda tmp: torch.save(exported, tmp))
 
 
 class _Prefetch:
@@ -597,7 +782,31 @@ def run_student(
     params: Params, run: RunSpec, *, online_teacher: bool = False, progress: bool = True, resume: bool = True
 ) -> dict:
     """Train and select on validation; writes train.json and the exported student.pt in the run directory.
-    The test split is scored by the evaluate stage, never here."""
+    The test split is scored by the evaluate stage, never here. Rank 0 holds ``<out>/.lock`` throughout, so a
+    second run into the same directory is refused instead of interleaving checkpoints."""
+    lock = (
+        StoreLock(run.out, purpose=f"train_student {run.name}")
+        if int(os.environ.get("RANK", "0")) == 0
+        else None
+    )
+    if lock is not None:
+        try:
+            lock.acquire()
+        except StoreLocked as e:
+            h = e.holder
+            raise RunLocked(
+                f"run directory {run.out} is in use by pid {h.get('pid', '?')} on {h.get('host', '?')} since "
+                f"{h.get('started', '?')} ({h.get('purpose', '?')}): wait for it, or use another --out; "
+                f"if that process is dead, delete {h.get('lock_path', run.out + '/.lock')}"
+            ) from None
+    try:
+        return _train(params, run, online_teacher=online_teacher, progress=progress, resume=resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(params: Params, run: RunSpec, *, online_teacher: bool, progress: bool, resume: bool) -> dict:
     trainer = Trainer(params, run, online_teacher=online_teacher, progress=progress)
     try:
         fit = trainer.fit(resume=resume)
@@ -611,9 +820,9 @@ def run_student(
         "train_seconds": fit["seconds"],
         "resumed_from": fit["resumed_from"],
         "nonfinite_steps_skipped": trainer.nonfinite_steps,
-        "final": fit["history"][-1] if fit["history"] else None,
+        "final": fit["history"][-1] if fit["history"] else trainer.last_logs,
         "student_parameters": count_parameters(trainer.student) + count_parameters(trainer.heads),
     }
     if trainer.rank == 0:
-        (Path(run.out) / "train.json").write_text(json.dumps(metrics, indent=1))
+        _write_atomic(Path(run.out) / "train.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=1)))
     return metrics

@@ -65,5 +65,57 @@ def test_range_validation_names_key():
 
 
 def test_bad_override_syntax():
-    with pytest.raises(ConfigError, match="dotted.key=value"):
+    with pytest.raises(ConfigError, match=r"--set student.width: expected dotted.key=value"):
         load_params(None, ["student.width"])
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("train.steps=0", r"train\.steps': must be at least 1, got 0"),
+        ("train.batch_size=0", r"train\.batch_size': must be at least 1, got 0"),
+        ("train.task_batch_size.vcr=0", r"train\.task_batch_size\.vcr': must be at least 1"),
+        ("train.lr=.nan", r"train\.lr': must be a finite number > 0, got nan"),
+        ("train.lr=.inf", r"train\.lr': must be a finite number > 0, got inf"),
+        ("train.lr=0", r"train\.lr': must be a finite number > 0, got 0"),
+        ("teacher.pretrain.batch_size=0", r"teacher\.pretrain\.batch_size': must be at least 1"),
+        ("cache.clevel=99", r"cache\.clevel': blosc zstd levels are 0\.\.9, got 99"),
+        ("cache.batch_size=0", r"cache\.batch_size': must be at least 1"),
+        ("protocol.val_fraction=1.0", r"protocol\.val_fraction': must be in \(0, 1\), got 1\.0"),
+        ("distill.mass_p=0", r"distill\.mass_p': must be in \(0, 1\], got 0"),
+        ("student.heads=3", r"student\.heads': must divide student\.width=64"),
+        (
+            "protocol.conditions=[lowshot-x]",
+            r"protocol\.conditions': condition 'lowshot-x'.*'x' is not a number",
+        ),
+    ],
+)
+def test_ranges_are_checked_at_load_naming_the_key(override, says):
+    with pytest.raises(ConfigError, match=says):
+        load_params(None, [override])
+
+
+def test_an_error_is_blamed_on_where_the_value_came_from(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  steps: 0\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: key 'train\.steps': must be at least 1"):
+        load_params(path)
+    # the same value from --set is blamed on the option, not on a file that holds a good value
+    path.write_text("train:\n  lr: 0.001\n")
+    with pytest.raises(ConfigError, match=r"^--set train\.lr=\.nan: key 'train\.lr'"):
+        load_params(path, ["train.lr=.nan"])
+    with pytest.raises(ConfigError, match=r"^--set train=\{lr: x\}: key 'train\.lr': not a number"):
+        load_params(path, ["train={lr: x}"])
+    with pytest.raises(ConfigError, match=r"^--set train\.lr=\[: value is not valid YAML"):
+        load_params(path, ["train.lr=["])
+    assert load_params(path, ["cache.clevel=0"]).cache.clevel == 0  # blosc's "stored", a valid level
+
+
+def test_unreadable_or_broken_parameter_files_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: cannot read the parameter file"):
+        load_params(tmp_path)  # a directory
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: not valid YAML: ") as e:
+        load_params(bad)
+    assert "\n" not in str(e.value)

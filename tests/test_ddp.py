@@ -165,7 +165,7 @@ def test_two_ranks_take_the_one_process_step(world, tmp_path, monkeypatch, metho
     # over each rank's half batch, as BatchNorm statistics are; the stage test below covers that method.
     root, _, _ = world
     _torchrun(["-m", "tests.test_ddp", str(root), str(tmp_path), method])
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     tr = Trainer(_params(world), _run(world, tmp_path, method), progress=False)
     ref = _steps_recording_grads(tr, _fixed_batches(tr, 2), monkeypatch)
     for step, want in enumerate(ref):
@@ -203,7 +203,7 @@ VAL_ATOL = 2 / 12 + 1e-9
 
 def _train_subset_loss(tr: Trainer, checkpoint: Path) -> float:
     """Mean task loss of a checkpoint's weights over every instance of the run's training subset."""
-    state = torch.load(checkpoint, weights_only=False)
+    state = torch.load(checkpoint, weights_only=True)
     tr.student.load_state_dict(state["student"])
     tr.heads.load_state_dict(state["heads"])
     tr.student.eval()
@@ -245,10 +245,10 @@ def test_torchrun_stage_matches_one_process(world, tmp_path):
     two_loss = _train_subset_loss(judge, out / "checkpoint.pt")
     assert abs(two_loss - one_loss) <= LOSS_ATOL, (one_loss, two_loss)
     assert abs(two["best_val"]["score"] - one["best_val"]["score"]) <= VAL_ATOL
-    exported = torch.load(out / "student.pt", weights_only=False)
+    exported = torch.load(out / "student.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in exported["student"])
     create_student(params.student.arch, params.student).load_state_dict(exported["student"])  # strict
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == STEPS
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == STEPS
 
 
 if __name__ == "__main__":  # the torchrun worker of test_two_ranks_take_the_one_process_step

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from pipeline.data.schema import Instance
@@ -89,3 +91,15 @@ def test_val_carved_from_train_when_no_val_split_and_disjoint():
     s = make_split("snli_ve", Condition.parse("lowshot@0.25"), 3, _snli(300), _snli(30, "test"), None)
     assert s.val and not set(s.val) & set(s.train)
     assert s.unlabeled_images  # the images the low-shot subset dropped, for the KD-only variants
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [("lowshot-2.0", "fraction 2.0 is not in (0, 1)"), ("lowshot-0", "fraction 0 is not in (0, 1)"),
+     ("lowshot-1", "fraction 1 is not in (0, 1)"), ("lowshot-nan", "fraction nan is not in (0, 1)"),
+     ("lowshot-x", "fraction 'x' is not a number"), ("lowshot", "unknown condition 'lowshot'")],
+)  # fmt: skip
+def test_bad_conditions_are_refused_naming_the_value(name, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        Condition.parse(name)
+    assert Condition.parse("lowshot-0.05").fraction == 0.05

@@ -685,7 +685,7 @@ def test_nonfinite_loss_fails_skips_or_stops(world, student_world, tmp_path, mon
         )
     assert metrics["steps"] == 10 and metrics["nonfinite_steps_skipped"] == 1
     assert json.loads((tmp_path / "skip" / "train.json").read_text())["nonfinite_steps_skipped"] == 1
-    ckpt = torch.load(tmp_path / "skip" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "skip" / "checkpoint.pt", weights_only=True)
     assert ckpt["nonfinite_steps"] == 1
     assert {int(s["step"]) for s in ckpt["opt"]["state"].values()} == {9}  # 10 batches, 9 optimizer steps
 

@@ -152,7 +152,7 @@ def test_every_method_trains_and_exports_a_baseline_sized_student(world, tmp_pat
         params, _run(world, tmp_path, task=task, method=method, condition=condition), progress=False
     )
     assert metrics["steps"] == 2 and metrics["final"]["loss"] == metrics["final"]["loss"]  # finite, not NaN
-    exported = torch.load(tmp_path / "run" / "student.pt", weights_only=False)
+    exported = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
     student = create_student(params.student.arch, params.student)
     student.load_state_dict(exported["student"])  # strict: no distillation heads or extra weights inside
     assert count_parameters(student) == count_parameters(create_student("vilt", params.student))
