@@ -18,6 +18,7 @@ from pipeline.protocol import make_split
 from stages.common import params_options, stage_params
 from student.data import TaskSpec, load_tokenizer, open_prepared
 from student.evaluation import evaluate
+from student.losses import method_config
 from student.model import TaskHeads, create_student
 from student.train import CheckpointError, load_state
 
@@ -78,7 +79,8 @@ def evaluate_run(run_dir: Path, params) -> dict:
         test_instances, None, shift_key=pp.shift_key, target=pp.shift_target_domain,
     )  # fmt: skip
     spec = TaskSpec(run["task"], load_tokenizer(exported["teacher_model"]), sp.image_size, sp.max_text_len,
-                    exported["vocab"], params.distill.vqa_candidates)  # fmt: skip
+                    exported["vocab"], params.distill.vqa_candidates,
+                    blind=method_config(run["method"], params.distill).blind)  # fmt: skip
     result = evaluate(student, heads, test_ds, split.test, spec)
     train = json.loads((run_dir / "train.json").read_text()) if (run_dir / "train.json").exists() else {}
     return {

@@ -118,6 +118,7 @@ class TaskSpec:
     max_text_len: int
     vocab: list[str] = field(default_factory=list)  # VQA answer vocabulary
     vqa_candidates: int = 4
+    blind: bool = False  # every image blank (the `blind` method): nothing to decode
 
     def __post_init__(self) -> None:
         self.vocab_index = {a: i for i, a in enumerate(self.vocab)}
@@ -175,7 +176,10 @@ def encode_sample(sample: dict, spec: TaskSpec, view: tuple[int, tuple] | None =
     """One instance (+ image bytes) → student inputs and labels; runs in DataLoader workers. ``view`` =
     (index, (x0, y0, x1, y1, flip)) shows the image in that cached teacher view."""
     inst: Instance = sample["instance"]
-    pixels = image_tensor(sample["image"], spec.image_size, view[1] if view is not None else None)
+    if spec.blind:  # 0 after normalisation: the dataset's mean colour everywhere, no image information
+        pixels = torch.zeros(3, spec.image_size, spec.image_size)
+    else:
+        pixels = image_tensor(sample["image"], spec.image_size, view[1] if view is not None else None)
     out: dict = {"instance": inst, "pixels": pixels, "labeled": True}
     if view is not None:
         out["view"] = view

@@ -290,7 +290,8 @@ class MethodSettings:
 
     kd: "none" (task loss only), "tokens" (§3–§6 token KD) or "pooled" (pooled feature distillation).
     unlabeled: which extra unlabeled images the data side adds ("" none, "dropped": training images the
-    low-shot subset drops, "target": the shifted target domain, reported as transductive)."""
+    low-shot subset drops, "target": the shifted target domain, reported as transductive).
+    blind: the student sees a blank image in training and evaluation (the text-only floor)."""
 
     method: str
     kd: Literal["none", "tokens", "pooled"]
@@ -309,10 +310,13 @@ class MethodSettings:
     alpha0: float
     alpha_min: float
     weight_clip: tuple[float, float]
+    blind: bool = False
 
 
 _METHODS: dict[str, dict] = {
     "baseline": dict(kd="none", select=False, weight=False, balance="constant"),
+    # The floor: the same student and budget with the image blanked, i.e. what the text alone gives.
+    "blind": dict(kd="none", select=False, weight=False, balance="constant", blind=True),
     "naive_kd": dict(kd="tokens", select=False, weight=False, balance="constant"),
     "pooled_fd": dict(kd="pooled", select=False, weight=False, balance="constant"),
     "clip_td": dict(kd="tokens", select=True, weight=True),

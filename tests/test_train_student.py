@@ -66,7 +66,7 @@ def _params(world, **over) -> Params:
     root, cfg, _ = world
     sets = [
         f"teacher.model={cfg}", f"teacher.pretrained={root / 'teacher.pt'}", "teacher.precision=fp32",
-        "student.width=32", "student.layers=1", "student.heads=2", "student.image_size=32", "student.patch_size=8",
+        "student.init=scratch", "student.width=32", "student.layers=1", "student.heads=2", "student.image_size=32", "student.patch_size=8",
         "student.max_text_len=24", "student.dropout=0.0", "train.batch_size=8", "train.steps=6", "train.warmup=2",
         "train.eval_every=3", "train.checkpoint_every=3",
     ]  # fmt: skip
@@ -286,3 +286,21 @@ def test_chunked_order_without_a_cache_is_refused(world, tmp_path):
     run = RunSpec("snli_ve", "lowshot-0.5", "baseline", 0, str(root / "shards"), "", str(tmp_path / "r"))
     with pytest.raises(ValueError, match="train.order=chunked.*no cache"):
         Trainer(_params(world, **{"train.order": "chunked"}), run, progress=False)
+
+
+def test_blind_runs_never_see_an_image_in_training_or_evaluation(world, tmp_path, monkeypatch):
+    """The `blind` floor: the same student and budget with the image blanked, in training and in evaluation."""
+    import student.data as data
+    from stages.evaluate import evaluate_run
+
+    def no_image(*a, **k):
+        raise AssertionError("a blind run decoded an image")
+
+    monkeypatch.setattr(data, "image_tensor", no_image)
+    params = _params(world, **{"train.steps": 2, "train.eval_every": 2})
+    run_student(params, _run(world, tmp_path, task="vqa", method="blind"), progress=False)
+    result = evaluate_run(tmp_path / "run", params)
+    assert result["run"]["method"] == "blind" and result["metrics"]["n"] > 0
+    # The baseline on the same data does decode images: the patch above is what the blind run avoided.
+    with pytest.raises(AssertionError, match="decoded an image"):
+        run_student(params, _run(world, tmp_path, task="vqa", method="baseline", name="b"), progress=False)
