@@ -39,7 +39,12 @@ class World:
         from benchmarks.common import ROOT
         from pipeline.config import load_params
 
-        sets = [f"teacher.model={self.teacher_model}", f"teacher.pretrained={self.teacher_pt}"]
+        # No pretrained student in a benchmark world: the backbone's init does not change a step's cost.
+        sets = [
+            f"teacher.model={self.teacher_model}",
+            f"teacher.pretrained={self.teacher_pt}",
+            "student.init=scratch",
+        ]
         sets += [*self.overrides, *overrides]
         return load_params(ROOT / "params.yaml", sets)
 

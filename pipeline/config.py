@@ -191,6 +191,24 @@ class CacheParams:
 
 
 @dataclass
+class StudentPretrainParams:
+    # ITM + MLM on caption pairs (student/pretrain.py). The teacher saw every caption of the corpus; the student
+    # gets `pairs` of them, so the teacher still knows more, as CLIP does against a VL-pretrained student.
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 50
+    pairs: int = 6000  # 0 = every caption pair
+    seed: int = 0
+
+    def validate(self) -> None:
+        _at_least("student.pretrain", self, ("steps", "batch_size", "warmup"), 1)
+        _at_least("student.pretrain", self, ("pairs",), 0)
+        _positive_finite("student.pretrain", self, ("lr",))
+
+
+@dataclass
 class StudentParams:
     # Sized for the 30-minute embedded `make repro` on 2 CPU cores; widen for real data.
     arch: str = "vilt"
@@ -206,6 +224,11 @@ class StudentParams:
     image_size: int = 64
     max_text_len: int = 32
     dropout: float = 0.1
+    # "pretrained": every run fine-tunes the backbone `pretrained` points at (the pretrain_student stage's
+    # output; CLIP-TD's students were pretrained VL models); "scratch": random weights.
+    init: Literal["scratch", "pretrained"] = "pretrained"
+    pretrained: str = "artifacts/student_pretrained/student.pt"
+    pretrain: StudentPretrainParams = field(default_factory=StudentPretrainParams)
 
     def validate(self) -> None:
         _at_least(

@@ -39,6 +39,7 @@ from pipeline.cache import TeacherCache, check_fingerprint, flatten, store_exist
 from pipeline.config import Params, to_dict
 from pipeline.lock import StoreLock, StoreLocked
 from pipeline.protocol import Split, make_split
+from pipeline.teacher import sha256_file
 from student.data import (
     Batch,
     TaskSpec,
@@ -58,6 +59,7 @@ from student.losses import (
     prepare_teacher,
 )
 from student.model import StudentOutput, TaskHeads, count_parameters, create_student
+from student.pretrain import PretrainedMismatch, load_pretrained_backbone
 from student.targets import CachedTargets, OnlineTargets, TargetSource, teacher_batch, unlabeled_teacher_batch
 
 
@@ -97,7 +99,17 @@ class RunLocked(RunError):
 
 
 # The checkpoint's run identity: what must match for a resumed run to be the run that was interrupted.
-IDENTITY_FIELDS = ("task", "condition", "method", "seed", "world_size", "params_sha256", "data", "cache")
+IDENTITY_FIELDS = (
+    "task",
+    "condition",
+    "method",
+    "seed",
+    "world_size",
+    "params_sha256",
+    "data",
+    "cache",
+    "init",
+)
 # train.* keys that change only speed or bookkeeping, never the numbers: a resume may change them.
 _SPEED_ONLY = {"threads", "num_workers", "device", "target_cache_mb", "checkpoint_every"}
 
@@ -167,7 +179,7 @@ def identity_differences(have: dict, want: dict) -> list[str]:
             pa, pb = have.get("params") or {}, want.get("params") or {}
             keys = sorted(k for k in pa.keys() | pb.keys() if pa.get(k, "<unset>") != pb.get(k, "<unset>"))
             out += [f"{k} ({pa.get(k, '<unset>')} → {pb.get(k, '<unset>')})" for k in keys] or ["params"]
-        elif key in ("data", "cache") and a != b:
+        elif key in ("data", "cache", "init") and a != b:
             if isinstance(a, dict) and isinstance(b, dict):
                 out += [f"{key}.{k} fingerprint" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
             else:
@@ -342,11 +354,16 @@ class Trainer:
             self.source = self._target_source(online_teacher)
         vocab = self.train_ds.answer_vocab() if run.task == "vqa" else []
         self.spec = TaskSpec(run.task, load_tokenizer(teacher_model), params.student.image_size, params.student.max_text_len,
-                             vocab, params.distill.vqa_candidates)  # fmt: skip
+                             vocab, params.distill.vqa_candidates, blind=self.cfg.blind)  # fmt: skip
         self.views = self._view_table()
         self.order_groups = self._order_groups()
         seed_everything(run.seed)
         self.student = create_student(params.student.arch, params.student)
+        if params.student.init == "pretrained":
+            try:
+                load_pretrained_backbone(self.student, params.student.pretrained, params.student)
+            except PretrainedMismatch as e:
+                raise RunError(str(e)) from None
         self.heads = TaskHeads(self.student.width, len(vocab), tasks=(run.task,))
         self.dheads = DistillHeads(self.student.width, self.source_dim()) if self.needs_teacher else None
         modules = [self.student, self.heads] + ([self.dheads] if self.dheads is not None else [])
@@ -473,10 +490,12 @@ class Trainer:
             cache = {"store": _sha256(TeacherCache(self.run.cache).fingerprint())}
         else:
             cache = {}
+        sp = self.params.student
+        init = {"pretrained": sha256_file(sp.pretrained)} if sp.init == "pretrained" else {"scratch": True}
         r = self.run
         return {"task": r.task, "condition": r.condition, "method": r.method, "seed": r.seed,
                 "world_size": self.world_size, "params_sha256": _sha256(params), "params": params,
-                "data": data, "cache": cache}  # fmt: skip
+                "data": data, "cache": cache, "init": init}  # fmt: skip
 
     def state(self) -> dict:
         # Plain containers, numbers, strings and tensors only: the file loads with weights_only=True.

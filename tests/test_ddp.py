@@ -224,7 +224,7 @@ def test_torchrun_stage_matches_one_process(world, tmp_path):
     out = tmp_path / "two"
     overrides = [
         f"teacher.model={cfg}", f"teacher.pretrained={root / 'teacher.pt'}", "teacher.precision=fp32",
-        "student.width=32", "student.layers=1", "student.heads=2", "student.image_size=32", "student.patch_size=8",
+        "student.init=scratch", "student.width=32", "student.layers=1", "student.heads=2", "student.image_size=32", "student.patch_size=8",
         "student.max_text_len=24", "student.dropout=0.0", "train.batch_size=8", "train.warmup=2",
         *(f"{k}={v}" for k, v in sets.items()),
     ]  # fmt: skip

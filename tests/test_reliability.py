@@ -645,7 +645,7 @@ def student_world(tmp_path_factory, world) -> dict:
 def _student_params(world, **over):
     sets = [
         f"teacher.model={world['cfg']}", f"teacher.pretrained={world['ckpt']}", "teacher.precision=fp32",
-        "student.width=32", "student.layers=1", "student.heads=2", "student.image_size=32", "student.patch_size=8",
+        "student.init=scratch", "student.width=32", "student.layers=1", "student.heads=2", "student.image_size=32", "student.patch_size=8",
         "student.max_text_len=16", "student.dropout=0.0", "train.batch_size=4", "train.steps=10", "train.warmup=2",
         "train.eval_every=10", "train.checkpoint_every=10",
     ]  # fmt: skip

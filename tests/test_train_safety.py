@@ -21,7 +21,7 @@ from stages.train_student import main as train_main
 from tests.test_train_student import build_world
 
 SETS = [
-    "teacher.precision=fp32", "student.width=32", "student.layers=1", "student.heads=2",
+    "teacher.precision=fp32", "student.init=scratch", "student.width=32", "student.layers=1", "student.heads=2",
     "student.image_size=32", "student.patch_size=8", "student.max_text_len=24", "student.dropout=0.0",
     "train.batch_size=8", "train.steps=4", "train.warmup=1", "train.eval_every=2", "train.checkpoint_every=2",
 ]  # fmt: skip

@@ -1,0 +1,68 @@
+"""Stage `pretrain_student`: the student backbone pretrained once as a VL model (ITM + MLM on captions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from stages.common import params_options, stage_params
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@params_options
+@click.option(
+    "--captions",
+    type=click.Path(path_type=Path),
+    default=Path("data/shards/synthetic/captions"),
+    help="Prepared dataset of task='caption' instances (student_pretrain.pairs of them are used; 0 = all).",
+)
+@click.option(
+    "--val",
+    type=click.Path(path_type=Path),
+    default=Path("data/shards/synthetic/captions_val"),
+    help="Prepared caption dataset for held-out ITM / MLM accuracy.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("artifacts/student_pretrained"),
+    help="Output directory; OUT/student.pt is what student.pretrained points at.",
+)
+@click.option(
+    "--metrics",
+    "metrics_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("metrics/student_pretrain.json"),
+    help="Metrics JSON: steps, seconds, final training and held-out ITM / MLM accuracy.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def main(params_path, overrides, captions, val, out, metrics_path, quiet) -> None:
+    """Pretrain the student backbone (student.*) with image–text matching and masked language modelling.
+
+    Every student run with student.init=pretrained then fine-tunes from OUT/student.pt, as CLIP-TD's students
+    were pretrained VL models. It uses fewer caption pairs than the teacher saw (student_pretrain.pairs), so the
+    teacher still knows more than the student. A train/distill change never reruns this stage.
+    """
+    from pipeline.data.errors import DataError
+    from student.pretrain import pretrain_student
+
+    params = stage_params(params_path, overrides)
+    p = params.student_pretrain
+    try:
+        m = pretrain_student(
+            params.student, params.teacher.model, captions, val, out,
+            steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, warmup=p.warmup,
+            pairs_limit=p.pairs, seed=p.seed, metrics_path=metrics_path, progress=not quiet,
+        )  # fmt: skip
+    except (DataError, ValueError, FloatingPointError) as e:
+        raise click.ClickException(str(e)) from e
+    v = m.get("val", {})
+    click.echo(
+        f"student pretrain: {m['steps']} steps on {m['pairs']} pairs in {m['seconds']:.0f}s; held-out ITM "
+        f"{v.get('itm_acc', float('nan')):.3f} (chance 0.5), MLM {v.get('mlm_acc', float('nan')):.3f} -> {m['checkpoint']}"
+    )
+
+
+if __name__ == "__main__":
+    main()

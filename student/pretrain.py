@@ -1,0 +1,310 @@
+"""Pretraining the student as a vision-language model before any task: image–text matching + masked language
+modelling on an image–caption corpus, as ViLT-style students are pretrained (docs/method.md §7).
+
+CLIP-TD's students were pretrained VL models distilled while fine-tuning; a student from random weights
+spends its budget learning to see at all. This stage gives every student run the same starting point, once,
+from fewer pairs than the teacher saw, so the teacher still knows more than the student.
+
+- ITM: the pooled [CLS] classifies (image, caption) as matching or not; half of each batch's captions are
+  replaced, by a hard negative (one attribute changed) when the corpus has one, else by another image's caption.
+- MLM: 15% of the matching captions' tokens (never SOT/EOT) are replaced by a mask id and predicted from the
+  output token states through the (tied) token embedding.
+
+The checkpoint holds only the backbone (no ITM/MLM heads), loadable with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.config import StudentParams
+from pipeline.data.shards import PreparedDataset
+
+from .data import image_tensor, load_tokenizer
+from .model import PAD_ID, create_student, fit_text
+
+CHECKPOINT_NAME = "student.pt"
+FORMAT = "clip-td-student-pretrained"
+MASK_ID = PAD_ID  # open_clip's vocabulary has no mask token; id 0 inside a caption marks a masked position
+
+
+@dataclass
+class CaptionPairs:
+    """Caption instances with their images as normalised tensors (one row per unique image) and token ids."""
+
+    images: Tensor  # float16 [N_img, 3, S, S]
+    inst_image: Tensor  # long [N]
+    ids: Tensor  # long [N, L]
+    negatives: list[list[int]]  # per instance: rows in ``neg_ids`` of its hard negatives
+    neg_ids: Tensor  # long [M, L]
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.inst_image)
+
+
+def load_pairs(path: str | Path, sp: StudentParams, tokenizer, limit: int = 0, seed: int = 0) -> CaptionPairs:
+    """Caption instances of a prepared dataset (``limit`` > 0: a seeded subset of that many)."""
+    ds = PreparedDataset(path)
+    insts = [i for i in ds.iter_instances() if i.task == "caption"]
+    if not insts:
+        raise ValueError(f"{path}: no caption instances (task='caption'); prepare the captions split first")
+    if 0 < limit < len(insts):
+        keep = np.sort(np.random.default_rng(seed).choice(len(insts), size=limit, replace=False))
+        insts = [insts[i] for i in keep]
+    image_ids = list(dict.fromkeys(i.image_id for i in insts))
+    row = {iid: n for n, iid in enumerate(image_ids)}
+    images = torch.stack([image_tensor(ds.image_bytes(iid), sp.image_size).half() for iid in image_ids])
+    negs_text: list[str] = []
+    negatives = []
+    for inst in insts:
+        hn = inst.meta.get("hard_negatives", []) if isinstance(inst.meta, dict) else []
+        negatives.append(list(range(len(negs_text), len(negs_text) + len(hn))))
+        negs_text += [str(h) for h in hn]
+    ids = tokenizer([i.caption for i in insts])[:, : sp.max_text_len]
+    neg_ids = tokenizer(negs_text)[:, : sp.max_text_len] if negs_text else ids[:0]
+    return CaptionPairs(
+        images=images,
+        inst_image=torch.tensor([row[i.image_id] for i in insts]),
+        ids=ids,
+        negatives=negatives,
+        neg_ids=neg_ids,
+        fingerprint=ds.fingerprint,
+    )
+
+
+class PretrainHeads(nn.Module):
+    """ITM classifier on the pooled [CLS]; MLM transform whose decoder is the student's token embedding."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.itm = nn.Linear(width, 2)
+        self.mlm = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
+
+
+def make_batch(
+    pairs: CaptionPairs, idx: Tensor, gen: torch.Generator, eot_id: int, max_len: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(pixels, text ids, ITM labels, MLM labels with -100 where nothing is predicted) for instances ``idx``."""
+    b = len(idx)
+    ids = pairs.ids[idx].clone()
+    match = torch.rand(b, generator=gen) < 0.5
+    for n in torch.nonzero(~match).flatten().tolist():
+        own = pairs.negatives[int(idx[n])]
+        if own and torch.rand(1, generator=gen).item() < 0.5:
+            ids[n] = pairs.neg_ids[own[int(torch.randint(len(own), (1,), generator=gen))]]
+        else:
+            # Another image's caption, and not the same text (simple scenes share captions: a true match).
+            while True:
+                j = int(torch.randint(len(pairs), (1,), generator=gen))
+                if pairs.inst_image[j] != pairs.inst_image[idx[n]] and not torch.equal(pairs.ids[j], ids[n]):
+                    break
+            ids[n] = pairs.ids[j]
+    ids, mask = fit_text(ids, max_len, eot_id)
+    # SOT (position 0) and EOT are never masked; only matching pairs carry MLM targets.
+    sot_eot = torch.zeros_like(mask)
+    sot_eot[:, 0] = True
+    sot_eot |= ids == eot_id
+    can = mask & ~sot_eot & match[:, None]
+    chosen = can & (torch.rand(ids.shape, generator=gen) < 0.15)
+    mlm = torch.where(chosen, ids, torch.full_like(ids, -100))
+    ids = torch.where(chosen, torch.full_like(ids, MASK_ID), ids)
+    pixels = pairs.images[pairs.inst_image[idx]].float()
+    return pixels, ids, match.long(), mlm
+
+
+def losses(student, heads: PretrainHeads, batch) -> dict[str, Tensor]:
+    pixels, ids, itm_y, mlm_y = batch
+    out = student(pixels, ids)
+    itm_logits = heads.itm(out.pooled)
+    itm = F.cross_entropy(itm_logits, itm_y)
+    sel = mlm_y >= 0
+    if sel.any():
+        h = heads.mlm(out.text_tokens[sel])
+        mlm_logits = h @ student.tok_embed.weight.T
+        mlm = F.cross_entropy(mlm_logits, mlm_y[sel])
+        mlm_acc = (mlm_logits.argmax(-1) == mlm_y[sel]).float().mean()
+    else:
+        mlm = itm_logits.sum() * 0.0
+        mlm_acc = torch.zeros(())
+    itm_acc = (itm_logits.argmax(-1) == itm_y).float().mean()
+    return {"loss": itm + mlm, "itm": itm, "mlm": mlm, "itm_acc": itm_acc, "mlm_acc": mlm_acc}
+
+
+@torch.no_grad()
+def evaluate(student, heads, pairs: CaptionPairs, eot_id: int, max_len: int, seed: int, n_batches: int = 8):
+    """ITM and MLM accuracy on held-out pairs (fixed seed, so every run is scored on the same batches)."""
+    student.eval()
+    gen = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {"itm_acc": 0.0, "mlm_acc": 0.0, "itm": 0.0, "mlm": 0.0}
+    order = torch.randperm(len(pairs), generator=gen)
+    size = max(1, min(128, len(pairs) // n_batches))
+    n = 0
+    for k in range(n_batches):
+        idx = order[k * size : (k + 1) * size]
+        if len(idx) == 0:
+            break
+        logs = losses(student, heads, make_batch(pairs, idx, gen, eot_id, max_len))
+        for key in sums:
+            sums[key] += float(logs[key])
+        n += 1
+    student.train()
+    return {k: round(v / max(n, 1), 4) for k, v in sums.items()}
+
+
+def pretrain_student(
+    sp: StudentParams,
+    teacher_model: str,
+    captions: str | Path,
+    val: str | Path | None,
+    out: str | Path,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    warmup: int,
+    pairs_limit: int,
+    seed: int,
+    metrics_path: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train ``sp``'s student backbone with ITM + MLM; write ``out/student.pt`` atomically and the metrics."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(teacher_model)
+    t_load = time.perf_counter()
+    pairs = load_pairs(captions, sp, tokenizer, pairs_limit, seed)
+    val_pairs = load_pairs(val, sp, tokenizer) if val is not None else None
+    load_seconds = time.perf_counter() - t_load
+
+    student = create_student(sp.arch, sp)
+    heads = PretrainHeads(student.width)
+    params = [*student.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    eot_id, max_len = student.eot_id, student.max_text_len
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc="pretrain student", unit="step", disable=not progress, mininterval=2)
+    for step in bar:
+        scale = (
+            (step + 1) / warmup
+            if step < warmup
+            else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+        )
+        for g in opt.param_groups:
+            g["lr"] = lr * scale
+        idx = torch.randint(len(pairs), (batch_size,), generator=gen)
+        logs = losses(student, heads, make_batch(pairs, idx, gen, eot_id, max_len))
+        if not torch.isfinite(logs["loss"]):
+            raise FloatingPointError(
+                f"pretrain_student: non-finite loss at step {step} (itm {logs['itm']}, mlm {logs['mlm']})"
+            )
+        opt.zero_grad(set_to_none=True)
+        logs["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        history.append({k: float(v.detach()) for k, v in logs.items()})
+        if step % 20 == 0:
+            bar.set_postfix(itm=f"{history[-1]['itm_acc']:.2f}", mlm=f"{history[-1]['mlm_acc']:.2f}")
+    seconds = time.perf_counter() - t0
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT_NAME
+    tmp = ckpt.with_name(f".{ckpt.name}.tmp-{os.getpid()}")
+    torch.save(
+        {
+            "format": FORMAT,
+            "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+            "student_params": asdict(sp),
+            "teacher_model": teacher_model,
+            "steps": steps,
+            "seed": seed,
+            "data_fingerprint": pairs.fingerprint,
+        },
+        tmp,
+    )
+    os.replace(tmp, ckpt)  # a crash never leaves a half-written backbone that student runs would trust
+
+    window = max(1, min(50, steps // 5))
+    metrics: dict = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "pairs": len(pairs),
+        "images": int(pairs.images.shape[0]),
+        "seconds": round(seconds, 2),
+        "seconds_per_step": round(seconds / max(steps, 1), 4),
+        "load_seconds": round(load_seconds, 2),
+        "final_train": {k: round(float(np.mean([h[k] for h in history[-window:]])), 4) for k in history[0]}
+        if history
+        else {},
+        "checkpoint": str(ckpt),
+    }
+    if val_pairs is not None:
+        metrics["val"] = evaluate(student, heads, val_pairs, eot_id, max_len, seed)
+        metrics["val"]["chance_itm"] = 0.5
+    if metrics_path is not None:
+        mp = Path(metrics_path)
+        mp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = mp.with_name(f".{mp.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(metrics, indent=1) + "\n")
+        os.replace(tmp, mp)
+    return metrics
+
+
+class PretrainedMismatch(ValueError):
+    """A pretrained student checkpoint does not fit the student a run builds."""
+
+
+def load_pretrained_backbone(student: nn.Module, path: str | Path, sp: StudentParams) -> dict:
+    """Copy a pretrained backbone into ``student`` (same architecture params required); returns its metadata.
+
+    Loaded with ``weights_only=True``: a checkpoint a user hands over can hold tensors and plain data only."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedMismatch(
+            f"{path}: no pretrained student here (run python -m stages.pretrain_student, or set student.init=scratch)"
+        )
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one message naming it
+        raise PretrainedMismatch(
+            f"{path}: not a readable pretrained student ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise PretrainedMismatch(
+            f"{path}: not a clip-td pretrained student (format={ck.get('format') if isinstance(ck, dict) else None!r})"
+        )
+    theirs, ours = ck["student_params"], asdict(sp)
+    arch_keys = (
+        "arch",
+        "width",
+        "layers",
+        "heads",
+        "mlp_ratio",
+        "patch_size",
+        "stem",
+        "image_size",
+        "max_text_len",
+    )
+    diff = [k for k in arch_keys if theirs.get(k) != ours.get(k)]
+    if diff:
+        raise PretrainedMismatch(
+            f"{path}: pretrained with different student.{', student.'.join(diff)} "
+            f"({', '.join(f'{k}={theirs.get(k)!r}' for k in diff)}); re-run pretrain_student"
+        )
+    student.load_state_dict(ck["student"])
+    return {k: ck.get(k) for k in ("steps", "seed", "data_fingerprint", "teacher_model")}

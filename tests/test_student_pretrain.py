@@ -1,0 +1,137 @@
+"""Student pretraining (ITM + MLM on captions): batches that cannot be solved from the text alone, a backbone
+that loads into a student run exactly, and refusals that name what is wrong."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from pipeline.config import StudentParams, SyntheticParams
+from pipeline.data import synthetic
+from pipeline.data.shards import DatasetWriter
+from student.data import load_tokenizer
+from student.model import create_student
+from student.pretrain import (
+    FORMAT,
+    PretrainedMismatch,
+    load_pairs,
+    load_pretrained_backbone,
+    make_batch,
+    pretrain_student,
+)
+
+TEACHER = "pipeline/model_configs/clip-td-tiny.json"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("captions")
+    sp = SyntheticParams(
+        seed=0, image_size=32, caption_scenes=40, scenes={"captions": 40, "captions_val": 12}
+    )
+    for split in ("captions", "captions_val"):
+        with DatasetWriter(
+            root / split, source="synthetic", split=split, shard_size=50, image_shard_size=50
+        ) as w:
+            synthetic.generate(split, sp, w)
+    return root
+
+
+def _sp(**over) -> StudentParams:
+    base = dict(width=32, layers=1, heads=2, image_size=32, patch_size=8, max_text_len=24, dropout=0.0)
+    return StudentParams(**{**base, **over})
+
+
+def test_batches_mix_matches_and_mismatches_and_mask_only_inner_tokens(corpus):
+    sp = _sp()
+    pairs = load_pairs(corpus / "captions", sp, load_tokenizer(TEACHER))
+    student = create_student(sp.arch, sp)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.arange(len(pairs))
+    pixels, ids, itm, mlm = make_batch(pairs, idx, gen, student.eot_id, sp.max_text_len)
+    assert pixels.shape == (len(pairs), 3, 32, 32)
+    assert 0.25 < itm.float().mean() < 0.75  # about half the captions are replaced
+    # A mismatched caption is never a caption of the instance's own image.
+    own = {}
+    for n in range(len(pairs)):
+        own.setdefault(int(pairs.inst_image[n]), set()).add(tuple(pairs.ids[n][: sp.max_text_len].tolist()))
+    for n in torch.nonzero(itm == 0).flatten().tolist():
+        assert tuple(ids[n].tolist()) not in own[int(pairs.inst_image[n])]
+    # MLM targets only on matching pairs, never at SOT (position 0) or EOT.
+    assert (mlm[itm == 0] == -100).all()
+    assert (mlm[:, 0] == -100).all()
+    assert not (mlm == student.eot_id).any()
+    assert (mlm >= 0).any()
+
+
+def test_pretrained_backbone_loads_exactly_and_trains_the_itm_signal(corpus, tmp_path):
+    sp = _sp()
+    m = pretrain_student(
+        sp, TEACHER, corpus / "captions", corpus / "captions_val", tmp_path / "out",
+        steps=6, batch_size=16, lr=1e-3, weight_decay=0.0, warmup=2, pairs_limit=30, seed=0,
+        metrics_path=tmp_path / "m.json", progress=False,
+    )  # fmt: skip
+    assert m["pairs"] == 30 and m["steps"] == 6 and 0.0 <= m["val"]["itm_acc"] <= 1.0
+    saved = torch.load(tmp_path / "out" / "student.pt", weights_only=True)
+    student = create_student(sp.arch, sp)
+    meta = load_pretrained_backbone(student, tmp_path / "out" / "student.pt", sp)
+    assert meta["steps"] == 6
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, saved["student"][k]), k
+
+
+def test_a_backbone_of_another_shape_is_refused_naming_the_keys(corpus, tmp_path):
+    sp = _sp()
+    pretrain_student(
+        sp, TEACHER, corpus / "captions", None, tmp_path / "out", steps=1, batch_size=4, lr=1e-3,
+        weight_decay=0.0, warmup=1, pairs_limit=8, seed=0, progress=False,
+    )  # fmt: skip
+    other = _sp(width=64)
+    with pytest.raises(PretrainedMismatch, match=r"student\.width.*width=32"):
+        load_pretrained_backbone(create_student(other.arch, other), tmp_path / "out" / "student.pt", other)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unopened(tmp_path):
+    ran = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(ran), "w"))
+
+    bad = tmp_path / "student.pt"
+    bad.write_bytes(pickle.dumps({"format": Evil()}))
+    sp = _sp()
+    with pytest.raises(PretrainedMismatch, match="student.pt: not a readable pretrained student"):
+        load_pretrained_backbone(create_student(sp.arch, sp), bad, sp)
+    assert not ran.exists()
+    with pytest.raises(PretrainedMismatch, match="no pretrained student here"):
+        load_pretrained_backbone(create_student(sp.arch, sp), tmp_path / "missing.pt", sp)
+
+
+def test_a_student_run_starts_from_the_pretrained_backbone(tmp_path):
+    from student.train import RunError, Trainer
+    from tests.test_train_student import _params, _run, build_world
+
+    world = build_world(tmp_path / "w")
+    params = _params(world)
+    sp = params.student
+    # A backbone no seed would draw: the run must start from exactly these weights.
+    backbone = create_student(sp.arch, sp)
+    torch.manual_seed(7)
+    for p in backbone.parameters():
+        torch.nn.init.normal_(p)
+    torch.save({"format": FORMAT, "student": backbone.state_dict(), "student_params": asdict(sp), "steps": 1},
+               tmp_path / "pre.pt")  # fmt: skip
+    pre = _params(world, **{"student.init": "pretrained", "student.pretrained": tmp_path / "pre.pt"})
+    trainer = Trainer(pre, _run(world, tmp_path, method="baseline"), progress=False)
+    try:
+        for k, v in backbone.state_dict().items():
+            assert torch.equal(trainer.student.state_dict()[k], v), k
+    finally:
+        trainer.close()
+    missing = _params(world, **{"student.init": "pretrained", "student.pretrained": tmp_path / "none.pt"})
+    with pytest.raises(RunError, match="none.pt: no pretrained student here"):
+        Trainer(missing, _run(world, tmp_path, method="baseline", name="r2"), progress=False)
