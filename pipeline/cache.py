@@ -59,6 +59,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -81,6 +82,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest"
 # The single-writer lock (pipeline.lock) lives inside the store; removing or recreating a store keeps it.
 LOCK_FILE = ".lock"
+# A replaced store is renamed to <store>.tmp-old-<random> and then deleted (``replace_store``).
+TRASH_INFIX = ".tmp-old-"
 SCALE_SUFFIX = "_scale"
 # Every relevance source the teacher can return besides the last-layer tokens (method §3).
 RELEVANCE_SOURCES = ("value", "intermediate")
@@ -291,7 +294,12 @@ def replace_store(new_url: str, url: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(new, LOCK_FILE))
         os.link(lock, os.path.join(new, LOCK_FILE))
-    trash = f"{path}.tmp-old-{uuid.uuid4().hex[:12]}"
+    # An old store whose deletion an earlier run did not finish: ours by its name and its zarr.json (which
+    # remove_store deletes last), so it goes now.
+    for old in sorted(glob.glob(glob.escape(path) + TRASH_INFIX + "*")):
+        if inspect_location(old)[0] == "cache":
+            remove_store(old, keep_lock=False)
+    trash = f"{path}{TRASH_INFIX}{uuid.uuid4().hex[:12]}"
     if _exchange(new, path):
         os.rename(new, trash)
     else:

@@ -1456,6 +1456,23 @@ def _metrics(url, plan, layout, lengths, committed, records, n_units, seconds) -
     }
 
 
+def default_metrics_path(store_url: str) -> Path | None:
+    """``<store>.extract.json`` beside a local store: the metrics follow the store they describe, so
+    extracting some other store never overwrites the pipeline's metrics/extract.json. None for a remote URL."""
+    path = C.local_path(store_url)
+    return Path(path + ".extract.json") if path is not None else None
+
+
+def write_metrics(path: str | Path, metrics: dict) -> None:
+    """Written beside and renamed into place: a reader never sees half a file, and a symlink at ``path`` is
+    replaced, not followed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(metrics, indent=1))
+    os.replace(tmp, path)
+
+
 def find_default_datasets(root: str = "data/shards/synthetic") -> list[str]:
     """Every prepared dataset under root except the caption corpora (those train the embedded teacher)."""
     from .data.shards import find_datasets

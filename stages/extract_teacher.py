@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from pathlib import Path
 
 import click
@@ -121,9 +119,11 @@ def main(
         TeacherSpec,
         UnitWriteError,
         check_store_outside,
+        default_metrics_path,
         extract,
         find_default_datasets,
         open_datasets,
+        write_metrics,
     )
     from pipeline.lock import StoreLocked, StoreNotWritable
     from pipeline.teacher import TeacherError
@@ -187,7 +187,7 @@ def main(
     if metrics_path is None:
         metrics_path = default_metrics_path(cp.store)
     if metrics_path is not None:
-        write_json(metrics_path, metrics)
+        write_metrics(metrics_path, metrics)
     click.echo(
         f"{cp.store}: {metrics['unique_images']} images ({metrics['image_duplicates_removed']} duplicates removed), "
         f"{metrics['unique_texts']} texts ({metrics['text_duplicates_removed']} duplicates removed); units "
@@ -195,24 +195,6 @@ def main(
         f"{metrics['items_per_s']:.1f} items/s; {metrics['bytes_on_disk'] / 1e6:.1f} MB on disk "
         f"(ratio {metrics['compression_ratio']:.2f}) -> {metrics_path or 'no metrics file (pass --metrics)'}"
     )
-
-
-def default_metrics_path(store: str) -> Path | None:
-    """Beside a local store, named after it: the metrics follow the store they describe, so extracting some
-    other store never overwrites the pipeline's metrics/extract.json. None for a remote store URL."""
-    from pipeline.cache import local_path
-
-    path = local_path(store)
-    return Path(path + ".extract.json") if path is not None else None
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Written beside and renamed into place: a reader never sees half a file, and a symlink at ``path`` is
-    replaced, not followed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -204,6 +205,9 @@ def test_stale_rebuild_resumes_beside_and_swaps_in_when_complete(world, tmp_path
         monkeypatch.setattr(C, "_exchange", lambda a, b: False)
     url = str(copy_store(world, tmp_path / "s.zarr"))
     before = tree(Path(url))
+    # The old store of an earlier swap whose deletion was cut short (its zarr.json, deleted last, remains).
+    trash = copy_store(world, tmp_path / f"s.zarr{C.TRASH_INFIX}0123")
+    shutil.rmtree(trash / "image")
     stale = cache_params(compressor="lz4")
     monkeypatch.setenv(X.FAIL_ENV, "image-000001")
     with pytest.raises(X.InjectedFailure):
@@ -235,8 +239,12 @@ def test_rerun_on_a_complete_store_leaves_it_byte_identical(world, tmp_path, mon
     m = json.loads(Path(f"{out}.extract.json").read_text())  # the default metrics follow the store
     assert m["units_computed"] == 0 and m["store"] == str(out)
     assert not (tmp_path / "metrics").exists()
+    (tmp_path / "target.txt").write_text("keep")
+    (tmp_path / "m.json").symlink_to(tmp_path / "target.txt")  # a link where the metrics go is not followed
     r = stage(world, out, "--rebuild-stale", metrics=tmp_path / "m.json")  # dvc.yaml's flags: still a no-op
     assert r.exit_code == 0 and tree(out) == before
+    assert (tmp_path / "target.txt").read_text() == "keep" and not (tmp_path / "m.json").is_symlink()
+    assert json.loads((tmp_path / "m.json").read_text())["units_computed"] == 0
 
 
 # --------------------------------------------------------------------------- 4. damaged inputs: one line
@@ -300,3 +308,35 @@ def test_garbage_manifest_entry_is_one_line_naming_it(world, tmp_path):
     assert tree(out) == before
     entry.write_text("[1, 2, 3]")  # valid JSON, not an entry
     one_error_line(stage(world, out), str(entry), "not a manifest entry")
+
+
+def test_rebuild_killed_mid_unit_resumes_and_the_old_store_survives_until_the_swap(world, tmp_path):
+    """SIGKILL (no finally: the lock stays behind in the store) while a --rebuild-stale run writes a unit."""
+    import signal
+    import subprocess
+    import sys
+
+    out = copy_store(world, tmp_path / "s.zarr")
+    before = tree(out)
+    args = ["--shards", str(world["ds"].path), "--out", str(out), "--model", world["cfg"], "--pretrained"]
+    args += [world["ckpt"], "--scheduler", "sync", "--device", "cpu", "--quiet", "--rebuild-stale"]
+    args += ["--params", str(world["root"] / "defaults.yaml"), "--set", "cache.compressor=lz4"]
+    for s in SETS:
+        args += ["--set", s]
+    code = "import runpy; runpy.run_module('stages.extract_teacher', run_name='__main__')"
+    env = {**os.environ, X.FAIL_ENV: "image-000001:kill", "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert L.read_lock(str(out)) is not None  # the killed holder's lock
+    assert {k: v for k, v in tree(out).items() if k != C.LOCK_FILE} == before
+    assert sorted(C.committed_units(str(out) + X.REBUILD_SUFFIX)) == ["image-000000"]
+    X.UNIT_RUNS.clear()
+    r = CliRunner().invoke(main, args)  # the same command again, in this process
+    assert r.exit_code == 0, r.output
+    assert "image-000000" not in X.UNIT_RUNS and "image-000001" in X.UNIT_RUNS
+    assert C.open_group(str(out)).attrs["fingerprint"]["store"]["compressor"] == "lz4"
+    assert C.TeacherCache(str(out)).verify() == [] and L.read_lock(str(out)) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr", "s.zarr.extract.json"]
