@@ -468,7 +468,12 @@ def verify_store(url: str, *, scan: bool = True, workers: int = 0) -> Report:
 
 
 def write_json(report: Report, path: str) -> None:
+    """Written beside and renamed into place (a symlink at ``path`` is replaced, not followed)."""
+    import os
     from pathlib import Path
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report.to_json(), indent=1))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report.to_json(), indent=1))
+    os.replace(tmp, out)
