@@ -286,3 +286,20 @@ def test_truncated_root_metadata_names_the_file(tmp_path):
         with pytest.raises(C.CacheFormatError, match=rf"{meta}: not valid JSON"):
             call(url)
     assert meta.exists()
+
+
+def test_store_recognition_and_removal_on_an_fsspec_url():
+    import fsspec
+
+    base = f"clip-td-test-{os.getpid()}-recognise"
+    url, fs = f"memory://{base}/s.zarr", fsspec.filesystem("memory")
+    g = C.open_group(url, mode="a", attributes={"format": C.FORMAT})
+    g.create_array("image/ids", shape=(2,), dtype="int64", chunks=(2,))
+    fs.pipe_file(f"/{base}/s.zarr/{C.LOCK_FILE}", b"{}")
+    assert C.inspect_location(url)[0] == "cache" and not C.is_local(url) and C.local_path(url) is None
+    C.remove_store(url)
+    assert fs.ls(f"/{base}/s.zarr", detail=False) == [f"/{base}/s.zarr/{C.LOCK_FILE}"]
+    fs.pipe_file(f"/{base}/f/notes.txt", b"x")
+    with pytest.raises(C.CacheFormatError, match="notes.txt.*not a clip-td teacher cache"):
+        C.remove_store(f"memory://{base}/f")
+    assert fs.cat_file(f"/{base}/f/notes.txt") == b"x"
