@@ -279,7 +279,7 @@ def _exchange(a: str, b: str) -> bool:
 
 def replace_store(new_url: str, url: str) -> None:
     """Put the complete store built at ``new_url`` (a sibling folder) in the place of the teacher cache at
-    ``url``, then delete the old one. Local stores only: both folders swap in one atomic rename where the
+    ``url`` (or of nothing: an empty folder, no folder), then delete the old one. Local stores only: both folders swap in one atomic rename where the
     kernel offers it (else two renames, microseconds apart), so a reader or a killed run sees the old store
     or the new one, never a mix. The lock file at ``url`` is linked into the new store first, so the store at
     ``url`` is never without its writer's lock."""
@@ -287,8 +287,11 @@ def replace_store(new_url: str, url: str) -> None:
     if new is None or path is None:
         raise ValueError(f"replace_store: {new_url} and {url} must be local stores")
     kind, _, why = inspect_location(url)
-    if kind != "cache":
+    if kind == "foreign":
         raise CacheFormatError(foreign_message(url, why))
+    if kind == "absent":
+        os.rename(new, path)
+        return
     lock = os.path.join(path, LOCK_FILE)
     if os.path.exists(lock):
         with contextlib.suppress(FileNotFoundError):
@@ -310,7 +313,12 @@ def replace_store(new_url: str, url: str) -> None:
             with contextlib.suppress(OSError):
                 os.rename(trash, path)  # the old store back in its place
             raise
-    remove_store(trash, keep_lock=False)
+    if kind == "cache":
+        remove_store(trash, keep_lock=False)
+    else:  # the folder held only the writer's lock files (a store whose swap was cut short)
+        for n in os.listdir(trash):
+            os.unlink(os.path.join(trash, n))
+        os.rmdir(trash)
 
 
 def bytes_on_disk(url: str) -> int:

@@ -1222,7 +1222,7 @@ def _open_or_check(
     if kind == "foreign":
         raise C.CacheFormatError(C.foreign_message(url, why))
     if kind in ("absent", "empty"):
-        return _Target(url, fresh=True)
+        return _unswapped_rebuild(url, fingerprint, legacy) or _Target(url, fresh=True)
     if not attrs.get("layout"):  # our store, but its creation was interrupted: nothing was committed yet
         C.remove_store(url)
         return _Target(url, fresh=True)
@@ -1235,6 +1235,20 @@ def _open_or_check(
     if diff:
         log.warning("%s is stale (differs in %s): rebuilding it", url, ", ".join(diff))
     return _rebuild_target(url, fingerprint, legacy, resume=not overwrite)
+
+
+def _unswapped_rebuild(url: str, fingerprint: dict, legacy: dict | None) -> _Target | None:
+    """A matching rebuild beside a missing store: a swap cut short between its two renames (where the kernel
+    has no atomic exchange), or a store deleted by hand. Resumed and moved into place, not recomputed."""
+    if not C.is_local(url):
+        return None
+    tmp = rebuild_url(url)
+    kind, attrs, _ = C.inspect_location(tmp)
+    if kind != "cache" or not attrs.get("layout") or _differing(attrs, fingerprint, legacy):
+        return None  # anything else there is left alone
+    C.check_metadata(tmp)
+    log.warning("%s is missing; resuming the rebuild at %s and moving it into place", url, tmp)
+    return _Target(tmp, fresh=False, replace=True, complete=bool(attrs.get("complete")))
 
 
 def _rebuild_target(url: str, fingerprint: dict, legacy: dict | None, resume: bool) -> _Target:

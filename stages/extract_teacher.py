@@ -25,7 +25,9 @@ from stages.common import params_options, stage_params
     "--out",
     "store",
     default=None,
-    help="The store: a local path or any fsspec URL (file://, s3://, gs://, …). [default: cache.store]",
+    help="The store: a local path or any fsspec URL (file://, s3://, gs://, …): a new or empty folder, or a "
+    "teacher cache to resume or rebuild; anything else there, or a path overlapping a --shards folder, is "
+    "refused. [default: cache.store]",
 )
 @click.option(
     "--model",

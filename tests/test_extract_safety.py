@@ -226,6 +226,19 @@ def test_stale_rebuild_resumes_beside_and_swaps_in_when_complete(world, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # no rebuild or old store left
 
 
+def test_a_rebuild_whose_swap_was_cut_short_is_moved_into_place_not_recomputed(world, tmp_path):
+    """Between the two renames of a swap without RENAME_EXCHANGE: the store is gone, its complete rebuild
+    beside it, the old store renamed aside (whose zarr.json was written first, so it is recognisable)."""
+    out = tmp_path / "s.zarr"
+    copy_store(world, Path(f"{out}{X.REBUILD_SUFFIX}"))
+    copy_store(world, Path(f"{out}{C.TRASH_INFIX}0123"))
+    X.UNIT_RUNS.clear()
+    m = X.extract([world["ds"]], str(out), world["spec"], cache_params(), "sync", False, rebuild_stale=True)
+    assert m["units_computed"] == 0 and X.UNIT_RUNS == []
+    assert tree(out) == tree(Path(world["ref"]))  # moved as it was: nothing rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"] and L.read_lock(str(out)) is None
+
+
 # ------------------------------------------------------------------------ 3. a no-op rerun writes nothing
 
 
