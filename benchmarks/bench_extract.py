@@ -280,6 +280,8 @@ def measure(
         extract_wall = time.perf_counter() - t0
     finally:
         X.run_unit = run_unit
+    for j in jobs:  # an existing store is rebuilt beside it and swapped in: rerun the units in its place
+        j.store_url = cp.store
     del teacher.encode_images  # back to the class method
     image_jobs = [j for j in jobs if j.kind == "image"]
     unit_seconds = {r["unit"]: r["seconds"] for r in committed_units(cp.store).values()}
@@ -395,6 +397,8 @@ def measure_host(
 
     with _patched([(teacher, "encode_images", stub), (X, "run_unit", lambda _: recording)]):
         X.extract([ds], cp.store, spec, cp, scheduler="sync", progress=False, overwrite=True)
+        for j in jobs:  # an existing store is rebuilt beside it and swapped in: rerun the units in its place
+            j.store_url = cp.store
         image_jobs = [j for j in jobs if j.kind == "image"]
         passes = [
             profile_phases(X, teacher, image_jobs, run_unit, decode_in_process=workers == 0)

@@ -4,7 +4,9 @@ Layout (method §1; N = unique images, M = unique texts, P patch tokens, E joint
 
     <store>/zarr.json            attrs: format, format_version, package_version, teacher (describe()), embed_dim,
                                  num_patches, grid, context_length, logit_scale, dtype, codec, views,
-                                 relevance_tokens, units, data, fingerprint, complete, extract (final metrics)
+                                 relevance_tokens, units, data, fingerprint, complete, extract (metrics of the
+                                 last run that computed a unit; a run that computes nothing leaves the store
+                                 byte-identical)
     image/ids        [N]          str      image id used by the data shards (row order = data-shard order)
     image/alias_ids  [A]          str      ids whose bytes equal an earlier image (deduplicated by SHA-1) ...
     image/alias_rows [A]          int64    ... and the row they share
@@ -53,7 +55,11 @@ Views. ``views/`` repeats view 0 (identical to ``image/``) so that a student can
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -76,6 +82,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest"
 # The single-writer lock (pipeline.lock) lives inside the store; removing or recreating a store keeps it.
 LOCK_FILE = ".lock"
+# A replaced store is renamed to <store>.tmp-old-<random> and then deleted (``replace_store``).
+TRASH_INFIX = ".tmp-old-"
 SCALE_SUFFIX = "_scale"
 # Every relevance source the teacher can return besides the last-layer tokens (method §3).
 RELEVANCE_SOURCES = ("value", "intermediate")
@@ -117,11 +125,13 @@ def _split_url(url: str) -> tuple[str, dict]:
     return url, {}
 
 
-def open_group(url: str, mode: str = "r") -> zarr.Group:
+def open_group(url: str, mode: str = "r", attributes: dict | None = None) -> zarr.Group:
+    """The store's root group. ``attributes`` are written with a group that ``mode`` creates, in the same write
+    as its zarr.json: a store is recognisable as ours from its first file on."""
     store, opts = _split_url(url)
     if "://" in store:
-        return zarr.open_group(store, mode=mode, storage_options=opts or None)
-    return zarr.open_group(store, mode=mode)
+        return zarr.open_group(store, mode=mode, storage_options=opts or None, attributes=attributes)
+    return zarr.open_group(store, mode=mode, attributes=attributes)
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -129,24 +139,186 @@ def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/")
 
 
+def is_local(url: str) -> bool:
+    """A local path or file:// URL (directory renames are atomic there; on object stores they are copies)."""
+    return isinstance(_fs(url)[0], fsspec.implementations.local.LocalFileSystem)
+
+
+def local_path(url: str) -> str | None:
+    """The filesystem path of a local store, None for any other fsspec URL."""
+    return _fs(url)[1] if is_local(url) else None
+
+
 def store_exists(url: str) -> bool:
     fs, path = _fs(url)
     return fs.exists(f"{path}/zarr.json")
 
 
-def remove_store(url: str, keep: Sequence[str] = (LOCK_FILE,)) -> None:
-    """Delete a store. Top-level entries named in ``keep`` survive: by default the writer's lock file
-    (``pipeline.lock``), so that rebuilding a store under its lock never opens a window for a second writer."""
+def _name(p: str) -> str:
+    return p.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _lock_artifact(name: str) -> bool:
+    """Files ``pipeline.lock`` leaves in a store folder: the lock, its private temporary files and locks moved
+    aside as stale. They are the writer's, never a user's: a folder holding only these counts as empty."""
+    return name == LOCK_FILE or name.startswith(LOCK_FILE + ".")
+
+
+def read_store_attrs(url: str) -> dict | None:
+    """The root group's attributes, None when the location has no root zarr.json. A zarr.json that cannot be
+    parsed raises CacheFormatError naming the file (a truncated write, a foreign file)."""
+    fs, path = _fs(url)
+    where = f"{url.rstrip('/')}/zarr.json"
+    try:
+        raw = fs.cat_file(f"{path}/zarr.json")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CacheFormatError(
+            f"{where}: not valid JSON ({e}): the store's root metadata is damaged"
+        ) from None
+    if not isinstance(doc, dict) or doc.get("node_type") != "group" or doc.get("zarr_format") != 3:
+        raise CacheFormatError(f"{where}: not the metadata of a zarr v3 group, so not a teacher cache")
+    attrs = doc.get("attributes", {})
+    if not isinstance(attrs, dict):
+        raise CacheFormatError(
+            f"{where}: 'attributes' is not an object: the store's root metadata is damaged"
+        )
+    return attrs
+
+
+def check_metadata(url: str) -> None:
+    """Raise CacheFormatError naming the first group or array zarr.json below the root that is not valid JSON
+    (zarr would fail on it mid-run with a bare JSON error): a store is checked before a run resumes it."""
+    fs, path = _fs(url)
+    for p in sorted(fs.glob(f"{path}/*/zarr.json") + fs.glob(f"{path}/*/*/zarr.json")):
+        try:
+            json.loads(fs.cat_file(p))
+        except (UnicodeDecodeError, ValueError) as e:
+            where = f"{url.rstrip('/')}/{p[len(path) + 1 :]}" if p.startswith(path + "/") else p
+            raise CacheFormatError(
+                f"{where}: not valid JSON ({e}): the store's metadata is damaged"
+            ) from None
+
+
+def inspect_location(url: str) -> tuple[str, dict, str]:
+    """(kind, attrs, why) of what is at a store location before anything is written there. kind: "absent";
+    "empty" (a folder holding nothing, or only a writer's lock files); "cache" (a teacher cache of any
+    version, complete or not: its root attrs name our format); "foreign" (anything else, ``why`` says what).
+    Only a "cache" may ever be deleted or replaced (``remove_store``)."""
     fs, path = _fs(url)
     if not fs.exists(path):
+        return "absent", {}, ""
+    if not fs.isdir(path):
+        return "foreign", {}, "is a file, not a folder"
+    names = [_name(p) for p in fs.ls(path, detail=False)]
+    if all(_lock_artifact(n) for n in names):
+        return "empty", {}, ""
+    attrs = read_store_attrs(url)
+    if attrs is None:
+        shown = ", ".join(sorted(names)[:3]) + (", …" if len(names) > 3 else "")
+        return "foreign", {}, f"is a folder holding {len(names)} entries ({shown}) and no zarr.json"
+    if attrs.get("format") != FORMAT:
+        return (
+            "foreign",
+            attrs,
+            f"holds a zarr group whose attrs name format {attrs.get('format')!r}, not {FORMAT!r}",
+        )
+    return "cache", attrs, ""
+
+
+def foreign_message(url: str, why: str) -> str:
+    return (
+        f"{url} {why}: not a clip-td teacher cache, so it is neither written into nor replaced (not even with "
+        "--overwrite or --rebuild-stale); nothing there was changed: choose a new or empty folder"
+    )
+
+
+def remove_store(url: str, keep_lock: bool = True) -> None:
+    """Delete a teacher cache, and only that: anything not recognisable as one (``inspect_location``) raises
+    CacheFormatError and is left as it is; an empty folder is left too. ``keep_lock`` keeps the writer's lock
+    files (``pipeline.lock``), so that rebuilding a store under its lock never opens a window for a second
+    writer. The root zarr.json goes last: a removal cut short leaves a folder still recognisable as a store,
+    which a later run may remove again, instead of anonymous leftovers it must refuse."""
+    kind, _, why = inspect_location(url)
+    if kind in ("absent", "empty"):
         return
-    entries = fs.ls(path, detail=False)
-    if not any(p.rstrip("/").rsplit("/", 1)[-1] in keep for p in entries):
-        fs.rm(path, recursive=True)
-        return
-    for p in entries:
-        if p.rstrip("/").rsplit("/", 1)[-1] not in keep:
+    if kind != "cache":
+        raise CacheFormatError(foreign_message(url, why))
+    fs, path = _fs(url)
+    kept = False
+    for p in fs.ls(path, detail=False):
+        n = _name(p)
+        if keep_lock and _lock_artifact(n):
+            kept = True
+        elif n != "zarr.json":
             fs.rm(p, recursive=True)
+    fs.rm_file(f"{path}/zarr.json")
+    if not kept:
+        fs.rm(path, recursive=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where the C library, the
+    kernel or the filesystem does not offer it."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), a)
+
+
+def replace_store(new_url: str, url: str) -> None:
+    """Put the complete store built at ``new_url`` (a sibling folder) in the place of the teacher cache at
+    ``url`` (or of nothing: an empty folder, no folder), then delete the old one. Local stores only: both folders swap in one atomic rename where the
+    kernel offers it (else two renames, microseconds apart), so a reader or a killed run sees the old store
+    or the new one, never a mix. The lock file at ``url`` is linked into the new store first, so the store at
+    ``url`` is never without its writer's lock."""
+    new, path = local_path(new_url), local_path(url)
+    if new is None or path is None:
+        raise ValueError(f"replace_store: {new_url} and {url} must be local stores")
+    kind, _, why = inspect_location(url)
+    if kind == "foreign":
+        raise CacheFormatError(foreign_message(url, why))
+    if kind == "absent":
+        os.rename(new, path)
+        return
+    lock = os.path.join(path, LOCK_FILE)
+    if os.path.exists(lock):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(new, LOCK_FILE))
+        os.link(lock, os.path.join(new, LOCK_FILE))
+    # An old store whose deletion an earlier run did not finish: ours by its name and its zarr.json (which
+    # remove_store deletes last), so it goes now.
+    for old in sorted(glob.glob(glob.escape(path) + TRASH_INFIX + "*")):
+        if inspect_location(old)[0] == "cache":
+            remove_store(old, keep_lock=False)
+    trash = f"{path}{TRASH_INFIX}{uuid.uuid4().hex[:12]}"
+    if _exchange(new, path):
+        os.rename(new, trash)
+    else:
+        os.rename(path, trash)
+        try:
+            os.rename(new, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.rename(trash, path)  # the old store back in its place
+            raise
+    if kind == "cache":
+        remove_store(trash, keep_lock=False)
+    else:  # the folder held only the writer's lock files (a store whose swap was cut short)
+        for n in os.listdir(trash):
+            os.unlink(os.path.join(trash, n))
+        os.rmdir(trash)
 
 
 def bytes_on_disk(url: str) -> int:
@@ -175,17 +347,54 @@ def commit_unit(url: str, name: str, record: dict) -> None:
         fs.pipe_file(target, data)
 
 
-def committed_units(url: str) -> dict[str, dict]:
-    """Manifest entries by unit name (temporary files of an interrupted commit are ignored)."""
+def _manifest_problem(rec: Any) -> str:
+    """Why a parsed manifest entry cannot be one ("" when it can): a JSON object whose ``arrays``, if any, maps
+    array names to objects (each region's fields are checked where they are used, by ``verify``)."""
+    if not isinstance(rec, dict):
+        return f"not a manifest entry (expected a JSON object, got {type(rec).__name__})"
+    arrays = rec.get("arrays", {})
+    if not isinstance(arrays, dict) or not all(isinstance(v, dict) for v in arrays.values()):
+        return "not a manifest entry ('arrays' must map array names to objects)"
+    return ""
+
+
+def read_manifest(url: str) -> tuple[dict[str, dict], dict[str, str]]:
+    """(manifest entries by unit name, {unit name: why} for entries that cannot be read, each naming its file).
+    Temporary files of an interrupted commit are ignored."""
     fs, path = _fs(url)
     folder = f"{path}/{MANIFEST}"
     if not fs.exists(folder):
-        return {}
-    out = {}
+        return {}, {}
+    out, bad = {}, {}
     for p in fs.ls(folder, detail=False):
-        base = p.rstrip("/").rsplit("/", 1)[-1]
-        if base.endswith(".json") and base != "zarr.json":
-            out[base[: -len(".json")]] = json.loads(fs.cat_file(p))
+        base = _name(p)
+        if not base.endswith(".json") or base == "zarr.json":
+            continue
+        name, where = base[: -len(".json")], f"{url.rstrip('/')}/{MANIFEST}/{base}"
+        try:
+            rec = json.loads(fs.cat_file(p))
+        except (UnicodeDecodeError, ValueError) as e:
+            bad[name] = f"{where}: not valid JSON ({e})"
+            continue
+        problem = _manifest_problem(rec)
+        if problem:
+            bad[name] = f"{where}: {problem}"
+        else:
+            out[name] = rec
+    return out, bad
+
+
+def committed_units(url: str) -> dict[str, dict]:
+    """Manifest entries by unit name. An entry that cannot be read raises CacheFormatError naming its file: a
+    commit is atomic, so such a file was damaged after it was written, and the unit is not silently redone."""
+    out, bad = read_manifest(url)
+    if bad:
+        name = min(bad)
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CacheFormatError(
+            f"{bad[name]}{more}: a damaged manifest entry; check the store (python -m stages.verify_cache), "
+            f"then delete that file and rerun extraction to recompute unit {name}"
+        )
     return out
 
 
@@ -438,10 +647,16 @@ def create_store(
 ) -> zarr.Group:
     """Create every group and array, and write what the coordinator knows up front (ids, lengths, offsets,
     attrs). Units fill the rest. Metadata is only ever written here, by one process."""
-    # Clear leftovers (an interrupted earlier creation or removal) but keep the writer's lock; zarr's own
-    # mode="w" would delete the lock file along with everything else.
-    remove_store(url)
-    g = open_group(url, mode="a")
+    # Only ever in a new or empty folder: whatever else is there was not made by this call and is not deleted
+    # (the caller removes a store it has recognised as ours first).
+    kind, _, why = inspect_location(url)
+    if kind == "foreign":
+        raise CacheFormatError(foreign_message(url, why))
+    if kind == "cache":
+        raise CacheFormatError(f"{url}: a teacher cache is already there; remove it first (remove_store)")
+    g = open_group(
+        url, mode="a", attributes={"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False}
+    )
     n, m, p, e, k = layout.n_images, layout.n_texts, layout.num_patches, layout.embed_dim, layout.views
     r, rt = max(1, layout.image_shard_rows), max(1, layout.text_rows_per_unit)
     tdt, isz = layout.token_dtype(), layout.token_itemsize
@@ -611,7 +826,7 @@ class TeacherCache:
 
     def __init__(self, url: str):
         self.url = url
-        if not store_exists(url):
+        if read_store_attrs(url) is None:  # a damaged zarr.json raises here, naming the file
             raise CacheFormatError(f"{url}: no teacher cache here (run `python -m stages.extract_teacher`)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -766,7 +981,9 @@ class TeacherCache:
         bad = []
         for name, rec in sorted(committed_units(self.url).items()):
             for key, info in rec.get("arrays", {}).items():
-                lo, hi = info["region"]  # rows along axis 0; a unit owns every column of its rows
-                if checksum(self.group[key][lo:hi]) != info["crc32"]:
+                region = info.get("region")  # rows along axis 0; a unit owns every column of its rows
+                if not (isinstance(region, list) and len(region) == 2) or key not in self.group:
+                    bad.append(f"{name}:{key}")
+                elif checksum(self.group[key][region[0] : region[1]]) != info.get("crc32"):
                     bad.append(f"{name}:{key}")
         return bad

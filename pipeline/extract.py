@@ -20,12 +20,21 @@ One writer per store: ``extract`` holds ``<store>/.lock`` (``pipeline.lock``) fo
 extraction of the same store is refused naming the holder, and a lock left by a killed run is taken over.
 Teacher outputs are screened before they are written: a NaN/Inf row fails the unit naming the image (or
 text) under ``on_error=fail``, and under ``skip`` an image's rows are zero-filled with ``image/valid = 0``.
+
+Nothing is deleted that extraction did not make: a store location holding anything but a teacher cache (or
+inside, equal to or around a dataset) is refused before anything is written. A new store is built in place
+(there is nothing to lose, and a killed run resumes there). A store replaced under ``overwrite`` or
+``rebuild_stale`` is rebuilt beside it, in ``<store>.tmp-rebuild`` (which a rerun resumes), and swapped into
+place only once complete, so a failed rebuild leaves the previous store as it was (on an object store,
+which has no directory rename, a replaced store is rebuilt in place). A rerun that computes nothing leaves
+the store byte-identical (DVC sees no change).
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 import socket
@@ -84,6 +93,10 @@ class UnitWriteError(RuntimeError):
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.store, self.unit, self.key, self.rows, self.reason))
+
+
+class StoreLocationError(ValueError):
+    """The store location would overlap a dataset it is extracted from; names both."""
 
 
 class NonFiniteOutput(FloatingPointError):
@@ -965,8 +978,11 @@ def extract(
     of a running dask scheduler (its workers must see the datasets and the store at the same paths/URLs).
     ``cluster_kwargs`` go to LocalCluster; ``torch_threads`` per local worker (0: cores // n_workers).
     An existing store built from another teacher, data or layout raises StaleCacheError naming the fields,
-    unless ``overwrite`` (always delete it first) or ``rebuild_stale`` (delete it only when stale, so a
-    pipeline runner can both resume an interrupted store and replace one built from an older teacher).
+    unless ``overwrite`` (always rebuild it) or ``rebuild_stale`` (rebuild it only when stale, so a pipeline
+    runner can both resume an interrupted store and replace one built from an older teacher). A replaced
+    local store is rebuilt beside it and swapped in when complete (see the module docstring). A location
+    holding anything but a teacher cache raises CacheFormatError and is never written; one that overlaps a
+    dataset raises StoreLocationError.
 
     The store's lock (``pipeline.lock``) is held throughout: a second extraction of the same store is refused
     with ``StoreLocked`` naming the holder, a location that cannot be written fails with ``StoreNotWritable``
@@ -974,6 +990,12 @@ def extract(
     """
     from .lock import StoreLock
 
+    check_store_outside(store_url, [ds.path for ds in datasets])
+    # Checked again under the lock (another process may act in between); checked here first so that a
+    # foreign folder does not even get a lock file written into it.
+    kind, _, why = C.inspect_location(store_url)
+    if kind == "foreign":
+        raise C.CacheFormatError(C.foreign_message(store_url, why))
     with StoreLock(store_url, purpose=f"extract-teacher (scheduler {scheduler})"):
         return _extract_locked(
             datasets, store_url, teacher_spec, cache_params, scheduler, progress, overwrite=overwrite,
@@ -1079,9 +1101,10 @@ def _extract_locked(
         if layout.image_shard_rows == layout.image_rows_per_unit
         else {}
     )
-    fresh = _open_or_check(store_url, fingerprint, overwrite, rebuild_stale, legacy)
+    target = _open_or_check(store_url, fingerprint, overwrite, rebuild_stale, legacy)
+    build_url = target.url
     n_units = layout.n_image_units + layout.n_text_units
-    if fresh:
+    if target.fresh:
         attrs = {
             "format": C.FORMAT,
             "format_version": C.FORMAT_VERSION,
@@ -1120,7 +1143,7 @@ def _extract_locked(
             "fingerprint": fingerprint,
         }
         C.create_store(
-            store_url,
+            build_url,
             layout,
             attrs,
             [i for _, i, _ in plan.images],
@@ -1131,22 +1154,29 @@ def _extract_locked(
             plan.alias_rows,
         )
 
-    jobs = _make_jobs(plan, layout, lengths, offsets, store_url, spec, cp, relevance)
-    committed = C.committed_units(store_url)
+    jobs = _make_jobs(plan, layout, lengths, offsets, build_url, spec, cp, relevance)
+    committed = C.committed_units(build_url)
     todo = [j for j in jobs if j.name not in committed]
     log.info(
         "units: %d total, %d already committed, %d to compute", len(jobs), len(jobs) - len(todo), len(todo)
     )
     records = _run_units(todo, scheduler, int(cp.n_workers), progress, cluster_kwargs or {}, torch_threads)
-    committed = C.committed_units(store_url)
+    committed = C.committed_units(build_url)
     missing = [j.name for j in jobs if j.name not in committed]
     if missing:  # cannot happen unless a unit lied; never mark such a store complete
-        raise RuntimeError(f"{store_url}: units not committed after extraction: {missing[:5]}")
+        raise RuntimeError(f"{build_url}: units not committed after extraction: {missing[:5]}")
 
     seconds = time.time() - t_start
-    metrics = _metrics(store_url, plan, layout, lengths, committed, records, len(jobs), seconds)
-    g = C.open_group(store_url, mode="r+")
-    g.attrs.update({"complete": True, "extract": metrics})
+    metrics = _metrics(build_url, plan, layout, lengths, committed, records, len(jobs), seconds)
+    metrics["store"] = store_url
+    # A run that computed nothing on a complete store writes nothing: its seconds in zarr.json would make
+    # DVC see a new store and retrain every student that depends on it.
+    if records or not target.complete:
+        g = C.open_group(build_url, mode="r+")
+        g.attrs.update({"complete": True, "extract": metrics})
+    if target.replace:
+        log.info("%s: rebuilt store complete, swapping it into place", build_url)
+        C.replace_store(build_url, store_url)
     return metrics
 
 
@@ -1158,33 +1188,177 @@ def _as_spec(t: TeacherSpec | tuple | dict) -> TeacherSpec:
     return TeacherSpec(*t)
 
 
-def _open_or_check(
-    url: str, fingerprint: dict, overwrite: bool, rebuild_stale: bool = False, legacy: dict | None = None
-) -> bool:
-    """True when a new store must be created; raises StaleCacheError for a store built from something else.
-    ``legacy``: values of store settings newer than the store, equivalent to what it was built with."""
-    if not C.store_exists(url):
-        return True
-    if overwrite:
-        C.remove_store(url)
-        return True
-    attrs = dict(C.open_group(url, mode="r").attrs)
-    if attrs.get("format") != C.FORMAT:
-        raise C.StaleCacheError(url, ["format"], "it is not a teacher cache; pass --overwrite to replace it")
+REBUILD_SUFFIX = ".tmp-rebuild"
+
+
+def rebuild_url(url: str) -> str:
+    """Where a replacement for the store at ``url`` is built: beside it, so it can be renamed into place."""
+    return url.rstrip("/") + REBUILD_SUFFIX
+
+
+@dataclass
+class _Target:
+    url: str  # where the units write: the store itself, or its rebuild beside it
+    fresh: bool  # the store must be created there first
+    replace: bool = False  # swap it into the place of the store once complete
+    complete: bool = False  # already marked complete (then a run that computes nothing writes nothing)
+
+
+def _differing(attrs: dict, fingerprint: dict, legacy: dict | None) -> list[str]:
     fp = attrs.get("fingerprint", {})
+    fp = fp if isinstance(fp, dict) else {}
     if isinstance(fp.get("store"), dict) and legacy:
         fp = {**fp, "store": {**legacy, **fp["store"]}}
-    diff = sorted(set(C.check_fingerprint(fp, fingerprint)) | set(C.check_fingerprint(fingerprint, fp)))
-    if diff and rebuild_stale:
-        log.warning("%s is stale (differs in %s): rebuilding it", url, ", ".join(diff))
+    return sorted(set(C.check_fingerprint(fp, fingerprint)) | set(C.check_fingerprint(fingerprint, fp)))
+
+
+def _open_or_check(
+    url: str, fingerprint: dict, overwrite: bool, rebuild_stale: bool = False, legacy: dict | None = None
+) -> _Target:
+    """Where to build and whether to create the store there; raises StaleCacheError for a store built from
+    something else, CacheFormatError for a location holding anything but a teacher cache. ``legacy``: values
+    of store settings newer than the store, equivalent to what it was built with."""
+    kind, attrs, why = C.inspect_location(url)
+    if kind == "foreign":
+        raise C.CacheFormatError(C.foreign_message(url, why))
+    if kind in ("absent", "empty"):
+        return _unswapped_rebuild(url, fingerprint, legacy) or _Target(url, fresh=True)
+    if not attrs.get("layout"):  # our store, but its creation was interrupted: nothing was committed yet
         C.remove_store(url)
-        return True
-    if diff:
+        return _Target(url, fresh=True)
+    diff = _differing(attrs, fingerprint, legacy)
+    if not diff and not overwrite:
+        C.check_metadata(url)
+        return _Target(url, fresh=False, complete=bool(attrs.get("complete")))
+    if diff and not (overwrite or rebuild_stale):
         raise C.StaleCacheError(url, diff)
-    if not attrs.get("layout"):  # creation itself was interrupted: nothing was committed yet, start over
+    if diff:
+        log.warning("%s is stale (differs in %s): rebuilding it", url, ", ".join(diff))
+    return _rebuild_target(url, fingerprint, legacy, resume=not overwrite)
+
+
+def _unswapped_rebuild(url: str, fingerprint: dict, legacy: dict | None) -> _Target | None:
+    """A matching rebuild beside a missing store: a swap cut short between its two renames (where the kernel
+    has no atomic exchange), or a store deleted by hand. Resumed and moved into place, not recomputed."""
+    if not C.is_local(url):
+        return None
+    tmp = rebuild_url(url)
+    kind, attrs, _ = C.inspect_location(tmp)
+    if kind != "cache" or not attrs.get("layout") or _differing(attrs, fingerprint, legacy):
+        return None  # anything else there is left alone
+    C.check_metadata(tmp)
+    log.warning("%s is missing; resuming the rebuild at %s and moving it into place", url, tmp)
+    return _Target(tmp, fresh=False, replace=True, complete=bool(attrs.get("complete")))
+
+
+def _rebuild_target(url: str, fingerprint: dict, legacy: dict | None, resume: bool) -> _Target:
+    """A replacement for the (recognised) store at ``url``: built beside it and swapped in when complete.
+    ``resume``: continue a matching rebuild that an earlier run left (``overwrite`` starts it over)."""
+    if not C.is_local(url):
+        # An object store has no directory rename (a "rename" copies every object), so the store is
+        # replaced in place there: deleted now, rebuilt, resumable if the run is interrupted.
         C.remove_store(url)
-        return True
-    return False
+        return _Target(url, fresh=True)
+    tmp = rebuild_url(url)
+    kind, attrs, why = C.inspect_location(tmp)
+    if kind == "foreign":
+        raise C.CacheFormatError(C.foreign_message(tmp, why))
+    if kind == "cache":
+        if resume and attrs.get("layout") and not _differing(attrs, fingerprint, legacy):
+            C.check_metadata(tmp)
+            log.info("%s: resuming the rebuild an earlier run left at %s", url, tmp)
+            return _Target(tmp, fresh=False, replace=True, complete=bool(attrs.get("complete")))
+        C.remove_store(tmp, keep_lock=False)
+    log.info("%s: building its replacement at %s (swapped in when complete)", url, tmp)
+    return _Target(tmp, fresh=True, replace=True)
+
+
+def check_store_outside(store_url: str, folders: Sequence[str | Path]) -> None:
+    """Refuse a local store location equal to, inside or containing any of ``folders`` (the datasets it is
+    extracted from): the store would write into a dataset, or a rebuild would replace it."""
+    path = C.local_path(store_url)
+    if path is None:
+        return
+    store = Path(path).resolve()
+    for f in folders:
+        folder = Path(f).resolve()
+        if store == folder:
+            rel = "is"
+        elif folder in store.parents:
+            rel = "is inside"
+        elif store in folder.parents:
+            rel = "contains"
+        else:
+            continue
+        raise StoreLocationError(
+            f"teacher cache {store_url} {rel} the dataset folder {f}: put the store outside the datasets it is "
+            "extracted from (nothing was written)"
+        )
+
+
+def open_datasets(paths: Sequence[str | Path]) -> list[PreparedDataset]:
+    """PreparedDataset for each path; a dataset.json or images.index.json that cannot be parsed or lacks what
+    extraction reads raises DataError naming the file (PreparedDataset itself would fail on it with a bare
+    JSON or key error, or later, mid-plan)."""
+    out = []
+    for p in paths:
+        try:
+            ds = PreparedDataset(p)
+        except DataError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            _diagnose_dataset(Path(p))
+            raise DataError(p, "dataset", f"cannot be read: {type(e).__name__}: {e}") from None
+        _diagnose_dataset(Path(p), ds)
+        out.append(ds)
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(path, "file", "missing (rerun `python -m stages.prepare_data`)") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        where = f"line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "json"
+        raise DataError(path, where, f"not valid JSON ({e}); rerun `python -m stages.prepare_data`") from None
+    except OSError as e:
+        raise DataError(path, "file", f"cannot be read: {e}") from None
+
+
+def _diagnose_dataset(path: Path, ds: PreparedDataset | None = None) -> None:
+    """Raise DataError naming the file at fault when a prepared dataset's metadata is not what extraction
+    reads: dataset.json an object with string lists ``instance_shards`` and ``image_shards`` and a string
+    ``fingerprint``, images.index.json an object of [shard, offset, size, ext, sha1] entries."""
+    from .data.shards import INDEX_FILE, INFO_FILE
+
+    info = ds.info if ds is not None else _read_json(path / INFO_FILE)
+    if not isinstance(info, dict):
+        raise DataError(path / INFO_FILE, "json", "not a JSON object")
+    for key in ("instance_shards", "image_shards"):
+        v = info.get(key)
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise DataError(path / INFO_FILE, key, f"expected a list of shard file names, got {v!r:.80}")
+    if not isinstance(info.get("fingerprint"), str):
+        raise DataError(
+            path / INFO_FILE, "fingerprint", f"expected a string, got {info.get('fingerprint')!r:.80}"
+        )
+    index = ds.index if ds is not None else _read_json(path / INDEX_FILE)
+    if not isinstance(index, dict):
+        raise DataError(path / INDEX_FILE, "json", "not a JSON object (image id -> entry)")
+    n = len(info["image_shards"])
+    for image_id, e in index.items():
+        if not (
+            isinstance(e, list)
+            and len(e) == 5
+            and isinstance(e[0], int)
+            and 0 <= e[0] < n
+            and all(isinstance(x, int) and x >= 0 for x in e[1:3])
+            and all(isinstance(x, str) for x in e[3:])
+        ):
+            raise DataError(
+                path / INDEX_FILE, image_id, f"expected [shard < {n}, offset, size, ext, sha1], got {e!r:.80}"
+            )
 
 
 def decode_workers(num_workers: int, device: str) -> int:
@@ -1259,7 +1433,7 @@ def _metrics(url, plan, layout, lengths, committed, records, n_units, seconds) -
                 n = int(lengths.sum()) * (a.nbytes // max(1, a.shape[0]))
             uncompressed += n
     disk = C.bytes_on_disk(url)
-    cos = [r["reconstruction_cosine"] for r in committed.values() if r["reconstruction_cosine"]["n"]]
+    cos = [c for r in committed.values() if (c := r.get("reconstruction_cosine") or {}).get("n")]
     total_n = sum(c["n"] for c in cos)
     items = sum(r["items"] for r in records)
     invalid = sorted(i for r in committed.values() for i in r.get("invalid", []))
@@ -1294,6 +1468,23 @@ def _metrics(url, plan, layout, lengths, committed, records, n_units, seconds) -
         "text_token_slack_rows": int(layout.n_text_units * layout.text_shard_rows - lengths.sum()),
         "text_token_rows_per_unit": layout.text_shard_rows,
     }
+
+
+def default_metrics_path(store_url: str) -> Path | None:
+    """``<store>.extract.json`` beside a local store: the metrics follow the store they describe, so
+    extracting some other store never overwrites the pipeline's metrics/extract.json. None for a remote URL."""
+    path = C.local_path(store_url)
+    return Path(path + ".extract.json") if path is not None else None
+
+
+def write_metrics(path: str | Path, metrics: dict) -> None:
+    """Written beside and renamed into place: a reader never sees half a file, and a symlink at ``path`` is
+    replaced, not followed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(metrics, indent=1))
+    os.replace(tmp, path)
 
 
 def find_default_datasets(root: str = "data/shards/synthetic") -> list[str]:

@@ -86,27 +86,61 @@ class _Store:
 
     def __init__(self, url: str):
         self.url = url
-        if not C.store_exists(url):
+        if C.read_store_attrs(url) is None:  # a damaged zarr.json raises here, naming the file
             raise C.CacheFormatError(f"{url}: no teacher cache here (no zarr.json)")
-        with warnings.catch_warnings():  # the lock file of a running extraction is not a zarr node
-            warnings.simplefilter("ignore")
-            self.g = C.open_group(url, mode="r")
+        try:
+            with warnings.catch_warnings():  # the lock file of a running extraction is not a zarr node
+                warnings.simplefilter("ignore")
+                self.g = C.open_group(url, mode="r")
+        except Exception as e:  # noqa: BLE001 - zarr's own validation of the root metadata
+            raise C.CacheFormatError(
+                f"{url}/zarr.json: cannot open the store ({type(e).__name__}: {e})"
+            ) from e
         self.attrs: dict = dict(self.g.attrs)
         if self.attrs.get("format") != C.FORMAT:
             raise C.CacheFormatError(f"{url}: not a teacher cache (format={self.attrs.get('format')!r})")
         self.layout: dict = dict(self.attrs.get("layout") or {})
         self.units: dict = dict(self.attrs.get("units") or {})
-        self.n = int(self.g["image/ids"].shape[0]) if "image/ids" in self.g else 0
-        self.m = int(self.g["text/ids"].shape[0]) if "text/ids" in self.g else 0
+        self._arrays: dict[str, Any] = {}
+        self.unreadable: dict[str, str] = {}  # array -> why its metadata cannot be read (a shapes fault)
+        self.n, self.m = self._rows("image/ids"), self._rows("text/ids")
         self.p, self.e = int(self.attrs.get("num_patches", 0)), int(self.attrs.get("embed_dim", 0))
         self.k = int(self.attrs.get("views", 0))
         self.dtype = self.attrs.get("dtype", "float16")
         self.sources = ["tokens", *(f"{r}_tokens" for r in self.attrs.get("relevance_tokens", []))]
         self._cache: dict[str, np.ndarray] = {}
 
+    def array(self, key: str) -> Any:
+        """The array at ``key``, None when there is none; an array whose metadata cannot be read raises
+        CacheFormatError naming its zarr.json (zarr itself would raise a bare JSON error)."""
+        if key not in self._arrays:
+            try:
+                self._arrays[key] = self.g[key]
+            except KeyError:
+                self._arrays[key] = None
+            except Exception as e:  # noqa: BLE001 - damaged metadata: name the file
+                raise C.CacheFormatError(
+                    f"{self.url}/{key}/zarr.json: cannot open array {key} ({type(e).__name__}: {e})"
+                ) from None
+        return self._arrays[key]
+
+    def has(self, key: str) -> bool:
+        return self.array(key) is not None
+
+    def _rows(self, key: str) -> int:
+        try:
+            a = self.array(key)
+        except C.CacheFormatError as e:
+            self.unreadable[key] = str(e)
+            return 0
+        return int(a.shape[0]) if a is not None else 0
+
     def read(self, key: str) -> np.ndarray:
         if key not in self._cache:
-            self._cache[key] = self.g[key][:]
+            a = self.array(key)
+            if a is None:
+                raise C.CacheFormatError(f"{self.url}: array {key} is missing")
+            self._cache[key] = a[:]
         return self._cache[key]
 
     def text_row_of_token(self, rows: np.ndarray) -> np.ndarray:
@@ -188,20 +222,33 @@ def check_format(s: _Store) -> Check:
 
 
 def check_shapes(s: _Store) -> Check:
-    faults = []
+    faults = list(s.unreadable.values())
     exp = expected_arrays(s)
+    for key in ("image/ids", "image/alias_ids", "image/alias_rows", "text/ids"):
+        if key in s.unreadable:
+            continue
+        try:
+            if not s.has(key):
+                faults.append(f"{key}: missing")
+        except C.CacheFormatError as e:
+            faults.append(str(e))
     for key, (shape, dtype) in exp.items():
-        if key not in s.g:
+        try:
+            a = s.array(key)
+        except C.CacheFormatError as e:
+            faults.append(str(e))
+            continue
+        if a is None:
             faults.append(f"{key}: missing")
             continue
-        a = s.g[key]
         if tuple(a.shape) != shape:
             faults.append(f"{key}: shape {tuple(a.shape)} != {shape} expected from the attrs")
         if str(a.dtype) != dtype:
             faults.append(f"{key}: dtype {a.dtype} != {dtype}")
     for key, want in (("image/alias_rows", "image/alias_ids"),):
-        if key in s.g and want in s.g and s.g[key].shape != s.g[want].shape:
-            faults.append(f"{key}: {s.g[key].shape[0]} rows for {s.g[want].shape[0]} alias ids")
+        a, b = (s.array(k) if k not in s.unreadable else None for k in (key, want))
+        if a is not None and b is not None and a.shape != b.shape:
+            faults.append(f"{key}: {a.shape[0]} rows for {b.shape[0]} alias ids")
     r = int(s.layout.get("image_rows_per_unit", 0) or 0)
     rt = int(s.layout.get("text_rows_per_unit", 0) or 0)
     if r and s.units.get("image") != math.ceil(s.n / r):
@@ -230,8 +277,9 @@ def check_offsets(s: _Store) -> Check:
         faults.append(
             f"text {i}: offsets[{i}] + lengths[{i}] = {off[i] + lengths[i]} > offsets[{i + 1}] = {off[i + 1]}"
         )
-    if "text/tokens" in s.g and off[-1] != s.g["text/tokens"].shape[0]:
-        faults.append(f"offsets[M] = {off[-1]} != text/tokens rows {s.g['text/tokens'].shape[0]}")
+    tokens = s.array("text/tokens")
+    if tokens is not None and off[-1] != tokens.shape[0]:
+        faults.append(f"offsets[M] = {off[-1]} != text/tokens rows {tokens.shape[0]}")
     rt = int(s.layout.get("text_rows_per_unit", 0) or 0)
     shard = int(s.units.get("text_token_rows_per_unit", 0) or 0)
     if rt and shard:
@@ -252,8 +300,8 @@ def check_ids(s: _Store) -> Check:
     faults = []
     image_ids = s.read("image/ids").tolist()
     text_ids = s.read("text/ids").tolist()
-    alias_ids = s.read("image/alias_ids").tolist() if "image/alias_ids" in s.g else []
-    alias_rows = s.read("image/alias_rows").tolist() if "image/alias_rows" in s.g else []
+    alias_ids = s.read("image/alias_ids").tolist() if s.has("image/alias_ids") else []
+    alias_rows = s.read("image/alias_rows").tolist() if s.has("image/alias_rows") else []
     for what, ids in (("image", image_ids), ("alias", alias_ids), ("text", text_ids)):
         faults += [f"{what} id {d!r} repeats" for d in _dupes(ids)[:MAX_FAULTS]]
     faults += [f"alias id {a!r} is also an image row id" for a in sorted(set(alias_ids) & set(image_ids))]
@@ -269,9 +317,10 @@ def check_ids(s: _Store) -> Check:
 def check_manifest(s: _Store) -> Check:
     faults = []
     planned = _planned_units(s)
-    committed = C.committed_units(s.url)
-    missing = [u for u in planned if u not in committed]
+    committed, unreadable = C.read_manifest(s.url)
+    missing = [u for u in planned if u not in committed and u not in unreadable]
     unknown = sorted(u for u in committed if u not in planned)
+    faults += [f"{u}: entry unreadable: {unreadable[u]}" for u in sorted(unreadable)]
     faults += [f"{u}: planned but not committed" for u in missing]
     faults += [f"{u}: committed but not part of this store's plan" for u in unknown]
     want = {kind: _unit_arrays(s, kind) for kind in ("image", "text")}
@@ -284,12 +333,15 @@ def check_manifest(s: _Store) -> Check:
         absent = [a for a in want[plan["kind"]] if a not in rec.get("arrays", {})]
         if absent:
             faults.append(f"{name}: entry does not cover {', '.join(absent)}")
-    summary = f"{len(planned) - len(missing)}/{len(planned)} planned units committed, {len(unknown)} unknown"
+    readable = len([u for u in planned if u in committed])
+    summary = f"{readable}/{len(planned)} planned units committed, {len(unknown)} unknown"
+    if unreadable:
+        summary += f", {len(unreadable)} entr{'y' if len(unreadable) == 1 else 'ies'} unreadable"
     return Check("manifest", not faults, summary, faults)
 
 
 def check_checksums(s: _Store, workers: int = 4) -> Check:
-    committed = C.committed_units(s.url)
+    committed, _ = C.read_manifest(s.url)  # unreadable entries are manifest faults; the rest are checked
     regions = [
         (name, key, info)
         for name, rec in sorted(committed.items())
@@ -298,17 +350,24 @@ def check_checksums(s: _Store, workers: int = 4) -> Check:
 
     def one(item: tuple) -> str:
         name, key, info = item
-        lo, hi = info["region"]
-        if key not in s.g:
+        region = info.get("region")
+        if not (isinstance(region, list) and len(region) == 2 and all(isinstance(r, int) for r in region)):
+            return f"{name}: {key}: manifest entry has no region [start, stop] (got {region!r:.40})"
+        lo, hi = region
+        try:
+            a = s.array(key)
+        except C.CacheFormatError as e:
+            return f"{name}: {e}"
+        if a is None:
             return f"{name}: {key} missing from the store"
         try:
-            got = C.checksum(s.g[key][lo:hi])
+            got = C.checksum(a[lo:hi])
         except Exception as e:  # noqa: BLE001 - undecodable bytes are a checksum fault of this unit
             return f"{name}: {key} rows [{lo}, {hi}) unreadable: {type(e).__name__}: {e}"
         return (
             ""
-            if got == info["crc32"]
-            else f"{name}: {key} rows [{lo}, {hi}) crc32 {got} != manifest {info['crc32']}"
+            if got == info.get("crc32")
+            else f"{name}: {key} rows [{lo}, {hi}) crc32 {got} != manifest {info.get('crc32')}"
         )
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -329,6 +388,14 @@ def _row_name(s: _Store, key: str, row: int) -> str:
     return f"text {ids[row]!r}" if row < len(ids) else "?"
 
 
+def _openable(s: _Store, key: str) -> bool:
+    """Present and its metadata readable (an unreadable array is a shapes fault; the scan covers the rest)."""
+    try:
+        return s.has(key)
+    except C.CacheFormatError:
+        return False
+
+
 def check_nonfinite(s: _Store, workers: int = 0) -> Check:
     """Per array, a dask array chunked by the store's shards (= one unit's region), reduced to a per-row
     all-finite flag; all arrays are computed in one dask graph."""
@@ -338,11 +405,11 @@ def check_nonfinite(s: _Store, workers: int = 0) -> Check:
     keys = [
         key
         for key, (shape, dtype) in expected_arrays(s).items()
-        if dtype.startswith("float") and key in s.g and shape and shape[0] > 0
+        if dtype.startswith("float") and _openable(s, key) and shape and shape[0] > 0
     ]
     flags = []
     for key in keys:
-        a = s.g[key]
+        a = s.array(key)
         shard_rows = (a.shards or a.chunks)[0]
         x = da.from_zarr(a, chunks=(shard_rows, *a.shape[1:]))
         flags.append(da.isfinite(x).all(axis=tuple(range(1, x.ndim))) if x.ndim > 1 else da.isfinite(x))
@@ -401,7 +468,12 @@ def verify_store(url: str, *, scan: bool = True, workers: int = 0) -> Report:
 
 
 def write_json(report: Report, path: str) -> None:
+    """Written beside and renamed into place (a symlink at ``path`` is replaced, not followed)."""
+    import os
     from pathlib import Path
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report.to_json(), indent=1))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report.to_json(), indent=1))
+    os.replace(tmp, out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -26,7 +25,9 @@ from stages.common import params_options, stage_params
     "--out",
     "store",
     default=None,
-    help="The store: a local path or any fsspec URL (file://, s3://, gs://, …). [default: cache.store]",
+    help="The store: a local path or any fsspec URL (file://, s3://, gs://, …): a new or empty folder, or a "
+    "teacher cache to resume or rebuild; anything else there, or a path overlapping a --shards folder, is "
+    "refused. [default: cache.store]",
 )
 @click.option(
     "--model",
@@ -75,22 +76,27 @@ from stages.common import params_options, stage_params
     "--metrics",
     "metrics_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("metrics/extract.json"),
+    default=None,
     help="Metrics JSON: instances, images/texts before and after deduplication, units computed vs skipped "
-    "(resumed), seconds, items/s, bytes on disk, uncompressed bytes, compression ratio, reconstruction cosine.",
+    "(resumed), seconds, items/s, bytes on disk, uncompressed bytes, compression ratio, reconstruction cosine. "
+    "[default: <store>.extract.json beside a local store (dvc.yaml passes metrics/extract.json); none for "
+    "a remote store URL]",
 )
 @params_options
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Delete an existing store first. Without it, a store built from another teacher, data or layout is "
-    "refused (naming the differing fields) and a matching one is resumed: committed units are skipped.",
+    help="Rebuild an existing teacher cache from scratch. Without it, a store built from another teacher, data "
+    "or layout is refused (naming the differing fields) and a matching one is resumed: committed units are "
+    "skipped. A local store is rebuilt beside it (<store>.tmp-rebuild) and swapped in when complete, so a "
+    "failed rebuild leaves it as it was. --out holding anything but a teacher cache is never replaced.",
 )
 @click.option(
     "--rebuild-stale",
     is_flag=True,
-    help="Rebuild a store whose fingerprint differs instead of refusing it; a matching store is still resumed. "
-    "dvc.yaml uses this, so a changed teacher or dataset rebuilds and an interrupted run resumes.",
+    help="Rebuild a store whose fingerprint differs instead of refusing it (beside it, as --overwrite does; an "
+    "interrupted rebuild is resumed); a matching store is still resumed. dvc.yaml uses this, so a changed "
+    "teacher or dataset rebuilds and an interrupted run resumes.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or plan log.")
 def main(
@@ -108,8 +114,19 @@ def main(
     """
     from pipeline.cache import CacheFormatError, StaleCacheError
     from pipeline.data.errors import DataError
-    from pipeline.data.shards import PreparedDataset, find_datasets
-    from pipeline.extract import NonFiniteOutput, TeacherSpec, UnitWriteError, extract, find_default_datasets
+    from pipeline.data.shards import find_datasets
+    from pipeline.extract import (
+        NonFiniteOutput,
+        StoreLocationError,
+        TeacherSpec,
+        UnitWriteError,
+        check_store_outside,
+        default_metrics_path,
+        extract,
+        find_default_datasets,
+        open_datasets,
+        write_metrics,
+    )
     from pipeline.lock import StoreLocked, StoreNotWritable
     from pipeline.teacher import TeacherError
 
@@ -149,7 +166,10 @@ def main(
         device,
     )
     try:
-        datasets = [PreparedDataset(p) for p in paths]
+        # The folders as given too: a store inside a folder of datasets (not inside any one of them) still
+        # writes into what --shards names.
+        check_store_outside(cp.store, [*shards, *paths])
+        datasets = open_datasets(paths)
         metrics = extract(
             datasets,
             cp.store,
@@ -163,17 +183,19 @@ def main(
         )
     except (
         DataError, StaleCacheError, CacheFormatError, TeacherError, StoreLocked, StoreNotWritable, UnitWriteError,
-        NonFiniteOutput,
+        NonFiniteOutput, StoreLocationError,
     ) as e:  # fmt: skip
         raise click.ClickException(str(e)) from e
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=1))
+    if metrics_path is None:
+        metrics_path = default_metrics_path(cp.store)
+    if metrics_path is not None:
+        write_metrics(metrics_path, metrics)
     click.echo(
         f"{cp.store}: {metrics['unique_images']} images ({metrics['image_duplicates_removed']} duplicates removed), "
         f"{metrics['unique_texts']} texts ({metrics['text_duplicates_removed']} duplicates removed); units "
         f"{metrics['units_computed']} computed, {metrics['units_skipped']} skipped; {metrics['seconds']:.1f}s, "
         f"{metrics['items_per_s']:.1f} items/s; {metrics['bytes_on_disk'] / 1e6:.1f} MB on disk "
-        f"(ratio {metrics['compression_ratio']:.2f}) -> {metrics_path}"
+        f"(ratio {metrics['compression_ratio']:.2f}) -> {metrics_path or 'no metrics file (pass --metrics)'}"
     )
 
 

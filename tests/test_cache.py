@@ -245,3 +245,61 @@ def test_crc32_combine_equals_the_crc32_of_the_concatenation():
     for n1, n2 in [(0, 0), (0, 5), (5, 0), (1, 1), (3, 1 << 20), *rng.integers(0, 5000, (40, 2)).tolist()]:
         a, b = rng.bytes(n1), rng.bytes(n2)
         assert C.crc32_combine(zlib.crc32(a), zlib.crc32(b), n2) == zlib.crc32(a + b), (n1, n2)
+
+
+def test_only_a_recognisable_store_is_removed_and_its_lock_kept(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    assert C.inspect_location(url)[0] == "absent"
+    os.makedirs(url)
+    (tmp_path / "s.zarr" / C.LOCK_FILE).write_text("{}")
+    assert C.inspect_location(url)[0] == "empty"  # a writer's lock alone is not a user's file
+    _hand_store(url)
+    assert C.inspect_location(url)[:2] == ("cache", dict(C.open_group(url).attrs))
+    C.remove_store(url)
+    assert os.listdir(url) == [C.LOCK_FILE]
+    (tmp_path / "s.zarr" / "notes.txt").write_text("mine")
+    kind, _, why = C.inspect_location(url)
+    assert kind == "foreign" and "no zarr.json" in why
+    with pytest.raises(C.CacheFormatError, match="not a clip-td teacher cache"):
+        C.remove_store(url)
+    with pytest.raises(C.CacheFormatError, match="not a clip-td teacher cache"):
+        _hand_store(url)  # create_store never writes into it either
+    assert sorted(os.listdir(url)) == [C.LOCK_FILE, "notes.txt"]
+
+
+def test_damaged_manifest_entry_names_its_file(tmp_path):
+    url = str(tmp_path / "m.zarr")
+    C.commit_unit(url, "image-000000", {"unit": "image-000000", "arrays": {}})
+    (tmp_path / "m.zarr" / "manifest" / "image-000001.json").write_text('{"arrays": [1]}')
+    entries, bad = C.read_manifest(url)
+    assert list(entries) == ["image-000000"] and list(bad) == ["image-000001"]
+    with pytest.raises(C.CacheFormatError, match=r"manifest/image-000001\.json: not a manifest entry"):
+        C.committed_units(url)
+
+
+def test_truncated_root_metadata_names_the_file(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    _hand_store(url)
+    meta = tmp_path / "s.zarr" / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:50])
+    for call in (C.TeacherCache, C.inspect_location, C.remove_store):
+        with pytest.raises(C.CacheFormatError, match=rf"{meta}: not valid JSON"):
+            call(url)
+    assert meta.exists()
+
+
+def test_store_recognition_and_removal_on_an_fsspec_url():
+    import fsspec
+
+    base = f"clip-td-test-{os.getpid()}-recognise"
+    url, fs = f"memory://{base}/s.zarr", fsspec.filesystem("memory")
+    g = C.open_group(url, mode="a", attributes={"format": C.FORMAT})
+    g.create_array("image/ids", shape=(2,), dtype="int64", chunks=(2,))
+    fs.pipe_file(f"/{base}/s.zarr/{C.LOCK_FILE}", b"{}")
+    assert C.inspect_location(url)[0] == "cache" and not C.is_local(url) and C.local_path(url) is None
+    C.remove_store(url)
+    assert fs.ls(f"/{base}/s.zarr", detail=False) == [f"/{base}/s.zarr/{C.LOCK_FILE}"]
+    fs.pipe_file(f"/{base}/f/notes.txt", b"x")
+    with pytest.raises(C.CacheFormatError, match="notes.txt.*not a clip-td teacher cache"):
+        C.remove_store(f"memory://{base}/f")
+    assert fs.cat_file(f"/{base}/f/notes.txt") == b"x"

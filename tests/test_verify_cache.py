@@ -196,3 +196,32 @@ def test_not_a_cache_exits_2(tmp_path):
 def test_api_report_matches_the_cli(clean):
     report = verify_store(clean, scan=False)
     assert report.ok and [c.name for c in report.checks][-1] == "checksums"
+
+
+def test_truncated_root_metadata_exits_2_naming_the_file(store):
+    meta = Path(store) / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:100])
+    r = CliRunner().invoke(main, [store])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0].startswith(f"Error: {meta}: not valid JSON") and lines[0].endswith("metadata is damaged")
+
+
+def test_garbage_manifest_entry_is_a_manifest_fault_naming_the_file(store):
+    entry = Path(store) / C.MANIFEST / "image-000001.json"
+    entry.write_text("garbage{")
+    code, out, report = verify(store, "--no-scan")
+    assert code == 1 and report["failed"] == ["manifest"], out  # the other units' checksums still ran
+    m = line(out, "manifest")
+    assert f"image-000001: entry unreadable: {entry}: not valid JSON" in m and "1 entry unreadable" in m
+    assert "12 units, 0 unit(s) differ" in line(out, "checksums")
+
+
+def test_truncated_array_metadata_names_the_file(store):
+    meta = Path(store) / "image" / "tokens" / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:100])
+    code, out, report = verify(store)
+    assert code == 1 and {"shapes", "checksums"} <= set(report["failed"]) and "Traceback" not in out
+    assert f"{meta}: cannot open array image/tokens" in line(out, "shapes")
+    assert f"image-000000: {meta}" in line(out, "checksums")
+    assert line(out, "nonfinite").startswith("OK")  # the readable arrays were still scanned
