@@ -267,7 +267,7 @@ def test_rerun_on_a_complete_store_leaves_it_byte_identical(world, tmp_path, mon
     ("name", "damage", "says"),
     [
         ("dataset.json", lambda t: t[: len(t) // 2], "not valid JSON"),
-        ("dataset.json", lambda t: "[1, 2]", "not a JSON object"),
+        ("dataset.json", lambda t: "[1, 2]", "expected a JSON object"),
         ("dataset.json", lambda t: json.dumps({**json.loads(t), "image_shards": 5}), "image_shards"),
         ("images.index.json", lambda t: t[: len(t) // 2], "not valid JSON"),
         ("images.index.json", lambda t: json.dumps({**json.loads(t), "img-1": "garbage"}), "img-1"),

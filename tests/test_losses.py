@@ -471,6 +471,7 @@ def test_method_config_and_baseline():
     base = DistillParams(lambda_const=0.5, rho_v=0.3)
     expect = {
         "baseline": ("none", False, False, "constant", ""),
+        "blind": ("none", False, False, "constant", ""),
         "naive_kd": ("tokens", False, False, "constant", ""),
         "pooled_fd": ("pooled", False, False, "constant", ""),
         "clip_td": ("tokens", True, True, "adaptive", ""),
@@ -485,6 +486,7 @@ def test_method_config_and_baseline():
         s = method_config(name, base)
         assert (s.kd, s.select, s.weight, s.balance, s.unlabeled) == want, name
         assert (s.lambda_const, s.rho_v, s.method) == (0.5, 0.3, name)
+        assert s.blind == (name == "blind")  # only the floor blanks the image
     with pytest.raises(ValueError, match="unknown distillation method"):
         method_config("nope", base)
     out = StudentOutput(

@@ -281,7 +281,7 @@ def test_non_finite_loss_is_one_line_and_exports_nothing(world, tmp_path, monkey
 
 @pytest.mark.parametrize(("damage", "says"), [
     ("deleted", "belongs to no committed unit in the manifest"),
-    ("garbage", "manifest/image-000000.json: unreadable manifest entry (JSONDecodeError"),
+    ("garbage", "manifest/image-000000.json: not valid JSON"),
 ])  # fmt: skip
 def test_a_missing_or_garbage_manifest_entry_stops_training(world, done, tmp_path, damage, says):
     store = tmp_path / "manifest.zarr"
@@ -333,7 +333,7 @@ def test_a_corrupt_prepared_split_is_named(world, done, tmp_path, name):
     out = _outputs_of_an_earlier_run(done, tmp_path)
     before = snapshot(out)
     line = error_line(train(world, out, data=str(data)))
-    assert f"{data / 'train' / name}: file: unreadable (" in line and snapshot(out) == before
+    assert f"{data / 'train' / name}: file: not valid JSON (" in line and snapshot(out) == before
 
 
 def test_a_checkpoint_without_a_run_identity_is_not_resumed(world, run_copy):
