@@ -216,8 +216,9 @@ class Trainer:
                              vocab, params.distill.vqa_candidates)  # fmt: skip
         self.views = self._view_table()
         self.order_groups = self._order_groups()
+        vocabulary = self._student_vocabulary()
         seed_everything(run.seed)
-        self.student = create_student(params.student.arch, params.student)
+        self.student = create_student(params.student.arch, params.student, vocabulary=vocabulary)
         self.heads = TaskHeads(self.student.width, len(vocab), tasks=(run.task,))
         self.dheads = DistillHeads(self.student.width, self.source_dim()) if self.needs_teacher else None
         modules = [self.student, self.heads] + ([self.dheads] if self.dheads is not None else [])
@@ -233,6 +234,18 @@ class Trainer:
         self.best = {"score": -1.0, "step": 0}
         self.out = Path(run.out)
         self.out.mkdir(parents=True, exist_ok=True)
+
+    # --- compact student vocabulary (issue 24 item 4) -----------------------------------------------------
+    def _student_vocabulary(self) -> torch.Tensor:
+        """Every teacher token id the student can read in this task's prepared splits (train, val and test;
+        texts only, never labels). Covering every split makes the compact table train and evaluate exactly as
+        the full 49,408-row one did, without a gradient and AdamW update of the rows no text uses."""
+        from student.data import student_vocabulary
+
+        others = [i for ds in (self.val_ds, self.test_ds) if ds is not None for i in ds.iter_instances()]
+        return student_vocabulary(
+            self.spec, [*self.train_instances, *(i for i in others if i.task == self.run.task)]
+        )
 
     def source_dim(self) -> int:
         if isinstance(self.source, CachedTargets):
