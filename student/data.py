@@ -155,10 +155,12 @@ def student_texts(inst: Instance, spec: TaskSpec, texts: InstanceTexts | None = 
 
 
 # --- compact student vocabulary (issue 24 item 4) ---------------------------------------------------------
-def student_vocabulary(spec: TaskSpec, instances: Iterable[Instance], chunk: int = 2048) -> torch.Tensor:
+def student_vocabulary(
+    spec: TaskSpec, instances: Iterable[Instance], vocab_size: int | None = None, chunk: int = 2048
+) -> torch.Tensor:
     """``student.model.text_vocabulary`` of every text the student reads for ``instances`` (texts only, never
-    a label), tokenized and cut exactly as ``encode_sample`` does."""
-    from student.model import text_vocabulary
+    a label), tokenized and cut exactly as ``encode_sample`` does; ``vocab_size``: the tokenizer's (CLIP's)."""
+    from student.model import CLIP_VOCAB_SIZE, text_vocabulary
 
     texts = (t for inst in instances for t in student_texts(inst, spec))
 
@@ -166,7 +168,7 @@ def student_vocabulary(spec: TaskSpec, instances: Iterable[Instance], chunk: int
         while batch := list(itertools.islice(texts, chunk)):
             yield spec.tokens(batch)
 
-    return text_vocabulary(chunks())
+    return text_vocabulary(chunks(), vocab_size or CLIP_VOCAB_SIZE)
 
 
 def encode_sample(sample: dict, spec: TaskSpec, view: tuple[int, tuple] | None = None) -> dict:
