@@ -162,7 +162,8 @@ def student_vocabulary(
     a label), tokenized and cut exactly as ``encode_sample`` does; ``vocab_size``: the tokenizer's (CLIP's)."""
     from student.model import CLIP_VOCAB_SIZE, text_vocabulary
 
-    texts = (t for inst in instances for t in student_texts(inst, spec))
+    # Each distinct text once: templated texts repeat, and the tokenizer is the slow part (VCR: 8 per instance).
+    texts = iter(sorted({t for inst in instances for t in student_texts(inst, spec)}))
 
     def chunks():
         while batch := list(itertools.islice(texts, chunk)):
