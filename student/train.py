@@ -238,8 +238,8 @@ class Trainer:
     # --- compact student vocabulary (issue 24 item 4) -----------------------------------------------------
     def _student_vocabulary(self) -> torch.Tensor:
         """Every teacher token id the student can read in this task's prepared splits (train, val and test;
-        texts only, never labels). Covering every split makes the compact table train and evaluate exactly as
-        the full 49,408-row one did, without a gradient and AdamW update of the rows no text uses."""
+        texts only, never labels). Covering every split gives each id evaluation meets its own row, as the
+        full 49,408-row table did, without the full table's gradient and AdamW update of unused rows."""
         from student.data import student_vocabulary
 
         others = [i for ds in (self.val_ds, self.test_ds) if ds is not None for i in ds.iter_instances()]
