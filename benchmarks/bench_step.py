@@ -105,6 +105,8 @@ class LegacyStudent(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * params.layers))
 
     def forward(self, pixels: Tensor, text_ids: Tensor) -> StudentOutput:
+        # Today's VCR path: forward_task repeated each image for its 8 texts before the stem.
+        pixels = pixels.repeat_interleave(text_ids.shape[0] // pixels.shape[0], 0)
         b = pixels.shape[0]
         ids, text_mask = fit_text(text_ids, self.max_text_len, self.eot_id)
         img = self.patch_embed(pixels).flatten(2).transpose(1, 2) + self.img_pos + self.type_embed.weight[1]

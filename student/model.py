@@ -87,15 +87,15 @@ def fit_text(text_ids: Tensor, max_len: int, eot_id: int) -> tuple[Tensor, Tenso
 
 def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> Tensor:
     """A bool mask, True with probability 1 - p (p rounded to a multiple of 2**-16), four elements per
-    64-bit draw. torch's dropout draws a Bernoulli per element: on the CPU that was the dearest op of a
-    default student step's forward (cProfile), for 16 bits of randomness per element that need no more."""
+    64-bit draw. torch's dropout draws a Bernoulli per element, which on the CPU cost 8 ns an element and
+    was among the dearest ops of a default student step (torch.profiler); 16 random bits an element do."""
     n = math.prod(shape)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
     threshold = round(p * 65536) - 32768
     return (bits.view(torch.int16)[:n] >= threshold).view(shape)
 
 
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+def inverted_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Inverted dropout as ``F.dropout``, with the cheaper mask of ``dropout_keep_mask``; the scale uses the
     rounded p, so the expected value of every element is unchanged."""
     if not training or p == 0.0:
@@ -108,10 +108,10 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout with ``dropout``'s mask (same parameters, same state dict: none)."""
+    """nn.Dropout through ``inverted_dropout`` (same arguments, same state dict: none)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return dropout(x, self.p, self.training)
+        return inverted_dropout(x, self.p, self.training)
 
 
 class Block(nn.Module):
@@ -140,7 +140,7 @@ class Block(nn.Module):
         if self.training and self.dropout > 0:
             # Attention by hand only to drop attention weights with the cheaper mask; no dropout: SDPA.
             att = torch.add(attn_bias, q @ k.transpose(-2, -1), alpha=1.0 / math.sqrt(d // self.heads))
-            y = dropout(att.softmax(-1), self.dropout, True) @ v
+            y = inverted_dropout(att.softmax(-1), self.dropout, True) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
         x = x + self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, n, d)))
@@ -233,10 +233,17 @@ class ViltStudent(nn.Module):
             self.set_vocabulary(None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
+    # forward takes one image per k consecutive text rows (pixels [B], text_ids [B*k, L]); see forward_task.
+    shares_images = True
+
     def forward(self, pixels: Tensor, text_ids: Tensor) -> StudentOutput:
+        """pixels [B_img, 3, H, W]; text_ids [B, L] with B a multiple of B_img: text row r is read with image
+        r // (B / B_img), as if each image were repeated B / B_img times."""
         if pixels.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"student expects {self.image_size}px images, got {tuple(pixels.shape[-2:])}")
-        b = pixels.shape[0]
+        b, n_img = text_ids.shape[0], pixels.shape[0]
+        if b % n_img:
+            raise ValueError(f"{b} text rows for {n_img} images: each image needs the same number of texts")
         ids, text_mask = fit_text(text_ids, self.max_text_len, self.eot_id)
         # Only up to the batch's longest real text enters the sequence: later slots are padding in every row,
         # masked out as keys, so they change no real token's output; they come back as zeros, which no loss
@@ -247,6 +254,10 @@ class ViltStudent(nn.Module):
         patches = self.patch_embed(pixels.contiguous(memory_format=torch.channels_last))
         # Position + type summed on the small [1, n, d] tables first: one add over the batch, not two.
         img = patches.flatten(2).transpose(1, 2) + (self.img_pos + self.type_embed.weight[1])
+        if (
+            b != n_img
+        ):  # the stem once per image, not once per (image, text) pair: VCR pairs 8 texts with each
+            img = img.repeat_interleave(b // n_img, 0)
         txt = self.tok_embed(self._rows(ids[:, :n_txt])) + (
             self.txt_pos[:, :n_txt] + self.type_embed.weight[0]
         )
@@ -265,8 +276,8 @@ class ViltStudent(nn.Module):
 
 
 class _GELU(nn.GELU):
-    """nn.GELU over the memory order of a channels_last tensor: torch's GELU kernels took 1.5x longer (forward)
-    on a channels_last layout than on the same bytes read as one contiguous tensor. Same values."""
+    """nn.GELU over the memory order of a channels_last tensor: torch's GELU took 1.7x longer (forward) on a
+    channels_last layout than on the same bytes read as one contiguous tensor. Same values."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

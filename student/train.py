@@ -105,7 +105,11 @@ def forward_task(student, heads: TaskHeads, task: str, batch: Batch) -> tuple[to
         loss, _ = heads.loss(task, out.pooled, batch.target)
         return loss, out
     b, k2, length = batch.text_ids.shape
-    out = student(batch.pixels.repeat_interleave(k2, 0), batch.text_ids.view(b * k2, length))
+    # A student that shares_images runs its image stem once per image for the k2 texts (issue 24 item 4).
+    pixels = (
+        batch.pixels if getattr(student, "shares_images", False) else batch.pixels.repeat_interleave(k2, 0)
+    )
+    out = student(pixels, batch.text_ids.view(b * k2, length))
     pooled = out.pooled.view(b, k2, -1)
     k = k2 // 2
     l_qa, _ = heads.loss("vcr", pooled[:, :k], batch.target[:, 0])

@@ -293,14 +293,33 @@ def test_student_vocabulary_reads_the_texts_the_student_reads_cut_to_max_text_le
 
 
 def test_dropout_keeps_one_minus_p_unbiased_and_is_off_in_eval():
-    from student.model import Dropout, dropout
+    from student.model import Dropout, inverted_dropout
 
     torch.manual_seed(0)
     x = torch.ones(200_000)
-    y = dropout(x, 0.1, True)
+    y = inverted_dropout(x, 0.1, True)
     kept = (y != 0).float().mean().item()
     assert abs(kept - 0.9) < 0.005
     assert abs(y.mean().item() - 1.0) < 0.01  # inverted dropout: the expectation is unchanged
     assert torch.unique(y).tolist() == [0.0, pytest.approx(1 / 0.9, rel=1e-4)]
-    assert torch.equal(Dropout(0.1).eval()(x), x) and torch.equal(dropout(x, 0.0, True), x)
-    assert not dropout(x, 1.0, True).any()
+    assert torch.equal(Dropout(0.1).eval()(x), x) and torch.equal(inverted_dropout(x, 0.0, True), x)
+    assert not inverted_dropout(x, 1.0, True).any()
+
+
+def test_one_image_for_k_texts_equals_the_image_repeated_k_times():
+    # VCR reads each image with 8 texts: the stem runs once per image, the outputs and gradients are the same.
+    torch.manual_seed(0)
+    m = ViltStudent(tiny_params(), VOCAB).eval()
+    px = torch.randn(2, 3, 16, 16)
+    ids = torch.tensor([[SOT, 3, EOT], [SOT, 4, EOT], [SOT, 5, 6], [SOT, EOT, 0]])
+    shared = m(px, ids)
+    shared.pooled.sum().backward()
+    grad = m.patch_embed[0].weight.grad.clone()
+    m.zero_grad()
+    repeated = m(px.repeat_interleave(2, 0), ids)
+    repeated.pooled.sum().backward()
+    torch.testing.assert_close(shared.pooled, repeated.pooled)
+    torch.testing.assert_close(shared.image_tokens, repeated.image_tokens)
+    torch.testing.assert_close(m.patch_embed[0].weight.grad, grad)
+    with pytest.raises(ValueError, match="same number of texts"):
+        m(px, ids[:3])
