@@ -2,9 +2,9 @@
 
 "old" is the student as it was before the compact vocabulary, frozen below (``LegacyStudent``): a dense
 49,408-row token table, every one of the 32 text slots in the sequence, torch's per-element Bernoulli
-dropout, an NCHW stem. "new" is ``student.model.ViltStudent`` as the trainer builds it: the compact
-vocabulary of the task's texts, the sequence cut at the batch's longest text, the cheaper dropout mask, a
-channels_last stem. Both are driven by ``Trainer.train_step`` (same optimizer, clipping, losses) on the
+dropout, an NCHW stem run once per (image, text) pair. "new" is ``student.model.ViltStudent`` as the
+trainer builds it: the compact vocabulary of the task's texts, the sequence cut at the batch's longest
+text, the cheaper dropout mask, a channels_last stem run once per image (VCR reads each with 8 texts). Both are driven by ``Trainer.train_step`` (same optimizer, clipping, losses) on the
 same pre-collected batches, round-robin step by step so that load on the machine hits both alike; after a
 few warm-up steps each step's old/new ratio is taken back to back, and the median (with quartiles, min and
 max) is reported, with CPU seconds beside wall seconds.
