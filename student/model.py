@@ -142,7 +142,9 @@ class Block(nn.Module):
             att = torch.add(attn_bias, q @ k.transpose(-2, -1), alpha=1.0 / math.sqrt(d // self.heads))
             y = inverted_dropout(att.softmax(-1), self.dropout, True) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_bias.to(q.dtype)
+            )  # autocast: q may be bf16
         x = x + self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, n, d)))
         return x + self.mlp(self.ln2(x))
 
