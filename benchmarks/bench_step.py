@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -289,6 +290,44 @@ def measure_loop(world, task: str, steps: int, work: Path, block: int = 10) -> d
     return out
 
 
+def summary_markdown(payload: dict) -> str:
+    """A short table of what step.json holds: per task and method, old/new per step (median of back-to-back
+    pairs, quartiles, min-max), the CPU-time ratio, the loop ratio, and the dropout-free loss check."""
+    m, machine = payload["measurements"], payload["machine"]
+    lines = [
+        "# Student step: today's (full 49,408-row token table, 32 text slots) vs compact (bench_step)",
+        "",
+        f"{machine['time']}, {machine['cpu_model']} ({machine['nproc']} cores, torch {machine['torch']}), "
+        f"1 torch thread, load average at start {machine['loadavg_at_start']}; "
+        f"{payload['settings']['steps']} timed steps per arm. Ratios are old / new: > 1 means the new step is faster.",
+        "",
+        "| task | method | step old/new (median) | quartiles | min - max | CPU-time old/new | loop old/new "
+        "| old / new ms (median) | max rel. loss diff (dropout off) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task in payload["settings"]["tasks"].split(","):
+        if task not in m:
+            continue
+        t, loop, eq = m[task], m.get(f"{task}@loop", {}), m[f"{task}@equal"]
+        for method in METHODS:
+            r, ms = t[method], t["step_seconds_median"]
+            (q1, q3), (lo, hi) = r["old_over_new_quartiles"], r["old_over_new_min_max"]
+            in_loop = f"{loop[method]['loop_old_over_new']:.2f}" if loop else "-"
+            cells = [
+                task,
+                method,
+                f"{r['old_over_new']:.2f}",
+                f"{q1:.2f} - {q3:.2f}",
+                f"{lo:.2f} - {hi:.2f}",
+                f"{r['cpu_old_over_new']:.2f}",
+                in_loop,
+                f"{ms[f'old-{method}'] * 1e3:.1f} / {ms[f'new-{method}'] * 1e3:.1f}",
+                f"{eq['max_rel_loss_diff'][method]:.1e}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, overrides=True)
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, of {TASKS}")
@@ -347,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if loop_steps:
                 res.measurements[f"{task}@loop"] = measure_loop(world, task, loop_steps, work)
-    res.write(args.out)
+    path = res.write(args.out)
+    path.with_suffix(".md").write_text(summary_markdown(json.loads(path.read_text())))
     return 0
 
 
