@@ -21,7 +21,7 @@ import io
 import itertools
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -172,6 +172,33 @@ def choose_view(seed: int, position: int, key: str, k: int) -> int:
     return int.from_bytes(h[:8], "little") % k
 
 
+def student_texts(inst: Instance, spec: TaskSpec, texts: InstanceTexts | None = None) -> list[str]:
+    """The texts the student reads for one instance (one row each); ``texts``: ``spec.texts(inst)`` if made."""
+    if spec.task == "vcr":
+        # Q→A pairs then QA→R pairs (gold answer), scored by one head; the KD term uses the gold Q→A pair.
+        texts = texts if texts is not None else spec.texts(inst)
+        return texts.candidates + texts.rationale_candidates
+    return [inst.student_text()]
+
+
+# --- compact student vocabulary (issue 24 item 4) ---------------------------------------------------------
+def student_vocabulary(
+    spec: TaskSpec, instances: Iterable[Instance], vocab_size: int | None = None, chunk: int = 2048
+) -> torch.Tensor:
+    """``student.model.text_vocabulary`` of every text the student reads for ``instances`` (texts only, never
+    a label), tokenized and cut exactly as ``encode_sample`` does; ``vocab_size``: the tokenizer's (CLIP's)."""
+    from student.model import CLIP_VOCAB_SIZE, text_vocabulary
+
+    # Each distinct text once: templated texts repeat, and the tokenizer is the slow part (VCR: 8 per instance).
+    texts = iter(sorted({t for inst in instances for t in student_texts(inst, spec)}))
+
+    def chunks():
+        while batch := list(itertools.islice(texts, chunk)):
+            yield spec.tokens(batch)
+
+    return text_vocabulary(chunks(), vocab_size or CLIP_VOCAB_SIZE)
+
+
 def encode_sample(sample: dict, spec: TaskSpec, view: tuple[int, tuple] | None = None) -> dict:
     """One instance (+ image bytes) → student inputs and labels; runs in DataLoader workers. ``view`` =
     (index, (x0, y0, x1, y1, flip)) shows the image in that cached teacher view."""
@@ -185,11 +212,7 @@ def encode_sample(sample: dict, spec: TaskSpec, view: tuple[int, tuple] | None =
         out["view"] = view
     texts = spec.texts(inst)
     out["teacher_texts"] = texts
-    if spec.task == "vcr":
-        # Q→A pairs then QA→R pairs (gold answer), scored by one head; the KD term uses the gold Q→A pair.
-        out["text_ids"] = spec.tokens(texts.candidates + texts.rationale_candidates)
-    else:
-        out["text_ids"] = spec.tokens([inst.student_text()])
+    out["text_ids"] = spec.tokens(student_texts(inst, spec, texts))
     if spec.task == "vqa":
         out["target"] = soft_vqa_target(inst.human_answers or [inst.answer], spec.vocab_index)
     elif spec.task == "snli_ve":

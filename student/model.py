@@ -7,12 +7,19 @@ an exported student carries no distillation-only parameters.
 
 Text-id conventions (open_clip's tokenizer): SOT = vocab_size - 2, EOT = vocab_size - 1, padding = 0. A
 row whose ids are all padding means "no text" (an unlabeled image); its text mask is all False.
+
+Compact vocabulary. The data use a few dozen of the tokenizer's 49,408 ids, and a full embedding table made
+every step pay a dense gradient, clip and AdamW update of 49,408 rows. ``ViltStudent.set_vocabulary`` keeps
+only the rows of the ids the student can read (``text_vocabulary``) plus one unknown-id row; the student
+still takes the teacher's ids, so position i is still teacher token i and only the row lookup changes. The
+vocabulary is a buffer in the state dict: an exported student carries it, and loading that state into a
+freshly built student adopts it, so evaluation maps ids exactly as training did.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -24,6 +31,20 @@ from pipeline.config import StudentParams
 
 CLIP_VOCAB_SIZE = 49408
 PAD_ID = 0
+
+
+def text_vocabulary(token_ids: Iterable[Tensor], vocab_size: int = CLIP_VOCAB_SIZE) -> Tensor:
+    """The sorted teacher ids occurring in ``token_ids`` (tensors of any shape), plus padding, SOT and EOT,
+    which a student reads whatever the texts are. Depends only on the set of ids, so the same texts in
+    any order give the same vocabulary."""
+    seen = torch.zeros(vocab_size, dtype=torch.bool)
+    seen[[PAD_ID, vocab_size - 2, vocab_size - 1]] = True
+    for ids in token_ids:
+        ids = torch.as_tensor(ids).reshape(-1).long()
+        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"token id outside the tokenizer's vocabulary of {vocab_size}")
+        seen[ids] = True
+    return seen.nonzero().flatten()
 
 
 @dataclass
@@ -64,6 +85,35 @@ def fit_text(text_ids: Tensor, max_len: int, eot_id: int) -> tuple[Tensor, Tenso
     return ids, mask & has_text
 
 
+def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> Tensor:
+    """A bool mask, True with probability 1 - p (p rounded to a multiple of 2**-16), four elements per
+    64-bit draw. torch's dropout draws a Bernoulli per element, which on the CPU cost 8 ns an element and
+    was among the dearest ops of a default student step (torch.profiler); 16 random bits an element do."""
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    threshold = round(p * 65536) - 32768
+    return (bits.view(torch.int16)[:n] >= threshold).view(shape)
+
+
+def inverted_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout as ``F.dropout``, with the cheaper mask of ``dropout_keep_mask``; the scale uses the
+    rounded p, so the expected value of every element is unchanged."""
+    if not training or p == 0.0:
+        return x
+    p_used = round(p * 65536) / 65536
+    if p_used >= 1.0:
+        return x * 0.0
+    keep = dropout_keep_mask(x.shape, p, x.device)
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p_used))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout through ``inverted_dropout`` (same arguments, same state dict: none)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return inverted_dropout(x, self.p, self.training)
+
+
 class Block(nn.Module):
     """Pre-LN transformer block."""
 
@@ -79,16 +129,22 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(
-            nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width), nn.Dropout(dropout)
+            nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width), Dropout(dropout)
         )
-        self.resid_drop = nn.Dropout(dropout)
+        self.resid_drop = Dropout(dropout)
 
-    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_bias: Tensor) -> Tensor:
+        """x [B, N, d]; attn_bias [B, 1, 1, N]: 0 for a key that is attended to, -inf for a masked one."""
         b, n, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
-        )
+        if self.training and self.dropout > 0:
+            # Attention by hand only to drop attention weights with the cheaper mask; no dropout: SDPA.
+            att = torch.add(attn_bias, q @ k.transpose(-2, -1), alpha=1.0 / math.sqrt(d // self.heads))
+            y = inverted_dropout(att.softmax(-1), self.dropout, True) @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_bias.to(q.dtype)
+            )  # autocast: q may be bf16
         x = x + self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, n, d)))
         return x + self.mlp(self.ln2(x))
 
@@ -115,7 +171,7 @@ class ViltStudent(nn.Module):
         self.img_pos = nn.Parameter(torch.zeros(1, self.grid**2, d))
         self.txt_pos = nn.Parameter(torch.zeros(1, self.max_text_len, d))
         self.type_embed = nn.Embedding(2, d)  # 0 text, 1 image
-        self.drop = nn.Dropout(params.dropout)
+        self.drop = Dropout(params.dropout)
         self.blocks = nn.ModuleList(
             Block(d, params.heads, params.mlp_ratio, params.dropout) for _ in range(params.layers)
         )
@@ -131,22 +187,104 @@ class ViltStudent(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * params.layers))
+        # Full vocabulary until set_vocabulary: the table is drawn whole, so a seed gives the same weights
+        # (every kept row included) with or without a compact vocabulary.
+        self.register_buffer("token_ids", None)
+        self.register_buffer("row_of", None, persistent=False)
+
+    def set_vocabulary(self, token_ids: Tensor | Iterable[int] | None) -> None:
+        """Keep only the embedding rows of ``token_ids`` (sorted unique teacher ids) plus a last row that every
+        other id maps to; None goes back to one row per tokenizer id. A kept id keeps its current row; the
+        unknown row starts at zero (an unseen id then adds only its position and type embedding). A no-op
+        when the vocabulary is already this one, so an optimizer holding the table stays valid."""
+        w = self.tok_embed.weight
+        if token_ids is None:
+            if self.token_ids is None:
+                return
+            table = w.new_zeros(self.vocab_size, self.width)
+            table[self.token_ids] = w.detach()[:-1]
+            self.token_ids = self.row_of = None
+        else:
+            ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().to(w.device)
+            if ids.numel() and (
+                bool((ids[1:] <= ids[:-1]).any()) or ids[0] < 0 or ids[-1] >= self.vocab_size
+            ):
+                raise ValueError(f"a student vocabulary is sorted unique token ids in [0, {self.vocab_size})")
+            if self.token_ids is not None and torch.equal(ids, self.token_ids):
+                return
+            rows = self._rows(ids) if self.token_ids is not None else ids
+            unk = w.detach()[-1:] if self.token_ids is not None else w.new_zeros(1, self.width)
+            table = torch.cat([w.detach()[rows], unk])
+            row_of = torch.full((self.vocab_size,), len(ids), dtype=torch.long, device=w.device)
+            row_of[ids] = torch.arange(len(ids), device=w.device)
+            self.token_ids, self.row_of = ids, row_of
+        self.tok_embed = nn.Embedding.from_pretrained(table.clone(), freeze=False)
+
+    def _rows(self, ids: Tensor) -> Tensor:
+        """Embedding rows of teacher ids: the ids themselves under the full vocabulary."""
+        return ids if self.row_of is None else self.row_of[ids]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        # The vocabulary comes with the weights: a student built from params alone (evaluation) adopts the
+        # exported one before its embedding rows are copied in.
+        ids = state_dict.get(prefix + "token_ids")
+        table = state_dict.get(prefix + "tok_embed.weight")
+        if ids is not None:
+            self.set_vocabulary(ids)
+        elif table is not None and table.shape[0] == self.vocab_size:
+            self.set_vocabulary(None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    # forward takes one image per k consecutive text rows (pixels [B], text_ids [B*k, L]); see forward_task.
+    shares_images = True
 
     def forward(self, pixels: Tensor, text_ids: Tensor) -> StudentOutput:
+        """pixels [B_img, 3, H, W]; text_ids [B, L] with B a multiple of B_img: text row r is read with image
+        r // (B / B_img), as if each image were repeated B / B_img times."""
         if pixels.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"student expects {self.image_size}px images, got {tuple(pixels.shape[-2:])}")
-        b = pixels.shape[0]
+        b, n_img = text_ids.shape[0], pixels.shape[0]
+        if b % n_img:
+            raise ValueError(f"{b} text rows for {n_img} images: each image needs the same number of texts")
         ids, text_mask = fit_text(text_ids, self.max_text_len, self.eot_id)
-        img = self.patch_embed(pixels).flatten(2).transpose(1, 2) + self.img_pos + self.type_embed.weight[1]
-        txt = self.tok_embed(ids) + self.txt_pos + self.type_embed.weight[0]
+        # Only up to the batch's longest real text enters the sequence: later slots are padding in every row,
+        # masked out as keys, so they change no real token's output; they come back as zeros, which no loss
+        # reads (the losses read text_mask's positions only). Texts are short (VQA: 13 of 32 slots).
+        n_txt = int(text_mask.sum(1).max()) if text_mask.numel() else 0
+        # channels_last: oneDNN's convolutions run without layout reorders (the stem's forward + backward took
+        # 25% less on the CPU); the patch tokens then come out contiguous.
+        patches = self.patch_embed(pixels.contiguous(memory_format=torch.channels_last))
+        # Position + type summed on the small [1, n, d] tables first: one add over the batch, not two.
+        img = patches.flatten(2).transpose(1, 2) + (self.img_pos + self.type_embed.weight[1])
+        if (
+            b != n_img
+        ):  # the stem once per image, not once per (image, text) pair: VCR pairs 8 texts with each
+            img = img.repeat_interleave(b // n_img, 0)
+        txt = self.tok_embed(self._rows(ids[:, :n_txt])) + (
+            self.txt_pos[:, :n_txt] + self.type_embed.weight[0]
+        )
         x = self.drop(torch.cat([self.cls.expand(b, -1, -1), img, txt], dim=1))
         always = torch.ones(b, 1 + img.shape[1], dtype=torch.bool, device=x.device)
-        key_mask = torch.cat([always, text_mask], dim=1)
+        key_mask = torch.cat([always, text_mask[:, :n_txt]], dim=1)
+        attn_bias = torch.zeros(key_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(
+            ~key_mask, -math.inf
+        )
         for block in self.blocks:
-            x = block(x, key_mask)
+            x = block(x, attn_bias[:, None, None, :])
         x = self.ln_f(x)
         g2 = img.shape[1]
-        return StudentOutput(x[:, 0], x[:, 1 : 1 + g2], x[:, 1 + g2 :], text_mask)
+        text_tokens = F.pad(x[:, 1 + g2 :], (0, 0, 0, self.max_text_len - n_txt))
+        return StudentOutput(x[:, 0], x[:, 1 : 1 + g2], text_tokens, text_mask)
+
+
+class _GELU(nn.GELU):
+    """nn.GELU over the memory order of a channels_last tensor: torch's GELU took 1.7x longer (forward) on a
+    channels_last layout than on the same bytes read as one contiguous tensor. Same values."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super().forward(x)
 
 
 def make_stem(kind: str, width: int, patch: int) -> nn.Module:
@@ -160,8 +298,8 @@ def make_stem(kind: str, width: int, patch: int) -> nn.Module:
     # Two stride-2 3x3 convs, then one conv covering the remaining patch/4 factor.
     c1, c2, rest = max(8, width // 4), max(16, width // 2), patch // 4
     return nn.Sequential(
-        nn.Conv2d(3, c1, 3, stride=2, padding=1), nn.GELU(),
-        nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.GELU(),
+        nn.Conv2d(3, c1, 3, stride=2, padding=1), _GELU(),
+        nn.Conv2d(c1, c2, 3, stride=2, padding=1), _GELU(),
         nn.Conv2d(c2, width, rest, stride=rest),
     )  # fmt: skip
 
@@ -195,13 +333,24 @@ def list_students() -> list[str]:
     return sorted(_STUDENTS)
 
 
-def create_student(name: str, params: StudentParams, vocab_size: int = CLIP_VOCAB_SIZE) -> nn.Module:
-    """The one constructor: look ``name`` (normally ``params.arch``) up in the registry and check the result."""
+def create_student(
+    name: str,
+    params: StudentParams,
+    vocab_size: int = CLIP_VOCAB_SIZE,
+    vocabulary: Tensor | Iterable[int] | None = None,
+) -> nn.Module:
+    """The one constructor: look ``name`` (normally ``params.arch``) up in the registry and check the result.
+    ``vocabulary`` (``text_vocabulary``'s ids) gives the student a compact embedding table; the student must
+    then provide ``set_vocabulary``."""
     if name not in _STUDENTS:
         raise ValueError(f"unknown student '{name}' (registered: {', '.join(list_students())})")
     model = _STUDENTS[name](params, vocab_size)
     if not isinstance(model, StudentInterface):
         raise TypeError(f"student '{name}' does not provide width, grid, max_text_len and forward")
+    if vocabulary is not None:
+        if not hasattr(model, "set_vocabulary"):
+            raise TypeError(f"student '{name}' has no set_vocabulary: it cannot take a compact vocabulary")
+        model.set_vocabulary(vocabulary)
     return model
 
 

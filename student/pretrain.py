@@ -31,7 +31,7 @@ from pipeline.config import StudentParams
 from pipeline.data.shards import PreparedDataset
 
 from .data import image_tensor, load_tokenizer
-from .model import PAD_ID, create_student, fit_text
+from .model import PAD_ID, create_student, fit_text, text_vocabulary
 
 CHECKPOINT_NAME = "student.pt"
 FORMAT = "clip-td-student-pretrained"
@@ -131,9 +131,11 @@ def losses(student, heads: PretrainHeads, batch) -> dict[str, Tensor]:
     sel = mlm_y >= 0
     if sel.any():
         h = heads.mlm(out.text_tokens[sel])
+        # Targets are teacher ids; the tied decoder scores embedding rows, so map ids to rows first.
+        rows = student._rows(mlm_y[sel])
         mlm_logits = h @ student.tok_embed.weight.T
-        mlm = F.cross_entropy(mlm_logits, mlm_y[sel])
-        mlm_acc = (mlm_logits.argmax(-1) == mlm_y[sel]).float().mean()
+        mlm = F.cross_entropy(mlm_logits, rows)
+        mlm_acc = (mlm_logits.argmax(-1) == rows).float().mean()
     else:
         mlm = itm_logits.sum() * 0.0
         mlm_acc = torch.zeros(())
@@ -189,7 +191,10 @@ def pretrain_student(
     val_pairs = load_pairs(val, sp, tokenizer) if val is not None else None
     load_seconds = time.perf_counter() - t_load
 
-    student = create_student(sp.arch, sp)
+    # A compact vocabulary (the corpus's ids, texts only): a full 49,408-row table would cost every step a dense
+    # gradient and AdamW update of rows no caption uses. Fine-tuning maps the task's ids onto it.
+    texts = [pairs.ids, pairs.neg_ids] + ([val_pairs.ids, val_pairs.neg_ids] if val_pairs is not None else [])
+    student = create_student(sp.arch, sp, vocabulary=text_vocabulary(texts))
     heads = PretrainHeads(student.width)
     params = [*student.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

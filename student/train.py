@@ -243,7 +243,11 @@ def forward_task(student, heads: TaskHeads, task: str, batch: Batch) -> tuple[to
         loss, _ = heads.loss(task, out.pooled, batch.target)
         return loss, out
     b, k2, length = batch.text_ids.shape
-    out = student(batch.pixels.repeat_interleave(k2, 0), batch.text_ids.view(b * k2, length))
+    # A student that shares_images runs its image stem once per image for the k2 texts (issue 24 item 4).
+    pixels = (
+        batch.pixels if getattr(student, "shares_images", False) else batch.pixels.repeat_interleave(k2, 0)
+    )
+    out = student(pixels, batch.text_ids.view(b * k2, length))
     pooled = out.pooled.view(b, k2, -1)
     k = k2 // 2
     l_qa, _ = heads.loss("vcr", pooled[:, :k], batch.target[:, 0])
@@ -357,13 +361,17 @@ class Trainer:
                              vocab, params.distill.vqa_candidates, blind=self.cfg.blind)  # fmt: skip
         self.views = self._view_table()
         self.order_groups = self._order_groups()
+        vocabulary = self._student_vocabulary()
         seed_everything(run.seed)
-        self.student = create_student(params.student.arch, params.student)
+        self.student = create_student(params.student.arch, params.student, vocabulary=vocabulary)
         if params.student.init == "pretrained":
             try:
                 load_pretrained_backbone(self.student, params.student.pretrained, params.student)
             except PretrainedMismatch as e:
                 raise RunError(str(e)) from None
+            # The backbone brings the pretraining corpus's vocabulary; the task's own ids are kept from it, and
+            # ids it never saw start from its unknown-id row.
+            self.student.set_vocabulary(vocabulary)
         self.heads = TaskHeads(self.student.width, len(vocab), tasks=(run.task,))
         self.dheads = DistillHeads(self.student.width, self.source_dim()) if self.needs_teacher else None
         modules = [self.student, self.heads] + ([self.dheads] if self.dheads is not None else [])
@@ -381,6 +389,18 @@ class Trainer:
         self._identity: dict | None = None
         self.out = Path(run.out)
         self.out.mkdir(parents=True, exist_ok=True)
+
+    # --- compact student vocabulary (issue 24 item 4) -----------------------------------------------------
+    def _student_vocabulary(self) -> torch.Tensor:
+        """Every teacher token id the student can read in this task's prepared splits (train, val and test;
+        texts only, never labels). Covering every split gives each id evaluation meets its own row, as the
+        full 49,408-row table did, without the full table's gradient and AdamW update of unused rows."""
+        from student.data import student_vocabulary
+
+        others = [i for ds in (self.val_ds, self.test_ds) if ds is not None for i in ds.iter_instances()]
+        return student_vocabulary(
+            self.spec, [*self.train_instances, *(i for i in others if i.task == self.run.task)]
+        )
 
     def source_dim(self) -> int:
         if isinstance(self.source, CachedTargets):

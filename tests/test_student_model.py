@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -14,6 +16,7 @@ from student.model import (
     fit_text,
     list_students,
     register_student,
+    text_vocabulary,
 )
 
 torch.set_num_threads(1)
@@ -150,3 +153,173 @@ def test_student_owns_no_distillation_parameters():
     # Hand count: patch conv 3*8*8*16+16, tokens 100*16, cls 16, positions (4+6)*16, types 2*16,
     # 2 blocks of (2 LN 64, qkv 816, proj 272, mlp 544+528), final LN 32.
     assert count_parameters(baseline) == 3088 + 1600 + 16 + 160 + 32 + 2 * 2224 + 32
+
+
+# ---------------------------------------------------------------------------------------------- compact vocabulary
+
+
+def _pair(**kw) -> tuple[ViltStudent, ViltStudent, torch.Tensor]:
+    """A full-vocabulary student and the same weights with a compact vocabulary (rows copied from it)."""
+    torch.manual_seed(0)
+    full = ViltStudent(tiny_params(**kw), VOCAB).eval()
+    compact = copy.deepcopy(full)
+    vocab = text_vocabulary([torch.tensor([3, 5, 7, 40])], VOCAB)
+    compact.set_vocabulary(vocab)
+    return full, compact, vocab
+
+
+def test_text_vocabulary_is_sorted_unique_with_pad_sot_eot_and_order_free():
+    a = text_vocabulary([torch.tensor([[SOT, 7, 3, EOT, 0]]), torch.tensor([7, 50])], VOCAB)
+    b = text_vocabulary([torch.tensor([50, 3]), torch.tensor([[7, 7]])], VOCAB)
+    assert a.tolist() == b.tolist() == [0, 3, 7, 50, SOT, EOT]
+    with pytest.raises(ValueError, match="outside"):
+        text_vocabulary([torch.tensor([VOCAB])], VOCAB)
+
+
+def test_compact_student_forward_and_gradients_equal_the_full_students():
+    full, compact, vocab = _pair()
+    assert compact.tok_embed.weight.shape == (len(vocab) + 1, 16)
+    assert count_parameters(compact) == count_parameters(full) - (VOCAB - len(vocab) - 1) * 16
+    px = torch.randn(2, 3, 16, 16)
+    ids = torch.tensor([[SOT, 3, 40, 5, EOT, 0], [SOT, 7, EOT, 0, 0, 0]])
+    a, b = full(px, ids), compact(px, ids)
+    m = a.text_mask
+    torch.testing.assert_close(b.pooled, a.pooled)
+    torch.testing.assert_close(b.image_tokens, a.image_tokens)
+    torch.testing.assert_close(b.text_tokens[m], a.text_tokens[m])
+    assert torch.equal(b.text_mask, m)
+    (a.pooled.sum() + a.text_tokens[m].sum()).backward()
+    (b.pooled.sum() + b.text_tokens[m].sum()).backward()
+    # Each kept row gets the gradient the full table's row of that id gets.
+    torch.testing.assert_close(compact.tok_embed.weight.grad[:-1], full.tok_embed.weight.grad[vocab])
+
+
+def test_remapping_keeps_student_position_i_on_teacher_token_i():
+    full, compact, vocab = _pair()
+    ids = torch.tensor([[SOT, 40, 3, 5, 7, EOT]])
+    # Position i reads the row of teacher id ids[i] (ids are remapped, positions are not).
+    rows = compact._rows(ids)
+    assert torch.equal(compact.tok_embed.weight[rows], full.tok_embed.weight[ids])
+    # Swapping two tokens swaps what those positions read and nothing else.
+    swapped = ids.clone()
+    swapped[0, [1, 2]] = ids[0, [2, 1]]
+    assert torch.equal(
+        compact.tok_embed.weight[compact._rows(swapped)][0, [1, 2]], full.tok_embed.weight[[3, 40]]
+    )
+
+
+def test_unknown_ids_read_the_unknown_row():
+    _, compact, vocab = _pair()
+    assert compact._rows(torch.tensor([11, 60, 3])).tolist() == [len(vocab), len(vocab), 1]
+    assert not compact.tok_embed.weight[-1].any()  # starts at zero: an unseen id adds only its position
+    px = torch.randn(1, 3, 16, 16)
+    a = compact(px, torch.tensor([[SOT, 11, EOT]]))
+    b = compact(px, torch.tensor([[SOT, 60, EOT]]))
+    c = compact(px, torch.tensor([[SOT, 3, EOT]]))
+    torch.testing.assert_close(a.pooled, b.pooled)
+    assert not torch.allclose(a.pooled, c.pooled)
+
+
+def test_exported_student_round_trips_its_vocabulary(tmp_path):
+    _, compact, vocab = _pair()
+    with torch.no_grad():
+        compact.tok_embed.weight[-1] = 1.0  # a trained unknown row must come back too
+    torch.save({"student": compact.state_dict()}, tmp_path / "student.pt")
+    exported = torch.load(tmp_path / "student.pt", weights_only=True)
+    # Evaluation builds the student from params alone and loads the export (strict).
+    loaded = create_student("vilt", tiny_params(), vocab_size=VOCAB).eval()
+    loaded.load_state_dict(exported["student"])
+    assert torch.equal(loaded.token_ids, vocab)
+    assert loaded._rows(torch.tensor([3, 11])).tolist() == [1, len(vocab)]
+    px, ids = torch.randn(2, 3, 16, 16), torch.tensor([[SOT, 3, 11, EOT], [SOT, 40, EOT, 0]])
+    torch.testing.assert_close(loaded(px, ids).pooled, compact(px, ids).pooled)
+    # A full-vocabulary state (a student exported before compact vocabularies) loads as one.
+    full_state = ViltStudent(tiny_params(), VOCAB).state_dict()
+    loaded.load_state_dict(full_state)
+    assert loaded.token_ids is None and loaded.tok_embed.weight.shape[0] == VOCAB
+
+
+def test_setting_the_same_vocabulary_keeps_the_parameter_an_optimizer_holds():
+    _, compact, vocab = _pair()
+    table = compact.tok_embed.weight
+    compact.set_vocabulary(vocab.clone())
+    compact.load_state_dict(compact.state_dict())
+    assert compact.tok_embed.weight is table
+    with pytest.raises(ValueError, match="sorted unique"):
+        compact.set_vocabulary([5, 3])
+
+
+def test_create_student_takes_a_vocabulary_and_keeps_the_seeds_weights():
+    torch.manual_seed(0)
+    full = create_student("vilt", tiny_params(), vocab_size=VOCAB)
+    torch.manual_seed(0)
+    compact = create_student("vilt", tiny_params(), vocab_size=VOCAB, vocabulary=[0, 3, SOT, EOT])
+    assert torch.equal(compact.tok_embed.weight[:-1], full.tok_embed.weight[[0, 3, SOT, EOT]])
+    assert torch.equal(compact.blocks[1].mlp[2].weight, full.blocks[1].mlp[2].weight)  # same RNG stream after
+
+
+def test_text_slots_after_the_batchs_longest_text_are_zero_and_change_nothing():
+    torch.manual_seed(0)
+    m = ViltStudent(tiny_params(max_text_len=8), VOCAB).eval()
+    px = torch.randn(2, 3, 16, 16)
+    out = m(px, torch.tensor([[SOT, 3, EOT, 0], [SOT, EOT, 0, 0]]))
+    assert out.text_tokens.shape == (2, 8, 16)
+    assert not out.text_tokens[:, 3:].any()  # beyond the longest text (3 tokens): padding in every row
+    alone = m(px[:1], torch.tensor([[SOT, 3, EOT]]))
+    torch.testing.assert_close(out.pooled[:1], alone.pooled)
+    # No text at all (an unlabeled batch): image tokens only, the same as a row of padding would give.
+    empty = m(px, torch.zeros(2, 8, dtype=torch.long))
+    assert empty.text_mask.sum() == 0 and torch.isfinite(empty.pooled).all()
+
+
+def test_student_vocabulary_reads_the_texts_the_student_reads_cut_to_max_text_len():
+    class Inst:
+        def __init__(self, text: str):
+            self.text = text
+
+        def student_text(self) -> str:
+            return self.text
+
+    def tokenizer(texts):  # word ids, SOT/EOT around, padded to 6 like open_clip's
+        rows = [[SOT, *(int(w) for w in t.split()), EOT] for t in texts]
+        return torch.tensor([r + [0] * (6 - len(r)) for r in rows])
+
+    from student.data import TaskSpec, student_vocabulary
+
+    spec = TaskSpec("snli_ve", tokenizer, 16, 4)
+    vocab = student_vocabulary(spec, [Inst("5 9"), Inst("3 4 6 8")], vocab_size=VOCAB)
+    # "8" sits past max_text_len = 4: the student never reads it, so it gets no row.
+    assert vocab.tolist() == [0, 3, 4, 5, 6, 9, SOT, EOT]
+
+
+def test_dropout_keeps_one_minus_p_unbiased_and_is_off_in_eval():
+    from student.model import Dropout, inverted_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    y = inverted_dropout(x, 0.1, True)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.9) < 0.005
+    assert abs(y.mean().item() - 1.0) < 0.01  # inverted dropout: the expectation is unchanged
+    assert torch.unique(y).tolist() == [0.0, pytest.approx(1 / 0.9, rel=1e-4)]
+    assert torch.equal(Dropout(0.1).eval()(x), x) and torch.equal(inverted_dropout(x, 0.0, True), x)
+    assert not inverted_dropout(x, 1.0, True).any()
+
+
+def test_one_image_for_k_texts_equals_the_image_repeated_k_times():
+    # VCR reads each image with 8 texts: the stem runs once per image, the outputs and gradients are the same.
+    torch.manual_seed(0)
+    m = ViltStudent(tiny_params(), VOCAB).eval()
+    px = torch.randn(2, 3, 16, 16)
+    ids = torch.tensor([[SOT, 3, EOT], [SOT, 4, EOT], [SOT, 5, 6], [SOT, EOT, 0]])
+    shared = m(px, ids)
+    shared.pooled.sum().backward()
+    grad = m.patch_embed[0].weight.grad.clone()
+    m.zero_grad()
+    repeated = m(px.repeat_interleave(2, 0), ids)
+    repeated.pooled.sum().backward()
+    torch.testing.assert_close(shared.pooled, repeated.pooled)
+    torch.testing.assert_close(shared.image_tokens, repeated.image_tokens)
+    torch.testing.assert_close(m.patch_embed[0].weight.grad, grad)
+    with pytest.raises(ValueError, match="same number of texts"):
+        m(px, ids[:3])
