@@ -48,7 +48,7 @@ def main(params_path, overrides, captions, val, out, metrics_path, quiet) -> Non
     from student.pretrain import pretrain_student
 
     params = stage_params(params_path, overrides)
-    p = params.student_pretrain
+    p = params.student.pretrain
     try:
         m = pretrain_student(
             params.student, params.teacher.model, captions, val, out,

@@ -140,3 +140,20 @@ def test_a_student_run_starts_from_the_pretrained_backbone(tmp_path):
     missing = _params(world, **{"student.init": "pretrained", "student.pretrained": tmp_path / "none.pt"})
     with pytest.raises(RunError, match="none.pt: no pretrained student here"):
         Trainer(missing, _run(world, tmp_path, method="baseline", name="r2"), progress=False)
+
+
+def test_stage_writes_the_backbone_and_its_metrics(corpus, tmp_path):
+    from click.testing import CliRunner
+
+    from stages.pretrain_student import main
+
+    sets = ["student.width=32", "student.layers=1", "student.image_size=32", "student.patch_size=8",
+            "student.max_text_len=24", "student.pretrain.steps=2", "student.pretrain.batch_size=4",
+            "student.pretrain.warmup=1", "student.pretrain.pairs=10"]  # fmt: skip
+    args = ["--captions", str(corpus / "captions"), "--val", str(corpus / "captions_val"),
+            "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"), "--quiet"]  # fmt: skip
+    res = CliRunner().invoke(main, args + [a for s in sets for a in ("--set", s)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out" / "student.pt").is_file() and "held-out ITM" in res.output
+    res = CliRunner().invoke(main, [*args[:1], str(tmp_path / "nowhere"), *args[2:]])
+    assert res.exit_code != 0 and "nowhere" in res.output and "Traceback" not in res.output
