@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-RELEVANCE_SOURCES = ("value", "intermediate")
+from .names import RELEVANCE_SOURCES
 
 
 class TeacherError(RuntimeError):

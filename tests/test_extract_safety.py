@@ -202,7 +202,7 @@ def test_failed_overwrite_leaves_the_previous_store_byte_identical(world, tmp_pa
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
 def test_stale_rebuild_resumes_beside_and_swaps_in_when_complete(world, tmp_path, monkeypatch, exchange):
     if not exchange:  # a kernel or filesystem without RENAME_EXCHANGE
-        monkeypatch.setattr(C, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(C.store, "_exchange", lambda a, b: False)
     url = str(copy_store(world, tmp_path / "s.zarr"))
     before = tree(Path(url))
     # The old store of an earlier swap whose deletion was cut short (its zarr.json, deleted last, remains).
