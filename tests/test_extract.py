@@ -466,7 +466,7 @@ def test_images_at_teacher_size_skip_only_a_transform_that_keeps_them(world, tmp
         w.add_instance(_snli("k", "at-size-0", "train", "there is a square"))
     ds = PreparedDataset(tmp_path / "ds")
     items = [(0, i, ds.image_sha1(i)) for i in ds.image_ids()]
-    steps = X._pil_steps(teacher.preprocess)
+    steps = X.pil_steps(teacher.preprocess)
     blur = [*steps, lambda im: im.filter(ImageFilter.GaussianBlur(1))]
     for pil_steps, skips in ((steps, True), (blur, False)):
         data = X.UnitImages([str(ds.path)], items, pil_steps, s, 0)
