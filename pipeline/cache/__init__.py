@@ -54,8 +54,9 @@ Views. ``views/`` repeats view 0 (identical to ``image/``) so that a student can
 
 Modules, one concern each: ``schema`` (format constants, array specs, unit names, root attrs), ``layout``
 (shape and chunk arithmetic), ``store`` (locations, open, remove, replace), ``create``, ``manifest``,
-``checksum``, ``fingerprint``, ``codec`` (int8, compressors), ``views``, ``reader`` (``TeacherCache`` and its
-chunk LRU) and ``verified`` (checksum-on-read). Everything is re-exported here.
+``checksum``, ``fingerprint`` (comparing them; which teacher it is, is ``pipeline.identity``'s answer),
+``codec`` (int8, compressors), ``views``, ``reader`` (``TeacherCache`` and its chunk LRU) and ``verified``
+(checksum-on-read). Everything is re-exported here.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ from .codec import (
 )
 from .create import create_store
 from .errors import CacheCorrupt, CacheFormatError, StaleCacheError
-from .fingerprint import check_fingerprint, flatten, teacher_fingerprint
+from .fingerprint import check_fingerprint, flatten
 from .layout import StoreLayout, chunk_rows_for, text_token_layout
 from .manifest import commit_unit, committed_units, read_manifest
 from .reader import TeacherCache, read_rows
@@ -158,7 +159,6 @@ __all__ = [
     "StaleCacheError",
     "store_exists",
     "StoreLayout",
-    "teacher_fingerprint",
     "TeacherCache",
     "text_token_layout",
     "token_sources",

@@ -1,36 +1,9 @@
-"""Fingerprints: what a store was built from (teacher, data, store settings), and comparing two of them."""
+"""Comparing fingerprints: what a store was built from (teacher, data, store settings) against what a run
+expects. Which teacher a fingerprint names is ``pipeline.identity``'s answer."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from typing import Any
-
-
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def teacher_fingerprint(describe: dict, weights_sha256: str = "") -> dict:
-    """The teacher fields that change the cached numbers, from ``Teacher.describe()``. Paths, devices and
-    library versions are left out (moving a checkpoint does not change its outputs; its checksum does); the
-    model config and preprocessing enter as hashes to keep the fingerprint small. ``weights_sha256`` is the
-    hash of a randomly initialised teacher's weights, which no checkpoint checksum covers."""
-    keep = (
-        "model",
-        "pretrained_kind",
-        "pretrained_checksum",
-        "precision",
-        "embed_dim",
-        "num_patches",
-        "grid",
-    )
-    fp = {k: describe.get(k) for k in keep}
-    fp["config_sha256"] = _sha(describe.get("model_config"))
-    fp["preprocess_sha256"] = _sha(describe.get("preprocess"))
-    if weights_sha256:
-        fp["weights_sha256"] = weights_sha256
-    return fp
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

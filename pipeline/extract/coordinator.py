@@ -11,15 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .. import cache as C
 from ..data.errors import DataError
 from ..data.shards import PreparedDataset
+from ..identity import teacher_identity
 from .plan import make_jobs, plan_extraction, text_lengths
 from .schedule import run_units
 from .target import check_store_outside, open_or_check
-from .teachers import TeacherSpec, get_teacher, weights_sha256
+from .teachers import TeacherSpec, get_teacher
 
 log = logging.getLogger("clip_td.extract")
 
@@ -138,12 +137,7 @@ def _extract_locked(
         lengths, layout.text_rows_per_unit, row_bytes, layout.text_chunk_bytes
     )
 
-    from ..teacher import autocast_dtype
-
-    tfp = C.teacher_fingerprint(
-        describe, weights_sha256(teacher) if describe.get("pretrained_kind") == "random" else ""
-    )
-    tfp["compute_dtype"] = str(autocast_dtype(teacher.device, teacher.precision) or torch.float32)
+    tfp = teacher_identity(spec.model, spec.pretrained, teacher=teacher)
     fingerprint = {
         "format_version": C.FORMAT_VERSION,
         "teacher": tfp,

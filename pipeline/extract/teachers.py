@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ..identity import weights_sha256  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,3 @@ def get_teacher(spec: TeacherSpec, threads: int = 0) -> Any:
             spec.model, spec.pretrained, spec.resolved_device(), spec.precision
         )
     return t
-
-
-def weights_sha256(teacher: Any) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(teacher.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
