@@ -162,7 +162,8 @@ class CacheParams:
     # needs several to keep up). Speed only: the store is the same for any value.
     write_threads: int = -1
     views: int = 0
-    # Extra teacher token sources stored for relevance scoring (method §3): "value" (MaskCLIP), "intermediate".
+    # Extra teacher token sources stored for relevance scoring (docs/method.md §3): "value" (MaskCLIP),
+    # "intermediate".
     relevance_tokens: list[str] = field(default_factory=list)
     scheduler: str = "local"  # "local" (LocalCluster), "sync" (in-process), or a dask scheduler address
     n_workers: int = 1

@@ -1,4 +1,4 @@
-"""Which instances a run trains, validates and tests on (method §8).
+"""Which instances a run trains, validates and tests on (docs/method.md §8).
 
 Conditions:
   full         every labelled training instance of the task;

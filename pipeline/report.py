@@ -1,4 +1,5 @@
-"""Aggregate evaluated runs into the results report (method §8): tables, plots and DVC metrics/plots files.
+"""Aggregate evaluated runs into the results report (docs/method.md §8): tables, plots and DVC metrics/plots
+files.
 
 Every number in the report is computed here from the inputs — the runs' eval.json files, the teacher metrics,
 the optional extract metrics and the optional teacher zero-shot scores — so the report can never drift from
@@ -56,7 +57,8 @@ from typing import Any
 from .config import TASKS, DistillParams
 from .protocol import Condition
 
-# The protocol asks for at least 3 seeds per cell (method §8); cells with fewer are listed in the report.
+# The protocol asks for at least 3 seeds per cell (docs/method.md §8); cells with fewer are listed in the
+# report.
 MIN_SEEDS = 3
 # Marks appended to a cell's comparison line: only where the paired Δ's 95% interval excludes 0.
 MARK_GAIN = "▲ gain"
@@ -677,7 +679,7 @@ def markdown(
         ),
         f"- Teacher zero-shot (ceiling), in each task's primary metric: {ceiling_note}",
         "- Model selection used each run's validation split only; the test split is read once, by the evaluate "
-        "stage (method §8).",
+        "stage (docs/method.md §8).",
     ]
     if few_seeds:
         lines.append(

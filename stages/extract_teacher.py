@@ -103,7 +103,7 @@ def main(
     shards, store, model, pretrained, batch_size, scheduler, views, dtype, device, metrics_path, params_path,
     overrides, overwrite, rebuild_stale, quiet,
 ) -> None:  # fmt: skip
-    """Extract the teacher cache (method §1): teacher outputs for every unique image and text, once.
+    """Extract the teacher cache (docs/method.md §1): teacher outputs for every unique image and text, once.
 
     Images are deduplicated by content (SHA-1) across all datasets and texts (every text the student and the
     confidence weights will look up, pipeline.texts.instance_texts) by content hash. Work is split into units

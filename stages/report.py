@@ -80,11 +80,11 @@ def main(
     blind: str,
     readme: Path | None,
 ) -> None:
-    """Summarise the runs (method §8): per task a table of methods × conditions with mean ± std over seeds and,
-    against the baseline, the paired per-seed difference with its 95% confidence interval (Student t) and
-    p-value — a cell is marked a gain or a loss only when that interval excludes 0 — beside the floor (blind
-    runs, text only) and the ceiling (teacher zero-shot); the teacher's quality; plots of accuracy vs labeled
-    fraction and under domain shift.
+    """Summarise the runs (docs/method.md §8): per task a table of methods × conditions with mean ± std over
+    seeds and, against the baseline, the paired per-seed difference with its 95% confidence interval (Student
+    t) and p-value — a cell is marked a gain or a loss only when that interval excludes 0 — beside the floor
+    (blind runs, text only) and the ceiling (teacher zero-shot); the teacher's quality; plots of accuracy vs
+    labeled fraction and under domain shift.
 
     Every number is computed from the input files; nothing is typed in by hand.
     """

@@ -1,4 +1,4 @@
-"""Distillation losses: CLIP-TD as /work/shared/clip-td-method.md §2–§7 defines it, and the compared methods.
+"""Distillation losses: CLIP-TD as docs/method.md §2–§7 defines it, and the compared methods.
 
 The formulas are this project's reconstruction of the paper's idea (targeted tokens, per-instance confidence
 weights, adaptive balance with the task loss); every default comes from ``DistillParams``.

@@ -1,5 +1,5 @@
-"""Teacher extraction (method §1): the cache equals a direct teacher forward, unique inputs are computed
-once, an interrupted run resumes to the same store, stale stores and bad inputs are refused by name."""
+"""Teacher extraction (docs/method.md §1): the cache equals a direct teacher forward, unique inputs are
+computed once, an interrupted run resumes to the same store, stale stores and bad inputs are refused by name."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Cached views replayed in training (method §2): with a store extracted with K views, each training sample is
-shown in one view, the student's pixels are that view's crop/flip made exactly as the teacher's were, the
-targets are that view's cached tokens, and cached and online targets still agree."""
+"""Cached views replayed in training (docs/method.md §2): with a store extracted with K views, each training
+sample is shown in one view, the student's pixels are that view's crop/flip made exactly as the teacher's
+were, the targets are that view's cached tokens, and cached and online targets still agree."""
 
 from __future__ import annotations
 
