@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from pipeline.report import ReportError, write_report
+from stages.common import stage_command
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@stage_command(user_errors=(ReportError,), params=False)
 @click.option(
     "--runs",
     "runs_dir",
@@ -88,18 +89,15 @@ def main(
 
     Every number is computed from the input files; nothing is typed in by hand.
     """
-    try:
-        paths = write_report(
-            runs_dir,
-            out_dir,
-            teacher_path,
-            extract_path,
-            baseline=baseline,
-            zeroshot_path=zeroshot_path,
-            blind=blind,
-        )
-    except ReportError as e:
-        raise click.ClickException(str(e)) from e
+    paths = write_report(
+        runs_dir,
+        out_dir,
+        teacher_path,
+        extract_path,
+        baseline=baseline,
+        zeroshot_path=zeroshot_path,
+        blind=blind,
+    )
     for name, path in paths.items():
         click.echo(f"{name}: {path}")
     if readme is not None:
