@@ -207,33 +207,20 @@ def make_jobs(plan, layout, lengths, offsets, url, spec, cp, relevance) -> list[
     s = layout.text_shard_rows
     for name, kind, lo, hi in units:
         if kind == "image":
-            jobs.append(
-                UnitJob(
-                    name=name,
-                    kind=kind,
-                    row0=lo,
-                    row1=hi,
-                    dataset_paths=tuple(plan.dataset_paths),
-                    items=tuple(plan.images[lo:hi]),
-                    shard_rows=layout.image_shard_rows,
-                    write_threads=int(cp.write_threads),
-                    **common,
-                )
+            own = dict(
+                dataset_paths=tuple(plan.dataset_paths),
+                items=tuple(plan.images[lo:hi]),
+                shard_rows=layout.image_shard_rows,
+                write_threads=int(cp.write_threads),
             )
-            continue
-        u = lo // layout.text_rows_per_unit
-        assert offsets[lo] == u * s  # every text unit starts on its own shard boundary
-        jobs.append(
-            UnitJob(
-                name=name,
-                kind=kind,
-                row0=lo,
-                row1=hi,
+        else:
+            u = lo // layout.text_rows_per_unit
+            assert offsets[lo] == u * s  # every text unit starts on its own shard boundary
+            own = dict(
                 texts=tuple(plan.texts[lo:hi]),
                 lengths=tuple(int(x) for x in lengths[lo:hi]),
                 tok0=u * s,
                 tok_rows=s,
-                **common,
             )
-        )
+        jobs.append(UnitJob(name=name, kind=kind, row0=lo, row1=hi, **own, **common))
     return jobs
