@@ -48,14 +48,13 @@ import math
 import os
 import statistics
 import tempfile
-import typing
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import TASKS, DistillParams
-from .protocol import Condition
+from .conditions import Condition
+from .names import METHODS, TASKS
 
 # The protocol asks for at least 3 seeds per cell (docs/method.md §8); cells with fewer are listed in the
 # report.
@@ -72,7 +71,7 @@ ZEROSHOT = "teacher_zeroshot"
 CI_LEVEL = 0.95
 
 # Table order: the methods in the order params.yaml's distill.method lists them, unknown ones after.
-_METHOD_ORDER = typing.get_args(typing.get_type_hints(DistillParams)["method"])
+_METHOD_ORDER = METHODS
 
 
 class ReportError(ValueError):

@@ -11,9 +11,9 @@ import click
 from pipeline.data.errors import DataError, SkipReport
 from pipeline.data.schema import SchemaError
 from pipeline.data.shards import DatasetWriter, check_destination, check_split_name
+from pipeline.names import DATA_SOURCES
 from stages.common import one_line, stage_command, stage_params
 
-SOURCES = ("synthetic", "vqa", "snli_ve", "vcr")
 SYNTHETIC_SPLITS = ("train", "val", "test", "captions", "captions_val")
 
 
@@ -73,7 +73,7 @@ def build(source: str, root: Path | None, split: str, out: Path, params, on_erro
 @stage_command(user_errors=(DataError, SchemaError, ValueError))
 @click.option(
     "--source",
-    type=click.Choice(SOURCES),
+    type=click.Choice(DATA_SOURCES),
     default=None,
     help="Where instances come from: the built-in synthetic world, or the official files of VQA v2, SNLI-VE or VCR "
     "[default: data.source in params.yaml].",

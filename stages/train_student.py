@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 
 from pipeline.cache import CacheFormatError, StaleCacheError
+from pipeline.conditions import Condition
 from pipeline.data.errors import DataError
 from pipeline.lock import StoreNotWritable
-from pipeline.protocol import Condition
+from pipeline.names import TASKS
 from stages.common import one_line, stage_command, stage_params
 from student.losses import METHODS
 from student.targets import CacheCorrupt, NonFiniteTarget
@@ -26,9 +27,7 @@ USER_ERRORS = (
 
 
 @stage_command(user_errors=USER_ERRORS)
-@click.option(
-    "--task", type=click.Choice(["vqa", "snli_ve", "vcr"]), required=True, help="Which task head to train."
-)
+@click.option("--task", type=click.Choice(TASKS), required=True, help="Which task head to train.")
 @click.option(
     "--condition",
     default="full",

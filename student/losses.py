@@ -326,7 +326,7 @@ _METHODS: dict[str, dict] = {
     "clip_td_unlabeled": dict(kd="tokens", select=True, weight=True, unlabeled="dropped"),
     "clip_td_transductive": dict(kd="tokens", select=True, weight=True, unlabeled="target"),
 }
-METHODS = tuple(_METHODS)
+METHODS = tuple(_METHODS)  # the names of names.METHODS (tests/test_layering.py)
 
 
 def method_config(name: str, base: DistillParams) -> MethodSettings:
