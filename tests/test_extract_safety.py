@@ -23,8 +23,7 @@ from pipeline.config import CacheParams
 from pipeline.data.errors import DataError
 from pipeline.teacher import create_teacher
 from stages.extract_teacher import main
-from tests.test_extract import TINY_CFG
-from tests.test_reliability import build_dataset
+from tests.conftest import TINY_CFG, build_dataset
 
 SETS = [
     "cache.image_rows_per_unit=2",
