@@ -34,6 +34,13 @@ def _save_empty(plt, path: Path, message: str) -> None:
     plt.close(fig)
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _ci_half(std: float | None, n: int) -> float:
     """Half-width of the 95% t interval of a mean of n seeds; 0 (no bar) for a single seed."""
     if std is None or n < 2:
@@ -129,10 +136,7 @@ def plot_lowshot(
         ax.set_title(f"{task['task']} (bars: 95% CI)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_shift(
@@ -202,7 +206,4 @@ def plot_shift(
         ax.set_ylabel(rows[0]["primary_metric"])
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
