@@ -113,10 +113,10 @@ def _warm_decode_workers(X, teacher, ds, num_workers: int) -> None:
     """Start multiprocessing's fork server (it imports torch once) before anything is timed."""
     if num_workers <= 0:
         return
-    steps = X._pil_steps(teacher.preprocess)
+    steps = X.pil_steps(teacher.preprocess)
     first = ds.image_ids()[0]
     data = X.UnitImages([str(ds.path)], [(0, first, ds.image_sha1(first))], steps, teacher.image_size, 0)
-    ctx = X._loader_context(1, steps)
+    ctx = X.decode._loader_context(1, steps)
     list(
         torch.utils.data.DataLoader(
             data, num_workers=1, collate_fn=X.collate_images, multiprocessing_context=ctx
@@ -153,6 +153,8 @@ def profile_phases(X, teacher, jobs: list, run_unit: Callable, decode_in_process
     its last forward returned: the part of the writing nothing hides in one worker."""
     import zarr
 
+    from pipeline import cache as C
+
     spent: dict[str, float] = collections.defaultdict(float)
     last_forward = [0.0]
 
@@ -176,15 +178,15 @@ def profile_phases(X, teacher, jobs: list, run_unit: Callable, decode_in_process
     decode = timed("decode", time.thread_time)
     patches = [
         (X.UnitImages, "__getitem__", decode),
-        (X, "collate_images", decode),
+        (X.decode, "collate_images", decode),
         (teacher, "normalize_uint8", timed("normalize")),
         (teacher, "encode_images", timed("model", sync=True)),
-        (X, "_encode_batch", timed("encode")),
-        (X, "_token_cosine", timed("encode")),
-        (X, "_screen_image_rows", timed("screen")),
+        (X.units, "_encode_batch", timed("encode")),
+        (X.units, "_token_cosine", timed("encode")),
+        (X.units, "screen_image_rows", timed("screen")),
         (zarr.Array, "__setitem__", timed("store_write")),
-        (X.C, "crc32", timed("checksum")),
-        (X.C, "commit_unit", timed("commit")),
+        (C, "crc32", timed("checksum")),
+        (C, "commit_unit", timed("commit")),
     ]
     total = after = 0.0
     with _patched(patches):
@@ -209,9 +211,10 @@ def _setup(name: str, model: str, size: int, n: int, work: Path, overrides: tupl
     """(dataset, teacher spec, cache params, teacher, decode workers) of one config, decode workers warmed.
     Configs of the same model, size and images share their dataset."""
     from pipeline import extract as X
+    from pipeline.data.shards import PreparedDataset
 
     data = f"{Path(model).stem.lower()}-{size}px-{n}-data"
-    ds = X.PreparedDataset(image_only_dataset(work / data, n, size))
+    ds = PreparedDataset(image_only_dataset(work / data, n, size))
     spec = X.TeacherSpec(model, "", precision)
     cp = dataclasses.replace(cache_params(overrides), store=str(work / f"{name}.zarr"))
     teacher = X.get_teacher(spec)
@@ -374,6 +377,7 @@ def measure_host(
     ``forward_ms`` per image and returns fixed tensors of the right shape, so each phase of
     ``profile_phases`` (median over ``reps`` passes over the image units) is what the host spends around a
     forward that holds no CPU."""
+    from pipeline import cache as C
     from pipeline import extract as X
 
     ds, spec, cp, teacher, workers = _setup(name, model, size, n, work, overrides, "auto")
@@ -412,7 +416,7 @@ def measure_host(
     phases["writer"] = {k: round(median([p["writer"][k] for p in passes]), 4) for k in WRITER_PHASES}
     writer = round(sum(phases["writer"].values()), 4)
     after = phases["after_last_forward"]
-    shard_rows = X.C.open_group(cp.store, mode="r").attrs["units"]["image_rows_per_shard"]
+    shard_rows = C.open_group(cp.store, mode="r").attrs["units"]["image_rows_per_shard"]
     out = {
         "model": model,
         "image_size": size,

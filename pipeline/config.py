@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-TASKS = ("vqa", "snli_ve", "vcr")
+from .conditions import Condition
+from .names import TASKS
 
 
 class ConfigError(ValueError):
@@ -91,7 +92,7 @@ class SyntheticParams:
 
 @dataclass
 class DataParams:
-    source: Literal["synthetic", "vqa", "snli_ve", "vcr"] = "synthetic"
+    source: Literal["synthetic", "vqa", "snli_ve", "vcr"] = "synthetic"  # names.DATA_SOURCES
     root: str = ""
     out: str = "data/shards"
     splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
@@ -162,7 +163,8 @@ class CacheParams:
     # needs several to keep up). Speed only: the store is the same for any value.
     write_threads: int = -1
     views: int = 0
-    # Extra teacher token sources stored for relevance scoring (method §3): "value" (MaskCLIP), "intermediate".
+    # Extra teacher token sources stored for relevance scoring (docs/method.md §3): "value" (MaskCLIP),
+    # "intermediate".
     relevance_tokens: list[str] = field(default_factory=list)
     scheduler: str = "local"  # "local" (LocalCluster), "sync" (in-process), or a dask scheduler address
     n_workers: int = 1
@@ -299,8 +301,9 @@ class TrainParams:
 
 @dataclass
 class DistillParams:
-    method: Literal[
+    method: Literal[  # names.METHODS
         "baseline",
+        "blind",
         "naive_kd",
         "pooled_fd",
         "clip_td",
@@ -315,7 +318,7 @@ class DistillParams:
     selection: Literal["topk", "mass"] = "topk"
     mass_p: float = 0.5
     mass_tau: float = 0.1
-    relevance_source: Literal["last", "value", "intermediate"] = "last"
+    relevance_source: Literal["last", "value", "intermediate"] = "last"  # "last" + names.RELEVANCE_SOURCES
     distance: Literal["cosine", "l1", "mse"] = "cosine"
     balance: Literal["adaptive", "constant"] = "adaptive"
     # 0.3 -> 0.03 rather than the first reconstruction's 1 -> 0.1: with alpha0 = 1 the KD term took as much of the
@@ -354,8 +357,6 @@ class ProtocolParams:
         for t in self.tasks:
             if t not in TASKS:
                 raise _invalid("protocol.tasks", f"unknown task {t!r} (allowed: {', '.join(TASKS)})")
-        from .protocol import Condition  # the one parser of condition names
-
         for c in self.conditions:
             try:
                 Condition.parse(c)

@@ -1,4 +1,5 @@
-"""Official task metrics (method §8), computed per instance so they can be broken down by domain and paired by seed."""
+"""Official task metrics (docs/method.md §8), computed per instance so they can be broken down by domain and
+paired by seed."""
 
 from __future__ import annotations
 

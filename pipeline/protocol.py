@@ -1,4 +1,4 @@
-"""Which instances a run trains, validates and tests on (method §8).
+"""Which instances a run trains, validates and tests on (docs/method.md §8).
 
 Conditions:
   full         every labelled training instance of the task;
@@ -18,35 +18,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .conditions import Condition  # noqa: F401 - re-exported: the protocol's conditions
 from .data.schema import Instance
-
-
-@dataclass(frozen=True)
-class Condition:
-    name: str
-    kind: str  # full | lowshot | shift
-    fraction: float = 1.0
-
-    @classmethod
-    def parse(cls, name: str) -> Condition:
-        if name in ("full", "shift"):
-            return cls(name, name)
-        # lowshot-F is canonical (DVC stage names cannot hold '@'); the method file's lowshot@F is accepted too.
-        for prefix in ("lowshot-", "lowshot@"):
-            if name.startswith(prefix):
-                text = name[len(prefix) :]
-                try:
-                    fraction = float(text)
-                except ValueError:
-                    raise ValueError(
-                        f"condition {name!r}: the low-shot fraction {text!r} is not a number "
-                        "(e.g. lowshot-0.1)"
-                    ) from None
-                # NaN fails both comparisons; 1.0 is `full` under another name, so it is refused too.
-                if 0.0 < fraction < 1.0:
-                    return cls(name, "lowshot", fraction)
-                raise ValueError(f"condition {name!r}: the low-shot fraction {text} is not in (0, 1)")
-        raise ValueError(f"unknown condition {name!r} (full, shift or lowshot-<fraction in (0, 1)>)")
 
 
 def stratum(inst: Instance) -> str:

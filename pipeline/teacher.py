@@ -1,7 +1,7 @@
 """The frozen open_clip teacher: the one way every stage loads it and reads its per-token outputs.
 
-Method §1 defines what the cache holds; this module computes exactly that, so extraction, verification and
-any on-the-fly use agree to the bit:
+docs/method.md §1 defines what the cache holds; this module computes exactly that, so extraction,
+verification and any on-the-fly use agree to the bit:
 
 * image ``tokens`` [B, P, E]: the last block's patch outputs (CLS / prefix excluded) through the visual
   tower's final norm ``ln_post`` and projection ``proj`` — the same head that turns the CLS token into the
@@ -11,7 +11,7 @@ any on-the-fly use agree to the bit:
   projection; ``pooled`` [B, E] = ``model.encode_text`` (open_clip pools one of these positions, EOT for
   the standard tokenizer); ``lengths`` = EOT index + 1 (the caller keeps SOT … EOT).
 
-Relevance sources (method §3), optional per call:
+Relevance sources (docs/method.md §3), optional per call:
 
 * ``value``: MaskCLIP (Zhou et al., ECCV 2022) value tokens. The last block is run on its input with the
   attention restricted to the identity (each patch attends only to itself), so the attention output is
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-RELEVANCE_SOURCES = ("value", "intermediate")
+from .names import RELEVANCE_SOURCES
 
 
 class TeacherError(RuntimeError):
@@ -137,7 +137,7 @@ def _split_preprocess(preprocess: Any) -> tuple[list, Any]:
 
 
 class Teacher:
-    """A frozen open_clip CLIP model with the token-level outputs method §1 caches.
+    """A frozen open_clip CLIP model with the token-level outputs docs/method.md §1 caches.
 
     Every output is float32 on ``self.device``. Build one with :func:`create_teacher`.
     """
@@ -197,7 +197,7 @@ class Teacher:
         if not isinstance(visual, VisionTransformer):
             raise TeacherError(
                 f"teacher '{self.name}': visual tower {type(visual).__name__} has no patch tokens of the kind "
-                "method §1 needs (only open_clip's VisionTransformer is supported)"
+                "docs/method.md §1 needs (only open_clip's VisionTransformer is supported)"
             )
         if visual.attn_pool is not None:
             # With an attentional pooler the pooled vector is not ln_post/proj of any token: tokens and pooled

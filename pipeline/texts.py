@@ -1,4 +1,4 @@
-"""Which texts the teacher encodes for an instance (method §3 and §5).
+"""Which texts the teacher encodes for an instance (docs/method.md §3 and §5).
 
 The extraction stage encodes the union of these over every instance (deduplicated by content hash), and
 the student stage looks the same strings up in the cache, so both sides must build them here and nowhere

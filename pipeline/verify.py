@@ -107,7 +107,7 @@ class _Store:
         self.p, self.e = int(self.attrs.get("num_patches", 0)), int(self.attrs.get("embed_dim", 0))
         self.k = int(self.attrs.get("views", 0))
         self.dtype = self.attrs.get("dtype", "float16")
-        self.sources = ["tokens", *(f"{r}_tokens" for r in self.attrs.get("relevance_tokens", []))]
+        self.sources = C.token_sources(self.attrs.get("relevance_tokens", []))
         self._cache: dict[str, np.ndarray] = {}
 
     def array(self, key: str) -> Any:
@@ -151,53 +151,31 @@ class _Store:
         return np.where(inside, j, -1)
 
 
+def _layout(s: _Store) -> C.StoreLayout:
+    """The shape-determining part of the layout, from the attrs (what ``C.array_specs`` needs for shapes)."""
+    relevance = [src[: -len("_tokens")] for src in s.sources[1:]]
+    return C.StoreLayout(s.n, s.m, s.e, s.p, views=s.k, relevance_tokens=relevance, dtype=s.dtype)
+
+
 def expected_arrays(s: _Store) -> dict[str, tuple[tuple, str]]:
-    """{array path: (shape, dtype)} implied by the attrs."""
-    n, m, p, e, k = s.n, s.m, s.p, s.e, s.k
-    tdt = "int8" if s.dtype == "int8" else "float16"
-    n_tok = int(s.read("text/offsets")[-1]) if m else 0
-    out: dict[str, tuple[tuple, str]] = {}
-    for src in s.sources:
-        out[f"image/{src}"] = ((n, p, e), tdt)
-        if s.dtype == "int8":
-            out[f"image/{src}{C.SCALE_SUFFIX}"] = ((n, p), "float16")
-    out["image/pooled"] = ((n, e), "float16")
-    out["image/valid"] = ((n,), "uint8")
-    if k > 0:
-        for src in s.sources:
-            out[f"views/{src}"] = ((n, k, p, e), tdt)
-            if s.dtype == "int8":
-                out[f"views/{src}{C.SCALE_SUFFIX}"] = ((n, k, p), "float16")
-        out["views/pooled"] = ((n, k, e), "float16")
-        out["views/boxes"] = ((n, k, 4), "float32")
-        out["views/flip"] = ((n, k), "uint8")
-    out["text/lengths"] = ((m,), "int32")
-    out["text/offsets"] = ((m + 1,), "int64")
-    out["text/tokens"] = ((n_tok, e), tdt)
-    if s.dtype == "int8":
-        out[f"text/tokens{C.SCALE_SUFFIX}"] = ((n_tok,), "float16")
-    out["text/pooled"] = ((m, e), "float16")
-    return out
+    """{array path: (shape, dtype)} implied by the attrs (the id arrays, whose lengths only the data gives,
+    are checked for presence only)."""
+    n_tok = int(s.read("text/offsets")[-1]) if s.m else 0
+    specs = C.array_specs(_layout(s), n_tok)
+    return {k: (a.shape, a.dtype) for k, a in specs.items() if k not in C.ID_ARRAYS}
 
 
 def _unit_arrays(s: _Store, kind: str) -> list[str]:
     """Arrays every unit of a kind writes (what its manifest entry must cover)."""
-    exp = expected_arrays(s)
-    if kind == "image":
-        return sorted(a for a in exp if a.startswith(("image/", "views/")))
-    return sorted(a for a in exp if a.startswith(("text/tokens", "text/pooled")))
+    return C.unit_arrays(kind, s.dtype, s.k, [src[: -len("_tokens")] for src in s.sources[1:]])
 
 
 def _planned_units(s: _Store) -> dict[str, dict]:
     """Unit name -> {"kind", "rows"} from the attrs, as extraction planned them."""
     r = int(s.layout.get("image_rows_per_unit") or s.units.get("image_rows_per_unit") or 1)
     rt = int(s.layout.get("text_rows_per_unit") or s.units.get("text_rows_per_unit") or 1)
-    out = {}
-    for u in range(int(s.units.get("image", math.ceil(s.n / r)))):
-        out[f"image-{u:06d}"] = {"kind": "image", "rows": [u * r, min(s.n, (u + 1) * r)]}
-    for u in range(int(s.units.get("text", math.ceil(s.m / rt)))):
-        out[f"text-{u:06d}"] = {"kind": "text", "rows": [u * rt, min(s.m, (u + 1) * rt)]}
-    return out
+    units = C.planned_units(s.n, s.m, r, rt, s.units.get("image"), s.units.get("text"))
+    return {name: {"kind": kind, "rows": [lo, hi]} for name, kind, lo, hi in units}
 
 
 # -------------------------------------------------------------------------------------------------- checks

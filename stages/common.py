@@ -1,7 +1,9 @@
-"""What every stage shares: the --params / --set options and loading them into typed parameters."""
+"""What every stage shares: the click command around it (``stage_command``), the --params / --set options and
+loading them into typed parameters."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +12,40 @@ import click
 from pipeline.config import ConfigError, Params, load_params
 
 DEFAULT_PARAMS = "params.yaml"
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+ErrorTypes = tuple[type[BaseException], ...]
+
+
+def one_line(e: object) -> str:
+    """An error message as one line: messages quote values from the input, and one holding a newline or a
+    lone surrogate must not break the line (or the terminal encoding) that reports it."""
+    text = " ".join(str(e).split()).encode("utf-8", "backslashreplace").decode()
+    return text or type(e).__name__
+
+
+def stage_command(
+    *, user_errors: ErrorTypes | Callable[[], ErrorTypes] = (), params: bool = True
+) -> Callable[[Callable], click.Command]:
+    """The click command a stage is: -h/--help, defaults shown, ``--params``/``--set`` (``params``, passed as
+    ``params_path`` and ``overrides``), and the errors a user can cause and fix (``user_errors``; a callable
+    returning them lets a stage import its modules only when it runs) reported as one ``Error: …`` line with
+    exit status 1. Anything else is a bug and keeps its traceback."""
+
+    def decorate(f: Callable) -> click.Command:
+        @functools.wraps(f)
+        def run(*args, **kwargs):
+            errors = user_errors() if callable(user_errors) else user_errors
+            try:
+                return f(*args, **kwargs)
+            except click.ClickException:
+                raise
+            except errors as e:
+                raise click.ClickException(one_line(e)) from None
+
+        return click.command(context_settings=CONTEXT_SETTINGS)(params_options(run) if params else run)
+
+    return decorate
 
 
 def params_options(f: Callable) -> Callable:

@@ -15,7 +15,7 @@ from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset
 from pipeline.metrics import PRIMARY
 from pipeline.protocol import make_split
-from stages.common import params_options, stage_params
+from stages.common import stage_command, stage_params
 from student.data import TaskSpec, load_tokenizer, open_prepared
 from student.evaluation import evaluate
 from student.losses import method_config
@@ -104,7 +104,7 @@ def grid_run_dirs(params, runs: Path) -> list[Path]:
     ]
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@stage_command(user_errors=(ExportError, DataError, FileNotFoundError))
 @click.argument("run_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--runs",
@@ -120,7 +120,6 @@ def grid_run_dirs(params, runs: Path) -> list[Path]:
     help="Write OUT/<run name>/eval.json instead of RUN_DIR/eval.json (dvc.yaml keeps evaluation outputs apart "
     "from the training stages' outputs).",
 )
-@params_options
 def main(run_dirs, runs, out, params_path, overrides) -> None:
     """Score each RUN_DIR's exported student (student.pt) on its condition's test split.
 
@@ -136,10 +135,7 @@ def main(run_dirs, runs, out, params_path, overrides) -> None:
             f"no student.pt in {', '.join(missing)} (train first with python -m stages.train_student)"
         )
     for run_dir in run_dirs:
-        try:
-            result = evaluate_run(run_dir, params)
-        except (ExportError, DataError, FileNotFoundError) as e:
-            raise click.ClickException(" ".join(str(e).split())) from None
+        result = evaluate_run(run_dir, params)
         dest = (out / run_dir.name) if out else run_dir
         dest.mkdir(parents=True, exist_ok=True)
         tmp = dest / f".eval.json.tmp-{os.getpid()}"

@@ -8,10 +8,25 @@ from pathlib import Path
 
 import click
 
-from stages.common import params_options, stage_params
+from stages.common import stage_command, stage_params
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause and fix: bad data, a stale or foreign store, a locked or unwritable location, a
+    teacher that cannot load, a failed write, NaN/Inf outputs (imported when the stage runs, not for --help)."""
+    from pipeline.cache import CacheFormatError, StaleCacheError
+    from pipeline.data.errors import DataError
+    from pipeline.extract import NonFiniteOutput, StoreLocationError, UnitWriteError
+    from pipeline.lock import StoreLocked, StoreNotWritable
+    from pipeline.teacher import TeacherError
+
+    return (
+        DataError, StaleCacheError, CacheFormatError, TeacherError, StoreLocked, StoreNotWritable, UnitWriteError,
+        NonFiniteOutput, StoreLocationError,
+    )  # fmt: skip
+
+
+@stage_command(user_errors=_user_errors)
 @click.option(
     "--shards",
     "shards",
@@ -82,7 +97,6 @@ from stages.common import params_options, stage_params
     "[default: <store>.extract.json beside a local store (dvc.yaml passes metrics/extract.json); none for "
     "a remote store URL]",
 )
-@params_options
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -103,7 +117,7 @@ def main(
     shards, store, model, pretrained, batch_size, scheduler, views, dtype, device, metrics_path, params_path,
     overrides, overwrite, rebuild_stale, quiet,
 ) -> None:  # fmt: skip
-    """Extract the teacher cache (method §1): teacher outputs for every unique image and text, once.
+    """Extract the teacher cache (docs/method.md §1): teacher outputs for every unique image and text, once.
 
     Images are deduplicated by content (SHA-1) across all datasets and texts (every text the student and the
     confidence weights will look up, pipeline.texts.instance_texts) by content hash. Work is split into units
@@ -112,14 +126,9 @@ def main(
     each of its shards (cache.image_shard_bytes) behind the teacher's next batches: with a GPU teacher, give
     units many shards (e.g. --set cache.image_rows_per_unit=2048 for ViT-B-16).
     """
-    from pipeline.cache import CacheFormatError, StaleCacheError
-    from pipeline.data.errors import DataError
     from pipeline.data.shards import find_datasets
     from pipeline.extract import (
-        NonFiniteOutput,
-        StoreLocationError,
         TeacherSpec,
-        UnitWriteError,
         check_store_outside,
         default_metrics_path,
         extract,
@@ -127,8 +136,6 @@ def main(
         open_datasets,
         write_metrics,
     )
-    from pipeline.lock import StoreLocked, StoreNotWritable
-    from pipeline.teacher import TeacherError
 
     params = stage_params(params_path, overrides)
     cp = params.cache
@@ -165,27 +172,21 @@ def main(
         params.teacher.precision,
         device,
     )
-    try:
-        # The folders as given too: a store inside a folder of datasets (not inside any one of them) still
-        # writes into what --shards names.
-        check_store_outside(cp.store, [*shards, *paths])
-        datasets = open_datasets(paths)
-        metrics = extract(
-            datasets,
-            cp.store,
-            spec,
-            cp,
-            scheduler=cp.scheduler,
-            progress=not quiet,
-            overwrite=overwrite,
-            rebuild_stale=rebuild_stale,
-            vqa_candidates=params.distill.vqa_candidates,
-        )
-    except (
-        DataError, StaleCacheError, CacheFormatError, TeacherError, StoreLocked, StoreNotWritable, UnitWriteError,
-        NonFiniteOutput, StoreLocationError,
-    ) as e:  # fmt: skip
-        raise click.ClickException(str(e)) from e
+    # The folders as given too: a store inside a folder of datasets (not inside any one of them) still writes
+    # into what --shards names.
+    check_store_outside(cp.store, [*shards, *paths])
+    datasets = open_datasets(paths)
+    metrics = extract(
+        datasets,
+        cp.store,
+        spec,
+        cp,
+        scheduler=cp.scheduler,
+        progress=not quiet,
+        overwrite=overwrite,
+        rebuild_stale=rebuild_stale,
+        vqa_candidates=params.distill.vqa_candidates,
+    )
     if metrics_path is None:
         metrics_path = default_metrics_path(cp.store)
     if metrics_path is not None:

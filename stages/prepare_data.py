@@ -11,9 +11,9 @@ import click
 from pipeline.data.errors import DataError, SkipReport
 from pipeline.data.schema import SchemaError
 from pipeline.data.shards import DatasetWriter, check_destination, check_split_name
-from stages.common import params_options, stage_params
+from pipeline.names import DATA_SOURCES
+from stages.common import one_line, stage_command, stage_params
 
-SOURCES = ("synthetic", "vqa", "snli_ve", "vcr")
 SYNTHETIC_SPLITS = ("train", "val", "test", "captions", "captions_val")
 
 
@@ -70,10 +70,10 @@ def build(source: str, root: Path | None, split: str, out: Path, params, on_erro
     return writer
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@stage_command(user_errors=(DataError, SchemaError, ValueError))
 @click.option(
     "--source",
-    type=click.Choice(SOURCES),
+    type=click.Choice(DATA_SOURCES),
     default=None,
     help="Where instances come from: the built-in synthetic world, or the official files of VQA v2, SNLI-VE or VCR "
     "[default: data.source in params.yaml].",
@@ -106,7 +106,6 @@ def build(source: str, root: Path | None, split: str, out: Path, params, on_erro
     help="Bad input (missing file, unreadable image, malformed line, unknown label): 'fail' stops naming the file "
     "and line/key; 'skip' counts and lists every skipped item in OUT/<split>/skipped.json [default: data.on_error].",
 )
-@params_options
 def main(source, root, splits, out, on_error, params_path, overrides) -> None:
     """Write a dataset split as WebDataset shards in clip-td's one sample format.
 
@@ -139,20 +138,12 @@ def main(source, root, splits, out, on_error, params_path, overrides) -> None:
             )
         for writer in done:
             writer.commit()
-    except (DataError, SchemaError, ValueError) as e:
-        raise click.ClickException(_one_line(e)) from e
     except OSError as e:
-        raise click.ClickException(_one_line(f"{e.filename or out}: {e.strerror or e}")) from e
+        raise click.ClickException(one_line(f"{e.filename or out}: {e.strerror or e}")) from e
     finally:
         for writer in done:
             writer.abort()  # a no-op for the committed ones
     click.echo(f"-> {', '.join(str(w.out) for w in done)}")
-
-
-def _one_line(e: object) -> str:
-    # Messages quote values from the input; one holding a newline or a lone surrogate must not break the line
-    # (or the terminal encoding) that reports it.
-    return " ".join(str(e).split()).encode("utf-8", "backslashreplace").decode()
 
 
 if __name__ == "__main__":

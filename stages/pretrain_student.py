@@ -6,11 +6,16 @@ from pathlib import Path
 
 import click
 
-from stages.common import params_options, stage_params
+from stages.common import stage_command, stage_params
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@params_options
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.data.errors import DataError
+
+    return (DataError, ValueError, FloatingPointError)
+
+
+@stage_command(user_errors=_user_errors)
 @click.option(
     "--captions",
     type=click.Path(path_type=Path),
@@ -41,22 +46,18 @@ def main(params_path, overrides, captions, val, out, metrics_path, quiet) -> Non
     """Pretrain the student backbone (student.*) with image–text matching and masked language modelling.
 
     Every student run with student.init=pretrained then fine-tunes from OUT/student.pt, as CLIP-TD's students
-    were pretrained VL models. It uses fewer caption pairs than the teacher saw (student_pretrain.pairs), so the
+    were pretrained VL models. It uses fewer caption pairs than the teacher saw (student.pretrain.pairs), so the
     teacher still knows more than the student. A train/distill change never reruns this stage.
     """
-    from pipeline.data.errors import DataError
     from student.pretrain import pretrain_student
 
     params = stage_params(params_path, overrides)
     p = params.student.pretrain
-    try:
-        m = pretrain_student(
-            params.student, params.teacher.model, captions, val, out,
-            steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, warmup=p.warmup,
-            pairs_limit=p.pairs, seed=p.seed, metrics_path=metrics_path, progress=not quiet,
-        )  # fmt: skip
-    except (DataError, ValueError, FloatingPointError) as e:
-        raise click.ClickException(str(e)) from e
+    m = pretrain_student(
+        params.student, params.teacher.model, captions, val, out,
+        steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, warmup=p.warmup,
+        pairs_limit=p.pairs, seed=p.seed, metrics_path=metrics_path, progress=not quiet,
+    )  # fmt: skip
     v = m.get("val", {})
     click.echo(
         f"student pretrain: {m['steps']} steps on {m['pairs']} pairs in {m['seconds']:.0f}s; held-out ITM "

@@ -6,11 +6,17 @@ from pathlib import Path
 
 import click
 
-from stages.common import params_options, stage_params
+from stages.common import stage_command, stage_params
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@params_options
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.data.errors import DataError
+    from pipeline.teacher import TeacherError
+
+    return (DataError, TeacherError, ValueError)
+
+
+@stage_command(user_errors=_user_errors)
 @click.option(
     "--captions",
     type=click.Path(path_type=Path),
@@ -52,23 +58,18 @@ def main(params_path, overrides, captions, val, out, metrics_path, device, quiet
     steps of teacher.pretrain.batch_size image–caption pairs; no batch holds the same image or caption text
     twice. Every later stage then loads OUT/teacher.pt frozen, exactly as it would a downloaded CLIP.
     """
-    from pipeline.data.errors import DataError
     from pipeline.pretrain import pretrain_teacher
-    from pipeline.teacher import TeacherError
 
     params = stage_params(params_path, overrides)
-    try:
-        m = pretrain_teacher(
-            params.teacher,
-            captions,
-            val,
-            out,
-            metrics_path,
-            device=None if device == "auto" else device,
-            progress=not quiet,
-        )
-    except (DataError, TeacherError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    m = pretrain_teacher(
+        params.teacher,
+        captions,
+        val,
+        out,
+        metrics_path,
+        device=None if device == "auto" else device,
+        progress=not quiet,
+    )
     line = f"teacher: {m['steps']} steps in {m['seconds']:.0f}s, loss {m['initial_loss']:.3f} -> {m['final_loss']:.3f}"
     for dom, r in m.get("domains", {}).items():
         hard = f"{r['hard_top1']:.3f}" if r["hard_top1"] is not None else "n/a"

@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from pipeline.report import ReportError, write_report
+from stages.common import stage_command
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@stage_command(user_errors=(ReportError,), params=False)
 @click.option(
     "--runs",
     "runs_dir",
@@ -80,26 +81,23 @@ def main(
     blind: str,
     readme: Path | None,
 ) -> None:
-    """Summarise the runs (method §8): per task a table of methods × conditions with mean ± std over seeds and,
-    against the baseline, the paired per-seed difference with its 95% confidence interval (Student t) and
-    p-value — a cell is marked a gain or a loss only when that interval excludes 0 — beside the floor (blind
-    runs, text only) and the ceiling (teacher zero-shot); the teacher's quality; plots of accuracy vs labeled
-    fraction and under domain shift.
+    """Summarise the runs (docs/method.md §8): per task a table of methods × conditions with mean ± std over
+    seeds and, against the baseline, the paired per-seed difference with its 95% confidence interval (Student
+    t) and p-value — a cell is marked a gain or a loss only when that interval excludes 0 — beside the floor
+    (blind runs, text only) and the ceiling (teacher zero-shot); the teacher's quality; plots of accuracy vs
+    labeled fraction and under domain shift.
 
     Every number is computed from the input files; nothing is typed in by hand.
     """
-    try:
-        paths = write_report(
-            runs_dir,
-            out_dir,
-            teacher_path,
-            extract_path,
-            baseline=baseline,
-            zeroshot_path=zeroshot_path,
-            blind=blind,
-        )
-    except ReportError as e:
-        raise click.ClickException(str(e)) from e
+    paths = write_report(
+        runs_dir,
+        out_dir,
+        teacher_path,
+        extract_path,
+        baseline=baseline,
+        zeroshot_path=zeroshot_path,
+        blind=blind,
+    )
     for name, path in paths.items():
         click.echo(f"{name}: {path}")
     if readme is not None:

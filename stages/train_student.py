@@ -9,10 +9,11 @@ from pathlib import Path
 import click
 
 from pipeline.cache import CacheFormatError, StaleCacheError
+from pipeline.conditions import Condition
 from pipeline.data.errors import DataError
 from pipeline.lock import StoreNotWritable
-from pipeline.protocol import Condition
-from stages.common import params_options, stage_params
+from pipeline.names import TASKS
+from stages.common import one_line, stage_command, stage_params
 from student.losses import METHODS
 from student.targets import CacheCorrupt, NonFiniteTarget
 from student.train import RunError, RunSpec, run_student
@@ -25,10 +26,8 @@ USER_ERRORS = (
 )  # fmt: skip
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option(
-    "--task", type=click.Choice(["vqa", "snli_ve", "vcr"]), required=True, help="Which task head to train."
-)
+@stage_command(user_errors=USER_ERRORS)
+@click.option("--task", type=click.Choice(TASKS), required=True, help="Which task head to train.")
 @click.option(
     "--condition",
     default="full",
@@ -68,7 +67,6 @@ USER_ERRORS = (
     "resumed only if it is this run's (same task, condition, method, seed, training params, data and cache); "
     "otherwise the run stops naming what differs.",
 )
-@params_options
 def main(
     task,
     condition,
@@ -115,13 +113,10 @@ def main(
         metrics = run_student(
             params, run, online_teacher=online_teacher, resume=not no_resume, progress=not quiet
         )
-    except USER_ERRORS as e:
-        text = " ".join(str(e).split()) or type(e).__name__
-        if isinstance(e, FloatingPointError):
-            text = (
-                f"{run.name}: training stopped, not finite: {text} (train.on_nonfinite=skip skips such steps)"
-            )
-        raise click.ClickException(text) from None
+    except FloatingPointError as e:
+        raise click.ClickException(
+            f"{run.name}: training stopped, not finite: {one_line(e)} (train.on_nonfinite=skip skips such steps)"
+        ) from None
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per torchrun rank
         summary = {
             "run": run.name,

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
+from stages.common import stage_command
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+
+@stage_command(params=False)
 @click.argument("store", required=False)
 @click.option(
     "--json",

@@ -11,7 +11,7 @@ import click
 from pipeline.cache import CacheFormatError, TeacherCache
 from pipeline.data.shards import PreparedDataset
 from pipeline.zeroshot import task_zeroshot
-from stages.common import params_options, stage_params
+from stages.common import stage_command, stage_params
 
 
 def _split(root: Path, name: str) -> list:
@@ -21,7 +21,7 @@ def _split(root: Path, name: str) -> list:
     return list(PreparedDataset(path).iter_instances())
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@stage_command(user_errors=(CacheFormatError,))
 @click.option(
     "--data",
     "data_root",
@@ -35,7 +35,6 @@ def _split(root: Path, name: str) -> list:
     default=Path("metrics/zeroshot.json"),
     help="Where to write {task: {condition: {metric, score, chance, n, how}}}.",
 )
-@params_options
 def main(data_root, cache, out, params_path, overrides) -> None:
     """Score the teacher zero-shot on every task and condition of protocol.* (the ceiling beside each result).
 
@@ -45,10 +44,7 @@ def main(data_root, cache, out, params_path, overrides) -> None:
     """
     params = stage_params(params_path, overrides)
     root = Path(data_root or Path(params.data.out) / params.data.source)
-    try:
-        tc = TeacherCache(cache or params.cache.store)
-    except CacheFormatError as e:
-        raise click.ClickException(str(e)) from e
+    tc = TeacherCache(cache or params.cache.store)
     train, val, test = (_split(root, s) for s in ("train", "val", "test"))
     vocab = tc.attrs.get("data", {}).get("vqa_vocab") or PreparedDataset(root / "train").answer_vocab()
     pp = params.protocol

@@ -1,4 +1,4 @@
-"""Distillation losses: CLIP-TD as /work/shared/clip-td-method.md §2–§7 defines it, and the compared methods.
+"""Distillation losses: CLIP-TD as docs/method.md §2–§7 defines it, and the compared methods.
 
 The formulas are this project's reconstruction of the paper's idea (targeted tokens, per-instance confidence
 weights, adaptive balance with the task loss); every default comes from ``DistillParams``.
@@ -326,7 +326,7 @@ _METHODS: dict[str, dict] = {
     "clip_td_unlabeled": dict(kd="tokens", select=True, weight=True, unlabeled="dropped"),
     "clip_td_transductive": dict(kd="tokens", select=True, weight=True, unlabeled="target"),
 }
-METHODS = tuple(_METHODS)
+METHODS = tuple(_METHODS)  # the names of names.METHODS (tests/test_layering.py)
 
 
 def method_config(name: str, base: DistillParams) -> MethodSettings:

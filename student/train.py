@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from pipeline.cache import TeacherCache, check_fingerprint, flatten, store_exists
 from pipeline.config import Params, to_dict
+from pipeline.identity import teacher_identity
 from pipeline.lock import StoreLock, StoreLocked
 from pipeline.protocol import Split, make_split
 from pipeline.teacher import sha256_file
@@ -206,18 +207,6 @@ MAX_NONFINITE_FRACTION = 0.1
 
 class _PeerNonFinite(FloatingPointError):
     """Another rank's step was not finite; this rank skips the same step (it already voted)."""
-
-
-def _teacher_config_sha256(model: str) -> str:
-    """The hash the cache's fingerprint holds for the teacher's model config (``teacher.config_sha256``), from
-    the config alone (no weights are loaded); "" when open_clip has no config for the name."""
-    import open_clip
-
-    from pipeline.cache import teacher_fingerprint
-    from pipeline.teacher import register_model
-
-    cfg = open_clip.get_model_config(register_model(model))
-    return teacher_fingerprint({"model_config": cfg})["config_sha256"] if cfg is not None else ""
 
 
 def seed_everything(seed: int) -> None:
@@ -418,15 +407,11 @@ class Trainer:
             )
         cache = TeacherCache(self.run.cache)
         expected: dict = {"data": {"datasets": {self.train_ds.path.name: self.train_ds.fingerprint}}}
-        if tp.pretrained and Path(tp.pretrained).is_file():
-            from pipeline.teacher import sha256_file
-
-            # The checkpoint the params name must be the one the cache was extracted with.
-            expected["teacher"] = {"pretrained_checksum": sha256_file(tp.pretrained)}
-        # The model config fixes the teacher's preprocessing (image size, mean/std) and architecture.
-        config = _teacher_config_sha256(tp.model)
-        if config:
-            expected.setdefault("teacher", {})["config_sha256"] = config
+        # The checkpoint the params name must be the one the cache was extracted with, and the model config
+        # (it fixes the teacher's preprocessing and architecture) the same.
+        teacher = teacher_identity(tp.model, tp.pretrained)
+        if teacher:
+            expected["teacher"] = teacher
         differ = check_fingerprint(cache.attrs, expected)
         if differ:
             raise FingerprintMismatch(
@@ -466,9 +451,9 @@ class Trainer:
         return dict(zip(ids, (cache.image_rows(ids) // rows_per_chunk).tolist(), strict=True))
 
     def _view_table(self) -> ViewTable | None:
-        """The cached views training images are shown in (method §2), None when there are none. A run reading
-        the store uses the store's views; a run without one (online teacher, baseline) makes the views a store
-        extracted with cache.views would hold, so every method sees the same augmentation."""
+        """The cached views training images are shown in (docs/method.md §2), None when there are none. A run
+        reading the store uses the store's views; a run without one (online teacher, baseline) makes the views
+        a store extracted with cache.views would hold, so every method sees the same augmentation."""
         if isinstance(self.source, CachedTargets):
             cache = self.source.cache
             if cache.views and cache.views != self.params.cache.views:

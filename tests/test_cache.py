@@ -14,7 +14,7 @@ import zarr
 from PIL import Image
 
 from pipeline import cache as C
-from pipeline.texts import text_hash
+from tests.conftest import hand_store
 
 
 @pytest.fixture(autouse=True)
@@ -60,54 +60,6 @@ def test_int8_per_token_quantisation():
 # ----------------------------------------------------------------------------------------- a hand store
 
 
-def _layout(**kw) -> C.StoreLayout:
-    base = dict(
-        n_images=10, n_texts=5, embed_dim=8, num_patches=4, image_rows_per_unit=4, text_rows_per_unit=2
-    )
-    return C.StoreLayout(**{**base, **kw})
-
-
-def _hand_store(url: str, dtype: str = "float16") -> dict:
-    """A store written the way units write it: every image/text unit writes exactly its own shards."""
-    rng = np.random.default_rng(1)
-    lay = _layout(dtype=dtype, target_chunk_bytes=4 * 8 * 2)
-    texts = ["a cat", "two dogs on a mat", "x", "a long sentence of several words", "end"]
-    lengths = [3, 6, 2, 8, 2]
-    offsets, lay.text_shard_rows, lay.text_chunk_rows = C.text_token_layout(lengths, 2, 8 * 2, 4 * 8 * 2)
-    ids = [f"im{i}" for i in range(10)]
-    attrs = {
-        "format": C.FORMAT,
-        "format_version": C.FORMAT_VERSION,
-        "embed_dim": 8,
-        "grid": 2,
-        "num_patches": 4,
-    }
-    attrs |= {"dtype": dtype, "views": 0, "fingerprint": {"data": {"hash": "h"}}, "units": {"total": 6}}
-    g = C.create_store(url, lay, attrs, ids, [text_hash(t) for t in texts], lengths, offsets, ["alias9"], [9])
-    img = rng.normal(size=(10, 4, 8)).astype(np.float32)
-    pooled = rng.normal(size=(10, 8)).astype(np.float32)
-    txt = [rng.normal(size=(n, 8)).astype(np.float32) for n in lengths]
-    tpooled = rng.normal(size=(5, 8)).astype(np.float32)
-    for u in range(lay.n_image_units):
-        lo, hi = u * 4, min(10, u * 4 + 4)
-        for suffix, a in C.encode_tokens(img[lo:hi], dtype).items():
-            g[f"image/tokens{suffix}"][lo:hi] = a
-        g["image/pooled"][lo:hi] = pooled[lo:hi].astype(np.float16)
-        g["image/valid"][lo:hi] = 1
-        C.commit_unit(url, f"image-{u:06d}", {"unit": f"image-{u:06d}", "items": hi - lo})
-    s = lay.text_shard_rows
-    for u in range(lay.n_text_units):
-        buf = np.zeros((s, 8), np.float32)  # slack rows stay zero = fill value
-        for i in range(u * 2, min(5, u * 2 + 2)):
-            start = offsets[i] - u * s
-            buf[start : start + lengths[i]] = txt[i]
-        for suffix, a in C.encode_tokens(buf, dtype).items():
-            g[f"text/tokens{suffix}"][u * s : (u + 1) * s] = a
-        g["text/pooled"][u * 2 : u * 2 + 2] = tpooled[u * 2 : u * 2 + 2].astype(np.float16)
-    g.attrs["complete"] = True
-    return {"img": img, "pooled": pooled, "txt": txt, "tpooled": tpooled, "texts": texts, "layout": lay}
-
-
 def _stored_inner_chunks(shard_file: str, n_chunks: int) -> int:
     """Inner chunks present in a shard: its index (at the end, before a crc32c) holds (offset, nbytes)
     pairs, 2**64-1 for chunks that were never stored."""
@@ -119,7 +71,7 @@ def _stored_inner_chunks(shard_file: str, n_chunks: int) -> int:
 
 def test_store_layout_shards_and_unstored_slack(tmp_path):
     url = str(tmp_path / "s.zarr")
-    h = _hand_store(url)
+    h = hand_store(url)
     g = zarr.open_group(url, mode="r")
     assert g["image/tokens"].shape == (10, 4, 8) and g["image/tokens"].shards == (4, 4, 8)
     assert g["image/tokens"].dtype == np.float16 and g["image/pooled"].shards == (4, 8)
@@ -139,7 +91,7 @@ def test_store_layout_shards_and_unstored_slack(tmp_path):
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_reader_shuffled_batches(tmp_path, dtype):
     url = f"file://{tmp_path}/r.zarr"
-    h = _hand_store(url, dtype)
+    h = hand_store(url, dtype)
     tc = C.TeacherCache(url)
     tol = 1e-2 if dtype == "float16" else 5e-2
     order = [7, 0, 9, 7, 3, 2]  # unsorted, repeated, spanning the three shards
@@ -170,7 +122,7 @@ def test_read_rows_dedupes_sorts_and_scatters(tmp_path):
 
 def test_reader_refuses_incomplete_foreign_and_missing(tmp_path):
     url = str(tmp_path / "s.zarr")
-    _hand_store(url)
+    hand_store(url)
     C.open_group(url, mode="r+").attrs["complete"] = False
     with pytest.raises(C.CacheFormatError, match=r"incomplete \(3/6 units committed\)"):
         C.TeacherCache(url)
@@ -253,7 +205,7 @@ def test_only_a_recognisable_store_is_removed_and_its_lock_kept(tmp_path):
     os.makedirs(url)
     (tmp_path / "s.zarr" / C.LOCK_FILE).write_text("{}")
     assert C.inspect_location(url)[0] == "empty"  # a writer's lock alone is not a user's file
-    _hand_store(url)
+    hand_store(url)
     assert C.inspect_location(url)[:2] == ("cache", dict(C.open_group(url).attrs))
     C.remove_store(url)
     assert os.listdir(url) == [C.LOCK_FILE]
@@ -263,7 +215,7 @@ def test_only_a_recognisable_store_is_removed_and_its_lock_kept(tmp_path):
     with pytest.raises(C.CacheFormatError, match="not a clip-td teacher cache"):
         C.remove_store(url)
     with pytest.raises(C.CacheFormatError, match="not a clip-td teacher cache"):
-        _hand_store(url)  # create_store never writes into it either
+        hand_store(url)  # create_store never writes into it either
     assert sorted(os.listdir(url)) == [C.LOCK_FILE, "notes.txt"]
 
 
@@ -279,7 +231,7 @@ def test_damaged_manifest_entry_names_its_file(tmp_path):
 
 def test_truncated_root_metadata_names_the_file(tmp_path):
     url = str(tmp_path / "s.zarr")
-    _hand_store(url)
+    hand_store(url)
     meta = tmp_path / "s.zarr" / "zarr.json"
     meta.write_bytes(meta.read_bytes()[:50])
     for call in (C.TeacherCache, C.inspect_location, C.remove_store):

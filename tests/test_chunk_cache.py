@@ -9,7 +9,7 @@ import torch
 
 from pipeline import cache as C
 from student.targets import CachedTargets
-from tests.test_cache import _hand_store as _store_by_hand
+from tests.conftest import hand_store as _store_by_hand
 
 
 def _hand_store(url: str, dtype: str = "float16") -> dict:

@@ -13,7 +13,7 @@ from pipeline.data.errors import DataError, SkipReport
 from pipeline.data.schema import Instance
 from pipeline.data.shards import DatasetWriter, PreparedDataset
 from tests import fixtures_official as fx
-from tests.test_prepare_safety import truncate_jpeg
+from tests.conftest import truncate_jpeg
 
 BUILDERS = {"vqa": (vqa, fx.build_vqa), "snli_ve": (snli_ve, fx.build_snli_ve), "vcr": (vcr, fx.build_vcr)}
 

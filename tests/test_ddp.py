@@ -22,7 +22,7 @@ from pipeline.data.shards import PreparedDataset, _read_tar_samples, instance_pi
 from student.data import Batch, TaskSpec, eval_batches, load_tokenizer, train_loader
 from student.model import create_student
 from student.train import RunSpec, Trainer, forward_task, run_student
-from tests.test_train_student import _params, build_world
+from tests.conftest import build_world, student_params
 
 REPO = Path(__file__).resolve().parents[1]
 TASK, CONDITION, METHOD = "snli_ve", "lowshot@0.5", "clip_td"
@@ -144,7 +144,7 @@ def _worker(root: str, out: str, method: str) -> None:
     torch.set_num_threads(1)
     world = (Path(root), Path(root) / "tiny-teacher.json", str(Path(root) / "cache.zarr"))
     run = RunSpec(TASK, CONDITION, method, 0, str(Path(root) / "shards"), world[2], str(Path(out) / "run"))
-    tr = Trainer(_params(world), run, progress=False)
+    tr = Trainer(student_params(world), run, progress=False)
     rank, size = tr.rank, tr.world_size
     tr._broadcast_parameters()  # as fit does before the first step
     mp = pytest.MonkeyPatch()
@@ -166,7 +166,7 @@ def test_two_ranks_take_the_one_process_step(world, tmp_path, monkeypatch, metho
     root, _, _ = world
     _torchrun(["-m", "tests.test_ddp", str(root), str(tmp_path), method])
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    tr = Trainer(_params(world), _run(world, tmp_path, method), progress=False)
+    tr = Trainer(student_params(world), _run(world, tmp_path, method), progress=False)
     ref = _steps_recording_grads(tr, _fixed_batches(tr, 2), monkeypatch)
     for step, want in enumerate(ref):
         for a, b, r in zip(ranks[0]["grads"][step], ranks[1]["grads"][step], want, strict=True):
@@ -218,7 +218,7 @@ def _train_subset_loss(tr: Trainer, checkpoint: Path) -> float:
 def test_torchrun_stage_matches_one_process(world, tmp_path):
     root, cfg, store = world
     sets = {"train.steps": STEPS, "train.eval_every": 3, "train.checkpoint_every": 3, "train.threads": 1}
-    params = _params(world, **sets)
+    params = student_params(world, **sets)
     one = run_student(params, _run(world, tmp_path), progress=False, resume=False)
 
     out = tmp_path / "two"
@@ -231,7 +231,7 @@ def test_torchrun_stage_matches_one_process(world, tmp_path):
     (tmp_path / "defaults.yaml").write_text("")
     _torchrun(["-m", "stages.train_student", "--task", TASK, "--condition", CONDITION, "--method", METHOD,
                "--data", str(root / "shards"), "--cache", store, "--out", str(out), "--no-resume",
-               "--params", str(tmp_path / "defaults.yaml"),  # empty: the dataclass defaults, as _params
+               "--params", str(tmp_path / "defaults.yaml"),  # empty: the dataclass defaults, as student_params
                *(a for o in overrides for a in ("--set", o))])  # fmt: skip
 
     two = json.loads((out / "train.json").read_text())  # written by rank 0 only

@@ -3,47 +3,12 @@ so a change there reruns the stages that use it."""
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "stages", "student")
-
-
-def _module_file(name: str) -> Path | None:
-    base = REPO / Path(*name.split("."))
-    for cand in (base.with_suffix(".py"), base / "__init__.py"):
-        if cand.is_file():
-            return cand
-    return None
-
-
-def _imports(path: Path, module: str) -> set[str]:
-    """Modules of this repo imported anywhere in ``path`` (top level or inside functions: both run)."""
-    tree = ast.parse(path.read_text())
-    pkg = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = pkg.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1])
-                stem = f"{base}.{node.module}" if node.module else base
-            else:
-                stem = node.module or ""
-            # `from pkg import mod` may import a submodule: keep both candidates.
-            names = [stem] + [f"{stem}.{a.name}" for a in node.names]
-        else:
-            continue
-        for n in names:
-            if n.split(".")[0] in PACKAGES and _module_file(n) is not None:
-                found.add(n)
-    return found
+from tests.conftest import REPO, repo_imports, repo_module_file
 
 
 def import_closure(module: str) -> set[Path]:
@@ -54,13 +19,13 @@ def import_closure(module: str) -> set[Path]:
         if m in seen:
             continue
         seen.add(m)
-        f = _module_file(m)
+        f = repo_module_file(m)
         if f is None:
             continue
         files.add(f)
         parts = m.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parents' __init__ run first
-        todo += sorted(_imports(f, m))
+        todo += sorted(repo_imports(f, m))
     return {f.relative_to(REPO) for f in files}
 
 

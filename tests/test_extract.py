@@ -1,33 +1,24 @@
-"""Teacher extraction (method §1): the cache equals a direct teacher forward, unique inputs are computed
-once, an interrupted run resumes to the same store, stale stores and bad inputs are refused by name."""
+"""Teacher extraction (docs/method.md §1): the cache equals a direct teacher forward, unique inputs are
+computed once, an interrupted run resumes to the same store, stale stores and bad inputs are refused by name."""
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from pipeline import cache as C
 from pipeline import extract as X
 from pipeline.config import CacheParams
-from pipeline.data.schema import Instance
 from pipeline.data.shards import DatasetWriter, PreparedDataset, decode_image
 from pipeline.teacher import create_teacher
 from pipeline.texts import instance_texts, text_hash
-
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+from tests.conftest import TINY_CFG, png_bytes, snli_instance, vcr_instance, vqa_instance
 
 
 @pytest.fixture(autouse=True)
@@ -38,42 +29,6 @@ def _one_thread():
 # ------------------------------------------------------------------------------------------- fixtures
 
 
-def _png(seed: int, size: tuple[int, int] = (40, 32)) -> bytes:
-    rng = random.Random(seed)
-    img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
-    d = ImageDraw.Draw(img)
-    for _ in range(3):
-        x, y = rng.randrange(size[0] - 8), rng.randrange(size[1] - 8)
-        d.rectangle([x, y, x + 8, y + 8], fill=tuple(rng.randrange(256) for _ in range(3)))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _vqa(key, image_id, split, q, a):
-    return Instance(
-        key=key, task="vqa", image_id=image_id, split=split, question=q, answer=a, human_answers=[a] * 10
-    )
-
-
-def _snli(key, image_id, split, h, label=0):
-    return Instance(key=key, task="snli_ve", image_id=image_id, split=split, hypothesis=h, label=label)
-
-
-def _vcr(key, image_id, split, q):
-    return Instance(
-        key=key,
-        task="vcr",
-        image_id=image_id,
-        split=split,
-        question=q,
-        answers=["a red cube", "a blue ball", "nothing at all", "two shapes"],
-        rationales=["it is red", "it is round", "the table is empty", "I count two"],
-        label=0,
-        rationale_label=2,
-    )
-
-
 def make_dataset(
     path: Path, split: str, n_images: int, seed: int = 0, extra: list | None = None
 ) -> PreparedDataset:
@@ -82,13 +37,15 @@ def make_dataset(
     with DatasetWriter(path, source="synthetic", split=split, shard_size=7, image_shard_size=5) as w:
         for i in range(n_images):
             iid = f"img-{seed}-{i}"
-            w.add_image(iid, _png(seed * 1000 + i), "png")
-            w.add_instance(_vqa(f"{split}-vqa-{i}-a", iid, split, f"what colour is shape {i % 3}?", "red"))
+            w.add_image(iid, png_bytes(seed * 1000 + i), "png")
             w.add_instance(
-                _vqa(f"{split}-vqa-{i}-b", iid, split, "how many shapes?", ["two", "three"][i % 2])
+                vqa_instance(f"{split}-vqa-{i}-a", iid, split, f"what colour is shape {i % 3}?", "red")
             )
-            w.add_instance(_snli(f"{split}-snli-{i}", iid, split, "there is a square"))
-            w.add_instance(_vcr(f"{split}-vcr-{i}", iid, split, f"why is shape {i % 2} here?"))
+            w.add_instance(
+                vqa_instance(f"{split}-vqa-{i}-b", iid, split, "how many shapes?", ["two", "three"][i % 2])
+            )
+            w.add_instance(snli_instance(f"{split}-snli-{i}", iid, split, "there is a square"))
+            w.add_instance(vcr_instance(f"{split}-vcr-{i}", iid, split, f"why is shape {i % 2} here?"))
         for image_id, data, inst in extra or []:
             if data is not None and not w.has_image(image_id):
                 w.add_image(image_id, data, "png")
@@ -117,8 +74,16 @@ def world(tmp_path_factory) -> dict:
         4,
         seed=1,
         extra=[
-            ("dup-of-train-0", _png(0), _snli("val-snli-dup", "dup-of-train-0", "val", "there is a square")),
-            ("img-0-1", _png(1), _snli("val-snli-same-id", "img-0-1", "val", "a brand new sentence")),
+            (
+                "dup-of-train-0",
+                png_bytes(0),
+                snli_instance("val-snli-dup", "dup-of-train-0", "val", "there is a square"),
+            ),
+            (
+                "img-0-1",
+                png_bytes(1),
+                snli_instance("val-snli-same-id", "img-0-1", "val", "a brand new sentence"),
+            ),
         ],
     )
     spec = X.TeacherSpec(str(cfg), str(ckpt), "fp32", "cpu")
@@ -329,7 +294,7 @@ def test_int8_store_reconstruction(world, baseline, tmp_path):
 def test_corrupted_image_names_dataset_and_id(world, tmp_path):
     bad = make_dataset(
         tmp_path / "bad", "train", 2, seed=5,
-        extra=[("broken-7", b"\x89PNG\r\n\x1a\n not really a png", _snli("bad-snli", "broken-7", "train", "hmm"))],
+        extra=[("broken-7", b"\x89PNG\r\n\x1a\n not really a png", snli_instance("bad-snli", "broken-7", "train", "hmm"))],
     )  # fmt: skip
     with pytest.raises(X.ImageError, match=r"bad.*broken-7.*cannot decode"):
         X.extract([bad], str(tmp_path / "s.zarr"), world["spec"], params(), scheduler="sync", progress=False)
@@ -353,7 +318,7 @@ def test_empty_text_names_dataset_and_instance(world, tmp_path):
         "train",
         1,
         seed=6,
-        extra=[(None, None, _vqa("blank-q", "img-6-0", "train", "  ", "red"))],
+        extra=[(None, None, vqa_instance("blank-q", "img-6-0", "train", "  ", "red"))],
     )
     with pytest.raises(X.TextError, match=r"e.*blank-q.*empty teacher text"):
         X.extract([ds], str(tmp_path / "e.zarr"), world["spec"], params(), scheduler="sync", progress=False)
@@ -461,12 +426,12 @@ def test_images_at_teacher_size_skip_only_a_transform_that_keeps_them(world, tmp
     s = teacher.image_size
     with DatasetWriter(tmp_path / "ds", source="synthetic", split="train") as w:
         for i in range(3):
-            w.add_image(f"at-size-{i}", _png(i, (s, s)), "png")
-            w.add_image(f"other-{i}", _png(10 + i, (s + 9, s - 3)), "png")
-        w.add_instance(_snli("k", "at-size-0", "train", "there is a square"))
+            w.add_image(f"at-size-{i}", png_bytes(i, (s, s)), "png")
+            w.add_image(f"other-{i}", png_bytes(10 + i, (s + 9, s - 3)), "png")
+        w.add_instance(snli_instance("k", "at-size-0", "train", "there is a square"))
     ds = PreparedDataset(tmp_path / "ds")
     items = [(0, i, ds.image_sha1(i)) for i in ds.image_ids()]
-    steps = X._pil_steps(teacher.preprocess)
+    steps = X.pil_steps(teacher.preprocess)
     blur = [*steps, lambda im: im.filter(ImageFilter.GaussianBlur(1))]
     for pil_steps, skips in ((steps, True), (blur, False)):
         data = X.UnitImages([str(ds.path)], items, pil_steps, s, 0)

@@ -23,8 +23,7 @@ from pipeline.config import CacheParams
 from pipeline.data.errors import DataError
 from pipeline.teacher import create_teacher
 from stages.extract_teacher import main
-from tests.test_extract import TINY_CFG
-from tests.test_reliability import build_dataset
+from tests.conftest import TINY_CFG, build_dataset
 
 SETS = [
     "cache.image_rows_per_unit=2",
@@ -202,7 +201,7 @@ def test_failed_overwrite_leaves_the_previous_store_byte_identical(world, tmp_pa
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
 def test_stale_rebuild_resumes_beside_and_swaps_in_when_complete(world, tmp_path, monkeypatch, exchange):
     if not exchange:  # a kernel or filesystem without RENAME_EXCHANGE
-        monkeypatch.setattr(C, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(C.store, "_exchange", lambda a, b: False)
     url = str(copy_store(world, tmp_path / "s.zarr"))
     before = tree(Path(url))
     # The old store of an earlier swap whose deletion was cut short (its zarr.json, deleted last, remains).

@@ -19,6 +19,7 @@ from pipeline.data.shards import DatasetWriter, PreparedDataset
 from pipeline.texts import text_hash
 from stages.prepare_data import main
 from tests import fixtures_official as fx
+from tests.conftest import truncate_jpeg
 
 
 def snapshot(root: Path) -> dict[str, object]:
@@ -33,14 +34,6 @@ def snapshot(root: Path) -> dict[str, object]:
         else:
             out[rel] = p.read_bytes()
     return out
-
-
-def truncate_jpeg(path: Path) -> None:
-    """Cut a JPEG inside its entropy-coded scan: the markers (all PIL's verify() looks at) stay intact."""
-    data = path.read_bytes()
-    sos = data.index(b"\xff\xda")
-    scan = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
-    path.write_bytes(data[: (scan + len(data)) // 2])
 
 
 def prepare(root: Path, out: Path, *splits: str, source: str = "snli_ve", extra: tuple = ()) -> Result:

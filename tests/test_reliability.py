@@ -32,12 +32,12 @@ from fsspec.implementations.memory import MemoryFileSystem
 from pipeline import cache as C
 from pipeline import extract as X
 from pipeline import lock as L
-from pipeline.config import CacheParams, SyntheticParams, load_params
+from pipeline.config import CacheParams, SyntheticParams
 from pipeline.data import synthetic
 from pipeline.data.errors import DataError
 from pipeline.data.shards import DatasetWriter, PreparedDataset, decode_image
 from pipeline.teacher import create_teacher
-from tests.test_extract import TINY_CFG, _png, _snli, _vcr, _vqa
+from tests.conftest import TINY_CFG, build_dataset, png_bytes, tiny_student_params, vqa_instance
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 16
@@ -73,21 +73,6 @@ def cache_params(**kw) -> CacheParams:
         target_chunk_bytes=2048,
     )  # fmt: skip
     return dataclasses.replace(CacheParams(), **{**base, **kw})
-
-
-def build_dataset(path: Path, n_images: int, questions: dict[str, str] | None = None) -> PreparedDataset:
-    """n_images images with a VQA, an SNLI-VE and a VCR instance each; ``questions`` overrides the question
-    of VQA instances by key (one changed instance = another dataset)."""
-    questions = questions or {}
-    with DatasetWriter(path, source="synthetic", split="train", shard_size=7, image_shard_size=5) as w:
-        for i in range(n_images):
-            iid = f"img-{i}"
-            w.add_image(iid, _png(i), "png")
-            key = f"vqa-{i}"
-            w.add_instance(_vqa(key, iid, "train", questions.get(key, f"what colour is shape {i}?"), "red"))
-            w.add_instance(_snli(f"snli-{i}", iid, "train", f"there are {i % 4} squares"))
-            w.add_instance(_vcr(f"vcr-{i}", iid, "train", f"why is shape {i % 3} here?"))
-    return PreparedDataset(path)
 
 
 @pytest.fixture(scope="module")
@@ -436,8 +421,8 @@ def test_empty_inputs_fail_clearly(world, tmp_path):
     with pytest.raises(DataError, match=r"no datasets.*nothing to extract: 0 images, 0 texts"):
         X.extract([], str(tmp_path / "e.zarr"), world["spec"], cache_params(), "sync", False)
     with DatasetWriter(tmp_path / "blank", source="synthetic", split="test") as w:  # every text is blank
-        w.add_image("img-0", _png(0), "png")
-        w.add_instance(_vqa("q0", "img-0", "test", "   ", ""))
+        w.add_image("img-0", png_bytes(0), "png")
+        w.add_instance(vqa_instance("q0", "img-0", "test", "   ", ""))
     ds = PreparedDataset(tmp_path / "blank")
     with pytest.raises(X.TextError, match="q0: empty teacher text"):
         X.extract([ds], str(tmp_path / "b.zarr"), world["spec"], cache_params(), "sync", False)
@@ -643,13 +628,7 @@ def student_world(tmp_path_factory, world) -> dict:
 
 
 def _student_params(world, **over):
-    sets = [
-        f"teacher.model={world['cfg']}", f"teacher.pretrained={world['ckpt']}", "teacher.precision=fp32",
-        "student.init=scratch", "student.width=32", "student.layers=1", "student.heads=2", "student.image_size=32", "student.patch_size=8",
-        "student.max_text_len=16", "student.dropout=0.0", "train.batch_size=4", "train.steps=10", "train.warmup=2",
-        "train.eval_every=10", "train.checkpoint_every=10",
-    ]  # fmt: skip
-    return load_params(None, sets + [f"{k}={v}" for k, v in over.items()])
+    return tiny_student_params(world["cfg"], world["ckpt"], text_len=16, batch=4, steps=10, every=10, **over)
 
 
 def _nan_on_calls(monkeypatch, calls: set[int]) -> None:

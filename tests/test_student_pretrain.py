@@ -113,10 +113,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_unopened(tmp_path):
 
 def test_a_student_run_starts_from_the_pretrained_backbone(tmp_path):
     from student.train import RunError, Trainer
-    from tests.test_train_student import _params, _run, build_world
+    from tests.conftest import build_world, run_spec, student_params
 
     world = build_world(tmp_path / "w")
-    params = _params(world)
+    params = student_params(world)
     sp = params.student
     # A backbone no seed would draw: the run must start from exactly these weights.
     backbone = create_student(sp.arch, sp)
@@ -125,8 +125,8 @@ def test_a_student_run_starts_from_the_pretrained_backbone(tmp_path):
         torch.nn.init.normal_(p)
     torch.save({"format": FORMAT, "student": backbone.state_dict(), "student_params": asdict(sp), "steps": 1},
                tmp_path / "pre.pt")  # fmt: skip
-    pre = _params(world, **{"student.init": "pretrained", "student.pretrained": tmp_path / "pre.pt"})
-    trainer = Trainer(pre, _run(world, tmp_path, method="baseline"), progress=False)
+    pre = student_params(world, **{"student.init": "pretrained", "student.pretrained": tmp_path / "pre.pt"})
+    trainer = Trainer(pre, run_spec(world, tmp_path, method="baseline"), progress=False)
     try:
         mine = trainer.student.state_dict()
         for k, v in backbone.state_dict().items():
@@ -137,9 +137,11 @@ def test_a_student_run_starts_from_the_pretrained_backbone(tmp_path):
         assert torch.equal(mine["tok_embed.weight"][:-1], backbone.state_dict()["tok_embed.weight"][ids])
     finally:
         trainer.close()
-    missing = _params(world, **{"student.init": "pretrained", "student.pretrained": tmp_path / "none.pt"})
+    missing = student_params(
+        world, **{"student.init": "pretrained", "student.pretrained": tmp_path / "none.pt"}
+    )
     with pytest.raises(RunError, match="none.pt: no pretrained student here"):
-        Trainer(missing, _run(world, tmp_path, method="baseline", name="r2"), progress=False)
+        Trainer(missing, run_spec(world, tmp_path, method="baseline", name="r2"), progress=False)
 
 
 def test_stage_writes_the_backbone_and_its_metrics(corpus, tmp_path):

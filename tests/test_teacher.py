@@ -1,4 +1,4 @@
-"""The teacher interface (method §1, §3) and the embedded teacher's pretraining stage."""
+"""The teacher interface (docs/method.md §1, §3) and the embedded teacher's pretraining stage."""
 
 from __future__ import annotations
 

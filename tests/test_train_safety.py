@@ -18,7 +18,7 @@ from pipeline import cache as C
 from pipeline.lock import StoreLock
 from stages.evaluate import main as evaluate_main
 from stages.train_student import main as train_main
-from tests.test_train_student import build_world
+from tests.conftest import build_world, prepare_synthetic
 
 SETS = [
     "teacher.precision=fp32", "student.init=scratch", "student.width=32", "student.layers=1", "student.heads=2",
@@ -231,9 +231,8 @@ def test_missing_cache_and_data_are_one_line(world, tmp_path):
 
 
 def test_cache_of_other_data_is_one_line(world, done, tmp_path):
-    from tests.test_train_student import _prepare
 
-    _prepare(tmp_path / "other", seed=1)
+    prepare_synthetic(tmp_path / "other", seed=1)
     line = error_line(train(world, tmp_path / "r", data=str(tmp_path / "other")))
     assert "does not match this run's data" in line and "data.datasets.train" in line
 

@@ -3,58 +3,13 @@ every method runs, export drops the distillation heads."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from pipeline.config import CacheParams, Params, SyntheticParams, load_params
-from pipeline.data import synthetic
-from pipeline.data.shards import DatasetWriter, PreparedDataset
-from pipeline.extract import extract
 from student.losses import METHODS
 from student.model import count_parameters, create_student
 from student.train import FingerprintMismatch, RunSpec, Trainer, run_student
-
-TINY_TEACHER = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
-
-def _prepare(root, seed=0, scenes=(60, 12, 18)):
-    sp = SyntheticParams(
-        seed=seed, image_size=32, scenes=dict(zip(("train", "val", "test"), scenes, strict=True))
-    )
-    for split in ("train", "val", "test"):
-        with DatasetWriter(
-            root / split, source="synthetic", split=split, shard_size=40, image_shard_size=40
-        ) as w:
-            synthetic.generate(split, sp, w)
-
-
-def build_world(root, views: int = 0, target_chunk_bytes: int = 1 << 20):
-    """The tiny world: prepared shards, a saved random-init teacher (so the fingerprint holds a checkpoint
-    checksum, as with a real one) and its cache extracted with ``views`` and ``target_chunk_bytes``."""
-    _prepare(root / "shards")
-    cfg = root / "tiny-teacher.json"
-    cfg.write_text(json.dumps(TINY_TEACHER))
-    from pipeline.teacher import create_teacher
-
-    torch.manual_seed(0)
-    teacher = create_teacher(str(cfg), "")
-    torch.save({"state_dict": teacher.model.state_dict()}, root / "teacher.pt")
-    store = str(root / "cache.zarr")
-    datasets = [PreparedDataset(root / "shards" / s) for s in ("train", "val", "test")]
-    cp = CacheParams(
-        image_rows_per_unit=64, text_rows_per_unit=512, batch_size=32, num_workers=0, views=views,
-        target_chunk_bytes=target_chunk_bytes,
-    )  # fmt: skip
-    extract(
-        datasets, store, (str(cfg), str(root / "teacher.pt"), "fp32"), cp, scheduler="sync", progress=False
-    )
-    return root, cfg, store
+from tests.conftest import build_world, prepare_synthetic, run_spec, student_params
 
 
 @pytest.fixture(scope="module")
@@ -62,33 +17,16 @@ def world(tmp_path_factory):
     return build_world(tmp_path_factory.mktemp("world"))
 
 
-def _params(world, **over) -> Params:
-    root, cfg, _ = world
-    sets = [
-        f"teacher.model={cfg}", f"teacher.pretrained={root / 'teacher.pt'}", "teacher.precision=fp32",
-        "student.init=scratch", "student.width=32", "student.layers=1", "student.heads=2", "student.image_size=32", "student.patch_size=8",
-        "student.max_text_len=24", "student.dropout=0.0", "train.batch_size=8", "train.steps=6", "train.warmup=2",
-        "train.eval_every=3", "train.checkpoint_every=3",
-    ]  # fmt: skip
-    sets += [f"{k}={v}" for k, v in over.items()]
-    return load_params(None, sets)
-
-
-def _run(world, tmp_path, task="snli_ve", method="clip_td", condition="lowshot-0.5", seed=0, name="run"):
-    root, _, store = world
-    return RunSpec(task, condition, method, seed, str(root / "shards"), store, str(tmp_path / name))
-
-
 @pytest.mark.parametrize("task", ["snli_ve", "vqa", "vcr"])
 def test_cached_targets_equal_online_targets(world, tmp_path, task):
     # Same seed, same batches: the losses of the first steps agree whether the teacher targets come from the
     # cache or from the teacher run inside the loop (both in float16, so only summation order differs).
-    params = _params(world)
+    params = student_params(world)
     logs = {}
     for online in (False, True):
         tr = Trainer(
             params,
-            _run(world, tmp_path, task=task, name=f"{task}-{online}"),
+            run_spec(world, tmp_path, task=task, name=f"{task}-{online}"),
             online_teacher=online,
             progress=False,
         )
@@ -100,12 +38,12 @@ def test_cached_targets_equal_online_targets(world, tmp_path, task):
 
 
 def test_resume_is_bit_exact(world, tmp_path):
-    params = _params(world)
-    straight = Trainer(params, _run(world, tmp_path, name="straight"), progress=False)
+    params = student_params(world)
+    straight = Trainer(params, run_spec(world, tmp_path, name="straight"), progress=False)
     straight.fit(resume=False)
-    first = Trainer(params, _run(world, tmp_path, name="resumed"), progress=False)
+    first = Trainer(params, run_spec(world, tmp_path, name="resumed"), progress=False)
     first.fit(resume=False, max_steps=3)  # stops after the step-3 checkpoint, as a killed run would
-    second = Trainer(params, _run(world, tmp_path, name="resumed"), progress=False)
+    second = Trainer(params, run_spec(world, tmp_path, name="resumed"), progress=False)
     out = second.fit(resume=True)
     assert out["resumed_from"] == 3 and second.step == 6
     for a, b in zip(
@@ -117,8 +55,8 @@ def test_resume_is_bit_exact(world, tmp_path):
 def test_transductive_needs_the_shift_condition(world, tmp_path):
     with pytest.raises(ValueError, match="--condition shift"):
         Trainer(
-            _params(world),
-            _run(world, tmp_path, method="clip_td_transductive", condition="full"),
+            student_params(world),
+            run_spec(world, tmp_path, method="clip_td_transductive", condition="full"),
             progress=False,
         )
 
@@ -126,10 +64,10 @@ def test_transductive_needs_the_shift_condition(world, tmp_path):
 def test_cache_from_other_data_is_refused(world, tmp_path):
     root, _, _ = world
     other = tmp_path / "other"
-    _prepare(other, seed=1)
+    prepare_synthetic(other, seed=1)
     run = RunSpec("snli_ve", "full", "clip_td", 0, str(other), world[2], str(tmp_path / "r"))
     with pytest.raises(FingerprintMismatch, match=r"data\.datasets\.train"):
-        Trainer(_params(world), run, progress=False)
+        Trainer(student_params(world), run, progress=False)
 
 
 def test_cache_from_other_teacher_is_refused(world, tmp_path):
@@ -137,19 +75,19 @@ def test_cache_from_other_teacher_is_refused(world, tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(FingerprintMismatch, match=r"teacher\.pretrained_checksum"):
         Trainer(
-            _params(world, **{"teacher.pretrained": tmp_path / "other.pt"}),
-            _run(world, tmp_path),
+            student_params(world, **{"teacher.pretrained": tmp_path / "other.pt"}),
+            run_spec(world, tmp_path),
             progress=False,
         )
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_and_exports_a_baseline_sized_student(world, tmp_path, method):
-    params = _params(world, **{"train.steps": 2, "train.eval_every": 2})
+    params = student_params(world, **{"train.steps": 2, "train.eval_every": 2})
     task = "vcr" if method == "clip_td" else "snli_ve"
     condition = "shift" if method == "clip_td_transductive" else "lowshot-0.5"
     metrics = run_student(
-        params, _run(world, tmp_path, task=task, method=method, condition=condition), progress=False
+        params, run_spec(world, tmp_path, task=task, method=method, condition=condition), progress=False
     )
     assert metrics["steps"] == 2 and metrics["final"]["loss"] == metrics["final"]["loss"]  # finite, not NaN
     exported = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
@@ -176,7 +114,7 @@ def test_batches_and_targets_move_to_the_training_device(world, tmp_path):
     """What a GPU run moves: the model inputs and every teacher target tensor; instances and texts stay."""
     from student.train import to_device
 
-    tr = Trainer(_params(world), _run(world, tmp_path, task="vqa"), progress=False)
+    tr = Trainer(student_params(world), run_spec(world, tmp_path, task="vqa"), progress=False)
     batch = next(tr.batches())
     tb, weights = tr.targets(batch, None)
     moved = batch.to("meta")  # a device without memory: shows where each tensor would go
@@ -193,7 +131,7 @@ def test_batches_and_targets_move_to_the_training_device(world, tmp_path):
 def test_cuda_steps_match_cpu_steps(world, tmp_path):
     logs = {}
     for device in ("cpu", "cuda"):
-        tr = Trainer(_params(world, **{"train.device": device}), _run(world, tmp_path, name=device),
+        tr = Trainer(student_params(world, **{"train.device": device}), run_spec(world, tmp_path, name=device),
                      progress=False)  # fmt: skip
         assert next(tr.student.parameters()).device.type == device
         stream = tr.batches()
@@ -210,7 +148,7 @@ def test_teacher_batch_reads_candidate_texts_pooled_only(world, tmp_path, task, 
     from student.losses import confidence_weights
     from student.targets import teacher_batch
 
-    tr = Trainer(_params(world), _run(world, tmp_path, task=task, method=method), progress=False)
+    tr = Trainer(student_params(world), run_spec(world, tmp_path, task=task, method=method), progress=False)
     calls = []
     source = tr.source
 
@@ -258,9 +196,11 @@ def test_chunked_order_is_chunk_local_and_the_same_for_every_method(tmp_path):
     """train.order=chunked: every method (the baseline reads no targets but orders by the same store) sees the
     same batches, and a window of order_window chunks is used up before the next begins."""
     world = build_world(tmp_path / "w", target_chunk_bytes=8 << 10)  # 8 image rows per inner chunk
-    params = _params(world, **{"train.order": "chunked", "train.order_window": 1, "train.batch_size": 4})
+    params = student_params(
+        world, **{"train.order": "chunked", "train.order_window": 1, "train.batch_size": 4}
+    )
     trs = {
-        m: Trainer(params, _run(world, tmp_path, method=m, name=m), progress=False)
+        m: Trainer(params, run_spec(world, tmp_path, method=m, name=m), progress=False)
         for m in ("baseline", "clip_td")
     }
     streams = {m: tr.batches() for m, tr in trs.items()}
@@ -278,7 +218,7 @@ def test_chunked_order_is_chunk_local_and_the_same_for_every_method(tmp_path):
     # window 1: each chunk's instances come as one run, so the chunk sequence changes exactly once per chunk
     changes = sum(a != b for a, b in zip(first_epoch, first_epoch[1:], strict=False))
     assert changes == len(set(first_epoch)) - 1 > 0
-    random = Trainer(_params(world), _run(world, tmp_path, name="random"), progress=False)
+    random = Trainer(student_params(world), run_spec(world, tmp_path, name="random"), progress=False)
     assert random.order_groups is None
     assert [i.key for i in next(random.batches()).instances] != keys[:8]
 
@@ -287,7 +227,7 @@ def test_chunked_order_without_a_cache_is_refused(world, tmp_path):
     root, _, _ = world
     run = RunSpec("snli_ve", "lowshot-0.5", "baseline", 0, str(root / "shards"), "", str(tmp_path / "r"))
     with pytest.raises(ValueError, match="train.order=chunked.*no cache"):
-        Trainer(_params(world, **{"train.order": "chunked"}), run, progress=False)
+        Trainer(student_params(world, **{"train.order": "chunked"}), run, progress=False)
 
 
 def test_blind_runs_never_see_an_image_in_training_or_evaluation(world, tmp_path, monkeypatch):
@@ -299,10 +239,12 @@ def test_blind_runs_never_see_an_image_in_training_or_evaluation(world, tmp_path
         raise AssertionError("a blind run decoded an image")
 
     monkeypatch.setattr(data, "image_tensor", no_image)
-    params = _params(world, **{"train.steps": 2, "train.eval_every": 2})
-    run_student(params, _run(world, tmp_path, task="vqa", method="blind"), progress=False)
+    params = student_params(world, **{"train.steps": 2, "train.eval_every": 2})
+    run_student(params, run_spec(world, tmp_path, task="vqa", method="blind"), progress=False)
     result = evaluate_run(tmp_path / "run", params)
     assert result["run"]["method"] == "blind" and result["metrics"]["n"] > 0
     # The baseline on the same data does decode images: the patch above is what the blind run avoided.
     with pytest.raises(AssertionError, match="decoded an image"):
-        run_student(params, _run(world, tmp_path, task="vqa", method="baseline", name="b"), progress=False)
+        run_student(
+            params, run_spec(world, tmp_path, task="vqa", method="baseline", name="b"), progress=False
+        )

@@ -22,8 +22,7 @@ from pipeline.config import CacheParams
 from pipeline.teacher import create_teacher
 from pipeline.verify import verify_store
 from stages.verify_cache import main
-from tests.test_extract import TINY_CFG
-from tests.test_reliability import build_dataset
+from tests.conftest import TINY_CFG, build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

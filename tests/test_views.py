@@ -1,6 +1,6 @@
-"""Cached views replayed in training (method §2): with a store extracted with K views, each training sample is
-shown in one view, the student's pixels are that view's crop/flip made exactly as the teacher's were, the
-targets are that view's cached tokens, and cached and online targets still agree."""
+"""Cached views replayed in training (docs/method.md §2): with a store extracted with K views, each training
+sample is shown in one view, the student's pixels are that view's crop/flip made exactly as the teacher's
+were, the targets are that view's cached tokens, and cached and online targets still agree."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pipeline.teacher import create_teacher
 from student.data import CLIP_MEAN, CLIP_STD, ViewTable
 from student.targets import OnlineTargets, teacher_batch
 from student.train import RunSpec, Trainer
-from tests.test_train_student import _params, build_world
+from tests.conftest import build_world, student_params
 
 K = 3
 
@@ -27,7 +27,7 @@ def world(tmp_path_factory):
 def _trainer(world, tmp_path, online=False, task="snli_ve", name="run") -> Trainer:
     root, _, store = world
     run = RunSpec(task, "lowshot@0.5", "clip_td", 0, str(root / "shards"), store, str(tmp_path / name))
-    return Trainer(_params(world, **{"cache.views": K}), run, online_teacher=online, progress=False)
+    return Trainer(student_params(world, **{"cache.views": K}), run, online_teacher=online, progress=False)
 
 
 def _teacher(tr: Trainer):

@@ -13,7 +13,7 @@ from pipeline.data.schema import Instance
 from pipeline.texts import instance_texts, text_hash
 from pipeline.zeroshot import fit_snli_thresholds, snli_labels, task_zeroshot
 from stages.zeroshot import main as zeroshot_main
-from tests.test_train_student import build_world
+from tests.conftest import build_world
 
 
 class OracleCache:

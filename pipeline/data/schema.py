@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-TASKS = ("vqa", "snli_ve", "vcr", "caption")
+from ..names import SAMPLE_TASKS
+
 SNLI_LABELS = ("entailment", "neutral", "contradiction")
 VCR_CHOICES = 4
 VQA_HUMAN_ANSWERS = 10
@@ -85,8 +86,8 @@ class Instance:
                 "key",
                 "must be non-empty and use only letters, digits, '_' and '-' (WebDataset splits keys on '.')",
             )
-        if self.task not in TASKS:
-            raise bad("task", f"unknown task {self.task!r}; allowed {TASKS}")
+        if self.task not in SAMPLE_TASKS:
+            raise bad("task", f"unknown task {self.task!r}; allowed {SAMPLE_TASKS}")
         if not self.image_id:
             raise bad("image_id", "empty")
         if self.task == "vqa":

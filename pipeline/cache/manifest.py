@@ -1,0 +1,83 @@
+"""The manifest: one JSON entry per committed work unit, published atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+
+from .errors import CacheFormatError
+from .schema import MANIFEST
+from .store import _fs, _name
+
+
+def commit_unit(url: str, name: str, record: dict) -> None:
+    """Publish one unit's manifest entry. Readers must never see half a file: a local store writes a temporary
+    file and renames it (atomic on POSIX); object stores make a single PUT visible all at once."""
+    fs, path = _fs(url)
+    data = json.dumps(record, indent=1, sort_keys=True).encode()
+    target = f"{path}/{MANIFEST}/{name}.json"
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    else:
+        fs.pipe_file(target, data)
+
+
+def _manifest_problem(rec: Any) -> str:
+    """Why a parsed manifest entry cannot be one ("" when it can): a JSON object whose ``arrays``, if any, maps
+    array names to objects (each region's fields are checked where they are used, by ``verify``)."""
+    if not isinstance(rec, dict):
+        return f"not a manifest entry (expected a JSON object, got {type(rec).__name__})"
+    arrays = rec.get("arrays", {})
+    if not isinstance(arrays, dict) or not all(isinstance(v, dict) for v in arrays.values()):
+        return "not a manifest entry ('arrays' must map array names to objects)"
+    return ""
+
+
+def read_manifest(url: str) -> tuple[dict[str, dict], dict[str, str]]:
+    """(manifest entries by unit name, {unit name: why} for entries that cannot be read, each naming its file).
+    Temporary files of an interrupted commit are ignored."""
+    fs, path = _fs(url)
+    folder = f"{path}/{MANIFEST}"
+    if not fs.exists(folder):
+        return {}, {}
+    out, bad = {}, {}
+    for p in fs.ls(folder, detail=False):
+        base = _name(p)
+        if not base.endswith(".json") or base == "zarr.json":
+            continue
+        name, where = base[: -len(".json")], f"{url.rstrip('/')}/{MANIFEST}/{base}"
+        try:
+            rec = json.loads(fs.cat_file(p))
+        except (UnicodeDecodeError, ValueError) as e:
+            bad[name] = f"{where}: not valid JSON ({e})"
+            continue
+        problem = _manifest_problem(rec)
+        if problem:
+            bad[name] = f"{where}: {problem}"
+        else:
+            out[name] = rec
+    return out, bad
+
+
+def committed_units(url: str) -> dict[str, dict]:
+    """Manifest entries by unit name. An entry that cannot be read raises CacheFormatError naming its file: a
+    commit is atomic, so such a file was damaged after it was written, and the unit is not silently redone."""
+    out, bad = read_manifest(url)
+    if bad:
+        name = min(bad)
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CacheFormatError(
+            f"{bad[name]}{more}: a damaged manifest entry; check the store (python -m stages.verify_cache), "
+            f"then delete that file and rerun extraction to recompute unit {name}"
+        )
+    return out

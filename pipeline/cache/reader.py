@@ -1,0 +1,324 @@
+"""Reading a complete teacher cache: by image id and by text, in batches."""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from .checksum import checksum
+from .codec import decode_tokens
+from .errors import CacheFormatError
+from .manifest import committed_units
+from .schema import FORMAT, FORMAT_VERSION, SCALE_SUFFIX
+from .store import open_group, read_store_attrs
+from .verified import VerifiedArray, VerifiedGroup
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted unique rows -> [(start, stop)] contiguous runs."""
+    if len(rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1)
+    starts = np.concatenate([[rows[0]], rows[breaks + 1]])
+    stops = np.concatenate([rows[breaks] + 1, [rows[-1] + 1]])
+    return list(zip(starts.tolist(), stops.tolist(), strict=True))
+
+
+def read_rows(a: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """Rows of an array in the order given. Row indices are deduplicated and sorted, each contiguous run is
+    one slice, and several runs go through one orthogonal selection so zarr decodes every inner chunk once and
+    fetches them concurrently; the result is scattered back to the requested order."""
+    rows = np.asarray(rows, dtype=np.int64)
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    runs = _runs(uniq)
+    if not runs:
+        return np.zeros((0, *a.shape[1:]), dtype=a.dtype)
+    if len(runs) == 1:
+        block = a[runs[0][0] : runs[0][1]]
+    else:
+        block = a.get_orthogonal_selection((uniq,))
+    return block[inverse]
+
+
+class ChunkLRU:
+    """Decoded inner chunks (store dtype) by (array path, chunk index), least recently used evicted first."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = int(max_bytes), 0
+        self.chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[str, int]) -> np.ndarray | None:
+        a = self.chunks.get(key)
+        if a is not None:
+            self.chunks.move_to_end(key)
+        return a
+
+    def put(self, key: tuple[str, int], a: np.ndarray) -> None:
+        self.chunks[key] = a
+        self.bytes += a.nbytes
+        while self.bytes > self.max_bytes and len(self.chunks) > 1:
+            _, old = self.chunks.popitem(last=False)
+            self.bytes -= old.nbytes
+
+
+class ChunkCachedArray:
+    """A zarr array whose row reads (``a[i:j]``, ``a.get_orthogonal_selection((rows,))``: all that
+    ``read_rows`` uses) decode each inner chunk once and keep it in a shared LRU. A training
+    batch needs a few rows of many chunks; the stream (shards in order, a shuffle buffer) comes back to the same
+    chunks batch after batch, so without the LRU every batch would decompress whole chunks for a few rows."""
+
+    def __init__(self, array: Any, lru: ChunkLRU):
+        self.array, self.lru = array, lru
+        self.shape, self.dtype, self.path = array.shape, array.dtype, array.path
+        self.rows_per_chunk = max(1, int(array.chunks[0]))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.array, name)
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        if isinstance(sel, slice) and sel.step in (None, 1) and len(self.shape) > 0:
+            return self.rows(np.arange(*sel.indices(self.shape[0])[:2]))
+        return self.array[sel]
+
+    def get_orthogonal_selection(self, sel: Any) -> np.ndarray:
+        if isinstance(sel, tuple) and len(sel) == 1 and not isinstance(sel[0], slice):
+            return self.rows(np.asarray(sel[0], dtype=np.int64))
+        return self.array.get_orthogonal_selection(sel)
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        cr, n = self.rows_per_chunk, self.shape[0]
+        chunk = srt // cr
+        uniq, starts = np.unique(chunk, return_index=True)
+        have = {int(c): self.lru.get((self.path, int(c))) for c in uniq}
+        missing = [c for c, a in have.items() if a is None]
+        self.lru.hits += len(uniq) - len(missing)
+        self.lru.misses += len(missing)
+        # Missing chunks are read as whole-chunk slices, one per run of adjacent chunks: zarr decodes each
+        # once, and slicing is far cheaper than an orthogonal selection listing every row of the chunks.
+        run: list[int] = []
+        for c in [*missing, None]:
+            if run and (c is None or c != run[-1] + 1):
+                block = self.array[run[0] * cr : min(n, (run[-1] + 1) * cr)]
+                for j, rc in enumerate(run):
+                    part = block[j * cr : (j + 1) * cr]
+                    # Own memory per chunk, so evicting one frees it (a view would pin the whole run).
+                    have[rc] = part = part.copy() if len(run) > 1 else part
+                    self.lru.put((self.path, rc), part)
+                run = []
+            if c is not None:
+                run.append(c)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        stops = [*starts[1:], len(srt)]
+        for c, lo, hi in zip(uniq.tolist(), starts.tolist(), stops, strict=True):
+            out[order[lo:hi]] = have[c][srt[lo:hi] - c * cr]
+        return out
+
+
+class ChunkCachedGroup:
+    """The store's group with its arrays opened once (no metadata read per batch) and row reads cached."""
+
+    def __init__(self, group: Any, max_bytes: int):
+        self.group, self.lru = group, ChunkLRU(max_bytes)
+        self._arrays: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        a = self._arrays.get(name)
+        if a is None:
+            a = self.group[name]
+            cached = isinstance(a, (zarr.Array, VerifiedArray))
+            a = self._arrays[name] = ChunkCachedArray(a, self.lru) if cached else a
+        return a
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.group
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.group, name)
+
+
+class TeacherCache:
+    """Read-only access to a complete teacher cache, by image id and by text."""
+
+    def __init__(self, url: str):
+        self.url = url
+        if read_store_attrs(url) is None:  # a damaged zarr.json raises here, naming the file
+            raise CacheFormatError(f"{url}: no teacher cache here (run `python -m stages.extract_teacher`)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.group = open_group(url, mode="r")
+        self.attrs: dict = dict(self.group.attrs)
+        if self.attrs.get("format") != FORMAT:
+            raise CacheFormatError(f"{url}: not a teacher cache (format={self.attrs.get('format')!r})")
+        if self.attrs.get("format_version") != FORMAT_VERSION:
+            raise CacheFormatError(
+                f"{url}: cache format version {self.attrs.get('format_version')} != {FORMAT_VERSION}; re-extract"
+            )
+        if not self.attrs.get("complete"):
+            done, total = len(committed_units(url)), self.attrs.get("units", {}).get("total", "?")
+            raise CacheFormatError(
+                f"{url}: extraction incomplete ({done}/{total} units committed); rerun it to resume"
+            )
+        self.embed_dim: int = int(self.attrs["embed_dim"])
+        self.grid: int = int(self.attrs["grid"])
+        self.num_patches: int = int(self.attrs["num_patches"])
+        self.views: int = int(self.attrs.get("views", 0))
+        self.dtype: str = self.attrs["dtype"]
+        self.relevance_tokens: list[str] = list(self.attrs.get("relevance_tokens", []))
+        g = self.group
+        self._image_row = {s: i for i, s in enumerate(g["image/ids"][:].tolist())}
+        for alias, row in zip(
+            g["image/alias_ids"][:].tolist(), g["image/alias_rows"][:].tolist(), strict=True
+        ):
+            self._image_row[alias] = int(row)
+        self._text_row = {s: i for i, s in enumerate(g["text/ids"][:].tolist())}
+        self._lengths = g["text/lengths"][:].astype(np.int64)
+        self._offsets = g["text/offsets"][:].astype(np.int64)
+        self._text_row_memo: dict[str, int] = {}
+
+    def configure_reads(self, verify: bool = False, chunk_cache_bytes: int = 0) -> None:
+        """How later reads go. ``verify``: every unit a read touches is checked once against its manifest
+        crc32 (``CacheCorrupt`` names the array and unit). ``chunk_cache_bytes`` > 0: decoded inner chunks
+        are kept in an LRU of that many bytes (``self.group.lru``), so that a training stream that keeps
+        coming back to a chunk decompresses it once, not once per batch. Calling it again adds nothing
+        that is already in place."""
+        if verify and not isinstance(self.group, (VerifiedGroup, ChunkCachedGroup)):
+            self.group = VerifiedGroup(self.group, self.url)
+        if chunk_cache_bytes > 0 and not isinstance(self.group, ChunkCachedGroup):
+            self.group = ChunkCachedGroup(self.group, chunk_cache_bytes)
+
+    def __repr__(self) -> str:
+        return f"TeacherCache({self.url!r}, images={self.n_images}, texts={len(self._lengths)})"
+
+    @property
+    def n_images(self) -> int:
+        return int(self.group["image/ids"].shape[0])
+
+    @property
+    def n_texts(self) -> int:
+        return len(self._lengths)
+
+    def fingerprint(self) -> dict:
+        return dict(self.attrs.get("fingerprint", {}))
+
+    def image_rows(self, image_ids: Sequence[str]) -> np.ndarray:
+        try:
+            return np.array([self._image_row[i] for i in image_ids], dtype=np.int64)
+        except KeyError as e:
+            raise KeyError(f"{self.url}: image id {e.args[0]!r} is not in the teacher cache") from None
+
+    def text_rows(self, texts: Sequence[str]) -> np.ndarray:
+        from ..texts import text_hash
+
+        # Memoised by string: a training run asks for the same candidate and question texts batch after
+        # batch, and hashing them each time was a third of a batch's read time. At most one entry per text
+        # the store holds.
+        memo = self._text_row_memo
+        rows = np.empty(len(texts), dtype=np.int64)
+        for i, t in enumerate(texts):
+            r = memo.get(t)
+            if r is None:
+                r = self._text_row.get(text_hash(t))
+                if r is None:
+                    raise KeyError(
+                        f"{self.url}: text {t!r} is not in the teacher cache (extracted from other data?)"
+                    )
+                memo[t] = r
+            rows[i] = r
+        return rows
+
+    def _tokens(self, group: str, src: str, rows: np.ndarray, view: np.ndarray | None = None) -> np.ndarray:
+        a = self.group[f"{group}/{src}"]
+        scale = self.group[f"{group}/{src}{SCALE_SUFFIX}"] if self.dtype == "int8" else None
+        vals = read_rows(a, rows)
+        sc = read_rows(scale, rows) if scale is not None else None
+        if view is not None:  # pick each row's view after the row read (views sit inside a row's chunk)
+            idx = np.arange(len(rows))
+            vals = vals[idx, view]
+            sc = sc[idx, view] if sc is not None else None
+        return decode_tokens(vals, sc)
+
+    def image_targets(
+        self, image_ids: Sequence[str], relevance: str | None = None, views: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``tokens`` [B,P,E], ``pooled`` [B,E], ``valid`` [B] (bool) as float32 tensors; ``relevance`` [B,P,E]
+        when a relevance source is named ("last" = the tokens themselves). ``views`` (one index per id) reads the
+        cached augmented views instead of view 0."""
+        rows = self.image_rows(image_ids)
+        out: dict[str, torch.Tensor] = {}
+        if views is None:
+            group, v = "image", None
+            out["pooled"] = torch.from_numpy(read_rows(self.group["image/pooled"], rows).astype(np.float32))
+        else:
+            if self.views == 0:
+                raise ValueError(f"{self.url}: no views cached (extract with --views K)")
+            v = np.asarray(views, dtype=np.int64)
+            if len(v) != len(rows) or (v < 0).any() or (v >= self.views).any():
+                raise ValueError(f"views must give one index in [0, {self.views}) per image id")
+            group = "views"
+            pooled = read_rows(self.group["views/pooled"], rows)[np.arange(len(rows)), v]
+            out["pooled"] = torch.from_numpy(pooled.astype(np.float32))
+        out["tokens"] = torch.from_numpy(self._tokens(group, "tokens", rows, v))
+        if relevance is not None:
+            if relevance == "last":
+                out["relevance"] = out["tokens"]
+            elif relevance in self.relevance_tokens:
+                out["relevance"] = torch.from_numpy(self._tokens(group, f"{relevance}_tokens", rows, v))
+            else:
+                raise ValueError(
+                    f"{self.url}: relevance source {relevance!r} not cached (have: last, "
+                    f"{', '.join(self.relevance_tokens) or 'nothing else'}); extract with cache.relevance_tokens"
+                )
+        out["valid"] = torch.from_numpy(read_rows(self.group["image/valid"], rows).astype(bool))
+        return out
+
+    def view_params(self, image_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``boxes`` [B,K,4] (normalised x0,y0,x1,y1) and ``flip`` [B,K] (bool) of every cached view."""
+        if self.views == 0:
+            raise ValueError(f"{self.url}: no views cached (extract with --views K)")
+        rows = self.image_rows(image_ids)
+        return {
+            "boxes": torch.from_numpy(read_rows(self.group["views/boxes"], rows).astype(np.float32)),
+            "flip": torch.from_numpy(read_rows(self.group["views/flip"], rows).astype(bool)),
+        }
+
+    def text_targets(self, texts: Sequence[str], tokens: bool = True) -> dict[str, Any]:
+        """``tokens``: list of [L_i, E] float32 tensors (SOT … EOT), ``pooled`` [B,E], ``lengths`` [B] (long).
+        ``tokens=False`` leaves the token rows unread (no ``tokens`` key): the §5 weights need only the
+        candidates' pooled embeddings."""
+        rows = self.text_rows(texts)
+        lengths = self._lengths[rows]
+        out: dict[str, Any] = {}
+        if tokens:
+            uniq, inverse = np.unique(rows, return_inverse=True)
+            starts, lens = self._offsets[uniq], self._lengths[uniq]
+            # One token-row index for every needed position, read in one sorted pass, then cut per text.
+            cuts = np.concatenate([[0], np.cumsum(lens)])
+            tok_rows = np.arange(int(cuts[-1]), dtype=np.int64) + np.repeat(starts - cuts[:-1], lens)
+            tok = torch.from_numpy(self._tokens("text", "tokens", tok_rows))
+            per_text = tok.split(lens.tolist())
+            out["tokens"] = [per_text[j] for j in inverse.tolist()]
+        pooled = read_rows(self.group["text/pooled"], rows).astype(np.float32)
+        out["pooled"] = torch.from_numpy(pooled)
+        out["lengths"] = torch.from_numpy(lengths.astype(np.int64))
+        return out
+
+    def verify(self) -> list[str]:
+        """Units whose stored bytes no longer match the checksums in their manifest entry."""
+        bad = []
+        for name, rec in sorted(committed_units(self.url).items()):
+            for key, info in rec.get("arrays", {}).items():
+                region = info.get("region")  # rows along axis 0; a unit owns every column of its rows
+                if not (isinstance(region, list) and len(region) == 2) or key not in self.group:
+                    bad.append(f"{name}:{key}")
+                elif checksum(self.group[key][region[0] : region[1]]) != info.get("crc32"):
+                    bad.append(f"{name}:{key}")
+        return bad

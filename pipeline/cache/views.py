@@ -1,0 +1,69 @@
+"""Augmented views: the crop box and flip of each cached view, drawn from the image content, and replaying
+one on a PIL image."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def eval_view_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """The region open_clip's eval transform keeps (resize the short side, centre crop), normalised."""
+    side = min(width, height)
+    x0, y0 = (width - side) / 2 / width, (height - side) / 2 / height
+    return (x0, y0, 1.0 - x0, 1.0 - y0)
+
+
+def sample_view_box(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    scale: tuple[float, float] = (0.35, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[float, float, float, float]:
+    """A random-resized-crop box (torchvision's sampling rule), normalised to the image."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            return (x / width, y / height, (x + w) / width, (y + h) / height)
+    return eval_view_box(width, height)
+
+
+def view_seed(image_sha1: str, view: int) -> int:
+    """A view's RNG seed from the image content, so reruns and other datasets holding the image agree."""
+    return int(hashlib.sha1(f"{image_sha1}:{view}".encode()).hexdigest()[:12], 16)
+
+
+def view_params_for(image_sha1: str, width: int, height: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes [K, 4] (float32, normalised) and flips [K] (bool) of an image's K views by extraction's rule: view
+    0 = the eval crop, view v ≥ 1 drawn from ``view_seed(image_sha1, v)``. What a store with ``--views K``
+    holds in ``views/boxes`` and ``views/flip``; lets a run without a store (online teacher, no teacher) show
+    its images in the same views."""
+    boxes = np.zeros((k, 4), np.float32)
+    flips = np.zeros(k, bool)
+    if k > 0:
+        boxes[0] = eval_view_box(width, height)
+    for v in range(1, k):
+        rng = np.random.default_rng(view_seed(image_sha1, v))
+        boxes[v] = sample_view_box(rng, width, height)
+        flips[v] = rng.random() < 0.5
+    return boxes, flips
+
+
+def apply_view(img: Any, box: Sequence[float], flip: bool, size: int) -> Any:
+    """Crop a PIL image to a normalised box, resize to size×size (bicubic) and flip: the student replays a
+    cached view with exactly this call followed by the teacher's ToTensor + Normalize."""
+    from PIL import Image
+
+    w, h = img.size
+    px = (round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h))
+    out = img.crop(px).resize((size, size), Image.Resampling.BICUBIC)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out

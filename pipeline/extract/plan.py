@@ -1,0 +1,226 @@
+"""Planning: the unique images and texts the teacher must see (in store row order), and the work units."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import cache as C
+from ..data.errors import DataError
+from ..data.shards import PreparedDataset
+from ..texts import instance_texts, text_hash
+from .errors import TextError
+from .teachers import TeacherSpec
+
+
+@dataclass
+class Plan:
+    """What the teacher must see, in store row order."""
+
+    dataset_paths: list[str]
+    images: list[tuple[int, str, str]]  # (dataset index, image id, sha1) per unique image
+    alias_ids: list[str]  # ids whose bytes equal an earlier row's (different id, same content)
+    alias_rows: list[int]
+    texts: list[str]
+    text_ids: list[str]
+    vqa_vocab: list[str]
+    vqa_vocab_from: str
+    counts: dict
+    data_fingerprint: dict
+    skipped_texts: list[dict] = field(default_factory=list)
+
+
+def _vocab_source(datasets: Sequence[PreparedDataset]) -> PreparedDataset | None:
+    with_answers = [d for d in datasets if d.info.get("answer_counts")]
+    train = [d for d in with_answers if d.info.get("split") == "train"]
+    return (train or with_answers or list(datasets) or [None])[0]
+
+
+def _dataset_fingerprints(datasets: Sequence[PreparedDataset]) -> dict[str, str]:
+    """{dataset directory name: fingerprint}, so a stale check names the dataset that changed (``data.datasets.
+    train``); names that repeat (vqa/train, snli_ve/train) get their parent folder in front."""
+    names = [Path(ds.path).name for ds in datasets]
+    out = {}
+    for ds, name in zip(datasets, names, strict=True):
+        key = name if names.count(name) == 1 else f"{Path(ds.path).parent.name}/{name}"
+        out[key] = ds.fingerprint
+    return out
+
+
+def plan_extraction(
+    datasets: Sequence[PreparedDataset], vqa_candidates: int = 4, on_error: str = "fail"
+) -> Plan:
+    """Unique images and texts over all datasets, with counts and the data fingerprint."""
+    images: list[tuple[int, str, str]] = []
+    by_id: dict[str, tuple[str, int]] = {}  # image id -> (sha1, row)
+    by_sha: dict[str, int] = {}
+    alias_ids, alias_rows = [], []
+    images_total = id_repeats = 0
+    for di, ds in enumerate(datasets):
+        for image_id in ds.image_ids():
+            images_total += 1
+            sha = ds.image_sha1(image_id)
+            if image_id in by_id:
+                if by_id[image_id][0] != sha:
+                    first = datasets[images[by_id[image_id][1]][0]].path
+                    raise DataError(ds.path, image_id, f"image id also in {first} with different bytes")
+                id_repeats += 1
+                continue
+            if sha in by_sha:  # same bytes under another id: one row, the id becomes an alias
+                by_id[image_id] = (sha, by_sha[sha])
+                alias_ids.append(image_id)
+                alias_rows.append(by_sha[sha])
+                continue
+            by_sha[sha] = by_id.setdefault(image_id, (sha, len(images)))[1]
+            images.append((di, image_id, sha))
+
+    src = _vocab_source(datasets)
+    vocab = src.answer_vocab() if src is not None else []
+    texts, text_ids, seen = [], [], set()
+    instances = texts_total = 0
+    skipped: list[dict] = []
+    for ds in datasets:
+        for inst in ds.iter_instances():
+            instances += 1
+            for t in instance_texts(inst, vocab, vqa_candidates).all():
+                texts_total += 1
+                if not t.strip():
+                    err = TextError(ds.path, inst.key, f"empty teacher text for task {inst.task!r}")
+                    if on_error == "fail":
+                        raise err
+                    skipped.append({"file": err.file, "where": err.where, "reason": err.reason})
+                    continue
+                h = text_hash(t)
+                if h not in seen:
+                    seen.add(h)
+                    texts.append(t)
+                    text_ids.append(h)
+
+    digest = hashlib.sha256()
+    for ds in datasets:
+        digest.update(f"ds\0{ds.fingerprint}\n".encode())
+    for _, image_id, sha in images:
+        digest.update(f"img\0{image_id}\0{sha}\n".encode())
+    for a, r in zip(alias_ids, alias_rows, strict=True):
+        digest.update(f"alias\0{a}\0{r}\n".encode())
+    for h in text_ids:
+        digest.update(f"txt\0{h}\n".encode())
+    counts = {
+        "datasets": len(datasets),
+        "instances": instances,
+        "images_total": images_total,
+        "unique_images": len(images),
+        "image_duplicates_removed": images_total - len(images),
+        "image_aliases": len(alias_ids),
+        "texts_total": texts_total,
+        "unique_texts": len(texts),
+        "text_duplicates_removed": texts_total - len(texts) - len(skipped),
+        "texts_skipped": len(skipped),
+    }
+    fingerprint = {
+        "hash": digest.hexdigest(),
+        "datasets": _dataset_fingerprints(datasets),
+        "vqa_candidates": vqa_candidates,
+    }
+    return Plan(
+        dataset_paths=[str(ds.path) for ds in datasets],
+        images=images,
+        alias_ids=alias_ids,
+        alias_rows=alias_rows,
+        texts=texts,
+        text_ids=text_ids,
+        vqa_vocab=vocab,
+        vqa_vocab_from=str(src.path) if src is not None else "",
+        counts=counts,
+        data_fingerprint=fingerprint,
+        skipped_texts=skipped,
+    )
+
+
+@dataclass
+class UnitJob:
+    """Everything one unit needs, shipped to a dask worker (small: ids and texts, never pixels)."""
+
+    name: str
+    kind: str  # "image" | "text"
+    row0: int
+    row1: int
+    store_url: str
+    teacher: TeacherSpec
+    dtype: str
+    views: int
+    relevance: tuple[str, ...]
+    batch_size: int
+    num_workers: int
+    on_error: str
+    threads: int = 0
+    dataset_paths: tuple[str, ...] = ()
+    items: tuple[tuple[int, str, str], ...] = ()  # image units: (dataset index, image id, sha1)
+    texts: tuple[str, ...] = ()  # text units
+    lengths: tuple[int, ...] = ()
+    tok0: int = 0
+    tok_rows: int = 0
+    shard_rows: int = 0  # image units: rows per image shard (0: the whole unit)
+    write_threads: int = -1  # cache.write_threads, resolved where the unit runs
+
+
+def text_lengths(teacher: Any, texts: Sequence[str], batch: int = 4096) -> np.ndarray:
+    out = [
+        teacher.text_lengths(teacher.tokenizer(list(texts[i : i + batch])))
+        for i in range(0, len(texts), batch)
+    ]
+    return torch.cat(out).numpy().astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def decode_workers(num_workers: int, device: str) -> int:
+    """``cache.num_workers`` resolved: -1 picks in-process decoding for a CPU teacher (its torch threads already
+    use every core) and up to 4 worker processes, leaving a core to the coordinator, for a GPU teacher."""
+    if num_workers >= 0:
+        return num_workers
+    if not device.startswith("cuda"):
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def make_jobs(plan, layout, lengths, offsets, url, spec, cp, relevance) -> list[UnitJob]:
+    common = dict(
+        store_url=url,
+        teacher=spec,
+        dtype=layout.dtype,
+        views=layout.views,
+        relevance=relevance,
+        batch_size=int(cp.batch_size),
+        num_workers=decode_workers(int(cp.num_workers), spec.resolved_device()),
+        on_error=cp.on_error,
+    )
+    jobs = []
+    units = C.planned_units(
+        layout.n_images, layout.n_texts, layout.image_rows_per_unit, layout.text_rows_per_unit
+    )
+    s = layout.text_shard_rows
+    for name, kind, lo, hi in units:
+        if kind == "image":
+            own = dict(
+                dataset_paths=tuple(plan.dataset_paths),
+                items=tuple(plan.images[lo:hi]),
+                shard_rows=layout.image_shard_rows,
+                write_threads=int(cp.write_threads),
+            )
+        else:
+            u = lo // layout.text_rows_per_unit
+            assert offsets[lo] == u * s  # every text unit starts on its own shard boundary
+            own = dict(
+                texts=tuple(plan.texts[lo:hi]),
+                lengths=tuple(int(x) for x in lengths[lo:hi]),
+                tok0=u * s,
+                tok_rows=s,
+            )
+        jobs.append(UnitJob(name=name, kind=kind, row0=lo, row1=hi, **own, **common))
+    return jobs

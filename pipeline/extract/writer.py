@@ -1,0 +1,92 @@
+"""Writing a unit's shards on writer threads, with the crc32 of each array over the unit's rows."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from .. import cache as C
+from .errors import UnitWriteError, maybe_fail
+from .plan import UnitJob
+
+
+def write_threads(setting: int = -1) -> int:
+    """Writer threads per image unit for ``cache.write_threads`` (-1: automatic). Shard compression (Blosc
+    releases the GIL) must keep up with a GPU teacher's forward, but on a small CPU machine the teacher and
+    the decode already fill the cores."""
+    if setting > 0:
+        return setting
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores // 4))
+
+
+class UnitWriter:
+    """Writes one unit's arrays, a block of whole shards per task, on writer threads, and returns each array's
+    manifest record (region, crc32 over its rows in row order, bytes) once every block is written. Blocks
+    of one unit never share a shard, so the writer threads never write the same shard file."""
+
+    def __init__(self, job: UnitJob, keys: Sequence[str], threads: int = 1):
+        self.job = job
+        g = C.open_group(job.store_url, mode="r+")
+        self.arrays = {}
+        for key in keys:
+            arr = g[key]
+            if job.kind == "image":
+                # Image rows are dense, so skip zarr's empty-chunk test: it compares every chunk with the fill
+                # value through a void view, which cost more than the compression at ViT-B-16 sizes. Text units
+                # keep it, so their all-slack inner chunks stay out of the shard (see pipeline.cache).
+                arr = arr.with_config({"write_empty_chunks": True})
+            self.arrays[key] = arr
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="clip-td-write")
+        self.tasks: list[Future] = []
+        self.parts: dict[str, list[tuple[int, int, int, int]]] = {k: [] for k in keys}
+        self.lock = threading.Lock()
+        self.first = True
+
+    def submit(self, fn: Callable, *args: Any) -> None:
+        self.tasks.append(self.pool.submit(fn, *args))
+
+    def write(self, key: str, start: int, a: np.ndarray) -> None:
+        """Rows [start, start + len(a)) of ``key`` (whole shards); called on a writer thread."""
+        try:
+            self.arrays[key][start : start + len(a)] = a
+        except Exception as e:  # noqa: BLE001 - any storage failure is reported with the unit and array
+            raise UnitWriteError(
+                self.job.store_url, self.job.name, key, (start, start + len(a)), f"{type(e).__name__}: {e}"
+            ) from e
+        crc = C.crc32(a)
+        with self.lock:
+            self.parts[key].append((start, start + len(a), crc, int(a.nbytes)))
+            first, self.first = self.first, False
+        if first:
+            maybe_fail(self.job.name)
+
+    def raise_failed(self) -> None:
+        for t in self.tasks:
+            if t.done() and t.exception() is not None:
+                raise t.exception()
+
+    def finish(self) -> tuple[dict[str, dict], list]:
+        """Wait for every block; (records by array, the blocks' return values in submission order). The first
+        failed block (in submission order) raises."""
+        results = [t.result() for t in self.tasks]
+        records = {}
+        for key, parts in self.parts.items():
+            parts.sort()
+            crc, nbytes = (parts[0][2], parts[0][3]) if parts else (0, 0)
+            for (_, stop, _, _), (start, _, c, b) in itertools.pairwise(parts):
+                if start != stop:  # a bug, never data: the unit must not commit with rows unwritten
+                    raise RuntimeError(f"unit {self.job.name}: {key} has unwritten rows [{stop}, {start})")
+                crc, nbytes = C.crc32_combine(crc, c, b), nbytes + b
+            region = [parts[0][0], parts[-1][1]] if parts else [0, 0]
+            records[key] = {"region": region, "crc32": f"{crc:08x}", "bytes": nbytes}
+        return records, results
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
