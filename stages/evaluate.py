@@ -16,11 +16,12 @@ from pipeline.data.shards import PreparedDataset
 from pipeline.metrics import PRIMARY
 from pipeline.protocol import make_split
 from stages.common import stage_command, stage_params
+from student.checkpoint import load_state
 from student.data import TaskSpec, load_tokenizer, open_prepared
+from student.errors import CheckpointError
 from student.evaluation import evaluate
 from student.losses import method_config
 from student.model import TaskHeads, create_student
-from student.train import CheckpointError, load_state
 
 
 @functools.cache

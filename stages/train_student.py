@@ -14,9 +14,10 @@ from pipeline.data.errors import DataError
 from pipeline.lock import StoreNotWritable
 from pipeline.names import TASKS
 from stages.common import one_line, stage_command, stage_params
+from student.errors import RunError
 from student.losses import METHODS
 from student.targets import CacheCorrupt, NonFiniteTarget
-from student.train import RunError, RunSpec, run_student
+from student.train import RunSpec, run_student
 
 # What a user can cause and fix (bad data, cache, checkpoint, params met at run time, a locked --out, a loss
 # gone NaN under train.on_nonfinite=fail): one line each, no traceback. Anything else is a bug and keeps its.

@@ -15,16 +15,12 @@ manifest crc32 per unit on first read, and non-finite targets are named (``stude
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import pickle
 import random
-import re
 import time
 import warnings
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -35,12 +31,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.cache import TeacherCache, check_fingerprint, flatten, store_exists
-from pipeline.config import Params, to_dict
+from pipeline.cache import TeacherCache, check_fingerprint, store_exists
+from pipeline.config import Params
 from pipeline.identity import teacher_identity
 from pipeline.lock import StoreLock, StoreLocked
 from pipeline.protocol import Split, make_split
 from pipeline.teacher import sha256_file
+from student.checkpoint import (
+    identity_differences,
+    load_state,
+    params_identity,
+    sha256_json,
+    write_atomic,
+)
 from student.data import (
     Batch,
     TaskSpec,
@@ -50,6 +53,7 @@ from student.data import (
     train_loader,
     unlabeled_batches,
 )
+from student.errors import CheckpointError, FingerprintMismatch, RunError, RunLocked, RunSetupError
 from student.evaluation import evaluate
 from student.losses import (
     DistillHeads,
@@ -60,6 +64,13 @@ from student.losses import (
     prepare_teacher,
 )
 from student.model import StudentOutput, TaskHeads, count_parameters, create_student
+from student.placement import (
+    average_gradients,
+    broadcast_parameters,
+    mean_over_ranks,
+    resolve_device,
+    to_device,
+)
 from student.pretrain import PretrainedMismatch, load_pretrained_backbone
 from student.targets import CachedTargets, OnlineTargets, TargetSource, teacher_batch, unlabeled_teacher_batch
 
@@ -77,128 +88,6 @@ class RunSpec:
     @property
     def name(self) -> str:
         return f"{self.task}-{self.condition}-{self.method}-s{self.seed}"
-
-
-class RunError(RuntimeError):
-    """A run cannot go on for a reason the user can fix; the message is one line naming the file or field."""
-
-
-class RunSetupError(RunError, ValueError):
-    """The run's options do not fit together or fit the data (a ValueError, as it was before it was named)."""
-
-
-class FingerprintMismatch(RunError):
-    """The cache was extracted from other data or another teacher than this run uses."""
-
-
-class CheckpointError(RunError):
-    """checkpoint.pt cannot be resumed: unreadable, not written by this code, or another run's."""
-
-
-class RunLocked(RunError):
-    """Another process is training into the same run directory."""
-
-
-# The checkpoint's run identity: what must match for a resumed run to be the run that was interrupted.
-IDENTITY_FIELDS = (
-    "task",
-    "condition",
-    "method",
-    "seed",
-    "world_size",
-    "params_sha256",
-    "data",
-    "cache",
-    "init",
-)
-# train.* keys that change only speed or bookkeeping, never the numbers: a resume may change them.
-_SPEED_ONLY = {"threads", "num_workers", "device", "target_cache_mb", "checkpoint_every"}
-
-
-def load_state(path: Path, what: str) -> dict:
-    """A torch file saved by this code, loaded with ``weights_only=True`` (tensors and plain containers only:
-    a file that would run code when unpickled is refused). Every failure is one line naming the file."""
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read {what}: {e.strerror or e}") from None
-    if size == 0:
-        raise CheckpointError(f"{path}: cannot load {what}: the file is empty (0 bytes)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message is several paragraphs and suggests weights_only=False; keep only what it refused.
-        detail = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
-        why = f"it asks for {detail.group(1)}" if detail else "it asks for objects outside the allowlist"
-        raise CheckpointError(
-            f"{path}: refused to load {what}: not plain tensors and data ({why}, which unpickling would "
-            "import and call); this version writes only tensors and plain data, so the file comes from an "
-            "older version or from elsewhere and was not opened"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        # The first sentence: torch's zip reader appends a paragraph of advice (and EOFError says nothing).
-        reason = (
-            str(e).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(e).strip() else type(e).__name__
-        )
-        raise CheckpointError(
-            f"{path}: cannot load {what}, truncated or not a torch file ({reason})"
-        ) from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a {what} (holds a {type(state).__name__}, not a dict)")
-    return state
-
-
-def _params_identity(params: Params, reads_store: bool) -> dict:
-    """The parameters that change a run's numbers, flattened to dotted keys (what a resume must share)."""
-    train = {k: v for k, v in to_dict(params.train).items() if k not in _SPEED_ONLY}
-    pp = params.protocol
-    out = {
-        "student": to_dict(params.student),
-        "train": train,
-        "distill": to_dict(params.distill),
-        "protocol": {"shift_key": pp.shift_key, "shift_target_domain": pp.shift_target_domain,
-                     "val_fraction": pp.val_fraction},
-        "teacher": {"model": params.teacher.model},
-    }  # fmt: skip
-    if not reads_store:  # views made by rule from cache.views (a store's own views are in its fingerprint)
-        out["cache"] = {"views": params.cache.views}
-    return flatten(out)
-
-
-def _sha256(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def identity_differences(have: dict, want: dict) -> list[str]:
-    """``field (checkpoint → this run)`` for every identity field that differs; params by their dotted key."""
-    out = []
-    for key in IDENTITY_FIELDS:
-        a, b = have.get(key), want.get(key)
-        if key == "params_sha256":
-            if a == b:
-                continue
-            pa, pb = have.get("params") or {}, want.get("params") or {}
-            keys = sorted(k for k in pa.keys() | pb.keys() if pa.get(k, "<unset>") != pb.get(k, "<unset>"))
-            out += [f"{k} ({pa.get(k, '<unset>')} → {pb.get(k, '<unset>')})" for k in keys] or ["params"]
-        elif key in ("data", "cache", "init") and a != b:
-            if isinstance(a, dict) and isinstance(b, dict):
-                out += [f"{key}.{k} fingerprint" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-            else:
-                out.append(f"{key} fingerprint")
-        elif a != b:
-            out.append(f"{key} ({a} → {b})")
-    return out
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write beside the destination and rename into place: a kill mid-write leaves the previous file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # train.on_nonfinite=skip gives up once more than this fraction of train.steps had to be skipped.
@@ -271,28 +160,6 @@ def _cat_teacher(a: dict, b: dict) -> dict:
             y = torch.nn.functional.pad(y, (0, 0, 0, width - y.shape[1]))
         out[key] = torch.cat([x, y])
     return out
-
-
-def resolve_device(name: str) -> torch.device:
-    """``train.device``: "auto" is the current CUDA device when there is one, else the CPU; a CUDA device that
-    is not there fails here, naming the key, instead of at the first tensor copy."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"train.device={name}: torch sees no CUDA device here (use auto or cpu)")
-    return device
-
-
-def to_device(x, device: torch.device):
-    """Tensors inside (nested) tuples, lists and dicts moved to ``device``; everything else as it is."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(to_device(v, device) for v in x)
-    return x
 
 
 class Trainer:
@@ -480,26 +347,26 @@ class Trainer:
 
     def _make_identity(self) -> dict:
         reads_store = isinstance(self.source, CachedTargets) or self.order_groups is not None
-        params = _params_identity(self.params, reads_store)
+        params = params_identity(self.params, reads_store)
         data = {
             ds.path.name: ds.fingerprint
             for ds in (self.train_ds, self.val_ds, self.test_ds)
             if ds is not None
         }
         if isinstance(self.source, CachedTargets):
-            cache = {"store": _sha256(self.source.cache.fingerprint())}
+            cache = {"store": sha256_json(self.source.cache.fingerprint())}
         elif self.needs_teacher:
             tp = self.params.teacher
-            cache = {"online_teacher": _sha256([tp.model, tp.pretrained, tp.precision])}
+            cache = {"online_teacher": sha256_json([tp.model, tp.pretrained, tp.precision])}
         elif self.order_groups is not None:  # a baseline ordered by the store's chunks
-            cache = {"store": _sha256(TeacherCache(self.run.cache).fingerprint())}
+            cache = {"store": sha256_json(TeacherCache(self.run.cache).fingerprint())}
         else:
             cache = {}
         sp = self.params.student
         init = {"pretrained": sha256_file(sp.pretrained)} if sp.init == "pretrained" else {"scratch": True}
         r = self.run
         return {"task": r.task, "condition": r.condition, "method": r.method, "seed": r.seed,
-                "world_size": self.world_size, "params_sha256": _sha256(params), "params": params,
+                "world_size": self.world_size, "params_sha256": sha256_json(params), "params": params,
                 "data": data, "cache": cache, "init": init}  # fmt: skip
 
     def state(self) -> dict:
@@ -522,7 +389,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.rank != 0:
             return
-        _write_atomic(self._ckpt_path(), lambda tmp: torch.save(self.state(), tmp))
+        write_atomic(self._ckpt_path(), lambda tmp: torch.save(self.state(), tmp))
 
     def load_checkpoint(self) -> bool:
         """Resume from checkpoint.pt when it is this run's (same identity); refuse naming what differs."""
@@ -608,7 +475,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         if self.ddp:
-            self._average_gradients()
+            average_gradients(self.params_list, self.world_size)
         check_finite("gradient norm", torch.nn.utils.clip_grad_norm_(self.params_list, 1.0))
         self.opt.step()
         self.sched.step()
@@ -644,36 +511,6 @@ class Trainer:
         sources = [(ds, list(ids)[self.rank :: self.world_size]) for ds, ids in sources]
         batch = max(1, self.batch_size // 2 // self.world_size)
         return unlabeled_batches(sources, self.spec, batch, self.run.seed)
-
-    # ------------------------------------------------------------------ distributed
-    def _average_gradients(self) -> None:
-        """Every gradient averaged over the ranks with one all_reduce of a flat buffer. A parameter without a
-        gradient on this rank contributes zeros plus a "had one" flag: every rank then reduces the same buffer
-        (a per-parameter loop that skipped None would pair different tensors across ranks, or hang), and a
-        parameter no rank touched keeps grad None, so AdamW skips it as a 1-process run would."""
-        params = self.params_list
-        grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
-        had = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
-        flat = torch.cat([*grads, had])
-        dist.all_reduce(flat)
-        offset = 0
-        for p, n_had in zip(params, flat[-len(params) :].tolist(), strict=True):
-            n = p.numel()
-            if n_had > 0:
-                p.grad = (flat[offset : offset + n] / self.world_size).view_as(p)
-            offset += n
-
-    def _broadcast_parameters(self) -> None:
-        """Rank 0's weights to every rank. Same-seed initialisation already agrees; this makes it a guarantee."""
-        for t in [*self.params_list, *self.student.buffers(), *self.heads.buffers()]:
-            dist.broadcast(t.data, src=0)
-
-    def _mean_over_ranks(self, logs: dict) -> dict:
-        """The step's logged losses averaged over the ranks: the global batch's loss, as 1 process logs it."""
-        keys = sorted(k for k, v in logs.items() if isinstance(v, float))
-        vals = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(vals)
-        return {**logs, **dict(zip(keys, (vals / self.world_size).tolist(), strict=True))}
 
     def close(self) -> None:
         """Tear down the process group this trainer started (torchrun warns about one left open)."""
@@ -726,7 +563,7 @@ class Trainer:
                 next(unl)
         torch.set_rng_state(rng_after_resume)
         if self.ddp:
-            self._broadcast_parameters()
+            broadcast_parameters([*self.params_list, *self.student.buffers(), *self.heads.buffers()])
         history: list[dict] = []
         t0 = time.perf_counter()
         stop = min(tp.steps, max_steps) if max_steps else tp.steps
@@ -742,7 +579,7 @@ class Trainer:
                     logs = self._skip_nonfinite(e)
                 self.step += 1
                 if self.ddp:
-                    logs = self._mean_over_ranks(logs)
+                    logs = mean_over_ranks(logs, self.world_size)
                 history.append({"step": self.step, **logs})
                 self.last_logs = history[-1]
                 bar.update(1)
@@ -773,7 +610,7 @@ class Trainer:
         exported = {"student": self.student.state_dict(), "heads": self.heads.state_dict(),
                     "run": asdict(self.run), "student_params": asdict(self.params.student),
                     "vocab": list(self.spec.vocab), "teacher_model": self.params.teacher.model}  # fmt: skip
-        _write_atomic(path, lambda tmp: torch.save(exported, tmp))
+        write_atomic(path, lambda tmp: torch.save(exported, tmp))
 
 
 class _Prefetch:
@@ -848,5 +685,5 @@ def _train(params: Params, run: RunSpec, *, online_teacher: bool, progress: bool
         "student_parameters": count_parameters(trainer.student) + count_parameters(trainer.heads),
     }
     if trainer.rank == 0:
-        _write_atomic(Path(run.out) / "train.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=1)))
+        write_atomic(Path(run.out) / "train.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=1)))
     return metrics

@@ -21,6 +21,7 @@ from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset, _read_tar_samples, instance_pipeline
 from student.data import Batch, TaskSpec, eval_batches, load_tokenizer, train_loader
 from student.model import create_student
+from student.placement import broadcast_parameters
 from student.train import RunSpec, Trainer, forward_task, run_student
 from tests.conftest import build_world, student_params
 
@@ -146,7 +147,7 @@ def _worker(root: str, out: str, method: str) -> None:
     run = RunSpec(TASK, CONDITION, method, 0, str(Path(root) / "shards"), world[2], str(Path(out) / "run"))
     tr = Trainer(student_params(world), run, progress=False)
     rank, size = tr.rank, tr.world_size
-    tr._broadcast_parameters()  # as fit does before the first step
+    broadcast_parameters([*tr.params_list, *tr.student.buffers(), *tr.heads.buffers()])  # as fit does first
     mp = pytest.MonkeyPatch()
     grads = _steps_recording_grads(tr, [_half(b, rank, size) for b in _fixed_batches(tr, 2)], mp)
     mp.undo()

@@ -112,7 +112,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_unopened(tmp_path):
 
 
 def test_a_student_run_starts_from_the_pretrained_backbone(tmp_path):
-    from student.train import RunError, Trainer
+    from student.errors import RunError
+    from student.train import Trainer
     from tests.conftest import build_world, run_spec, student_params
 
     world = build_world(tmp_path / "w")

@@ -102,7 +102,7 @@ def test_every_method_trains_and_exports_a_baseline_sized_student(world, tmp_pat
 
 
 def test_training_device_resolves_and_a_missing_gpu_names_the_key(monkeypatch):
-    from student.train import resolve_device
+    from student.placement import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
@@ -112,7 +112,7 @@ def test_training_device_resolves_and_a_missing_gpu_names_the_key(monkeypatch):
 
 def test_batches_and_targets_move_to_the_training_device(world, tmp_path):
     """What a GPU run moves: the model inputs and every teacher target tensor; instances and texts stay."""
-    from student.train import to_device
+    from student.placement import to_device
 
     tr = Trainer(student_params(world), run_spec(world, tmp_path, task="vqa"), progress=False)
     batch = next(tr.batches())

@@ -1,0 +1,62 @@
+"""Where a run's tensors live: the training device, moving nested batches onto it, and the collectives that keep
+the ranks of a torchrun job in step."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .errors import RunError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device``: "auto" is the current CUDA device when there is one, else the CPU; a CUDA device that
+    is not there fails here, naming the key, instead of at the first tensor copy."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"train.device={name}: torch sees no CUDA device here (use auto or cpu)")
+    return device
+
+
+def to_device(x, device: torch.device):
+    """Tensors inside (nested) tuples, lists and dicts moved to ``device``; everything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
+
+
+def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Every gradient averaged over the ranks with one all_reduce of a flat buffer. A parameter without a
+    gradient on this rank contributes zeros plus a "had one" flag: every rank then reduces the same buffer
+    (a per-parameter loop that skipped None would pair different tensors across ranks, or hang), and a
+    parameter no rank touched keeps grad None, so AdamW skips it as a 1-process run would."""
+    grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
+    had = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([*grads, had])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, n_had in zip(params, flat[-len(params) :].tolist(), strict=True):
+        n = p.numel()
+        if n_had > 0:
+            p.grad = (flat[offset : offset + n] / world_size).view_as(p)
+        offset += n
+
+
+def broadcast_parameters(tensors) -> None:
+    """Rank 0's weights to every rank. Same-seed initialisation already agrees; this makes it a guarantee."""
+    for t in tensors:
+        dist.broadcast(t.data, src=0)
+
+
+def mean_over_ranks(logs: dict, world_size: int) -> dict:
+    """The step's logged losses averaged over the ranks: the global batch's loss, as 1 process logs it."""
+    keys = sorted(k for k, v in logs.items() if isinstance(v, float))
+    vals = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(vals)
+    return {**logs, **dict(zip(keys, (vals / world_size).tolist(), strict=True))}
