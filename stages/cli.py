@@ -13,6 +13,8 @@ STAGES = {
     "pretrain-teacher": "stages.pretrain_teacher",
     "extract-teacher": "stages.extract_teacher",
     "verify-cache": "stages.verify_cache",
+    "pretrain-student": "stages.pretrain_student",
+    "zeroshot": "stages.zeroshot",
     "train-student": "stages.train_student",
     "evaluate": "stages.evaluate",
     "report": "stages.report",
@@ -37,7 +39,7 @@ def main() -> None:
     """clip-td: distil a CLIP teacher, run once into a Zarr cache, into vision-language students.
 
     Stages run in order prepare-data → pretrain-teacher (embedded default only) → extract-teacher →
-    train-student → evaluate → report; `dvc repro` runs them all from params.yaml.
+    pretrain-student → zeroshot → train-student → evaluate → report; `dvc repro` runs them all from params.yaml.
     """
 
 
