@@ -233,8 +233,12 @@ def _disk_bytes_per_row(store: str, n: int) -> float:
     return total / n
 
 
-def measure_reader(store: str, window: int, lru_mb: int, verify: bool, max_batches: int) -> dict:
-    from pipeline.cache import TeacherCache
+def measure_reader(
+    store: str, window: int, lru_mb: int, verify: bool, max_batches: int, float16: bool = False
+) -> dict:
+    """``float16``: the same reads through the same LRU, but the rows handed out as stored (no float32
+    decode), i.e. what a reader leaving the conversion to the GPU would cost."""
+    from pipeline.cache import TeacherCache, read_rows
     from student.targets import CachedTargets
 
     cache = TeacherCache(store)
@@ -246,13 +250,19 @@ def measure_reader(store: str, window: int, lru_mb: int, verify: bool, max_batch
     with ByteCounter() as counter:
         t, c = time.perf_counter(), time.process_time()
         for ids in batches:
-            source.images(ids, relevance=None)
+            if float16:
+                rows = cache.image_rows(ids)
+                for name in ("image/tokens", "image/pooled", "image/valid"):
+                    read_rows(cache.group[name], rows)
+            else:
+                source.images(ids, relevance=None)
             need += len(set(ids)) * per_row
         wall, cpu = time.perf_counter() - t, time.process_time() - c
     samples = sum(len(b) for b in batches)
     lru = cache.group.lru
     out = {
         "verify": verify,
+        "float16_out": float16,
         "lru_mb": lru_mb,
         "order_window": window,
         "batches": len(batches),
@@ -269,7 +279,7 @@ def measure_reader(store: str, window: int, lru_mb: int, verify: bool, max_batch
         "chunk_misses": lru.misses,
     }
     log(
-        f"reader (verify={verify}): {out['samples_per_s']} samples/s, {out['stored_mb_per_s']} MB/s stored, "
+        f"reader (verify={verify}, float16 out={float16}): {out['samples_per_s']} samples/s, {out['stored_mb_per_s']} MB/s stored, "
         f"amplification {out['amplification']}, {out['cpu_ms_per_sample']} CPU ms/sample"
     )
     return out
@@ -343,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         store = ext["store"]
         ext["store_over_lru"] = round(ext["bytes_on_disk"] / (lru_mb << 20), 2)
         res.measurements["reader"] = measure_reader(store, window, lru_mb, False, max_batches)
+        res.measurements["reader_float16"] = measure_reader(store, window, lru_mb, False, max_batches, True)
         res.measurements["reader_verified"] = measure_reader(store, window, lru_mb, True, max_batches)
         res.measurements["stub_student"] = measure_wait(store, window, lru_mb, args.step_ms, max_batches)
         res.settings["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]

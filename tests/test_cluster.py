@@ -23,10 +23,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from pipeline import cache as C
 from pipeline import extract as X
 from pipeline.teacher import create_teacher
+from stages.verify_cache import main as verify_main
 from tests.test_extract import TINY_CFG
 from tests.test_reliability import UNIT_SETS, assert_same_store, build_dataset, cache_params
 
@@ -202,9 +204,7 @@ def test_worker_killed_mid_unit_on_a_user_started_cluster(world, tmp_path):
     m = json.loads(metrics.read_text())
     assert m["units_computed"] == m["units_total"] == len(units)
     assert not (Path(store) / C.LOCK_FILE).exists()
-    # The stage's own verification, as a user would run it.
-    check = subprocess.run(
-        [py, "-m", "stages.verify_cache", store], cwd=ROOT, env=env(), capture_output=True, text=True
-    )
-    assert check.returncode == 0, check.stdout + check.stderr
+    # The verify-cache stage, as a user would run it after a lost worker.
+    check = CliRunner().invoke(verify_main, [store])
+    assert check.exit_code == 0, check.output
     assert_same_store(store, world["reference"])
