@@ -3,23 +3,25 @@ tens of thousands of images, built by the project's own extraction, then read as
 
 * Data: N distinct 224 px JPEG images (a smooth random field plus an image-specific block; real datasets are
   JPEG) in one prepared dataset with a single instance (its few texts are a negligible text unit).
-* Teacher: ``ViT-B-16`` (random init: its preprocessing and output shapes), whose ``encode_images`` is replaced
-  by a stub costing nothing: it returns views into a precomputed bank of token maps. The bank holds the
-  embedded teacher's (``clip-td-tiny``, random init: no trained one here) patch tokens of 1,024 of the images,
-  lifted from an 8×8 grid of width 128 to ViT-B/16's 14×14 × 512: bicubic upsampling of the grid, a fixed
-  random projection plus a GELU branch of another (so the lift is not rank 128), a per-token residual, a
-  per-channel scale with a few outlier channels (as CLIP's tokens have) and a per-channel offset. Rows
+* Teacher: ``ViT-B-16`` (random init: its preprocessing and output shapes), whose ``encode_images`` is
+  replaced by a stub costing nothing: it returns views into a precomputed bank of token maps. The bank holds
+  the embedded teacher's (``clip-td-tiny``, random init: no trained one here) patch tokens of 1,024 of the
+  images, lifted from an 8×8 grid of width 128 to ViT-B/16's 14×14 × 512: bicubic upsampling of the grid, a
+  fixed random projection plus a GELU branch of another (so the lift is not rank 128), a per-token residual,
+  a per-channel scale with a few outlier channels (as CLIP's tokens have) and a per-channel offset. Rows
   cycle through the bank; the codec compresses each 8-row inner chunk on its own, so the cycle gives zstd
   nothing it would not have with real data.
 * Extraction host cost: ``pipeline.extract.extract`` (scheduler ``sync``, params.yaml's ``cache`` section)
   over the images with that stub: wall and CPU ms per image (decode, normalise, float16 encode, cosines,
-  screen, shard writes, checksums, commits), from the image units' own seconds in the manifest.
+  screen, shard writes, checksums, commits), from the image units' own seconds in the manifest; and each
+  phase's share (``benchmarks.bench_extract.profile_phases``, one more pass over the first units), so that
+  what a GPU teacher does on its device (normalising, float16 encoding, cosines) can be told apart.
 * Reader: ``student.targets.CachedTargets`` (the default 256 MB LRU of decoded chunks) reading image targets
   in ``train.order: chunked`` order (``student.data.epoch_order`` with the image's inner chunk as its group,
   ``train.order_window``), batches of 64, single-threaded as the training loop's prefetch thread reads:
   samples/s, MB/s (stored float16 bytes, and bytes the store handed out), read amplification (bytes zarr read
   ÷ the on-disk bytes of the distinct rows each batch needs), with the per-unit crc check that training runs
-  (``verify``, the default) and without it.
+  (``verify``, the default) and without it, and handing out float16 rows instead of float32 targets.
 * Stub student: a step of ``--step-ms`` (a sleep: a GPU step leaves the host idle) per batch of 64 while the
   next batch's targets are read on one prefetch thread, as ``student.train`` does: the share of time the step
   waits on targets.
@@ -279,8 +281,9 @@ def measure_reader(
         "chunk_misses": lru.misses,
     }
     log(
-        f"reader (verify={verify}, float16 out={float16}): {out['samples_per_s']} samples/s, {out['stored_mb_per_s']} MB/s stored, "
-        f"amplification {out['amplification']}, {out['cpu_ms_per_sample']} CPU ms/sample"
+        f"reader (verify={verify}, float16 out={float16}): {out['samples_per_s']} samples/s, "
+        f"{out['stored_mb_per_s']} MB/s stored, amplification {out['amplification']}, "
+        f"{out['cpu_ms_per_sample']} CPU ms/sample"
     )
     return out
 

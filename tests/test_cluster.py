@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,9 +34,8 @@ from tests.test_reliability import UNIT_SETS, assert_same_store, build_dataset, 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-N_IMAGES = (
-    16  # 8 image units of 2 rows and ~10 text units (UNIT_SETS): enough for both workers to get several
-)
+# 8 image units of 2 rows and ~10 text units (UNIT_SETS): enough for both workers to get several.
+N_IMAGES = 16
 
 # Wraps run_unit where dask will look it up (the function is pickled by reference to its defining module).
 # The victim's second unit announces itself and waits to be killed; only once per store (MARK), so it can
@@ -72,12 +70,6 @@ if not getattr(X.run_unit, "_clip_td_test_wrapped", False):  # dask may import a
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def env() -> dict[str, str]:
     # One torch thread everywhere: the teacher's float32 output is then bitwise the one-process run's.
     return {
@@ -90,8 +82,8 @@ def env() -> dict[str, str]:
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen:
-    out = log.open("w")
-    return subprocess.Popen(args, cwd=ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT)
+    with log.open("w") as out:
+        return subprocess.Popen(args, cwd=ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT)
 
 
 def wait_for(cond, timeout: float, what: str, procs: dict[str, subprocess.Popen], logs: Path) -> None:
@@ -105,6 +97,14 @@ def wait_for(cond, timeout: float, what: str, procs: dict[str, subprocess.Popen]
         if time.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{tail(logs)}")
         time.sleep(0.05)
+
+
+def scheduler_address(path: Path) -> str:
+    """The address in a dask scheduler file, "" until the scheduler has written all of it."""
+    try:
+        return json.loads(path.read_text()).get("address", "")
+    except (OSError, ValueError):
+        return ""
 
 
 def tail(logs: Path, n: int = 3000) -> str:
@@ -138,17 +138,22 @@ def test_worker_killed_mid_unit_on_a_user_started_cluster(world, tmp_path):
         (tmp_path / f"{w}_preload.py").write_text(
             PRELOAD.format(mark=str(mark), log=str(done[w]), hold=w == "victim")
         )
-    addr = f"tcp://127.0.0.1:{free_port()}"
     py = sys.executable
     procs: dict[str, subprocess.Popen] = {}
     try:
+        # Port 0: the scheduler picks a free port and writes its address to the scheduler file (no race
+        # with other processes for a port chosen here).
+        sched_file = tmp_path / "scheduler.json"
         procs["scheduler"] = spawn(
-            [py, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", addr.rsplit(":", 1)[1],
-             "--no-dashboard"],
+            [py, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+             "--no-dashboard", "--scheduler-file", str(sched_file)],
             logs / "scheduler.log",
         )  # fmt: skip
-        worker = [py, "-m", "distributed.cli.dask_worker", addr, "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                  "--host", "127.0.0.1", "--death-timeout", "60"]  # fmt: skip
+        wait_for(lambda: scheduler_address(sched_file), 60, "the scheduler's address", procs, logs)
+        addr = scheduler_address(sched_file)
+        worker = [py, "-m", "distributed.cli.dask_worker", addr, "--nthreads", "1", "--no-nanny",
+                  "--no-dashboard", "--host", "127.0.0.1", "--death-timeout", "60",
+                  "--local-directory", str(tmp_path / "dask")]  # fmt: skip
         for w in done:
             procs[w] = spawn(
                 [*worker, "--name", w, "--preload", str(tmp_path / f"{w}_preload.py")], logs / f"{w}.log"
@@ -160,15 +165,15 @@ def test_worker_killed_mid_unit_on_a_user_started_cluster(world, tmp_path):
         metrics = tmp_path / "extract.json"
         (tmp_path / "defaults.yaml").write_text("")  # the dataclass defaults, plus UNIT_SETS
         args = [py, "-m", "stages.extract_teacher", "--shards", str(world["ds"].path), "--out", store,
-                "--model", world["cfg"], "--pretrained", world["ckpt"], "--scheduler", addr, "--device", "cpu",
-                "--metrics", str(metrics), "--params", str(tmp_path / "defaults.yaml"), "--quiet"]  # fmt: skip
+                "--model", world["cfg"], "--pretrained", world["ckpt"], "--scheduler", addr,
+                "--device", "cpu", "--metrics", str(metrics), "--params", str(tmp_path / "defaults.yaml"),
+                "--quiet"]  # fmt: skip
         for s in UNIT_SETS:
             args += ["--set", s]
         stage = spawn(args, logs / "stage.log")
         procs["stage"] = stage
 
-        watched = {k: v for k, v in procs.items() if k != "stage"}
-        wait_for(mark.exists, 120, "the victim to hold its second unit", watched, logs)
+        wait_for(mark.exists, 120, "the victim to hold its second unit", procs, logs)
         held, pid = mark.read_text().split()
         assert int(pid) == procs["victim"].pid
         before = C.committed_units(store)
