@@ -146,6 +146,7 @@ def extract_store(work: Path, n: int, overrides: tuple[str, ...], profile_units:
     teacher = X.get_teacher(spec)
     bank, bank_pooled = token_bank(teacher.num_patches, teacher.embed_dim)
     log(f"token bank {tuple(bank.shape)} ready")
+    codecs = measure_codecs(work, bank[:BANK].half().numpy())
     at = [0]
 
     def stub(_encode):
@@ -199,6 +200,8 @@ def extract_store(work: Path, n: int, overrides: tuple[str, ...], profile_units:
         "host_cpu_ms_per_image": round(1e3 * cpu / images, 4),
         "image_units": len(units),
         "phase_ms_per_image": phases,
+        # zarr's shard writes alone, per codec, on the bank's tokens (CPU time, interleaved arms).
+        "codec_write": codecs,
         "phase_profile_images": sum(len(j.items) for j in some),
         # What stays on the host when a GPU teacher runs the forward, the normalisation and the float16
         # encoding + cosines (they run on the teacher's device in pipeline.extract): the unit's time less
@@ -211,6 +214,51 @@ def extract_store(work: Path, n: int, overrides: tuple[str, ...], profile_units:
         f"extraction: {images} images, {out['host_ms_per_image']} ms/img wall in units, "
         f"{out['host_cpu_ms_per_image']} CPU ms/img; {m['bytes_on_disk'] / 1e9:.2f} GB on disk "
         f"(ratio {m['compression_ratio']}); phases {phases}"
+    )
+    return out
+
+
+CODECS = {"zstd-3": ("zstd", 3), "zstd-1": ("zstd", 1), "lz4": ("lz4", 3), "none": ("none", 0)}
+
+
+def measure_codecs(work: Path, tokens: np.ndarray, reps: int = 4) -> dict:
+    """CPU ms per image row that zarr spends writing whole 128-row shards of ``tokens`` (float16 [R, P, E],
+    R a multiple of 128) with each codec the ``cache`` section allows, the arms interleaved ``reps`` times;
+    and each codec's compression ratio. The store layout is ``pipeline.cache``'s (its ``compressors_for``,
+    16 MiB shards of 8-row inner chunks, empty-chunk test off as image units write)."""
+    import statistics
+
+    import zarr
+
+    from pipeline.cache import compressors_for
+
+    rows = len(tokens) - len(tokens) % 128
+    arrays = {}
+    for name, (comp, level) in CODECS.items():
+        g = zarr.open_group(str(work / f"codec-{name}.zarr"), mode="w")
+        arrays[name] = g.create_array(
+            "tokens", shape=tokens[:rows].shape, dtype="float16", chunks=(8, *tokens.shape[1:]),
+            shards=(128, *tokens.shape[1:]), compressors=compressors_for(comp, level, 2), fill_value=0,
+        ).with_config({"write_empty_chunks": True})  # fmt: skip
+    cpu: dict[str, list[float]] = {k: [] for k in CODECS}
+    for _ in range(reps):
+        for name, a in arrays.items():
+            c = time.process_time()
+            for lo in range(0, rows, 128):
+                a[lo : lo + 128] = tokens[lo : lo + 128]
+            cpu[name].append(1e3 * (time.process_time() - c) / rows)
+    out = {}
+    for name in CODECS:
+        folder = work / f"codec-{name}.zarr"
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "zarr.json")
+        out[name] = {
+            "cpu_ms_per_image": round(statistics.median(cpu[name]), 4),
+            "cpu_ms_per_image_per_rep": [round(v, 4) for v in cpu[name]],
+            "compression_ratio": round(tokens[:rows].nbytes / size, 4),
+        }
+        shutil.rmtree(folder, ignore_errors=True)
+    log(
+        "shard writes, CPU ms per image: " + ", ".join(f"{k} {v['cpu_ms_per_image']}" for k, v in out.items())
     )
     return out
 
@@ -325,6 +373,25 @@ def measure_wait(store: str, window: int, lru_mb: int, step_ms: float, max_batch
     return out
 
 
+def codecs_only(args) -> int:
+    from pipeline.extract import TeacherSpec, get_teacher
+
+    path = Path(args.out) / "scale.json"
+    payload = json.loads(path.read_text())
+    teacher = get_teacher(TeacherSpec("ViT-B-16", "", "fp32", "cpu"))
+    bank, _ = token_bank(teacher.num_patches, teacher.embed_dim)
+    with Scratch(args.work) as work:
+        t = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        codecs = measure_codecs(work, bank[:BANK].half().numpy())
+    payload["measurements"]["extraction"]["codec_write"] = {
+        **codecs,
+        "measured_separately": {"time": t, "loadavg": [round(x, 2) for x in os.getloadavg()]},
+    }
+    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    log(f"added codec_write to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, overrides=True)
     p.add_argument("--images", type=int, default=0, help="images (default 24,576; --quick 2,048)")
@@ -333,7 +400,15 @@ def main(argv: list[str] | None = None) -> int:
         "--read-batches", type=int, default=0, help="batches read per reader arm (default: an epoch)"
     )
     p.add_argument("--keep", action="store_true", help="keep the store and dataset under --work")
+    p.add_argument(
+        "--codecs-only",
+        action="store_true",
+        help="only the codec arm (shard-write CPU per codec on the token bank), added to an existing "
+        "<out>/scale.json as measurements.extraction.codec_write",
+    )
     args = p.parse_args(argv)
+    if args.codecs_only:
+        return codecs_only(args)
     n = args.images or (2048 if args.quick else 24576)
     res = Result("scale")
     from pipeline.config import load_params
