@@ -173,6 +173,28 @@ def test_caption_hard_negatives_every_template():
     assert S.captions(scene, S.task_rng(0, "captions", 0, "caption"), 1)[0][0]
 
 
+@pytest.mark.parametrize("objects", [(1, 1), (2, 2), (3, 5)])
+def test_other_object_ranges_stay_balanced(objects):
+    """Worlds other than the default keep correct labels and no form the text decides: no count question
+    when every scene holds the same number of objects, no relation hypothesis when none can hold."""
+    lo, hi = objects
+    params = SyntheticParams(min_objects=lo, max_objects=hi, scenes={"train": 150})
+    snli, vqa_forms, problems = Counter(), set(), []
+    for _i, scene, insts in S.task_instances("train", params):
+        assert 1 <= len(scene.objects) <= hi  # an object that does not fit is dropped, never overlapped
+        problems += [p for inst in insts if (p := S.explain_label(inst, scene))]
+        vqa, nli = insts[0], insts[1]
+        vqa_forms.add(vqa.meta["template"])
+        if vqa.meta["template"] == "count":
+            assert 1 <= int(vqa.answer) <= hi
+        snli[nli.meta["template"], nli.label] += 1
+    assert problems == []
+    assert ("count" in vqa_forms) == (lo < hi)
+    assert {t for t, _ in snli} == set(S.SNLI_TEMPLATES) - ({"relation"} if hi < 2 else set())
+    for t in {t for t, _ in snli}:
+        assert {lab for u, lab in snli if u == t} == {0, 1, 2}, (t, snli)
+
+
 def test_verifier_catches_wrong_labels(task_instances):
     """The checker is not vacuous: corrupting any label makes it fail."""
     for inst, scene in task_instances[:60]:

@@ -157,11 +157,27 @@ def _check_params(params: SyntheticParams) -> None:
         raise ValueError(f"synthetic: image_size {params.image_size} is too small (>= 16)")
 
 
+_SCENE_ATTEMPTS = 100
+
+
 def make_scene(seed: int, split: str, index: int, params: SyntheticParams) -> Scene:
-    """Scene ``index`` of ``split``; regenerable on its own from (seed, split, index)."""
+    """Scene ``index`` of ``split``; regenerable on its own from (seed, split, index). A task split's scene
+    is redrawn (from a seed that adds the attempt number) in the rare case that it supports no VCR question
+    (no object unique by size and no clear relation)."""
     _check_params(params)
     domain = params.domains[index % len(params.domains)]
-    s = derive_seed("scene", seed, split, index)
+    for attempt in range(_SCENE_ATTEMPTS):
+        parts = (seed, split, index) if attempt == 0 else (seed, split, index, attempt)
+        scene = _draw_scene(derive_seed("scene", *parts), domain, params)
+        if split not in TASK_SPLITS or _vcr_choices(scene):
+            return scene
+    raise ValueError(
+        f"synthetic: {_SCENE_ATTEMPTS} scenes drawn for {split} {index} and none supports a VCR question; "
+        f"check min_objects/max_objects ({params.min_objects}..{params.max_objects})"
+    )
+
+
+def _draw_scene(s: int, domain: str, params: SyntheticParams) -> Scene:
     rng = random.Random(s)
     size_px = params.image_size
     n = rng.randint(params.min_objects, params.max_objects)
@@ -465,7 +481,8 @@ def _vqa_choices(scene: Scene, params: SyntheticParams) -> list[_Choice]:
     for o in _unique_by(scene, "colour"):
         q = f"what shape is the {o.colour} object?"
         add("shape_of_color", q, o.shape, {"c": o.colour}, {"object": o.to_dict()})
-    add("count", "how many objects are there?", str(len(scene.objects)), {}, {})
+    if len(_count_values(params)) > 1:  # a world of one object count would answer it from the text
+        add("count", "how many objects are there?", str(len(scene.objects)), {}, {})
     present = {(o.colour, o.shape): o for o in scene.objects}
     for c in COLOURS:
         for s in SHAPES:
@@ -526,7 +543,7 @@ def vqa_instance(
 _SNLI_PER_FORM = 12  # choices sampled per form and scene: enough for the balancer, cheap to score
 
 
-def _snli_choices(scene: Scene, label: int, rng: random.Random) -> list[_Choice]:
+def _snli_choices(scene: Scene, label: int, rng: random.Random, params: SyntheticParams) -> list[_Choice]:
     want = SNLI_LABELS[label]
     objs = scene.objects
     present = {(o.colour, o.shape) for o in objs}
@@ -570,6 +587,8 @@ def _snli_choices(scene: Scene, label: int, rng: random.Random) -> list[_Choice]
         (f"the {ac} {as_} is {rel} the {bc} {bs}.", {"ac": ac, "as": as_, "rel": rel, "bc": bc, "bs": bs})
         for (ac, as_), rel, (bc, bs) in rels
     ]
+    if params.max_objects < 2:  # no relation can hold, so every relation hypothesis would be neutral
+        del by_form["relation"]
     out = []
     for form, items in by_form.items():
         for text, slots in rng.sample(items, min(_SNLI_PER_FORM, len(items))):
@@ -592,7 +611,7 @@ def snli_instance(
     spreads each form and word evenly over the three labels."""
     if label is None:
         label = rng.randrange(len(SNLI_LABELS))
-    choice = (balancer or Balancer()).pick(_snli_choices(scene, label, rng), rng)
+    choice = (balancer or Balancer()).pick(_snli_choices(scene, label, rng, params), rng)
     return Instance(
         key=key,
         task="snli_ve",
