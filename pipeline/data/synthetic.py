@@ -550,8 +550,8 @@ def _snli_choices(scene: Scene, label: int, rng: random.Random, params: Syntheti
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
     by_form: dict[str, list[tuple[str, dict[str, str]]]] = {f: [] for f in SNLI_TEMPLATES}
 
-    shapes_absent = [s for s in SHAPES if not _find(scene, shape=s)]
-    colours_absent = [c for c in COLOURS if not _find(scene, colour=c)]
+    shapes_absent = [s for s in SHAPES if s not in {o.shape for o in objs}]
+    colours_absent = [c for c in COLOURS if c not in {o.colour for o in objs}]
     if want == "neutral":
         by_form["colour"] = [(f"the {s} is {c}.", {"s": s, "c": c}) for s in shapes_absent for c in COLOURS]
         by_form["shape"] = [
@@ -970,7 +970,6 @@ _C = "(" + "|".join(COLOURS) + ")"
 _S = "(" + "|".join(SHAPES) + ")"
 _Z = "(" + "|".join(SIZES) + ")"
 _R = "(" + "|".join(RELATIONS) + ")"
-_W = r"(\w+)"
 
 
 class _Bad(Exception):
