@@ -1,8 +1,10 @@
-"""The embedded synthetic world: determinism, label correctness for every template, balance, dedup, domains."""
+"""The embedded synthetic world: determinism, label correctness for every template, balance, dedup, domains.
+(That no label can be read off the text alone is tests/test_text_shortcuts.py.)"""
 
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +19,7 @@ from pipeline.data.schema import SNLI_LABELS, VCR_CHOICES, Instance
 from pipeline.data.shards import DatasetWriter, PreparedDataset
 
 N_SCENES = 30
-N_LABEL_SCENES = 400  # enough for every template (the rarest, spatial/relation ones, appear ~10% of the time)
+N_LABEL_SCENES = 400  # enough for every template and every (template, label) of every task
 
 
 def tiny(seed: int = 0, **kw) -> SyntheticParams:
@@ -38,20 +40,14 @@ def train_ds(tmp_path_factory) -> PreparedDataset:
 
 @pytest.fixture(scope="module")
 def task_instances() -> list[tuple[Instance, S.Scene]]:
-    """Instances of every task for many scenes, built without rendering (labels only need the scene)."""
+    """Instances of every task for the first scenes of the default train split, built without rendering
+    (labels only need the scene)."""
     params = SyntheticParams()
-    out = []
-    for i in range(N_LABEL_SCENES):
-        scene = S.make_scene(0, "train", i, params)
-        for task, build in (("vqa", S.vqa_instance), ("snli_ve", S.snli_instance), ("vcr", S.vcr_instance)):
-            rng = S.task_rng(0, "train", i, task)
-            key = f"train-{task}-{i:07d}"
-            if task == "snli_ve":
-                inst = S.snli_instance(scene, key, "img", "train", rng, params, label=i % len(SNLI_LABELS))
-            else:
-                inst = build(scene, key, "img", "train", rng, params)
-            out.append((inst, scene))
-    return out
+    return [
+        (inst, scene)
+        for _i, scene, insts in S.task_instances("train", params, N_LABEL_SCENES)
+        for inst in insts
+    ]
 
 
 def by_task(items: list[tuple[Instance, S.Scene]], task: str) -> list[tuple[Instance, S.Scene]]:
@@ -73,12 +69,10 @@ def test_any_scene_regenerates_on_its_own(train_ds):
     for i in (0, 7, N_SCENES - 1):
         scene = S.make_scene(params.seed, "train", i, params)
         assert S.render(scene, params.image_size) == train_ds.image_bytes(f"synth-train-{i:07d}")
+    # Instances depend on the scenes before them (the balancers), so they regenerate by replaying the split.
     insts = {inst.key: inst for inst in train_ds.iter_instances()}
-    scene = S.make_scene(params.seed, "train", 7, params)
-    vcr = S.vcr_instance(
-        scene, "train-vcr-0000007", "synth-train-0000007", "train", S.task_rng(0, "train", 7, "vcr"), params
-    )
-    assert vcr == insts["train-vcr-0000007"]
+    replayed = {inst.key: inst for _i, _s, xs in S.task_instances("train", params, 8) for inst in xs}
+    assert len(replayed) == 24 and all(inst == insts[key] for key, inst in replayed.items())
 
 
 def test_caption_scenes_use_their_own_stream():
@@ -96,19 +90,41 @@ def test_vqa_labels_every_template(task_instances):
     problems = [p for inst, scene in items if (p := S.explain_label(inst, scene))]
     assert problems == []
     assert {inst.meta["template"] for inst, _ in items} == set(S.VQA_TEMPLATES)
-    exists = Counter(inst.answer for inst, _ in items if inst.meta["template"] == "exists")
-    assert min(exists["yes"], exists["no"]) >= 0.3 * sum(exists.values())
+    # Complementary pairs: every question text is asked of images with different answers, in equal shares.
+    per_question: dict[str, Counter] = {}
+    for inst, _ in items:
+        per_question.setdefault(inst.question, Counter())[inst.answer] += 1
+    params = SyntheticParams()
+    for question, answers in per_question.items():
+        pool = S._answer_pool(S._VQA_ANSWER_TYPES[S._parse(question, S._VQA_QUESTIONS)[0]], params)
+        assert set(answers) <= set(pool), question
+        if sum(answers.values()) >= 2 * len(pool):
+            assert max(answers.values()) - min(answers[a] for a in pool) <= 1, (question, answers)
+    counts = Counter(inst.answer for inst, _ in items if inst.meta["template"] == "count")
+    assert set(counts) == {"1", "2", "3"} and max(counts.values()) - min(counts.values()) <= 1
 
 
 def test_snli_labels_every_template_and_label(task_instances):
     items = by_task(task_instances, "snli_ve")
     problems = [p for inst, scene in items if (p := S.explain_label(inst, scene))]
     assert problems == []
-    seen = {(inst.meta["template"], SNLI_LABELS[inst.label]) for inst, _ in items}
-    # Every factual form appears both true and false, so the hypothesis text alone cannot give the label.
-    want = {(t, lab) for t in S.SNLI_FACTUAL for lab in ("entailment", "contradiction")}
-    want |= {(t, "neutral") for t in S.SNLI_NEUTRAL}
-    assert seen == want
+    # Every form takes each label in equal shares, so the form alone cannot give the label.
+    seen = Counter((inst.meta["template"], inst.label) for inst, _ in items)
+    assert set(seen) == {(t, lab) for t in S.SNLI_TEMPLATES for lab in range(len(SNLI_LABELS))}
+    for t in S.SNLI_TEMPLATES:
+        shares = [seen[t, lab] for lab in range(len(SNLI_LABELS))]
+        assert max(shares) - min(shares) <= 1, (t, shares)
+
+
+def test_snli_neutral_names_an_object_the_picture_lacks(task_instances):
+    """Neutral is what the image cannot settle: the hypothesis speaks of an object that is not there."""
+    for inst, scene in by_task(task_instances, "snli_ve"):
+        present = {(o.colour, o.shape) for o in scene.objects}
+        named = re.findall(rf"({'|'.join(S.COLOURS)}) ({'|'.join(S.SHAPES)})", inst.hypothesis)
+        if SNLI_LABELS[inst.label] == "neutral" and named:
+            assert not set(named) <= present, inst.hypothesis
+        elif named:
+            assert set(named) <= present, inst.hypothesis
 
 
 def test_vcr_answers_and_rationales_every_template(task_instances):
@@ -116,6 +132,19 @@ def test_vcr_answers_and_rationales_every_template(task_instances):
     problems = [p for inst, scene in items if (p := S.explain_label(inst, scene))]
     assert problems == []
     assert {inst.meta["template"] for inst, _ in items} == set(S.VCR_TEMPLATES)
+
+
+def test_vcr_distractors_are_golds_of_the_same_form(task_instances):
+    """Adversarial matching: a distractor answer is a gold answer of another instance of the same form, and
+    every rationale has the gold rationale's wording for the gold answer, so only the image separates them."""
+    items = [inst for inst, _ in by_task(task_instances, "vcr")]
+    golds: dict[str, set[str]] = {}
+    for inst in items:
+        golds.setdefault(inst.meta["template"], set()).add(inst.answers[inst.label])
+    for inst in items:
+        assert set(inst.answers) <= golds[inst.meta["template"]], inst.answers
+        skeletons = {re.sub(rf"\b({'|'.join(S.COLOURS + S.SHAPES)})\b", "_", r) for r in inst.rationales}
+        assert len(skeletons) <= 2, inst.rationales  # "a"/"an" may differ; nothing else
 
 
 def test_caption_hard_negatives_every_template():
@@ -142,6 +171,28 @@ def test_caption_hard_negatives_every_template():
     assert problems == []
     assert seen == set(S.CAPTION_TEMPLATES)
     assert S.captions(scene, S.task_rng(0, "captions", 0, "caption"), 1)[0][0]
+
+
+@pytest.mark.parametrize("objects", [(1, 1), (2, 2), (3, 5)])
+def test_other_object_ranges_stay_balanced(objects):
+    """Worlds other than the default keep correct labels and no form the text decides: no count question
+    when every scene holds the same number of objects, no relation hypothesis when none can hold."""
+    lo, hi = objects
+    params = SyntheticParams(min_objects=lo, max_objects=hi, scenes={"train": 150})
+    snli, vqa_forms, problems = Counter(), set(), []
+    for _i, scene, insts in S.task_instances("train", params):
+        assert 1 <= len(scene.objects) <= hi  # an object that does not fit is dropped, never overlapped
+        problems += [p for inst in insts if (p := S.explain_label(inst, scene))]
+        vqa, nli = insts[0], insts[1]
+        vqa_forms.add(vqa.meta["template"])
+        if vqa.meta["template"] == "count":
+            assert 1 <= int(vqa.answer) <= hi
+        snli[nli.meta["template"], nli.label] += 1
+    assert problems == []
+    assert ("count" in vqa_forms) == (lo < hi)
+    assert {t for t, _ in snli} == set(S.SNLI_TEMPLATES) - ({"relation"} if hi < 2 else set())
+    for t in {t for t, _ in snli}:
+        assert {lab for u, lab in snli if u == t} == {0, 1, 2}, (t, snli)
 
 
 def test_verifier_catches_wrong_labels(task_instances):
@@ -181,12 +232,13 @@ def test_labels_independent_of_domain(train_ds):
     assert len(snli) == 9 and max(snli.values()) - min(snli.values()) <= 2, snli
 
 
-def test_vcr_gold_positions_spread(task_instances):
+def test_vcr_gold_positions_uniform(task_instances):
     items = [inst for inst, _ in by_task(task_instances, "vcr")]
     for field in ("label", "rationale_label"):
-        pos = Counter(getattr(inst, field) for inst in items)
-        assert set(pos) == set(range(VCR_CHOICES))
-        assert min(pos.values()) >= 0.15 * len(items), (field, pos)
+        for template in S.VCR_TEMPLATES:
+            pos = Counter(getattr(inst, field) for inst in items if inst.meta["template"] == template)
+            assert set(pos) == set(range(VCR_CHOICES))
+            assert max(pos.values()) - min(pos.values()) <= 1, (field, template, pos)
 
 
 # ------------------------------------------------------------------------------------- dedup, splits
