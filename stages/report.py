@@ -108,14 +108,34 @@ def main(
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
+# Sections of results.md the README leaves to the full report: the README is for users, the tables of every
+# teacher and cache metric and the secondary metrics are reference material.
+README_SKIPS = ("## Teacher quality", "## Teacher cache", "(secondary)")
+
+
+def readme_body(results_md: str, out_dir: Path) -> str:
+    """results.md without the README_SKIPS sections, headings demoted one level, pointing at the full report."""
+    kept, skipping = [], False
+    for line in results_md.strip().splitlines():
+        if line.startswith("#"):
+            skipping = any(line.startswith(s) or s in line for s in README_SKIPS)
+            line = "#" + line
+        if not skipping:
+            kept.append(line)
+    kept += [
+        "",
+        f"Secondary metrics, teacher quality and cache statistics: [{out_dir}/results.md]({out_dir}/results.md).",
+    ]
+    return "\n".join(kept)
+
+
 def inject(readme: Path, results_md: str, out_dir: Path) -> None:
-    """Replace the README's results block with the generated report (headings demoted one level)."""
+    """Replace the README's results block with the generated report (headings demoted one level, reference
+    sections left to the full report)."""
     text = readme.read_text()
     if START not in text or END not in text:
         raise click.ClickException(f"{readme}: no '{START}' … '{END}' block to fill")
-    body = "\n".join(
-        ("#" + line) if line.startswith("#") else line for line in results_md.strip().splitlines()
-    )
+    body = readme_body(results_md, out_dir)
     plots = f"![accuracy vs labelled fraction]({out_dir}/lowshot.png)\n![domain shift]({out_dir}/shift.png)"
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]

@@ -425,3 +425,9 @@ def test_readme_block_is_replaced_and_the_rest_kept(tmp_path):
     assert "old table" not in text and "## Results" in text and "| a | b |" in text
     assert text.startswith("# Title\nintro\n") and text.endswith(f"{END}\n## After\n")
     assert "lowshot.png" in text
+    # Reference sections stay in reports/results.md; the README links there.
+    md = "# R\n## vqa — vqa_score (primary)\nT1\n### vcr — q2a (secondary)\nT2\n## Teacher quality\nT3\n## How\nT4\n"
+    inject(readme, md, tmp_path / "reports")
+    text = readme.read_text()
+    assert "T1" in text and "T4" in text and "T2" not in text and "T3" not in text
+    assert "reports/results.md" in text
