@@ -82,10 +82,12 @@ def main(
     params_path,
     overrides,
 ) -> None:
-    """Train one student with the CLIP-TD loss (or a baseline), select it on validation, score the test split.
+    """Train one student with the CLIP-TD loss (or a baseline, or the blind floor) and select it on validation.
 
-    Writes OUT/metrics.json (test metrics overall and per domain, validation score, seconds), OUT/student.pt (the
-    exported student: backbone + task head, no distillation heads) and OUT/checkpoint.pt (resume state).
+    Writes OUT/student.pt (the exported student at its best validation step: backbone + task head, no
+    distillation heads), OUT/train.json (split sizes, best validation score and step, steps, seconds, the last
+    step's losses, parameter count) and OUT/checkpoint.pt (resume state, with the run's identity). The test split
+    is not scored here: `python -m stages.evaluate OUT` does that. OUT/.lock is held while training.
     Under torchrun each rank streams its own shards and gradients are averaged over ranks.
     """
     try:

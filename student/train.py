@@ -83,7 +83,7 @@ class RunSpec:
     seed: int
     data_root: str  # directory holding the prepared train/val/test splits
     cache: str  # teacher cache URL
-    out: str  # run directory: checkpoints, metrics.json, student.pt
+    out: str  # run directory: checkpoint.pt, train.json, student.pt
 
     @property
     def name(self) -> str:
