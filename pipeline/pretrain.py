@@ -278,8 +278,8 @@ def pretrain_teacher(
 
     p = params.pretrain
     steps_run = p.steps if stop_at is None else stop_at
-    if not 1 <= steps_run <= p.steps:
-        raise ValueError(f"stop_at {stop_at}: must be in 1..teacher.pretrain.steps ({p.steps})")
+    if not 0 <= steps_run <= p.steps:
+        raise ValueError(f"stop_at {stop_at}: must be in 0..teacher.pretrain.steps ({p.steps})")
     bad = [s for s in save_at if not 0 <= s <= steps_run]
     if bad:
         raise ValueError(

@@ -52,9 +52,9 @@ from stages.common import params_options, stage_params
 )
 @click.option(
     "--stop-at",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=0),
     default=None,
-    help="Stop after this many steps, the learning rate still on the schedule of teacher.pretrain.steps (a "
+    help="Stop after this many steps (0: save the random init only), the learning rate still on the schedule of teacher.pretrain.steps (a "
     "snapshot is then the full run's teacher at that step); no OUT/teacher.pt is written. [default: all steps]",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -85,7 +85,9 @@ def main(params_path, overrides, captions, val, out, metrics_path, device, save_
         )
     except (DataError, TeacherError, ValueError) as e:
         raise click.ClickException(str(e)) from e
-    line = f"teacher: {m['steps']} steps in {m['seconds']:.0f}s, loss {m['initial_loss']:.3f} -> {m['final_loss']:.3f}"
+    line = f"teacher: {m['steps']} steps in {m['seconds']:.0f}s"
+    if m["initial_loss"] is not None:
+        line += f", loss {m['initial_loss']:.3f} -> {m['final_loss']:.3f}"
     for dom, r in m.get("domains", {}).items():
         hard = f"{r['hard_top1']:.3f}" if r["hard_top1"] is not None else "n/a"
         line += f"\n  {dom}: top1@{m['eval_captions']} {r['random_top1']:.3f}, hard {hard} (n={r['n']})"
