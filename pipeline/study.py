@@ -464,14 +464,17 @@ def targets(sp: StudyParams, summaries: dict[str, list[dict]], rows: dict[str, l
             if any(x is None for x in deltas) or any(d["ci95"] is None for d in ds):
                 rows_.append({"task": task, "condition": cond, "init": init, "ok": None, "deltas": deltas})
                 continue
+            # A gain that is not there with the finished teacher cannot grow with it: that is a miss too.
+            gain = ds[-1]["verdict"] == "gain"
             grows = all(a <= b for a, b in zip(deltas, deltas[1:], strict=False))
             vanishes = ds[0]["steps"] != 0 or ds[0]["verdict"] != "gain"
-            rows_.append({"task": task, "condition": cond, "init": init, "ok": grows and vanishes,
-                          "grows": grows, "vanishes_at_random": vanishes, "deltas": deltas})  # fmt: skip
+            rows_.append({"task": task, "condition": cond, "init": init, "ok": gain and grows and vanishes,
+                          "gain_with_full_teacher": gain, "grows": grows, "vanishes_at_random": vanishes,
+                          "deltas": deltas})  # fmt: skip
         oks = [r["ok"] for r in rows_]
         ok = None if None in oks or not oks else all(oks)
-        out.append({"id": "dose_response", "target": "clip_td's gain grows with teacher pretraining and is no gain "
-                    "for the random teacher, in every dose cell", "value": f"{sum(o is True for o in oks)} of "
+        out.append({"id": "dose_response", "target": "clip_td gains with the finished teacher, the gain grows "
+                    "with teacher pretraining and is no gain for the random teacher, in every dose cell", "value": f"{sum(o is True for o in oks)} of "
                     f"{len(oks)} cells", "status": _status(ok), "cells": rows_})  # fmt: skip
 
     # 5. Selection: the selected tokens fall on named objects more often than random tokens.

@@ -173,3 +173,22 @@ def test_a_missed_target_names_its_diagnostics_and_a_partial_study_says_incomple
     assert t["beats_naive_kd"]["status"] == "incomplete"
     assert len(result["missing"]) == 2
     assert "Incomplete: 2 cell(s)" in (out / "results.md").read_text()
+
+
+def test_dose_response_without_any_gain_is_a_miss_not_a_trivially_growing_curve(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "reports"
+    OFFSET_NONE = {**OFFSET, "clip_td": 0.0}
+    sp = _study()
+    for c in cells(sp):
+        value = 0.40 + 0.03 * (c.seed - 100) + (OFFSET_NONE[c.method] if c.teacher == "full" else 0.0)
+        _eval(
+            runs,
+            c.variant,
+            c.condition,
+            c.method,
+            c.seed,
+            value + 0.001 * (c.seed % 2) * (c.method == "clip_td"),
+        )
+    result = write_study_report(sp, runs, out)
+    dose = next(t for t in result["targets"] if t["id"] == "dose_response")
+    assert dose["status"] == "missed" and dose["cells"][0]["gain_with_full_teacher"] is False
