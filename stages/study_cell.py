@@ -31,14 +31,17 @@ from student.losses import METHODS
     help="The teacher checkpoint that cache was extracted with (a dose-response snapshot) [default: "
     "teacher.pretrained].",
 )
+@click.option("--data", "data_root", default=None, help="Prepared splits [default: data.out/data.source].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
 @params_options
 def main(
-    study_path, task, condition, method, seed, init, cache, teacher_checkpoint, out, params_path, overrides
-):
+    study_path, task, condition, method, seed, init, cache, teacher_checkpoint, data_root, out, params_path,
+    overrides,
+):  # fmt: skip
     """Train one study cell from scratch (params.yaml + study.overrides + --set, student.init=INIT) and write
-    OUT/student.pt, OUT/train.json and OUT/eval.json; eval.json's `cell` records init, teacher cache, the cell's
-    own wall seconds and when it started and ended (the study report sums them into its wall time).
+    OUT/student.pt, OUT/train.json and OUT/eval.json (the resume checkpoint is removed once the cell is done).
+    eval.json's `cell` records init, teacher cache, the cell's own wall seconds and when it started and ended
+    (the study report sums them into its wall time).
 
     eval.json is written last, so a cell killed part-way has none and DVC reruns it on the next `make study`.
     """
@@ -57,7 +60,7 @@ def main(
     params = stage_params(params_path, (*override_args(sp, **extra), *overrides))
     run = RunSpec(
         task=task, condition=condition, method=method, seed=seed,
-        data_root=str(Path(params.data.out) / params.data.source),
+        data_root=data_root or str(Path(params.data.out) / params.data.source),
         cache=cache or params.cache.store, out=str(out),
     )  # fmt: skip
     try:
@@ -75,6 +78,9 @@ def main(
         "finished": round(finished, 2),
         "machine": platform.node(),
     }
+    # The resume state (optimizer moments: three times the student) is of no use once the cell is done, and
+    # 600 of them would fill the disk; this run wrote it, so this run removes it.
+    (out / "checkpoint.pt").unlink(missing_ok=True)
     tmp = out / f".eval.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / "eval.json")
