@@ -99,8 +99,9 @@ def attribute_vocab(instances: Sequence[Instance]) -> dict[str, set[str]]:
     return vocab
 
 
-def selection_masks(cache: Any, instances: Sequence[Instance], texts: Sequence[str], g_s: int, cfg: Any,
-                    batch: int = 256) -> np.ndarray:  # fmt: skip
+def selection_masks(
+    cache: Any, instances: Sequence[Instance], texts: Sequence[str], g_s: int, cfg: Any, batch: int = 256
+) -> np.ndarray:
     """[N, g_s²] bool: clip_td's image token selection per instance, from the cache, via prepare_teacher."""
     from student.losses import prepare_teacher
     from student.targets import pad_tokens
@@ -111,8 +112,13 @@ def selection_masks(cache: Any, instances: Sequence[Instance], texts: Sequence[s
         relevance = cfg.relevance_source if cfg.relevance_source != "last" else None
         img = cache.image_targets([x.image_id for x in insts], relevance=relevance)
         txt = cache.text_targets(txts, tokens=True)
-        tb = {"img_tokens": img["tokens"], "img_pooled": img["pooled"], "txt_tokens": pad_tokens(txt["tokens"]),
-              "txt_lengths": txt["lengths"], "txt_pooled": txt["pooled"]}  # fmt: skip
+        tb = {
+            "img_tokens": img["tokens"],
+            "img_pooled": img["pooled"],
+            "txt_tokens": pad_tokens(txt["tokens"]),
+            "txt_lengths": txt["lengths"],
+            "txt_pooled": txt["pooled"],
+        }
         if "relevance" in img:
             tb["rel_img_tokens"] = img["relevance"]
         with torch.no_grad():
@@ -120,8 +126,15 @@ def selection_masks(cache: Any, instances: Sequence[Instance], texts: Sequence[s
     return np.concatenate(out) if out else np.zeros((0, g_s * g_s), dtype=bool)
 
 
-def selection_quality(cache: Any, instances: Sequence[Instance], g_s: int, cfg: Any, vocab_answers: list[str],
-                      vqa_candidates: int = 4, min_cover: float = 0.1) -> dict:  # fmt: skip
+def selection_quality(
+    cache: Any,
+    instances: Sequence[Instance],
+    g_s: int,
+    cfg: Any,
+    vocab_answers: list[str],
+    vqa_candidates: int = 4,
+    min_cover: float = 0.1,
+) -> dict:
     """Selected vs random share of tokens on named objects over ``instances`` (one task), with the paired
     per-instance difference's 95% t interval (report.paired_test)."""
     attrs = attribute_vocab(instances)
@@ -141,8 +154,15 @@ def selection_quality(cache: Any, instances: Sequence[Instance], g_s: int, cfg: 
         texts.append(text)
         masks.append(on)
     if not keep:
-        return {"n": 0, "n_scored": len(instances), "selected_share": None, "random_share": None,
-                "delta_mean": None, "ci95": None, "p": None}  # fmt: skip
+        return {
+            "n": 0,
+            "n_scored": len(instances),
+            "selected_share": None,
+            "random_share": None,
+            "delta_mean": None,
+            "ci95": None,
+            "p": None,
+        }
     sel = selection_masks(cache, keep, texts, g_s, cfg)
     on = np.stack(masks)
     selected = (sel & on).sum(1) / np.maximum(sel.sum(1), 1)

@@ -47,8 +47,19 @@ INITS = ("pretrained", "scratch")
 FULL_TEACHER = "full"
 BASELINE = "baseline"
 # The fields the issue fixes for every summary.json entry; ``init`` and ``teacher`` are the study's extra keys.
-ENTRY_KEYS = ("task", "condition", "method", "metric", "n_seeds", "mean", "std", "delta_mean", "ci95", "p",
-              "rel_gain_pct")  # fmt: skip
+ENTRY_KEYS = (
+    "task",
+    "condition",
+    "method",
+    "metric",
+    "n_seeds",
+    "mean",
+    "std",
+    "delta_mean",
+    "ci95",
+    "p",
+    "rel_gain_pct",
+)
 
 
 class StudyError(ValueError):
@@ -140,8 +151,11 @@ def load_study(path: str | Path) -> StudyParams:
     for k in raw:
         if k not in allowed:
             raise StudyError(f"{p}: key 'study.{k}': unknown (allowed: {', '.join(sorted(allowed))})")
-    groups = {k: _group(str(p), k, raw.pop(k), DoseGroup if k == "dose" else Group)
-              for k in StudyParams.GROUPS if k in raw}  # fmt: skip
+    groups = {
+        k: _group(str(p), k, raw.pop(k), DoseGroup if k == "dose" else Group)
+        for k in StudyParams.GROUPS
+        if k in raw
+    }
     sp = StudyParams(**raw, **groups)
     seeds = _check_list(f"{p}: key 'study.seeds'", sp.seeds, int)
     tuning = _check_list(f"{p}: key 'study.tuning_seeds'", sp.tuning_seeds, int)
@@ -245,8 +259,11 @@ def summarise_study(rows: dict[str, list[dict]]) -> dict[str, list[dict]]:
         init, teacher = variant.split("-", 1)
         if teacher != FULL_TEACHER:
             own = {(r["task"], r["condition"]) for r in rs}
-            shared = [r for r in rows.get(f"{init}-{FULL_TEACHER}", [])
-                      if r["method"] in (BASELINE, BLIND) and (r["task"], r["condition"]) in own]  # fmt: skip
+            shared = [
+                r
+                for r in rows.get(f"{init}-{FULL_TEACHER}", [])
+                if r["method"] in (BASELINE, BLIND) and (r["task"], r["condition"]) in own
+            ]
             summary = [s for s in summarise(rs + shared) if s["method"] not in (BASELINE, BLIND)]
         else:
             summary = summarise(rs)
@@ -257,11 +274,20 @@ def summarise_study(rows: dict[str, list[dict]]) -> dict[str, list[dict]]:
 def _entry(s: dict, init: str, teacher: str) -> dict:
     paired = s["paired"] or {}
     return {
-        "task": s["task"], "condition": s["condition"], "method": s["method"], "metric": s["primary_metric"],
-        "n_seeds": s["n"], "mean": s["mean"], "std": s["std"], "delta_mean": paired.get("mean"),
-        "ci95": paired.get("ci95"), "p": paired.get("p"), "rel_gain_pct": s["gain_pct"],
-        "init": init, "teacher": teacher,
-    }  # fmt: skip
+        "task": s["task"],
+        "condition": s["condition"],
+        "method": s["method"],
+        "metric": s["primary_metric"],
+        "n_seeds": s["n"],
+        "mean": s["mean"],
+        "std": s["std"],
+        "delta_mean": paired.get("mean"),
+        "ci95": paired.get("ci95"),
+        "p": paired.get("p"),
+        "rel_gain_pct": s["gain_pct"],
+        "init": init,
+        "teacher": teacher,
+    }
 
 
 def summary_entries(summaries: dict[str, list[dict]], zeroshot: dict[str, dict]) -> list[dict]:
@@ -272,11 +298,23 @@ def summary_entries(summaries: dict[str, list[dict]], zeroshot: dict[str, dict])
     for teacher, by_task in sorted(zeroshot.items()):
         for task, conds in by_task.items():
             for cond, z in conds.items():
-                out.append({
-                    "task": task, "condition": cond, "method": ZEROSHOT, "metric": z.get("metric", metric.get(task)),
-                    "n_seeds": None, "mean": z["score"], "std": None, "delta_mean": None, "ci95": None,
-                    "p": None, "rel_gain_pct": None, "init": None, "teacher": teacher,
-                })  # fmt: skip
+                out.append(
+                    {
+                        "task": task,
+                        "condition": cond,
+                        "method": ZEROSHOT,
+                        "metric": z.get("metric", metric.get(task)),
+                        "n_seeds": None,
+                        "mean": z["score"],
+                        "std": None,
+                        "delta_mean": None,
+                        "ci95": None,
+                        "p": None,
+                        "rel_gain_pct": None,
+                        "init": None,
+                        "teacher": teacher,
+                    }
+                )
     return out
 
 
@@ -323,8 +361,14 @@ def _head_to_head(rows: Sequence[dict], task: str, cond: str, a: str, b: str) ->
     return compare(va, vb)
 
 
-def explain(task: str, cond: str, summary: Sequence[dict], zeroshot: dict, selection: dict | None,
-            dose: Sequence[dict]) -> list[str]:  # fmt: skip
+def explain(
+    task: str,
+    cond: str,
+    summary: Sequence[dict],
+    zeroshot: dict,
+    selection: dict | None,
+    dose: Sequence[dict],
+) -> list[str]:
     """Which diagnostic accounts for a missed target in one cell, each from the numbers."""
     why = []
     base, blind = _cell(summary, task, cond, BASELINE), _cell(summary, task, cond, BLIND)
@@ -334,20 +378,29 @@ def explain(task: str, cond: str, summary: Sequence[dict], zeroshot: dict, selec
             why.append(f"the baseline uses the image little (baseline − blind = {gap:+.3f} < 0.10)")
     z = zeroshot.get(FULL_TEACHER, {}).get(task, {}).get(cond)
     if z is not None and base and base["mean"] is not None and z["score"] <= base["mean"]:
-        why.append(f"the teacher's zero-shot score {z['score']:.3f} is not above the baseline's "
-                   f"{base['mean']:.3f} (little task knowledge to distil)")  # fmt: skip
+        why.append(
+            f"the teacher's zero-shot score {z['score']:.3f} is not above the baseline's "
+            f"{base['mean']:.3f} (little task knowledge to distil)"
+        )
     sel = (selection or {}).get("teachers", {}).get(FULL_TEACHER, {}).get("tasks", {}).get(task)
     if sel and sel.get("ci95") and sel["ci95"][0] <= 0:
-        why.append(f"token selection is not better than random on {task} "
-                   f"(selected {sel['selected_share']:.3f} vs random {sel['random_share']:.3f})")  # fmt: skip
+        why.append(
+            f"token selection is not better than random on {task} "
+            f"(selected {sel['selected_share']:.3f} vs random {sel['random_share']:.3f})"
+        )
     rnd = [d for d in dose if d["task"] == task and d["condition"] == cond and d["steps"] == 0]
     if rnd and rnd[0]["verdict"] == "gain":
         why.append("the random (step-0) teacher gives a gain too: the gain is not the teacher's knowledge")
     return why or ["no diagnostic flags this cell (the effect is within seed noise)"]
 
 
-def dose_table(sp: StudyParams, summaries: dict[str, list[dict]], teacher_steps: int | None,
-               zeroshot: dict, snapshots: dict | None) -> list[dict]:  # fmt: skip
+def dose_table(
+    sp: StudyParams,
+    summaries: dict[str, list[dict]],
+    teacher_steps: int | None,
+    zeroshot: dict,
+    snapshots: dict | None,
+) -> list[dict]:
     """clip_td's Δ against the baseline per teacher (snapshots and the finished teacher), per dose cell."""
     g = sp.dose
     out = []
@@ -366,13 +419,23 @@ def dose_table(sp: StudyParams, summaries: dict[str, list[dict]], teacher_steps:
                         elif s is None and snapshots:
                             retr = snapshots.get("full")
                         paired = (cell or {}).get("paired") or {}
-                        out.append({
-                            "init": init, "task": task, "condition": cond, "method": method, "teacher": teacher,
-                            "steps": teacher_steps if s is None else s, "retrieval_top1": retr,
-                            "zeroshot": z["score"] if z else None, "n_seeds": (cell or {}).get("n"),
-                            "delta_mean": paired.get("mean"), "ci95": paired.get("ci95"), "p": paired.get("p"),
-                            "verdict": (cell or {}).get("verdict"),
-                        })  # fmt: skip
+                        out.append(
+                            {
+                                "init": init,
+                                "task": task,
+                                "condition": cond,
+                                "method": method,
+                                "teacher": teacher,
+                                "steps": teacher_steps if s is None else s,
+                                "retrieval_top1": retr,
+                                "zeroshot": z["score"] if z else None,
+                                "n_seeds": (cell or {}).get("n"),
+                                "delta_mean": paired.get("mean"),
+                                "ci95": paired.get("ci95"),
+                                "p": paired.get("p"),
+                                "verdict": (cell or {}).get("verdict"),
+                            }
+                        )
     return out
 
 
@@ -385,8 +448,14 @@ def _status(ok: bool | None) -> str:
     return {True: "met", False: "missed", None: "incomplete"}[ok]
 
 
-def targets(sp: StudyParams, summaries: dict[str, list[dict]], rows: dict[str, list[dict]], zeroshot: dict,
-            selection: dict | None, dose: Sequence[dict]) -> list[dict]:  # fmt: skip
+def targets(
+    sp: StudyParams,
+    summaries: dict[str, list[dict]],
+    rows: dict[str, list[dict]],
+    zeroshot: dict,
+    selection: dict | None,
+    dose: Sequence[dict],
+) -> list[dict]:
     """Every target of issue 25, decided from the numbers: status met | missed | incomplete (a cell it needs
     has fewer than 2 paired seeds or was not run), the numbers it rests on, and for a miss the diagnostics."""
     variant = (
@@ -402,9 +471,16 @@ def targets(sp: StudyParams, summaries: dict[str, list[dict]], rows: dict[str, l
     def cell_info(task: str, cond: str, method: str = "clip_td") -> dict:
         c = _cell(summary, task, cond, method)
         paired = (c or {}).get("paired") or {}
-        return {"task": task, "condition": cond, "method": method, "delta_mean": paired.get("mean"),
-                "ci95": paired.get("ci95"), "p": paired.get("p"), "rel_gain_pct": (c or {}).get("gain_pct"),
-                "verdict": (c or {}).get("verdict")}  # fmt: skip
+        return {
+            "task": task,
+            "condition": cond,
+            "method": method,
+            "delta_mean": paired.get("mean"),
+            "ci95": paired.get("ci95"),
+            "p": paired.get("p"),
+            "rel_gain_pct": (c or {}).get("gain_pct"),
+            "verdict": (c or {}).get("verdict"),
+        }
 
     def decided(infos: list[dict]) -> bool:
         return all(i["ci95"] is not None for i in infos)
@@ -414,9 +490,16 @@ def targets(sp: StudyParams, summaries: dict[str, list[dict]], rows: dict[str, l
     wins = sum(i["verdict"] == "gain" for i in infos)
     need = math.ceil(4 / 6 * len(infos)) if infos else 1
     ok = True if wins >= need else (False if decided(infos) else None)
-    out.append({"id": "gain_cells", "target": f"clip_td beats baseline (95% CI above 0) in >= {need} of "
-                f"{len(infos)} task x {{{', '.join(conds)}}} cells", "value": f"{wins} of {len(infos)}",
-                "status": _status(ok), "cells": infos})  # fmt: skip
+    out.append(
+        {
+            "id": "gain_cells",
+            "target": f"clip_td beats baseline (95% CI above 0) in >= {need} of "
+            f"{len(infos)} task x {{{', '.join(conds)}}} cells",
+            "value": f"{wins} of {len(infos)}",
+            "status": _status(ok),
+            "cells": infos,
+        }
+    )
 
     # 2. Relative gains: VCR >= 10% low-shot and shift; VQA and SNLI-VE >= 5% low-shot.
     wanted = [("vcr", low, 10.0), ("vcr", "shift", 10.0), ("vqa", low, 5.0), ("snli_ve", low, 5.0)]
@@ -426,16 +509,30 @@ def targets(sp: StudyParams, summaries: dict[str, list[dict]], rows: dict[str, l
         i = cell_info(task, cond)
         g = i["rel_gain_pct"]
         ok = None if g is None else g >= pct
-        out.append({"id": f"rel_gain_{task}_{cond}", "target": f"clip_td relative gain >= +{pct:.0f}% on {task} {cond}",
-                    "value": "n/a" if g is None else f"{g:+.1f}%", "status": _status(ok), "cells": [i]})  # fmt: skip
+        out.append(
+            {
+                "id": f"rel_gain_{task}_{cond}",
+                "target": f"clip_td relative gain >= +{pct:.0f}% on {task} {cond}",
+                "value": "n/a" if g is None else f"{g:+.1f}%",
+                "status": _status(ok),
+                "cells": [i],
+            }
+        )
     # Full data: clip_td not worse (interval includes or exceeds 0).
     if "full" in sp.main.conditions:
         infos = [cell_info(t, "full") for t in sp.tasks]
         bad = [i for i in infos if i["ci95"] is not None and i["ci95"][1] < 0]
         ok = False if bad else (True if decided(infos) else None)
-        out.append({"id": "full_not_worse", "target": "full data: clip_td not worse than baseline (CI includes or "
-                    "exceeds 0) on every task", "value": f"{len(bad)} task(s) worse", "status": _status(ok),
-                    "cells": infos})  # fmt: skip
+        out.append(
+            {
+                "id": "full_not_worse",
+                "target": "full data: clip_td not worse than baseline (CI includes or "
+                "exceeds 0) on every task",
+                "value": f"{len(bad)} task(s) worse",
+                "status": _status(ok),
+                "cells": infos,
+            }
+        )
 
     # 3. clip_td > naive_kd (paired, CI above 0) on >= 2 of 3 tasks in low-shot.
     if low:
@@ -443,23 +540,45 @@ def targets(sp: StudyParams, summaries: dict[str, list[dict]], rows: dict[str, l
         for t in sp.tasks:
             c = _head_to_head(vrows, t, low, "clip_td", "naive_kd")
             paired = (c or {}).get("paired") or {}
-            h2h.append({"task": t, "condition": low, "method": "clip_td vs naive_kd",
-                        "delta_mean": paired.get("mean"), "ci95": paired.get("ci95"), "p": paired.get("p"),
-                        "rel_gain_pct": (c or {}).get("gain_pct"), "verdict": (c or {}).get("verdict")})  # fmt: skip
+            h2h.append(
+                {
+                    "task": t,
+                    "condition": low,
+                    "method": "clip_td vs naive_kd",
+                    "delta_mean": paired.get("mean"),
+                    "ci95": paired.get("ci95"),
+                    "p": paired.get("p"),
+                    "rel_gain_pct": (c or {}).get("gain_pct"),
+                    "verdict": (c or {}).get("verdict"),
+                }
+            )
         wins = sum(i["verdict"] == "gain" for i in h2h)
         need = math.ceil(2 / 3 * len(h2h))
         ok = True if wins >= need else (False if decided(h2h) else None)
-        out.append({"id": "beats_naive_kd", "target": f"clip_td > naive_kd (95% CI above 0) on >= {need} of "
-                    f"{len(h2h)} tasks in {low}", "value": f"{wins} of {len(h2h)}", "status": _status(ok),
-                    "cells": h2h})  # fmt: skip
+        out.append(
+            {
+                "id": "beats_naive_kd",
+                "target": f"clip_td > naive_kd (95% CI above 0) on >= {need} of {len(h2h)} tasks in {low}",
+                "value": f"{wins} of {len(h2h)}",
+                "status": _status(ok),
+                "cells": h2h,
+            }
+        )
 
     # 4. Dose-response: the gain grows with teacher quality and vanishes for the random teacher.
     if dose:
         keys = sorted({(d["init"], d["task"], d["condition"]) for d in dose if d["method"] == "clip_td"})
         rows_ = []
         for init, task, cond in keys:
-            ds = sorted([d for d in dose if (d["init"], d["task"], d["condition"]) == (init, task, cond)
-                         and d["method"] == "clip_td"], key=_dose_order)  # fmt: skip
+            ds = sorted(
+                [
+                    d
+                    for d in dose
+                    if (d["init"], d["task"], d["condition"]) == (init, task, cond)
+                    and d["method"] == "clip_td"
+                ],
+                key=_dose_order,
+            )
             deltas = [d["delta_mean"] for d in ds]
             if any(x is None for x in deltas) or any(d["ci95"] is None for d in ds):
                 rows_.append({"task": task, "condition": cond, "init": init, "ok": None, "deltas": deltas})
@@ -468,24 +587,46 @@ def targets(sp: StudyParams, summaries: dict[str, list[dict]], rows: dict[str, l
             gain = ds[-1]["verdict"] == "gain"
             grows = all(a <= b for a, b in zip(deltas, deltas[1:], strict=False))
             vanishes = ds[0]["steps"] != 0 or ds[0]["verdict"] != "gain"
-            rows_.append({"task": task, "condition": cond, "init": init, "ok": gain and grows and vanishes,
-                          "gain_with_full_teacher": gain, "grows": grows, "vanishes_at_random": vanishes,
-                          "deltas": deltas})  # fmt: skip
+            rows_.append(
+                {
+                    "task": task,
+                    "condition": cond,
+                    "init": init,
+                    "ok": gain and grows and vanishes,
+                    "gain_with_full_teacher": gain,
+                    "grows": grows,
+                    "vanishes_at_random": vanishes,
+                    "deltas": deltas,
+                }
+            )
         oks = [r["ok"] for r in rows_]
         ok = None if None in oks or not oks else all(oks)
-        out.append({"id": "dose_response", "target": "clip_td gains with the finished teacher, the gain grows "
-                    "with teacher pretraining and is no gain for the random teacher, in every dose cell", "value": f"{sum(o is True for o in oks)} of "
-                    f"{len(oks)} cells", "status": _status(ok), "cells": rows_})  # fmt: skip
+        out.append(
+            {
+                "id": "dose_response",
+                "target": "clip_td gains with the finished teacher, the gain grows "
+                "with teacher pretraining and is no gain for the random teacher, in every dose cell",
+                "value": f"{sum(o is True for o in oks)} of {len(oks)} cells",
+                "status": _status(ok),
+                "cells": rows_,
+            }
+        )
 
     # 5. Selection: the selected tokens fall on named objects more often than random tokens.
     sel = (selection or {}).get("teachers", {}).get(FULL_TEACHER, {}).get("tasks", {})
     if sel:
         better = {t: s["ci95"] is not None and s["ci95"][0] > 0 for t, s in sel.items()}
-        out.append({"id": "selection", "target": "selected image tokens fall on the objects the text names more "
-                    "often than random tokens (95% CI of the difference above 0) on every task",
-                    "value": ", ".join(f"{t}: {s['selected_share']:.3f} vs {s['random_share']:.3f}"
-                                       for t, s in sel.items()),
-                    "status": _status(all(better.values()))})  # fmt: skip
+        out.append(
+            {
+                "id": "selection",
+                "target": "selected image tokens fall on the objects the text names more "
+                "often than random tokens (95% CI of the difference above 0) on every task",
+                "value": ", ".join(
+                    f"{t}: {s['selected_share']:.3f} vs {s['random_share']:.3f}" for t, s in sel.items()
+                ),
+                "status": _status(all(better.values())),
+            }
+        )
 
     for t in out:
         if t["status"] == "missed":
@@ -525,21 +666,37 @@ def _ci(ci: list | None) -> str:
     return "n/a" if ci is None else f"[{fmt(ci[0], sign=True)}, {fmt(ci[1], sign=True)}]"
 
 
-def markdown(sp: StudyParams, summaries: dict[str, list[dict]], zeroshot: dict, dose: Sequence[dict],
-             tgts: Sequence[dict], selection: dict | None, wall: dict, missing: Sequence[Cell]) -> str:  # fmt: skip
+def markdown(
+    sp: StudyParams,
+    summaries: dict[str, list[dict]],
+    zeroshot: dict,
+    dose: Sequence[dict],
+    tgts: Sequence[dict],
+    selection: dict | None,
+    wall: dict,
+    missing: Sequence[Cell],
+) -> str:
     from .report import condition_order, method_order, task_order
 
-    lines = ["# The evidence study (issue 25)", "",
-             "Generated by `python -m stages.study_report` from the study's eval.json files, the teachers' zero-shot "
-             "scores and the selection diagnostic; nothing here is typed by hand.", "",
-             f"Seeds {sp.seeds} (hyperparameters were tuned on seeds {sp.tuning_seeds}, never on these, and on "
-             "validation only). Each cell: mean ± std (seeds) of the test metric; below it the paired per-seed Δ "
-             "against the baseline of the same init, its 95% t interval (n − 1 df), the p-value and the relative "
-             "gain. ▲/▼ only when the interval excludes 0. Floor: `blind` (image blanked); ceiling: the teacher's "
-             "zero-shot score.", ""]  # fmt: skip
+    lines = [
+        "# The evidence study (issue 25)",
+        "",
+        "Generated by `python -m stages.study_report` from the study's eval.json files, the teachers' zero-shot "
+        "scores and the selection diagnostic; nothing here is typed by hand.",
+        "",
+        f"Seeds {sp.seeds} (hyperparameters were tuned on seeds {sp.tuning_seeds}, never on these, and on "
+        "validation only). Each cell: mean ± std (seeds) of the test metric; below it the paired per-seed Δ "
+        "against the baseline of the same init, its 95% t interval (n − 1 df), the p-value and the relative "
+        "gain. ▲/▼ only when the interval excludes 0. Floor: `blind` (image blanked); ceiling: the teacher's "
+        "zero-shot score.",
+        "",
+    ]
     if missing:
-        lines += [f"**Incomplete: {len(missing)} cell(s) not finished** (e.g. {missing[0].variant}/{missing[0].name}); "
-                  "rerun `make study` to resume.", ""]  # fmt: skip
+        lines += [
+            f"**Incomplete: {len(missing)} cell(s) not finished** (e.g. {missing[0].variant}/{missing[0].name}); "
+            "rerun `make study` to resume.",
+            "",
+        ]
 
     lines += ["## Verdicts", "", "| target | value | status |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['value']} | **{t['status']}** |" for t in tgts]
@@ -557,34 +714,51 @@ def markdown(sp: StudyParams, summaries: dict[str, list[dict]], zeroshot: dict, 
             ss = [s for s in summary if s["task"] == task]
             conds = sorted({s["condition"] for s in ss}, key=condition_order)
             methods = sorted({s["method"] for s in ss}, key=lambda m: method_order(m, BASELINE, BLIND))
-            lines += [f"### {task} ({ss[0]['primary_metric']})", "",
-                      "| method | " + " | ".join(conds) + " |", "|---|" + "---|" * len(conds)]  # fmt: skip
+            lines += [
+                f"### {task} ({ss[0]['primary_metric']})",
+                "",
+                "| method | " + " | ".join(conds) + " |",
+                "|---|" + "---|" * len(conds),
+            ]
             for m in methods:
                 texts = [format_cell(c) if (c := _cell(ss, task, cond, m)) else "·" for cond in conds]
                 label = "blind (text only)" if m == BLIND else m
                 lines.append(f"| {label} | " + " | ".join(texts) + " |")
             z = zeroshot.get(teacher, {}).get(task, {})
-            lines.append("| teacher zero-shot | " + " | ".join(
-                fmt(z[c]["score"]) if c in z else "not measured" for c in conds) + " |")  # fmt: skip
+            lines.append(
+                "| teacher zero-shot | "
+                + " | ".join(fmt(z[c]["score"]) if c in z else "not measured" for c in conds)
+                + " |"
+            )
             lines.append("")
 
     if dose:
-        lines += ["## Teacher dose-response", "",
-                  "clip_td's paired Δ against the baseline (same init, seeds) when distilled from the teacher after "
-                  "N pretraining steps (0 = random init).", "",
-                  "| init | task | condition | teacher steps | teacher retrieval top-1 | teacher zero-shot | Δ | 95% CI | p |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "## Teacher dose-response",
+            "",
+            "clip_td's paired Δ against the baseline (same init, seeds) when distilled from the teacher after "
+            "N pretraining steps (0 = random init).",
+            "",
+            "| init | task | condition | teacher steps | teacher retrieval top-1 | teacher zero-shot | Δ | "
+            "95% CI | p |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for d in dose:
-            lines.append(f"| {d['init']} | {d['task']} | {d['condition']} | {d['steps']} | {fmt(d['retrieval_top1'])} "
-                         f"| {fmt(d['zeroshot'])} | {fmt(d['delta_mean'], sign=True)} | {_ci(d['ci95'])} | "
-                         f"{fmt_p(d['p'])} |")  # fmt: skip
+            lines.append(
+                f"| {d['init']} | {d['task']} | {d['condition']} | {d['steps']} | {fmt(d['retrieval_top1'])} "
+                f"| {fmt(d['zeroshot'])} | {fmt(d['delta_mean'], sign=True)} | {_ci(d['ci95'])} | "
+                f"{fmt_p(d['p'])} |"
+            )
         lines.append("")
 
     abl = [m for m in sp.ablation.methods]
     if abl:
-        lines += ["## Ablations (against clip_td, paired per seed)", "",
-                  "| task | condition | ablation | Δ vs baseline | Δ vs clip_td | 95% CI (vs clip_td) | p |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "## Ablations (against clip_td, paired per seed)",
+            "",
+            "| task | condition | ablation | Δ vs baseline | Δ vs clip_td | 95% CI (vs clip_td) | p |",
+            "|---|---|---|---|---|---|---|",
+        ]
         summary = summaries.get(f"{sp.ablation.inits[0]}-{FULL_TEACHER}", []) if sp.ablation.inits else []
         for task in sp.tasks:
             for cond in sp.ablation.conditions:
@@ -593,28 +767,41 @@ def markdown(sp: StudyParams, summaries: dict[str, list[dict]], zeroshot: dict, 
                     if c is None:
                         continue
                     h = c.get("_vs_clip_td") or {}
-                    lines.append(f"| {task} | {cond} | {m} | {fmt(((c.get('paired') or {}).get('mean')), sign=True)} | "
-                                 f"{fmt(h.get('mean'), sign=True)} | {_ci(h.get('ci95'))} | {fmt_p(h.get('p'))} |")  # fmt: skip
+                    lines.append(
+                        f"| {task} | {cond} | {m} | {fmt(((c.get('paired') or {}).get('mean')), sign=True)} | "
+                        f"{fmt(h.get('mean'), sign=True)} | {_ci(h.get('ci95'))} | {fmt_p(h.get('p'))} |"
+                    )
         lines.append("")
 
     if selection:
-        lines += ["## Selection quality", "",
-                  "Share of the selected image tokens (clip_td's top-ρ_v on the student grid, computed from the cache "
-                  "as in training) that fall on objects the instance's text names, against random selection of as "
-                  "many tokens (its expected share). Δ: paired per instance, 95% t interval.", "",
-                  "| teacher | task | n | selected | random | Δ | 95% CI |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "## Selection quality",
+            "",
+            "Share of the selected image tokens (clip_td's top-ρ_v on the student grid, computed from the cache "
+            "as in training) that fall on objects the instance's text names, against random selection of as "
+            "many tokens (its expected share). Δ: paired per instance, 95% t interval.",
+            "",
+            "| teacher | task | n | selected | random | Δ | 95% CI |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for teacher, s in selection.get("teachers", {}).items():
             for task, r in s.get("tasks", {}).items():
-                lines.append(f"| {teacher} | {task} | {r['n']} | {fmt(r['selected_share'])} | {fmt(r['random_share'])} "
-                             f"| {fmt(r['delta_mean'], sign=True)} | {_ci(r['ci95'])} |")  # fmt: skip
+                lines.append(
+                    f"| {teacher} | {task} | {r['n']} | {fmt(r['selected_share'])} | {fmt(r['random_share'])} "
+                    f"| {fmt(r['delta_mean'], sign=True)} | {_ci(r['ci95'])} |"
+                )
         lines.append("")
 
     span = "n/a" if wall["span_seconds"] is None else f"{wall['span_seconds'] / 3600:.2f} h"
-    lines += ["## Wall time", "",
-              f"{wall['cells']} cells, {wall['cell_seconds']:.0f} s of cell time (mean {fmt(wall['mean_cell_seconds'], 1)} s "
-              f"per cell) + {wall['other_stage_seconds']:.0f} s for teacher snapshots, caches and diagnostics = "
-              f"**{wall['total_seconds'] / 3600:.2f} h**; first start to last end: "
-              f"{span}.", ""]  # fmt: skip
+    lines += [
+        "## Wall time",
+        "",
+        f"{wall['cells']} cells, {wall['cell_seconds']:.0f} s of cell time "
+        f"(mean {fmt(wall['mean_cell_seconds'], 1)} s per cell) + {wall['other_stage_seconds']:.0f} s for teacher snapshots, caches and diagnostics = "
+        f"**{wall['total_seconds'] / 3600:.2f} h**; first start to last end: "
+        f"{span}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -638,12 +825,20 @@ def plot(summaries: dict[str, list[dict]], dose: Sequence[dict], path: Path, dos
         for k, (variant, ss) in enumerate(sorted(summaries.items())):
             if not variant.endswith(f"-{FULL_TEACHER}"):
                 continue
-            cs = sorted([s for s in ss if s["task"] == task and s["method"] == "clip_td" and s["paired"]
-                         and s["paired"]["ci95"]], key=lambda s: condition_order(s["condition"]))  # fmt: skip
+            cs = sorted(
+                [
+                    s
+                    for s in ss
+                    if s["task"] == task and s["method"] == "clip_td" and s["paired"] and s["paired"]["ci95"]
+                ],
+                key=lambda s: condition_order(s["condition"]),
+            )
             xs = [i + 0.15 * k for i in range(len(cs))]
             ys = [s["paired"]["mean"] for s in cs]
-            err = [[s["paired"]["mean"] - s["paired"]["ci95"][0] for s in cs],
-                   [s["paired"]["ci95"][1] - s["paired"]["mean"] for s in cs]]  # fmt: skip
+            err = [
+                [s["paired"]["mean"] - s["paired"]["ci95"][0] for s in cs],
+                [s["paired"]["ci95"][1] - s["paired"]["mean"] for s in cs],
+            ]
             ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=variant.split("-")[0])
             ax.set_xticks(range(len(cs)), [s["condition"] for s in cs], rotation=30, fontsize=7)
         ax.axhline(0, color="grey", lw=0.8)
@@ -655,8 +850,14 @@ def plot(summaries: dict[str, list[dict]], dose: Sequence[dict], path: Path, dos
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for key in sorted({(d["init"], d["task"], d["condition"]) for d in dose}):
-        ds = sorted([d for d in dose if (d["init"], d["task"], d["condition"]) == key and d["delta_mean"] is not None],
-                    key=_dose_order)  # fmt: skip
+        ds = sorted(
+            [
+                d
+                for d in dose
+                if (d["init"], d["task"], d["condition"]) == key and d["delta_mean"] is not None
+            ],
+            key=_dose_order,
+        )
         if ds:
             xs = [d["steps"] if d["steps"] is not None else max(x["steps"] or 0 for x in ds) + 1 for d in ds]
             ax.plot(xs, [d["delta_mean"] for d in ds], "o-", label=" ".join(key[1:]))
@@ -676,8 +877,9 @@ def teachers(sp: StudyParams) -> list[str]:
     return [FULL_TEACHER] + [teacher_name(s) for s in sorted(set(sp.dose.steps)) if sp.dose.methods]
 
 
-def write_study_report(sp: StudyParams, runs: str | Path, out_dir: str | Path,
-                       teacher_path: str | Path | None = None) -> dict:  # fmt: skip
+def write_study_report(
+    sp: StudyParams, runs: str | Path, out_dir: str | Path, teacher_path: str | Path | None = None
+) -> dict:
     """Aggregate the study into OUT/results.md, summary.json, targets.json, selection.json, study.png and
     dose.png, written beside the destination and renamed into place together once all succeeded. Reads the
     files of the current grid's teachers only (layout in stages/study_report.py). Returns the targets."""
@@ -710,14 +912,24 @@ def write_study_report(sp: StudyParams, runs: str | Path, out_dir: str | Path,
     wall = wall_time(rows, [m for p in timed if (m := load_optional_json(p))])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"results": "results.md", "summary": "summary.json", "targets": "targets.json",
-             "selection": "selection.json", "plot": "study.png", "dose": "dose.png"}  # fmt: skip
+    files = {
+        "results": "results.md",
+        "summary": "summary.json",
+        "targets": "targets.json",
+        "selection": "selection.json",
+        "plot": "study.png",
+        "dose": "dose.png",
+    }
     with tempfile.TemporaryDirectory(dir=out, prefix=".study-") as tmp_dir:
         tmp = {k: Path(tmp_dir) / n for k, n in files.items()}
         tmp["results"].write_text(markdown(sp, summaries, zeroshot, dose, tgts, selection, wall, missing))
         tmp["summary"].write_text(json.dumps(summary_entries(summaries, zeroshot), indent=1) + "\n")
-        tmp["targets"].write_text(json.dumps({"targets": tgts, "dose": dose, "wall_time": wall,
-                                              "missing_cells": len(missing)}, indent=1) + "\n")  # fmt: skip
+        tmp["targets"].write_text(
+            json.dumps(
+                {"targets": tgts, "dose": dose, "wall_time": wall, "missing_cells": len(missing)}, indent=1
+            )
+            + "\n"
+        )
         tmp["selection"].write_text(json.dumps(selection or {}, indent=1) + "\n")
         plot(summaries, dose, tmp["plot"], tmp["dose"])
         for k, n in files.items():

@@ -54,8 +54,9 @@ from stages.common import params_options, stage_params
     "--stop-at",
     type=click.IntRange(min=0),
     default=None,
-    help="Stop after this many steps (0: save the random init only), the learning rate still on the schedule of teacher.pretrain.steps (a "
-    "snapshot is then the full run's teacher at that step); no OUT/teacher.pt is written. [default: all steps]",
+    help="Stop after this many steps (0: save the random init only), the learning rate still on the "
+    "schedule of teacher.pretrain.steps (a snapshot is then the full run's teacher at that step); no "
+    "OUT/teacher.pt is written. [default: all steps]",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(params_path, overrides, captions, val, out, metrics_path, device, save_at, stop_at, quiet) -> None:
@@ -97,7 +98,8 @@ def main(params_path, overrides, captions, val, out, metrics_path, device, save_
         line += f"\n  chance: {ch['random']:.3f} / hard {hard_ch}"
     for step, snap in m.get("snapshots", {}).items():
         r = snap["all"]
-        line += f"\n  step {step}: top1 {r['random_top1']:.3f} (chance {r['random_chance']:.3f}) -> {snap['checkpoint']}"
+        line += f"\n  step {step}: top1 {r['random_top1']:.3f} (chance {r['random_chance']:.3f})"
+        line += f" -> {snap['checkpoint']}"
     click.echo(line + f"\n  -> {m['checkpoint'] or 'no teacher.pt (stopped early)'}, {metrics_path}")
 
 

@@ -27,8 +27,12 @@ from stages.common import params_options, stage_params
 @click.option(
     "--split", default="train", help="The split whose instances are scored (what distillation sees)."
 )
-@click.option("--min-cover", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.1,
-              help="Share of a grid cell's area an object's box must cover for the cell to be on it.")  # fmt: skip
+@click.option(
+    "--min-cover",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=0.1,
+    help="Share of a grid cell's area an object's box must cover for the cell to be on it.",
+)
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -69,8 +73,14 @@ def main(study_path, caches, data_root, split, min_cover, out, params_path, over
             by_task[inst.task].append(inst)
     cfg = method_config("clip_td", params.distill)
     g_s = params.student.image_size // params.student.patch_size
-    result = {"split": split, "grid": g_s, "rho_v": cfg.rho_v, "selection": cfg.selection, "min_cover": min_cover,
-              "teachers": {}}  # fmt: skip
+    result = {
+        "split": split,
+        "grid": g_s,
+        "rho_v": cfg.rho_v,
+        "selection": cfg.selection,
+        "min_cover": min_cover,
+        "teachers": {},
+    }
     for name, path in named.items():
         try:
             tc = TeacherCache(path)

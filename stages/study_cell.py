@@ -35,9 +35,19 @@ from student.losses import METHODS
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
 @params_options
 def main(
-    study_path, task, condition, method, seed, init, cache, teacher_checkpoint, data_root, out, params_path,
+    study_path,
+    task,
+    condition,
+    method,
+    seed,
+    init,
+    cache,
+    teacher_checkpoint,
+    data_root,
+    out,
+    params_path,
     overrides,
-):  # fmt: skip
+):
     """Train one study cell from scratch (params.yaml + study.overrides + --set, student.init=INIT) and write
     OUT/student.pt, OUT/train.json and OUT/eval.json (the resume checkpoint is removed once the cell is done).
     eval.json's `cell` records init, teacher cache, the cell's own wall seconds and when it started and ended
@@ -59,10 +69,14 @@ def main(
         extra["teacher__pretrained"] = teacher_checkpoint
     params = stage_params(params_path, (*override_args(sp, **extra), *overrides))
     run = RunSpec(
-        task=task, condition=condition, method=method, seed=seed,
+        task=task,
+        condition=condition,
+        method=method,
+        seed=seed,
         data_root=data_root or str(Path(params.data.out) / params.data.source),
-        cache=cache or params.cache.store, out=str(out),
-    )  # fmt: skip
+        cache=cache or params.cache.store,
+        out=str(out),
+    )
     try:
         run_student(params, run, resume=False, progress=False)
         result = evaluate_run(out, params)

@@ -16,8 +16,12 @@ from stages.common import params_options, stage_params
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--study", "study_path", default="study/params.yaml", help="The study's parameters (study.*).")
 @click.option("--cache", required=True, help="The teacher cache (Zarr store) to score.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Where to write {task: {condition: {metric, score, chance, n, how}}}.")  # fmt: skip
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write {task: {condition: {metric, score, chance, n, how}}}.",
+)
 @params_options
 def main(study_path, cache, out, params_path, overrides) -> None:
     """The ceiling beside every study cell: stages.zeroshot's scoring (pipeline.zeroshot.task_zeroshot, from
@@ -45,10 +49,17 @@ def main(study_path, cache, out, params_path, overrides) -> None:
     result: dict = {}
     for task in sp.tasks:
         for z in task_zeroshot(
-            tc, task, conditions, train, val, test,
-            vocab=vocab, vqa_candidates=params.distill.vqa_candidates,
-            shift_key=pp.shift_key, shift_target=pp.shift_target_domain,
-        ):  # fmt: skip
+            tc,
+            task,
+            conditions,
+            train,
+            val,
+            test,
+            vocab=vocab,
+            vqa_candidates=params.distill.vqa_candidates,
+            shift_key=pp.shift_key,
+            shift_target=pp.shift_target_domain,
+        ):
             result.setdefault(task, {})[z.condition] = z.as_dict()
             click.echo(f"{task}/{z.condition}: {z.metric} {z.score:.4f} (chance {z.chance:.4f}, n={z.n})")
     result_seconds = round(time.time() - t0, 2)

@@ -21,8 +21,16 @@ def _obj(shape, colour, x, y, r=6.0, size="small"):
 
 def _inst(key, question, objects, answer="red"):
     scene = {"domain": "plain", "image_size": SIZE, "seed": 0, "objects": objects}
-    return Instance(key=key, task="vqa", image_id=f"img-{key}", split="train", question=question, answer=answer,
-                    human_answers=[answer] * 10, meta={"template": "t", "scene": scene})  # fmt: skip
+    return Instance(
+        key=key,
+        task="vqa",
+        image_id=f"img-{key}",
+        split="train",
+        question=question,
+        answer=answer,
+        human_answers=[answer] * 10,
+        meta={"template": "t", "scene": scene},
+    )
 
 
 def test_cells_follow_the_object_box_in_row_major_order():
@@ -84,8 +92,11 @@ class _AlignedCache:
         e = 8
         pooled = torch.zeros(len(texts), e)
         pooled[:, 0] = 1.0
-        return {"tokens": [torch.ones(5, e) for _ in texts], "pooled": pooled,
-                "lengths": torch.full((len(texts),), 5, dtype=torch.long)}  # fmt: skip
+        return {
+            "tokens": [torch.ones(5, e) for _ in texts],
+            "pooled": pooled,
+            "lengths": torch.full((len(texts),), 5, dtype=torch.long),
+        }
 
 
 def _world():

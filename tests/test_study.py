@@ -82,12 +82,14 @@ SEEDS = [100, 101, 102]
 
 def _study() -> StudyParams:
     return StudyParams(
-        seeds=SEEDS, tasks=["vqa"],
+        seeds=SEEDS,
+        tasks=["vqa"],
         main=Group(["lowshot-0.05", "shift", "full"], ["blind", "baseline", "naive_kd", "clip_td"]),
-        scratch=Group([], []), extra=Group([], []),
+        scratch=Group([], []),
+        extra=Group([], []),
         ablation=Group(["lowshot-0.05"], ["clip_td_no_select"]),
         dose=DoseGroup(["shift"], ["clip_td"], steps=[0]),
-    )  # fmt: skip
+    )
 
 
 OFFSET = {"blind": -0.20, "baseline": 0.0, "naive_kd": 0.01, "clip_td": 0.05, "clip_td_no_select": 0.02}
@@ -96,11 +98,14 @@ OFFSET = {"blind": -0.20, "baseline": 0.0, "naive_kd": 0.01, "clip_td": 0.05, "c
 def _eval(runs: Path, variant: str, cond: str, method: str, seed: int, value: float) -> None:
     d = runs / variant / f"vqa-{cond}-{method}-s{seed}"
     d.mkdir(parents=True)
-    data = {"run": {"task": "vqa", "condition": cond, "method": method, "seed": seed},
-            "primary_metric": "vqa_score", "primary": value,
-            "metrics": {"overall": {"vqa_score": value}, "per_domain": {}, "n": 50},
-            "train": {"steps": 20, "train_seconds": 1.0},
-            "cell": {"wall_seconds": 2.0, "started": 1000.0 + seed, "finished": 1002.0 + seed}}  # fmt: skip
+    data = {
+        "run": {"task": "vqa", "condition": cond, "method": method, "seed": seed},
+        "primary_metric": "vqa_score",
+        "primary": value,
+        "metrics": {"overall": {"vqa_score": value}, "per_domain": {}, "n": 50},
+        "train": {"steps": 20, "train_seconds": 1.0},
+        "cell": {"wall_seconds": 2.0, "started": 1000.0 + seed, "finished": 1002.0 + seed},
+    }
     (d / "eval.json").write_text(json.dumps(data))
 
 
@@ -122,9 +127,23 @@ def _fill(runs: Path, full_offset: float = 0.05, skip: tuple = ()) -> None:
     (runs / "zeroshot").mkdir()
     (runs / "zeroshot" / "full.json").write_text(json.dumps(z))
     (runs / "zeroshot" / "step0.json").write_text(json.dumps({"vqa": {"shift": {"score": 0.26}}}))
-    sel = {"teachers": {"full": {"tasks": {"vqa": {"n": 40, "selected_share": 0.6, "random_share": 0.3,
-                                                   "delta_mean": 0.3, "ci95": [0.2, 0.4], "p": 0.001}}}},
-           "seconds": 3.0}  # fmt: skip
+    sel = {
+        "teachers": {
+            "full": {
+                "tasks": {
+                    "vqa": {
+                        "n": 40,
+                        "selected_share": 0.6,
+                        "random_share": 0.3,
+                        "delta_mean": 0.3,
+                        "ci95": [0.2, 0.4],
+                        "p": 0.001,
+                    }
+                }
+            }
+        },
+        "seconds": 3.0,
+    }
     (runs / "selection").mkdir()
     (runs / "selection" / "full.json").write_text(json.dumps(sel))
 

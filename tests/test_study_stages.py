@@ -12,10 +12,18 @@ from pipeline.config import dump_defaults
 from tests.test_train_student import build_world
 
 SETS = [
-    "teacher.precision=fp32", "student.width=32", "student.layers=1", "student.heads=2", "student.image_size=32",
-    "student.patch_size=8", "student.max_text_len=24", "student.dropout=0.0", "train.batch_size=8",
-    "train.warmup=2", "train.eval_every=3",
-]  # fmt: skip
+    "teacher.precision=fp32",
+    "student.width=32",
+    "student.layers=1",
+    "student.heads=2",
+    "student.image_size=32",
+    "student.patch_size=8",
+    "student.max_text_len=24",
+    "student.dropout=0.0",
+    "train.batch_size=8",
+    "train.warmup=2",
+    "train.eval_every=3",
+]
 
 
 def test_a_cell_trains_scores_and_times_itself_and_selection_reads_the_scenes(tmp_path):
@@ -27,15 +35,35 @@ def test_a_cell_trains_scores_and_times_itself_and_selection_reads_the_scenes(tm
     params.write_text(dump_defaults())
     study = tmp_path / "study.yaml"
     overrides = {"train.steps": 4, "train.checkpoint_every": 2}
-    study.write_text(yaml.safe_dump({"study": {"seeds": [100], "tasks": ["vqa"], "overrides": overrides,
-                                               "selection_instances": 40}}))  # fmt: skip
+    study.write_text(
+        yaml.safe_dump(
+            {"study": {"seeds": [100], "tasks": ["vqa"], "overrides": overrides, "selection_instances": 40}}
+        )
+    )
     sets = [*SETS, f"teacher.model={cfg}", f"teacher.pretrained={root / 'teacher.pt'}"]
     common = ["--params", str(params), "--study", str(study)]
     for s in sets:
         common += ["--set", s]
     out = tmp_path / "runs" / "scratch-full" / "vqa-full-clip_td-s100"
-    args = ["--task", "vqa", "--condition", "full", "--method", "clip_td", "--seed", "100", "--init", "scratch",
-            "--cache", store, "--data", str(root / "shards"), "--out", str(out), *common]  # fmt: skip
+    args = [
+        "--task",
+        "vqa",
+        "--condition",
+        "full",
+        "--method",
+        "clip_td",
+        "--seed",
+        "100",
+        "--init",
+        "scratch",
+        "--cache",
+        store,
+        "--data",
+        str(root / "shards"),
+        "--out",
+        str(out),
+        *common,
+    ]
     res = CliRunner().invoke(cell, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     ev = json.loads((out / "eval.json").read_text())
@@ -52,8 +80,11 @@ def test_a_cell_trains_scores_and_times_itself_and_selection_reads_the_scenes(tm
     assert res.exit_code != 0 and "disjoint" in res.output
 
     sel_out = tmp_path / "selection.json"
-    res = CliRunner().invoke(selection, ["--cache", f"full={store}", "--data", str(root / "shards"),
-                                         "--out", str(sel_out), *common], catch_exceptions=False)  # fmt: skip
+    res = CliRunner().invoke(
+        selection,
+        ["--cache", f"full={store}", "--data", str(root / "shards"), "--out", str(sel_out), *common],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     r = json.loads(sel_out.read_text())["teachers"]["full"]["tasks"]["vqa"]
     # The generated scenes' metadata locates named objects for most questions; shares are proper fractions.
