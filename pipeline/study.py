@@ -822,28 +822,32 @@ def plot(summaries: dict[str, list[dict]], dose: Sequence[dict], path: Path, dos
     tasks = sorted({s["task"] for ss in summaries.values() for s in ss}, key=task_order) or ["none"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=False):
+        # One x position per condition of any init, so the inits' points for a condition sit side by side.
+        conds = sorted(
+            {s["condition"] for ss in summaries.values() for s in ss if s["task"] == task},
+            key=condition_order,
+        )
         for k, (variant, ss) in enumerate(sorted(summaries.items())):
             if not variant.endswith(f"-{FULL_TEACHER}"):
                 continue
-            cs = sorted(
-                [
-                    s
-                    for s in ss
-                    if s["task"] == task and s["method"] == "clip_td" and s["paired"] and s["paired"]["ci95"]
-                ],
-                key=lambda s: condition_order(s["condition"]),
-            )
-            xs = [i + 0.15 * k for i in range(len(cs))]
+            cs = [
+                s
+                for s in ss
+                if s["task"] == task and s["method"] == "clip_td" and s["paired"] and s["paired"]["ci95"]
+            ]
+            xs = [conds.index(s["condition"]) + 0.15 * k for s in cs]
             ys = [s["paired"]["mean"] for s in cs]
             err = [
                 [s["paired"]["mean"] - s["paired"]["ci95"][0] for s in cs],
                 [s["paired"]["ci95"][1] - s["paired"]["mean"] for s in cs],
             ]
-            ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=variant.split("-")[0])
-            ax.set_xticks(range(len(cs)), [s["condition"] for s in cs], rotation=30, fontsize=7)
+            if cs:
+                ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=variant.split("-")[0])
+        ax.set_xticks(range(len(conds)), conds, rotation=30, fontsize=7)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_title(f"{task}: clip_td − baseline (95% CI)", fontsize=9)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
