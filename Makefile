@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup repro test lint bench clean
+.PHONY: setup repro study test lint bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,16 @@ $(STAMP): pyproject.toml
 repro: setup
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# The evidence study (study/dvc.yaml, sized in docs/study.md): every cell is a stage, so rerunning `make study`
+# after an interrupt resumes at the first unfinished cell. The VL-pretrained student is built here only while
+# dvc.yaml has no pretrain_student stage of its own to build it.
+study: setup
+	test -d .dvc || $(BIN)/dvc init -q
+	grep -q "pretrain_student:" dvc.yaml || test -f artifacts/student_pretrained/student.pt || { \
+	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro prepare && \
+	  $(BIN)/python -m stages.pretrain_student --quiet; }
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro study/dvc.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -36,6 +36,11 @@ from .teacher import Teacher, autocast_dtype, create_teacher, register_model
 CHECKPOINT_NAME = "teacher.pt"
 
 
+def snapshot_name(step: int) -> str:
+    """The file an intermediate teacher is saved to (``save_at``): the weights after ``step`` optimiser steps."""
+    return f"teacher-step{step}.pt"
+
+
 @dataclass
 class CaptionCorpus:
     """Caption instances with their images decoded once (rows of ``images`` are unique image ids)."""
@@ -255,8 +260,16 @@ def pretrain_teacher(
     metrics_path: str | Path | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    save_at: tuple[int, ...] | list[int] = (),
+    stop_at: int | None = None,
 ) -> dict:
     """Pretrain ``params.model`` from random init on ``captions``; write ``out/teacher.pt`` and the metrics.
+
+    ``save_at`` also writes ``out/teacher-step<N>.pt`` with the weights after N steps (0: the random init),
+    for the study's teacher dose-response. ``stop_at`` ends the run after that many steps while the learning
+    rate still follows the schedule of ``params.pretrain.steps``, so a snapshot is exactly the full run's
+    teacher at that point; a stopped run writes no ``teacher.pt`` (it is not the full teacher). Every
+    snapshot's zero-shot retrieval on ``val`` goes into ``metrics["snapshots"]``.
 
     Returns the metrics dict (also written to ``metrics_path`` when given).
     """
@@ -264,6 +277,15 @@ def pretrain_teacher(
     from tqdm import tqdm
 
     p = params.pretrain
+    steps_run = p.steps if stop_at is None else stop_at
+    if not 0 <= steps_run <= p.steps:
+        raise ValueError(f"stop_at {stop_at}: must be in 0..teacher.pretrain.steps ({p.steps})")
+    bad = [s for s in save_at if not 0 <= s <= steps_run]
+    if bad:
+        raise ValueError(
+            f"save_at {bad[0]}: a snapshot step must be in 0..{steps_run} (the steps this run trains)"
+        )
+    save_set = set(save_at)
     if p.threads > 0:
         torch.set_num_threads(p.threads)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -295,9 +317,23 @@ def pretrain_teacher(
     text_ids = text_ids.to(device)
     losses: list[float] = []
 
+    out = Path(out)
+    snapshots: dict[int, Path] = {}
+    fingerprint = corpus.fingerprint
+
+    def snapshot(step: int) -> None:
+        snap = out / snapshot_name(step)
+        meta = {"model": name, "model_source": params.model, "model_config": open_clip.get_model_config(name),
+                "steps": step, "planned_steps": p.steps, "batch_size": p.batch_size, "seed": p.seed,
+                "data_fingerprint": fingerprint}  # fmt: skip
+        _save_checkpoint(model, snap, meta)
+        snapshots[step] = snap
+
     t0 = time.perf_counter()
-    bar = tqdm(range(p.steps), desc="pretrain teacher", unit="step", disable=not progress, mininterval=2)
+    bar = tqdm(range(steps_run), desc="pretrain teacher", unit="step", disable=not progress, mininterval=2)
     for step in bar:
+        if step in save_set:
+            snapshot(step)
         lr = cosine_lr(step, p.lr, p.warmup, p.steps)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -317,9 +353,10 @@ def pretrain_teacher(
         losses.append(float(loss.detach()))
         if step % 10 == 0 or step == p.steps - 1:
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
+    if steps_run in save_set:
+        snapshot(steps_run)
     seconds = time.perf_counter() - t0
 
-    out = Path(out)
     ckpt = out / CHECKPOINT_NAME
     meta = {
         "model": name,
@@ -330,16 +367,19 @@ def pretrain_teacher(
         "seed": p.seed,
         "data_fingerprint": corpus.fingerprint,
     }
-    _save_checkpoint(model, ckpt, meta)
+    complete = steps_run == p.steps
+    if complete:
+        _save_checkpoint(model, ckpt, meta)
 
-    window = max(1, min(20, p.steps // 5))
-    every = max(1, p.steps // 50)
+    window = max(1, min(20, steps_run // 5))
+    every = max(1, steps_run // 50)
     metrics: dict[str, Any] = {
-        "steps": p.steps,
+        "steps": steps_run,
+        "planned_steps": p.steps,
         "batch_size": p.batch_size,
-        "pairs_seen": p.steps * p.batch_size,
+        "pairs_seen": steps_run * p.batch_size,
         "seconds": round(seconds, 2),
-        "seconds_per_step": round(seconds / max(p.steps, 1), 4),
+        "seconds_per_step": round(seconds / max(steps_run, 1), 4),
         "load_seconds": round(load_seconds, 2),
         "device": str(device),
         "train_instances": len(corpus),
@@ -349,11 +389,24 @@ def pretrain_teacher(
         "last_loss": losses[-1] if losses else None,
         "loss_curve": [[s, float(np.mean(losses[s : s + every]))] for s in range(0, len(losses), every)],
         "logit_scale": float(model.logit_scale.detach().exp()),
-        "checkpoint": str(ckpt),
+        "checkpoint": str(ckpt) if complete else None,
     }
     del images, text_ids, corpus  # the training corpus is not needed for evaluation
 
-    if val is not None:
+    if val is not None and snapshots:
+        metrics["eval_captions"], metrics["snapshots"] = p.eval_captions, {}
+        for step, snap in sorted(snapshots.items()):
+            teacher = create_teacher(
+                params.model, pretrained=str(snap), device=device, precision=params.precision
+            )
+            r = evaluate_retrieval(
+                teacher,
+                load_caption_corpus(val, teacher, progress=False),
+                n_captions=p.eval_captions,
+                seed=p.seed,
+            )
+            metrics["snapshots"][str(step)] = {"checkpoint": str(snap), "all": r["all"]}
+    if val is not None and complete:
         t_eval = time.perf_counter()
         # Evaluate through the same loader every later stage uses, which also proves the checkpoint loads.
         teacher = create_teacher(

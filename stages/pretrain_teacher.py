@@ -49,8 +49,23 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     default="auto",
     help="Torch device to train on; 'auto' picks CUDA when available, else CPU.",
 )
+@click.option(
+    "--save-at",
+    type=click.IntRange(min=0),
+    multiple=True,
+    help="Also save OUT/teacher-step<N>.pt, the teacher after N steps (0: its random init); repeatable. "
+    "The study's teacher dose-response distils from these.",
+)
+@click.option(
+    "--stop-at",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Stop after this many steps (0: save the random init only), the learning rate still on the "
+    "schedule of teacher.pretrain.steps (a snapshot is then the full run's teacher at that step); no "
+    "OUT/teacher.pt is written. [default: all steps]",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def main(params_path, overrides, captions, val, out, metrics_path, device, quiet) -> None:
+def main(params_path, overrides, captions, val, out, metrics_path, device, save_at, stop_at, quiet) -> None:
     """Pretrain the embedded teacher contrastively (open_clip ClipLoss) from random init.
 
     The teacher is the model in teacher.model (default: the tiny ViT config shipped in
@@ -69,8 +84,12 @@ def main(params_path, overrides, captions, val, out, metrics_path, device, quiet
         metrics_path,
         device=None if device == "auto" else device,
         progress=not quiet,
+        save_at=save_at,
+        stop_at=stop_at,
     )
-    line = f"teacher: {m['steps']} steps in {m['seconds']:.0f}s, loss {m['initial_loss']:.3f} -> {m['final_loss']:.3f}"
+    line = f"teacher: {m['steps']} steps in {m['seconds']:.0f}s"
+    if m["initial_loss"] is not None:
+        line += f", loss {m['initial_loss']:.3f} -> {m['final_loss']:.3f}"
     for dom, r in m.get("domains", {}).items():
         hard = f"{r['hard_top1']:.3f}" if r["hard_top1"] is not None else "n/a"
         line += f"\n  {dom}: top1@{m['eval_captions']} {r['random_top1']:.3f}, hard {hard} (n={r['n']})"
@@ -78,7 +97,11 @@ def main(params_path, overrides, captions, val, out, metrics_path, device, quiet
         ch = m["chance"]
         hard_ch = f"{ch['hard']:.3f}" if ch["hard"] is not None else "n/a"
         line += f"\n  chance: {ch['random']:.3f} / hard {hard_ch}"
-    click.echo(line + f"\n  -> {m['checkpoint']}, {metrics_path}")
+    for step, snap in m.get("snapshots", {}).items():
+        r = snap["all"]
+        line += f"\n  step {step}: top1 {r['random_top1']:.3f} (chance {r['random_chance']:.3f})"
+        line += f" -> {snap['checkpoint']}"
+    click.echo(line + f"\n  -> {m['checkpoint'] or 'no teacher.pt (stopped early)'}, {metrics_path}")
 
 
 if __name__ == "__main__":

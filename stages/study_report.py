@@ -1,0 +1,53 @@
+"""Stage `study_report`: the evidence study's results.md, summary.json, targets.json, selection.json and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.report import ReportError
+from pipeline.study import StudyError, load_study
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--study", "study_path", default="study/params.yaml", help="The study's parameters (study.*).")
+@click.option(
+    "--runs",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("study/runs"),
+    help="The study's work folder: RUNS/<init>-<teacher>/<cell>/eval.json, RUNS/zeroshot/<teacher>.json, "
+    "RUNS/selection/<teacher>.json, RUNS/metrics/{teacher,extract}-step<N>.json.",
+)
+@click.option(
+    "--teacher",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("metrics/teacher.json"),
+    help="The finished teacher's metrics (its steps and retrieval score, for the dose-response table).",
+)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/study"))
+def main(study_path, runs, teacher, out) -> None:
+    """Aggregate every finished cell of the current grid with pipeline/report.py's paired t statistics: per
+    init and teacher a table per task with the blind floor and the teacher's zero-shot score beside every
+    condition; the teacher dose-response; the ablations against clip_td; the selection diagnostic; a verdict
+    per target of issue 25 computed from these numbers; the wall time. A study still running gives a report
+    marked incomplete. Everything is written beside OUT and renamed into place once all of it succeeded."""
+    from pipeline.study import write_study_report
+
+    try:
+        sp = load_study(study_path)
+    except StudyError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        result = write_study_report(sp, runs, out, teacher_path=teacher)
+    except (ReportError, OSError, ValueError) as e:
+        raise click.ClickException(" ".join(str(e).split())) from None
+    for t in result["targets"]:
+        click.echo(f"{t['status']:>10}  {t['target']}: {t['value']}")
+    if result["missing"]:
+        click.echo(f"incomplete: {len(result['missing'])} cell(s) not finished")
+    click.echo(f"-> {out}/results.md, summary.json, targets.json, selection.json, study.png, dose.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Stage `study_zeroshot`: one teacher's zero-shot score on every task and condition of the study."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import click
+
+from pipeline.study import StudyError, cells, load_study, override_args
+from stages.common import params_options, stage_params
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--study", "study_path", default="study/params.yaml", help="The study's parameters (study.*).")
+@click.option("--cache", required=True, help="The teacher cache (Zarr store) to score.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write {task: {condition: {metric, score, chance, n, how}}}.",
+)
+@params_options
+def main(study_path, cache, out, params_path, overrides) -> None:
+    """The ceiling beside every study cell: stages.zeroshot's scoring (pipeline.zeroshot.task_zeroshot, from
+    the cache alone) over study.tasks and every condition of the study's grid."""
+    from pipeline.cache import CacheFormatError, TeacherCache
+    from pipeline.data.shards import PreparedDataset
+    from pipeline.zeroshot import task_zeroshot
+    from stages.zeroshot import _split
+
+    t0 = time.time()
+    try:
+        sp = load_study(study_path)
+    except StudyError as e:
+        raise click.UsageError(str(e)) from None
+    params = stage_params(params_path, (*override_args(sp), *overrides))
+    root = Path(params.data.out) / params.data.source
+    try:
+        tc = TeacherCache(cache)
+    except CacheFormatError as e:
+        raise click.ClickException(str(e)) from e
+    train, val, test = (_split(root, s) for s in ("train", "val", "test"))
+    vocab = tc.attrs.get("data", {}).get("vqa_vocab") or PreparedDataset(root / "train").answer_vocab()
+    conditions = list(dict.fromkeys(c.condition for c in cells(sp)))
+    pp = params.protocol
+    result: dict = {}
+    for task in sp.tasks:
+        for z in task_zeroshot(
+            tc,
+            task,
+            conditions,
+            train,
+            val,
+            test,
+            vocab=vocab,
+            vqa_candidates=params.distill.vqa_candidates,
+            shift_key=pp.shift_key,
+            shift_target=pp.shift_target_domain,
+        ):
+            result.setdefault(task, {})[z.condition] = z.as_dict()
+            click.echo(f"{task}/{z.condition}: {z.metric} {z.score:.4f} (chance {z.chance:.4f}, n={z.n})")
+    result_seconds = round(time.time() - t0, 2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
+    # Its cost, beside the scores (the scores file keeps stages.zeroshot's format).
+    (out.with_name(out.stem + ".time.json")).write_text(json.dumps({"seconds": result_seconds}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The evidence study's grid (study/params.yaml, study/dvc.yaml) and its report (pipeline/study.py)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.study import (
+    ENTRY_KEYS,
+    DoseGroup,
+    Group,
+    StudyError,
+    StudyParams,
+    cells,
+    load_study,
+    write_study_report,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path, study: dict) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"study": study}))
+    return p
+
+
+def test_study_seeds_must_be_disjoint_from_tuning_seeds_and_keys_are_checked(tmp_path):
+    with pytest.raises(StudyError, match=r"study\.seeds.*\[1\].*disjoint"):
+        load_study(_write(tmp_path, {"seeds": [1, 100], "tuning_seeds": [0, 1]}))
+    with pytest.raises(StudyError, match=r"study\.main\.methods.*'clip_tdd'"):
+        load_study(_write(tmp_path, {"main": {"conditions": ["full"], "methods": ["clip_tdd"]}}))
+    with pytest.raises(StudyError, match=r"study\.main\.conditions.*lowshot-2"):
+        load_study(_write(tmp_path, {"main": {"conditions": ["lowshot-2"], "methods": ["baseline"]}}))
+    with pytest.raises(StudyError, match=r"study\.stepz"):
+        load_study(_write(tmp_path, {"stepz": 3}))
+    # The committed study parameters load, with study seeds disjoint from the tuning seeds.
+    sp = load_study(ROOT / "study" / "params.yaml")
+    assert sp.seeds and not set(sp.seeds) & set(sp.tuning_seeds)
+
+
+def _resolve(value, params: dict):
+    m = re.fullmatch(r"\$\{(.+)\}", str(value))
+    if not m:
+        return value
+    node = params
+    for part in m.group(1).split("."):
+        node = node[part]
+    return node
+
+
+def test_dvc_matrices_expand_to_exactly_the_cells_the_report_reads():
+    """study/dvc.yaml's matrix stages and pipeline.study.cells must name the same run directories, or the
+    report would wait for cells no stage trains (or ignore cells the study paid for)."""
+    params = yaml.safe_load((ROOT / "study" / "params.yaml").read_text())
+    stages = yaml.safe_load((ROOT / "study" / "dvc.yaml").read_text())["stages"]
+    dirs = []
+    for stage in stages.values():
+        if "matrix" not in stage:
+            continue
+        keys = list(stage["matrix"])
+        for combo in itertools.product(*(_resolve(stage["matrix"][k], params) for k in keys)):
+            item = dict(zip(keys, combo, strict=True))
+            out = next(iter(stage["outs"][-1]))  # .../eval.json
+            dirs.append(
+                str(
+                    Path(re.sub(r"\$\{item\.(\w+)\}", lambda m, item=item: str(item[m.group(1)]), out)).parent
+                )
+            )
+    assert len(dirs) == len(set(dirs)), "two matrix stages write the same cell"
+    sp = load_study(ROOT / "study" / "params.yaml")
+    assert sorted(dirs) == sorted(str(c.run_dir("study/runs")) for c in cells(sp))
+
+
+SEEDS = [100, 101, 102]
+
+
+def _study() -> StudyParams:
+    return StudyParams(
+        seeds=SEEDS,
+        tasks=["vqa"],
+        main=Group(["lowshot-0.05", "shift", "full"], ["blind", "baseline", "naive_kd", "clip_td"]),
+        scratch=Group([], []),
+        extra=Group([], []),
+        ablation=Group(["lowshot-0.05"], ["clip_td_no_select"]),
+        dose=DoseGroup(["shift"], ["clip_td"], steps=[0]),
+    )
+
+
+OFFSET = {"blind": -0.20, "baseline": 0.0, "naive_kd": 0.01, "clip_td": 0.05, "clip_td_no_select": 0.02}
+
+
+def _eval(runs: Path, variant: str, cond: str, method: str, seed: int, value: float) -> None:
+    d = runs / variant / f"vqa-{cond}-{method}-s{seed}"
+    d.mkdir(parents=True)
+    data = {
+        "run": {"task": "vqa", "condition": cond, "method": method, "seed": seed},
+        "primary_metric": "vqa_score",
+        "primary": value,
+        "metrics": {"overall": {"vqa_score": value}, "per_domain": {}, "n": 50},
+        "train": {"steps": 20, "train_seconds": 1.0},
+        "cell": {"wall_seconds": 2.0, "started": 1000.0 + seed, "finished": 1002.0 + seed},
+    }
+    (d / "eval.json").write_text(json.dumps(data))
+
+
+def _fill(runs: Path, full_offset: float = 0.05, skip: tuple = ()) -> None:
+    sp = _study()
+    for c in cells(sp):
+        if (c.condition, c.method, c.seed) in skip:
+            continue
+        base = 0.40 + 0.03 * (c.seed - 100)  # seeds differ a lot; the paired Δ removes it
+        off = OFFSET[c.method]
+        if c.teacher == "step0":
+            off = 0.001 * (c.seed - 101)  # the random teacher: no gain
+        elif c.method == "clip_td" and c.condition == "full":
+            off = full_offset
+        _eval(runs, c.variant, c.condition, c.method, c.seed, base + off + 0.002 * (c.seed % 2))
+    z = {
+        "vqa": {c: {"metric": "vqa_score", "score": 0.6, "chance": 0.25, "n": 50} for c in sp.main.conditions}
+    }
+    (runs / "zeroshot").mkdir()
+    (runs / "zeroshot" / "full.json").write_text(json.dumps(z))
+    (runs / "zeroshot" / "step0.json").write_text(json.dumps({"vqa": {"shift": {"score": 0.26}}}))
+    sel = {
+        "teachers": {
+            "full": {
+                "tasks": {
+                    "vqa": {
+                        "n": 40,
+                        "selected_share": 0.6,
+                        "random_share": 0.3,
+                        "delta_mean": 0.3,
+                        "ci95": [0.2, 0.4],
+                        "p": 0.001,
+                    }
+                }
+            }
+        },
+        "seconds": 3.0,
+    }
+    (runs / "selection").mkdir()
+    (runs / "selection" / "full.json").write_text(json.dumps(sel))
+
+
+def _status(result) -> dict:
+    return {t["id"]: t["status"] for t in result["targets"]}
+
+
+def test_report_entries_statistics_and_verdicts_come_from_the_runs(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "reports"
+    _fill(runs)
+    result = write_study_report(_study(), runs, out)
+    entries = json.loads((out / "summary.json").read_text())
+    for e in entries:
+        assert set(e) == {*ENTRY_KEYS, "init", "teacher"}
+    by = {(e["condition"], e["method"], e["teacher"]): e for e in entries}
+    base = by[("shift", "baseline", "full")]
+    assert base["delta_mean"] is None and base["ci95"] is None and base["p"] is None and base["n_seeds"] == 3
+    clip = by[("shift", "clip_td", "full")]
+    assert clip["delta_mean"] == pytest.approx(0.05) and clip["ci95"][0] > 0 and clip["p"] < 0.05
+    assert clip["rel_gain_pct"] == pytest.approx(0.05 / base["mean"] * 100)
+    # The weaker teacher's cell is paired against the same baseline; the floor and ceiling have entries.
+    assert by[("shift", "clip_td", "step0")]["ci95"][0] < 0 < by[("shift", "clip_td", "step0")]["ci95"][1]
+    assert by[("shift", "teacher_zeroshot", "full")]["mean"] == 0.6
+    assert by[("shift", "blind", "full")]["delta_mean"] == pytest.approx(-0.20)
+    s = _status(result)
+    assert s["gain_cells"] == "met" and s["rel_gain_vqa_lowshot-0.05"] == "met"
+    assert s["full_not_worse"] == "met" and s["beats_naive_kd"] == "met"
+    assert s["dose_response"] == "met" and s["selection"] == "met"
+    md = (out / "results.md").read_text()
+    assert "teacher zero-shot" in md and "blind (text only)" in md and "Teacher dose-response" in md
+    assert json.loads((out / "selection.json").read_text())["teachers"]["full"]["tasks"]["vqa"]["n"] == 40
+    assert result["wall"]["cells"] == len(cells(_study())) and result["wall"]["other_stage_seconds"] == 3.0
+
+
+def test_a_missed_target_names_its_diagnostics_and_a_partial_study_says_incomplete(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "reports"
+    _fill(
+        runs, full_offset=-0.05, skip=(("lowshot-0.05", "naive_kd", 102), ("lowshot-0.05", "naive_kd", 101))
+    )
+    result = write_study_report(_study(), runs, out)
+    t = {t["id"]: t for t in result["targets"]}
+    assert t["full_not_worse"]["status"] == "missed"
+    assert "vqa full" in t["full_not_worse"]["diagnostics"]
+    # One naive_kd seed left: no interval, so that target cannot be decided yet.
+    assert t["beats_naive_kd"]["status"] == "incomplete"
+    assert len(result["missing"]) == 2
+    assert "Incomplete: 2 cell(s)" in (out / "results.md").read_text()
+
+
+def test_dose_response_without_any_gain_is_a_miss_not_a_trivially_growing_curve(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "reports"
+    OFFSET_NONE = {**OFFSET, "clip_td": 0.0}
+    sp = _study()
+    for c in cells(sp):
+        value = 0.40 + 0.03 * (c.seed - 100) + (OFFSET_NONE[c.method] if c.teacher == "full" else 0.0)
+        _eval(
+            runs,
+            c.variant,
+            c.condition,
+            c.method,
+            c.seed,
+            value + 0.001 * (c.seed % 2) * (c.method == "clip_td"),
+        )
+    result = write_study_report(sp, runs, out)
+    dose = next(t for t in result["targets"] if t["id"] == "dose_response")
+    assert dose["status"] == "missed" and dose["cells"][0]["gain_with_full_teacher"] is False
