@@ -36,12 +36,11 @@ from .report import (
     ReportError,
     collect,
     compare,
-    fmt,
-    fmt_p,
     format_cell,
     load_optional_json,
     summarise,
 )
+from .report.markdown import fmt, fmt_p
 
 INITS = ("pretrained", "scratch")
 FULL_TEACHER = "full"
@@ -107,7 +106,7 @@ def _check_list(where: str, value: Any, kind: type) -> list:
 
 
 def _group(path: str, key: str, raw: Any, cls: type[Group]) -> Group:
-    from student.losses import METHODS
+    from pipeline.names import METHODS
 
     if not isinstance(raw, dict):
         raise StudyError(f"{path}: key 'study.{key}': expected a mapping, got {raw!r}")
@@ -816,7 +815,8 @@ def _add_ablation_h2h(sp: StudyParams, summaries: dict[str, list[dict]], rows: d
 
 def plot(summaries: dict[str, list[dict]], dose: Sequence[dict], path: Path, dose_path: Path) -> None:
     """study.png: clip_td's paired Δ (95% CI) per task and condition, per init; dose.png: Δ per teacher."""
-    from .report import _pyplot, condition_order, task_order
+    from .report import condition_order, task_order
+    from .report.plots import _pyplot
 
     plt = _pyplot()
     tasks = sorted({s["task"] for ss in summaries.values() for s in ss}, key=task_order) or ["none"]

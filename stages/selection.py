@@ -1,4 +1,4 @@
-"""Stage `selection`: the selection-quality diagnostic of the study (pipeline/diagnostics.py) per teacher cache."""
+"""Stage `selection`: the selection-quality diagnostic of the study (student/diagnostics.py) per teacher cache."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def main(study_path, caches, data_root, split, min_cover, out, params_path, over
     student's grid, with distill.rho_v / selection / relevance_source from params.yaml + study.overrides."""
     from pipeline.cache import CacheFormatError, TeacherCache
     from pipeline.data.shards import PreparedDataset
-    from pipeline.diagnostics import selection_quality
+    from student.diagnostics import selection_quality
     from student.losses import method_config
 
     t0 = time.time()

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.config import DistillParams
 from pipeline.data.schema import Instance
-from pipeline.diagnostics import attribute_vocab, cell_mask, named_objects, object_box, selection_quality
+from student.diagnostics import attribute_vocab, cell_mask, named_objects, object_box, selection_quality
 from student.losses import method_config
 
 SIZE = 64

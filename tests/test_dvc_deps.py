@@ -29,8 +29,19 @@ def import_closure(module: str) -> set[Path]:
     return {f.relative_to(REPO) for f in files}
 
 
-def _stages() -> dict[str, dict]:
-    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+PIPELINES = ("dvc.yaml", "study/dvc.yaml")
+
+
+def _stages() -> dict[str, tuple[dict, Path]]:
+    """Every stage of every pipeline, with the folder its cmd and deps are relative to (repo-relative)."""
+    out = {}
+    for pipe in PIPELINES:
+        folder = (REPO / pipe).parent
+        for name, stage in yaml.safe_load((REPO / pipe).read_text())["stages"].items():
+            body = stage.get("do", stage)
+            wdir = (folder / body.get("wdir", ".")).resolve().relative_to(REPO)
+            out[f"{pipe}:{name}"] = (body, wdir)
+    return out
 
 
 def _covered(path: Path, deps: list[str]) -> bool:
@@ -39,12 +50,11 @@ def _covered(path: Path, deps: list[str]) -> bool:
 
 def test_every_stage_lists_its_whole_import_closure():
     missing = {}
-    for name, stage in _stages().items():
-        body = stage.get("do", stage)
+    for name, (body, wdir) in _stages().items():
         cmd = " ".join(body["cmd"].split())
         mods = re.findall(r"python -m ([\w.]+)", cmd)
         assert mods, f"stage {name}: cmd runs no python -m module"
-        deps = [str(d) for d in body.get("deps", [])]
+        deps = [str(wdir / d) for d in body.get("deps", [])]
         # __init__.py files hold no logic here; a stage need not list them.
         need = {p for m in mods for p in import_closure(m) if p.name != "__init__.py"}
         lacking = sorted(str(p) for p in need if not _covered(p, deps))

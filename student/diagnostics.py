@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.schema import Instance
-from .report import paired_test
-from .texts import instance_texts
+from pipeline.data.schema import Instance
+from pipeline.report import paired_test
+from pipeline.texts import instance_texts
 
 ATTRIBUTES = ("shape", "colour", "size")
 
@@ -103,8 +103,8 @@ def selection_masks(
     cache: Any, instances: Sequence[Instance], texts: Sequence[str], g_s: int, cfg: Any, batch: int = 256
 ) -> np.ndarray:
     """[N, g_s²] bool: clip_td's image token selection per instance, from the cache, via prepare_teacher."""
-    from student.losses import prepare_teacher
-    from student.targets import pad_tokens
+    from .losses import prepare_teacher
+    from .targets import pad_tokens
 
     out = []
     for i in range(0, len(instances), batch):
