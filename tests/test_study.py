@@ -1,4 +1,4 @@
-"""The evidence study's grid (study/params.yaml, study/dvc.yaml) and its report (pipeline/study.py)."""
+"""The evidence study's grid (study/params.yaml, study/dvc.yaml) and its report (pipeline/study/)."""
 
 from __future__ import annotations
 
