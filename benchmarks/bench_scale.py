@@ -164,9 +164,11 @@ def extract_store(work: Path, n: int, overrides: tuple[str, ...], profile_units:
         jobs.append(job)
         return run_unit(job)
 
+    # Built fresh in place (not beside a leftover and swapped in): the profile pass reruns the jobs' own URL.
+    shutil.rmtree(cp.store, ignore_errors=True)
     t, c = time.perf_counter(), time.process_time()
-    with _patched([(teacher, "encode_images", stub), (X, "run_unit", lambda _: recording)]):
-        m = X.extract([ds], cp.store, spec, cp, scheduler="sync", progress=False, overwrite=True)
+    with _patched([(teacher, "encode_images", stub), (X.schedule, "run_unit", lambda _: recording)]):
+        m = X.extract([ds], cp.store, spec, cp, scheduler="sync", progress=False)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     # Where a unit's time goes: one more pass over the first units (rewritten in place), each phase timed.
     with _patched([(teacher, "encode_images", stub)]):
