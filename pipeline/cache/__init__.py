@@ -75,7 +75,7 @@ from .errors import CacheCorrupt, CacheFormatError, StaleCacheError
 from .fingerprint import check_fingerprint, flatten
 from .layout import StoreLayout, chunk_rows_for, text_token_layout
 from .manifest import commit_unit, committed_units, read_manifest
-from .reader import TeacherCache, read_rows
+from .reader import TeacherCache, read_rows, read_threads_for
 from .schema import (
     FORMAT,
     FORMAT_VERSION,
@@ -148,6 +148,7 @@ __all__ = [
     "quantize_int8",
     "read_manifest",
     "read_rows",
+    "read_threads_for",
     "read_store_attrs",
     "reconstruction_cosine",
     "RELEVANCE_SOURCES",

@@ -19,6 +19,7 @@ import numpy as np
 import zarr
 
 from .checksum import checksum, crc32_combine
+from .direct import DirectArray
 from .errors import CacheCorrupt
 from .manifest import committed_units
 from .schema import MANIFEST
@@ -104,7 +105,7 @@ class VerifiedGroup:
             a = self.group[name]
             # An array no entry records a crc32 for (a hand-made or pre-checksum store) is read as before;
             # once any entry covers an array, every row read must belong to a verified unit.
-            if isinstance(a, zarr.Array) and name in self.regions:
+            if isinstance(a, (zarr.Array, DirectArray)) and name in self.regions:
                 a = VerifiedArray(a, self, self.regions[name])
             self._arrays[name] = a
         return a
