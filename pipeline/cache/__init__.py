@@ -55,8 +55,8 @@ Views. ``views/`` repeats view 0 (identical to ``image/``) so that a student can
 Modules, one concern each: ``schema`` (format constants, array specs, unit names, root attrs), ``layout``
 (shape and chunk arithmetic), ``store`` (locations, open, remove, replace), ``create``, ``manifest``,
 ``checksum``, ``fingerprint`` (comparing them; which teacher it is, is ``pipeline.identity``'s answer),
-``codec`` (int8, compressors), ``views``, ``reader`` (``TeacherCache`` and its chunk LRU) and ``verified``
-(checksum-on-read). Everything is re-exported here.
+``codec`` (int8, compressors), ``views``, ``reader`` (``TeacherCache`` and its chunk LRU), ``direct`` (the
+LRU's whole-chunk reads from the shard files) and ``verified`` (checksum-on-read, per inner chunk). Everything is re-exported here.
 """
 
 from __future__ import annotations
