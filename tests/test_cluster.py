@@ -1,6 +1,7 @@
 """Extraction on a dask cluster a user starts (``dask scheduler`` + ``dask worker`` processes on the loopback)
 with one worker SIGKILLed while it holds a unit: the run completes, the lost unit is recomputed by the other
-worker, both workers committed units, and the store passes verification and equals a one-process extraction.
+worker, both workers committed units, no unit the lost worker had committed is computed again, and the
+store passes verification and equals a one-process extraction.
 
 The workers share nothing with the coordinator but the store path and the dataset paths. Which worker holds
 which unit is the scheduler's choice, so the victim is made to hold one deterministically: a ``--preload``
