@@ -20,9 +20,9 @@ tens of thousands of images, built by the project's own extraction, then read as
   in ``train.order: chunked`` order (``student.data.epoch_order`` with the image's inner chunk as its group,
   ``train.order_window``), batches of 64: samples/s, MB/s (stored float16 bytes, and bytes the store handed
   out), read amplification (bytes zarr read ÷ the on-disk bytes of the distinct rows each batch needs). Arms:
-  one reading thread with float32 targets, float16 targets, the crc check; then the reader's default
-  chunk-decoding threads, and as training reads (the per-chunk crc check, ``verify``, the default) on a CPU
-  device (float32 targets) and on a CUDA device (float16 targets, converted on the device).
+  float32 targets, float16 targets, the per-chunk crc check (``verify``, the default: how training reads on a
+  CPU device), as training on a CUDA device reads (the check and float16 targets, converted on the device),
+  and the same with a pool of min(4, cores) chunk-decoding threads.
 * Stub student: a step of ``--step-ms`` (a sleep: a GPU step leaves the host idle) per batch of 64 while the
   next batch's targets are read on one prefetch thread, as ``student.train`` does on a CUDA device: the share
   of time the step waits on targets.
@@ -360,7 +360,7 @@ def measure_reader(
 
 def measure_wait(store: str, window: int, lru_mb: int, step_ms: float, max_batches: int) -> dict:
     """A stub student step (sleep) per batch while one prefetch thread reads the next batch's targets, read
-    as training on a CUDA device reads them (crc check, float16 tokens, the reader's default threads)."""
+    as training on a CUDA device reads them (crc check, float16 tokens, one reading thread)."""
     from pipeline.cache import TeacherCache
     from student.targets import CachedTargets
 
@@ -453,13 +453,12 @@ def main(argv: list[str] | None = None) -> int:
         ext = res.measurements["extraction"] = extract_store(work, n, tuple(args.set))
         store = ext["store"]
         ext["store_over_lru"] = round(ext["bytes_on_disk"] / (lru_mb << 20), 2)
-        arms = {  # (verify, float16 out, reader threads): one thread, then as training reads on CPU and CUDA
+        arms = {  # (verify, float16 out, reader threads): reader_verified is how training reads on a CPU device
             "reader": (False, False, 1),
             "reader_float16": (False, True, 1),
             "reader_verified": (True, False, 1),
-            "reader_float16_threads": (False, True, -1),
-            "reader_training_cpu": (True, False, -1),
-            "reader_training_cuda": (True, True, -1),
+            "reader_training_cuda": (True, True, 1),
+            "reader_training_cuda_threads": (True, True, -1),
         }
         for name, (verify, half, threads) in arms.items():
             res.measurements[name] = measure_reader(store, window, lru_mb, verify, max_batches, half, threads)
