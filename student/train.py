@@ -295,7 +295,11 @@ class Trainer:
             raise FingerprintMismatch(
                 f"{self.run.cache}: VQA answer vocabulary differs from {self.train_ds.path}'s"
             )
-        return CachedTargets(cache, chunk_cache_bytes=self.params.train.target_cache_mb << 20)
+        # On CUDA the float16 tokens travel as stored and prepare_teacher converts them on the device.
+        half = torch.float16 if self.device.type == "cuda" else torch.float32
+        return CachedTargets(
+            cache, chunk_cache_bytes=self.params.train.target_cache_mb << 20, token_dtype=half
+        )
 
     def _order_groups(self) -> dict[str, int] | None:
         """train.order=chunked: each training image's inner chunk in the array its targets are read from (the

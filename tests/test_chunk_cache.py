@@ -22,10 +22,12 @@ def _hand_store(url: str, dtype: str = "float16") -> dict:
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 @pytest.mark.parametrize("budget", [1 << 20, 100])  # holds the whole store / evicts at every put
-def test_chunk_cache_returns_what_the_store_holds(tmp_path, dtype, budget):
+@pytest.mark.parametrize("threads", [1, 3])  # on the caller / a pool decoding a batch's missing chunks
+def test_chunk_cache_returns_what_the_store_holds(tmp_path, dtype, budget, threads):
     url = str(tmp_path / "s.zarr")
     h = _hand_store(url, dtype)
-    plain, cached = C.TeacherCache(url), CachedTargets(C.TeacherCache(url), chunk_cache_bytes=budget)
+    plain = C.TeacherCache(url)
+    cached = CachedTargets(C.TeacherCache(url), chunk_cache_bytes=budget, read_threads=threads)
     rng = np.random.default_rng(0)
     for _ in range(20):  # unsorted, repeated, across shards and inner chunks
         ids = [f"im{i}" for i in rng.integers(0, 10, size=rng.integers(1, 8))] + ["alias9"]
@@ -77,3 +79,126 @@ def test_epoch_order_random_is_the_plain_permutation_and_chunked_stays_local():
     assert not np.array_equal(first, second)  # a new draw every epoch
     again = np.random.default_rng(7)
     assert np.array_equal(epoch_order(again, groups, n, window=4), first)  # seeded
+
+
+# ------------------------------------------------------------------------------- checksum-on-read by block
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory) -> str:
+    """A store from a real extraction: one image unit of 8 rows, one row per inner chunk of image/tokens."""
+    import dataclasses
+    import json
+
+    from pipeline import extract as X
+    from pipeline.config import CacheParams
+    from pipeline.teacher import create_teacher
+    from tests.conftest import TINY_CFG, build_dataset
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("blocks")
+    cfg = root / "tiny.json"
+    cfg.write_text(json.dumps(TINY_CFG))
+    torch.manual_seed(0)
+    ckpt = root / "teacher.pt"
+    torch.save(create_teacher(str(cfg), "").model.state_dict(), ckpt)
+    ds = build_dataset(root / "train", 8)
+    cp = dataclasses.replace(
+        CacheParams(), image_rows_per_unit=8, text_rows_per_unit=8, batch_size=4, num_workers=0,
+        target_chunk_bytes=2048,
+    )  # fmt: skip
+    url = str(root / "s.zarr")
+    X.extract(
+        [ds], url, X.TeacherSpec(str(cfg), str(ckpt), "fp32", "cpu"), cp, scheduler="sync", progress=False
+    )
+    return url
+
+
+def _copy(url: str, dst) -> str:
+    import shutil
+
+    shutil.copytree(url, dst)
+    return str(dst)
+
+
+def test_manifest_keeps_a_crc_per_inner_chunk_that_chains_to_the_unit_crc(extracted):
+    g = C.open_group(extracted, mode="r")
+    for rec in C.committed_units(extracted).values():
+        for key, info in rec["arrays"].items():
+            (lo, hi), rows = info["region"], info["block_rows"]
+            assert rows == g[key].chunks[0]
+            starts = range(lo, hi, rows)
+            assert info["block_crc32"] == [C.checksum(g[key][s : min(hi, s + rows)]) for s in starts]
+            crc = 0
+            for s, c in zip(starts, info["block_crc32"], strict=True):
+                part = g[key][s : min(hi, s + rows)]
+                crc = int(c, 16) if s == lo else C.crc32_combine(crc, int(c, 16), part.nbytes)
+            assert f"{crc:08x}" == info["crc32"] == C.checksum(g[key][lo:hi])
+
+
+def _tamper(url: str, row: int) -> list[str]:
+    """Rewrite image/tokens row ``row`` (the manifest untouched); the image ids by row."""
+    g = C.open_group(url, mode="r+")
+    g["image/tokens"][row : row + 1] = g["image/tokens"][row : row + 1] + np.float16(1)
+    return g["image/ids"][:].tolist()
+
+
+def test_training_reads_check_the_chunks_they_read_not_the_whole_unit(extracted, tmp_path):
+    url = _copy(extracted, tmp_path / "s.zarr")
+    ids = _tamper(url, 6)
+    src = CachedTargets(C.TeacherCache(url))  # verify on, as training reads
+    clean = src.images(ids[:4], None)  # rows 0-3: their chunks are checked, row 6's is not read
+    assert torch.equal(clean["tokens"], C.TeacherCache(extracted).image_targets(ids[:4])["tokens"])
+    with pytest.raises(
+        C.CacheCorrupt, match=r"image/tokens rows \[0, 8\) of unit image-000000: rows \[6, \d+\)"
+    ):
+        src.images([ids[6]], None)
+    plain = CachedTargets(C.TeacherCache(url), chunk_cache_bytes=0)  # without the LRU: the same check
+    plain.images(ids[:4], None)
+    with pytest.raises(C.CacheCorrupt, match=r"rows \[6, \d+\) have crc32"):
+        plain.images(ids[5:8], None)
+
+
+def test_stores_without_block_crcs_check_the_whole_unit(extracted, tmp_path):
+    url = _copy(extracted, tmp_path / "s.zarr")
+    ids = _tamper(url, 6)
+    for name, rec in C.committed_units(url).items():  # as a store written before block crcs
+        for info in rec["arrays"].values():
+            del info["block_rows"], info["block_crc32"]
+        C.commit_unit(url, name, rec)
+    with pytest.raises(C.CacheCorrupt, match=r"image/tokens rows \[0, 8\) of unit image-000000 have crc32"):
+        CachedTargets(C.TeacherCache(url)).images(ids[:1], None)
+
+
+def test_float16_targets_are_the_stored_values_for_a_device_to_convert(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    h = _hand_store(url)
+    f32 = CachedTargets(C.TeacherCache(url))
+    f16 = CachedTargets(C.TeacherCache(url), token_dtype=torch.float16)
+    ids, texts = [f"im{i}" for i in (3, 0, 7, 3)], [h["texts"][i] for i in (1, 4, 1)]
+    want, got = f32.images(ids, None), f16.images(ids, None)
+    assert got["tokens"].dtype == torch.float16 and got["pooled"].dtype == torch.float32
+    assert torch.equal(got["tokens"].float(), want["tokens"]) and torch.equal(got["pooled"], want["pooled"])
+    want, got = f32.texts(texts), f16.texts(texts)
+    assert all(g.dtype == torch.float16 for g in got["tokens"])
+    assert all(torch.equal(a.float(), b) for a, b in zip(got["tokens"], want["tokens"], strict=True))
+    with pytest.raises(ValueError, match="token_dtype"):
+        CachedTargets(C.TeacherCache(url), token_dtype=torch.bfloat16)
+
+
+def test_direct_chunk_reads_equal_zarr_including_unstored_chunks(tmp_path):
+    from pipeline.cache.direct import DirectArray, direct_array
+
+    url = str(tmp_path / "s.zarr")
+    _hand_store(url, "int8")
+    g = C.open_group(url, mode="r")
+    for name in ("image/tokens", "image/tokens_scale", "image/pooled", "text/tokens", "text/pooled"):
+        a = g[name]
+        d = direct_array(a)
+        assert isinstance(d, DirectArray), name  # the store's own layout is one it reads
+        cr = int(a.chunks[0])
+        for lo in range(0, a.shape[0], cr):  # every inner chunk, text slack (not stored) included
+            hi = min(a.shape[0], lo + cr)
+            got, want = d[lo:hi], a[lo:hi]
+            assert got.dtype == want.dtype and np.array_equal(got, want), (name, lo)
+        assert np.array_equal(d[1:3], a[1:3])  # not chunk-aligned: zarr's read

@@ -1,6 +1,7 @@
 """Extraction on a dask cluster a user starts (``dask scheduler`` + ``dask worker`` processes on the loopback)
 with one worker SIGKILLed while it holds a unit: the run completes, the lost unit is recomputed by the other
-worker, both workers committed units, and the store passes verification and equals a one-process extraction.
+worker, both workers committed units, no unit the lost worker had committed is computed again, and the
+store passes verification and equals a one-process extraction.
 
 The workers share nothing with the coordinator but the store path and the dataset paths. Which worker holds
 which unit is the scheduler's choice, so the victim is made to hold one deterministically: a ``--preload``
@@ -46,14 +47,25 @@ from pathlib import Path
 import pipeline.extract as X
 
 if not getattr(X.run_unit, "_clip_td_test_wrapped", False):  # dask may import a preload file twice
+    from distributed import get_worker
+
     MARK, LOG, HOLD = Path({mark!r}), Path({log!r}), {hold!r}
     _real = X.run_unit
     _count = 0
+    _first = []
 
     def run_unit(job):
         global _count
         _count += 1
+        worker = get_worker()
+        if _count == 1:
+            _first.append(worker.get_current_task())
         if HOLD and _count == 2 and not MARK.exists():
+            # Held until the coordinator has read the first unit's record and let its result go (the
+            # scheduler then frees it here), or 30 s: the kill must not race the read of a finished unit.
+            deadline = time.time() + 30
+            while _first[0] in worker.state.tasks and time.time() < deadline:
+                time.sleep(0.05)
             tmp = MARK.with_name(MARK.name + ".tmp")
             tmp.write_text(job.name + " " + str(os.getpid()))
             os.replace(tmp, MARK)
@@ -202,10 +214,12 @@ def test_worker_killed_mid_unit_on_a_user_started_cluster(world, tmp_path):
     assert held not in ran["victim"] and held in ran["survivor"]
     assert units[held]["pid"] == survivor
     assert set(units) == set(ran["victim"]) | set(ran["survivor"])
-    # Units the victim had committed that the survivor computed again: dask recomputes a lost worker's
-    # results while the coordinator still holds their futures (wasted work, identical bytes).
+    # No unit the victim had committed was computed again: the coordinator lets each unit's result go once
+    # it has read the record, so the scheduler does not rerun finished units of a lost worker.
+    recomputed = sorted(set(ran["victim"]) & set(ran["survivor"]))
     print(f"victim ran {ran['victim']}, held {held}; survivor ran {len(ran['survivor'])} units; recomputed "
-          f"after the kill: {sorted(set(ran['victim']) & set(ran['survivor']))}")  # fmt: skip
+          f"after the kill: {recomputed}")  # fmt: skip
+    assert not recomputed, f"committed units recomputed after the kill: {recomputed}"
     m = json.loads(metrics.read_text())
     assert m["units_computed"] == m["units_total"] == len(units)
     assert not (Path(store) / C.LOCK_FILE).exists()

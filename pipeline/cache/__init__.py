@@ -55,8 +55,8 @@ Views. ``views/`` repeats view 0 (identical to ``image/``) so that a student can
 Modules, one concern each: ``schema`` (format constants, array specs, unit names, root attrs), ``layout``
 (shape and chunk arithmetic), ``store`` (locations, open, remove, replace), ``create``, ``manifest``,
 ``checksum``, ``fingerprint`` (comparing them; which teacher it is, is ``pipeline.identity``'s answer),
-``codec`` (int8, compressors), ``views``, ``reader`` (``TeacherCache`` and its chunk LRU) and ``verified``
-(checksum-on-read). Everything is re-exported here.
+``codec`` (int8, compressors), ``views``, ``reader`` (``TeacherCache`` and its chunk LRU), ``direct`` (the
+LRU's whole-chunk reads from the shard files) and ``verified`` (checksum-on-read, per inner chunk). Everything is re-exported here.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ from .errors import CacheCorrupt, CacheFormatError, StaleCacheError
 from .fingerprint import check_fingerprint, flatten
 from .layout import StoreLayout, chunk_rows_for, text_token_layout
 from .manifest import commit_unit, committed_units, read_manifest
-from .reader import TeacherCache, read_rows
+from .reader import TeacherCache, read_rows, read_threads_for
 from .schema import (
     FORMAT,
     FORMAT_VERSION,
@@ -148,6 +148,7 @@ __all__ = [
     "quantize_int8",
     "read_manifest",
     "read_rows",
+    "read_threads_for",
     "read_store_attrs",
     "reconstruction_cosine",
     "RELEVANCE_SOURCES",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -13,11 +15,15 @@ import zarr
 
 from .checksum import checksum
 from .codec import decode_tokens
+from .direct import DirectArray, DirectGroup
 from .errors import CacheFormatError
 from .manifest import committed_units
 from .schema import FORMAT, FORMAT_VERSION, SCALE_SUFFIX
 from .store import open_group, read_store_attrs
 from .verified import VerifiedArray, VerifiedGroup
+
+# Token dtypes a reader hands out: float32 (decoded on the host), or float16 (as a float16 store holds them).
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
 
 
 def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
@@ -35,6 +41,8 @@ def read_rows(a: zarr.Array, rows: np.ndarray) -> np.ndarray:
     one slice, and several runs go through one orthogonal selection so zarr decodes every inner chunk once and
     fetches them concurrently; the result is scattered back to the requested order."""
     rows = np.asarray(rows, dtype=np.int64)
+    if isinstance(a, ChunkCachedArray) and len(rows):
+        return a.rows(rows)  # it gathers rows in the order given itself: no second copy of the batch
     uniq, inverse = np.unique(rows, return_inverse=True)
     runs = _runs(uniq)
     if not runs:
@@ -46,13 +54,35 @@ def read_rows(a: zarr.Array, rows: np.ndarray) -> np.ndarray:
     return block[inverse]
 
 
-class ChunkLRU:
-    """Decoded inner chunks (store dtype) by (array path, chunk index), least recently used evicted first."""
+def read_threads_for(setting: int = -1) -> int:
+    """Reader threads for a ``read_threads`` setting (-1: automatic, min(4, cores))."""
+    if setting > 0:
+        return setting
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
 
-    def __init__(self, max_bytes: int):
+
+class ChunkLRU:
+    """Decoded inner chunks (store dtype) by (array path, chunk index), least recently used evicted first, and
+    the reader threads that decode missing chunks (one caller at a time: the LRU itself is not locked)."""
+
+    def __init__(self, max_bytes: int, threads: int = 1):
         self.max_bytes, self.bytes = int(max_bytes), 0
         self.chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self.hits = self.misses = 0
+        self.threads = max(1, int(threads))
+        self._pool: ThreadPoolExecutor | None = None
+
+    def run_cap(self, n_missing: int) -> int:
+        """The most adjacent chunks one read takes: all of them on one thread, a share per thread otherwise."""
+        return n_missing if self.threads == 1 else max(1, -(-n_missing // self.threads))
+
+    def map(self, fn: Any, items: list) -> list:
+        if self.threads == 1 or len(items) < 2:
+            return [fn(i) for i in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="clip-td-read")
+        return list(self._pool.map(fn, items))
 
     def get(self, key: tuple[str, int]) -> np.ndarray | None:
         a = self.chunks.get(key)
@@ -95,7 +125,7 @@ class ChunkCachedArray:
     def rows(self, rows: np.ndarray) -> np.ndarray:
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
-        cr, n = self.rows_per_chunk, self.shape[0]
+        cr = self.rows_per_chunk
         chunk = srt // cr
         uniq, starts = np.unique(chunk, return_index=True)
         have = {int(c): self.lru.get((self.path, int(c))) for c in uniq}
@@ -103,38 +133,45 @@ class ChunkCachedArray:
         self.lru.hits += len(uniq) - len(missing)
         self.lru.misses += len(missing)
         # Missing chunks are read as whole-chunk slices, one per run of adjacent chunks: zarr decodes each
-        # once, and slicing is far cheaper than an orthogonal selection listing every row of the chunks.
-        run: list[int] = []
-        for c in [*missing, None]:
-            if run and (c is None or c != run[-1] + 1):
-                block = self.array[run[0] * cr : min(n, (run[-1] + 1) * cr)]
-                for j, rc in enumerate(run):
-                    part = block[j * cr : (j + 1) * cr]
-                    # Own memory per chunk, so evicting one frees it (a view would pin the whole run).
-                    have[rc] = part = part.copy() if len(run) > 1 else part
-                    self.lru.put((self.path, rc), part)
-                run = []
-            if c is not None:
-                run.append(c)
+        # once, and slicing is far cheaper than an orthogonal selection listing every row of the chunks. With
+        # reader threads, runs are cut so that every thread has one, and read concurrently.
+        runs: list[list[int]] = []
+        for c in missing:
+            if runs and c == runs[-1][-1] + 1 and len(runs[-1]) < self.lru.run_cap(len(missing)):
+                runs[-1].append(c)
+            else:
+                runs.append([c])
+        for run, parts in self.lru.map(self._read_run, runs):
+            for rc, part in zip(run, parts, strict=True):
+                have[rc] = part
+                self.lru.put((self.path, rc), part)
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
         stops = [*starts[1:], len(srt)]
         for c, lo, hi in zip(uniq.tolist(), starts.tolist(), stops, strict=True):
             out[order[lo:hi]] = have[c][srt[lo:hi] - c * cr]
         return out
 
+    def _read_run(self, run: list[int]) -> tuple[list[int], list[np.ndarray]]:
+        cr = self.rows_per_chunk
+        block = self.array[run[0] * cr : min(self.shape[0], (run[-1] + 1) * cr)]
+        # Own memory per chunk, so evicting one frees it (a view would pin the whole run).
+        if len(run) == 1:
+            return run, [block]
+        return run, [block[j * cr : (j + 1) * cr].copy() for j in range(len(run))]
+
 
 class ChunkCachedGroup:
     """The store's group with its arrays opened once (no metadata read per batch) and row reads cached."""
 
-    def __init__(self, group: Any, max_bytes: int):
-        self.group, self.lru = group, ChunkLRU(max_bytes)
+    def __init__(self, group: Any, max_bytes: int, threads: int = 1):
+        self.group, self.lru = group, ChunkLRU(max_bytes, threads)
         self._arrays: dict[str, Any] = {}
 
     def __getitem__(self, name: str) -> Any:
         a = self._arrays.get(name)
         if a is None:
             a = self.group[name]
-            cached = isinstance(a, (zarr.Array, VerifiedArray))
+            cached = isinstance(a, (zarr.Array, VerifiedArray, DirectArray))
             a = self._arrays[name] = ChunkCachedArray(a, self.lru) if cached else a
         return a
 
@@ -184,16 +221,19 @@ class TeacherCache:
         self._offsets = g["text/offsets"][:].astype(np.int64)
         self._text_row_memo: dict[str, int] = {}
 
-    def configure_reads(self, verify: bool = False, chunk_cache_bytes: int = 0) -> None:
+    def configure_reads(self, verify: bool = False, chunk_cache_bytes: int = 0, threads: int = 1) -> None:
         """How later reads go. ``verify``: every unit a read touches is checked once against its manifest
         crc32 (``CacheCorrupt`` names the array and unit). ``chunk_cache_bytes`` > 0: decoded inner chunks
         are kept in an LRU of that many bytes (``self.group.lru``), so that a training stream that keeps
-        coming back to a chunk decompresses it once, not once per batch. Calling it again adds nothing
-        that is already in place."""
+        coming back to a chunk decompresses it once, not once per batch; ``threads`` (with the LRU) decode
+        a batch's missing chunks concurrently. Calling it again adds nothing that is already in place."""
+        if chunk_cache_bytes > 0 and isinstance(self.group, zarr.Group):
+            # The LRU asks for whole inner chunks only: read them from the shard files, past zarr's machinery.
+            self.group = DirectGroup(self.group)
         if verify and not isinstance(self.group, (VerifiedGroup, ChunkCachedGroup)):
             self.group = VerifiedGroup(self.group, self.url)
         if chunk_cache_bytes > 0 and not isinstance(self.group, ChunkCachedGroup):
-            self.group = ChunkCachedGroup(self.group, chunk_cache_bytes)
+            self.group = ChunkCachedGroup(self.group, chunk_cache_bytes, threads)
 
     def __repr__(self) -> str:
         return f"TeacherCache({self.url!r}, images={self.n_images}, texts={len(self._lengths)})"
@@ -235,7 +275,9 @@ class TeacherCache:
             rows[i] = r
         return rows
 
-    def _tokens(self, group: str, src: str, rows: np.ndarray, view: np.ndarray | None = None) -> np.ndarray:
+    def _tokens(
+        self, group: str, src: str, rows: np.ndarray, view: np.ndarray | None = None, out: Any = np.float32
+    ) -> np.ndarray:
         a = self.group[f"{group}/{src}"]
         scale = self.group[f"{group}/{src}{SCALE_SUFFIX}"] if self.dtype == "int8" else None
         vals = read_rows(a, rows)
@@ -244,14 +286,22 @@ class TeacherCache:
             idx = np.arange(len(rows))
             vals = vals[idx, view]
             sc = sc[idx, view] if sc is not None else None
-        return decode_tokens(vals, sc)
+        if np.dtype(out) == np.float16 and vals.dtype == np.float16:
+            return vals  # as stored: the device converts (half the host-to-device bytes, no host pass)
+        return decode_tokens(vals, sc).astype(out, copy=False)
 
     def image_targets(
-        self, image_ids: Sequence[str], relevance: str | None = None, views: Sequence[int] | None = None
+        self,
+        image_ids: Sequence[str],
+        relevance: str | None = None,
+        views: Sequence[int] | None = None,
+        token_dtype: torch.dtype = torch.float32,
     ) -> dict[str, torch.Tensor]:
         """``tokens`` [B,P,E], ``pooled`` [B,E], ``valid`` [B] (bool) as float32 tensors; ``relevance`` [B,P,E]
         when a relevance source is named ("last" = the tokens themselves). ``views`` (one index per id) reads the
-        cached augmented views instead of view 0."""
+        cached augmented views instead of view 0. ``token_dtype`` torch.float16: token arrays (tokens,
+        relevance) as a float16 store holds them, for a trainer that converts on its device."""
+        tok = _NUMPY[token_dtype]
         rows = self.image_rows(image_ids)
         out: dict[str, torch.Tensor] = {}
         if views is None:
@@ -266,12 +316,12 @@ class TeacherCache:
             group = "views"
             pooled = read_rows(self.group["views/pooled"], rows)[np.arange(len(rows)), v]
             out["pooled"] = torch.from_numpy(pooled.astype(np.float32))
-        out["tokens"] = torch.from_numpy(self._tokens(group, "tokens", rows, v))
+        out["tokens"] = torch.from_numpy(self._tokens(group, "tokens", rows, v, tok))
         if relevance is not None:
             if relevance == "last":
                 out["relevance"] = out["tokens"]
             elif relevance in self.relevance_tokens:
-                out["relevance"] = torch.from_numpy(self._tokens(group, f"{relevance}_tokens", rows, v))
+                out["relevance"] = torch.from_numpy(self._tokens(group, f"{relevance}_tokens", rows, v, tok))
             else:
                 raise ValueError(
                     f"{self.url}: relevance source {relevance!r} not cached (have: last, "
@@ -290,10 +340,12 @@ class TeacherCache:
             "flip": torch.from_numpy(read_rows(self.group["views/flip"], rows).astype(bool)),
         }
 
-    def text_targets(self, texts: Sequence[str], tokens: bool = True) -> dict[str, Any]:
-        """``tokens``: list of [L_i, E] float32 tensors (SOT … EOT), ``pooled`` [B,E], ``lengths`` [B] (long).
-        ``tokens=False`` leaves the token rows unread (no ``tokens`` key): the §5 weights need only the
-        candidates' pooled embeddings."""
+    def text_targets(
+        self, texts: Sequence[str], tokens: bool = True, token_dtype: torch.dtype = torch.float32
+    ) -> dict[str, Any]:
+        """``tokens``: list of [L_i, E] float32 tensors (SOT … EOT; ``token_dtype`` as in ``image_targets``),
+        ``pooled`` [B,E], ``lengths`` [B] (long). ``tokens=False`` leaves the token rows unread (no ``tokens``
+        key): the §5 weights need only the candidates' pooled embeddings."""
         rows = self.text_rows(texts)
         lengths = self._lengths[rows]
         out: dict[str, Any] = {}
@@ -303,7 +355,7 @@ class TeacherCache:
             # One token-row index for every needed position, read in one sorted pass, then cut per text.
             cuts = np.concatenate([[0], np.cumsum(lens)])
             tok_rows = np.arange(int(cuts[-1]), dtype=np.int64) + np.repeat(starts - cuts[:-1], lens)
-            tok = torch.from_numpy(self._tokens("text", "tokens", tok_rows))
+            tok = torch.from_numpy(self._tokens("text", "tokens", tok_rows, out=_NUMPY[token_dtype]))
             per_text = tok.split(lens.tolist())
             out["tokens"] = [per_text[j] for j in inverse.tolist()]
         pooled = read_rows(self.group["text/pooled"], rows).astype(np.float32)

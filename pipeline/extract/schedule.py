@@ -27,6 +27,33 @@ def local_cluster(n_workers: int, cluster_kwargs: dict | None = None) -> Any:
         return LocalCluster(**kwargs)
 
 
+# How long the coordinator waits, after the last record, for unit tasks the cluster still runs (cancelled or
+# recomputed ones); a unit at ViT-B/16 size takes seconds, a large one minutes.
+QUIET_TIMEOUT_S = 600.0
+
+
+def _running_keys(prefix: str, dask_worker: Any = None) -> list[str]:
+    """On a worker: keys starting with ``prefix`` that a thread still executes (cancelled ones included)."""
+    state = getattr(dask_worker, "state", None)
+    running = getattr(state, "all_running_tasks", ()) if state is not None else ()
+    return [str(ts.key) for ts in running if str(ts.key).startswith(prefix)]
+
+
+def wait_until_idle(client: Any, prefix: str, timeout: float) -> list[str]:
+    """Wait until no worker executes a task whose key starts with ``prefix``; the keys still running at
+    ``timeout`` (empty when idle). Workers that cannot answer (lost) are not waited for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            per_worker = client.run(_running_keys, prefix, on_error="ignore")
+        except Exception:  # noqa: BLE001 - a closing cluster: nothing left to ask
+            return []
+        left = [k for keys in per_worker.values() if isinstance(keys, list) for k in keys]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
 def run_units(
     jobs: list[UnitJob],
     scheduler: str,
@@ -66,16 +93,33 @@ def run_units(
             client = Client(cluster)
         else:
             client = Client(scheduler)
+        run = f"clip-td-{os.getpid()}-{time.time_ns()}-"  # this run's task keys: ours, on a shared cluster
         try:
-            futures = [
-                client.submit(run_unit, j, key=f"clip-td-{j.name}-{os.getpid()}-{time.time_ns()}")
-                for j in jobs
-            ]
-            for fut in as_completed(futures):
-                if fut.status == "error":
-                    client.cancel([f for f in futures if not f.done()])
-                    fut.result()  # re-raises the unit's exception here
-                done(fut.result())
+            pending = {client.submit(run_unit, j, key=f"{run}{j.name}") for j in jobs}
+            try:
+                for fut in as_completed(list(pending)):
+                    pending.discard(fut)
+                    if fut.status == "error":
+                        client.cancel(list(pending))
+                        fut.result()  # re-raises the unit's exception here
+                    done(fut.result())
+                    # Released as soon as its record is read: a future the client still holds makes the
+                    # scheduler recompute its result when the worker that held it is lost, although the
+                    # unit is committed (wasted work, and such a rerun could still be writing after the
+                    # store is marked complete and its lock released).
+                    fut.release()
+                    del fut
+            finally:
+                # A unit cancelled or recomputed while it runs keeps running on its worker (dask cannot stop
+                # a thread): the store is neither marked complete nor unlocked while one still writes.
+                if pending:
+                    client.cancel(list(pending))
+                left = wait_until_idle(client, run, QUIET_TIMEOUT_S)
+            if left:
+                raise RuntimeError(
+                    f"extraction: {len(left)} unit task(s) of this run still running on the cluster after "
+                    f"{QUIET_TIMEOUT_S:.0f} s ({', '.join(sorted(left)[:5])}); the store is not marked complete"
+                )
         finally:
             client.close()
             if cluster is not None:

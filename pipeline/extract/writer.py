@@ -26,6 +26,21 @@ def write_threads(setting: int = -1) -> int:
     return max(1, min(4, cores // 4))
 
 
+def block_crcs(a: np.ndarray, rows: int) -> tuple[int, list[str]]:
+    """(crc32 of ``a``, [crc32 of each ``rows``-row block, hex]): the blocks' crcs are chained into the whole
+    one, so the rows are hashed once. ``a`` starts on a block boundary (a unit writes whole shards)."""
+    if len(a) <= rows:
+        crc = C.crc32(a)
+        return crc, [f"{crc:08x}"]
+    crc, out = 0, []
+    for lo in range(0, len(a), rows):
+        part = a[lo : lo + rows]
+        c = C.crc32(part)
+        crc = c if lo == 0 else C.crc32_combine(crc, c, int(part.nbytes))
+        out.append(f"{c:08x}")
+    return crc, out
+
+
 class UnitWriter:
     """Writes one unit's arrays, a block of whole shards per task, on writer threads, and returns each array's
     manifest record (region, crc32 over its rows in row order, bytes) once every block is written. Blocks
@@ -45,7 +60,9 @@ class UnitWriter:
             self.arrays[key] = arr
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="clip-td-write")
         self.tasks: list[Future] = []
-        self.parts: dict[str, list[tuple[int, int, int, int]]] = {k: [] for k in keys}
+        self.parts: dict[str, list[tuple[int, int, int, int, list[str]]]] = {k: [] for k in keys}
+        # One crc per inner chunk's rows as well: a training read checks the chunks it decodes, not the unit.
+        self.block_rows = {k: max(1, int(a.chunks[0])) if a.ndim else 1 for k, a in self.arrays.items()}
         self.lock = threading.Lock()
         self.first = True
 
@@ -60,9 +77,9 @@ class UnitWriter:
             raise UnitWriteError(
                 self.job.store_url, self.job.name, key, (start, start + len(a)), f"{type(e).__name__}: {e}"
             ) from e
-        crc = C.crc32(a)
+        crc, blocks = block_crcs(a, self.block_rows[key])
         with self.lock:
-            self.parts[key].append((start, start + len(a), crc, int(a.nbytes)))
+            self.parts[key].append((start, start + len(a), crc, int(a.nbytes), blocks))
             first, self.first = self.first, False
         if first:
             maybe_fail(self.job.name)
@@ -80,12 +97,18 @@ class UnitWriter:
         for key, parts in self.parts.items():
             parts.sort()
             crc, nbytes = (parts[0][2], parts[0][3]) if parts else (0, 0)
-            for (_, stop, _, _), (start, _, c, b) in itertools.pairwise(parts):
+            for (_, stop, *_), (start, _, c, b, _) in itertools.pairwise(parts):
                 if start != stop:  # a bug, never data: the unit must not commit with rows unwritten
                     raise RuntimeError(f"unit {self.job.name}: {key} has unwritten rows [{stop}, {start})")
                 crc, nbytes = C.crc32_combine(crc, c, b), nbytes + b
             region = [parts[0][0], parts[-1][1]] if parts else [0, 0]
-            records[key] = {"region": region, "crc32": f"{crc:08x}", "bytes": nbytes}
+            records[key] = {
+                "region": region,
+                "crc32": f"{crc:08x}",
+                "bytes": nbytes,
+                "block_rows": self.block_rows[key],
+                "block_crc32": [h for p in parts for h in p[4]],
+            }
         return records, results
 
     def close(self) -> None:
