@@ -31,9 +31,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.cache import TeacherCache, check_fingerprint, store_exists
+from pipeline.cache import TeacherCache
 from pipeline.config import Params
-from pipeline.identity import teacher_identity
 from pipeline.lock import StoreLock, StoreLocked
 from pipeline.protocol import Split, make_split
 from pipeline.teacher import sha256_file
@@ -47,13 +46,12 @@ from student.checkpoint import (
 from student.data import (
     Batch,
     TaskSpec,
-    ViewTable,
     load_tokenizer,
     open_prepared,
     train_loader,
     unlabeled_batches,
 )
-from student.errors import CheckpointError, FingerprintMismatch, RunError, RunLocked, RunSetupError
+from student.errors import CheckpointError, RunError, RunLocked, RunSetupError
 from student.evaluation import evaluate
 from student.losses import (
     DistillHeads,
@@ -72,7 +70,8 @@ from student.placement import (
     to_device,
 )
 from student.pretrain import PretrainedMismatch, load_pretrained_backbone
-from student.targets import CachedTargets, OnlineTargets, TargetSource, teacher_batch, unlabeled_teacher_batch
+from student.sources import chunk_groups, open_targets, view_table
+from student.targets import CachedTargets, TargetSource, teacher_batch, unlabeled_teacher_batch
 
 
 @dataclass
@@ -211,12 +210,15 @@ class Trainer:
         self.source: TargetSource | None = None
         teacher_model = params.teacher.model
         if self.needs_teacher:
-            self.source = self._target_source(online_teacher)
+            datasets = [d for d in (self.train_ds, self.val_ds, self.test_ds) if d is not None]
+            self.source = open_targets(
+                params, run, self.train_ds, datasets, self.device, online=online_teacher
+            )
         vocab = self.train_ds.answer_vocab() if run.task == "vqa" else []
         self.spec = TaskSpec(run.task, load_tokenizer(teacher_model), params.student.image_size, params.student.max_text_len,
                              vocab, params.distill.vqa_candidates, blind=self.cfg.blind)  # fmt: skip
-        self.views = self._view_table()
-        self.order_groups = self._order_groups()
+        self.views = view_table(params, run, self.source, self.train_ds)
+        self.order_groups = chunk_groups(params, run, self.source, self.train_instances)
         vocabulary = self._student_vocabulary()
         seed_everything(run.seed)
         self.student = create_student(params.student.arch, params.student, vocabulary=vocabulary)
@@ -262,80 +264,6 @@ class Trainer:
         if isinstance(self.source, CachedTargets):
             return self.source.cache.embed_dim
         return self.source.teacher.embed_dim
-
-    def _target_source(self, online: bool) -> TargetSource:
-        tp = self.params.teacher
-        if online:
-            from pipeline.teacher import create_teacher
-
-            teacher = create_teacher(tp.model, tp.pretrained, device=self.device, precision=tp.precision)
-            return OnlineTargets(
-                teacher, [d for d in (self.train_ds, self.val_ds, self.test_ds) if d is not None]
-            )
-        cache = TeacherCache(self.run.cache)
-        expected: dict = {"data": {"datasets": {self.train_ds.path.name: self.train_ds.fingerprint}}}
-        # The checkpoint the params name must be the one the cache was extracted with, and the model config
-        # (it fixes the teacher's preprocessing and architecture) the same.
-        teacher = teacher_identity(tp.model, tp.pretrained)
-        if teacher:
-            expected["teacher"] = teacher
-        differ = check_fingerprint(cache.attrs, expected)
-        if differ:
-            raise FingerprintMismatch(
-                f"{self.run.cache}: the teacher cache does not match this run's data ({self.train_ds.path}) and "
-                f"teacher ({tp.pretrained or tp.model}): differing fields {', '.join(differ)}; "
-                "re-run python -m stages.extract_teacher"
-            )
-        cached_vocab = cache.attrs.get("data", {}).get("vqa_vocab")
-        if (
-            self.run.task == "vqa"
-            and cached_vocab is not None
-            and cached_vocab != self.train_ds.answer_vocab()
-        ):
-            raise FingerprintMismatch(
-                f"{self.run.cache}: VQA answer vocabulary differs from {self.train_ds.path}'s"
-            )
-        # On CUDA the float16 tokens travel as stored and prepare_teacher converts them on the device.
-        half = torch.float16 if self.device.type == "cuda" else torch.float32
-        return CachedTargets(
-            cache, chunk_cache_bytes=self.params.train.target_cache_mb << 20, token_dtype=half
-        )
-
-    def _order_groups(self) -> dict[str, int] | None:
-        """train.order=chunked: each training image's inner chunk in the array its targets are read from (the
-        cached views' when the store has views). Read from the store for every method, the baseline too, so
-        that all methods of a seed see the same batches."""
-        if self.params.train.order == "random":
-            return None
-        if isinstance(self.source, CachedTargets):
-            cache = self.source.cache
-        elif self.run.cache and store_exists(self.run.cache):
-            cache = TeacherCache(self.run.cache)
-        else:
-            raise RunSetupError(
-                f"train.order=chunked orders instances by the teacher cache's chunks, and this run has no cache "
-                f"at {self.run.cache!r}: extract one, or use train.order=random"
-            )
-        name = "views/tokens" if cache.views else "image/tokens"
-        rows_per_chunk = int(cache.group[name].chunks[0])
-        ids = sorted({i.image_id for i in self.train_instances})
-        return dict(zip(ids, (cache.image_rows(ids) // rows_per_chunk).tolist(), strict=True))
-
-    def _view_table(self) -> ViewTable | None:
-        """The cached views training images are shown in (docs/method.md §2), None when there are none. A run
-        reading the store uses the store's views; a run without one (online teacher, baseline) makes the views
-        a store extracted with cache.views would hold, so every method sees the same augmentation."""
-        if isinstance(self.source, CachedTargets):
-            cache = self.source.cache
-            if cache.views and cache.views != self.params.cache.views:
-                warnings.warn(
-                    f"{self.run.cache} holds {cache.views} views per image but cache.views="
-                    f"{self.params.cache.views}: training replays the store's views",
-                    stacklevel=2,
-                )
-            return ViewTable.from_cache(cache, self.train_ds.image_ids()) if cache.views else None
-        k = self.params.cache.views
-        return ViewTable.from_rule(self.train_ds, k) if k > 0 else None
 
     # ------------------------------------------------------------------ checkpoints
     def _ckpt_path(self) -> Path:

@@ -678,7 +678,8 @@ def test_nonfinite_loss_fails_skips_or_stops(world, student_world, tmp_path, mon
 
 
 def test_student_refuses_a_cache_of_other_preprocessing(world, student_world, tmp_path):
-    from student.train import FingerprintMismatch, RunSpec, Trainer
+    from student.errors import FingerprintMismatch
+    from student.train import RunSpec, Trainer
 
     big = tmp_path / "tiny-rel-40.json"
     cfg = json.loads(json.dumps(TINY_CFG))

@@ -8,7 +8,8 @@ import torch
 
 from student.losses import METHODS
 from student.model import count_parameters, create_student
-from student.train import FingerprintMismatch, RunSpec, Trainer, run_student
+from student.errors import FingerprintMismatch
+from student.train import RunSpec, Trainer, run_student
 from tests.conftest import build_world, prepare_synthetic, run_spec, student_params
 
 

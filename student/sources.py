@@ -1,0 +1,101 @@
+"""Where a student run's teacher targets come from, and what the cache decides about the run's data order.
+
+The cache is checked against the run before anything is read from it (the data it was extracted from, the
+teacher's identity, the VQA answer vocabulary); ``train.order: chunked`` groups instances by the cache's chunks,
+and cached views are replayed so every method of a seed sees the same augmentation.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from pipeline.cache import TeacherCache, check_fingerprint, store_exists
+from pipeline.config import Params
+from pipeline.data.shards import PreparedDataset
+from pipeline.identity import teacher_identity
+from student.data import ViewTable
+from student.errors import FingerprintMismatch, RunSetupError
+from student.targets import CachedTargets, OnlineTargets, TargetSource
+
+
+def open_targets(
+    params: Params,
+    run,
+    train_ds: PreparedDataset,
+    datasets: list[PreparedDataset],
+    device: torch.device,
+    *,
+    online: bool,
+) -> TargetSource:
+    """The run's teacher targets: the teacher itself (``online``), or the cache after checking it was extracted
+    from this run's training data and teacher (differing fields named) and holds this VQA answer vocabulary."""
+    tp = params.teacher
+    if online:
+        from pipeline.teacher import create_teacher
+
+        teacher = create_teacher(tp.model, tp.pretrained, device=device, precision=tp.precision)
+        return OnlineTargets(teacher, datasets)
+    cache = TeacherCache(run.cache)
+    expected: dict = {"data": {"datasets": {train_ds.path.name: train_ds.fingerprint}}}
+    # The checkpoint the params name must be the one the cache was extracted with, and the model config
+    # (it fixes the teacher's preprocessing and architecture) the same.
+    teacher = teacher_identity(tp.model, tp.pretrained)
+    if teacher:
+        expected["teacher"] = teacher
+    differ = check_fingerprint(cache.attrs, expected)
+    if differ:
+        raise FingerprintMismatch(
+            f"{run.cache}: the teacher cache does not match this run's data ({train_ds.path}) and "
+            f"teacher ({tp.pretrained or tp.model}): differing fields {', '.join(differ)}; "
+            "re-run python -m stages.extract_teacher"
+        )
+    cached_vocab = cache.attrs.get("data", {}).get("vqa_vocab")
+    if run.task == "vqa" and cached_vocab is not None and cached_vocab != train_ds.answer_vocab():
+        raise FingerprintMismatch(f"{run.cache}: VQA answer vocabulary differs from {train_ds.path}'s")
+    # On CUDA the float16 tokens travel as stored and prepare_teacher converts them on the device.
+    half = torch.float16 if device.type == "cuda" else torch.float32
+    return CachedTargets(cache, chunk_cache_bytes=params.train.target_cache_mb << 20, token_dtype=half)
+
+
+def chunk_groups(
+    params: Params, run, source: TargetSource | None, train_instances: list
+) -> dict[str, int] | None:
+    """train.order=chunked: each training image's inner chunk in the array its targets are read from (the
+    cached views' when the store has views). Read from the store for every method, the baseline too, so
+    that all methods of a seed see the same batches."""
+    if params.train.order == "random":
+        return None
+    if isinstance(source, CachedTargets):
+        cache = source.cache
+    elif run.cache and store_exists(run.cache):
+        cache = TeacherCache(run.cache)
+    else:
+        raise RunSetupError(
+            f"train.order=chunked orders instances by the teacher cache's chunks, and this run has no cache "
+            f"at {run.cache!r}: extract one, or use train.order=random"
+        )
+    name = "views/tokens" if cache.views else "image/tokens"
+    rows_per_chunk = int(cache.group[name].chunks[0])
+    ids = sorted({i.image_id for i in train_instances})
+    return dict(zip(ids, (cache.image_rows(ids) // rows_per_chunk).tolist(), strict=True))
+
+
+def view_table(
+    params: Params, run, source: TargetSource | None, train_ds: PreparedDataset
+) -> ViewTable | None:
+    """The cached views training images are shown in (docs/method.md §2), None when there are none. A run
+    reading the store uses the store's views; a run without one (online teacher, baseline) makes the views
+    a store extracted with cache.views would hold, so every method sees the same augmentation."""
+    if isinstance(source, CachedTargets):
+        cache = source.cache
+        if cache.views and cache.views != params.cache.views:
+            warnings.warn(
+                f"{run.cache} holds {cache.views} views per image but cache.views="
+                f"{params.cache.views}: training replays the store's views",
+                stacklevel=2,
+            )
+        return ViewTable.from_cache(cache, train_ds.image_ids()) if cache.views else None
+    k = params.cache.views
+    return ViewTable.from_rule(train_ds, k) if k > 0 else None
