@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from student.errors import FingerprintMismatch
 from student.losses import METHODS
 from student.model import count_parameters, create_student
-from student.errors import FingerprintMismatch
 from student.train import RunSpec, Trainer, run_student
 from tests.conftest import build_world, prepare_synthetic, run_spec, student_params
 
