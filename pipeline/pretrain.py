@@ -3,7 +3,7 @@
 The synthetic world has no public CLIP that knows it, so the embedded pipeline first trains one (the
 ``pretrain-teacher`` stage), then freezes it and treats it exactly like a downloaded CLIP from there on.
 
-Design choices (each sized by the feasibility run in embedded-world-notes.md):
+Design choices (each sized by a feasibility run on this 2-core machine before the project's code existed):
 
 * every corpus image is decoded and resized once into one uint8 tensor (~24k × 3 × 64 × 64 ≈ 300 MB), and
   every distinct caption tokenized once, so a step costs only the model (≈0.7 s at batch 128 on 2 cores);
