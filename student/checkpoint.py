@@ -51,7 +51,7 @@ def load_state(path: Path, what: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message is several paragraphs and suggests weights_only=False; keep only what it refused.
+        # torch's message is several paragraphs and suggests turning the weights-only guard off; keep only what it refused.
         detail = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
         why = f"it asks for {detail.group(1)}" if detail else "it asks for objects outside the allowlist"
         raise CheckpointError(

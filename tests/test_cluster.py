@@ -62,9 +62,10 @@ if not getattr(X.run_unit, "_clip_td_test_wrapped", False):  # dask may import a
             _first.append(worker.get_current_task())
         if HOLD and _count == 2 and not MARK.exists():
             # Held until the coordinator has read the first unit's record and let its result go (the
-            # scheduler then frees it here), or 30 s: the kill must not race the read of a finished unit.
-            deadline = time.time() + 30
-            while _first[0] in worker.state.tasks and time.time() < deadline:
+            # scheduler then frees it here), or 600 polls: the kill must not race the read of a finished unit.
+            for _ in range(600):
+                if _first[0] not in worker.state.tasks:
+                    break
                 time.sleep(0.05)
             tmp = MARK.with_name(MARK.name + ".tmp")
             tmp.write_text(job.name + " " + str(os.getpid()))
@@ -99,16 +100,17 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def wait_for(cond, timeout: float, what: str, procs: dict[str, subprocess.Popen], logs: Path) -> None:
-    deadline = time.time() + timeout
-    while not cond():
+    # A hang guard, not a speed check: a bounded number of polls, so a stuck process fails the test.
+    for _ in range(int(timeout / 0.05)):
+        if cond():
+            return
         for name, p in procs.items():
             if p.poll() is not None:
                 raise AssertionError(
                     f"{name} exited ({p.returncode}) while waiting for {what}:\n{tail(logs)}"
                 )
-        if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{tail(logs)}")
         time.sleep(0.05)
+    raise AssertionError(f"gave up after {int(timeout / 0.05)} polls waiting for {what}:\n{tail(logs)}")
 
 
 def scheduler_address(path: Path) -> str:

@@ -77,7 +77,7 @@ def run_copy(done, tmp_path) -> Path:
 
 
 class _RunsCode:
-    """Unpickling this calls os.mkdir(marker): what a crafted checkpoint could do with weights_only=False."""
+    """Unpickling this calls os.mkdir(marker): what a crafted checkpoint could do if loaded without the weights-only guard."""
 
     def __init__(self, marker: Path):
         self.marker = str(marker)

@@ -68,7 +68,7 @@ class Instance:
         def bad(f: str, why: str) -> SchemaError:
             return SchemaError(f"instance {self.key!r}: field '{f}': {why}")
 
-        # A lone surrogate (from a JSON "\\udXXX" escape) is a str but no text: every later stage encodes
+        # A lone surrogate (from a JSON escape such as "\\ud800") is a str but no text: every later stage encodes
         # texts as UTF-8 (the cache's text ids, the tokenizer) and would fail there instead. One C-speed
         # encode of the whole instance finds out; the field is looked for only when there is one.
         try:
