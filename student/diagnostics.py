@@ -104,7 +104,7 @@ def selection_masks(
 ) -> np.ndarray:
     """[N, g_s²] bool: clip_td's image token selection per instance, from the cache, via prepare_teacher."""
     from .losses import prepare_teacher
-    from .targets import pad_tokens
+    from .targets import assemble_teacher_batch
 
     out = []
     for i in range(0, len(instances), batch):
@@ -112,15 +112,7 @@ def selection_masks(
         relevance = cfg.relevance_source if cfg.relevance_source != "last" else None
         img = cache.image_targets([x.image_id for x in insts], relevance=relevance)
         txt = cache.text_targets(txts, tokens=True)
-        tb = {
-            "img_tokens": img["tokens"],
-            "img_pooled": img["pooled"],
-            "txt_tokens": pad_tokens(txt["tokens"]),
-            "txt_lengths": txt["lengths"],
-            "txt_pooled": txt["pooled"],
-        }
-        if "relevance" in img:
-            tb["rel_img_tokens"] = img["relevance"]
+        tb = assemble_teacher_batch(img, txt)
         with torch.no_grad():
             out.append(prepare_teacher(tb, cache.grid, g_s, cfg)["img_select"].cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, g_s * g_s), dtype=bool)

@@ -190,6 +190,20 @@ def check_targets_finite(
             raise NonFiniteTarget(f"{where}: teacher target holds NaN/Inf (non-finite)")
 
 
+def assemble_teacher_batch(img: dict, txt: dict) -> TeacherBatch:
+    """The loss's teacher-side inputs from an image read (``image_targets``) and a text read with tokens."""
+    tb: TeacherBatch = {
+        "img_tokens": img["tokens"],
+        "img_pooled": img["pooled"],
+        "txt_tokens": pad_tokens(txt["tokens"]),
+        "txt_lengths": txt["lengths"],
+        "txt_pooled": txt["pooled"],
+    }
+    if "relevance" in img:
+        tb["rel_img_tokens"] = img["relevance"]
+    return tb
+
+
 def teacher_batch(
     batch: Batch, source: TargetSource, cfg: MethodSettings, task: str
 ) -> tuple[TeacherBatch, Tensor]:
@@ -201,15 +215,7 @@ def teacher_batch(
         viewed=batch.views is not None,
     )  # fmt: skip
     b = len(batch.teacher_texts)
-    tb: TeacherBatch = {
-        "img_tokens": img["tokens"],
-        "img_pooled": img["pooled"],
-        "txt_tokens": pad_tokens(txt["tokens"]),
-        "txt_lengths": txt["lengths"],
-        "txt_pooled": txt["pooled"],
-    }
-    if "relevance" in img:
-        tb["rel_img_tokens"] = img["relevance"]
+    tb = assemble_teacher_batch(img, txt)
     weights = torch.ones(b)
     if cfg.weight:
         tau = source.logit_scale
