@@ -323,3 +323,66 @@ def test_one_image_for_k_texts_equals_the_image_repeated_k_times():
     torch.testing.assert_close(m.patch_embed[0].weight.grad, grad)
     with pytest.raises(ValueError, match="same number of texts"):
         m(px, ids[:3])
+
+
+# ------------------------------------------------------------------------------------------ film student
+
+
+def film_params(**kw) -> StudentParams:
+    return tiny_params(**{"arch": "film", "image_size": 16, "patch_size": 4, **kw})
+
+
+def test_film_shapes_mask_and_padding_invariance():
+    torch.manual_seed(0)
+    m = create_student("film", film_params(), vocab_size=VOCAB).eval()
+    assert isinstance(m, StudentInterface)
+    assert (m.width, m.grid, m.max_text_len) == (16, 4, 6)
+    px = torch.randn(2, 3, 16, 16)
+    out = m(px, torch.tensor([[SOT, 3, EOT, 0], [SOT, 3, 4, EOT]]))
+    assert out.pooled.shape == (2, 16) and out.image_tokens.shape == (2, 16, 16)
+    assert out.text_tokens.shape == (2, 6, 16)
+    assert out.text_mask.tolist() == [[True] * 3 + [False] * 3, [True] * 4 + [False] * 2]
+    assert not out.text_tokens[0, 3:].any()  # padding slots are zero: no loss may read them
+    # Junk after EOT and extra padding change nothing real.
+    a = m(px[:1], torch.tensor([[SOT, 3, EOT, 0]]))
+    b = m(px[:1], torch.tensor([[SOT, 3, EOT, 7, 7, 7]]))
+    torch.testing.assert_close(a.pooled, b.pooled)
+    torch.testing.assert_close(a.image_tokens, b.image_tokens)
+    # A row without text (an unlabeled image) stays finite.
+    assert torch.isfinite(m(px[:1], torch.zeros(1, 4, dtype=torch.long)).pooled).all()
+    with pytest.raises(ValueError, match="power-of-two"):
+        create_student("film", film_params(patch_size=6), vocab_size=VOCAB)
+
+
+def test_film_image_tokens_depend_on_the_text_and_the_image():
+    # The text conditions every conv channel: the same image read with two texts gives two feature maps,
+    # which is what lets token-level distillation reach the fusion.
+    torch.manual_seed(0)
+    m = create_student("film", film_params(), vocab_size=VOCAB).eval()
+    px = torch.randn(1, 3, 16, 16)
+    one = m(px, torch.tensor([[SOT, 3, EOT]]))
+    other = m(px, torch.tensor([[SOT, 4, EOT]]))
+    assert not torch.allclose(one.image_tokens, other.image_tokens)
+    assert not torch.allclose(m(torch.randn(1, 3, 16, 16), torch.tensor([[SOT, 3, EOT]])).pooled, one.pooled)
+
+
+def test_film_one_image_for_k_texts_equals_the_image_repeated():
+    torch.manual_seed(0)
+    m = create_student("film", film_params(), vocab_size=VOCAB).eval()
+    px = torch.randn(2, 3, 16, 16)
+    ids = torch.tensor([[SOT, 3, EOT], [SOT, 4, EOT], [SOT, 5, 6], [SOT, EOT, 0]])
+    shared, repeated = m(px, ids), m(px.repeat_interleave(2, 0), ids)
+    torch.testing.assert_close(shared.pooled, repeated.pooled)
+    torch.testing.assert_close(shared.image_tokens, repeated.image_tokens)
+
+
+def test_film_exported_student_round_trips_its_compact_vocabulary(tmp_path):
+    torch.manual_seed(0)
+    vocab = torch.tensor([0, 3, 4, SOT, EOT])
+    m = create_student("film", film_params(), vocab_size=VOCAB, vocabulary=vocab).eval()
+    torch.save({"student": m.state_dict()}, tmp_path / "student.pt")
+    loaded = create_student("film", film_params(), vocab_size=VOCAB).eval()
+    loaded.load_state_dict(torch.load(tmp_path / "student.pt", weights_only=True)["student"])
+    assert torch.equal(loaded.token_ids, vocab) and loaded.tok_embed.weight.shape == (len(vocab) + 1, 16)
+    px, ids = torch.randn(2, 3, 16, 16), torch.tensor([[SOT, 3, 11, EOT], [SOT, 4, EOT, 0]])
+    torch.testing.assert_close(loaded(px, ids).pooled, m(px, ids).pooled)
