@@ -4,13 +4,19 @@ model and tag fails offline in one line saying where its weights were looked for
 
 from __future__ import annotations
 
+import glob
+import json
+import re
+import shlex
+import shutil
+
 import pytest
 from click.testing import CliRunner
 
 from pipeline.config import ConfigError, SplitRoles, load_params
 from pipeline.data.shards import DatasetWriter
 from pipeline.splits import SplitError, resolve_splits
-from tests.conftest import png_bytes, snli_instance
+from tests.conftest import REPO, png_bytes, snli_instance
 
 
 def _prepared(root, source: str, *splits: str) -> None:
@@ -141,3 +147,108 @@ def test_a_named_teacher_is_found_where_the_error_says_to_put_it(tmp_path, monke
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"weights")
     assert tag_weights("ViT-B-16", "openai")[0] == str(weights)
+
+
+# ------------------------------------------------------------------------------------ the README's recipe
+
+
+def _recipe() -> list[str]:
+    """The commands of the README's "Real data" code block, loops unrolled (``for x in a b; do CMD; done``)."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Real data\n") :]
+    block = section[section.index("```bash\n") + len("```bash\n") :]
+    block = block[: block.index("```")]
+    commands = []
+    for line in block.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        loop = re.fullmatch(r"for (\w+) in ([^;]+); do (.+); done", line)
+        if loop:
+            var, values, body = loop.groups()
+            commands += [body.replace(f"${var}", v) for v in values.split()]
+        else:
+            commands.append(line)
+    return commands
+
+
+# What makes the recipe tiny: the named teacher is a local tiny open_clip checkpoint, and every size is small.
+TINY = [
+    "teacher.precision=fp32", "cache.image_rows_per_unit=64", "cache.text_rows_per_unit=512",
+    "cache.batch_size=32", "cache.num_workers=0", "cache.scheduler=sync", "student.width=32", "student.layers=1",
+    "student.heads=2", "student.image_size=32", "student.patch_size=8", "student.max_text_len=32",
+    "student.dropout=0.0", "train.batch_size=4", "train.task_batch_size={vcr: 2}", "train.steps=2",
+    "train.warmup=1", "train.eval_every=2", "train.checkpoint_every=2",
+]  # fmt: skip
+
+
+def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_one_store(
+    tmp_path, monkeypatch
+):
+    """prepare (official names) -> extract (one store for all three) -> train -> evaluate -> report, as the
+    README writes it, with no renaming or symlinks; each student is tested on its source's test role."""
+    import importlib
+
+    import torch
+
+    from pipeline.teacher import create_teacher
+    from tests.conftest import tiny_teacher_config
+    from tests.fixtures_official import GOOD_INSTANCES, build_snli_ve, build_vcr, build_vqa
+
+    official = tmp_path / "official"
+    for split in ("train2014", "val2014"):
+        build_vqa(official / "vqa", split)
+    for split in ("train", "dev", "test"):
+        build_snli_ve(official / "snli", split)
+    for split in ("train", "val"):
+        build_vcr(official / "vcr", split)
+    work = tmp_path / "work"
+    (work / "real").mkdir(parents=True)
+    shutil.copy(REPO / "real" / "params.yaml", work / "real" / "params.yaml")  # the shipped params, as is
+    cfg = tmp_path / "tiny-teacher.json"
+    cfg.write_text(json.dumps(tiny_teacher_config(32)))
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny-teacher.pt"
+    torch.save({"state_dict": create_teacher(str(cfg), "").model.state_dict()}, ckpt)
+    teacher = [f"teacher.model={cfg}", f"teacher.pretrained={ckpt}"]
+    monkeypatch.chdir(work)
+
+    commands = _recipe()
+    assert [c.split()[2] for c in commands] == [
+        "stages.prepare_data", "stages.prepare_data", "stages.prepare_data", "stages.extract_teacher",
+        "stages.train_student", "stages.train_student", "stages.train_student", "stages.evaluate", "stages.report",
+    ]  # fmt: skip
+    for command in commands:
+        command = command.replace("~/vqa", str(official / "vqa")).replace("~/snli", str(official / "snli"))
+        command = command.replace("~/vcr", str(official / "vcr"))
+        words = shlex.split(command)
+        assert words[:2] == ["python", "-m"], command
+        args = []
+        for w in words[3:]:
+            args += sorted(glob.glob(w)) if "*" in w else [w]
+        if words[2] != "stages.report":  # the report takes no params
+            args += [a for s in (*teacher, *TINY) for a in ("--set", s)]
+        res = CliRunner().invoke(importlib.import_module(words[2]).main, args)
+        assert res.exit_code == 0, f"{command}\n{res.output}{res.exception!r}"
+
+    shards = work / "data" / "shards"
+    assert sorted(p.name for p in shards.iterdir()) == ["snli_ve", "vcr", "vqa"]
+    assert sorted(p.name for p in (shards / "vqa").iterdir()) == ["train2014", "val2014"]  # no renaming
+    assert not any(p.is_symlink() for p in work.rglob("*"))
+    extract = json.loads((work / "metrics" / "real" / "extract.json").read_text())
+    assert extract["datasets"] == 7  # one store, the three sources' seven splits extracted together
+    evals = {
+        p.parent.name.split("-")[0]: json.loads(p.read_text())
+        for p in (work / "real" / "evals").glob("*/eval.json")
+    }
+    assert set(evals) == {"vqa", "snli_ve", "vcr"}
+    # Tested on each source's test role: VQA val2014, SNLI-VE test, VCR val (every fixture split has the same
+    # instance count, so the count alone cannot tell; the recorded folder does).
+    for task, test_folder in (("vqa", "val2014"), ("snli_ve", "test"), ("vcr", "val")):
+        exported = torch.load(
+            work / "real" / "runs" / f"{task}-lowshot-0.05-clip_td-s0" / "student.pt", weights_only=True
+        )
+        assert exported["splits"]["test"] == test_folder
+    assert all(e["metrics"]["n"] == GOOD_INSTANCES for e in evals.values())
+    results = (work / "reports" / "real" / "results.md").read_text()
+    assert all(f"## {task} — " in results for task in ("vqa", "snli_ve", "vcr"))
