@@ -252,3 +252,31 @@ def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_o
     assert all(e["metrics"]["n"] == GOOD_INSTANCES for e in evals.values())
     results = (work / "reports" / "real" / "results.md").read_text()
     assert all(f"## {task} — " in results for task in ("vqa", "snli_ve", "vcr"))
+
+
+def test_a_store_of_one_tag_does_not_pass_for_another_tag_of_the_same_model():
+    from pipeline.identity import teacher_identity
+
+    openai, laion = teacher_identity("ViT-B-16", "openai"), teacher_identity("ViT-B-16", "laion2b_s34b_b88k")
+    assert openai["config_sha256"] == laion["config_sha256"]
+    assert openai["pretrained_checksum"] == "openai" and laion["pretrained_checksum"] == "laion2b_s34b_b88k"
+
+
+def test_a_failed_download_names_where_the_weights_were_looked_for(tmp_path, monkeypatch):
+    import open_clip
+    from huggingface_hub import constants
+
+    from pipeline.teacher import TeacherError, create_teacher
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def unreachable(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag 'openai':\nConnection refused")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", unreachable)
+    with pytest.raises(TeacherError) as err:
+        create_teacher("ViT-B-16", "openai")
+    msg = str(err.value)
+    assert "\n" not in msg and "Connection refused" in msg and str(tmp_path / "hub") in msg
