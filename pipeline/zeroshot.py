@@ -149,7 +149,7 @@ def task_zeroshot(
     shift_target: str,
 ) -> list[ZeroShot]:
     """The teacher's zero-shot score for one task on each condition's test instances. ``val`` None: the
-    source has no val split, and validation is the seeded slice of train that students select on too."""
+    source has no val split, and validation is a seeded slice of train (seed 0; make_split draws it)."""
     by_key = {i.key: i for i in [*(train if val is None else val), *test]}
     metric = PRIMARY[task]
     out = []

@@ -81,7 +81,7 @@ class RunSpec:
     condition: str
     method: str
     seed: int
-    data_root: str  # directory holding the prepared train/val/test splits
+    data_root: str  # directory holding the prepared splits; pipeline/splits.py says which plays which role
     cache: str  # teacher cache URL
     out: str  # run directory: checkpoint.pt, train.json, student.pt
 

@@ -158,18 +158,16 @@ def _recipe() -> list[str]:
     section = text[text.index("## Real data\n") :]
     block = section[section.index("```bash\n") + len("```bash\n") :]
     block = block[: block.index("```")]
-    commands = []
-    for line in block.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+
+    def unroll(line: str) -> list[str]:
         loop = re.fullmatch(r"for (\w+) in ([^;]+); do (.+); done", line)
-        if loop:
-            var, values, body = loop.groups()
-            commands += [body.replace(f"${var}", v) for v in values.split()]
-        else:
-            commands.append(line)
-    return commands
+        if not loop:
+            return [line]
+        var, values, body = loop.groups()
+        return [c for v in values.split() for c in unroll(body.replace(f"${var}", v))]
+
+    lines = [line.strip() for line in block.splitlines()]
+    return [c for line in lines if line and not line.startswith("#") for c in unroll(line)]
 
 
 # What makes the recipe tiny: the named teacher is a local tiny open_clip checkpoint, and every size is small.
@@ -216,7 +214,7 @@ def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_o
     commands = _recipe()
     assert [c.split()[2] for c in commands] == [
         "stages.prepare_data", "stages.prepare_data", "stages.prepare_data", "stages.extract_teacher",
-        "stages.train_student", "stages.train_student", "stages.train_student", "stages.evaluate", "stages.report",
+        *["stages.train_student"] * 6, "stages.evaluate", "stages.report",
     ]  # fmt: skip
     for command in commands:
         command = command.replace("~/vqa", str(official / "vqa")).replace("~/snli", str(official / "snli"))
@@ -237,11 +235,10 @@ def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_o
     assert not any(p.is_symlink() for p in work.rglob("*"))
     extract = json.loads((work / "metrics" / "real" / "extract.json").read_text())
     assert extract["datasets"] == 7  # one store, the three sources' seven splits extracted together
-    evals = {
-        p.parent.name.split("-")[0]: json.loads(p.read_text())
-        for p in (work / "real" / "evals").glob("*/eval.json")
+    evals = {p.parent.name: json.loads(p.read_text()) for p in (work / "real" / "evals").glob("*/eval.json")}
+    assert set(evals) == {
+        f"{t}-lowshot-0.05-{m}-s0" for t in ("vqa", "snli_ve", "vcr") for m in ("baseline", "clip_td")
     }
-    assert set(evals) == {"vqa", "snli_ve", "vcr"}
     # Tested on each source's test role: VQA val2014, SNLI-VE test, VCR val (every fixture split has the same
     # instance count, so the count alone cannot tell; the recorded folder does).
     for task, test_folder in (("vqa", "val2014"), ("snli_ve", "test"), ("vcr", "val")):
@@ -252,6 +249,7 @@ def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_o
     assert all(e["metrics"]["n"] == GOOD_INSTANCES for e in evals.values())
     results = (work / "reports" / "real" / "results.md").read_text()
     assert all(f"## {task} — " in results for task in ("vqa", "snli_ve", "vcr"))
+    assert "| clip_td | " in results and "| baseline | " in results
 
 
 def test_a_store_of_one_tag_does_not_pass_for_another_tag_of_the_same_model():
