@@ -278,3 +278,21 @@ def test_a_failed_download_names_where_the_weights_were_looked_for(tmp_path, mon
         create_teacher("ViT-B-16", "openai")
     msg = str(err.value)
     assert "\n" not in msg and "Connection refused" in msg and str(tmp_path / "hub") in msg
+
+
+def test_real_params_load_and_hold_every_key_of_params_yaml():
+    """real/dvc.yaml lists its params from real/params.yaml: a key missing there fails `dvc repro`, and a bad
+    value must fail at load naming the key, like params.yaml."""
+    import yaml
+
+    def keys(node: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in node.items():
+            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+        return out
+
+    real = load_params(REPO / "real" / "params.yaml")
+    assert (real.data.source, real.teacher.model, real.teacher.pretrained) == ("vqa", "ViT-B-16", "openai")
+    assert real.protocol.tasks == [real.data.source]  # one source per run of real/dvc.yaml
+    shipped = keys(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert keys(yaml.safe_load((REPO / "real" / "params.yaml").read_text())) == shipped
