@@ -247,6 +247,16 @@ def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_o
         )
         assert exported["splits"]["test"] == test_folder
     assert all(e["metrics"]["n"] == GOOD_INSTANCES for e in evals.values())
+    # A student exported before runs recorded their folders is evaluated on the roles resolved now: the same.
+    from stages.evaluate import evaluate_run
+
+    old = work / "old" / "vqa-lowshot-0.05-clip_td-s0"
+    old.mkdir(parents=True)
+    exported = torch.load(work / "real" / "runs" / old.name / "student.pt", weights_only=True)
+    del exported["splits"]
+    torch.save(exported, old / "student.pt")
+    again = evaluate_run(old, load_params(work / "real" / "params.yaml"))
+    assert again["metrics"] == evals[old.name]["metrics"]
     results = (work / "reports" / "real" / "results.md").read_text()
     assert all(f"## {task} — " in results for task in ("vqa", "snli_ve", "vcr"))
     assert "| clip_td | " in results and "| baseline | " in results
