@@ -306,3 +306,22 @@ def test_real_params_load_and_hold_every_key_of_params_yaml():
     assert real.protocol.tasks == [real.data.source]  # one source per run of real/dvc.yaml
     shipped = keys(yaml.safe_load((REPO / "params.yaml").read_text()))
     assert keys(yaml.safe_load((REPO / "real" / "params.yaml").read_text())) == shipped
+
+
+def test_prepare_takes_source_root_and_splits_from_params(tmp_path, monkeypatch):
+    """What real/dvc.yaml's prepare stage runs: no --source, --root or --split, only the params file."""
+    from stages.prepare_data import main
+    from tests.fixtures_official import GOOD_INSTANCES, build_vqa
+
+    for split in ("train2014", "val2014"):
+        build_vqa(tmp_path / "vqa", split)
+    monkeypatch.chdir(tmp_path)
+    sets = ["data.source=vqa", "data.splits=[train2014, val2014]"]
+    args = [a for s in sets for a in ("--set", s)]
+    res = CliRunner().invoke(main, [*args, "--set", f"data.root={tmp_path / 'vqa'}"])
+    assert res.exit_code == 0, res.output
+    dirs = resolve_splits(tmp_path / "data" / "shards" / "vqa")
+    assert (dirs.train.name, dirs.test.name) == ("train2014", "val2014")
+    assert json.loads((dirs.test / "dataset.json").read_text())["instances"] == GOOD_INSTANCES
+    res = CliRunner().invoke(main, [*args, "--set", f"data.root={tmp_path / 'nowhere'}"])
+    assert res.exit_code == 2 and "data.root" in res.output and "nowhere" in res.output
