@@ -343,6 +343,36 @@ class DistillParams:
             )
 
 
+# protocol.splits.val: no val folder; validation is a seeded slice (protocol.val_fraction) of the train role.
+VAL_SLICE = "slice"
+
+
+@dataclass
+class SplitRoles:
+    """Which prepared folder under the data root plays each role. '' = the standard one of the data's source
+    (pipeline/splits.py: VQA v2 train2014 / slice / val2014, SNLI-VE train / dev / test, VCR train / slice /
+    val, synthetic train / val / test)."""
+
+    train: str = ""
+    val: str = ""
+    test: str = ""
+
+    def validate(self) -> None:
+        for role in ("train", "val", "test"):
+            name = getattr(self, role)
+            if name.startswith(".") or any(c in name for c in "/\\\0"):
+                raise _invalid(
+                    f"protocol.splits.{role}",
+                    f"must be a plain folder name under the data root, got {name!r}",
+                )
+            if name == VAL_SLICE and role != "val":
+                raise _invalid(f"protocol.splits.{role}", f"'{VAL_SLICE}' is only for val (a slice of train)")
+        if self.train and self.train in (self.val, self.test):
+            raise _invalid("protocol.splits", f"train and another role name the same folder {self.train!r}")
+        if self.test and self.test == self.val:
+            raise _invalid("protocol.splits", f"val and test name the same folder {self.test!r}")
+
+
 @dataclass
 class ProtocolParams:
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
@@ -354,6 +384,7 @@ class ProtocolParams:
     shift_target_domain: str = "outline"
     shift_key: str = "domain"
     val_fraction: float = 0.1
+    splits: SplitRoles = field(default_factory=SplitRoles)
 
     def validate(self) -> None:
         for t in self.tasks:

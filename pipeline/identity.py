@@ -66,9 +66,12 @@ def teacher_identity(model: str, pretrained: str = "", teacher: Any = None) -> d
     from .teacher import register_model, sha256_file
 
     out: dict = {}
+    name = register_model(model)
     if pretrained and Path(pretrained).is_file():
         out["pretrained_checksum"] = sha256_file(pretrained)
-    config = open_clip.get_model_config(register_model(model))
+    elif pretrained and open_clip.get_pretrained_cfg(name, pretrained):
+        out["pretrained_checksum"] = pretrained  # a tag names its weights (Teacher.describe records it so)
+    config = open_clip.get_model_config(name)
     if config is not None:
         out["config_sha256"] = sha256_json(config)
     return out

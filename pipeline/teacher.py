@@ -86,6 +86,14 @@ def _resolve_pretrained(name: str, pretrained: str) -> tuple[str | None, str]:
     if Path(pretrained).is_file():
         return pretrained, "file"
     if open_clip.get_pretrained_cfg(name, pretrained):
+        found, looked, fix = tag_weights(name, pretrained)
+        if found is None and _offline():
+            # Offline, open_clip would try the download anyway and fail several lines later without saying
+            # where the weights were expected.
+            raise TeacherError(
+                f"teacher '{name}' pretrained '{pretrained}': weights not found offline (HF_HUB_OFFLINE): "
+                f"looked for {looked}; {fix}"
+            )
         return pretrained, "tag"
     if os.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors", ".npz"):
         raise TeacherError(f"teacher checkpoint '{pretrained}' (for model '{name}'): file not found")
@@ -93,6 +101,62 @@ def _resolve_pretrained(name: str, pretrained: str) -> tuple[str | None, str]:
     raise TeacherError(
         f"teacher pretrained '{pretrained}' for model '{name}': not a file and not a known open_clip tag "
         f"(tags for this model: {tags or 'none'})"
+    )
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (at its import) or as set since."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE) or env
+
+
+def tag_weights(name: str, tag: str) -> tuple[str | None, str, str]:
+    """Where open_clip finds the weights of a pretrained tag without a download, found or not:
+    (the cached file or None, what was looked for and where, how to put it there). Mirrors
+    ``open_clip.pretrained.download_pretrained``: the Hugging Face Hub cache when the tag has a hub entry and
+    huggingface_hub is installed, else open_clip's URL cache (~/.cache/clip)."""
+    import open_clip
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    from open_clip.pretrained import has_hf_hub
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    local = "or pass a local checkpoint file as teacher.pretrained" + (
+        f" with teacher.model {name}-quickgelu (these weights use QuickGELU)" if cfg.get("quick_gelu") else ""
+    )
+    if cfg.get("file"):
+        path = str(cfg["file"])
+        return (path if Path(path).is_file() else None), f"file {path}", f"put the weights file at {path}"
+    if has_hf_hub() and cfg.get("hf_hub"):
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, filename = os.path.split(cfg["hf_hub"])
+        filename = filename or HF_WEIGHTS_NAME
+        # open_clip tries a safetensors copy of the file first.
+        if filename == HF_WEIGHTS_NAME:
+            names = [HF_SAFE_WEIGHTS_NAME, filename]
+        elif filename.endswith((".bin", ".pth")):
+            names = [filename[:-4] + ".safetensors", filename]
+        else:
+            names = [filename]
+        for candidate in names:
+            found = try_to_load_from_cache(repo, candidate)
+            if isinstance(found, str):
+                return found, "", ""
+        cache = constants.HF_HUB_CACHE
+        return (
+            None,
+            f"Hugging Face repo {repo} file {' or '.join(names)} in the hub cache {cache}",
+            f"fetch it once where there is network (huggingface-cli download {repo} {names[0]}) and copy that "
+            f"machine's hub cache to {cache} (or point HF_HUB_CACHE at the copy), {local}",
+        )
+    url = cfg.get("url", "")
+    target = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+    return (
+        (target if os.path.isfile(target) else None),
+        f"file {target} (open_clip's download cache)",
+        f"download {url} to {target}, {local}",
     )
 
 
@@ -394,7 +458,14 @@ def create_teacher(
             if source
             else ""
         )
-        raise TeacherError(f"teacher '{model}' ({name}){': cannot load ' + what if what else ''}: {e}") from e
+        reason = " ".join(str(e).split()) or type(e).__name__
+        if kind == "tag":
+            _, looked, fix = tag_weights(name, pretrained)
+            if looked:  # the download failed: say where open_clip looked and how to place the weights
+                reason = f"{reason}; looked for {looked}; {fix}"
+        raise TeacherError(
+            f"teacher '{model}' ({name}){': cannot load ' + what if what else ''}: {reason}"
+        ) from e
     tokenizer = open_clip.get_tokenizer(name)
     return Teacher(
         net,
@@ -417,4 +488,5 @@ __all__ = [
     "create_teacher",
     "register_model",
     "sha256_file",
+    "tag_weights",
 ]

@@ -140,7 +140,7 @@ def task_zeroshot(
     task: str,
     conditions: Sequence[str],
     train: Sequence[Instance],
-    val: Sequence[Instance],
+    val: Sequence[Instance] | None,
     test: Sequence[Instance],
     *,
     vocab: list[str],
@@ -148,8 +148,9 @@ def task_zeroshot(
     shift_key: str,
     shift_target: str,
 ) -> list[ZeroShot]:
-    """The teacher's zero-shot score for one task on each condition's test instances."""
-    by_key = {i.key: i for i in [*val, *test]}
+    """The teacher's zero-shot score for one task on each condition's test instances. ``val`` None: the
+    source has no val split, and validation is a seeded slice of train (seed 0; make_split draws it)."""
+    by_key = {i.key: i for i in [*(train if val is None else val), *test]}
     metric = PRIMARY[task]
     out = []
     for cond in conditions:

@@ -15,6 +15,7 @@ from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset
 from pipeline.metrics import PRIMARY
 from pipeline.protocol import make_split
+from pipeline.splits import recorded_splits, resolve_splits
 from stages.common import stage_command, stage_params
 from student.checkpoint import load_state
 from student.data import TaskSpec, load_tokenizer, open_prepared
@@ -72,11 +73,17 @@ def evaluate_run(run_dir: Path, params) -> dict:
     exported, student, heads = load_student(run_dir / "student.pt")
     run = exported["run"]
     sp = StudentParams(**exported["student_params"])
-    root = Path(run["data_root"])
-    test_ds, test_instances = _instances(root / "test")
+    # The folders training recorded; a student exported before roles were recorded resolves them now.
+    recorded = exported.get("splits")
+    dirs = (
+        recorded_splits(run["data_root"], recorded)
+        if isinstance(recorded, dict)
+        else resolve_splits(run["data_root"], params.protocol.splits)
+    )
+    test_ds, test_instances = _instances(dirs.test)
     pp = params.protocol
     split = make_split(
-        run["task"], run["condition"], run["seed"], _instances(root / "train")[1],
+        run["task"], run["condition"], run["seed"], _instances(dirs.train)[1],
         test_instances, None, shift_key=pp.shift_key, target=pp.shift_target_domain,
     )  # fmt: skip
     spec = TaskSpec(run["task"], load_tokenizer(exported["teacher_model"]), sp.image_size, sp.max_text_len,

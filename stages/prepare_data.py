@@ -84,13 +84,14 @@ def build(source: str, root: Path | None, split: str, out: Path, params, on_erro
     default=None,
     help="Directory holding the official files. VQA v2: v2_OpenEnded_mscoco_<split>_questions.json, "
     "v2_mscoco_<split>_annotations.json and <split>/COCO_<split>_<id>.jpg. SNLI-VE: snli_ve_<split>.jsonl and "
-    "flickr30k_images/. VCR: <split>.jsonl and vcr1images/. Not used for synthetic.",
+    "flickr30k_images/. VCR: <split>.jsonl and vcr1images/. Not used for synthetic. [default: data.root]",
 )
 @click.option(
     "--split",
     "splits",
     multiple=True,
-    help="Split to convert; repeat for several. Official: the name in the file names (e.g. train2014, dev, val). "
+    help="Split to convert; repeat for several. Official: the name in the file names (e.g. train2014, dev, val); "
+    "each is written under that name and plays its source's standard role (pipeline/splits.py). "
     f"Synthetic: {', '.join(SYNTHETIC_SPLITS)} [default: data.splits in params.yaml].",
 )
 @click.option(
@@ -122,6 +123,10 @@ def main(source, root, splits, out, on_error, params_path, overrides) -> None:
     on_error = on_error or params.data.on_error
     out = out or Path(params.data.out) / source
     splits = splits or tuple(params.data.splits)
+    if root is None and source != "synthetic" and params.data.root:
+        root = Path(params.data.root).expanduser()
+        if not root.is_dir():
+            raise click.BadParameter(f"key 'data.root': {root} is not a folder", param_hint="--root")
     # Every split is built before any is moved into place: a run that fails on its last split leaves the
     # earlier ones as they were too, not half of the splits new and half old.
     done: list[DatasetWriter] = []

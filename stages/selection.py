@@ -25,7 +25,10 @@ from stages.common import params_options, stage_params
 )
 @click.option("--data", "data_root", default=None, help="Prepared splits [default: data.out/data.source].")
 @click.option(
-    "--split", default="train", help="The split whose instances are scored (what distillation sees)."
+    "--split",
+    default=None,
+    help="The split folder whose instances are scored [default: the train role's folder, pipeline/splits.py: "
+    "what distillation sees].",
 )
 @click.option(
     "--min-cover",
@@ -62,6 +65,14 @@ def main(study_path, caches, data_root, split, min_cover, out, params_path, over
             raise click.BadParameter(f"{c!r}: expected NAME=PATH", param_hint="--cache")
         named[name] = path
     root = Path(data_root or Path(params.data.out) / params.data.source)
+    if split is None:
+        from pipeline.data.errors import DataError
+        from pipeline.splits import resolve_splits
+
+        try:
+            split = resolve_splits(root, params.protocol.splits).train.name
+        except DataError as e:
+            raise click.ClickException(str(e)) from None
     if not (root / split / "dataset.json").exists():
         raise click.ClickException(
             f"{root / split}: no prepared split here (run python -m stages.prepare_data)"

@@ -27,9 +27,10 @@ def main(study_path, cache, out, params_path, overrides) -> None:
     """The ceiling beside every study cell: stages.zeroshot's scoring (pipeline.zeroshot.task_zeroshot, from
     the cache alone) over study.tasks and every condition of the study's grid."""
     from pipeline.cache import CacheFormatError, TeacherCache
+    from pipeline.data.errors import DataError
     from pipeline.data.shards import PreparedDataset
     from pipeline.zeroshot import task_zeroshot
-    from stages.zeroshot import _split
+    from stages.zeroshot import role_instances
 
     t0 = time.time()
     try:
@@ -42,8 +43,11 @@ def main(study_path, cache, out, params_path, overrides) -> None:
         tc = TeacherCache(cache)
     except CacheFormatError as e:
         raise click.ClickException(str(e)) from e
-    train, val, test = (_split(root, s) for s in ("train", "val", "test"))
-    vocab = tc.attrs.get("data", {}).get("vqa_vocab") or PreparedDataset(root / "train").answer_vocab()
+    try:
+        train, val, test, train_dir = role_instances(root, params.protocol.splits)
+    except DataError as e:
+        raise click.ClickException(str(e)) from None
+    vocab = tc.attrs.get("data", {}).get("vqa_vocab") or PreparedDataset(train_dir).answer_vocab()
     conditions = list(dict.fromkeys(c.condition for c in cells(sp)))
     pp = params.protocol
     result: dict = {}

@@ -13,6 +13,7 @@ from pipeline.conditions import Condition
 from pipeline.data.errors import DataError
 from pipeline.lock import StoreNotWritable
 from pipeline.names import TASKS
+from pipeline.splits import resolve_splits
 from stages.common import one_line, stage_command, stage_params
 from student.errors import RunError
 from student.losses import METHODS
@@ -46,7 +47,8 @@ USER_ERRORS = (
     "--data",
     "data_root",
     default=None,
-    help="Directory with the prepared train/val/test splits [default: data.out/data.source].",
+    help="Directory with the prepared splits, as prepare_data wrote them (e.g. data/shards/vqa holding train2014 "
+    "and val2014); roles from the source's standard ones or protocol.splits [default: data.out/data.source].",
 )
 @click.option(
     "--cache", default=None, help="Teacher cache (Zarr store path or fsspec URL) [default: cache.store]."
@@ -105,13 +107,7 @@ def main(
         cache=cache or params.cache.store,
         out=out or f"runs/{task}-{condition}-{method}-s{seed}",
     )
-    for split in ("train", "test"):
-        info = Path(run.data_root) / split / "dataset.json"
-        if not info.is_file():
-            raise click.ClickException(
-                f"--data {run.data_root}: no prepared {split} split ({info} missing); "
-                "run python -m stages.prepare_data first"
-            )
+    resolve_splits(run.data_root, params.protocol.splits)  # a missing role fails here, before torch starts
     try:
         metrics = run_student(
             params, run, online_teacher=online_teacher, resume=not no_resume, progress=not quiet

@@ -9,24 +9,30 @@ from pathlib import Path
 import click
 
 from pipeline.cache import CacheFormatError, TeacherCache
+from pipeline.config import SplitRoles
+from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset
+from pipeline.splits import resolve_splits
 from pipeline.zeroshot import task_zeroshot
 from stages.common import stage_command, stage_params
 
 
-def _split(root: Path, name: str) -> list:
-    path = root / name
-    if not (path / "dataset.json").exists():
-        raise click.ClickException(f"{path}: no prepared split here (run python -m stages.prepare_data)")
-    return list(PreparedDataset(path).iter_instances())
+def role_instances(root: Path, roles: SplitRoles) -> tuple[list, list | None, list, Path]:
+    """Train, val (None: a seeded slice of train) and test instances of a data root, by role
+    (pipeline/splits.py), and the train folder (whose answer vocabulary VQA uses)."""
+    dirs = resolve_splits(root, roles)
+    train, test = (list(PreparedDataset(p).iter_instances()) for p in (dirs.train, dirs.test))
+    val = list(PreparedDataset(dirs.val).iter_instances()) if dirs.val else None
+    return train, val, test, dirs.train
 
 
-@stage_command(user_errors=(CacheFormatError,))
+@stage_command(user_errors=(CacheFormatError, DataError))
 @click.option(
     "--data",
     "data_root",
     default=None,
-    help="Directory with the prepared train/val/test splits [default: data.out/data.source].",
+    help="Directory with the prepared splits (roles: the source's standard ones or protocol.splits) "
+    "[default: data.out/data.source].",
 )
 @click.option("--cache", default=None, help="Teacher cache (Zarr store path) [default: cache.store].")
 @click.option(
@@ -45,8 +51,8 @@ def main(data_root, cache, out, params_path, overrides) -> None:
     params = stage_params(params_path, overrides)
     root = Path(data_root or Path(params.data.out) / params.data.source)
     tc = TeacherCache(cache or params.cache.store)
-    train, val, test = (_split(root, s) for s in ("train", "val", "test"))
-    vocab = tc.attrs.get("data", {}).get("vqa_vocab") or PreparedDataset(root / "train").answer_vocab()
+    train, val, test, train_dir = role_instances(root, params.protocol.splits)
+    vocab = tc.attrs.get("data", {}).get("vqa_vocab") or PreparedDataset(train_dir).answer_vocab()
     pp = params.protocol
     result: dict = {}
     for task in pp.tasks:

@@ -35,6 +35,7 @@ from pipeline.cache import TeacherCache
 from pipeline.config import Params
 from pipeline.lock import StoreLock, StoreLocked
 from pipeline.protocol import Split, make_split
+from pipeline.splits import SplitDirs, resolve_splits
 from pipeline.teacher import sha256_file
 from student.checkpoint import (
     identity_differences,
@@ -80,7 +81,7 @@ class RunSpec:
     condition: str
     method: str
     seed: int
-    data_root: str  # directory holding the prepared train/val/test splits
+    data_root: str  # directory holding the prepared splits; pipeline/splits.py says which plays which role
     cache: str  # teacher cache URL
     out: str  # run directory: checkpoint.pt, train.json, student.pt
 
@@ -187,9 +188,10 @@ class Trainer:
                 "(each rank takes batch_size / world_size instances per step)"
             )
         root = Path(run.data_root)
-        self.train_ds = open_prepared(root / "train")
-        self.val_ds = open_prepared(root / "val") if (root / "val" / "dataset.json").exists() else None
-        self.test_ds = open_prepared(root / "test")
+        self.splits: SplitDirs = resolve_splits(root, params.protocol.splits)
+        self.train_ds = open_prepared(self.splits.train)
+        self.val_ds = open_prepared(self.splits.val) if self.splits.val else None
+        self.test_ds = open_prepared(self.splits.test)
         pp = params.protocol
         # Parsed once: the split is drawn from them and the training batches are served from them.
         self.train_instances = [i for i in self.train_ds.iter_instances() if i.task == run.task]
@@ -541,7 +543,8 @@ class Trainer:
             return
         exported = {"student": self.student.state_dict(), "heads": self.heads.state_dict(),
                     "run": asdict(self.run), "student_params": asdict(self.params.student),
-                    "vocab": list(self.spec.vocab), "teacher_model": self.params.teacher.model}  # fmt: skip
+                    "vocab": list(self.spec.vocab), "teacher_model": self.params.teacher.model,
+                    "splits": self.splits.names()}  # fmt: skip
         write_atomic(path, lambda tmp: torch.save(exported, tmp))
 
 

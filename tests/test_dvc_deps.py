@@ -29,7 +29,7 @@ def import_closure(module: str) -> set[Path]:
     return {f.relative_to(REPO) for f in files}
 
 
-PIPELINES = ("dvc.yaml", "study/dvc.yaml")
+PIPELINES = ("dvc.yaml", "study/dvc.yaml", "real/dvc.yaml")
 
 
 def _stages() -> dict[str, tuple[dict, Path]]:

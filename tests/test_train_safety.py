@@ -226,7 +226,7 @@ def test_missing_cache_and_data_are_one_line(world, tmp_path):
     line = error_line(train(world, tmp_path / "a", cache=str(tmp_path / "nowhere.zarr")))
     assert "nowhere.zarr: no teacher cache here" in line
     line = error_line(train(world, tmp_path / "b", data=str(tmp_path / "nodata")))
-    assert f"--data {tmp_path / 'nodata'}: no prepared train split" in line
+    assert f"{tmp_path / 'nodata'}: data root: no such folder" in line and "stages.prepare_data" in line
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # no empty run folder left
 
 

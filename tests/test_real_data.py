@@ -1,0 +1,327 @@
+"""Real data as a user meets it (issue 26): the folders prepare_data writes under their official names play
+their standard roles with no renaming, protocol.splits overrides a role, and a teacher named by open_clip
+model and tag fails offline in one line saying where its weights were looked for."""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+import shlex
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.config import ConfigError, SplitRoles, load_params
+from pipeline.data.shards import DatasetWriter
+from pipeline.splits import SplitError, resolve_splits
+from tests.conftest import REPO, png_bytes, snli_instance
+
+
+def _prepared(root, source: str, *splits: str) -> None:
+    """A one-instance prepared split per name, written as prepare_data writes it (source recorded)."""
+    for i, split in enumerate(splits):
+        with DatasetWriter(root / split, source=source, split=split, shard_size=4, image_shard_size=4) as w:
+            w.add_image(f"img-{i}", png_bytes(i), "png")
+            w.add_instance(snli_instance(f"snli-{split}", f"img-{i}", split, "a hypothesis"))
+
+
+@pytest.mark.parametrize(
+    ("source", "folders", "roles"),
+    [
+        ("vqa", ("train2014", "val2014"), ("train2014", None, "val2014")),
+        ("snli_ve", ("train", "dev", "test"), ("train", "dev", "test")),
+        ("vcr", ("train", "val"), ("train", None, "val")),
+        ("synthetic", ("train", "val", "test", "captions"), ("train", "val", "test")),
+    ],
+)
+def test_each_source_reads_its_official_folders_in_their_standard_roles(tmp_path, source, folders, roles):
+    _prepared(tmp_path, source, *folders)
+    dirs = resolve_splits(tmp_path)
+    assert dirs.source == source
+    # None: validation is a seeded slice of train (VQA's and VCR's test labels are hidden, so their val is test)
+    assert (dirs.train.name, dirs.val.name if dirs.val else None, dirs.test.name) == roles
+
+
+def test_protocol_splits_overrides_a_role_and_a_missing_one_names_folder_and_key(tmp_path):
+    _prepared(tmp_path, "vqa", "train2014", "minival2014", "val2014")
+    params = load_params(None, ["protocol.splits.val=minival2014"])
+    assert resolve_splits(tmp_path, params.protocol.splits).val == tmp_path / "minival2014"
+    with pytest.raises(SplitError) as err:
+        resolve_splits(tmp_path, SplitRoles(test="test2015"))
+    msg = str(err.value)
+    assert "test2015" in msg and "protocol.splits.test" in msg and "val2014" in msg
+
+
+def test_a_missing_standard_split_says_how_to_prepare_it(tmp_path):
+    _prepared(tmp_path, "vqa", "train2014")
+    with pytest.raises(SplitError) as err:
+        resolve_splits(tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path / "val2014") in msg and "prepare_data --split val2014" in msg
+
+
+def test_a_split_folder_given_as_the_data_root_is_refused_naming_its_parent(tmp_path):
+    _prepared(tmp_path, "vqa", "train2014", "val2014")
+    with pytest.raises(SplitError, match="pass the folder above it"):
+        resolve_splits(tmp_path / "train2014")
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("protocol.splits.train=../elsewhere", "protocol.splits.train"),
+        ("protocol.splits.test=slice", "protocol.splits.test"),
+        ("protocol.splits.unknown=x", "protocol.splits.unknown"),
+    ],
+)
+def test_bad_split_roles_fail_at_load_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_params(None, [override])
+
+
+def test_train_student_on_a_root_missing_its_test_role_is_one_line(tmp_path):
+    from stages.train_student import main
+
+    _prepared(tmp_path / "vqa", "vqa", "train2014")
+    res = CliRunner().invoke(
+        main, ["--task", "vqa", "--data", str(tmp_path / "vqa"), "--out", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 1
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert "val2014" in res.output and "protocol.splits.test" in res.output
+
+
+# ------------------------------------------------------------------------------------ teachers by name
+
+
+def test_a_named_teacher_missing_offline_fails_in_one_line_saying_where_to_put_it(tmp_path, monkeypatch):
+    import open_clip
+    from huggingface_hub import constants
+
+    from stages.extract_teacher import main
+    from tests.conftest import build_dataset
+
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("open_clip was asked to build the model, i.e. to download the weights")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", no_download)
+    build_dataset(tmp_path / "shards" / "train", 2)
+    res = CliRunner().invoke(
+        main,
+        ["--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "cache.zarr"), "--model", "ViT-B-16",
+         "--pretrained", "openai", "--scheduler", "sync", "--quiet"],
+    )  # fmt: skip
+    assert res.exit_code == 1, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:"), res.output
+    for what in (
+        "ViT-B-16",
+        "'openai'",
+        "timm/vit_base_patch16_clip_224.openai",
+        str(hub),
+        "huggingface-cli",
+    ):
+        assert what in lines[0], what
+    assert not (tmp_path / "cache.zarr").exists()
+
+
+def test_a_named_teacher_is_found_where_the_error_says_to_put_it(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from pipeline.teacher import tag_weights
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    assert tag_weights("ViT-B-16", "openai")[0] is None
+    repo = hub / "models--timm--vit_base_patch16_clip_224.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    weights = repo / "snapshots" / "abc123" / "open_clip_model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights")
+    assert tag_weights("ViT-B-16", "openai")[0] == str(weights)
+
+
+# ------------------------------------------------------------------------------------ the README's recipe
+
+
+def _recipe() -> list[str]:
+    """The commands of the README's "Real data" code block, loops unrolled (``for x in a b; do CMD; done``)."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Real data\n") :]
+    block = section[section.index("```bash\n") + len("```bash\n") :]
+    block = block[: block.index("```")]
+
+    def unroll(line: str) -> list[str]:
+        loop = re.fullmatch(r"for (\w+) in ([^;]+); do (.+); done", line)
+        if not loop:
+            return [line]
+        var, values, body = loop.groups()
+        return [c for v in values.split() for c in unroll(body.replace(f"${var}", v))]
+
+    lines = [line.strip() for line in block.splitlines()]
+    return [c for line in lines if line and not line.startswith("#") for c in unroll(line)]
+
+
+# What makes the recipe tiny: the named teacher is a local tiny open_clip checkpoint, and every size is small.
+TINY = [
+    "teacher.precision=fp32", "cache.image_rows_per_unit=64", "cache.text_rows_per_unit=512",
+    "cache.batch_size=32", "cache.num_workers=0", "cache.scheduler=sync", "student.width=32", "student.layers=1",
+    "student.heads=2", "student.image_size=32", "student.patch_size=8", "student.max_text_len=32",
+    "student.dropout=0.0", "train.batch_size=4", "train.task_batch_size={vcr: 2}", "train.steps=2",
+    "train.warmup=1", "train.eval_every=2", "train.checkpoint_every=2",
+]  # fmt: skip
+
+
+def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_one_store(
+    tmp_path, monkeypatch
+):
+    """prepare (official names) -> extract (one store for all three) -> train -> evaluate -> report, as the
+    README writes it, with no renaming or symlinks; each student is tested on its source's test role."""
+    import importlib
+
+    import torch
+
+    from pipeline.teacher import create_teacher
+    from tests.conftest import tiny_teacher_config
+    from tests.fixtures_official import GOOD_INSTANCES, build_snli_ve, build_vcr, build_vqa
+
+    official = tmp_path / "official"
+    for split in ("train2014", "val2014"):
+        build_vqa(official / "vqa", split)
+    for split in ("train", "dev", "test"):
+        build_snli_ve(official / "snli", split)
+    for split in ("train", "val"):
+        build_vcr(official / "vcr", split)
+    work = tmp_path / "work"
+    (work / "real").mkdir(parents=True)
+    shutil.copy(REPO / "real" / "params.yaml", work / "real" / "params.yaml")  # the shipped params, as is
+    cfg = tmp_path / "tiny-teacher.json"
+    cfg.write_text(json.dumps(tiny_teacher_config(32)))
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny-teacher.pt"
+    torch.save({"state_dict": create_teacher(str(cfg), "").model.state_dict()}, ckpt)
+    teacher = [f"teacher.model={cfg}", f"teacher.pretrained={ckpt}"]
+    monkeypatch.chdir(work)
+
+    commands = _recipe()
+    assert [c.split()[2] for c in commands] == [
+        "stages.prepare_data", "stages.prepare_data", "stages.prepare_data", "stages.extract_teacher",
+        *["stages.train_student"] * 6, "stages.evaluate", "stages.report",
+    ]  # fmt: skip
+    for command in commands:
+        command = command.replace("~/vqa", str(official / "vqa")).replace("~/snli", str(official / "snli"))
+        command = command.replace("~/vcr", str(official / "vcr"))
+        words = shlex.split(command)
+        assert words[:2] == ["python", "-m"], command
+        args = []
+        for w in words[3:]:
+            args += sorted(glob.glob(w)) if "*" in w else [w]
+        if words[2] != "stages.report":  # the report takes no params
+            args += [a for s in (*teacher, *TINY) for a in ("--set", s)]
+        res = CliRunner().invoke(importlib.import_module(words[2]).main, args)
+        assert res.exit_code == 0, f"{command}\n{res.output}{res.exception!r}"
+
+    shards = work / "data" / "shards"
+    assert sorted(p.name for p in shards.iterdir()) == ["snli_ve", "vcr", "vqa"]
+    assert sorted(p.name for p in (shards / "vqa").iterdir()) == ["train2014", "val2014"]  # no renaming
+    assert not any(p.is_symlink() for p in work.rglob("*"))
+    extract = json.loads((work / "metrics" / "real" / "extract.json").read_text())
+    assert extract["datasets"] == 7  # one store, the three sources' seven splits extracted together
+    evals = {p.parent.name: json.loads(p.read_text()) for p in (work / "real" / "evals").glob("*/eval.json")}
+    assert set(evals) == {
+        f"{t}-lowshot-0.05-{m}-s0" for t in ("vqa", "snli_ve", "vcr") for m in ("baseline", "clip_td")
+    }
+    # Tested on each source's test role: VQA val2014, SNLI-VE test, VCR val (every fixture split has the same
+    # instance count, so the count alone cannot tell; the recorded folder does).
+    for task, test_folder in (("vqa", "val2014"), ("snli_ve", "test"), ("vcr", "val")):
+        exported = torch.load(
+            work / "real" / "runs" / f"{task}-lowshot-0.05-clip_td-s0" / "student.pt", weights_only=True
+        )
+        assert exported["splits"]["test"] == test_folder
+    assert all(e["metrics"]["n"] == GOOD_INSTANCES for e in evals.values())
+    # A student exported before runs recorded their folders is evaluated on the roles resolved now: the same.
+    from stages.evaluate import evaluate_run
+
+    old = work / "old" / "vqa-lowshot-0.05-clip_td-s0"
+    old.mkdir(parents=True)
+    exported = torch.load(work / "real" / "runs" / old.name / "student.pt", weights_only=True)
+    del exported["splits"]
+    torch.save(exported, old / "student.pt")
+    again = evaluate_run(old, load_params(work / "real" / "params.yaml"))
+    assert again["metrics"] == evals[old.name]["metrics"]
+    results = (work / "reports" / "real" / "results.md").read_text()
+    assert all(f"## {task} — " in results for task in ("vqa", "snli_ve", "vcr"))
+    assert "| clip_td | " in results and "| baseline | " in results
+
+
+def test_a_store_of_one_tag_does_not_pass_for_another_tag_of_the_same_model():
+    from pipeline.identity import teacher_identity
+
+    openai, laion = teacher_identity("ViT-B-16", "openai"), teacher_identity("ViT-B-16", "laion2b_s34b_b88k")
+    assert openai["config_sha256"] == laion["config_sha256"]
+    assert openai["pretrained_checksum"] == "openai" and laion["pretrained_checksum"] == "laion2b_s34b_b88k"
+
+
+def test_a_failed_download_names_where_the_weights_were_looked_for(tmp_path, monkeypatch):
+    import open_clip
+    from huggingface_hub import constants
+
+    from pipeline.teacher import TeacherError, create_teacher
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def unreachable(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag 'openai':\nConnection refused")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", unreachable)
+    with pytest.raises(TeacherError) as err:
+        create_teacher("ViT-B-16", "openai")
+    msg = str(err.value)
+    assert "\n" not in msg and "Connection refused" in msg and str(tmp_path / "hub") in msg
+
+
+def test_real_params_load_and_hold_every_key_of_params_yaml():
+    """real/dvc.yaml lists its params from real/params.yaml: a key missing there fails `dvc repro`, and a bad
+    value must fail at load naming the key, like params.yaml."""
+    import yaml
+
+    def keys(node: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in node.items():
+            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+        return out
+
+    real = load_params(REPO / "real" / "params.yaml")
+    assert (real.data.source, real.teacher.model, real.teacher.pretrained) == ("vqa", "ViT-B-16", "openai")
+    assert real.protocol.tasks == [real.data.source]  # one source per run of real/dvc.yaml
+    shipped = keys(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert keys(yaml.safe_load((REPO / "real" / "params.yaml").read_text())) == shipped
+
+
+def test_prepare_takes_source_root_and_splits_from_params(tmp_path, monkeypatch):
+    """What real/dvc.yaml's prepare stage runs: no --source, --root or --split, only the params file."""
+    from stages.prepare_data import main
+    from tests.fixtures_official import GOOD_INSTANCES, build_vqa
+
+    for split in ("train2014", "val2014"):
+        build_vqa(tmp_path / "vqa", split)
+    monkeypatch.chdir(tmp_path)
+    sets = ["data.source=vqa", "data.splits=[train2014, val2014]"]
+    args = [a for s in sets for a in ("--set", s)]
+    res = CliRunner().invoke(main, [*args, "--set", f"data.root={tmp_path / 'vqa'}"])
+    assert res.exit_code == 0, res.output
+    dirs = resolve_splits(tmp_path / "data" / "shards" / "vqa")
+    assert (dirs.train.name, dirs.test.name) == ("train2014", "val2014")
+    assert json.loads((dirs.test / "dataset.json").read_text())["instances"] == GOOD_INSTANCES
+    res = CliRunner().invoke(main, [*args, "--set", f"data.root={tmp_path / 'nowhere'}"])
+    assert res.exit_code == 2 and "data.root" in res.output and "nowhere" in res.output
