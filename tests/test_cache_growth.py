@@ -1,0 +1,205 @@
+"""A store that grows (issue #26): adding datasets extracts only what the store lacks, as new units after the
+existing rows, which keep their bytes and checksums; an interrupted append resumes; verify_cache passes on a
+grown store; a student checks that the store covers its own data, not that it holds nothing else."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import cache as C
+from pipeline import extract as X
+from pipeline.config import CacheParams
+from pipeline.data.errors import DataError
+from pipeline.teacher import create_teacher
+from pipeline.verify import verify_store
+from tests.conftest import TINY_CFG, png_bytes, snli_instance
+from tests.test_extract import make_dataset
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def params(**kw) -> CacheParams:
+    base = dict(
+        image_rows_per_unit=4, text_rows_per_unit=16, batch_size=3, num_workers=0, target_chunk_bytes=2048
+    )
+    return dataclasses.replace(CacheParams(), **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("grow")
+    cfg = root / "tiny.json"
+    cfg.write_text(json.dumps(TINY_CFG))
+    torch.manual_seed(0)
+    ckpt = root / "teacher.pt"
+    torch.save(create_teacher(str(cfg), "").model.state_dict(), ckpt)
+    a = make_dataset(root / "a" / "train", "train", 7, seed=0)
+    # B shares one image's bytes with A under its own id (an alias of A's row), one image under A's id (held
+    # already) and a text A has; the rest is new.
+    b = make_dataset(
+        root / "b" / "train",
+        "val",
+        6,
+        seed=1,
+        extra=[
+            ("copy-of-a-0", png_bytes(0), snli_instance("b-dup", "copy-of-a-0", "val", "there is a square")),
+            ("img-0-2", png_bytes(2), snli_instance("b-same-id", "img-0-2", "val", "a sentence only b has")),
+        ],
+    )
+    spec = X.TeacherSpec(str(cfg), str(ckpt), "fp32", "cpu")
+    return {"root": root, "a": a, "b": b, "spec": spec}
+
+
+def _extract(world, datasets, url, **kw):
+    X.UNIT_RUNS.clear()
+    return X.extract(datasets, url, world["spec"], params(**kw), scheduler="sync", progress=False)
+
+
+@pytest.fixture(scope="module")
+def grown(world) -> dict:
+    """A extracted, then A + B into the same store; and one extraction of A + B for reference."""
+    url = str(world["root"] / "grown.zarr")
+    first = _extract(world, [world["a"]], url)
+    before = _snapshot(url)
+    second = _extract(world, [world["a"], world["b"]], url)
+    ref_url = str(world["root"] / "ref.zarr")
+    ref = _extract(world, [world["a"], world["b"]], ref_url)
+    return {"url": url, "first": first, "second": second, "before": before, "ref_url": ref_url, "ref": ref}
+
+
+def _snapshot(url: str) -> dict:
+    """Every chunk or shard file under the store, and the manifest entries."""
+    from pathlib import Path
+
+    root = Path(url)
+    files = {
+        str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and "c" in p.parts
+    }
+    return {"files": files, "manifest": C.committed_units(url)}
+
+
+def test_append_computes_only_what_the_store_lacks(grown):
+    first, second, ref = grown["first"], grown["second"], grown["ref"]
+    assert first["items_computed"] + second["items_computed"] == ref["items_computed"]
+    assert second["images_appended"] == ref["unique_images"] - first["unique_images"]
+    assert second["aliases_appended"] == 1  # B's copy of an A image under its own id: A's row, not a new one
+    assert second["texts_appended"] == ref["unique_texts"] - first["unique_texts"]
+    assert second["units_skipped"] == first["units_total"]  # A's units are not run again
+
+
+def test_appended_rows_equal_one_extraction_of_everything(world, grown):
+    got, ref = C.TeacherCache(grown["url"]), C.TeacherCache(grown["ref_url"])
+    ids = [i for ds in (world["a"], world["b"]) for i in ds.image_ids()]
+    a, b = got.image_targets(ids), ref.image_targets(ids)
+    for key in ("tokens", "pooled"):
+        cos = torch.nn.functional.cosine_similarity(a[key].float(), b[key].float(), dim=-1)
+        assert cos.min() >= 0.9999, key
+    texts = [t for t in ref._text_row]  # every text hash the reference holds, looked up by hash in both
+    rows_got = np.array([got._text_row[h] for h in texts])
+    rows_ref = np.array([ref._text_row[h] for h in texts])
+    for key in ("text/pooled",):
+        x = torch.from_numpy(got.group[key][:][rows_got].astype(np.float32))
+        y = torch.from_numpy(ref.group[key][:][rows_ref].astype(np.float32))
+        assert torch.nn.functional.cosine_similarity(x, y, dim=-1).min() >= 0.9999
+    tok_got = got.group["text/tokens"][:].astype(np.float32)
+    tok_ref = ref.group["text/tokens"][:].astype(np.float32)
+    off_g, len_g = got.group["text/offsets"][:], got.group["text/lengths"][:]
+    off_r, len_r = ref.group["text/offsets"][:], ref.group["text/lengths"][:]
+    for rg, rr in zip(rows_got, rows_ref, strict=True):
+        assert len_g[rg] == len_r[rr]
+        x = torch.from_numpy(tok_got[off_g[rg] : off_g[rg] + len_g[rg]])
+        y = torch.from_numpy(tok_ref[off_r[rr] : off_r[rr] + len_r[rr]])
+        assert torch.nn.functional.cosine_similarity(x, y, dim=-1).min() >= 0.9999
+
+
+def test_existing_rows_and_checksums_stay_byte_identical(grown):
+    before, after = grown["before"], _snapshot(grown["url"])
+    for name, rec in before["manifest"].items():
+        assert after["manifest"][name] == rec, name
+    changed = [f for f, data in before["files"].items() if after["files"].get(f) != data]
+    # Only index chunks (ids, lengths, offsets: rewritten whole, same values) and nothing the units wrote.
+    assert all(
+        f.split("/")[1] in ("ids", "sha1", "alias_ids", "alias_rows", "lengths", "offsets") for f in changed
+    ), changed
+
+
+def test_grown_store_verifies_and_covers_both(world, grown):
+    report = verify_store(grown["url"])
+    assert report.ok, report.lines()
+    covered = C.covered_datasets(C.read_store_attrs(grown["url"]))
+    assert set(covered.values()) == {world["a"].fingerprint, world["b"].fingerprint}
+    assert len(covered) == 2  # both folders are called train: the second is named by its parent too
+
+
+def test_rerun_after_append_writes_nothing(world, grown):
+    before = {p: p.read_bytes() for p in __import__("pathlib").Path(grown["url"]).rglob("*") if p.is_file()}
+    m = _extract(world, [world["b"]], grown["url"])  # B alone: everything it needs is held
+    assert m["units_computed"] == 0 and X.UNIT_RUNS == []
+    after = {p: p.read_bytes() for p in __import__("pathlib").Path(grown["url"]).rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_teacher_and_store_settings_still_refused(world, grown):
+    with pytest.raises(C.StaleCacheError, match="store.dtype"):
+        _extract(world, [world["a"], world["b"]], grown["url"], dtype="int8")
+
+
+def test_interrupted_append_resumes(world, grown, tmp_path, monkeypatch):
+    url = str(tmp_path / "resume.zarr")
+    _extract(world, [world["a"]], url)
+    n_units = len(C.committed_units(url))
+    first_new = C.unit_name("image", sum(1 for u in C.committed_units(url) if u.startswith("image")) + 1)
+    monkeypatch.setenv(X.FAIL_ENV, first_new)
+    with pytest.raises(X.InjectedFailure):
+        _extract(world, [world["a"], world["b"]], url)
+    # Mid-append: A's readers go on, B is not covered yet, verify names the unfinished append.
+    attrs = C.read_store_attrs(url)
+    assert C.APPENDING in attrs and world["b"].fingerprint not in C.covered_datasets(attrs).values()
+    tc = C.TeacherCache(url)
+    assert tc.image_rows(world["a"].image_ids()).max() < attrs[C.SEGMENTS][0]["images"][1]
+    assert not verify_store(url, scan=False).ok
+    monkeypatch.delenv(X.FAIL_ENV)
+    m = _extract(world, [world["a"], world["b"]], url)
+    assert first_new in X.UNIT_RUNS and len(X.UNIT_RUNS) == m["units_computed"]
+    assert m["units_total"] - m["units_computed"] > n_units  # A's units and the append's committed one
+    assert verify_store(url).ok
+    got, ref = C.TeacherCache(url), C.TeacherCache(grown["ref_url"])
+    ids = world["b"].image_ids()
+    cos = torch.nn.functional.cosine_similarity(
+        got.image_targets(ids)["pooled"], ref.image_targets(ids)["pooled"], dim=-1
+    )
+    assert cos.min() >= 0.9999
+
+
+def test_interrupted_append_needs_its_datasets(world, tmp_path, monkeypatch):
+    url = str(tmp_path / "needs.zarr")
+    _extract(world, [world["a"]], url)
+    first_new = C.unit_name("text", sum(1 for u in C.committed_units(url) if u.startswith("text")))
+    monkeypatch.setenv(X.FAIL_ENV, first_new)
+    with pytest.raises(X.InjectedFailure):
+        _extract(world, [world["a"], world["b"]], url)
+    monkeypatch.delenv(X.FAIL_ENV)
+    with pytest.raises(DataError, match="rerun with the datasets it was started with"):
+        _extract(world, [world["a"]], url)
+
+
+def test_same_id_other_bytes_refused(world, tmp_path):
+    url = str(tmp_path / "clash.zarr")
+    _extract(world, [world["a"]], url)
+    clash = make_dataset(
+        tmp_path / "d" / "train",
+        "train",
+        1,
+        seed=6,
+        extra=[("img-0-0", png_bytes(777), snli_instance("d-x", "img-0-0", "train", "other bytes"))],
+    )
+    with pytest.raises(DataError, match="img-0-0.*different bytes"):
+        _extract(world, [clash], url)
