@@ -336,7 +336,7 @@ def check_manifest(s: _Store) -> Check:
             faults.append(f"{name}: rows {rec.get('rows')} != planned {plan['rows']}")
         if plan.get("token_rows") and list(rec.get("token_rows", [])) != plan["token_rows"]:
             faults.append(f"{name}: token rows {rec.get('token_rows')} != planned {plan['token_rows']}")
-        absent = [a for a in want[plan["kind"]] if a not in rec.get("arrays", {})]
+        absent = [a for a in want.get(plan["kind"], []) if a not in rec.get("arrays", {})]
         if absent:
             faults.append(f"{name}: entry does not cover {', '.join(absent)}")
     readable = len([u for u in planned if u in committed])

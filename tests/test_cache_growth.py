@@ -203,3 +203,61 @@ def test_same_id_other_bytes_refused(world, tmp_path):
     )
     with pytest.raises(DataError, match="img-0-0.*different bytes"):
         _extract(world, [clash], url)
+
+
+# ------------------------------------------------------------------------------------------ students
+
+
+def _train(world, out, data=None):
+    from tests.test_train_safety import train
+
+    r = train(world, out, data=data)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def test_student_reads_identical_targets_after_an_append(tmp_path):
+    from pipeline.data.shards import PreparedDataset
+    from tests.conftest import build_dataset, build_world
+
+    world = build_world(tmp_path / "w")
+    root, cfg, store = world
+    train_ds = PreparedDataset(root / "shards" / "train")
+    ids = train_ds.image_ids()
+    before_targets = C.TeacherCache(store).image_targets(ids)
+    _train(world, tmp_path / "before")
+
+    # B has its own ids: another synthetic world reuses ours for other bytes, which the store refuses.
+    build_dataset(tmp_path / "b" / "train", 12)
+    cp = CacheParams(image_rows_per_unit=64, text_rows_per_unit=512, batch_size=32, num_workers=0)
+    spec = (str(cfg), str(root / "teacher.pt"), "fp32")
+    m = X.extract(
+        [PreparedDataset(tmp_path / "b" / "train")], store, spec, cp, scheduler="sync", progress=False
+    )
+    assert m["images_appended"] > 0 and m["units_computed"] > 0
+
+    after_targets = C.TeacherCache(store).image_targets(ids)
+    for key in ("tokens", "pooled", "valid"):
+        assert torch.equal(before_targets[key], after_targets[key]), key
+    # The same run, after the append: the same targets, so the same student, and the finished run is still its
+    # own (the store's growth is not a change to what it read).
+    _train(world, tmp_path / "after")
+    a = torch.load(tmp_path / "before" / "student.pt", weights_only=True)
+    b = torch.load(tmp_path / "after" / "student.pt", weights_only=True)
+    flat_a, flat_b = _tensors(a), _tensors(b)
+    assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a)
+    done = tmp_path / "before"
+    snapshot = {n: (done / n).read_bytes() for n in ("checkpoint.pt", "student.pt")}
+    _train(world, done)  # resumed from its own checkpoint: nothing to train, nothing rewritten
+    assert {n: (done / n).read_bytes() for n in snapshot} == snapshot
+    assert json.loads((done / "train.json").read_text())["resumed_from"]
+    b_fp = PreparedDataset(tmp_path / "b" / "train").fingerprint
+    assert b_fp in C.covered_datasets(C.read_store_attrs(store)).values()
+
+
+def _tensors(obj, prefix="") -> dict:
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _tensors(val, f"{prefix}.{key}").items()}
+    return {}

@@ -90,10 +90,13 @@ def segment_units(
     segments: Sequence[dict], image_rows_per_unit: int, text_rows_per_unit: int
 ) -> list[tuple[str, str, int, int, int, int]]:
     """(name, kind, first row, end row, first token row, end token row) of every unit of every segment, image
-    units then text units (token rows are 0, 0 for image units)."""
+    units, text units, then padding units (token rows are 0, 0 but for text units). A padding unit (kind
+    "pad", ``pad-image-<segment>`` / ``pad-text-<segment>``) computes nothing: its manifest entry, which the
+    coordinator commits, records the crc32 of the rows an append skipped, so a reader decoding a whole chunk
+    finds every row it touches in a committed unit."""
     r, rt = max(1, image_rows_per_unit), max(1, text_rows_per_unit)
-    images, texts = [], []
-    for seg in segments:
+    images, texts, pads = [], [], []
+    for i, seg in enumerate(segments):
         lo, hi = seg["images"]
         for k in range(math.ceil((hi - lo) / r)):
             images.append(
@@ -113,7 +116,24 @@ def segment_units(
                 (unit_name("text", seg["text_unit0"] + k), "text", lo + k * rt, min(hi, lo + (k + 1) * rt),
                  t0 + k * ts, t0 + (k + 1) * ts)
             )  # fmt: skip
-    return images + texts
+        for kind in ("image", "text"):
+            lo, hi = seg.get(f"pad_{kind}s", (0, 0))
+            if hi > lo:
+                pads.append((f"pad-{kind}-{i:06d}", "pad", lo, hi, 0, 0))
+    return images + texts + pads
+
+
+def pad_record(url: str, name: str, lo: int, hi: int, keys: Sequence[str]) -> dict:
+    """The manifest entry of padding unit ``name``: the crc32 of rows [lo, hi) of each array in ``keys`` as
+    they read (never written: zero, the fill value)."""
+    from .checksum import checksum
+
+    g = open_group(url, mode="r")
+    arrays = {}
+    for key in keys:
+        a = g[key][lo:hi]
+        arrays[key] = {"region": [lo, hi], "crc32": checksum(a), "bytes": int(a.nbytes)}
+    return {"unit": name, "kind": "pad", "rows": [lo, hi], "items": 0, "arrays": arrays, "invalid": []}
 
 
 @dataclass
@@ -178,6 +198,8 @@ def new_segment(
         "tokens": [tok_lo, tok_lo + n_units * ts],
         "token_rows_per_unit": ts,
         "aliases": [ext.aliases, ext.aliases + n_aliases],
+        "pad_images": [ext.images, img_lo],
+        "pad_texts": [ext.texts, txt_lo],
     }
     return seg, offsets
 

@@ -305,8 +305,13 @@ def _grow(
         index = C.read_index(url, attrs)
 
     layout = C.StoreLayout(**attrs["layout"])
-    units = C.segment_units(segments, layout.image_rows_per_unit, layout.text_rows_per_unit)
+    every = C.segment_units(segments, layout.image_rows_per_unit, layout.text_rows_per_unit)
+    units = [u for u in every if u[1] != "pad"]
     committed = C.committed_units(url)
+    for name, _, lo, hi, _, _ in (u for u in every if u[1] == "pad" and u[0] not in committed):
+        keys = C.unit_arrays("image", layout.dtype, layout.views, layout.relevance_tokens)
+        keys = keys if name.startswith("pad-image") else ["text/pooled"]
+        C.commit_unit(url, name, C.pad_record(url, name, lo, hi, keys))
     todo = [u for u in units if u[0] not in committed]
     item_of = {item[1]: item for item in plan.images}
     text_of = dict(zip(plan.text_ids, plan.texts, strict=True))
