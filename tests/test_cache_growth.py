@@ -261,3 +261,59 @@ def _tensors(obj, prefix="") -> dict:
     if isinstance(obj, dict):
         return {k: v for key, val in obj.items() for k, v in _tensors(val, f"{prefix}.{key}").items()}
     return {}
+
+
+# ------------------------------------------------------------------------------------ kill and resume
+
+
+def test_sigkilled_append_resumes_to_the_uninterrupted_one(world, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.config import load_params
+    from pipeline.lock import read_lock
+
+    sets = ["cache.image_rows_per_unit=4", "cache.text_rows_per_unit=16", "cache.batch_size=3",
+            "cache.num_workers=0", "cache.target_chunk_bytes=2048", "teacher.precision=fp32"]  # fmt: skip
+    p = load_params(None, sets)
+    spec = X.TeacherSpec(world["spec"].model, world["spec"].pretrained, p.teacher.precision, "cpu")
+    both = [world["a"], world["b"]]
+    ref, url = str(tmp_path / "ref.zarr"), str(tmp_path / "killed.zarr")
+    for u in (ref, url):
+        X.extract([world["a"]], u, spec, p.cache, scheduler="sync", progress=False)
+    X.extract(both, ref, spec, p.cache, scheduler="sync", progress=False)
+    a_ids = world["a"].image_ids()
+    a_before = C.TeacherCache(url).image_targets(a_ids)
+    first_new = C.unit_name("image", sum(1 for u in C.committed_units(url) if u.startswith("image")))
+    (tmp_path / "empty.yaml").write_text("")
+    args = [sys.executable, "-m", "stages.extract_teacher", "--out", url, "--model", spec.model, "--pretrained",
+            spec.pretrained, "--scheduler", "sync", "--device", "cpu", "--params", str(tmp_path / "empty.yaml"),
+            "--quiet", *(x for ds in both for x in ("--shards", str(ds.path))), *(x for s in sets for x in ("--set", s))]  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    for where in ("append-index", "append-recorded", f"{first_new}"):
+        r = subprocess.run(
+            args, cwd=root, env={**env, X.FAIL_ENV: f"{where}:kill"}, capture_output=True, text=True
+        )
+        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+        assert read_lock(url) is not None  # killed holding it
+        # A's readers are untouched by the append in flight.
+        a_now = C.TeacherCache(url).image_targets(a_ids)
+        assert all(torch.equal(a_before[k], a_now[k]) for k in ("tokens", "pooled", "valid")), where
+    r = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_lock(url) is None and verify_store(url).ok
+    g, h = C.open_group(url, mode="r"), C.open_group(ref, mode="r")
+    for group in ("image", "text"):
+        for name, arr in h[group].arrays():
+            x, y = g[f"{group}/{name}"][:], arr[:]
+            same = x.tolist() == y.tolist() if x.dtype.kind in "OUT" else x.tobytes() == y.tobytes()
+            assert x.dtype == y.dtype and same, f"{group}/{name}"
+    got, want = C.committed_units(url), C.committed_units(ref)
+    assert {u: {k: v["crc32"] for k, v in r["arrays"].items()} for u, r in got.items()} == {
+        u: {k: v["crc32"] for k, v in r["arrays"].items()} for u, r in want.items()
+    }
+    assert C.covered_datasets(C.read_store_attrs(url)) == C.covered_datasets(C.read_store_attrs(ref))

@@ -15,6 +15,13 @@ overwrites its own shards.
 Test hook: the environment variable ``CLIP_TD_EXTRACT_FAIL_UNIT=<unit name>`` makes that unit raise after it
 has written its first array and before it commits (a crash in the worst place); ``<unit name>:kill`` makes
 the process SIGKILL itself there instead (no ``finally`` runs: the lock is left behind, as after an OOM kill).
+An append has two more such places: ``append-index`` (its index written, its segment not yet recorded) and
+``append-recorded`` (recorded, no unit of it committed).
+
+A store grows: a run whose datasets hold images or texts a matching store (same teacher and store settings)
+lacks appends them as a new segment of units after its rows (``pipeline.cache.grow``); committed rows, their
+checksums and the old index stay as they were, and the fingerprint names the new datasets once every unit
+is committed.
 
 One writer per store: ``extract`` holds ``<store>/.lock`` (``pipeline.lock``) for its whole run, so a second
 extraction of the same store is refused naming the holder, and a lock left by a killed run is taken over.

@@ -18,6 +18,7 @@ from .. import cache as C
 from ..data.errors import DataError
 from ..data.shards import PreparedDataset
 from ..identity import teacher_identity
+from .errors import maybe_fail
 from .plan import make_jobs, plan_extraction, plan_growth, text_lengths, unit_jobs
 from .schedule import run_units
 from .target import check_store_outside, open_or_check
@@ -290,6 +291,7 @@ def _grow(
             url, index.ext, seg, [i for _, i, _ in growth.images], [sha for _, _, sha in growth.images],
             growth.alias_ids, growth.alias_rows(seg["images"][0]), growth.text_ids, glengths, goffsets,
         )  # fmt: skip
+        maybe_fail("append-index")  # test hook: the index extended, the segment not yet recorded
         segments.append(seg)
         ext = C.extents(segments, int(lay["image_rows_per_unit"]), int(lay["text_rows_per_unit"]), -1)
         lay = {**lay, "n_images": ext.images, "n_texts": ext.texts}
@@ -303,6 +305,7 @@ def _grow(
         attrs = {**attrs, "layout": lay, "units": units_attr, C.SEGMENTS: segments, C.APPENDING: pending}
         C.open_group(url, mode="r+").attrs.put(attrs)  # one atomic write: the segment is now the store's
         index = C.read_index(url, attrs)
+        maybe_fail("append-recorded")  # test hook: the segment recorded, none of its units committed
 
     layout = C.StoreLayout(**attrs["layout"])
     every = C.segment_units(segments, layout.image_rows_per_unit, layout.text_rows_per_unit)
