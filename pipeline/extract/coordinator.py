@@ -272,6 +272,8 @@ def _grow(
     index = C.read_index(url, attrs)
     growth = plan_growth(plan, index, datasets, store_url)
     segments = C.store_segments(attrs)
+    if segments[0]["aliases"][1] < 0:  # a store from before segments: its aliases, as its arrays hold them
+        segments[0]["aliases"] = [0, index.ext.aliases]
     covered = C.covered_datasets(attrs)
     label_paths = _label_paths(plan)
     run_cover = C.merge_datasets(
