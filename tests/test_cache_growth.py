@@ -338,3 +338,15 @@ def test_store_from_before_segments_and_sha1_grows(world, grown, tmp_path):
         got.image_targets(ids)["tokens"], ref.image_targets(ids)["tokens"], dim=-1
     )
     assert cos.min() >= 0.9999
+
+
+def test_append_cut_short_then_not_repeated_leaves_a_store_that_verifies(world, tmp_path, monkeypatch):
+    url = str(tmp_path / "short.zarr")
+    _extract(world, [world["a"]], url)
+    monkeypatch.setenv(X.FAIL_ENV, "append-index")
+    with pytest.raises(X.InjectedFailure):
+        _extract(world, [world["a"], world["b"]], url)
+    monkeypatch.delenv(X.FAIL_ENV)
+    assert not verify_store(url, scan=False).ok  # arrays longer than the attrs record
+    assert _extract(world, [world["a"]], url)["units_computed"] == 0  # A alone: nothing appended
+    assert verify_store(url).ok

@@ -280,6 +280,11 @@ def _grow(
         (attrs.get(C.APPENDING) or {}).get("datasets", {}), plan.data_fingerprint["datasets"], label_paths
     )
     paths = list(dict.fromkeys([*(attrs.get("data") or {}).get("paths", []), *plan.dataset_paths]))
+    if growth.empty and _overgrown(url, index.ext):
+        # An append cut short before its segment was recorded, and this run appends nothing: the arrays go back
+        # to the rows the attrs record (nothing was committed past them).
+        seg, offsets = C.new_segment(index.ext, attrs["layout"], 0, 0, [])
+        C.extend_store(url, index.ext, seg, [], [], [], [], [], [], offsets)
     if not growth.empty:
         lay = attrs["layout"]
         glengths = text_lengths(teacher, growth.texts)
@@ -382,6 +387,18 @@ def _grow(
         log.info("%s: rebuilt store complete, swapping it into place", url)
         C.replace_store(url, store_url)
     return metrics
+
+
+def _overgrown(url: str, ext: Any) -> bool:
+    """Whether an index array is longer than the recorded segments say (an append cut short)."""
+    g = C.open_group(url, mode="r")
+    want = {
+        "image/ids": ext.images,
+        "image/alias_ids": ext.aliases,
+        "text/ids": ext.texts,
+        "text/tokens": ext.tokens,
+    }
+    return any(g[k].shape[0] != n for k, n in want.items())
 
 
 def _label_paths(plan) -> dict[str, str]:
