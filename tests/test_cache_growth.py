@@ -191,20 +191,6 @@ def test_interrupted_append_needs_its_datasets(world, tmp_path, monkeypatch):
         _extract(world, [world["a"]], url)
 
 
-def test_same_id_other_bytes_refused(world, tmp_path):
-    url = str(tmp_path / "clash.zarr")
-    _extract(world, [world["a"]], url)
-    clash = make_dataset(
-        tmp_path / "d" / "train",
-        "train",
-        1,
-        seed=6,
-        extra=[("img-0-0", png_bytes(777), snli_instance("d-x", "img-0-0", "train", "other bytes"))],
-    )
-    with pytest.raises(DataError, match="img-0-0.*different bytes"):
-        _extract(world, [clash], url)
-
-
 # ------------------------------------------------------------------------------------------ students
 
 
@@ -349,4 +335,25 @@ def test_append_cut_short_then_not_repeated_leaves_a_store_that_verifies(world, 
     monkeypatch.delenv(X.FAIL_ENV)
     assert not verify_store(url, scan=False).ok  # arrays longer than the attrs record
     assert _extract(world, [world["a"]], url)["units_computed"] == 0  # A alone: nothing appended
+    assert verify_store(url).ok
+
+
+def test_data_prepared_again_under_the_same_ids_is_rebuilt_only_when_asked(world, tmp_path):
+    """An id the store holds with other bytes (a synthetic world prepared with another seed) is not new data:
+    refused, naming the id and the flags that replace the store; --rebuild-stale (dvc.yaml) rebuilds it."""
+    url = str(tmp_path / "again.zarr")
+    _extract(world, [world["a"]], url)
+    clash = make_dataset(
+        tmp_path / "clash" / "train",
+        "train",
+        1,
+        seed=8,
+        extra=[("img-0-0", png_bytes(999), snli_instance("c-x", "img-0-0", "train", "other bytes"))],
+    )
+    with pytest.raises(DataError, match="different bytes.*--rebuild-stale"):
+        _extract(world, [clash], url)
+    X.UNIT_RUNS.clear()
+    m = X.extract([clash], url, world["spec"], params(), scheduler="sync", progress=False, rebuild_stale=True)
+    assert m["units_skipped"] == 0  # rebuilt from this run's data alone
+    assert set(C.covered_datasets(C.read_store_attrs(url)).values()) == {clash.fingerprint}
     assert verify_store(url).ok

@@ -129,6 +129,14 @@ def _extract_locked(
     )
     stored = attrs.get("fingerprint") if isinstance(attrs.get("fingerprint"), dict) else {}
     grow = growable and not C.stale_fields(_with_legacy(stored, legacy), fingerprint)
+    if grow and rebuild_stale:
+        # Data prepared again under ids the store holds with other bytes replaces what it was built from: that
+        # is stale, not new data (dvc.yaml's run after a changed synthetic seed rebuilds, as it always did).
+        try:
+            plan_growth(plan, C.read_index(store_url, attrs), datasets, store_url)
+        except DataError as e:
+            log.warning("%s; rebuilding it (--rebuild-stale)", e)
+            grow = False
     checked = {**fingerprint, "data": stored.get("data", {})} if grow else fingerprint
     target = open_or_check(store_url, checked, overwrite, rebuild_stale, legacy)
     build_url = target.url

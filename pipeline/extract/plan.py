@@ -319,7 +319,11 @@ def plan_growth(plan: Plan, index: Any, datasets: Sequence[PreparedDataset], sto
             if held and held != sha:
                 where = path_of.get(image_id) or ", ".join(plan.dataset_paths)
                 raise DataError(
-                    where, image_id, f"image id already in the store {store_url} with different bytes"
+                    where,
+                    image_id,
+                    f"image id already in the store {store_url} with different bytes "
+                    "(a store grows by new images; to replace the data it was built from, rerun with "
+                    "--rebuild-stale or --overwrite)",
                 )
             store_row_of_sha.setdefault(sha, row_of[image_id])  # its bytes, under another id, are held too
             continue
