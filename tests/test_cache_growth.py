@@ -357,3 +357,34 @@ def test_data_prepared_again_under_the_same_ids_is_rebuilt_only_when_asked(world
     assert m["units_skipped"] == 0  # rebuilt from this run's data alone
     assert set(C.covered_datasets(C.read_store_attrs(url)).values()) == {clash.fingerprint}
     assert verify_store(url).ok
+
+
+def test_append_with_views_int8_and_more_tokens_than_a_shard(world, tmp_path):
+    """The first store's texts are few (its token shards small); the appended texts need several shards per
+    unit. Every array, views and int8 scales included, reads as one extraction's, through checksum-on-read."""
+    from tests.conftest import build_dataset
+    from tests.test_extract import _all_texts
+
+    a = make_dataset(tmp_path / "a" / "train", "train", 2, seed=0)
+    b = build_dataset(tmp_path / "b" / "train", 30)  # its own ids and many distinct texts
+    kw = dict(views=2, dtype="int8", text_rows_per_unit=64)
+    url, ref = str(tmp_path / "grown.zarr"), str(tmp_path / "ref.zarr")
+    _extract(world, [a], url, **kw)
+    _extract(world, [a, b], url, **kw)
+    _extract(world, [a, b], ref, **kw)
+    seg0, seg1 = C.read_store_attrs(url)[C.SEGMENTS]
+    assert seg1["token_rows_per_unit"] > seg0["token_rows_per_unit"]  # units of several token shards
+    assert verify_store(url).ok
+    got, want = C.TeacherCache(url), C.TeacherCache(ref)
+    got.configure_reads(verify=True, chunk_cache_bytes=1 << 20)
+    ids = [*a.image_ids(), *b.image_ids()]
+    for views in (None, [1] * len(ids)):
+        x, y = got.image_targets(ids, views=views), want.image_targets(ids, views=views)
+        for key in ("tokens", "pooled"):
+            assert torch.nn.functional.cosine_similarity(x[key], y[key], dim=-1).min() >= 0.9999, (key, views)
+    texts = _all_texts([a, b], want.attrs["data"]["vqa_vocab"])
+    x, y = got.text_targets(texts), want.text_targets(texts)
+    assert torch.equal(x["lengths"], y["lengths"])
+    assert torch.nn.functional.cosine_similarity(x["pooled"], y["pooled"], dim=-1).min() >= 0.9999
+    for tx, ty in zip(x["tokens"], y["tokens"], strict=True):
+        assert torch.nn.functional.cosine_similarity(tx, ty, dim=-1).min() >= 0.9999
