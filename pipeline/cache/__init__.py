@@ -6,8 +6,10 @@ Layout (docs/method.md §1; N = unique images, M = unique texts, P patch tokens,
                                  num_patches, grid, context_length, logit_scale, dtype, codec, views,
                                  relevance_tokens, units, data, fingerprint, complete, extract (metrics of the
                                  last run that computed a unit; a run that computes nothing leaves the store
-                                 byte-identical)
+                                 byte-identical), segments (the first extraction's rows and each append's,
+                                 ``grow``), appending (only while an append's units are uncommitted)
     image/ids        [N]          str      image id used by the data shards (row order = data-shard order)
+    image/sha1       [N]          str      SHA-1 of the row's image bytes (an append finds held images by it)
     image/alias_ids  [A]          str      ids whose bytes equal an earlier image (deduplicated by SHA-1) ...
     image/alias_rows [A]          int64    ... and the row they share
     image/tokens     [N, P, E]    float16 | int8   last-layer patch tokens in the joint space (no CLS)
