@@ -194,9 +194,15 @@ def main(
         metrics_path = default_metrics_path(cp.store)
     if metrics_path is not None:
         write_metrics(metrics_path, metrics)
+    appended = ""
+    if metrics.get("images_appended") or metrics.get("aliases_appended") or metrics.get("texts_appended"):
+        appended = (
+            f"appended {metrics['images_appended']} images, {metrics['aliases_appended']} aliases and "
+            f"{metrics['texts_appended']} texts the store did not hold; "
+        )
     click.echo(
-        f"{cp.store}: {metrics['unique_images']} images ({metrics['image_duplicates_removed']} duplicates removed), "
-        f"{metrics['unique_texts']} texts ({metrics['text_duplicates_removed']} duplicates removed); units "
+        f"{cp.store}: {appended}{metrics['unique_images']} images "
+        f"({metrics['image_duplicates_removed']} duplicates removed), {metrics['unique_texts']} texts ({metrics['text_duplicates_removed']} duplicates removed); units "
         f"{metrics['units_computed']} computed, {metrics['units_skipped']} skipped; {metrics['seconds']:.1f}s, "
         f"{metrics['items_per_s']:.1f} items/s; {metrics['bytes_on_disk'] / 1e6:.1f} MB on disk "
         f"(ratio {metrics['compression_ratio']:.2f}) -> {metrics_path or 'no metrics file (pass --metrics)'}"

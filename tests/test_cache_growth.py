@@ -388,3 +388,25 @@ def test_append_with_views_int8_and_more_tokens_than_a_shard(world, tmp_path):
     assert torch.nn.functional.cosine_similarity(x["pooled"], y["pooled"], dim=-1).min() >= 0.9999
     for tx, ty in zip(x["tokens"], y["tokens"], strict=True):
         assert torch.nn.functional.cosine_similarity(tx, ty, dim=-1).min() >= 0.9999
+
+
+def test_stage_appends_a_dataset_given_alone(world, tmp_path):
+    from click.testing import CliRunner
+
+    from stages.extract_teacher import main
+
+    out = tmp_path / "cli.zarr"
+    (tmp_path / "defaults.yaml").write_text("")
+    args = ["--out", str(out), "--model", world["spec"].model, "--pretrained", world["spec"].pretrained,
+            "--scheduler", "sync", "--device", "cpu", "--quiet", "--params", str(tmp_path / "defaults.yaml"),
+            "--set", "cache.image_rows_per_unit=4", "--set", "cache.num_workers=0",
+            "--set", "teacher.precision=fp32"]  # fmt: skip
+    r = CliRunner().invoke(main, [*args, "--shards", str(world["a"].path)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [*args, "--shards", str(world["b"].path)])
+    assert r.exit_code == 0, r.output
+    assert "appended 6 images, 1 aliases and" in r.output  # B's 6 new, its copy of an A image an alias
+    covered = C.covered_datasets(C.read_store_attrs(str(out)))
+    assert set(covered.values()) == {world["a"].fingerprint, world["b"].fingerprint}
+    r = CliRunner().invoke(main, [*args, "--shards", str(world["b"].path), "--dtype", "int8"])
+    assert r.exit_code == 1 and "store.dtype" in r.output and "Traceback" not in r.output
