@@ -410,3 +410,25 @@ def test_stage_appends_a_dataset_given_alone(world, tmp_path):
     assert set(covered.values()) == {world["a"].fingerprint, world["b"].fingerprint}
     r = CliRunner().invoke(main, [*args, "--shards", str(world["b"].path), "--dtype", "int8"])
     assert r.exit_code == 1 and "store.dtype" in r.output and "Traceback" not in r.output
+
+
+def test_vqa_data_appended_to_a_store_without_it_sets_the_answer_vocabulary(world, tmp_path):
+    from pipeline.data.shards import DatasetWriter, PreparedDataset
+
+    with DatasetWriter(tmp_path / "snli" / "train", source="synthetic", split="train", shard_size=7) as w:
+        for i in range(3):
+            w.add_image(f"s-{i}", png_bytes(500 + i), "png")
+            w.add_instance(snli_instance(f"s-{i}", f"s-{i}", "train", f"hypothesis {i}"))
+    snli = PreparedDataset(tmp_path / "snli" / "train")
+    url = str(tmp_path / "v.zarr")
+    _extract(world, [snli], url)
+    assert not C.read_store_attrs(url)["data"]["vqa_vocab"]
+    _extract(world, [snli, world["a"]], url)
+    assert (
+        world["a"].answer_vocab()
+        and C.read_store_attrs(url)["data"]["vqa_vocab"] == world["a"].answer_vocab()
+    )
+    # The VQA candidate texts the store holds are those built from that vocabulary.
+    from tests.test_extract import _all_texts
+
+    C.TeacherCache(url).text_targets(_all_texts([world["a"]], world["a"].answer_vocab()), tokens=False)

@@ -386,6 +386,10 @@ def _grow(
         data_fp["datasets"] = now_covered
         fp["data"] = data_fp
         data = {**(attrs.get("data") or {}), **data_fp, "paths": paths}
+        if (
+            not data.get("vqa_vocab") and plan.vqa_vocab
+        ):  # the first VQA data this store holds fixes its vocab
+            data.update(vqa_vocab=plan.vqa_vocab, vqa_vocab_from=plan.vqa_vocab_from)
         done = {k: v for k, v in attrs.items() if k != C.APPENDING}
         done.update(complete=True, fingerprint=fp, data=data)
         if records:
