@@ -264,12 +264,12 @@ def test_stale_store_refused_naming_fields(world, baseline):
     assert "data.hash" not in e.value.fields
     # Other data is not stale: a store grows to cover it (tests/test_cache_growth.py), and data it already
     # covers computes nothing.
-    m = X.extract([world["train"]], baseline["url"], world["spec"], params(), scheduler="sync", progress=False)
+    m = X.extract(
+        [world["train"]], baseline["url"], world["spec"], params(), scheduler="sync", progress=False
+    )
     assert m["units_computed"] == 0
     with pytest.raises(C.StaleCacheError, match=r"data\.vqa_candidates"):
-        X.extract(
-            [world["train"]], baseline["url"], world["spec"], params(), "sync", False, vqa_candidates=3
-        )
+        X.extract([world["train"]], baseline["url"], world["spec"], params(), "sync", False, vqa_candidates=3)
     with pytest.raises(C.StaleCacheError, match="store.dtype"):
         X.extract(
             [world["train"], world["val"]],

@@ -56,7 +56,7 @@ from .errors import (
     TextError,
     UnitWriteError,
 )
-from .plan import Plan, UnitJob, decode_workers, make_jobs, plan_extraction
+from .plan import Growth, Plan, UnitJob, decode_workers, make_jobs, plan_extraction, plan_growth, unit_jobs
 from .schedule import local_cluster, run_units
 from .screen import nonfinite_rows
 from .target import REBUILD_SUFFIX, check_store_outside, rebuild_url
@@ -66,6 +66,7 @@ from .writer import UnitWriter, write_threads
 
 __all__ = [
     "FAIL_ENV",
+    "Growth",
     "ImageError",
     "ImageUnit",
     "InjectedFailure",
@@ -95,10 +96,12 @@ __all__ = [
     "open_datasets",
     "pil_steps",
     "plan_extraction",
+    "plan_growth",
     "rebuild_url",
     "run_unit",
     "run_units",
     "unit_batches",
+    "unit_jobs",
     "weights_sha256",
     "write_metrics",
     "write_threads",
