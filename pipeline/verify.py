@@ -170,12 +170,26 @@ def _unit_arrays(s: _Store, kind: str) -> list[str]:
     return C.unit_arrays(kind, s.dtype, s.k, [src[: -len("_tokens")] for src in s.sources[1:]])
 
 
-def _planned_units(s: _Store) -> dict[str, dict]:
-    """Unit name -> {"kind", "rows"} from the attrs, as extraction planned them."""
+def _segment_units(s: _Store) -> list[tuple[str, str, int, int, int, int]]:
+    """Every unit of every segment (the first extraction and each append), as extraction planned them."""
     r = int(s.layout.get("image_rows_per_unit") or s.units.get("image_rows_per_unit") or 1)
     rt = int(s.layout.get("text_rows_per_unit") or s.units.get("text_rows_per_unit") or 1)
+    if C.SEGMENTS in s.attrs:
+        return C.segment_units(C.store_segments(s.attrs), r, rt)
+    shard = int(s.units.get("text_token_rows_per_unit", 0) or 0)
     units = C.planned_units(s.n, s.m, r, rt, s.units.get("image"), s.units.get("text"))
-    return {name: {"kind": kind, "rows": [lo, hi]} for name, kind, lo, hi in units}
+    return [
+        (name, kind, lo, hi, *((0, 0) if kind == "image" else (lo // rt * shard, (lo // rt + 1) * shard)))
+        for name, kind, lo, hi in units
+    ]
+
+
+def _planned_units(s: _Store) -> dict[str, dict]:
+    """Unit name -> {"kind", "rows"} from the attrs, as extraction planned them."""
+    return {
+        name: {"kind": kind, "rows": [lo, hi], **({"token_rows": [t0, t1]} if kind == "text" else {})}
+        for name, kind, lo, hi, t0, t1 in _segment_units(s)
+    }
 
 
 # -------------------------------------------------------------------------------------------------- checks
@@ -189,6 +203,9 @@ def check_format(s: _Store) -> Check:
         faults.append("no layout in the attrs (store creation was interrupted)")
     if not s.attrs.get("complete"):
         faults.append("not marked complete (extraction unfinished or still running: rerun it to resume)")
+    if C.APPENDING in s.attrs:
+        paths = ", ".join((s.attrs[C.APPENDING] or {}).get("paths", []))
+        faults.append(f"an append is unfinished (rerun the extraction with its datasets to resume: {paths})")
     holder = read_lock(s.url)
     if holder is not None:
         faults.append(
@@ -229,10 +246,20 @@ def check_shapes(s: _Store) -> Check:
             faults.append(f"{key}: {a.shape[0]} rows for {b.shape[0]} alias ids")
     r = int(s.layout.get("image_rows_per_unit", 0) or 0)
     rt = int(s.layout.get("text_rows_per_unit", 0) or 0)
-    if r and s.units.get("image") != math.ceil(s.n / r):
-        faults.append(f"attrs units.image={s.units.get('image')} but {s.n} images / {r} rows per unit")
-    if rt and s.units.get("text") != math.ceil(s.m / rt):
-        faults.append(f"attrs units.text={s.units.get('text')} but {s.m} texts / {rt} rows per unit")
+    if C.SEGMENTS in s.attrs:  # a store grown by appends: its segments say where its rows and units are
+        units = _segment_units(s)
+        want = {k: sum(1 for u in units if u[1] == k) for k in ("image", "text")}
+        for kind, rows in (("image", s.n), ("text", s.m)):
+            if s.units.get(kind) != want[kind]:
+                faults.append(f"attrs units.{kind}={s.units.get(kind)} but its segments plan {want[kind]}")
+            end = max([0, *(seg[kind + "s"][1] for seg in C.store_segments(s.attrs))])
+            if end != rows:
+                faults.append(f"{kind}/ids: {rows} rows but the segments end at {end}")
+    else:
+        if r and s.units.get("image") != math.ceil(s.n / r):
+            faults.append(f"attrs units.image={s.units.get('image')} but {s.n} images / {r} rows per unit")
+        if rt and s.units.get("text") != math.ceil(s.m / rt):
+            faults.append(f"attrs units.text={s.units.get('text')} but {s.m} texts / {rt} rows per unit")
     summary = f"{len(exp)} arrays vs attrs (N_img={s.n}, P={s.p}, E={s.e}, K={s.k}, M={s.m}, dtype={s.dtype})"
     return Check("shapes", not faults, summary, faults)
 
@@ -249,7 +276,9 @@ def check_offsets(s: _Store) -> Check:
         faults.append(f"offsets[0] = {off[0]} != 0")
     for i in np.flatnonzero(np.diff(off) < 0)[:MAX_FAULTS]:
         faults.append(f"offsets decrease at text {i}: {off[i]} > {off[i + 1]}")
-    for i in np.flatnonzero(lengths < 1)[:MAX_FAULTS]:
+    ids = s.read("text/ids")
+    # Padding rows (an append starts on a unit boundary) hold no text: length 0.
+    for i in [i for i in np.flatnonzero(lengths < 1) if not C.is_pad_id(ids[i])][:MAX_FAULTS]:
         faults.append(f"text {i}: length {lengths[i]} < 1")
     for i in np.flatnonzero(off[:-1] + lengths > off[1:])[:MAX_FAULTS]:
         faults.append(
@@ -258,14 +287,11 @@ def check_offsets(s: _Store) -> Check:
     tokens = s.array("text/tokens")
     if tokens is not None and off[-1] != tokens.shape[0]:
         faults.append(f"offsets[M] = {off[-1]} != text/tokens rows {tokens.shape[0]}")
-    rt = int(s.layout.get("text_rows_per_unit", 0) or 0)
     shard = int(s.units.get("text_token_rows_per_unit", 0) or 0)
-    if rt and shard:
-        for u in range(math.ceil(m / rt)):
-            if off[u * rt] != u * shard:
-                faults.append(
-                    f"text unit {u} starts at token row {off[u * rt]}, not on its shard ({u * shard})"
-                )
+    if shard or C.SEGMENTS in s.attrs:
+        for name, kind, lo, _, t0, _ in _segment_units(s):
+            if kind == "text" and lo < m and off[lo] != t0:
+                faults.append(f"text unit {name} starts at token row {off[lo]}, not on its shard ({t0})")
     summary = f"{m} texts, {int(lengths.sum()) if m else 0} token rows of {int(off[-1])}"
     return Check("offsets", not faults, summary, faults)
 
@@ -308,7 +334,9 @@ def check_manifest(s: _Store) -> Check:
             continue
         if list(rec.get("rows", [])) != plan["rows"]:
             faults.append(f"{name}: rows {rec.get('rows')} != planned {plan['rows']}")
-        absent = [a for a in want[plan["kind"]] if a not in rec.get("arrays", {})]
+        if plan.get("token_rows") and list(rec.get("token_rows", [])) != plan["token_rows"]:
+            faults.append(f"{name}: token rows {rec.get('token_rows')} != planned {plan['token_rows']}")
+        absent = [a for a in want.get(plan["kind"], []) if a not in rec.get("arrays", {})]
         if absent:
             faults.append(f"{name}: entry does not cover {', '.join(absent)}")
     readable = len([u for u in planned if u in committed])

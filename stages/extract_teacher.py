@@ -100,17 +100,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Rebuild an existing teacher cache from scratch. Without it, a store built from another teacher, data "
-    "or layout is refused (naming the differing fields) and a matching one is resumed: committed units are "
-    "skipped. A local store is rebuilt beside it (<store>.tmp-rebuild) and swapped in when complete, so a "
-    "failed rebuild leaves it as it was. --out holding anything but a teacher cache is never replaced.",
+    help="Rebuild an existing teacher cache from scratch. Without it, a store built from another teacher or "
+    "store settings is refused (naming the differing fields) and a matching one is resumed (committed units "
+    "are skipped) and grown: images and texts of --shards it does not hold are appended as new units, its "
+    "rows untouched. A local store is rebuilt beside it (<store>.tmp-rebuild) and swapped in when complete, "
+    "so a failed rebuild leaves it as it was. --out holding anything but a teacher cache is never replaced.",
 )
 @click.option(
     "--rebuild-stale",
     is_flag=True,
-    help="Rebuild a store whose fingerprint differs instead of refusing it (beside it, as --overwrite does; an "
-    "interrupted rebuild is resumed); a matching store is still resumed. dvc.yaml uses this, so a changed "
-    "teacher or dataset rebuilds and an interrupted run resumes.",
+    help="Rebuild a store whose teacher or store settings differ instead of refusing it (beside it, as "
+    "--overwrite does; an interrupted rebuild is resumed); a matching store is still resumed and grown. "
+    "dvc.yaml uses this, so a changed teacher rebuilds, new data is appended and an interrupted run resumes.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or plan log.")
 def main(
@@ -122,7 +123,9 @@ def main(
     Images are deduplicated by content (SHA-1) across all datasets and texts (every text the student and the
     confidence weights will look up, pipeline.texts.instance_texts) by content hash. Work is split into units
     that each own whole Zarr shards (cache.image_rows_per_unit images or cache.text_rows_per_unit texts) and
-    commit a manifest entry when written, so an interrupted run resumes where it stopped. An image unit writes
+    commit a manifest entry when written, so an interrupted run resumes where it stopped. A store grows: run it
+    again with more --shards (another dataset, another split) and only what the store lacks is computed,
+    appended after its rows (docs/cache.md, "Growing a store"). An image unit writes
     each of its shards (cache.image_shard_bytes) behind the teacher's next batches: with a GPU teacher, give
     units many shards (e.g. --set cache.image_rows_per_unit=2048 for ViT-B-16).
     """
@@ -191,9 +194,15 @@ def main(
         metrics_path = default_metrics_path(cp.store)
     if metrics_path is not None:
         write_metrics(metrics_path, metrics)
+    appended = ""
+    if metrics.get("images_appended") or metrics.get("aliases_appended") or metrics.get("texts_appended"):
+        appended = (
+            f"appended {metrics['images_appended']} images, {metrics['aliases_appended']} aliases and "
+            f"{metrics['texts_appended']} texts the store did not hold; "
+        )
     click.echo(
-        f"{cp.store}: {metrics['unique_images']} images ({metrics['image_duplicates_removed']} duplicates removed), "
-        f"{metrics['unique_texts']} texts ({metrics['text_duplicates_removed']} duplicates removed); units "
+        f"{cp.store}: {appended}{metrics['unique_images']} images "
+        f"({metrics['image_duplicates_removed']} duplicates removed), {metrics['unique_texts']} texts ({metrics['text_duplicates_removed']} duplicates removed); units "
         f"{metrics['units_computed']} computed, {metrics['units_skipped']} skipped; {metrics['seconds']:.1f}s, "
         f"{metrics['items_per_s']:.1f} items/s; {metrics['bytes_on_disk'] / 1e6:.1f} MB on disk "
         f"(ratio {metrics['compression_ratio']:.2f}) -> {metrics_path or 'no metrics file (pass --metrics)'}"

@@ -40,12 +40,14 @@ def main(store: str | None, json_path: Path | None, no_scan: bool, workers: int,
 
     \b
     Checks, one report line each (OK/FAIL with counts, then the first faults):
-      format     attrs name a teacher cache of this version, marked complete, not locked by a writer
+      format     attrs name a teacher cache of this version, marked complete, no append unfinished, not
+                 locked by a writer
       shapes     every array's shape/dtype follows from the attrs (N_img, P, E, K views, M texts)
       offsets    text offsets start at 0, are monotonic, fit each text's length, end at the token rows,
                  and every text unit starts on its own shard
       ids        image, alias and text ids are unique; alias rows exist
-      manifest   every planned unit is committed, no unknown unit is, entries cover their rows and arrays
+      manifest   every planned unit (of every segment, a store grown by appends has one per append) is
+                 committed, no unknown unit is, entries cover their rows and arrays
       checksums  each committed region's crc32 equals its manifest entry (names the unit and array)
       nonfinite  no NaN/Inf in any float array (dask, per unit shard; names the array, row and id)
 

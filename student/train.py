@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.cache import TeacherCache
+from pipeline.cache import TeacherCache, reading_fingerprint
 from pipeline.config import Params
 from pipeline.lock import StoreLock, StoreLocked
 from pipeline.protocol import Split, make_split
@@ -288,12 +288,15 @@ class Trainer:
             if ds is not None
         }
         if isinstance(self.source, CachedTargets):
-            cache = {"store": sha256_json(self.source.cache.fingerprint())}
+            # What this run reads of the store: an append of other datasets leaves it (and a resume) alone.
+            reads = [self.train_ds.fingerprint]
+            cache = {"store": sha256_json(reading_fingerprint(self.source.cache.fingerprint(), reads))}
         elif self.needs_teacher:
             tp = self.params.teacher
             cache = {"online_teacher": sha256_json([tp.model, tp.pretrained, tp.precision])}
         elif self.order_groups is not None:  # a baseline ordered by the store's chunks
-            cache = {"store": sha256_json(TeacherCache(self.run.cache).fingerprint())}
+            fp = TeacherCache(self.run.cache).fingerprint()
+            cache = {"store": sha256_json(reading_fingerprint(fp, [self.train_ds.fingerprint]))}
         else:
             cache = {}
         sp = self.params.student

@@ -507,7 +507,7 @@ def test_write_error_mid_unit_names_the_unit_and_a_rerun_completes(world, refere
 # ---------------------------------------------------------------------------------------- 4. stale caches
 
 
-def test_stale_preprocessing_codec_and_data_are_refused_naming_fields(world, reference, tmp_path):
+def test_stale_preprocessing_and_codec_are_refused_naming_fields(world, reference, tmp_path):
     big = tmp_path / "tiny-rel-40.json"  # same model at another input size: other preprocessing
     cfg = json.loads(json.dumps(TINY_CFG))
     cfg["vision_cfg"]["image_size"] = 40
@@ -518,9 +518,7 @@ def test_stale_preprocessing_codec_and_data_are_refused_naming_fields(world, ref
     assert {"teacher.preprocess_sha256", "teacher.config_sha256", "teacher.grid"} <= set(e.value.fields)
     with pytest.raises(C.StaleCacheError, match=r"differing fields: store\.compressor;"):
         X.extract(ds, url, world["spec"], cache_params(compressor="lz4"), "sync", False)
-    changed = build_dataset(tmp_path / "changed" / "train", N_IMAGES, {"vqa-7": "what colour is the thing?"})
-    with pytest.raises(C.StaleCacheError, match=r"differing fields: data\.datasets\.train, data\.hash;"):
-        X.extract([changed], url, world["spec"], cache_params(), "sync", False)
+    # Other data is not stale: the store grows to cover it (tests/test_cache_growth.py).
     assert C.TeacherCache(url).verify() == [] and L.read_lock(url) is None  # refusals touch nothing
 
 

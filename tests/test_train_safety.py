@@ -234,7 +234,9 @@ def test_cache_of_other_data_is_one_line(world, done, tmp_path):
 
     prepare_synthetic(tmp_path / "other", seed=1)
     line = error_line(train(world, tmp_path / "r", data=str(tmp_path / "other")))
-    assert "does not match this run's data" in line and "data.datasets.train" in line
+    other = tmp_path / "other" / "train"
+    assert f"does not cover this run's training data {other}" in line
+    assert f"add it with python -m stages.extract_teacher --shards {other} --out" in line
 
 
 # ------------------------------------------------------------------------------------- params and conditions

@@ -67,7 +67,9 @@ def test_cache_from_other_data_is_refused(world, tmp_path):
     other = tmp_path / "other"
     prepare_synthetic(other, seed=1)
     run = RunSpec("snli_ve", "full", "clip_td", 0, str(other), world[2], str(tmp_path / "r"))
-    with pytest.raises(FingerprintMismatch, match=r"data\.datasets\.train"):
+    with pytest.raises(
+        FingerprintMismatch, match=f"does not cover this run's training data {other / 'train'}"
+    ):
         Trainer(student_params(world), run, progress=False)
 
 

@@ -6,8 +6,10 @@ Layout (docs/method.md §1; N = unique images, M = unique texts, P patch tokens,
                                  num_patches, grid, context_length, logit_scale, dtype, codec, views,
                                  relevance_tokens, units, data, fingerprint, complete, extract (metrics of the
                                  last run that computed a unit; a run that computes nothing leaves the store
-                                 byte-identical)
+                                 byte-identical), segments (the first extraction's rows and each append's,
+                                 ``grow``), appending (only while an append's units are uncommitted)
     image/ids        [N]          str      image id used by the data shards (row order = data-shard order)
+    image/sha1       [N]          str      SHA-1 of the row's image bytes (an append finds held images by it)
     image/alias_ids  [A]          str      ids whose bytes equal an earlier image (deduplicated by SHA-1) ...
     image/alias_rows [A]          int64    ... and the row they share
     image/tokens     [N, P, E]    float16 | int8   last-layer patch tokens in the joint space (no CLS)
@@ -54,7 +56,8 @@ Views. ``views/`` repeats view 0 (identical to ``image/``) so that a student can
 
 Modules, one concern each: ``schema`` (format constants, array specs, unit names, root attrs), ``layout``
 (shape and chunk arithmetic), ``store`` (locations, open, remove, replace), ``create``, ``manifest``,
-``checksum``, ``fingerprint`` (comparing them; which teacher it is, is ``pipeline.identity``'s answer),
+``checksum``, ``grow`` (segments: a store that grows by appends), ``fingerprint`` (comparing them, what a
+store covers; which teacher it is, is ``pipeline.identity``'s answer),
 ``codec`` (int8, compressors), ``views``, ``reader`` (``TeacherCache`` and its chunk LRU), ``direct`` (the
 LRU's whole-chunk reads from the shard files) and ``verified`` (checksum-on-read, per inner chunk). Everything is re-exported here.
 """
@@ -72,7 +75,29 @@ from .codec import (
 )
 from .create import create_store
 from .errors import CacheCorrupt, CacheFormatError, StaleCacheError
-from .fingerprint import check_fingerprint, flatten
+from .fingerprint import (
+    GROWING_FIELDS,
+    check_fingerprint,
+    covered_datasets,
+    flatten,
+    merge_datasets,
+    reading_fingerprint,
+    stale_fields,
+)
+from .grow import (
+    APPENDING,
+    SEGMENTS,
+    Extents,
+    StoreIndex,
+    extend_store,
+    extents,
+    initial_segment,
+    new_segment,
+    pad_record,
+    read_index,
+    segment_units,
+    store_segments,
+)
 from .layout import StoreLayout, chunk_rows_for, text_token_layout
 from .manifest import commit_unit, committed_units, read_manifest
 from .reader import TeacherCache, read_rows, read_threads_for
@@ -82,11 +107,14 @@ from .schema import (
     ID_ARRAYS,
     LOCK_FILE,
     MANIFEST,
+    PAD_PREFIX,
     RELEVANCE_SOURCES,
     SCALE_SUFFIX,
     TRASH_INFIX,
     ArraySpec,
     array_specs,
+    is_pad_id,
+    pad_id,
     planned_units,
     root_attrs,
     token_sources,
@@ -111,6 +139,26 @@ from .verified import manifest_regions
 from .views import apply_view, eval_view_box, sample_view_box, view_params_for, view_seed
 
 __all__ = [
+    "APPENDING",
+    "covered_datasets",
+    "extend_store",
+    "extents",
+    "Extents",
+    "GROWING_FIELDS",
+    "initial_segment",
+    "is_pad_id",
+    "merge_datasets",
+    "new_segment",
+    "PAD_PREFIX",
+    "pad_id",
+    "pad_record",
+    "read_index",
+    "reading_fingerprint",
+    "segment_units",
+    "SEGMENTS",
+    "stale_fields",
+    "store_segments",
+    "StoreIndex",
     "apply_view",
     "array_specs",
     "ArraySpec",

@@ -24,9 +24,11 @@ def create_store(
     text_offsets: np.ndarray,
     alias_ids: Sequence[str] = (),
     alias_rows: Sequence[int] = (),
+    image_sha1: Sequence[str] | None = None,
 ) -> zarr.Group:
     """Create every group and array, and write what the coordinator knows up front (ids, lengths, offsets,
-    attrs). Units fill the rest. Metadata is only ever written here, by one process."""
+    attrs). Units fill the rest. Metadata is only ever written here (and by ``grow.extend_store``), by one
+    process. ``image_sha1``: each row's image SHA-1, what lets an append recognise images the store holds."""
     # Only ever in a new or empty folder: whatever else is there was not made by this call and is not deleted
     # (the caller removes a store it has recognised as ours first).
     kind, _, why = inspect_location(url)
@@ -40,6 +42,7 @@ def create_store(
     n_tok = int(text_offsets[-1]) if len(text_offsets) else 0
     values = {
         "image/ids": (list(image_ids), object),
+        "image/sha1": (list(image_sha1 or [""] * len(image_ids)), object),
         "image/alias_ids": (list(alias_ids), object),
         "image/alias_rows": (alias_rows, np.int64),
         "text/ids": (list(text_ids), object),

@@ -29,3 +29,61 @@ def check_fingerprint(store_attrs: dict, expected: dict) -> list[str]:
         for k, v in flat_want.items()
         if k not in flat_have or json.dumps(flat_have[k], default=str) != json.dumps(v, default=str)
     )
+
+
+# Fields of a store's fingerprint that say which data it covers: a store grows to cover more (an append),
+# so these differing is never stale. Everything else (teacher, store settings, format, the number of VQA
+# candidates every text set was built with) must match for a store to be resumed or grown.
+GROWING_FIELDS = ("data.datasets", "data.hash")
+
+
+def _growing(key: str) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in GROWING_FIELDS)
+
+
+def stale_fields(have: dict, want: dict) -> list[str]:
+    """Dotted names of the fields, either side, that differ between two fingerprints, leaving out what a store
+    grows by (``GROWING_FIELDS``): what makes a store stale for a run, whatever data either covers."""
+    diff = set(check_fingerprint(have, want)) | set(check_fingerprint(want, have))
+    return sorted(k for k in diff if not _growing(k))
+
+
+def covered_datasets(store_attrs: dict) -> dict[str, str]:
+    """{label: fingerprint} of every prepared dataset the store covers (all its images and texts committed)."""
+    have = store_attrs.get("fingerprint", store_attrs) if isinstance(store_attrs, dict) else {}
+    data = have.get("data") if isinstance(have, dict) else None
+    ds = data.get("datasets") if isinstance(data, dict) else None
+    return {str(k): str(v) for k, v in ds.items()} if isinstance(ds, dict) else {}
+
+
+def merge_datasets(
+    covered: dict[str, str], added: dict[str, str], paths: dict[str, str] | None = None
+) -> dict:
+    """``covered`` plus the datasets of ``added`` it lacks (by fingerprint). A label already naming another
+    dataset gets the dataset's parent folder in front (``paths``: label -> folder), then a fingerprint prefix."""
+    out = dict(covered)
+    held = set(out.values())
+    for label, fp in added.items():
+        if fp in held:
+            continue
+        name = label
+        if name in out and paths and label in paths:
+            parts = str(paths[label]).rstrip("/").split("/")
+            name = "/".join(parts[-2:]) if len(parts) > 1 else label
+        if name in out:
+            name = f"{label}@{fp[:8]}"
+        out[name] = fp
+        held.add(fp)
+    return out
+
+
+def reading_fingerprint(store_attrs: dict, dataset_fingerprints: list[str]) -> dict:
+    """What a student reading ``dataset_fingerprints`` from the store depends on: the store's fingerprint
+    without what the store grows by, plus those datasets. An append of other data leaves it unchanged."""
+    have = store_attrs.get("fingerprint", store_attrs) if isinstance(store_attrs, dict) else {}
+    out = json.loads(json.dumps(have, default=str))
+    data = out.get("data") if isinstance(out.get("data"), dict) else {}
+    for f in GROWING_FIELDS:
+        data.pop(f.split(".", 1)[1], None)
+    out["data"] = {**data, "reads": sorted(dataset_fingerprints)}
+    return out

@@ -22,7 +22,20 @@ LOCK_FILE = ".lock"
 TRASH_INFIX = ".tmp-old-"
 SCALE_SUFFIX = "_scale"
 # Arrays the coordinator writes before any unit runs, whose lengths come from the data, not the attrs.
-ID_ARRAYS = ("image/ids", "image/alias_ids", "image/alias_rows", "text/ids")
+ID_ARRAYS = ("image/ids", "image/sha1", "image/alias_ids", "image/alias_rows", "text/ids")
+# The id of a row no image or text fills: an append starts its rows on a shard boundary (a unit never writes
+# into a shard another unit owns), so the rows between the last store's end and that boundary stay empty.
+# The unit separator character never occurs in a prepared dataset's ids nor in a text hash.
+PAD_PREFIX = "\x1fpad:"
+
+
+def pad_id(row: int) -> str:
+    return f"{PAD_PREFIX}{row}"
+
+
+def is_pad_id(value: str) -> bool:
+    return str(value).startswith(PAD_PREFIX)
+
 
 UnitKind = Literal["image", "text"]
 Writer = Literal["coordinator", "image", "text"]
@@ -59,6 +72,8 @@ def array_specs(layout: StoreLayout, n_text_tokens: int, n_aliases: int = 0) -> 
     # Index arrays: plain chunks (no shards, zarr's default codec), written once by the coordinator.
     out: dict[str, ArraySpec] = {
         "image/ids": ArraySpec((n,), "str", "coordinator", chunks=(max(1, min(n, 1 << 16)),)),
+        # The SHA-1 of each row's image bytes: an append recognises an image it holds by content, under any id.
+        "image/sha1": ArraySpec((n,), "str", "coordinator", chunks=(max(1, min(n, 1 << 16)),)),
         "image/alias_ids": ArraySpec(
             (n_aliases,), "str", "coordinator", chunks=(max(1, min(n_aliases, 1 << 16)),)
         ),

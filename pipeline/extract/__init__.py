@@ -15,6 +15,13 @@ overwrites its own shards.
 Test hook: the environment variable ``CLIP_TD_EXTRACT_FAIL_UNIT=<unit name>`` makes that unit raise after it
 has written its first array and before it commits (a crash in the worst place); ``<unit name>:kill`` makes
 the process SIGKILL itself there instead (no ``finally`` runs: the lock is left behind, as after an OOM kill).
+An append has two more such places: ``append-index`` (its index written, its segment not yet recorded) and
+``append-recorded`` (recorded, no unit of it committed).
+
+A store grows: a run whose datasets hold images or texts a matching store (same teacher and store settings)
+lacks appends them as a new segment of units after its rows (``pipeline.cache.grow``); committed rows, their
+checksums and the old index stay as they were, and the fingerprint names the new datasets once every unit
+is committed.
 
 One writer per store: ``extract`` holds ``<store>/.lock`` (``pipeline.lock``) for its whole run, so a second
 extraction of the same store is refused naming the holder, and a lock left by a killed run is taken over.
@@ -49,7 +56,7 @@ from .errors import (
     TextError,
     UnitWriteError,
 )
-from .plan import Plan, UnitJob, decode_workers, make_jobs, plan_extraction
+from .plan import Growth, Plan, UnitJob, decode_workers, make_jobs, plan_extraction, plan_growth, unit_jobs
 from .schedule import local_cluster, run_units
 from .screen import nonfinite_rows
 from .target import REBUILD_SUFFIX, check_store_outside, rebuild_url
@@ -59,6 +66,7 @@ from .writer import UnitWriter, write_threads
 
 __all__ = [
     "FAIL_ENV",
+    "Growth",
     "ImageError",
     "ImageUnit",
     "InjectedFailure",
@@ -88,10 +96,12 @@ __all__ = [
     "open_datasets",
     "pil_steps",
     "plan_extraction",
+    "plan_growth",
     "rebuild_url",
     "run_unit",
     "run_units",
     "unit_batches",
+    "unit_jobs",
     "weights_sha256",
     "write_metrics",
     "write_threads",

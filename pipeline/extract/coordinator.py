@@ -3,6 +3,7 @@ metrics."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -11,11 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .. import cache as C
 from ..data.errors import DataError
 from ..data.shards import PreparedDataset
 from ..identity import teacher_identity
-from .plan import make_jobs, plan_extraction, text_lengths
+from .errors import maybe_fail
+from .plan import make_jobs, plan_extraction, plan_growth, text_lengths, unit_jobs
 from .schedule import run_units
 from .target import check_store_outside, open_or_check
 from .teachers import TeacherSpec, get_teacher
@@ -93,7 +97,12 @@ def _extract_locked(
     if bad:
         raise ValueError(f"cache.relevance_tokens: unknown source(s) {bad}; allowed {C.RELEVANCE_SOURCES}")
 
-    plan = plan_extraction(datasets, vqa_candidates, cp.on_error)
+    # A store this run may grow (same teacher, settings and format: other data is added, not stale) keeps
+    # building VQA candidate texts from its own answer vocabulary, which its students were checked against.
+    kind, attrs, _ = C.inspect_location(store_url)
+    growable = kind == "cache" and bool(attrs.get("layout")) and not overwrite
+    store_vocab = list((attrs.get("data") or {}).get("vqa_vocab") or []) if growable else []
+    plan = plan_extraction(datasets, vqa_candidates, cp.on_error, vocab=store_vocab or None)
     c = plan.counts
     if not plan.images or not plan.texts:  # a store without rows is never what a caller wants: say why
         raise DataError(
@@ -110,7 +119,107 @@ def _extract_locked(
     )  # fmt: skip
 
     teacher = get_teacher(spec)
-    describe = teacher.describe()
+    lengths, layout, offsets, fingerprint = _new_store(plan, teacher, spec, cp, relevance)
+    # Stores from before image_shard_bytes hold one shard per unit: they resume as they are when this setting
+    # also gives one shard per unit.
+    legacy = (
+        {"image_shard_bytes": int(cp.image_shard_bytes)}
+        if layout.image_shard_rows == layout.image_rows_per_unit
+        else {}
+    )
+    stored = attrs.get("fingerprint") if isinstance(attrs.get("fingerprint"), dict) else {}
+    grow = growable and not C.stale_fields(_with_legacy(stored, legacy), fingerprint)
+    if grow and rebuild_stale:
+        # Data prepared again under ids the store holds with other bytes replaces what it was built from: that
+        # is stale, not new data (dvc.yaml's run after a changed synthetic seed rebuilds, as it always did).
+        try:
+            plan_growth(plan, C.read_index(store_url, attrs), datasets, store_url)
+        except DataError as e:
+            log.warning("%s; rebuilding it (--rebuild-stale)", e)
+            grow = False
+    checked = {**fingerprint, "data": stored.get("data", {})} if grow else fingerprint
+    target = open_or_check(store_url, checked, overwrite, rebuild_stale, legacy)
+    build_url = target.url
+    if target.fresh and store_vocab:  # a stale store is rebuilt: from this run's data alone
+        plan = plan_extraction(datasets, vqa_candidates, cp.on_error)
+        lengths, layout, offsets, fingerprint = _new_store(plan, teacher, spec, cp, relevance)
+    if not target.fresh and grow:
+        return _grow(
+            target, store_url, datasets, plan, teacher, spec, cp, relevance, scheduler, progress,
+            cluster_kwargs, torch_threads, t_start,
+        )  # fmt: skip
+    if target.fresh:
+        attrs = C.root_attrs(
+            layout,
+            package_version=C.package_version(),
+            teacher=teacher.describe(),
+            grid=teacher.grid,
+            context_length=teacher.context_length,
+            logit_scale=teacher.logit_scale,
+            data={
+                **plan.data_fingerprint,
+                "paths": plan.dataset_paths,
+                "counts": plan.counts,
+                "vqa_vocab_from": plan.vqa_vocab_from,
+                "vqa_vocab": plan.vqa_vocab,
+            },
+            fingerprint=fingerprint,
+        )
+        attrs[C.SEGMENTS] = [
+            C.initial_segment(
+                layout.n_images, layout.n_texts, int(offsets[-1]), layout.text_shard_rows, len(plan.alias_ids)
+            )
+        ]
+        C.create_store(
+            build_url,
+            layout,
+            attrs,
+            [i for _, i, _ in plan.images],
+            plan.text_ids,
+            lengths,
+            offsets,
+            plan.alias_ids,
+            plan.alias_rows,
+            image_sha1=[sha for _, _, sha in plan.images],
+        )
+
+    jobs = make_jobs(plan, layout, lengths, offsets, build_url, spec, cp, relevance)
+    committed = C.committed_units(build_url)
+    todo = [j for j in jobs if j.name not in committed]
+    log.info(
+        "units: %d total, %d already committed, %d to compute", len(jobs), len(jobs) - len(todo), len(todo)
+    )
+    records = run_units(todo, scheduler, int(cp.n_workers), progress, cluster_kwargs or {}, torch_threads)
+    committed = C.committed_units(build_url)
+    missing = [j.name for j in jobs if j.name not in committed]
+    if missing:  # cannot happen unless a unit lied; never mark such a store complete
+        raise RuntimeError(f"{build_url}: units not committed after extraction: {missing[:5]}")
+
+    seconds = time.time() - t_start
+    n_tok = int(offsets[-1])
+    metrics = _metrics(build_url, plan, layout, lengths, n_tok, committed, records, len(jobs), seconds)
+    metrics["store"] = store_url
+    # A run that computed nothing on a complete store writes nothing: its seconds in zarr.json would make
+    # DVC see a new store and retrain every student that depends on it.
+    if records or not target.complete:
+        g = C.open_group(build_url, mode="r+")
+        g.attrs.update({"complete": True, "extract": metrics})
+    if target.replace:
+        log.info("%s: rebuilt store complete, swapping it into place", build_url)
+        C.replace_store(build_url, store_url)
+    return metrics
+
+
+def _with_legacy(fp: dict, legacy: dict) -> dict:
+    """A stored fingerprint with the store settings newer than the store filled in (``target.open_or_check``
+    does the same)."""
+    if isinstance(fp.get("store"), dict) and legacy:
+        return {**fp, "store": {**legacy, **fp["store"]}}
+    return fp
+
+
+def _new_store(plan, teacher, spec, cp, relevance) -> tuple:
+    """(text lengths, layout, text offsets, fingerprint) of a store built from ``plan`` alone."""
     lengths = text_lengths(teacher, plan.texts)
     layout = C.StoreLayout(
         n_images=len(plan.images),
@@ -136,11 +245,9 @@ def _extract_locked(
     offsets, layout.text_shard_rows, layout.text_chunk_rows = C.text_token_layout(
         lengths, layout.text_rows_per_unit, row_bytes, layout.text_chunk_bytes
     )
-
-    tfp = teacher_identity(spec.model, spec.pretrained, teacher=teacher)
     fingerprint = {
         "format_version": C.FORMAT_VERSION,
-        "teacher": tfp,
+        "teacher": teacher_identity(spec.model, spec.pretrained, teacher=teacher),
         "data": plan.data_fingerprint,
         "store": {
             "dtype": layout.dtype,
@@ -155,69 +262,161 @@ def _extract_locked(
             "text_chunk_bytes": layout.text_chunk_bytes,
         },
     }
+    return lengths, layout, offsets, fingerprint
 
-    # Stores from before image_shard_bytes hold one shard per unit: they resume as they are when this setting
-    # also gives one shard per unit.
-    legacy = (
-        {"image_shard_bytes": int(cp.image_shard_bytes)}
-        if layout.image_shard_rows == layout.image_rows_per_unit
-        else {}
+
+def _grow(
+    target, store_url, datasets, plan, teacher, spec, cp, relevance, scheduler, progress, cluster_kwargs,
+    torch_threads, t_start,
+) -> dict:  # fmt: skip
+    """Resume or grow an existing store: compute its units not committed yet (an interrupted extraction or
+    append), then append, as a new segment (``pipeline.cache.grow``), the images and texts of this run's
+    datasets it does not hold. Committed rows, their checksums and the old index are never rewritten. The
+    index is extended first and the segment recorded in the attrs after it (one atomic write, with the
+    datasets it will cover under ``appending``); the fingerprint names the new datasets only once every unit
+    is committed, so a student of them is refused until then and one of the old data reads on meanwhile."""
+    url = target.url
+    attrs = C.read_store_attrs(url) or {}
+    index = C.read_index(url, attrs)
+    growth = plan_growth(plan, index, datasets, store_url)
+    segments = C.store_segments(attrs)
+    if segments[0]["aliases"][1] < 0:  # a store from before segments: its aliases, as its arrays hold them
+        segments[0]["aliases"] = [0, index.ext.aliases]
+    covered = C.covered_datasets(attrs)
+    label_paths = _label_paths(plan)
+    run_cover = C.merge_datasets(
+        (attrs.get(C.APPENDING) or {}).get("datasets", {}), plan.data_fingerprint["datasets"], label_paths
     )
-    target = open_or_check(store_url, fingerprint, overwrite, rebuild_stale, legacy)
-    build_url = target.url
-    if target.fresh:
-        attrs = C.root_attrs(
-            layout,
-            package_version=C.package_version(),
-            teacher=describe,
-            grid=teacher.grid,
-            context_length=teacher.context_length,
-            logit_scale=teacher.logit_scale,
-            data={
-                **plan.data_fingerprint,
-                "paths": plan.dataset_paths,
-                "counts": plan.counts,
-                "vqa_vocab_from": plan.vqa_vocab_from,
-                "vqa_vocab": plan.vqa_vocab,
-            },
-            fingerprint=fingerprint,
-        )
-        C.create_store(
-            build_url,
-            layout,
-            attrs,
-            [i for _, i, _ in plan.images],
-            plan.text_ids,
-            lengths,
-            offsets,
-            plan.alias_ids,
-            plan.alias_rows,
-        )
+    paths = list(dict.fromkeys([*(attrs.get("data") or {}).get("paths", []), *plan.dataset_paths]))
+    if growth.empty and _overgrown(url, index.ext):
+        # An append cut short before its segment was recorded, and this run appends nothing: the arrays go back
+        # to the rows the attrs record (nothing was committed past them).
+        seg, offsets = C.new_segment(index.ext, attrs["layout"], 0, 0, [])
+        C.extend_store(url, index.ext, seg, [], [], [], [], [], [], offsets)
+    if not growth.empty:
+        lay = attrs["layout"]
+        glengths = text_lengths(teacher, growth.texts)
+        seg, goffsets = C.new_segment(index.ext, lay, len(growth.images), len(growth.alias_ids), glengths)
+        log.info(
+            "%s: appending %d images, %d aliases and %d texts it does not hold (rows from %d, texts from %d)",
+            store_url, len(growth.images), len(growth.alias_ids), len(growth.texts), seg["images"][0],
+            seg["texts"][0],
+        )  # fmt: skip
+        C.extend_store(
+            url, index.ext, seg, [i for _, i, _ in growth.images], [sha for _, _, sha in growth.images],
+            growth.alias_ids, growth.alias_rows(seg["images"][0]), growth.text_ids, glengths, goffsets,
+        )  # fmt: skip
+        maybe_fail("append-index")  # test hook: the index extended, the segment not yet recorded
+        segments.append(seg)
+        ext = C.extents(segments, int(lay["image_rows_per_unit"]), int(lay["text_rows_per_unit"]), -1)
+        lay = {**lay, "n_images": ext.images, "n_texts": ext.texts}
+        units_attr = {
+            **(attrs.get("units") or {}),
+            "total": ext.image_units + ext.text_units,
+            "image": ext.image_units,
+            "text": ext.text_units,
+        }
+        pending = {"datasets": run_cover, "paths": paths, "digest": growth.digest()}
+        attrs = {**attrs, "layout": lay, "units": units_attr, C.SEGMENTS: segments, C.APPENDING: pending}
+        C.open_group(url, mode="r+").attrs.put(attrs)  # one atomic write: the segment is now the store's
+        index = C.read_index(url, attrs)
+        maybe_fail("append-recorded")  # test hook: the segment recorded, none of its units committed
 
-    jobs = make_jobs(plan, layout, lengths, offsets, build_url, spec, cp, relevance)
-    committed = C.committed_units(build_url)
-    todo = [j for j in jobs if j.name not in committed]
+    layout = C.StoreLayout(**attrs["layout"])
+    every = C.segment_units(segments, layout.image_rows_per_unit, layout.text_rows_per_unit)
+    units = [u for u in every if u[1] != "pad"]
+    committed = C.committed_units(url)
+    for name, _, lo, hi, _, _ in (u for u in every if u[1] == "pad" and u[0] not in committed):
+        keys = C.unit_arrays("image", layout.dtype, layout.views, layout.relevance_tokens)
+        keys = keys if name.startswith("pad-image") else ["text/pooled"]
+        C.commit_unit(url, name, C.pad_record(url, name, lo, hi, keys))
+    todo = [u for u in units if u[0] not in committed]
+    item_of = {item[1]: item for item in plan.images}
+    text_of = dict(zip(plan.text_ids, plan.texts, strict=True))
+    where = ", ".join((attrs.get(C.APPENDING) or {}).get("paths", []) or paths)
+
+    def image_at(row: int) -> tuple:
+        image_id = index.image_ids[row]
+        if image_id not in item_of:
+            raise DataError(
+                store_url, f"image {image_id}", "an interrupted extraction still has to compute it and none of "
+                f"this run's datasets holds it; rerun with the datasets it was started with ({where})",
+            )  # fmt: skip
+        return item_of[image_id]
+
+    def text_at(row: int) -> tuple:
+        h = index.text_ids[row]
+        if h not in text_of:
+            raise DataError(
+                store_url, f"text {h}", "an interrupted extraction still has to compute it and none of this "
+                f"run's datasets gives it; rerun with the datasets it was started with ({where})",
+            )  # fmt: skip
+        return text_of[h], int(index.text_lengths[row])
+
+    jobs = unit_jobs(todo, image_at, text_at, plan.dataset_paths, url, spec, cp, relevance, layout)
     log.info(
-        "units: %d total, %d already committed, %d to compute", len(jobs), len(jobs) - len(todo), len(todo)
+        "units: %d total, %d already committed, %d to compute", len(units), len(units) - len(jobs), len(jobs)
     )
-    records = run_units(todo, scheduler, int(cp.n_workers), progress, cluster_kwargs or {}, torch_threads)
-    committed = C.committed_units(build_url)
-    missing = [j.name for j in jobs if j.name not in committed]
+    records = run_units(jobs, scheduler, int(cp.n_workers), progress, cluster_kwargs or {}, torch_threads)
+    committed = C.committed_units(url)
+    missing = [u[0] for u in units if u[0] not in committed]
     if missing:  # cannot happen unless a unit lied; never mark such a store complete
-        raise RuntimeError(f"{build_url}: units not committed after extraction: {missing[:5]}")
+        raise RuntimeError(f"{url}: units not committed after extraction: {missing[:5]}")
 
     seconds = time.time() - t_start
-    metrics = _metrics(build_url, plan, layout, lengths, committed, records, len(jobs), seconds)
-    metrics["store"] = store_url
-    # A run that computed nothing on a complete store writes nothing: its seconds in zarr.json would make
-    # DVC see a new store and retrain every student that depends on it.
-    if records or not target.complete:
-        g = C.open_group(build_url, mode="r+")
-        g.attrs.update({"complete": True, "extract": metrics})
+    lengths = np.asarray(index.text_lengths, dtype=np.int64)
+    metrics = _metrics(url, plan, layout, lengths, index.ext.tokens, committed, records, len(units), seconds)
+    metrics.update(
+        store=store_url,
+        images_appended=len(growth.images),
+        aliases_appended=len(growth.alias_ids),
+        texts_appended=len(growth.texts),
+    )
+    now_covered = C.merge_datasets(covered, run_cover, label_paths)
+    # A run that computed nothing on a complete store covering its data writes nothing: its seconds in
+    # zarr.json would make DVC see a new store and retrain every student that depends on it.
+    if records or not target.complete or now_covered != covered or C.APPENDING in attrs:
+        fp = dict(attrs.get("fingerprint") or {})
+        data_fp = dict(fp.get("data") or {})
+        if now_covered != covered:
+            chain = hashlib.sha256(f"{data_fp.get('hash', '')}\0{growth.digest()}\0".encode())
+            for label, dfp in sorted(now_covered.items()):
+                chain.update(f"ds\0{label}\0{dfp}\n".encode())
+            data_fp["hash"] = chain.hexdigest()
+        data_fp["datasets"] = now_covered
+        fp["data"] = data_fp
+        data = {**(attrs.get("data") or {}), **data_fp, "paths": paths}
+        if (
+            not data.get("vqa_vocab") and plan.vqa_vocab
+        ):  # the first VQA data this store holds fixes its vocab
+            data.update(vqa_vocab=plan.vqa_vocab, vqa_vocab_from=plan.vqa_vocab_from)
+        done = {k: v for k, v in attrs.items() if k != C.APPENDING}
+        done.update(complete=True, fingerprint=fp, data=data)
+        if records:
+            done["extract"] = metrics
+        C.open_group(url, mode="r+").attrs.put(done)
     if target.replace:
-        log.info("%s: rebuilt store complete, swapping it into place", build_url)
-        C.replace_store(build_url, store_url)
+        log.info("%s: rebuilt store complete, swapping it into place", url)
+        C.replace_store(url, store_url)
     return metrics
+
+
+def _overgrown(url: str, ext: Any) -> bool:
+    """Whether an index array is longer than the recorded segments say (an append cut short)."""
+    g = C.open_group(url, mode="r")
+    want = {
+        "image/ids": ext.images,
+        "image/alias_ids": ext.aliases,
+        "text/ids": ext.texts,
+        "text/tokens": ext.tokens,
+    }
+    return any(g[k].shape[0] != n for k, n in want.items())
+
+
+def _label_paths(plan) -> dict[str, str]:
+    """{dataset label in the fingerprint: its folder}, for naming a dataset whose label a store already uses."""
+    labels = list(plan.data_fingerprint["datasets"])
+    return dict(zip(labels, plan.dataset_paths, strict=True))
 
 
 def _as_spec(t: TeacherSpec | tuple | dict) -> TeacherSpec:
@@ -228,7 +427,7 @@ def _as_spec(t: TeacherSpec | tuple | dict) -> TeacherSpec:
     return TeacherSpec(*t)
 
 
-def _metrics(url, plan, layout, lengths, committed, records, n_units, seconds) -> dict:
+def _metrics(url, plan, layout, lengths, n_tok, committed, records, n_units, seconds) -> dict:
     g = C.open_group(url, mode="r")
     uncompressed = 0
     for group in ("image", "views", "text"):
@@ -274,7 +473,7 @@ def _metrics(url, plan, layout, lengths, committed, records, n_units, seconds) -
         "invalid_images": invalid[:100],
         "skipped_texts": plan.skipped_texts[:100],
         "text_token_rows": int(lengths.sum()),
-        "text_token_slack_rows": int(layout.n_text_units * layout.text_shard_rows - lengths.sum()),
+        "text_token_slack_rows": int(n_tok - lengths.sum()),
         "text_token_rows_per_unit": layout.text_shard_rows,
     }
 

@@ -55,9 +55,14 @@ def _dataset_fingerprints(datasets: Sequence[PreparedDataset]) -> dict[str, str]
 
 
 def plan_extraction(
-    datasets: Sequence[PreparedDataset], vqa_candidates: int = 4, on_error: str = "fail"
+    datasets: Sequence[PreparedDataset],
+    vqa_candidates: int = 4,
+    on_error: str = "fail",
+    vocab: Sequence[str] | None = None,
 ) -> Plan:
-    """Unique images and texts over all datasets, with counts and the data fingerprint."""
+    """Unique images and texts over all datasets, with counts and the data fingerprint. ``vocab``: the VQA
+    answer vocabulary to build candidate texts from (a store being grown keeps its own); default: the train
+    split's with answers."""
     images: list[tuple[int, str, str]] = []
     by_id: dict[str, tuple[str, int]] = {}  # image id -> (sha1, row)
     by_sha: dict[str, int] = {}
@@ -82,7 +87,11 @@ def plan_extraction(
             images.append((di, image_id, sha))
 
     src = _vocab_source(datasets)
-    vocab = src.answer_vocab() if src is not None else []
+    vocab_from = str(src.path) if src is not None else ""
+    if vocab:
+        vocab, vocab_from = list(vocab), "the store"
+    else:
+        vocab = src.answer_vocab() if src is not None else []
     texts, text_ids, seen = [], [], set()
     instances = texts_total = 0
     skipped: list[dict] = []
@@ -137,7 +146,7 @@ def plan_extraction(
         texts=texts,
         text_ids=text_ids,
         vqa_vocab=vocab,
-        vqa_vocab_from=str(src.path) if src is not None else "",
+        vqa_vocab_from=vocab_from,
         counts=counts,
         data_fingerprint=fingerprint,
         skipped_texts=skipped,
@@ -190,6 +199,32 @@ def decode_workers(num_workers: int, device: str) -> int:
 
 
 def make_jobs(plan, layout, lengths, offsets, url, spec, cp, relevance) -> list[UnitJob]:
+    """Every unit of a new store (its one segment), rows straight from the plan."""
+    segment = C.initial_segment(
+        layout.n_images, layout.n_texts, int(offsets[-1]), layout.text_shard_rows, len(plan.alias_ids)
+    )
+    units = C.segment_units([segment], layout.image_rows_per_unit, layout.text_rows_per_unit)
+    for _, kind, lo, _, t0, _ in units:
+        assert kind == "image" or offsets[lo] == t0  # every text unit starts on its own shard boundary
+    return unit_jobs(
+        units, plan.images.__getitem__, lambda r: (plan.texts[r], int(lengths[r])), plan.dataset_paths,
+        url, spec, cp, relevance, layout,
+    )  # fmt: skip
+
+
+def unit_jobs(
+    units: Sequence[tuple[str, str, int, int, int, int]],
+    image_at: Any,
+    text_at: Any,
+    dataset_paths: Sequence[str],
+    url: str,
+    spec: TeacherSpec,
+    cp: Any,
+    relevance: tuple[str, ...],
+    layout: Any,
+) -> list[UnitJob]:
+    """The jobs of ``units`` (``C.segment_units`` rows): ``image_at(row)`` gives an image row's (dataset index,
+    id, sha1), ``text_at(row)`` a text row's (text, token length)."""
     common = dict(
         store_url=url,
         teacher=spec,
@@ -201,26 +236,112 @@ def make_jobs(plan, layout, lengths, offsets, url, spec, cp, relevance) -> list[
         on_error=cp.on_error,
     )
     jobs = []
-    units = C.planned_units(
-        layout.n_images, layout.n_texts, layout.image_rows_per_unit, layout.text_rows_per_unit
-    )
-    s = layout.text_shard_rows
-    for name, kind, lo, hi in units:
+    for name, kind, lo, hi, t0, t1 in units:
         if kind == "image":
             own = dict(
-                dataset_paths=tuple(plan.dataset_paths),
-                items=tuple(plan.images[lo:hi]),
+                dataset_paths=tuple(dataset_paths),
+                items=tuple(image_at(r) for r in range(lo, hi)),
                 shard_rows=layout.image_shard_rows,
                 write_threads=int(cp.write_threads),
             )
         else:
-            u = lo // layout.text_rows_per_unit
-            assert offsets[lo] == u * s  # every text unit starts on its own shard boundary
+            rows = [text_at(r) for r in range(lo, hi)]
             own = dict(
-                texts=tuple(plan.texts[lo:hi]),
-                lengths=tuple(int(x) for x in lengths[lo:hi]),
-                tok0=u * s,
-                tok_rows=s,
+                texts=tuple(t for t, _ in rows),
+                lengths=tuple(int(n) for _, n in rows),
+                tok0=t0,
+                tok_rows=t1 - t0,
             )
         jobs.append(UnitJob(name=name, kind=kind, row0=lo, row1=hi, **own, **common))
     return jobs
+
+
+@dataclass
+class Growth:
+    """What an extraction adds to an existing store: images (by content) and texts (by hash) it lacks."""
+
+    images: list[tuple[int, str, str]]  # new rows, in plan order: (dataset index, image id, sha1)
+    alias_ids: list[str]  # new ids of images the store (or this growth) holds under another id
+    alias_targets: list[tuple[str, int]]  # ("store", row) or ("new", index into images)
+    texts: list[str]
+    text_ids: list[str]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.images or self.alias_ids or self.texts)
+
+    def alias_rows(self, image_row0: int) -> list[int]:
+        """The aliases' rows once the new images start at ``image_row0``."""
+        return [r if where == "store" else image_row0 + r for where, r in self.alias_targets]
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for _, image_id, sha in self.images:
+            h.update(f"img\0{image_id}\0{sha}\n".encode())
+        for a, (where, r) in zip(self.alias_ids, self.alias_targets, strict=True):
+            h.update(f"alias\0{a}\0{where}\0{r}\n".encode())
+        for t in self.text_ids:
+            h.update(f"txt\0{t}\n".encode())
+        return h.hexdigest()
+
+
+def plan_growth(plan: Plan, index: Any, datasets: Sequence[PreparedDataset], store_url: str) -> Growth:
+    """What ``plan`` needs that the store (``index``, a ``C.StoreIndex``) does not hold. An image is held when
+    its id is (then its bytes must be the ones the store was given: a DataError names the dataset and id
+    otherwise) or its bytes are under another id (the new id becomes an alias of that row). A text is held
+    when its hash is. A store from before image/sha1 knows its images' bytes only through this run's
+    datasets."""
+    row_of = {i: r for r, i in enumerate(index.image_ids)}
+    row_of.update(zip(index.alias_ids, index.alias_rows, strict=True))
+    sha_of_id = {i: sha for _, i, sha in plan.images}
+    sha_of_id.update((a, plan.images[r][2]) for a, r in zip(plan.alias_ids, plan.alias_rows, strict=True))
+    known = index.image_sha1 if index.image_sha1 is not None else [""] * len(index.image_ids)
+    row_sha = {r: s for r, s in enumerate(known) if s}
+    if index.image_sha1 is None:  # bytes known only for the ids this run also has
+        row_sha.update((r, sha_of_id[i]) for i, r in row_of.items() if i in sha_of_id)
+    store_row_of_sha: dict[str, int] = {}
+    for r, s in sorted(row_sha.items()):
+        store_row_of_sha.setdefault(s, r)
+
+    path_of = {i: datasets[di].path for di, i, _ in plan.images}
+    images: list[tuple[int, str, str]] = []
+    new_of_sha: dict[str, int] = {}
+    alias_ids: list[str] = []
+    targets: list[tuple[str, int]] = []
+    by_row = dict(enumerate(plan.images))
+    run_ids = [(i, sha) for _, i, sha in plan.images] + [
+        (a, plan.images[r][2]) for a, r in zip(plan.alias_ids, plan.alias_rows, strict=True)
+    ]
+    item_of = {i: by_row[k] for k, (_, i, _) in by_row.items()}
+    for image_id, sha in run_ids:
+        if image_id in row_of:
+            held = row_sha.get(row_of[image_id])
+            if held and held != sha:
+                where = path_of.get(image_id) or ", ".join(plan.dataset_paths)
+                raise DataError(
+                    where,
+                    image_id,
+                    f"image id already in the store {store_url} with different bytes "
+                    "(a store grows by new images; to replace the data it was built from, rerun with "
+                    "--rebuild-stale or --overwrite)",
+                )
+            store_row_of_sha.setdefault(sha, row_of[image_id])  # its bytes, under another id, are held too
+            continue
+        if sha in store_row_of_sha:
+            alias_ids.append(image_id)
+            targets.append(("store", store_row_of_sha[sha]))
+        elif sha in new_of_sha:
+            alias_ids.append(image_id)
+            targets.append(("new", new_of_sha[sha]))
+        else:
+            new_of_sha[sha] = len(images)
+            images.append(item_of[image_id])
+    held_texts = set(index.text_ids)
+    keep = [k for k, h in enumerate(plan.text_ids) if h not in held_texts]
+    return Growth(
+        images=images,
+        alias_ids=alias_ids,
+        alias_targets=targets,
+        texts=[plan.texts[k] for k in keep],
+        text_ids=[plan.text_ids[k] for k in keep],
+    )
