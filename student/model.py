@@ -351,7 +351,10 @@ class FilmStudent(CompactVocabulary, nn.Module):
             nn.Conv2d(3, half, 3, 2, 1), nn.GELU(), nn.Conv2d(half, d, 3, 2, 1), nn.GELU()
         )
         self.convs = nn.ModuleList(nn.Conv2d(d, d, 3, padding=1) for _ in range(params.layers))
-        self.norms = nn.ModuleList(nn.BatchNorm2d(d, affine=False) for _ in range(params.layers))
+        # GroupNorm over the whole map (one group): per sample, so a step does not depend on what else is in
+        # the batch (BatchNorm made two DDP ranks differ from one process, and VCR's repeated images count
+        # k times).
+        self.norms = nn.ModuleList(nn.GroupNorm(1, d, affine=False) for _ in range(params.layers))
         self.film = nn.Linear(d, 2 * d * params.layers)
         self.drop = Dropout(params.dropout)
         self.out = nn.Sequential(nn.Linear(2 * d, d), nn.LayerNorm(d))
