@@ -97,7 +97,9 @@ def test_every_method_trains_and_exports_a_baseline_sized_student(world, tmp_pat
     student = create_student(params.student.arch, params.student)
     student.load_state_dict(exported["student"])  # strict: no distillation heads or extra weights inside
     # The export carries the task's compact vocabulary (issue 24): compare with a student of that vocabulary.
-    same_vocab = create_student(params.student.arch, params.student, vocabulary=exported["student"]["token_ids"])
+    same_vocab = create_student(
+        params.student.arch, params.student, vocabulary=exported["student"]["token_ids"]
+    )
     assert count_parameters(student) == count_parameters(same_vocab)
     assert set(exported) >= {"student", "heads", "vocab", "run"} and "dheads" not in exported
     if method == "baseline":
