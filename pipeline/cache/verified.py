@@ -246,6 +246,26 @@ class VerifiedArray:
             raise self._uncovered(covered)
         return touched
 
+    def verified(self, lo: int, hi: int) -> bool:
+        """Whether every block (or unit) rows [lo, hi) lie in has already been checked in this run, so a read
+        of them needs no check (False where rows belong to no unit: the read then says so)."""
+        try:
+            touched = self._touched(lo, hi)
+        except CacheCorrupt:
+            return False
+        g = self.group
+        for i in touched:
+            r = self.regions[i]
+            if not g.blocks_usable(self.path, r, self.row_bytes):
+                if not g._done((self.path, r.unit)):
+                    return False
+                continue
+            first = (max(lo, r.lo) - r.lo) // r.block_rows
+            for b in range(first, -(-(min(hi, r.hi) - r.lo) // r.block_rows)):
+                if not g._done((self.path, r.unit, b)):
+                    return False
+        return True
+
     def _verify_span(self, lo: int, hi: int, data: np.ndarray | None = None) -> None:
         for i in self._touched(lo, hi):
             r = self.regions[i]
