@@ -49,7 +49,7 @@ class Region(NamedTuple):
     blocks: tuple[str, ...] = ()
 
 
-def _blocks(info: dict, lo: int, hi: int) -> tuple[int, tuple[str, ...]]:
+def manifest_blocks(info: dict, lo: int, hi: int) -> tuple[int, tuple[str, ...]]:
     """(block_rows, block crcs) of a manifest region, or (0, ()) when absent or not one crc per block (such an
     entry is checked unit by unit, as an old store's)."""
     rows, crcs = info.get("block_rows"), info.get("block_crc32")
@@ -73,7 +73,7 @@ def manifest_regions(url: str) -> dict[str, list[Region]]:
         try:
             for key, info in rec.get("arrays", {}).items():
                 lo, hi = (int(v) for v in info["region"])
-                regions[key].append(Region(lo, hi, name, str(info["crc32"]), *_blocks(info, lo, hi)))
+                regions[key].append(Region(lo, hi, name, str(info["crc32"]), *manifest_blocks(info, lo, hi)))
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise CacheCorrupt(
                 f"{url}/{MANIFEST}/{name}.json: malformed manifest entry ({type(e).__name__}: {e}); {hint}"
