@@ -154,6 +154,7 @@ def profile_phases(X, teacher, jobs: list, run_unit: Callable, decode_in_process
     import zarr
 
     from pipeline import cache as C
+    from pipeline.cache.direct import DirectArray
 
     spent: dict[str, float] = collections.defaultdict(float)
     last_forward = [0.0]
@@ -185,6 +186,7 @@ def profile_phases(X, teacher, jobs: list, run_unit: Callable, decode_in_process
         (X.units, "_token_cosine", timed("encode")),
         (X.units, "screen_image_rows", timed("screen")),
         (zarr.Array, "__setitem__", timed("store_write")),
+        (DirectArray, "write_rows", timed("store_write")),  # whole image shards written past zarr
         (C, "crc32", timed("checksum")),
         (C, "commit_unit", timed("commit")),
     ]

@@ -241,3 +241,40 @@ def test_uncompressed_store_checks_each_chunk_once_then_reads_rows_straight_into
     unchecked = CachedTargets(C.TeacherCache(url), verify=False).images([ids[6], ids[0]], None)
     assert not torch.equal(unchecked["tokens"][0], want["tokens"][6])  # the tampered row, as stored
     assert torch.equal(unchecked["tokens"][1], want["tokens"][0])
+
+
+@pytest.mark.parametrize("compressor", ["none", "zstd", "lz4"])
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_direct_shard_writes_are_the_bytes_zarr_writes(tmp_path, compressor, dtype):
+    """Image units write whole shards past zarr (``DirectArray.write_rows``): the files must be zarr's own,
+    the array's last, partial shard and partial inner chunk included."""
+    import zarr
+
+    from pipeline.cache.direct import DirectArray, direct_array
+
+    shape = (21, 4, 8) if dtype == "float16" else (21,)
+    data = (np.random.default_rng(0).normal(size=shape) * 20).astype(dtype)
+    made = []
+    for name in ("zarr", "direct"):
+        g = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w")
+        made.append(
+            g.create_array(
+                "x", shape=shape, dtype=dtype, chunks=(3, *shape[1:]), shards=(12, *shape[1:]), fill_value=0,
+                compressors=C.compressors_for(compressor, 3, np.dtype(dtype).itemsize),
+            ).with_config({"write_empty_chunks": True})
+        )  # fmt: skip
+    by_zarr, d = made[0], direct_array(made[1])
+    assert isinstance(d, DirectArray) and d.writable
+    assert not d.write_rows(3, data[3:15])  # not whole shards: left to zarr, nothing written
+    assert not list((tmp_path / "direct.zarr" / "x").rglob("c*"))
+    for lo, hi in ((0, 12), (12, 21)):
+        by_zarr[lo:hi] = data[lo:hi]
+        assert d.write_rows(lo, data[lo:hi])
+    files = sorted(
+        p.relative_to(tmp_path / "zarr.zarr") for p in (tmp_path / "zarr.zarr").rglob("*") if p.is_file()
+    )
+    assert len([f for f in files if f.name != "zarr.json"]) == 2
+    for f in files:
+        assert (tmp_path / "direct.zarr" / f).read_bytes() == (tmp_path / "zarr.zarr" / f).read_bytes(), f
+    assert np.array_equal(zarr.open_array(str(tmp_path / "direct.zarr" / "x"))[:], data)
+    assert not list((tmp_path / "direct.zarr").rglob("*.partial"))  # written beside, renamed into place

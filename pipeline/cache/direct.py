@@ -11,8 +11,10 @@ reader threads decode in parallel.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import uuid
 from typing import Any
 
 import google_crc32c
@@ -60,13 +62,42 @@ def direct_array(array: Any) -> Any:
             or array.dtype.kind not in "biuf"
         ):
             return array
-        return DirectArray(array, os.path.join(str(store.root), array.store_path.path), len(inner) == 2)
+        d = DirectArray(array, os.path.join(str(store.root), array.store_path.path), len(inner) == 2)
+        d.blosc_args = _blosc_args(inner[1]) if len(inner) == 2 else None
+        d.writable = _index_writable(sc) and (len(inner) == 1 or d.blosc_args is not None)
+        return d
     except Exception:  # noqa: BLE001 - anything unexpected in zarr's metadata: zarr reads it
         return array
 
 
+def _blosc_args(codec: Any) -> tuple | None:
+    """numcodecs.blosc.compress's arguments for zarr's BloscCodec (what it passes itself), or None."""
+    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}.get(str(getattr(codec.shuffle, "value", "")))
+    cname = str(getattr(codec.cname, "value", ""))
+    if shuffle is None or not cname or codec.typesize is None:
+        return None
+    return cname.encode(), int(codec.clevel), shuffle, int(codec.blocksize), int(codec.typesize)
+
+
+def _index_writable(sc: Any) -> bool:
+    """Whether the shard index is encoded as this module writes it: little-endian uint64, then crc32c."""
+    from zarr.codecs import BytesCodec, Crc32cCodec
+
+    ic = list(sc.index_codecs)
+    return (
+        len(ic) == 2
+        and isinstance(ic[0], BytesCodec)
+        and str(getattr(ic[0].endian, "value", "")) == "little"
+        and isinstance(ic[1], Crc32cCodec)
+    )
+
+
 class DirectArray:
-    """A sharded zarr array whose whole-inner-chunk row slices are read from the shard files directly."""
+    """A sharded zarr array whose whole-inner-chunk row slices are read from the shard files directly, and
+    whose whole shards an image unit writes directly (``write_rows``)."""
+
+    blosc_args: tuple | None = None
+    writable = False
 
     def __init__(self, array: Any, folder: str, blosc: bool = True):
         self.array, self.folder, self.blosc = array, folder, blosc
@@ -172,6 +203,70 @@ class DirectArray:
         except (FileNotFoundError, _Unreadable):
             return False
         return True
+
+    def write_rows(self, start: int, a: np.ndarray) -> bool:
+        """Rows [start, start + len(a)) written as whole shard files, past zarr: each inner chunk encoded as
+        zarr encodes it (raw bytes, or Blosc with the array's own settings), the chunks and the index (with
+        its crc32c) written beside the shard and renamed into place, as zarr's local store does. The bytes
+        equal zarr's (tests compare them). False, with nothing written, when the rows are not whole shards
+        or the array is not one this module writes: the caller writes through zarr."""
+        n, sr = len(a), self.shard_rows
+        if (
+            not self.writable
+            or n == 0
+            or start % sr
+            or (n % sr and start + n != self.shape[0])
+            or start + n > self.shape[0]
+            or tuple(a.shape[1:]) != tuple(self.shape[1:])
+            or a.dtype != self.dtype
+        ):
+            return False
+        a = np.ascontiguousarray(a)
+        for lo in range(0, n, sr):
+            self._write_shard((start + lo) // sr, a[lo : lo + sr])
+        return True
+
+    def _encode(self, part: np.ndarray) -> Any:
+        if len(part) < self.chunk_rows:  # the array's last chunk: padded with the fill value, as zarr does
+            full = np.full(self.chunk_shape, self.fill, dtype=self.dtype)
+            full[: len(part)] = part
+            part = full
+        raw = part.reshape(-1).view(np.uint8)
+        if self.blosc_args is None:
+            return memoryview(raw)  # no copy: the unit's buffer itself goes to the file
+        cname, clevel, shuffle, blocksize, typesize = self.blosc_args
+        return numcodecs.blosc.compress(raw, cname, clevel, shuffle, blocksize, typesize)
+
+    def _write_shard(self, s: int, rows: np.ndarray) -> None:
+        cr = self.chunk_rows
+        index = np.full((self.per_shard, 2), _EMPTY, dtype="<u8")  # chunks past the array's end: not stored
+        parts, off = [], 0
+        for j in range(min(self.per_shard, -(-len(rows) // cr))):
+            buf = self._encode(rows[j * cr : (j + 1) * cr])
+            index[j] = (off, len(buf))
+            parts.append(buf)
+            off += len(buf)
+        idx = index.tobytes()
+        parts += [idx, np.uint32(google_crc32c.value(idx)).tobytes()]
+        _, _, path = self._shard_key(s * self.per_shard)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                for buf in parts:
+                    view = memoryview(buf).cast("B")
+                    while len(view):
+                        view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        with self._lock:
+            self._index.pop(s, None)  # a reader in this process must not keep the old shard's index
 
 
 class _Unreadable(Exception):

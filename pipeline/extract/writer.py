@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .. import cache as C
+from ..cache.direct import DirectArray, direct_array
 from .errors import UnitWriteError, maybe_fail
 from .plan import UnitJob
 
@@ -50,6 +51,7 @@ class UnitWriter:
         self.job = job
         g = C.open_group(job.store_url, mode="r+")
         self.arrays = {}
+        self.direct: dict[str, Any] = {}
         for key in keys:
             arr = g[key]
             if job.kind == "image":
@@ -57,6 +59,12 @@ class UnitWriter:
                 # value through a void view, which cost more than the compression at ViT-B-16 sizes. Text units
                 # keep it, so their all-slack inner chunks stay out of the shard (see pipeline.cache).
                 arr = arr.with_config({"write_empty_chunks": True})
+                # Whole shards written past zarr where the layout is one pipeline.cache.direct writes (the
+                # same bytes, every chunk stored): zarr's per-chunk machinery cost more than the writing
+                # itself (docs/scale.md).
+                d = direct_array(arr)
+                if isinstance(d, DirectArray) and d.writable:
+                    self.direct[key] = d
             self.arrays[key] = arr
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="clip-td-write")
         self.tasks: list[Future] = []
@@ -72,7 +80,9 @@ class UnitWriter:
     def write(self, key: str, start: int, a: np.ndarray) -> None:
         """Rows [start, start + len(a)) of ``key`` (whole shards); called on a writer thread."""
         try:
-            self.arrays[key][start : start + len(a)] = a
+            d = self.direct.get(key)
+            if d is None or not d.write_rows(start, a):
+                self.arrays[key][start : start + len(a)] = a
         except Exception as e:  # noqa: BLE001 - any storage failure is reported with the unit and array
             raise UnitWriteError(
                 self.job.store_url, self.job.name, key, (start, start + len(a)), f"{type(e).__name__}: {e}"
