@@ -106,7 +106,7 @@ def _extract(root, **cache) -> str:
     ds = build_dataset(root / "train", 8)
     cp = dataclasses.replace(
         CacheParams(), image_rows_per_unit=8, text_rows_per_unit=8, batch_size=4, num_workers=0,
-        target_chunk_bytes=2048, **cache,
+        **{"target_chunk_bytes": 2048, **cache},
     )  # fmt: skip
     url = str(root / "s.zarr")
     X.extract(
@@ -241,6 +241,20 @@ def test_uncompressed_store_checks_each_chunk_once_then_reads_rows_straight_into
     unchecked = CachedTargets(C.TeacherCache(url), verify=False).images([ids[6], ids[0]], None)
     assert not torch.equal(unchecked["tokens"][0], want["tokens"][6])  # the tampered row, as stored
     assert torch.equal(unchecked["tokens"][1], want["tokens"][0])
+
+
+def test_uncompressed_first_reads_hash_the_rows_a_batch_does_not_ask_for(tmp_path_factory, extracted):
+    url = _extract(tmp_path_factory.mktemp("raw4"), compressor="none", target_chunk_bytes=4096)
+    assert C.open_group(url, mode="r")["image/tokens"].chunks[0] == 4  # rows 4-7 share an inner chunk
+    want = C.TeacherCache(extracted).image_targets(C.TeacherCache(url).group["image/ids"][:].tolist())
+    src = CachedTargets(C.TeacherCache(url))
+    ids = _tamper(url, 6)
+    got = src.images([ids[1], ids[2], ids[1]], None)  # rows 0 and 3 are hashed too, not handed out
+    assert all(torch.equal(got[k], want[k][[1, 2, 1]]) for k in got)
+    with pytest.raises(
+        C.CacheCorrupt, match=r"image/tokens rows \[0, 8\) of unit image-000000: rows \[4, 8\)"
+    ):
+        src.images([ids[5]], None)  # row 6 is not asked for, but its chunk is checked
 
 
 @pytest.mark.parametrize("compressor", ["none", "zstd", "lz4"])

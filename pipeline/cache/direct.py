@@ -15,6 +15,7 @@ import contextlib
 import os
 import threading
 import uuid
+import zlib
 from typing import Any
 
 import google_crc32c
@@ -203,6 +204,43 @@ class DirectArray:
         except (FileNotFoundError, _Unreadable):
             return False
         return True
+
+    def rows_into_crc(
+        self, c: int, rows: list[int], out: np.ndarray, positions: list[int], n_rows: int
+    ) -> int | None:
+        """``rows_into``, and the crc32 of the chunk's first ``n_rows`` rows in row order, hashed as each row
+        lands (in cache, one pass over the bytes): rows the batch does not ask for are read into a scratch
+        row. None, with nothing promised about ``out``, where ``rows_into`` would say False."""
+        if self.blosc or self.dt != self.dtype:
+            return None
+        s, j, path = self._shard_key(c)
+        rb = self.row_bytes
+        where: dict[int, list[int]] = {}
+        for i, r in zip(positions, rows, strict=True):
+            where.setdefault(r, []).append(i)
+        scratch = None
+        crc = 0
+        try:
+            with open(path, "rb") as f:
+                off, n = (int(v) for v in self._shard_index(s, f)[j])
+                if off == _EMPTY or n != rb * self.chunk_rows or n_rows > self.chunk_rows:
+                    return None
+                for r in range(n_rows):
+                    at = where.get(r)
+                    if at:
+                        dst = out[at[0] : at[0] + 1].reshape(-1).view(np.uint8)
+                    else:
+                        if scratch is None:
+                            scratch = np.empty(rb, np.uint8)
+                        dst = scratch
+                    if _read_into(f, dst, off + r * rb) != rb:
+                        return None
+                    crc = zlib.crc32(dst, crc)
+                    for i in at[1:] if at else ():
+                        out[i] = out[at[0]]
+        except (FileNotFoundError, _Unreadable):
+            return None
+        return crc
 
     def write_rows(self, start: int, a: np.ndarray) -> bool:
         """Rows [start, start + len(a)) written as whole shard files, past zarr: each inner chunk encoded as

@@ -148,9 +148,17 @@ class ChunkCachedArray:
             # batch, one copy, and nothing is kept here: holding decoded copies only costs memory bandwidth.
             def fill_raw(c: int) -> bool:
                 lo, hi = c * cr, min(self.shape[0], (c + 1) * cr)
-                if self._checked(lo, hi) and self.raw.rows_into(c, dest[c][1], out, dest[c][0]):
-                    return True
-                _scatter(out, self.array[lo:hi], *dest[c])
+                pos, local = dest[c]
+                if self._checked(lo, hi):
+                    if self.raw.rows_into(c, local, out, pos):
+                        return True
+                elif isinstance(self.array, VerifiedArray):
+                    # First read of the chunk in this run: its rows go straight into the batch and are hashed
+                    # as they land, so checking it costs no second copy of the chunk.
+                    crc = self.raw.rows_into_crc(c, local, out, pos, hi - lo)
+                    if crc is not None and self.array.check_block_crc(lo, hi, crc):
+                        return False
+                _scatter(out, self.array[lo:hi], pos, local)
                 return False
 
             hits = sum(self.lru.map(fill_raw, uniq.tolist()))
