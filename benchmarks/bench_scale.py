@@ -1,5 +1,6 @@
-"""The cache at a real teacher's size: a ViT-B/16-shaped store (196 tokens of width 512, float16, params.yaml's codec or ``--set cache.compressor=…``) of
-tens of thousands of images, built by the project's own extraction, then read as training reads it.
+"""The cache at a real teacher's size: a ViT-B/16-shaped store (196 tokens of width 512, float16, params.yaml's
+codec or ``--set cache.compressor=…``) of tens of thousands of images, built by the project's own extraction,
+then read as training reads it.
 
 * Data: N distinct 224 px JPEG images (a smooth random field plus an image-specific block; real datasets are
   JPEG) in one prepared dataset with a single instance (its few texts are a negligible text unit).
