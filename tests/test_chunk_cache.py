@@ -283,7 +283,8 @@ def test_direct_shard_writes_are_the_bytes_zarr_writes(tmp_path, compressor, dty
     assert not list((tmp_path / "direct.zarr" / "x").rglob("c*"))
     for lo, hi in ((0, 12), (12, 21)):
         by_zarr[lo:hi] = data[lo:hi]
-        assert d.write_rows(lo, data[lo:hi])
+        crcs = d.write_rows(lo, data[lo:hi])  # and each inner chunk's crc32, for the manifest
+        assert crcs == [C.crc32(data[c : min(hi, c + 3)]) for c in range(lo, hi, 3)]
     files = sorted(
         p.relative_to(tmp_path / "zarr.zarr") for p in (tmp_path / "zarr.zarr").rglob("*") if p.is_file()
     )

@@ -242,12 +242,14 @@ class DirectArray:
             return None
         return crc
 
-    def write_rows(self, start: int, a: np.ndarray) -> bool:
+    def write_rows(self, start: int, a: np.ndarray) -> list[int] | None:
         """Rows [start, start + len(a)) written as whole shard files, past zarr: each inner chunk encoded as
         zarr encodes it (raw bytes, or Blosc with the array's own settings), the chunks and the index (with
         its crc32c) written beside the shard and renamed into place, as zarr's local store does. The bytes
-        equal zarr's (tests compare them). False, with nothing written, when the rows are not whole shards
-        or the array is not one this module writes: the caller writes through zarr."""
+        equal zarr's (tests compare them). Returns the crc32 of each inner chunk's rows (the padding of the
+        array's last chunk excluded), hashed just before the chunk is encoded and written, while its bytes
+        are in cache; None, with nothing written, when the rows are not whole shards or the array is not one
+        this module writes: the caller writes through zarr."""
         n, sr = len(a), self.shard_rows
         if (
             not self.writable
@@ -258,11 +260,12 @@ class DirectArray:
             or tuple(a.shape[1:]) != tuple(self.shape[1:])
             or a.dtype != self.dtype
         ):
-            return False
+            return None
         a = np.ascontiguousarray(a)
+        crcs: list[int] = []
         for lo in range(0, n, sr):
-            self._write_shard((start + lo) // sr, a[lo : lo + sr])
-        return True
+            crcs += self._write_shard((start + lo) // sr, a[lo : lo + sr])
+        return crcs
 
     def _encode(self, part: np.ndarray) -> Any:
         if len(part) < self.chunk_rows:  # the array's last chunk: padded with the fill value, as zarr does
@@ -275,27 +278,32 @@ class DirectArray:
         cname, clevel, shuffle, blocksize, typesize = self.blosc_args
         return numcodecs.blosc.compress(raw, cname, clevel, shuffle, blocksize, typesize)
 
-    def _write_shard(self, s: int, rows: np.ndarray) -> None:
+    def _write_shard(self, s: int, rows: np.ndarray) -> list[int]:
         cr = self.chunk_rows
         index = np.full((self.per_shard, 2), _EMPTY, dtype="<u8")  # chunks past the array's end: not stored
-        parts, off = [], 0
-        for j in range(min(self.per_shard, -(-len(rows) // cr))):
-            buf = self._encode(rows[j * cr : (j + 1) * cr])
-            index[j] = (off, len(buf))
-            parts.append(buf)
-            off += len(buf)
-        idx = index.tobytes()
-        parts += [idx, np.uint32(google_crc32c.value(idx)).tobytes()]
+        crcs, off = [], 0
         _, _, path = self._shard_key(s * self.per_shard)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.partial"
+
+        def put(fd: int, buf: Any) -> None:
+            view = memoryview(buf).cast("B")
+            while len(view):
+                view = view[os.write(fd, view) :]
+
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             try:
-                for buf in parts:
-                    view = memoryview(buf).cast("B")
-                    while len(view):
-                        view = view[os.write(fd, view) :]
+                for j in range(min(self.per_shard, -(-len(rows) // cr))):
+                    part = rows[j * cr : (j + 1) * cr]
+                    crcs.append(zlib.crc32(part.reshape(-1).view(np.uint8)))
+                    buf = self._encode(part)
+                    index[j] = (off, len(buf))
+                    put(fd, buf)
+                    off += len(buf)
+                idx = index.tobytes()
+                put(fd, idx)
+                put(fd, np.uint32(google_crc32c.value(idx)).tobytes())
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -305,6 +313,7 @@ class DirectArray:
             raise
         with self._lock:
             self._index.pop(s, None)  # a reader in this process must not keep the old shard's index
+        return crcs
 
 
 class _Unreadable(Exception):
