@@ -102,7 +102,9 @@ class ChunkCachedArray:
     """A zarr array whose row reads (``a[i:j]``, ``a.get_orthogonal_selection((rows,))``: all that
     ``read_rows`` uses) decode each inner chunk once and keep it in a shared LRU. A training
     batch needs a few rows of many chunks; the stream (shards in order, a shuffle buffer) comes back to the same
-    chunks batch after batch, so without the LRU every batch would decompress whole chunks for a few rows."""
+    chunks batch after batch, so without the LRU every batch would decompress whole chunks for a few rows.
+    Uncompressed arrays read past zarr keep nothing in the LRU: the page cache holds their bytes, and a batch's
+    rows are read from the shard files straight into the batch (``DirectArray.rows_into``)."""
 
     def __init__(self, array: Any, lru: ChunkLRU):
         self.array, self.lru = array, lru
