@@ -30,7 +30,8 @@ then read as training reads it.
 * Stub student: a step of ``--step-ms`` (a sleep: a GPU step leaves the host idle) per batch of 64 while the
   next batch's targets are read on one prefetch thread, as ``student.train`` does on a CUDA device: the share
   of time the step waits on targets, on a first pass (every chunk crc-checked as it is first read: a run's
-  first epoch) and a second pass over the same batches (chunks already checked: later epochs).
+  first epoch) and a second pass over the same batches (chunks already checked: later epochs); and the same
+  with the reader's own pool of min(4, cores) threads under the prefetch thread (``stub_student_threads``).
 
 The store goes under ``--work`` (default: a temporary folder) and is deleted at the end unless ``--keep``.
 """
@@ -437,23 +438,30 @@ def _wait_pass(source, batches: list, step_ms: float) -> tuple[float, float, flo
     return waited, stepped, time.perf_counter() - t0
 
 
-def measure_wait(store: str, window: int, lru_mb: int, step_ms: float, max_batches: int) -> dict:
+def measure_wait(
+    store: str, window: int, lru_mb: int, step_ms: float, max_batches: int, threads: int = 1
+) -> dict:
     """A stub student step (sleep) per batch while one prefetch thread reads the next batch's targets, read
     as training on a CUDA device reads them (crc check, float16 tokens, one reading thread). Two passes over
     the same batches on one reader: the first checks every chunk it reads (a run's first epoch); the second
     reads chunks already checked in this run (later epochs: an uncompressed store's rows come from the page
-    cache, a compressed store's chunks are decoded again where the LRU no longer holds them)."""
-    from pipeline.cache import TeacherCache
+    cache, a compressed store's chunks are decoded again where the LRU no longer holds them). ``threads``:
+    the reader's own threads under the prefetch thread (-1: min(4, cores))."""
+    from pipeline.cache import TeacherCache, read_threads_for
     from student.targets import CachedTargets
 
     cache = TeacherCache(store)
     batches = chunked_batches(cache, window, seed=1)[:max_batches]
-    source = CachedTargets(cache, chunk_cache_bytes=lru_mb << 20, token_dtype=torch.float16)
+    threads = read_threads_for(threads)
+    source = CachedTargets(
+        cache, chunk_cache_bytes=lru_mb << 20, token_dtype=torch.float16, read_threads=threads
+    )
     steps = len(batches) - 1
     out = {
         "step_ms": step_ms,
         "batch": BATCH,
         "steps": steps,
+        "read_threads": threads,
         "needed_samples_per_s": round(BATCH / (step_ms / 1e3), 1),
     }
     for name in ("first_pass", "checked_pass"):
@@ -467,7 +475,7 @@ def measure_wait(store: str, window: int, lru_mb: int, step_ms: float, max_batch
             "loadavg": [round(x, 2) for x in os.getloadavg()],
         }
         log(
-            f"stub student ({step_ms} ms/step, {name}): waits {100 * out[name]['wait_share']:.1f}% of its time "
+            f"stub student ({step_ms} ms/step, {threads} reader thread(s), {name}): waits {100 * out[name]['wait_share']:.1f}% of its time "
             "on targets"
         )
     out["wait_share"] = out["first_pass"]["wait_share"]  # the pessimistic one: what the target is held to
@@ -541,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, (verify, half, threads) in arms.items():
             res.measurements[name] = measure_reader(store, window, lru_mb, verify, max_batches, half, threads)
         res.measurements["stub_student"] = measure_wait(store, window, lru_mb, args.step_ms, max_batches)
+        res.measurements["stub_student_threads"] = measure_wait(
+            store, window, lru_mb, args.step_ms, max_batches, threads=-1
+        )
         res.settings["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         if not args.keep:
             shutil.rmtree(store, ignore_errors=True)
