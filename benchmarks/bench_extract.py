@@ -178,7 +178,7 @@ def profile_phases(X, teacher, jobs: list, run_unit: Callable, decode_in_process
 
     decode = timed("decode", time.thread_time)
     patches = [
-        (X.UnitImages, "__getitem__", decode),
+        (X.UnitImages, "decode_into", decode),  # what __getitem__ and the in-process batches call
         (X.decode, "collate_images", decode),
         (teacher, "normalize_uint8", timed("normalize")),
         (teacher, "encode_images", timed("model", sync=True)),
