@@ -154,6 +154,7 @@ def profile_phases(X, teacher, jobs: list, run_unit: Callable, decode_in_process
     import zarr
 
     from pipeline import cache as C
+    from pipeline.cache.direct import DirectArray
 
     spent: dict[str, float] = collections.defaultdict(float)
     last_forward = [0.0]
@@ -177,7 +178,7 @@ def profile_phases(X, teacher, jobs: list, run_unit: Callable, decode_in_process
 
     decode = timed("decode", time.thread_time)
     patches = [
-        (X.UnitImages, "__getitem__", decode),
+        (X.UnitImages, "decode_into", decode),  # what __getitem__ and the in-process batches call
         (X.decode, "collate_images", decode),
         (teacher, "normalize_uint8", timed("normalize")),
         (teacher, "encode_images", timed("model", sync=True)),
@@ -185,6 +186,7 @@ def profile_phases(X, teacher, jobs: list, run_unit: Callable, decode_in_process
         (X.units, "_token_cosine", timed("encode")),
         (X.units, "screen_image_rows", timed("screen")),
         (zarr.Array, "__setitem__", timed("store_write")),
+        (DirectArray, "write_rows", timed("store_write")),  # whole image shards written past zarr
         (C, "crc32", timed("checksum")),
         (C, "commit_unit", timed("commit")),
     ]

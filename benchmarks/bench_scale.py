@@ -1,5 +1,6 @@
-"""The cache at a real teacher's size: a ViT-B/16-shaped store (196 tokens of width 512, float16 + zstd) of
-tens of thousands of images, built by the project's own extraction, then read as training reads it.
+"""The cache at a real teacher's size: a ViT-B/16-shaped store (196 tokens of width 512, float16, params.yaml's
+codec or ``--set cache.compressor=…``) of tens of thousands of images, built by the project's own extraction,
+then read as training reads it.
 
 * Data: N distinct 224 px JPEG images (a smooth random field plus an image-specific block; real datasets are
   JPEG) in one prepared dataset with a single instance (its few texts are a negligible text unit).
@@ -15,7 +16,10 @@ tens of thousands of images, built by the project's own extraction, then read as
   over the images with that stub: wall and CPU ms per image (decode, normalise, float16 encode, cosines,
   screen, shard writes, checksums, commits), from the image units' own seconds in the manifest; and each
   phase's share (``benchmarks.bench_extract.profile_phases``, one more pass over the first units), so that
-  what a GPU teacher does on its device (normalising, float16 encoding, cosines) can be told apart.
+  what a GPU teacher does on its device (normalising, float16 encoding, cosines) can be told apart; and
+  ``gpu_teacher_sim``: the same units again with that device work made free (the stub hands out float16
+  tokens, normalising and cosines cost nothing, the device-to-host copy stays as a host copy), so the host's
+  share of a GPU extraction is measured, not subtracted.
 * Reader: ``student.targets.CachedTargets`` (the default 256 MB LRU of decoded chunks) reading image targets
   in ``train.order: chunked`` order (``student.data.epoch_order`` with the image's inner chunk as its group,
   ``train.order_window``), batches of 64: samples/s, MB/s (stored float16 bytes, and bytes the store handed
@@ -25,7 +29,9 @@ tens of thousands of images, built by the project's own extraction, then read as
   and the same with a pool of min(4, cores) chunk-decoding threads.
 * Stub student: a step of ``--step-ms`` (a sleep: a GPU step leaves the host idle) per batch of 64 while the
   next batch's targets are read on one prefetch thread, as ``student.train`` does on a CUDA device: the share
-  of time the step waits on targets.
+  of time the step waits on targets, on a first pass (every chunk crc-checked as it is first read: a run's
+  first epoch) and a second pass over the same batches (chunks already checked: later epochs); and the same
+  with the reader's own pool of min(4, cores) threads under the prefetch thread (``stub_student_threads``).
 
 The store goes under ``--work`` (default: a temporary folder) and is deleted at the end unless ``--keep``.
 """
@@ -177,6 +183,42 @@ def extract_store(work: Path, n: int, overrides: tuple[str, ...], profile_units:
         phases = profile_phases(
             X, teacher, some, run_unit, decode_in_process=X.decode_workers(cp.num_workers, "cpu") == 0
         )
+    # The host's share alone, as with a GPU teacher whose forward costs nothing: the device's work
+    # (normalising, the float16 cast, the cosines) made free, the device-to-host copy of the float16 tokens
+    # kept as a host copy. One more pass over the same units, each phase timed, and the process's CPU.
+    bank16, pooled16 = bank.half(), bank_pooled.half()
+
+    def stub16(_encode):
+        def encode_images(pixels, relevance=()):
+            b, o = len(pixels), at[0]
+            at[0] = (o + b) % BANK
+            return {"tokens": bank16[o : o + b], "pooled": pooled16[o : o + b]}
+
+        return encode_images
+
+    def host_copy(_encode):
+        return lambda x, dtype: ({"": x.numpy().copy()}, x)  # the D2H copy, as a host memcpy
+
+    def free_cosine(_cos):
+        return lambda x, y: np.ones(x.shape[0] * x.shape[1], np.float32)
+
+    sim_patches = [
+        (teacher, "encode_images", stub16),
+        (teacher, "normalize_uint8", lambda _: lambda u8: u8),
+        (X.units, "_encode_batch", host_copy),
+        (X.units, "_token_cosine", free_cosine),
+    ]
+    sim_jobs = [j for j in jobs if j.kind == "image"][: max(profile_units, 8)]
+    c = time.process_time()
+    with _patched(sim_patches):
+        sim = profile_phases(
+            X, teacher, sim_jobs, run_unit, decode_in_process=X.decode_workers(cp.num_workers, "cpu") == 0
+        )
+    sim_images = sum(len(j.items) for j in sim_jobs)
+    sim["cpu_ms_per_image"] = round(1e3 * (time.process_time() - c) / sim_images, 4)
+    sim["images"] = sim_images
+    sim["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    log(f"GPU-teacher host share: {sim['unit']} ms/img wall, {sim['cpu_ms_per_image']} CPU ms/img; {sim}")
     units = [r for r in C.committed_units(cp.store).values() if r["kind"] == "image"]
     images = sum(r["items"] for r in units)
     unit_s = sum(r["seconds"] for r in units)
@@ -209,6 +251,8 @@ def extract_store(work: Path, n: int, overrides: tuple[str, ...], profile_units:
         # What stays on the host when a GPU teacher runs the forward, the normalisation and the float16
         # encoding + cosines (they run on the teacher's device in pipeline.extract): the unit's time less
         # those phases, measured here on the CPU.
+        # Measured: the same units with the device's work made free (see above).
+        "gpu_teacher_sim": sim,
         "host_ms_per_image_gpu_teacher": round(
             phases["unit"] - phases.get("model", 0) - phases.get("normalize", 0) - phases.get("encode", 0), 4
         ),
@@ -297,6 +341,17 @@ def _counted(read, counter):
     return counting
 
 
+def _counted_into(read_into, counter):
+    """``pipeline.cache.direct``'s reads into a buffer (uncompressed rows, straight into the batch)."""
+
+    def counting(f, buf, offset):
+        n = read_into(f, buf, offset)
+        counter.bytes += n
+        return n
+
+    return counting
+
+
 def measure_reader(
     store: str,
     window: int,
@@ -323,7 +378,11 @@ def measure_reader(
     need = 0.0
     import pipeline.cache.direct as direct
 
-    with ByteCounter() as counter, _patched([(direct, "_read", lambda f: _counted(f, counter))]):
+    counting = [
+        (direct, "_read", lambda f: _counted(f, counter)),
+        (direct, "_read_into", lambda f: _counted_into(f, counter)),
+    ]
+    with ByteCounter() as counter, _patched(counting):
         t, c = time.perf_counter(), time.process_time()
         for ids in batches:
             source.images(ids, relevance=None)
@@ -358,15 +417,9 @@ def measure_reader(
     return out
 
 
-def measure_wait(store: str, window: int, lru_mb: int, step_ms: float, max_batches: int) -> dict:
-    """A stub student step (sleep) per batch while one prefetch thread reads the next batch's targets, read
-    as training on a CUDA device reads them (crc check, float16 tokens, one reading thread)."""
-    from pipeline.cache import TeacherCache
-    from student.targets import CachedTargets
-
-    cache = TeacherCache(store)
-    batches = chunked_batches(cache, window, seed=1)[:max_batches]
-    source = CachedTargets(cache, chunk_cache_bytes=lru_mb << 20, token_dtype=torch.float16)
+def _wait_pass(source, batches: list, step_ms: float) -> tuple[float, float, float]:
+    """(seconds waited on targets, seconds stepped, wall seconds) over ``batches``: a stub step (sleep) per
+    batch while one prefetch thread reads the next batch."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
     it = iter(batches)
     fut = pool.submit(source.images, next(it), None)
@@ -382,17 +435,50 @@ def measure_wait(store: str, window: int, lru_mb: int, step_ms: float, max_batch
         stepped += time.perf_counter() - t
     fut.result()
     pool.shutdown()
-    total = time.perf_counter() - t0
+    return waited, stepped, time.perf_counter() - t0
+
+
+def measure_wait(
+    store: str, window: int, lru_mb: int, step_ms: float, max_batches: int, threads: int = 1
+) -> dict:
+    """A stub student step (sleep) per batch while one prefetch thread reads the next batch's targets, read
+    as training on a CUDA device reads them (crc check, float16 tokens, one reading thread). Two passes over
+    the same batches on one reader: the first checks every chunk it reads (a run's first epoch); the second
+    reads chunks already checked in this run (later epochs: an uncompressed store's rows come from the page
+    cache, a compressed store's chunks are decoded again where the LRU no longer holds them). ``threads``:
+    the reader's own threads under the prefetch thread (-1: min(4, cores))."""
+    from pipeline.cache import TeacherCache, read_threads_for
+    from student.targets import CachedTargets
+
+    cache = TeacherCache(store)
+    batches = chunked_batches(cache, window, seed=1)[:max_batches]
+    threads = read_threads_for(threads)
+    source = CachedTargets(
+        cache, chunk_cache_bytes=lru_mb << 20, token_dtype=torch.float16, read_threads=threads
+    )
+    steps = len(batches) - 1
     out = {
         "step_ms": step_ms,
         "batch": BATCH,
-        "steps": len(batches) - 1,
-        "wait_share": round(waited / (waited + stepped), 4),
-        "wait_ms_per_step": round(1e3 * waited / max(1, len(batches) - 1), 3),
-        "samples_per_s": round(BATCH * (len(batches) - 1) / total, 1),
+        "steps": steps,
+        "read_threads": threads,
         "needed_samples_per_s": round(BATCH / (step_ms / 1e3), 1),
     }
-    log(f"stub student ({step_ms} ms/step): waits {100 * out['wait_share']:.1f}% of its time on targets")
+    for name in ("first_pass", "checked_pass"):
+        c = time.process_time()
+        waited, stepped, total = _wait_pass(source, batches, step_ms)
+        out[name] = {
+            "wait_share": round(waited / (waited + stepped), 4),
+            "wait_ms_per_step": round(1e3 * waited / max(1, steps), 3),
+            "samples_per_s": round(BATCH * steps / total, 1),
+            "cpu_ms_per_sample": round(1e3 * (time.process_time() - c) / (BATCH * len(batches)), 4),
+            "loadavg": [round(x, 2) for x in os.getloadavg()],
+        }
+        log(
+            f"stub student ({step_ms} ms/step, {threads} reader thread(s), {name}): waits {100 * out[name]['wait_share']:.1f}% of its time "
+            "on targets"
+        )
+    out["wait_share"] = out["first_pass"]["wait_share"]  # the pessimistic one: what the target is held to
     return out
 
 
@@ -463,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, (verify, half, threads) in arms.items():
             res.measurements[name] = measure_reader(store, window, lru_mb, verify, max_batches, half, threads)
         res.measurements["stub_student"] = measure_wait(store, window, lru_mb, args.step_ms, max_batches)
+        res.measurements["stub_student_threads"] = measure_wait(
+            store, window, lru_mb, args.step_ms, max_batches, threads=-1
+        )
         res.settings["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         if not args.keep:
             shutil.rmtree(store, ignore_errors=True)
@@ -481,13 +570,25 @@ def main(argv: list[str] | None = None) -> int:
         "<=",
         0.5,
     )
+    res.target(
+        "extraction host ms per image, GPU teacher simulated (wall, 2 cores)",
+        ext["gpu_teacher_sim"]["unit"],
+        "<=",
+        0.5,
+    )
     res.target("reader samples/s (chunked, default LRU, no verify)", r["samples_per_s"], ">=", 2000)
     res.target(
         "reader samples/s (chunked, default LRU, as training on CUDA reads)", rv["samples_per_s"], ">=", 2000
     )
     res.target("read amplification (no verify)", r["amplification"], "<=", 1.5)
     res.target("read amplification (as training on CUDA reads)", rv["amplification"], "<=", 1.5)
-    res.target(f"stub student ({args.step_ms} ms/64) wait share", w["wait_share"], "<=", 0.05)
+    res.target(f"stub student ({args.step_ms} ms/64) wait share, first pass", w["wait_share"], "<=", 0.05)
+    res.target(
+        f"stub student ({args.step_ms} ms/64) wait share, chunks already checked",
+        w["checked_pass"]["wait_share"],
+        "<=",
+        0.05,
+    )
     out = res.write(args.out)
     print(json.dumps({k: v for k, v in res.measurements["extraction"].items() if k != "store"}))
     return 0 if out else 1

@@ -291,7 +291,9 @@ class Teacher:
     def normalize_uint8(self, u8: Tensor) -> Tensor:
         """uint8 [B, 3, H, W] (any device) -> normalised float pixels, equal to stacking ``preprocess``."""
         x = u8.float().div_(255.0)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        # In place: the same operations in the same order (bit-identical), without two more batch-sized
+        # float buffers (at 224 px a batch of 128 is 77 MB each; on a CPU teacher that halved the time).
+        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
     # ------------------------------------------------------------------ encoding
     def _autocast(self) -> contextlib.AbstractContextManager:

@@ -11,7 +11,8 @@
 * ``manifest``  every planned unit (from the attrs) is committed, no unknown unit is, and each entry covers
                 the rows and arrays its unit owns;
 * ``checksums`` the crc32 of every committed region equals its manifest entry (bit rot, a foreign writer,
-                a unit overwritten after its commit);
+                a unit overwritten after its commit), and so does each inner chunk's where the entry keeps
+                one per chunk (``block_crc32``): a fault names the chunk's rows;
 * ``nonfinite`` no NaN/Inf anywhere in the float arrays: ``dask.array.from_zarr`` per array, chunked by unit
                 shard, reduced with ``isfinite().all()`` per row, so a fault names the array, the row and the
                 image or text id.
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import cache as C
+from .cache.verified import manifest_blocks
 from .lock import read_lock
 
 MAX_SHOWN = 10  # faults listed per check in the text report (the JSON report keeps up to MAX_FAULTS)
@@ -354,30 +356,49 @@ def check_checksums(s: _Store, workers: int = 4) -> Check:
         for key, info in rec.get("arrays", {}).items()
     ]
 
-    def one(item: tuple) -> str:
+    def one(item: tuple) -> list[str]:
         name, key, info = item
         region = info.get("region")
         if not (isinstance(region, list) and len(region) == 2 and all(isinstance(r, int) for r in region)):
-            return f"{name}: {key}: manifest entry has no region [start, stop] (got {region!r:.40})"
+            return [f"{name}: {key}: manifest entry has no region [start, stop] (got {region!r:.40})"]
         lo, hi = region
         try:
             a = s.array(key)
         except C.CacheFormatError as e:
-            return f"{name}: {e}"
+            return [f"{name}: {e}"]
         if a is None:
-            return f"{name}: {key} missing from the store"
+            return [f"{name}: {key} missing from the store"]
         try:
-            got = C.checksum(a[lo:hi])
+            data = a[lo:hi]
         except Exception as e:  # noqa: BLE001 - undecodable bytes are a checksum fault of this unit
-            return f"{name}: {key} rows [{lo}, {hi}) unreadable: {type(e).__name__}: {e}"
-        return (
-            ""
-            if got == info.get("crc32")
-            else f"{name}: {key} rows [{lo}, {hi}) crc32 {got} != manifest {info.get('crc32')}"
-        )
+            return [f"{name}: {key} rows [{lo}, {hi}) unreadable: {type(e).__name__}: {e}"]
+        block_rows, blocks = manifest_blocks(info, lo, hi)
+        if not blocks:  # a store written before per-chunk crcs: the unit's crc32 alone
+            got = C.checksum(data)
+            want = info.get("crc32")
+            return [] if got == want else [f"{name}: {key} rows [{lo}, {hi}) crc32 {got} != manifest {want}"]
+        # Each inner chunk's rows against its own crc (what training reads check), chained into the unit's
+        # crc32 so the rows are hashed once: a fault names the chunk's rows, not just the unit's.
+        faults, crc = [], 0
+        for b, want in enumerate(blocks):
+            part = data[b * block_rows : (b + 1) * block_rows]
+            c = C.crc32(part)
+            crc = c if b == 0 else C.crc32_combine(crc, c, int(part.nbytes))
+            if f"{c:08x}" != want:
+                blo = lo + b * block_rows
+                faults.append(
+                    f"{name}: {key} rows [{blo}, {blo + len(part)}) (inner chunk of unit rows [{lo}, {hi})) "
+                    f"crc32 {c:08x} != manifest {want}"
+                )
+        if f"{crc:08x}" != info.get("crc32") and not faults:
+            faults.append(
+                f"{name}: {key} rows [{lo}, {hi}) crc32 {crc:08x} != manifest {info.get('crc32')} "
+                "(every inner chunk matches its own crc: the entry's crc32 was changed)"
+            )
+        return faults
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        faults = [f for f in pool.map(one, regions) if f]
+        faults = [f for fs in pool.map(one, regions) for f in fs]
     bad_units = sorted({f.split(":", 1)[0] for f in faults})
     summary = f"{len(regions)} regions of {len(committed)} units, {len(bad_units)} unit(s) differ"
     return Check("checksums", not faults, summary, faults)

@@ -48,7 +48,8 @@ def main(store: str | None, json_path: Path | None, no_scan: bool, workers: int,
       ids        image, alias and text ids are unique; alias rows exist
       manifest   every planned unit (of every segment, a store grown by appends has one per append) is
                  committed, no unknown unit is, entries cover their rows and arrays
-      checksums  each committed region's crc32 equals its manifest entry (names the unit and array)
+      checksums  each committed region's crc32, and each inner chunk's where recorded, equals its manifest
+                 entry (names the unit, the array and the rows of the chunk at fault)
       nonfinite  no NaN/Inf in any float array (dask, per unit shard; names the array, row and id)
 
     Exit status: 0 when every check passes, 1 when any fails, 2 when STORE is not a teacher cache.

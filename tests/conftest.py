@@ -216,10 +216,10 @@ def hand_layout(**kw) -> C.StoreLayout:
     return C.StoreLayout(**{**base, **kw})
 
 
-def hand_store(url: str, dtype: str = "float16") -> dict:
+def hand_store(url: str, dtype: str = "float16", compressor: str = "zstd") -> dict:
     """A store written the way units write it: every image/text unit writes exactly its own shards."""
     rng = np.random.default_rng(1)
-    lay = hand_layout(dtype=dtype, target_chunk_bytes=4 * 8 * 2)
+    lay = hand_layout(dtype=dtype, target_chunk_bytes=4 * 8 * 2, compressor=compressor)
     texts = ["a cat", "two dogs on a mat", "x", "a long sentence of several words", "end"]
     lengths = [3, 6, 2, 8, 2]
     offsets, lay.text_shard_rows, lay.text_chunk_rows = C.text_token_layout(lengths, 2, 8 * 2, 4 * 8 * 2)

@@ -12,8 +12,8 @@ from student.targets import CachedTargets
 from tests.conftest import hand_store as _store_by_hand
 
 
-def _hand_store(url: str, dtype: str = "float16") -> dict:
-    h = _store_by_hand(url, dtype)
+def _hand_store(url: str, dtype: str = "float16", compressor: str = "zstd") -> dict:
+    h = _store_by_hand(url, dtype, compressor)
     C.open_group(url, mode="r+").attrs["logit_scale"] = (
         100.0  # CachedTargets reads it; the hand store has none
     )
@@ -23,11 +23,14 @@ def _hand_store(url: str, dtype: str = "float16") -> dict:
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 @pytest.mark.parametrize("budget", [1 << 20, 100])  # holds the whole store / evicts at every put
 @pytest.mark.parametrize("threads", [1, 3])  # on the caller / a pool decoding a batch's missing chunks
-def test_chunk_cache_returns_what_the_store_holds(tmp_path, dtype, budget, threads):
+# zstd: decoded chunks in the LRU; none: rows read from the shard files into the batch once checked
+@pytest.mark.parametrize("compressor", ["zstd", "none"])
+@pytest.mark.parametrize("verify", [True, False])
+def test_chunk_cache_returns_what_the_store_holds(tmp_path, dtype, budget, threads, compressor, verify):
     url = str(tmp_path / "s.zarr")
-    h = _hand_store(url, dtype)
+    h = _hand_store(url, dtype, compressor)
     plain = C.TeacherCache(url)
-    cached = CachedTargets(C.TeacherCache(url), chunk_cache_bytes=budget, read_threads=threads)
+    cached = CachedTargets(C.TeacherCache(url), chunk_cache_bytes=budget, read_threads=threads, verify=verify)
     rng = np.random.default_rng(0)
     for _ in range(20):  # unsorted, repeated, across shards and inner chunks
         ids = [f"im{i}" for i in rng.integers(0, 10, size=rng.integers(1, 8))] + ["alias9"]
@@ -41,7 +44,7 @@ def test_chunk_cache_returns_what_the_store_holds(tmp_path, dtype, budget, threa
         assert "tokens" not in pooled_only and torch.equal(pooled_only["pooled"], want["pooled"])
         assert torch.equal(pooled_only["lengths"], want["lengths"])
     lru = cached.cache.group.lru
-    assert lru.bytes <= max(budget, max(a.nbytes for a in lru.chunks.values()))
+    assert lru.bytes <= max(budget, max((a.nbytes for a in lru.chunks.values()), default=0))
 
 
 def test_chunk_cache_decodes_each_chunk_once(tmp_path):
@@ -84,8 +87,7 @@ def test_epoch_order_random_is_the_plain_permutation_and_chunked_stays_local():
 # ------------------------------------------------------------------------------- checksum-on-read by block
 
 
-@pytest.fixture(scope="module")
-def extracted(tmp_path_factory) -> str:
+def _extract(root, **cache) -> str:
     """A store from a real extraction: one image unit of 8 rows, one row per inner chunk of image/tokens."""
     import dataclasses
     import json
@@ -96,7 +98,6 @@ def extracted(tmp_path_factory) -> str:
     from tests.conftest import TINY_CFG, build_dataset
 
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("blocks")
     cfg = root / "tiny.json"
     cfg.write_text(json.dumps(TINY_CFG))
     torch.manual_seed(0)
@@ -105,13 +106,24 @@ def extracted(tmp_path_factory) -> str:
     ds = build_dataset(root / "train", 8)
     cp = dataclasses.replace(
         CacheParams(), image_rows_per_unit=8, text_rows_per_unit=8, batch_size=4, num_workers=0,
-        target_chunk_bytes=2048,
+        **{"target_chunk_bytes": 2048, **cache},
     )  # fmt: skip
     url = str(root / "s.zarr")
     X.extract(
         [ds], url, X.TeacherSpec(str(cfg), str(ckpt), "fp32", "cpu"), cp, scheduler="sync", progress=False
     )
     return url
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory) -> str:
+    return _extract(tmp_path_factory.mktemp("blocks"), compressor="zstd")
+
+
+@pytest.fixture(scope="module")
+def extracted_raw(tmp_path_factory) -> str:
+    """The same extraction, stored uncompressed (``cache.compressor: none``)."""
+    return _extract(tmp_path_factory.mktemp("raw"), compressor="none")
 
 
 def _copy(url: str, dst) -> str:
@@ -202,3 +214,82 @@ def test_direct_chunk_reads_equal_zarr_including_unstored_chunks(tmp_path):
             got, want = d[lo:hi], a[lo:hi]
             assert got.dtype == want.dtype and np.array_equal(got, want), (name, lo)
         assert np.array_equal(d[1:3], a[1:3])  # not chunk-aligned: zarr's read
+
+
+def test_uncompressed_store_checks_each_chunk_once_then_reads_rows_straight_into_the_batch(
+    extracted_raw, extracted, tmp_path
+):
+    url = _copy(extracted_raw, tmp_path / "s.zarr")
+    ids = _tamper(url, 6)
+    want = C.TeacherCache(extracted).image_targets(ids)  # the zstd store's values: the codec changes nothing
+    src = CachedTargets(C.TeacherCache(url))  # verify on, as training reads
+    lru = src.cache.group.lru
+    got = src.images(ids[:4], None)
+    assert all(torch.equal(got[k], want[k][:4]) for k in got)
+    first = lru.misses
+    assert first > 0 and lru.bytes == 0  # chunks read whole once to be checked; no decoded copies kept
+    back = [3, 2, 1, 0]
+    again = src.images(
+        [ids[i] for i in back], None
+    )  # checked already: rows come from the file into the batch
+    assert all(torch.equal(again[k], want[k][back]) for k in got)
+    assert lru.misses == first and lru.hits > 0
+    with pytest.raises(
+        C.CacheCorrupt, match=r"image/tokens rows \[0, 8\) of unit image-000000: rows \[6, \d+\) have crc32"
+    ):
+        src.images([ids[7], ids[6]], None)
+    unchecked = CachedTargets(C.TeacherCache(url), verify=False).images([ids[6], ids[0]], None)
+    assert not torch.equal(unchecked["tokens"][0], want["tokens"][6])  # the tampered row, as stored
+    assert torch.equal(unchecked["tokens"][1], want["tokens"][0])
+
+
+def test_uncompressed_first_reads_hash_the_rows_a_batch_does_not_ask_for(tmp_path_factory, extracted):
+    url = _extract(tmp_path_factory.mktemp("raw4"), compressor="none", target_chunk_bytes=4096)
+    assert C.open_group(url, mode="r")["image/tokens"].chunks[0] == 4  # rows 4-7 share an inner chunk
+    want = C.TeacherCache(extracted).image_targets(C.TeacherCache(url).group["image/ids"][:].tolist())
+    src = CachedTargets(C.TeacherCache(url))
+    ids = _tamper(url, 6)
+    got = src.images([ids[1], ids[2], ids[1]], None)  # rows 0 and 3 are hashed too, not handed out
+    assert all(torch.equal(got[k], want[k][[1, 2, 1]]) for k in got)
+    with pytest.raises(
+        C.CacheCorrupt, match=r"image/tokens rows \[0, 8\) of unit image-000000: rows \[4, 8\)"
+    ):
+        src.images([ids[5]], None)  # row 6 is not asked for, but its chunk is checked
+
+
+@pytest.mark.parametrize("compressor", ["none", "zstd", "lz4"])
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_direct_shard_writes_are_the_bytes_zarr_writes(tmp_path, compressor, dtype):
+    """Image units write whole shards past zarr (``DirectArray.write_rows``): the files must be zarr's own,
+    the array's last, partial shard and partial inner chunk included."""
+    import zarr
+
+    from pipeline.cache.direct import DirectArray, direct_array
+
+    shape = (21, 4, 8) if dtype == "float16" else (21,)
+    data = (np.random.default_rng(0).normal(size=shape) * 20).astype(dtype)
+    made = []
+    for name in ("zarr", "direct"):
+        g = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w")
+        made.append(
+            g.create_array(
+                "x", shape=shape, dtype=dtype, chunks=(3, *shape[1:]), shards=(12, *shape[1:]), fill_value=0,
+                compressors=C.compressors_for(compressor, 3, np.dtype(dtype).itemsize),
+            ).with_config({"write_empty_chunks": True})
+        )  # fmt: skip
+    by_zarr, d = made[0], direct_array(made[1])
+    assert isinstance(d, DirectArray) and d.writable
+    assert not d.write_rows(3, data[3:15])  # not whole shards: left to zarr, nothing written
+    assert not list((tmp_path / "direct.zarr" / "x").rglob("c*"))
+    for lo, hi in ((0, 12), (12, 21)):
+        by_zarr[lo:hi] = data[lo:hi]
+        crcs = d.write_rows(lo, data[lo:hi])  # and each inner chunk's crc32, for the manifest
+        assert crcs == [C.crc32(data[c : min(hi, c + 3)]) for c in range(lo, hi, 3)]
+    files = sorted(
+        p.relative_to(tmp_path / "zarr.zarr") for p in (tmp_path / "zarr.zarr").rglob("*") if p.is_file()
+    )
+    assert len([f for f in files if f.name != "zarr.json"]) == 2
+    for f in files:
+        assert (tmp_path / "direct.zarr" / f).read_bytes() == (tmp_path / "zarr.zarr" / f).read_bytes(), f
+    assert np.array_equal(zarr.open_array(str(tmp_path / "direct.zarr" / "x"))[:], data)
+    assert not list((tmp_path / "direct.zarr").rglob("*.partial"))  # written beside, renamed into place

@@ -449,6 +449,27 @@ def test_images_at_teacher_size_skip_only_a_transform_that_keeps_them(world, tmp
         data.close()
 
 
+def test_in_process_batches_reuse_buffers_and_zero_an_undecodable_image(world, tmp_path):
+    """Decoded in this process, images go straight into reused batch buffers: every batch equals the
+    per-image items collated, and an image that does not decode is zero-filled even in a buffer that held
+    another batch's pixels."""
+    s = world["teacher"].image_size
+    with DatasetWriter(tmp_path / "ds", source="synthetic", split="train") as w:
+        for i in range(9):
+            w.add_image(f"im-{i}", b"not an image" if i == 6 else png_bytes(i, (s, s)), "png")
+        w.add_instance(snli_instance("k", "im-0", "train", "there is a square"))
+    ds = PreparedDataset(tmp_path / "ds")
+    items = [(0, f"im-{i}", "") for i in range(9)]
+    data = X.UnitImages([str(ds.path)], items, X.pil_steps(world["teacher"].preprocess), s, 0)
+    got = list(X.decode.unit_batches(data, 2, 0, [], False))  # 5 batches: the 4th reuses the 1st's buffer
+    want = X.decode.collate_images([data[i] for i in range(9)])
+    assert np.array_equal(np.concatenate([b[0] for b in got]), want[0])
+    assert torch.equal(torch.cat([b[1].clone() for b in got[3:]]), want[1][6:])
+    assert [ok for b in got for ok in b[4]] == want[4] and want[4][6] is False
+    assert not got[3][1][0].any() and got[3][5][0].startswith("cannot decode image")
+    data.close()
+
+
 def test_write_threads_setting_or_a_quarter_of_the_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
     assert X.write_threads(-1) == 4 and X.write_threads(8) == 8
@@ -549,7 +570,18 @@ def test_image_shards_are_written_behind_the_next_forward(world, tmp_path, monke
             waited.append(first_shard.wait(timeout=10))
         return encode(*a, **k)
 
+    from pipeline.cache.direct import DirectArray
+
+    real_direct = DirectArray.write_rows
+
+    def write_rows(self, start, a):  # how image shards are written where the layout allows it
+        done = real_direct(self, start, a)
+        if done and self.path == "image/tokens" and start == 0:
+            first_shard.set()
+        return done
+
     monkeypatch.setattr(zarr.Array, "__setitem__", setitem)
+    monkeypatch.setattr(DirectArray, "write_rows", write_rows)
     monkeypatch.setattr(teacher, "encode_images", encode_images)
     url = str(tmp_path / "behind.zarr")
     X.extract(

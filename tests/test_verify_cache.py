@@ -113,8 +113,46 @@ def test_region_rewritten_with_other_values_fails_checksum_naming_the_unit(store
     tokens[3] = tokens[3] * 2  # valid data, wrong numbers: only the manifest's crc32 can tell
     code, out, report = verify(store)
     assert code == 1 and report["failed"] == ["checksums"]
-    assert "image-000001: image/tokens rows [2, 4) crc32" in line(out, "checksums")
+    assert "image-000001: image/tokens rows [2, 4) (inner chunk of unit rows [2, 4)) crc32" in line(
+        out, "checksums"
+    )
     assert "1 unit(s) differ" in line(out, "checksums")
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "none"])
+def test_a_flipped_byte_inside_one_inner_chunk_is_named_by_its_rows(tmp_path, compressor):
+    root = tmp_path
+    cfg = root / "tiny.json"
+    cfg.write_text(json.dumps(TINY_CFG))
+    torch.manual_seed(0)
+    ds = build_dataset(root / "train", 8)
+    url = str(root / "s.zarr")
+    cp = dataclasses.replace(
+        CacheParams(), image_rows_per_unit=4, text_rows_per_unit=8, batch_size=4, num_workers=0,
+        target_chunk_bytes=1024, compressor=compressor,
+    )  # fmt: skip
+    X.extract([ds], url, X.TeacherSpec(str(cfg), "", "fp32", "cpu"), cp, scheduler="sync", progress=False)
+    tokens = C.open_group(url, mode="r+")["image/tokens"]
+    assert tokens.chunks[0] == 1  # one image row per inner chunk, four per unit
+    row = tokens[6:7]
+    row.view(np.uint8).reshape(-1)[37] ^= 0x10  # one bit of one byte
+    tokens[6:7] = row
+    code, out, report = verify(url)
+    assert code == 1 and report["failed"] == ["checksums"]
+    faults = next(c for c in report["checks"] if c["name"] == "checksums")["faults"]
+    assert len(faults) == 1 and faults[0].startswith(
+        "image-000001: image/tokens rows [6, 7) (inner chunk of unit rows [4, 8)) crc32 "
+    )
+
+
+def test_a_manifest_crc32_that_its_chunk_crcs_do_not_chain_to_is_a_fault(store):
+    rec = C.committed_units(store)["image-000000"]
+    rec["arrays"]["image/pooled"]["crc32"] = "00000000"
+    C.commit_unit(store, "image-000000", rec)
+    code, out, report = verify(store)
+    assert code == 1 and report["failed"] == ["checksums"]
+    assert "image-000000: image/pooled rows [0, 2) crc32" in line(out, "checksums")
+    assert "the entry's crc32 was changed" in out
 
 
 def test_overwritten_shard_bytes_fail_checksum_naming_the_unit(store):

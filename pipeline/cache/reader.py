@@ -102,12 +102,21 @@ class ChunkCachedArray:
     """A zarr array whose row reads (``a[i:j]``, ``a.get_orthogonal_selection((rows,))``: all that
     ``read_rows`` uses) decode each inner chunk once and keep it in a shared LRU. A training
     batch needs a few rows of many chunks; the stream (shards in order, a shuffle buffer) comes back to the same
-    chunks batch after batch, so without the LRU every batch would decompress whole chunks for a few rows."""
+    chunks batch after batch, so without the LRU every batch would decompress whole chunks for a few rows.
+    Uncompressed arrays read past zarr keep nothing in the LRU: the page cache holds their bytes, and a batch's
+    rows are read from the shard files straight into the batch (``DirectArray.rows_into``)."""
 
     def __init__(self, array: Any, lru: ChunkLRU):
         self.array, self.lru = array, lru
         self.shape, self.dtype, self.path = array.shape, array.dtype, array.path
         self.rows_per_chunk = max(1, int(array.chunks[0]))
+        # Whole-chunk reads past zarr (``DirectArray``, perhaps under the crc check): cheap per call.
+        inner = array.array if isinstance(array, VerifiedArray) else array
+        self.direct = isinstance(inner, DirectArray)
+        self.raw = inner if self.direct and not inner.blosc else None
+
+    def _checked(self, lo: int, hi: int) -> bool:
+        return not isinstance(self.array, VerifiedArray) or self.array.verified(lo, hi)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.array, name)
@@ -128,27 +137,67 @@ class ChunkCachedArray:
         cr = self.rows_per_chunk
         chunk = srt // cr
         uniq, starts = np.unique(chunk, return_index=True)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        stops = [*starts[1:], len(srt)]
+        # Where each chunk's rows go: (positions in the batch, rows inside the chunk).
+        dest = {
+            c: (order[lo:hi].tolist(), (srt[lo:hi] - c * cr).tolist())
+            for c, lo, hi in zip(uniq.tolist(), starts.tolist(), stops, strict=True)
+        }
+        if self.raw is not None:
+            # Uncompressed chunks: the page cache is the cache. A chunk not yet checked in this run is read
+            # whole (and checked); after that, a batch's rows are read from the shard file straight into the
+            # batch, one copy, and nothing is kept here: holding decoded copies only costs memory bandwidth.
+            def fill_raw(c: int) -> bool:
+                lo, hi = c * cr, min(self.shape[0], (c + 1) * cr)
+                pos, local = dest[c]
+                if self._checked(lo, hi):
+                    if self.raw.rows_into(c, local, out, pos):
+                        return True
+                elif isinstance(self.array, VerifiedArray):
+                    # First read of the chunk in this run: its rows go straight into the batch and are hashed
+                    # as they land, so checking it costs no second copy of the chunk.
+                    crc = self.raw.rows_into_crc(c, local, out, pos, hi - lo)
+                    if crc is not None and self.array.check_block_crc(lo, hi, crc):
+                        return False
+                _scatter(out, self.array[lo:hi], pos, local)
+                return False
+
+            hits = sum(self.lru.map(fill_raw, uniq.tolist()))
+            self.lru.hits, self.lru.misses = self.lru.hits + hits, self.lru.misses + len(uniq) - hits
+            return out
         have = {int(c): self.lru.get((self.path, int(c))) for c in uniq}
         missing = [c for c, a in have.items() if a is None]
         self.lru.hits += len(uniq) - len(missing)
         self.lru.misses += len(missing)
-        # Missing chunks are read as whole-chunk slices, one per run of adjacent chunks: zarr decodes each
-        # once, and slicing is far cheaper than an orthogonal selection listing every row of the chunks. With
-        # reader threads, runs are cut so that every thread has one, and read concurrently.
-        runs: list[list[int]] = []
-        for c in missing:
-            if runs and c == runs[-1][-1] + 1 and len(runs[-1]) < self.lru.run_cap(len(missing)):
-                runs[-1].append(c)
-            else:
-                runs.append([c])
-        for run, parts in self.lru.map(self._read_run, runs):
-            for rc, part in zip(run, parts, strict=True):
-                have[rc] = part
-                self.lru.put((self.path, rc), part)
-        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
-        stops = [*starts[1:], len(srt)]
-        for c, lo, hi in zip(uniq.tolist(), starts.tolist(), stops, strict=True):
-            out[order[lo:hi]] = have[c][srt[lo:hi] - c * cr]
+        if self.direct:
+            # Whole chunks straight from the shard files: one read per chunk (no run to concatenate and cut
+            # up again), and each task copies its chunk's rows into the batch itself, so with reader threads
+            # the reads, crc checks (both release the GIL) and copies all run on the pool.
+            def fill(c: int) -> np.ndarray:
+                a = self.array[c * cr : min(self.shape[0], (c + 1) * cr)]
+                _scatter(out, a, *dest[c])
+                return a
+
+            for c, a in zip(missing, self.lru.map(fill, missing), strict=True):
+                self.lru.put((self.path, c), a)
+        else:
+            # Through zarr, missing chunks are read as whole-chunk slices, one per run of adjacent chunks:
+            # zarr decodes each once, and slicing is far cheaper than an orthogonal selection listing every
+            # row of the chunks. With reader threads, runs are cut so that every thread has one.
+            runs: list[list[int]] = []
+            for c in missing:
+                if runs and c == runs[-1][-1] + 1 and len(runs[-1]) < self.lru.run_cap(len(missing)):
+                    runs[-1].append(c)
+                else:
+                    runs.append([c])
+            for run, parts in self.lru.map(self._read_run, runs):
+                for rc, part in zip(run, parts, strict=True):
+                    _scatter(out, part, *dest[rc])
+                    self.lru.put((self.path, rc), part)
+        for c, a in have.items():
+            if a is not None:
+                _scatter(out, a, *dest[c])
         return out
 
     def _read_run(self, run: list[int]) -> tuple[list[int], list[np.ndarray]]:
@@ -158,6 +207,13 @@ class ChunkCachedArray:
         if len(run) == 1:
             return run, [block]
         return run, [block[j * cr : (j + 1) * cr].copy() for j in range(len(run))]
+
+
+def _scatter(out: np.ndarray, chunk: np.ndarray, positions: list[int], rows: list[int]) -> None:
+    """out[positions] = chunk[rows], one row at a time: a fancy-indexed assignment copies every row twice
+    (gather into a temporary, then scatter), and rows are large (ViT-B/16: 200 KB)."""
+    for i, r in zip(positions, rows, strict=True):
+        out[i] = chunk[r]
 
 
 class ChunkCachedGroup:

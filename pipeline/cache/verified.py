@@ -49,7 +49,7 @@ class Region(NamedTuple):
     blocks: tuple[str, ...] = ()
 
 
-def _blocks(info: dict, lo: int, hi: int) -> tuple[int, tuple[str, ...]]:
+def manifest_blocks(info: dict, lo: int, hi: int) -> tuple[int, tuple[str, ...]]:
     """(block_rows, block crcs) of a manifest region, or (0, ()) when absent or not one crc per block (such an
     entry is checked unit by unit, as an old store's)."""
     rows, crcs = info.get("block_rows"), info.get("block_crc32")
@@ -73,7 +73,7 @@ def manifest_regions(url: str) -> dict[str, list[Region]]:
         try:
             for key, info in rec.get("arrays", {}).items():
                 lo, hi = (int(v) for v in info["region"])
-                regions[key].append(Region(lo, hi, name, str(info["crc32"]), *_blocks(info, lo, hi)))
+                regions[key].append(Region(lo, hi, name, str(info["crc32"]), *manifest_blocks(info, lo, hi)))
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise CacheCorrupt(
                 f"{url}/{MANIFEST}/{name}.json: malformed manifest entry ({type(e).__name__}: {e}); {hint}"
@@ -145,20 +145,23 @@ class VerifiedGroup:
             )
         self._mark((key, unit))
 
-    def check_block(self, array: Any, key: str, r: Region, b: int, data: np.ndarray | None = None) -> None:
-        """Block ``b`` of region ``r`` against its crc32, on ``data`` (its rows, already decoded) if given."""
+    def check_block(
+        self, array: Any, key: str, r: Region, b: int, data: np.ndarray | None = None, got: str = ""
+    ) -> None:
+        """Block ``b`` of region ``r`` against its crc32: ``got`` if given (hashed by the caller as it read
+        the rows), else computed on ``data`` (its rows, already decoded) or on a read of the block."""
         if self._done((key, r.unit, b)):
             return
         blo, bhi = r.lo + b * r.block_rows, min(r.hi, r.lo + (b + 1) * r.block_rows)
         where = f"teacher cache {self.url}: {key} rows [{r.lo}, {r.hi}) of unit {r.unit}"
-        if data is None:
+        if data is None and not got:
             try:
                 data = array[blo:bhi]
             except Exception as e:  # noqa: BLE001 - undecodable bytes are this unit's corruption
                 raise CacheCorrupt(
                     f"{where} are unreadable (rows [{blo}, {bhi}): {_first_line(e)}); {self._hint()}"
                 ) from None
-        got = checksum(data)
+        got = got or checksum(data)
         if got != r.blocks[b]:
             raise CacheCorrupt(
                 f"{where}: rows [{blo}, {bhi}) have crc32 {got}, but the manifest recorded {r.blocks[b]} "
@@ -245,6 +248,45 @@ class VerifiedArray:
         if covered < hi:
             raise self._uncovered(covered)
         return touched
+
+    def verified(self, lo: int, hi: int) -> bool:
+        """Whether every block (or unit) rows [lo, hi) lie in has already been checked in this run, so a read
+        of them needs no check (False where rows belong to no unit: the read then says so)."""
+        try:
+            touched = self._touched(lo, hi)
+        except CacheCorrupt:
+            return False
+        g = self.group
+        for i in touched:
+            r = self.regions[i]
+            if not g.blocks_usable(self.path, r, self.row_bytes):
+                if not g._done((self.path, r.unit)):
+                    return False
+                continue
+            first = (max(lo, r.lo) - r.lo) // r.block_rows
+            for b in range(first, -(-(min(hi, r.hi) - r.lo) // r.block_rows)):
+                if not g._done((self.path, r.unit, b)):
+                    return False
+        return True
+
+    def check_block_crc(self, lo: int, hi: int, crc: int) -> bool:
+        """Rows [lo, hi), hashed by the caller as it read them (``crc``), against the manifest, when they are
+        exactly one block with a usable crc: True once checked (``CacheCorrupt`` when they differ), False
+        when this span is not one block (the caller then reads and checks it the usual way)."""
+        try:
+            touched = self._touched(lo, hi)
+        except CacheCorrupt:
+            return False
+        if len(touched) != 1:
+            return False
+        r = self.regions[touched[0]]
+        if not r.blocks or (lo - r.lo) % r.block_rows:
+            return False
+        b = (lo - r.lo) // r.block_rows
+        if hi != min(r.hi, lo + r.block_rows) or not self.group.blocks_usable(self.path, r, self.row_bytes):
+            return False
+        self.group.check_block(self.array, self.path, r, b, got=f"{crc & 0xFFFFFFFF:08x}")
+        return True
 
     def _verify_span(self, lo: int, hi: int, data: np.ndarray | None = None) -> None:
         for i in self._touched(lo, hi):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .. import cache as C
+from ..cache.direct import DirectArray, direct_array
 from .errors import UnitWriteError, maybe_fail
 from .plan import UnitJob
 
@@ -41,6 +42,15 @@ def block_crcs(a: np.ndarray, rows: int) -> tuple[int, list[str]]:
     return crc, out
 
 
+def chain_crcs(crcs: list[int], a: np.ndarray, rows: int) -> tuple[int, list[str]]:
+    """``block_crcs`` from the crc32 of each ``rows``-row block of ``a``, already computed."""
+    row_bytes = a.nbytes // max(1, len(a))
+    crc = crcs[0]
+    for b in range(1, len(crcs)):
+        crc = C.crc32_combine(crc, crcs[b], (min(len(a), (b + 1) * rows) - b * rows) * row_bytes)
+    return crc, [f"{c:08x}" for c in crcs]
+
+
 class UnitWriter:
     """Writes one unit's arrays, a block of whole shards per task, on writer threads, and returns each array's
     manifest record (region, crc32 over its rows in row order, bytes) once every block is written. Blocks
@@ -50,6 +60,7 @@ class UnitWriter:
         self.job = job
         g = C.open_group(job.store_url, mode="r+")
         self.arrays = {}
+        self.direct: dict[str, Any] = {}
         for key in keys:
             arr = g[key]
             if job.kind == "image":
@@ -57,6 +68,12 @@ class UnitWriter:
                 # value through a void view, which cost more than the compression at ViT-B-16 sizes. Text units
                 # keep it, so their all-slack inner chunks stay out of the shard (see pipeline.cache).
                 arr = arr.with_config({"write_empty_chunks": True})
+                # Whole shards written past zarr where the layout is one pipeline.cache.direct writes (the
+                # same bytes, every chunk stored): zarr's per-chunk machinery cost more than the writing
+                # itself (docs/scale.md).
+                d = direct_array(arr)
+                if isinstance(d, DirectArray) and d.writable:
+                    self.direct[key] = d
             self.arrays[key] = arr
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="clip-td-write")
         self.tasks: list[Future] = []
@@ -72,12 +89,19 @@ class UnitWriter:
     def write(self, key: str, start: int, a: np.ndarray) -> None:
         """Rows [start, start + len(a)) of ``key`` (whole shards); called on a writer thread."""
         try:
-            self.arrays[key][start : start + len(a)] = a
+            d = self.direct.get(key)
+            chunk_crcs = d.write_rows(start, a) if d is not None else None
+            if chunk_crcs is None:
+                self.arrays[key][start : start + len(a)] = a
         except Exception as e:  # noqa: BLE001 - any storage failure is reported with the unit and array
             raise UnitWriteError(
                 self.job.store_url, self.job.name, key, (start, start + len(a)), f"{type(e).__name__}: {e}"
             ) from e
-        crc, blocks = block_crcs(a, self.block_rows[key])
+        rows = self.block_rows[key]
+        if chunk_crcs is not None and d.chunk_rows == rows:
+            crc, blocks = chain_crcs(chunk_crcs, a, rows)  # hashed by the direct writer, chunk by chunk
+        else:
+            crc, blocks = block_crcs(a, rows)
         with self.lock:
             self.parts[key].append((start, start + len(a), crc, int(a.nbytes), blocks))
             first, self.first = self.first, False
