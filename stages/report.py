@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import click
 
+from pipeline.conditions import Condition
 from pipeline.report import ReportError, write_report
 from stages.common import stage_command
 
@@ -101,7 +103,8 @@ def main(
     for name, path in paths.items():
         click.echo(f"{name}: {path}")
     if readme is not None:
-        inject(readme, Path(paths["results"]).read_text(), out_dir)
+        conditions = _conditions(Path(paths["summary"]))
+        inject(readme, Path(paths["results"]).read_text(), out_dir, conditions)
         click.echo(f"readme: {readme}")
 
 
@@ -129,14 +132,29 @@ def readme_body(results_md: str, out_dir: Path) -> str:
     return "\n".join(kept)
 
 
-def inject(readme: Path, results_md: str, out_dir: Path) -> None:
+def _conditions(summary_json: Path) -> set[str]:
+    """Conditions with results in summary.json (task → condition → method → ...)."""
+    data = json.loads(summary_json.read_text())
+    return {c for per_task in data.values() if isinstance(per_task, dict) for c in per_task}
+
+
+def inject(readme: Path, results_md: str, out_dir: Path, conditions: set[str] | None = None) -> None:
     """Replace the README's results block with the generated report (headings demoted one level, reference
-    sections left to the full report)."""
+    sections left to the full report). A plot is embedded only when ``conditions`` (None: any) has runs it
+    draws: a grid without low-shot or shift runs gets no empty figure in the README."""
     text = readme.read_text()
     if START not in text or END not in text:
         raise click.ClickException(f"{readme}: no '{START}' … '{END}' block to fill")
     body = readme_body(results_md, out_dir)
-    plots = f"![accuracy vs labelled fraction]({out_dir}/lowshot.png)\n![domain shift]({out_dir}/shift.png)"
+    kinds = None if conditions is None else {Condition.parse(c).kind for c in conditions}
+    plots = "\n".join(
+        f"![{title}]({out_dir}/{name})"
+        for kind, title, name in (
+            ("lowshot", "accuracy vs labelled fraction", "lowshot.png"),
+            ("shift", "domain shift", "shift.png"),
+        )
+        if kinds is None or kind in kinds
+    )
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
     # Beside the README, then renamed over it: an interrupted write never leaves a truncated README.

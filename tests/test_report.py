@@ -431,3 +431,8 @@ def test_readme_block_is_replaced_and_the_rest_kept(tmp_path):
     text = readme.read_text()
     assert "T1" in text and "T4" in text and "T2" not in text and "T3" not in text
     assert "reports/results.md" in text
+    # A grid of full-data runs only: no empty low-shot or shift figure in the README.
+    inject(readme, md, tmp_path / "reports", {"full"})
+    assert "lowshot.png" not in readme.read_text() and "shift.png" not in readme.read_text()
+    inject(readme, md, tmp_path / "reports", {"full", "shift"})
+    assert "lowshot.png" not in readme.read_text() and "shift.png" in readme.read_text()
