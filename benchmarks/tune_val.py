@@ -33,10 +33,12 @@ def summary(path: str) -> str:
     groups: dict[tuple, list[dict]] = {}
     for line in Path(path).read_text().splitlines():
         r = json.loads(line)
-        groups.setdefault((r["tag"], r["task"], r["condition"], r["method"]), []).append(r)
+        # The overrides are part of the setting: two settings under one tag are two rows, never one mean.
+        key = (r["tag"], tuple(r["overrides"]), r["task"], r["condition"], r["method"])
+        groups.setdefault(key, []).append(r)
     rows = ["| tag | overrides | task | condition | method | seeds | val mean (min–max) | image sensitivity |",
             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for (tag, task, cond, method), rs in groups.items():
+    for (tag, _, task, cond, method), rs in groups.items():
         vals = [r["val"] for r in rs]
         sens = [r["image_sensitivity"] for r in rs if "image_sensitivity" in r]
         rows.append(
