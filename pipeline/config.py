@@ -231,8 +231,8 @@ class StudentParams:
     stem: Literal["patch", "conv"] = "conv"
     image_size: int = 64
     max_text_len: int = 32
-    # 0: dropout slowed the FiLM student's learning (SNLI-VE full data, 1,000 steps: val 0.48 at 0.1 after
-    # 1,500 steps, 0.54 at 0 after 1,000; docs/training.md).
+    # 0: every FiLM record (docs/training.md) is without dropout; a first try at 0.1 learned SNLI-VE more
+    # slowly (not kept as a record). The ViLT student was run at 0.1.
     dropout: float = 0.0
     # "pretrained": every run fine-tunes the backbone `pretrained` points at (the pretrain_student stage's
     # output; CLIP-TD's students were pretrained VL models); "scratch": random weights.
@@ -259,8 +259,8 @@ class TrainParams:
     batch_size: int = 32
     # Per-task batch sizes that replace batch_size: a VCR instance is 8 student sequences (4 Q→A + 4 QA→R).
     task_batch_size: dict[str, int] = field(default_factory=lambda: {"vcr": 4})
-    # 1e-3: the rate the FiLM student was measured at (benchmarks/results/tuning.jsonl, tag student-v2); not
-    # yet swept per method on the current world (docs/tuning.md).
+    # 1e-3: the baseline's best of 5e-4 / 1e-3 / 2e-3 on VQA and SNLI-VE validation; clip_td showed no
+    # consistent direction (one seed; benchmarks/results/tuning.jsonl tag lr-v2, docs/tuning.md).
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup: int = 10

@@ -85,6 +85,17 @@ def fit_text(text_ids: Tensor, max_len: int, eot_id: int) -> tuple[Tensor, Tenso
     return ids, mask & has_text
 
 
+def check_inputs(pixels: Tensor, text_ids: Tensor, image_size: int) -> tuple[int, int]:
+    """(text rows, images) of a student's inputs: images of the student's size, and the same number of text
+    rows for every image (text row r is read with image r // (rows / images))."""
+    if pixels.shape[-2:] != (image_size, image_size):
+        raise ValueError(f"student expects {image_size}px images, got {tuple(pixels.shape[-2:])}")
+    b, n_img = text_ids.shape[0], pixels.shape[0]
+    if b % n_img:
+        raise ValueError(f"{b} text rows for {n_img} images: each image needs the same number of texts")
+    return b, n_img
+
+
 def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> Tensor:
     """A bool mask, True with probability 1 - p (p rounded to a multiple of 2**-16), four elements per
     64-bit draw. torch's dropout draws a Bernoulli per element, which on the CPU cost 8 ns an element and
@@ -247,11 +258,7 @@ class ViltStudent(CompactVocabulary, nn.Module):
     def forward(self, pixels: Tensor, text_ids: Tensor) -> StudentOutput:
         """pixels [B_img, 3, H, W]; text_ids [B, L] with B a multiple of B_img: text row r is read with image
         r // (B / B_img), as if each image were repeated B / B_img times."""
-        if pixels.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"student expects {self.image_size}px images, got {tuple(pixels.shape[-2:])}")
-        b, n_img = text_ids.shape[0], pixels.shape[0]
-        if b % n_img:
-            raise ValueError(f"{b} text rows for {n_img} images: each image needs the same number of texts")
+        b, n_img = check_inputs(pixels, text_ids, self.image_size)
         ids, text_mask = fit_text(text_ids, self.max_text_len, self.eot_id)
         # Only up to the batch's longest real text enters the sequence: later slots are padding in every row,
         # masked out as keys, so they change no real token's output; they come back as zeros, which no loss
@@ -363,11 +370,7 @@ class FilmStudent(CompactVocabulary, nn.Module):
 
     def forward(self, pixels: Tensor, text_ids: Tensor) -> StudentOutput:
         """As ``ViltStudent.forward``: pixels [B_img, 3, H, W], text_ids [B, L] with B a multiple of B_img."""
-        if pixels.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"student expects {self.image_size}px images, got {tuple(pixels.shape[-2:])}")
-        b, n_img = text_ids.shape[0], pixels.shape[0]
-        if b % n_img:
-            raise ValueError(f"{b} text rows for {n_img} images: each image needs the same number of texts")
+        b, n_img = check_inputs(pixels, text_ids, self.image_size)
         ids, text_mask = fit_text(text_ids, self.max_text_len, self.eot_id)
         n_txt = max(1, int(text_mask.sum(1).max()) if text_mask.numel() else 1)
         mask = text_mask[:, :n_txt]
