@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline import cache as C
+from pipeline.config import TrainParams
 from pipeline.lock import StoreLock
 from stages.evaluate import main as evaluate_main
 from stages.train_student import main as train_main
@@ -94,7 +95,9 @@ def test_exports_and_checkpoints_load_with_weights_only(done):
         state = torch.load(done / name, weights_only=True)
         assert isinstance(state, dict) and state["run"]["seed"] == 0
     ckpt = torch.load(done / "checkpoint.pt", weights_only=True)
-    assert ckpt["identity"]["task"] == "snli_ve" and ckpt["identity"]["params"]["train.lr"] == 2e-3
+    assert (
+        ckpt["identity"]["task"] == "snli_ve" and ckpt["identity"]["params"]["train.lr"] == TrainParams().lr
+    )
 
 
 def test_crafted_checkpoint_is_refused_and_runs_no_code(world, run_copy, tmp_path):
@@ -150,7 +153,7 @@ def test_damaged_checkpoint_is_one_line_with_a_reason(world, run_copy, damage):
     ("extra", "sets", "says"),
     [
         (["--seed", "3"], [], "seed (0 → 3)"),
-        ([], ["train.lr=0.0001"], "train.lr (0.002 → 0.0001)"),
+        ([], ["train.lr=0.0001"], f"train.lr ({TrainParams().lr} → 0.0001)"),
         (["--method", "naive_kd"], [], "method (clip_td → naive_kd)"),
     ],
 )
