@@ -1,4 +1,5 @@
-"""Students: a compact single-stream (ViLT-style) vision-language transformer, its task heads, and a registry.
+"""Students: a text-conditioned CNN (FiLM, the default) and a compact single-stream (ViLT-style) vision-language
+transformer, their task heads, and a registry.
 
 A student reads an image and token ids produced by the *teacher's* tokenizer, so student text position i
 is teacher text position i (method §2) and no span mapping is needed. Every student exposes per-token
@@ -323,7 +324,7 @@ class FilmStudent(CompactVocabulary, nn.Module):
 
     Why a second student: on the embedded world, whose labels each need the text and the image together
     ("the yellow object is a triangle": find the yellow object, then check its shape), the ViLT student
-    trained from labels alone stayed at chance on SNLI-VE after 2,000 full-data steps, while this one
+    trained from labels alone stayed at chance on SNLI-VE after 1,000 full-data steps, while this one
     learns it (docs/training.md). Conditioning every conv channel on the text is the inductive bias that
     makes "find what the text names, then look at it" cheap to learn at this size.
 
