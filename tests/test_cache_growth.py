@@ -171,12 +171,7 @@ def test_interrupted_append_resumes(world, grown, tmp_path, monkeypatch):
     assert first_new in X.UNIT_RUNS and len(X.UNIT_RUNS) == m["units_computed"]
     assert m["units_total"] - m["units_computed"] > n_units  # A's units and the append's committed one
     assert verify_store(url).ok
-    got, ref = C.TeacherCache(url), C.TeacherCache(grown["ref_url"])
-    ids = world["b"].image_ids()
-    cos = torch.nn.functional.cosine_similarity(
-        got.image_targets(ids)["pooled"], ref.image_targets(ids)["pooled"], dim=-1
-    )
-    assert cos.min() >= 0.9999
+    assert _min_cosine(url, grown["ref_url"], world["b"].image_ids(), "pooled") >= 0.9999
 
 
 def test_interrupted_append_needs_its_datasets(world, tmp_path, monkeypatch):
@@ -318,12 +313,7 @@ def test_store_from_before_segments_and_sha1_grows(world, grown, tmp_path):
     # A's images are known by content through this run's A, so B's copy of one is an alias, not a row.
     assert m["aliases_appended"] == 1 and m["images_appended"] == grown["second"]["images_appended"]
     assert verify_store(url).ok
-    got, ref = C.TeacherCache(url), C.TeacherCache(grown["ref_url"])
-    ids = world["b"].image_ids()
-    cos = torch.nn.functional.cosine_similarity(
-        got.image_targets(ids)["tokens"], ref.image_targets(ids)["tokens"], dim=-1
-    )
-    assert cos.min() >= 0.9999
+    assert _min_cosine(url, grown["ref_url"], world["b"].image_ids(), "tokens") >= 0.9999
 
 
 def test_append_cut_short_then_not_repeated_leaves_a_store_that_verifies(world, tmp_path, monkeypatch):
@@ -432,3 +422,10 @@ def test_vqa_data_appended_to_a_store_without_it_sets_the_answer_vocabulary(worl
     from tests.test_extract import _all_texts
 
     C.TeacherCache(url).text_targets(_all_texts([world["a"]], world["a"].answer_vocab()), tokens=False)
+
+
+def _min_cosine(url: str, ref_url: str, ids: list[str], key: str) -> float:
+    """The smallest per-row cosine between two stores' image targets ``key`` for ``ids``."""
+    got, ref = C.TeacherCache(url), C.TeacherCache(ref_url)
+    a, b = got.image_targets(ids)[key], ref.image_targets(ids)[key]
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
