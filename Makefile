@@ -21,19 +21,24 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # dvc.yaml's commands say `python`: the venv's bin goes first on PATH so they run inside it.
+# pipeline.repro is `dvc repro` running the one-core stages (meta: {cores: 1}) JOBS at a time (0 = one per
+# core); plain `dvc repro` gives the same outputs and dvc.lock, one stage at a time.
+JOBS ?= 0
 repro: setup
 	test -d .dvc || $(BIN)/dvc init -q
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.repro --jobs $(JOBS) dvc.yaml
 
 # The evidence study (study/dvc.yaml, sized in docs/study.md): every cell is a stage, so rerunning `make study`
-# after an interrupt resumes at the first unfinished cell. The VL-pretrained student is built here only while
-# dvc.yaml has no pretrain_student stage of its own to build it.
+# after an interrupt resumes at the first unfinished cell; what it needs from dvc.yaml is built first. The
+# cells the study's targets rest on run first, so a study finished over several sittings has its verdicts
+# early: low-shot 0.01 and shift (baseline, clip_td, then the blind floor and naive_kd), then full.
+STUDY_FIRST := main@*-lowshot-0.01-baseline-* main@*-lowshot-0.01-clip_td-* main@*-shift-baseline-* \
+  main@*-shift-clip_td-* main@*-lowshot-0.01-blind-* main@*-shift-blind-* main@*-lowshot-0.01-naive_kd-* \
+  main@*-shift-naive_kd-* main@*-full-*
 study: setup
 	test -d .dvc || $(BIN)/dvc init -q
-	grep -q "pretrain_student:" dvc.yaml || test -f artifacts/student_pretrained/student.pt || { \
-	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro prepare && \
-	  $(BIN)/python -m stages.pretrain_student --quiet; }
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro study/dvc.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.repro --jobs $(JOBS) --keep-going \
+	  $(foreach g,$(STUDY_FIRST),--first '$(g)') study/dvc.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,233 @@
+"""``dvc repro`` with several one-core stages at a time: ``python -m pipeline.repro [--jobs N] [dvc.yaml]``.
+
+Why: the student stages train on one torch thread (``train.threads: 1``, fastest for the embedded student
+beside its prefetch thread), so plain ``dvc repro``, which runs one stage at a time, leaves every other core
+idle through the longest part of ``make repro`` and of the study. Two student stages side by side on 2 cores
+train 1.76x as many steps per second as one (docs/time-budget.md).
+
+How: the stages a pipeline file needs (its own and everything upstream of them, in any dvc.yaml of the
+repository) are asked ``dvc status`` once; the changed ones and everything downstream of them are run in
+dependency order, each by ``dvc --wait-for-lock repro --single-item <stage>``, so DVC itself checks, runs and
+records every stage in dvc.lock exactly as a plain ``dvc repro`` would (DVC releases its repository lock while
+a stage's command runs). A stage runs beside others only when its dvc.yaml entry says it uses one core
+(``meta: {cores: 1}``); every other stage (the teacher's pretraining, extraction, which use all cores) runs
+alone. Each stage's output goes to a log under ``.dvc/tmp/repro-logs/``; a failed stage stops new launches
+(``--keep-going`` runs everything that does not depend on it), lets the running ones finish, and the command
+exits 1 naming the stage and the tail of its log. Interrupting it stops the running stages; the next run
+redoes only what is not recorded as finished.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+LOG_DIR = Path(".dvc/tmp/repro-logs")
+
+
+@dataclass
+class Plan:
+    """The stages to run (addressing names, in a dependency order), what each waits for, and which may share
+    the machine."""
+
+    order: list[str]
+    needs: dict[str, set[str]] = field(default_factory=dict)
+    one_core: set[str] = field(default_factory=set)
+
+    def prioritise(self, first: tuple[str, ...]) -> None:
+        """Among stages that are ready, those matching an earlier ``first`` glob start first (a study run
+        over several sittings finishes its most wanted cells first); ties keep dvc.yaml's order."""
+        rank = {n: i for i, n in enumerate(self.order)}
+
+        def key(name: str) -> tuple[int, int]:
+            hits = [i for i, pat in enumerate(first) if fnmatch.fnmatchcase(name.split(":")[-1], pat)]
+            return (hits[0] if hits else len(first), rank[name])
+
+        left, emitted, self.order = sorted(self.order, key=key), set(), []
+        while left:  # the first wanted stage whose needs come before it, so --dry prints the run order
+            name = next(n for n in left if self.needs[n] <= emitted)
+            left.remove(name)
+            emitted.add(name)
+            self.order.append(name)
+
+
+def _one_core(stage) -> bool:
+    meta = getattr(stage, "meta", None)
+    return isinstance(meta, dict) and meta.get("cores") == 1
+
+
+def plan(root: str | Path, target: str) -> Plan:
+    """What ``dvc repro target`` would run: the target file's stages and their upstream stages that
+    ``dvc status`` reports changed, plus everything downstream of those within that set."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root), _wait_for_lock=True) as repo:  # another dvc (a stage finishing) may hold it
+        graph = repo.index.graph  # an edge goes from a stage to a stage it depends on
+        in_target = [s for s in graph if s.path_in_repo == target or s.addressing == target]
+        if not in_target:
+            raise click.ClickException(
+                f"{target}: no DVC stage is defined there (a dvc.yaml or a stage name)"
+            )
+        wanted = set(in_target)
+        for s in in_target:
+            wanted |= nx.descendants(graph, s)
+        by_name = {s.addressing: s for s in wanted}
+        # One status call for the whole file (one per stage is quadratic in DVC: minutes for the study).
+        changed = set(repo.status(targets=[target], with_deps=True)) & set(by_name)
+    todo = {by_name[n] for n in changed}
+    for s in list(todo):
+        todo |= {a for a in nx.ancestors(graph, s) if a in wanted}
+    sub = graph.subgraph(todo)
+    defined = {s: i for i, s in enumerate(graph)}  # the order of dvc.yaml files and their entries
+    order = [s.addressing for s in sorted(todo, key=defined.__getitem__)]
+    needs = {s.addressing: {d.addressing for d in sub.successors(s)} for s in todo}
+    return Plan(order, needs, {s.addressing for s in todo if _one_core(s)})
+
+
+def _log_path(stage: str) -> Path:
+    return LOG_DIR / (re.sub(r"[^A-Za-z0-9_.@-]+", "_", stage) + ".log")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@dataclass
+class Running:
+    proc: subprocess.Popen
+    log: Path
+    start: float
+
+
+def run(plan: Plan, jobs: int, dvc: str = "dvc", keep_going: bool = False, echo=click.echo) -> list[str]:
+    """Run the plan with at most ``jobs`` one-core stages at a time; every other stage alone. Returns the
+    stages that failed (empty when all passed)."""
+    from tqdm import tqdm
+
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    pending, done, failed = list(plan.order), set(), []
+    running: dict[str, Running] = {}
+    bar = tqdm(total=len(pending), unit="stage", desc="dvc repro", disable=not pending)
+
+    def launch(name: str) -> None:
+        log = _log_path(name)
+        with open(log, "w") as fh:
+            # A process group of its own: an interrupt here stops the stage's whole command, not only dvc.
+            proc = subprocess.Popen(
+                [dvc, "--wait-for-lock", "repro", "--single-item", name],
+                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        running[name] = Running(proc, log, time.monotonic())
+
+    try:
+        while pending or running:
+            stop = failed and not keep_going
+            ready = [] if stop else [n for n in pending if plan.needs[n] <= done]
+            exclusive_running = any(n not in plan.one_core for n in running)
+            for name in ready:
+                if exclusive_running:
+                    break
+                if name in plan.one_core:
+                    if len(running) >= jobs:
+                        break
+                elif running:  # a stage that uses every core waits for the machine to itself
+                    break
+                launch(name)
+                pending.remove(name)
+                exclusive_running = name not in plan.one_core
+            if stop and not running:
+                break
+            if not running:  # only stages that need a failed one are left
+                break
+            time.sleep(0.2)
+            for name, r in list(running.items()):
+                rc = r.proc.poll()
+                if rc is None:
+                    continue
+                del running[name]
+                secs = time.monotonic() - r.start
+                bar.update(1)
+                if rc == 0:
+                    done.add(name)
+                    bar.write(f"done    {name} ({secs:.0f} s)")
+                else:
+                    failed.append(name)
+                    bar.write(f"FAILED  {name} (exit {rc} after {secs:.0f} s); log {r.log}:\n{_tail(r.log)}")
+    except KeyboardInterrupt:
+        for r in running.values():
+            try:
+                os.killpg(r.proc.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+        for r in running.values():
+            r.proc.wait()
+        bar.close()
+        raise
+    bar.close()
+    if failed:
+        echo(
+            f"{len(failed)} stage(s) failed: {', '.join(failed)}; {len(pending)} not run (they need a failed "
+            f"stage{'' if keep_going else ', or were stopped by the failure'}). Logs: {LOG_DIR}/",
+            err=True,
+        )
+    return failed
+
+
+def default_jobs() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("target", default="dvc.yaml")
+@click.option(
+    "--jobs", "-j", type=click.IntRange(min=0), default=0,
+    help="One-core stages (meta: {cores: 1} in dvc.yaml) run at most this many at a time; 0 = one per core.",
+)  # fmt: skip
+@click.option(
+    "--keep-going", "-k", is_flag=True, help="After a failure, still run every stage that does not need it."
+)
+@click.option(
+    "--first", multiple=True, metavar="GLOB",
+    help="Start ready stages whose name (without the dvc.yaml path) matches this glob before others; "
+    "repeat for an order, e.g. --first 'main@*-lowshot-0.01-*' --first 'main@*-shift-*'.",
+)  # fmt: skip
+@click.option("--dry", is_flag=True, help="Print the stages that would run, in order, and exit.")
+def main(target: str, jobs: int, keep_going: bool, first: tuple[str, ...], dry: bool) -> None:
+    """Bring TARGET (a dvc.yaml, default the main pipeline, or one stage) up to date like `dvc repro`, running
+    the stages marked as one-core several at a time. Each stage is run and recorded by DVC itself, so a later
+    plain `dvc repro` finds everything up to date; an interrupted run resumes at what is not recorded."""
+    p = plan(".", target)
+    p.prioritise(first)
+    jobs = jobs or default_jobs()
+    if dry:
+        if not p.order:
+            click.echo(f"{target}: everything is up to date.")
+        for name in p.order:
+            click.echo(f"{'1 core ' if name in p.one_core else 'all    '} {name}")
+        return
+    if not p.order:
+        click.echo(f"{target}: everything is up to date.")
+        return
+    click.echo(f"{len(p.order)} stage(s) to run, {len(p.one_core)} of them up to {jobs} at a time")
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    if not Path(dvc).exists():
+        dvc = "dvc"
+    if run(p, jobs, dvc=dvc, keep_going=keep_going):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

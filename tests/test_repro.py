@@ -1,0 +1,118 @@
+"""pipeline/repro.py: dvc repro with one-core stages side by side, recorded by DVC as a plain repro would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+# A stage's command: sleep, then record when it ran (or fail when the fail file names it).
+STEP = """
+import json, sys, time
+from pathlib import Path
+name, out = sys.argv[1], Path(sys.argv[2])
+start = time.time()
+if name in Path("fail.txt").read_text().split():
+    sys.exit(3)
+time.sleep(float(sys.argv[3]) if len(sys.argv) > 3 else 0)
+out.write_text(json.dumps({"start": start, "end": time.time()}))
+"""
+
+PIPELINE = """
+stages:
+  first:
+    cmd: python step.py first first.json
+    deps: [step.py]
+    outs: [first.json]
+  cell:
+    foreach: [a, b, c]
+    do:
+      meta: {cores: 1}
+      cmd: python step.py ${item} cell-${item}.json 1.5
+      deps: [step.py, first.json]
+      outs:
+        - cell-${item}.json
+  last:
+    cmd: python step.py last last.json
+    deps: [cell-a.json, cell-b.json, cell-c.json]
+    outs: [last.json]
+"""
+
+
+def _env() -> dict:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+            "DVC_NO_ANALYTICS": "1"}  # fmt: skip
+
+
+def _run(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.repro", *args], cwd=repo, env=_env(),
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+
+
+def _dvc(repo: Path, *args: str) -> str:
+    out = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=_env(), capture_output=True, text=True,
+                         timeout=120, check=True)  # fmt: skip
+    return out.stdout
+
+
+def _times(repo: Path, name: str) -> tuple[float, float]:
+    d = json.loads((repo / f"{name}.json").read_text())
+    return d["start"], d["end"]
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    _dvc(tmp_path, "init", "-q")
+    (tmp_path / "step.py").write_text(STEP)
+    (tmp_path / "fail.txt").write_text("")
+    (tmp_path / "dvc.yaml").write_text(textwrap.dedent(PIPELINE))
+    return tmp_path
+
+
+def test_one_core_stages_run_side_by_side_and_dvc_records_every_stage(repo: Path):
+    r = _run(repo, "--jobs", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    first, last = _times(repo, "first"), _times(repo, "last")
+    cells = [_times(repo, f"cell-{x}") for x in "abc"]
+    assert all(first[1] <= s for s, _ in cells), "a cell started before the stage it needs had finished"
+    assert all(e <= last[0] for _, e in cells), "the last stage started before every cell had finished"
+    overlaps = [(i, j) for i in range(3) for j in range(i + 1, 3) if cells[i][0] < cells[j][1] and cells[j][0] < cells[i][1]]  # fmt: skip
+    assert overlaps, f"no two one-core stages ran at the same time: {cells}"
+    assert max(s for s, _ in cells) >= min(e for _, e in cells), "three ran at once with --jobs 2"
+    assert "up to date" in _dvc(repo, "status")  # DVC recorded every stage in dvc.lock
+    again = _run(repo)
+    assert again.returncode == 0 and "everything is up to date" in again.stdout
+
+
+def test_a_failed_stage_stops_what_needs_it_names_itself_and_keeps_what_finished(repo: Path):
+    (repo / "fail.txt").write_text("b")
+    r = _run(repo, "--jobs", "2")
+    assert r.returncode == 1
+    assert "cell@b" in r.stderr and "1 stage(s) failed" in r.stderr
+    assert not (repo / "last.json").exists()
+    changed = json.loads(_dvc(repo, "status", "--json"))
+    assert {"first", "cell@a"}.isdisjoint(changed), changed  # what finished is recorded
+    assert {"cell@b", "last"} <= set(changed)
+    r = _run(repo, "--jobs", "2", "--keep-going")  # runs c, which does not need b
+    assert r.returncode == 1 and "cell@b" in r.stderr
+    assert set(json.loads(_dvc(repo, "status", "--json"))) == {"cell@b", "last"}
+    (repo / "fail.txt").write_text("")
+    plan = _run(repo, "--dry")
+    assert plan.stdout.split() == ["1", "core", "cell@b", "all", "last"]
+    assert _run(repo).returncode == 0 and "up to date" in _dvc(repo, "status")
+
+
+def test_first_orders_ready_stages(repo: Path):
+    plan = _run(repo, "--dry", "--first", "cell@c", "--first", "cell@b")
+    names = [line.split()[-1] for line in plan.stdout.splitlines()]
+    assert names == ["first", "cell@c", "cell@b", "cell@a", "last"]
