@@ -31,10 +31,11 @@ repro: setup
 # The evidence study (study/dvc.yaml, sized in docs/study.md): every cell is a stage, so rerunning `make study`
 # after an interrupt resumes at the first unfinished cell; what it needs from dvc.yaml is built first. The
 # cells the study's targets rest on run first, so a study finished over several sittings has its verdicts
-# early: low-shot 0.01 and shift (baseline, clip_td, then the blind floor and naive_kd), then full.
+# early: low-shot 0.01 and shift (baseline, clip_td, the blind floor), the ablations that diagnose VQA's
+# low-shot loss (docs/study.md), naive_kd, then full.
 STUDY_FIRST := main@*-lowshot-0.01-baseline-* main@*-lowshot-0.01-clip_td-* main@*-shift-baseline-* \
-  main@*-shift-clip_td-* main@*-lowshot-0.01-blind-* main@*-shift-blind-* main@*-lowshot-0.01-naive_kd-* \
-  main@*-shift-naive_kd-* main@*-full-*
+  main@*-shift-clip_td-* main@*-lowshot-0.01-blind-* main@*-shift-blind-* ablation@vqa-lowshot-0.01-* \
+  main@*-lowshot-0.01-naive_kd-* main@*-shift-naive_kd-* main@*-full-*
 study: setup
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.repro --jobs $(JOBS) --keep-going \

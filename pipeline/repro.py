@@ -13,8 +13,9 @@ a stage's command runs). A stage runs beside others only when its dvc.yaml entry
 (``meta: {cores: 1}``); every other stage (the teacher's pretraining, extraction, which use all cores) runs
 alone. Each stage's output goes to a log under ``.dvc/tmp/repro-logs/``; a failed stage stops new launches
 (``--keep-going`` runs everything that does not depend on it), lets the running ones finish, and the command
-exits 1 naming the stage and the tail of its log. Interrupting it stops the running stages; the next run
-redoes only what is not recorded as finished.
+exits 1 naming the stage and the tail of its log. An interrupt (Ctrl-C, SIGINT) starts no more stages and
+lets the running ones finish and be recorded; a second one stops them. The next run redoes only what is not
+recorded as finished.
 """
 
 from __future__ import annotations
@@ -132,9 +133,20 @@ def run(plan: Plan, jobs: int, dvc: str = "dvc", keep_going: bool = False, echo=
             )  # fmt: skip
         running[name] = Running(proc, log, time.monotonic())
 
-    try:
-        while pending or running:
-            stop = failed and not keep_going
+    def stop_now() -> None:
+        for r in running.values():
+            try:
+                os.killpg(r.proc.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+        for r in running.values():
+            r.proc.wait()
+        bar.close()
+
+    draining = False
+    while pending or running:
+        try:
+            stop = draining or (failed and not keep_going)
             ready = [] if stop else [n for n in pending if plan.needs[n] <= done]
             exclusive_running = any(n not in plan.one_core for n in running)
             for name in ready:
@@ -148,9 +160,7 @@ def run(plan: Plan, jobs: int, dvc: str = "dvc", keep_going: bool = False, echo=
                 launch(name)
                 pending.remove(name)
                 exclusive_running = name not in plan.one_core
-            if stop and not running:
-                break
-            if not running:  # only stages that need a failed one are left
+            if not running:  # stopped, or only stages that need a failed one are left
                 break
             time.sleep(0.2)
             for name, r in list(running.items()):
@@ -166,16 +176,19 @@ def run(plan: Plan, jobs: int, dvc: str = "dvc", keep_going: bool = False, echo=
                 else:
                     failed.append(name)
                     bar.write(f"FAILED  {name} (exit {rc} after {secs:.0f} s); log {r.log}:\n{_tail(r.log)}")
-    except KeyboardInterrupt:
-        for r in running.values():
-            try:
-                os.killpg(r.proc.pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
-        for r in running.values():
-            r.proc.wait()
+        except KeyboardInterrupt:
+            if draining or not running:
+                stop_now()
+                raise
+            # A study stopped between sittings loses no finished work: let the running stages finish.
+            draining = True
+            bar.write(
+                f"interrupted: finishing the {len(running)} running stage(s), starting no more "
+                "(interrupt again to stop them now; a stopped stage reruns next time)"
+            )
+    if draining:
         bar.close()
-        raise
+        raise KeyboardInterrupt
     bar.close()
     if failed:
         echo(
@@ -225,7 +238,12 @@ def main(target: str, jobs: int, keep_going: bool, first: tuple[str, ...], dry: 
     dvc = str(Path(sys.executable).with_name("dvc"))
     if not Path(dvc).exists():
         dvc = "dvc"
-    if run(p, jobs, dvc=dvc, keep_going=keep_going):
+    try:
+        failed = run(p, jobs, dvc=dvc, keep_going=keep_going)
+    except KeyboardInterrupt:
+        click.echo("stopped: what finished is recorded in dvc.lock; run the same command to go on.", err=True)
+        raise SystemExit(130) from None
+    if failed:
         raise SystemExit(1)
 
 

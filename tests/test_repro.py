@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,21 @@ def test_first_orders_ready_stages(repo: Path):
     plan = _run(repo, "--dry", "--first", "cell@c", "--first", "cell@b")
     names = [line.split()[-1] for line in plan.stdout.splitlines()]
     assert names == ["first", "cell@c", "cell@b", "cell@a", "last"]
+
+
+def test_an_interrupt_lets_running_stages_finish_and_starts_no_more(repo: Path):
+    """What a study stopped between sittings relies on: Ctrl-C loses no cell that was running."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.repro", "--jobs", "2"], cwd=repo, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    logs = repo / ".dvc" / "tmp" / "repro-logs"
+    deadline = time.monotonic() + 120
+    while len(list(logs.glob("cell@*.log"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "run the same command to go on" in err
+    started = sorted(p.stem for p in logs.glob("cell@*.log"))
+    assert len(started) == 2
+    changed = set(json.loads(_dvc(repo, "status", "--json")))
+    assert changed == {"cell@a", "cell@b", "cell@c", "last"} - set(started), changed
