@@ -4,10 +4,13 @@
 49,408-row token table, every one of the 32 text slots in the sequence, torch's per-element Bernoulli
 dropout, an NCHW stem run once per (image, text) pair. "new" is ``student.model.ViltStudent`` as the
 trainer builds it: the compact vocabulary of the task's texts, the sequence cut at the batch's longest
-text, the cheaper dropout mask, a channels_last stem run once per image (VCR reads each with 8 texts). Both are driven by ``Trainer.train_step`` (same optimizer, clipping, losses) on the
-same pre-collected batches, round-robin step by step so that load on the machine hits both alike; after a
-few warm-up steps each step's old/new ratio is taken back to back, and the median (with quartiles, min and
-max) is reported, with CPU seconds beside wall seconds.
+text, the cheaper dropout mask, a channels_last stem run once per image (VCR reads each with 8 texts).
+"default" is the student params.yaml builds today (``student.arch: film`` since the ViLT student could
+not learn the world from labels, docs/training.md): a different model, so only its time is compared.
+All are driven by ``Trainer.train_step`` (same optimizer, clipping, losses) on the same pre-collected
+batches, round-robin step by step so that load on the machine hits every arm alike; after a few warm-up
+steps each step's old/new and old/default ratios are taken back to back, and the median (with quartiles,
+min and max) is reported, with CPU seconds beside wall seconds.
 
 Equality. The two arms start from the same weights (one seed; the new table's rows are the old table's
 rows of its ids, checked). With dropout off (``student.dropout=0``; with dropout on the two draw
@@ -138,13 +141,19 @@ def legacy_students():
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-def make_trainers(world, task: str, work: Path, overrides: tuple[str, ...] = ()) -> dict:
+ARMS = ("old", "new", "default")
+
+
+def make_trainers(world, task: str, work: Path, overrides: tuple[str, ...] = (), arms=ARMS) -> dict:
+    """Per method: "old" (the legacy ViLT student), "new" (today's ViLT student: the same model with the
+    compact vocabulary, so its losses must equal old's) and "default" (params.yaml's student, the FiLM
+    student since issue 24: a different model, timed only)."""
     from student.train import RunSpec, Trainer
 
-    params = world.params(*overrides)
     trainers = {}
     for method in METHODS:
-        for arm in ("old", "new"):
+        for arm in arms:
+            params = world.params(*overrides, *(("student.arch=vilt",) if arm != "default" else ()))
             tag = f"{arm}-{method}"
             run = RunSpec(
                 task, "full", method, 0, str(world.root), world.store(), str(work / f"step-{task}-{tag}")
@@ -170,7 +179,7 @@ def same_initial_weights(old: nn.Module, new: nn.Module) -> bool:
 def check_equal(world, task: str, work: Path) -> dict:
     """Dropout-free steps of each method, old and new on the same batches: per-step losses and the weights
     after the last step."""
-    trainers = make_trainers(world, task, work / "equal", ("student.dropout=0.0",))
+    trainers = make_trainers(world, task, work / "equal", ("student.dropout=0.0",), arms=("old", "new"))
     stream = trainers["new-baseline"].batches()
     batches = [next(stream) for _ in range(EQUAL_STEPS)]
     out: dict = {"steps": EQUAL_STEPS, "same_initial_weights": {}, "losses": {}, "max_rel_loss_diff": {}}
@@ -233,8 +242,12 @@ def measure(world, task: str, steps: int, work: Path) -> dict:
     for method in METHODS:
         pairs = [o / n for o, n in zip(wall[f"old-{method}"], wall[f"new-{method}"], strict=True)]
         cpu_pairs = [o / n for o, n in zip(cpu[f"old-{method}"], cpu[f"new-{method}"], strict=True)]
+        default = [o / n for o, n in zip(wall[f"old-{method}"], wall[f"default-{method}"], strict=True)]
+        d1, d2, d3 = quartiles(default)
         q1, q2, q3 = quartiles(pairs)
         out[method] = {
+            "old_over_default": round(d2, 4),
+            "old_over_default_quartiles": [round(d1, 4), round(d3, 4)],
             "old_over_new": round(q2, 4),
             "old_over_new_quartiles": [round(q1, 4), round(q3, 4)],
             "old_over_new_min_max": [round(min(pairs), 4), round(max(pairs), 4)],
@@ -246,7 +259,9 @@ def measure(world, task: str, steps: int, work: Path) -> dict:
         }
         log(
             f"{task} {method}: step old {median(wall[f'old-{method}']) * 1e3:.1f} ms, new "
-            f"{median(wall[f'new-{method}']) * 1e3:.1f} ms: old÷new {q2:.2f} (quartiles {q1:.2f}-{q3:.2f})"
+            f"{median(wall[f'new-{method}']) * 1e3:.1f} ms, default "
+            f"{median(wall[f'default-{method}']) * 1e3:.1f} ms: old÷new {q2:.2f} (quartiles {q1:.2f}-{q3:.2f}), "
+            f"old÷default {d2:.2f}"
         )
     return out
 
@@ -261,14 +276,14 @@ def measure_loop(world, task: str, steps: int, work: Path, block: int = 10) -> d
     blocks = max(2, steps // block) + 1  # each arm's first block warms up
     out: dict = {"task": task, "block_steps": block, "blocks_timed": blocks - 1}
     for method in METHODS:
-        arms = {arm: trainers[f"{arm}-{method}"] for arm in ("old", "new")}
+        arms = {arm: trainers[f"{arm}-{method}"] for arm in ARMS}
         stream = arms["new"].batches()
         batches = [next(stream) for _ in range(blocks * block)]
         pending = {arm: _Prefetch(tr, iter(batches), None) for arm, tr in arms.items()}
         per_step: dict[str, list[float]] = {arm: [] for arm in arms}
         try:
             for i in range(blocks):
-                for arm in ("old", "new") if i % 2 else ("new", "old"):
+                for arm in ARMS[i % len(ARMS) :] + ARMS[: i % len(ARMS)]:
                     t = time.perf_counter()
                     for _ in range(block):
                         arms[arm].train_step(*pending[arm].next())
@@ -280,13 +295,18 @@ def measure_loop(world, task: str, steps: int, work: Path, block: int = 10) -> d
                 p.close()
         pairs = [o / n for o, n in zip(per_step["old"], per_step["new"], strict=True)]
         q1, q2, q3 = quartiles(pairs)
+        default = [o / n for o, n in zip(per_step["old"], per_step["default"], strict=True)]
         out[method] = {
+            "loop_old_over_default": round(median(default), 4),
             "loop_step_seconds_median": {a: round(median(v), 5) for a, v in per_step.items()},
             "loop_old_over_new": round(q2, 4),
             "loop_old_over_new_quartiles": [round(q1, 4), round(q3, 4)],
             "loop_pair_ratios": [round(r, 4) for r in pairs],
         }
-        log(f"{task} {method} training loop: old÷new {q2:.2f} (quartiles {q1:.2f}-{q3:.2f})")
+        log(
+            f"{task} {method} training loop: old÷new {q2:.2f} (quartiles {q1:.2f}-{q3:.2f}), old÷default "
+            f"{median(default):.2f}"
+        )
     return out
 
 
@@ -295,15 +315,19 @@ def summary_markdown(payload: dict) -> str:
     pairs, quartiles, min-max), the CPU-time ratio, the loop ratio, and the dropout-free loss check."""
     m, machine = payload["measurements"], payload["machine"]
     lines = [
-        "# Student step: today's (full 49,408-row token table, 32 text slots) vs compact (bench_step)",
+        "# Student step: the issue's (ViLT, full 49,408-row token table, 32 text slots) vs the compact ViLT "
+        "and the default student (bench_step)",
         "",
         f"{machine['time']}, {machine['cpu_model']} ({machine['nproc']} cores, torch {machine['torch']}), "
         f"1 torch thread, load average at start {machine['loadavg_at_start']}; "
-        f"{payload['settings']['steps']} timed steps per arm. Ratios are old / new: > 1 means the new step is faster.",
+        f"{payload['settings']['steps']} timed steps per arm. Ratios are old / new: > 1 means the new step is faster. "
+        "new = the same ViLT with the compact vocabulary (equal losses); default = params.yaml's student "
+        f"(`{payload['settings']['student']['arch']}`), a different model, timed only.",
         "",
         "| task | method | step old/new (median) | quartiles | min - max | CPU-time old/new | loop old/new "
-        "| old / new ms (median) | max rel. loss diff (dropout off) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| old / new ms (median) | max rel. loss diff (dropout off) | step old/default | loop old/default "
+        "| default ms (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task in payload["settings"]["tasks"].split(","):
         if task not in m:
@@ -323,6 +347,9 @@ def summary_markdown(payload: dict) -> str:
                 in_loop,
                 f"{ms[f'old-{method}'] * 1e3:.1f} / {ms[f'new-{method}'] * 1e3:.1f}",
                 f"{eq['max_rel_loss_diff'][method]:.1e}",
+                f"{r['old_over_default']:.2f}",
+                f"{loop[method]['loop_old_over_default']:.2f}" if loop else "-",
+                f"{ms[f'default-{method}'] * 1e3:.1f}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -383,6 +410,13 @@ def main(argv: list[str] | None = None) -> int:
                     2.0,
                     f"median of {steps} back-to-back pairs, quartiles {r['old_over_new_quartiles'][0]} - "
                     f"{r['old_over_new_quartiles'][1]}",
+                )
+                res.target(
+                    f"{task} {method}: old step / default student's step",
+                    r["old_over_default"],
+                    ">=",
+                    2.0,
+                    f"median of {steps} rotations; the default student is {params.student.arch}",
                 )
             if loop_steps:
                 res.measurements[f"{task}@loop"] = measure_loop(world, task, loop_steps, work)
