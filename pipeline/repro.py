@@ -44,9 +44,10 @@ class Plan:
     needs: dict[str, set[str]] = field(default_factory=dict)
     one_core: set[str] = field(default_factory=set)
 
-    def prioritise(self, first: tuple[str, ...]) -> None:
-        """Among stages that are ready, those matching an earlier ``first`` glob start first (a study run
-        over several sittings finishes its most wanted cells first); ties keep dvc.yaml's order."""
+    def prioritise(self, first: tuple[str, ...] = ()) -> None:
+        """Put ``order`` in the order the stages will start: every stage after what it needs; among those
+        ready, the ones matching an earlier ``first`` glob first (a study run over several sittings
+        finishes its most wanted cells first); ties keep dvc.yaml's order."""
         rank = {n: i for i, n in enumerate(self.order)}
 
         def key(name: str) -> tuple[int, int]:
@@ -66,9 +67,10 @@ def _one_core(stage) -> bool:
     return isinstance(meta, dict) and meta.get("cores") == 1
 
 
-def plan(root: str | Path, target: str) -> Plan:
+def plan(root: str | Path, target: str, first: tuple[str, ...] = ()) -> Plan:
     """What ``dvc repro target`` would run: the target file's stages and their upstream stages that
-    ``dvc status`` reports changed, plus everything downstream of those within that set."""
+    ``dvc status`` reports changed, plus everything downstream of those within that set, in the order they
+    will start (``Plan.prioritise``)."""
     import networkx as nx
     from dvc.repo import Repo
 
@@ -92,7 +94,9 @@ def plan(root: str | Path, target: str) -> Plan:
     defined = {s: i for i, s in enumerate(graph)}  # the order of dvc.yaml files and their entries
     order = [s.addressing for s in sorted(todo, key=defined.__getitem__)]
     needs = {s.addressing: {d.addressing for d in sub.successors(s)} for s in todo}
-    return Plan(order, needs, {s.addressing for s in todo if _one_core(s)})
+    p = Plan(order, needs, {s.addressing for s in todo if _one_core(s)})
+    p.prioritise(first)
+    return p
 
 
 def _log_path(stage: str) -> Path:
@@ -222,8 +226,7 @@ def main(target: str, jobs: int, keep_going: bool, first: tuple[str, ...], dry: 
     """Bring TARGET (a dvc.yaml, default the main pipeline, or one stage) up to date like `dvc repro`, running
     the stages marked as one-core several at a time. Each stage is run and recorded by DVC itself, so a later
     plain `dvc repro` finds everything up to date; an interrupted run resumes at what is not recorded."""
-    p = plan(".", target)
-    p.prioritise(first)
+    p = plan(".", target, first)
     jobs = jobs or default_jobs()
     if dry:
         if not p.order:
