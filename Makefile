@@ -31,9 +31,9 @@ repro: setup
 # The evidence study (study/dvc.yaml, sized in docs/study.md): every cell is a stage, so rerunning `make study`
 # after an interrupt resumes at the first unfinished cell; what it needs from dvc.yaml is built first. The
 # cells the study's targets rest on run first, so a study finished over several sittings has its verdicts
-# early: low-shot 0.01 and shift (baseline, clip_td, the blind floor), the ablations that diagnose VQA's
-# low-shot loss (docs/study.md), naive_kd, then full.
-STUDY_FIRST := main@*-lowshot-0.01-baseline-* main@*-lowshot-0.01-clip_td-* main@*-shift-baseline-* \
+# early: the teacher's zero-shot scores (the ceiling of every cell, seconds), low-shot 0.01 and shift
+# (baseline, clip_td, the blind floor), the ablations that diagnose VQA's low-shot loss, naive_kd, then full.
+STUDY_FIRST := zeroshot_full main@*-lowshot-0.01-baseline-* main@*-lowshot-0.01-clip_td-* main@*-shift-baseline-* \
   main@*-shift-clip_td-* main@*-lowshot-0.01-blind-* main@*-shift-blind-* ablation@vqa-lowshot-0.01-* \
   main@*-lowshot-0.01-naive_kd-* main@*-shift-naive_kd-* main@*-full-*
 study: setup
