@@ -147,60 +147,72 @@ def run(plan: Plan, jobs: int, dvc: str = "dvc", keep_going: bool = False, echo=
             r.proc.wait()
         bar.close()
 
-    draining = False
-    while pending or running:
-        try:
-            stop = draining or (failed and not keep_going)
-            ready = [] if stop else [n for n in pending if plan.needs[n] <= done]
-            exclusive_running = any(n not in plan.one_core for n in running)
-            for name in ready:
-                if exclusive_running:
-                    break
-                if name in plan.one_core:
-                    if len(running) >= jobs:
-                        break
-                elif running:  # a stage that uses every core waits for the machine to itself
-                    break
-                launch(name)
-                pending.remove(name)
-                exclusive_running = name not in plan.one_core
-            if not running:  # stopped, or only stages that need a failed one are left
-                break
-            time.sleep(0.2)
-            for name, r in list(running.items()):
-                rc = r.proc.poll()
-                if rc is None:
-                    continue
-                del running[name]
-                secs = time.monotonic() - r.start
-                bar.update(1)
-                if rc == 0:
-                    done.add(name)
-                    bar.write(f"done    {name} ({secs:.0f} s)")
-                else:
-                    failed.append(name)
-                    bar.write(f"FAILED  {name} (exit {rc} after {secs:.0f} s); log {r.log}:\n{_tail(r.log)}")
-        except KeyboardInterrupt:
-            if draining or not running:
-                stop_now()
-                raise
-            # A study stopped between sittings loses no finished work: let the running stages finish.
-            draining = True
-            bar.write(
-                f"interrupted: finishing the {len(running)} running stage(s), starting no more "
-                "(interrupt again to stop them now; a stopped stage reruns next time)"
-            )
-    if draining:
-        bar.close()
+    def interrupt(signum, frame):
         raise KeyboardInterrupt
-    bar.close()
-    if failed:
-        echo(
-            f"{len(failed)} stage(s) failed: {', '.join(failed)}; {len(pending)} not run (they need a failed "
-            f"stage{'' if keep_going else ', or were stopped by the failure'}). Logs: {LOG_DIR}/",
-            err=True,
-        )
-    return failed
+
+    # SIGTERM (kill, a scheduler ending a sitting) drains like Ctrl-C; SIGINT is set explicitly because a
+    # shell starts background jobs with it ignored, and `make study &` must still stop cleanly.
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        draining = False
+        while pending or running:
+            try:
+                stop = draining or (failed and not keep_going)
+                ready = [] if stop else [n for n in pending if plan.needs[n] <= done]
+                exclusive_running = any(n not in plan.one_core for n in running)
+                for name in ready:
+                    if exclusive_running:
+                        break
+                    if name in plan.one_core:
+                        if len(running) >= jobs:
+                            break
+                    elif running:  # a stage that uses every core waits for the machine to itself
+                        break
+                    launch(name)
+                    pending.remove(name)
+                    exclusive_running = name not in plan.one_core
+                if not running:  # stopped, or only stages that need a failed one are left
+                    break
+                time.sleep(0.2)
+                for name, r in list(running.items()):
+                    rc = r.proc.poll()
+                    if rc is None:
+                        continue
+                    del running[name]
+                    secs = time.monotonic() - r.start
+                    bar.update(1)
+                    if rc == 0:
+                        done.add(name)
+                        bar.write(f"done    {name} ({secs:.0f} s)")
+                    else:
+                        failed.append(name)
+                        bar.write(
+                            f"FAILED  {name} (exit {rc} after {secs:.0f} s); log {r.log}:\n{_tail(r.log)}"
+                        )
+            except KeyboardInterrupt:
+                if draining or not running:
+                    stop_now()
+                    raise
+                # A study stopped between sittings loses no finished work: let the running stages finish.
+                draining = True
+                bar.write(
+                    f"interrupted: finishing the {len(running)} running stage(s), starting no more "
+                    "(interrupt again to stop them now; a stopped stage reruns next time)"
+                )
+        if draining:
+            bar.close()
+            raise KeyboardInterrupt
+        bar.close()
+        if failed:
+            echo(
+                f"{len(failed)} stage(s) failed: {', '.join(failed)}; {len(pending)} not run (they need a failed "
+                f"stage{'' if keep_going else ', or were stopped by the failure'}). Logs: {LOG_DIR}/",
+                err=True,
+            )
+        return failed
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def default_jobs() -> int:

@@ -120,15 +120,16 @@ def test_first_orders_ready_stages(repo: Path):
     assert names == ["first", "cell@c", "cell@b", "cell@a", "last"]
 
 
-def test_an_interrupt_lets_running_stages_finish_and_starts_no_more(repo: Path):
-    """What a study stopped between sittings relies on: Ctrl-C loses no cell that was running."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_lets_running_stages_finish_and_starts_no_more(repo: Path, sig: int):
+    """What a study stopped between sittings relies on: Ctrl-C or kill loses no cell that was running."""
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.repro", "--jobs", "2"], cwd=repo, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     logs = repo / ".dvc" / "tmp" / "repro-logs"
     deadline = time.monotonic() + 120
     while len(list(logs.glob("cell@*.log"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "run the same command to go on" in err
