@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,34 +31,54 @@ TASKS = ("vqa", "snli_ve", "vcr")
 
 
 class ByteCounter:
-    """Counts the bytes zarr's LocalStore reads from files (its module-level ``_get`` does every read)."""
+    """Counts the bytes read from the store's files: zarr's LocalStore (its module-level ``_get`` does every
+    read) and pipeline/cache/direct.py, which reads shards itself (its ``_read`` / ``_read_into``)."""
 
     def __init__(self):
         import zarr.storage._local as local
 
-        self._mod, self._orig = local, local._get
+        import pipeline.cache.direct as direct
+
+        self._patched = [(local, "_get"), (direct, "_read"), (direct, "_read_into")]
+        self._orig = {(m, n): getattr(m, n) for m, n in self._patched}
         self.bytes = self.calls = 0
         self.by_array: dict[str, int] = {}
 
-    def __enter__(self) -> ByteCounter:
-        orig = self._orig
+    def _count(self, path: Any, n: int) -> None:
+        self.calls += 1
+        self.bytes += n
+        # <store>/<group>/<array>/c/<i>/<j>... or <store>/<group>/<array>/zarr.json
+        where = str(path).split("/c/")[0] if "/c/" in str(path) else str(Path(path).parent)
+        key = "/".join(Path(where).parts[-2:])
+        self.by_array[key] = self.by_array.get(key, 0) + n
 
-        def counting(path, prototype, byte_range):
-            buf = orig(path, prototype, byte_range)
-            n = len(buf) if buf is not None else 0
-            self.calls += 1
-            self.bytes += n
-            # <store>/<group>/<array>/c/<i>/<j>... or <store>/<group>/<array>/zarr.json
-            where = str(path).split("/c/")[0] if "/c/" in str(path) else str(Path(path).parent)
-            key = "/".join(Path(where).parts[-2:])
-            self.by_array[key] = self.by_array.get(key, 0) + n
+    def __enter__(self) -> ByteCounter:
+        get, read, read_into = (self._orig[p] for p in self._patched)
+
+        def counting_get(path, prototype, byte_range):
+            buf = get(path, prototype, byte_range)
+            self._count(path, len(buf) if buf is not None else 0)
             return buf
 
-        self._mod._get = counting
+        def counting_read(f, n, offset):
+            out = read(f, n, offset)
+            self._count(f.name, len(out))
+            return out
+
+        def counting_read_into(f, buf, offset):
+            n = read_into(f, buf, offset)
+            self._count(f.name, n)
+            return n
+
+        for (m, name), fn in zip(
+            self._patched, (counting_get, counting_read, counting_read_into), strict=True
+        ):
+            setattr(m, name, fn)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._mod._get = self._orig
+        for (m, name), fn in self._orig.items():
+            setattr(m, name, fn)
 
 
 def disk_bytes_per_row(store: str, cache) -> dict[str, float]:
