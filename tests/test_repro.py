@@ -16,17 +16,27 @@ import pytest
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
+CELLS = ("a", "b", "c")
 
-# A stage's command: sleep, then record when it ran (or fail when the fail file names it).
+# A stage's command: append "start NAME" to events.txt, sleep (so that stages allowed to overlap do),
+# append "end NAME", write its output; or fail when fail.txt names it. The order of the lines in
+# events.txt (one O_APPEND write each) is the order things happened: no clock is read.
 STEP = """
-import json, sys, time
+import os, sys, time
 from pathlib import Path
 name, out = sys.argv[1], Path(sys.argv[2])
-start = time.time()
+
+def event(what):
+    fd = os.open("events.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, f"{what} {name}\\n".encode())
+    os.close(fd)
+
+event("start")
 if name in Path("fail.txt").read_text().split():
     sys.exit(3)
 time.sleep(float(sys.argv[3]) if len(sys.argv) > 3 else 0)
-out.write_text(json.dumps({"start": start, "end": time.time()}))
+event("end")
+out.write_text(name)
 """
 
 PIPELINE = """
@@ -66,9 +76,18 @@ def _dvc(repo: Path, *args: str) -> str:
     return out.stdout
 
 
-def _times(repo: Path, name: str) -> tuple[float, float]:
-    d = json.loads((repo / f"{name}.json").read_text())
-    return d["start"], d["end"]
+def _events(repo: Path) -> list[tuple[str, str]]:
+    path = repo / "events.txt"
+    return [tuple(line.split()) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _peak(events: list[tuple[str, str]]) -> int:
+    """The most stages that had started and not yet ended at once."""
+    now = peak = 0
+    for what, _ in events:
+        now += 1 if what == "start" else -1
+        peak = max(peak, now)
+    return peak
 
 
 @pytest.fixture
@@ -84,13 +103,12 @@ def repo(tmp_path: Path) -> Path:
 def test_one_core_stages_run_side_by_side_and_dvc_records_every_stage(repo: Path):
     r = _run(repo, "--jobs", "2")
     assert r.returncode == 0, r.stdout + r.stderr
-    first, last = _times(repo, "first"), _times(repo, "last")
-    cells = [_times(repo, f"cell-{x}") for x in "abc"]
-    assert all(first[1] <= s for s, _ in cells), "a cell started before the stage it needs had finished"
-    assert all(e <= last[0] for _, e in cells), "the last stage started before every cell had finished"
-    overlaps = [(i, j) for i in range(3) for j in range(i + 1, 3) if cells[i][0] < cells[j][1] and cells[j][0] < cells[i][1]]  # fmt: skip
-    assert overlaps, f"no two one-core stages ran at the same time: {cells}"
-    assert max(s for s, _ in cells) >= min(e for _, e in cells), "three ran at once with --jobs 2"
+    events = _events(repo)
+    order = [" ".join(e) for e in events]
+    cells = [i for i, (_, name) in enumerate(events) if name in CELLS]
+    assert order.index("end first") < min(cells), f"a cell started before the stage it needs ended: {order}"
+    assert max(cells) < order.index("start last"), f"the last stage started before every cell ended: {order}"
+    assert _peak(events) == 2, f"not exactly two one-core stages at once with --jobs 2: {order}"
     assert "up to date" in _dvc(repo, "status")  # DVC recorded every stage in dvc.lock
     again = _run(repo)
     assert again.returncode == 0 and "everything is up to date" in again.stdout
@@ -126,8 +144,9 @@ def test_an_interrupt_lets_running_stages_finish_and_starts_no_more(repo: Path, 
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.repro", "--jobs", "2"], cwd=repo, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     logs = repo / ".dvc" / "tmp" / "repro-logs"
-    deadline = time.monotonic() + 120
-    while len(list(logs.glob("cell@*.log"))) < 2 and time.monotonic() < deadline:
+    for _ in range(2400):  # poll (at most ~2 min) until two cells are running
+        if sum(what == "start" and name in CELLS for what, name in _events(repo)) == 2:
+            break
         time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
