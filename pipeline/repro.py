@@ -117,9 +117,24 @@ class Running:
     start: float
 
 
+def _to_start(plan: Plan, ready: list[str], running: dict, jobs: int) -> list[str]:
+    """Which ready stages start now, in order: one-core stages while fewer than ``jobs`` run beside them;
+    a stage that uses every core only on an idle machine, and then nothing beside it."""
+    busy = list(running)
+    starting = []
+    for name in ready:
+        if any(n not in plan.one_core for n in busy):
+            break
+        if (name in plan.one_core and len(busy) >= jobs) or (name not in plan.one_core and busy):
+            break
+        starting.append(name)
+        busy.append(name)
+    return starting
+
+
 def run(plan: Plan, jobs: int, dvc: str = "dvc", keep_going: bool = False, echo=click.echo) -> list[str]:
     """Run the plan with at most ``jobs`` one-core stages at a time; every other stage alone. Returns the
-    stages that failed (empty when all passed)."""
+    stages that failed (empty when all passed); raises KeyboardInterrupt when it was stopped."""
     from tqdm import tqdm
 
     LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -136,6 +151,22 @@ def run(plan: Plan, jobs: int, dvc: str = "dvc", keep_going: bool = False, echo=
                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         running[name] = Running(proc, log, time.monotonic())
+        pending.remove(name)
+
+    def reap() -> None:
+        for name, r in list(running.items()):
+            rc = r.proc.poll()
+            if rc is None:
+                continue
+            del running[name]
+            secs = time.monotonic() - r.start
+            bar.update(1)
+            if rc == 0:
+                done.add(name)
+                bar.write(f"done    {name} ({secs:.0f} s)")
+            else:
+                failed.append(name)
+                bar.write(f"FAILED  {name} (exit {rc} after {secs:.0f} s); log {r.log}:\n{_tail(r.log)}")
 
     def stop_now() -> None:
         for r in running.values():
@@ -145,7 +176,6 @@ def run(plan: Plan, jobs: int, dvc: str = "dvc", keep_going: bool = False, echo=
                 pass
         for r in running.values():
             r.proc.wait()
-        bar.close()
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -153,42 +183,18 @@ def run(plan: Plan, jobs: int, dvc: str = "dvc", keep_going: bool = False, echo=
     # SIGTERM (kill, a scheduler ending a sitting) drains like Ctrl-C; SIGINT is set explicitly because a
     # shell starts background jobs with it ignored, and `make study &` must still stop cleanly.
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    draining = False
     try:
-        draining = False
         while pending or running:
             try:
-                stop = draining or (failed and not keep_going)
-                ready = [] if stop else [n for n in pending if plan.needs[n] <= done]
-                exclusive_running = any(n not in plan.one_core for n in running)
-                for name in ready:
-                    if exclusive_running:
-                        break
-                    if name in plan.one_core:
-                        if len(running) >= jobs:
-                            break
-                    elif running:  # a stage that uses every core waits for the machine to itself
-                        break
-                    launch(name)
-                    pending.remove(name)
-                    exclusive_running = name not in plan.one_core
+                if not (draining or (failed and not keep_going)):
+                    ready = [n for n in pending if plan.needs[n] <= done]
+                    for name in _to_start(plan, ready, running, jobs):
+                        launch(name)
                 if not running:  # stopped, or only stages that need a failed one are left
                     break
                 time.sleep(0.2)
-                for name, r in list(running.items()):
-                    rc = r.proc.poll()
-                    if rc is None:
-                        continue
-                    del running[name]
-                    secs = time.monotonic() - r.start
-                    bar.update(1)
-                    if rc == 0:
-                        done.add(name)
-                        bar.write(f"done    {name} ({secs:.0f} s)")
-                    else:
-                        failed.append(name)
-                        bar.write(
-                            f"FAILED  {name} (exit {rc} after {secs:.0f} s); log {r.log}:\n{_tail(r.log)}"
-                        )
+                reap()
             except KeyboardInterrupt:
                 if draining or not running:
                     stop_now()
@@ -199,20 +205,19 @@ def run(plan: Plan, jobs: int, dvc: str = "dvc", keep_going: bool = False, echo=
                     f"interrupted: finishing the {len(running)} running stage(s), starting no more "
                     "(interrupt again to stop them now; a stopped stage reruns next time)"
                 )
-        if draining:
-            bar.close()
-            raise KeyboardInterrupt
-        bar.close()
-        if failed:
-            echo(
-                f"{len(failed)} stage(s) failed: {', '.join(failed)}; {len(pending)} not run (they need a failed "
-                f"stage{'' if keep_going else ', or were stopped by the failure'}). Logs: {LOG_DIR}/",
-                err=True,
-            )
-        return failed
     finally:
+        bar.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if draining:
+        raise KeyboardInterrupt
+    if failed:
+        echo(
+            f"{len(failed)} stage(s) failed: {', '.join(failed)}; {len(pending)} not run (they need a failed "
+            f"stage{'' if keep_going else ', or were stopped by the failure'}). Logs: {LOG_DIR}/",
+            err=True,
+        )
+    return failed
 
 
 def default_jobs() -> int:
@@ -240,14 +245,12 @@ def main(target: str, jobs: int, keep_going: bool, first: tuple[str, ...], dry: 
     plain `dvc repro` finds everything up to date; an interrupted run resumes at what is not recorded."""
     p = plan(".", target, first)
     jobs = jobs or default_jobs()
-    if dry:
-        if not p.order:
-            click.echo(f"{target}: everything is up to date.")
-        for name in p.order:
-            click.echo(f"{'1 core ' if name in p.one_core else 'all    '} {name}")
-        return
     if not p.order:
         click.echo(f"{target}: everything is up to date.")
+        return
+    if dry:
+        for name in p.order:
+            click.echo(f"{'1 core ' if name in p.one_core else 'all    '} {name}")
         return
     click.echo(f"{len(p.order)} stage(s) to run, {len(p.one_core)} of them up to {jobs} at a time")
     dvc = str(Path(sys.executable).with_name("dvc"))
