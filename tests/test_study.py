@@ -77,6 +77,35 @@ def test_dvc_matrices_expand_to_exactly_the_cells_the_report_reads():
     assert sorted(dirs) == sorted(str(c.run_dir("study/runs")) for c in cells(sp))
 
 
+def test_study_results_are_committed_and_checkpoints_are_not_outputs():
+    """The study outlives a machine: every cell's outputs (train.json, eval.json) and every study JSON must be
+    files git keeps, so a fresh clone that rebuilds the shared artifacts finds finished cells up to date. A
+    cell's student.pt must be git-ignored and must not be an output (a missing output reruns the cell)."""
+    import subprocess
+
+    stages = yaml.safe_load((ROOT / "study" / "dvc.yaml").read_text())["stages"]
+    json_outs, cell_outs = [], []
+    for stage in stages.values():
+        for out in stage.get("outs", []) + stage.get("metrics", []):
+            path = next(iter(out)) if isinstance(out, dict) else out
+            if path.endswith(".json"):
+                json_outs.append(path)
+            if "matrix" in stage:
+                cell_outs.append(path)
+    assert cell_outs and all(p.rsplit("/", 1)[-1] in ("train.json", "eval.json") for p in cell_outs)
+
+    def concrete(path: str) -> str:
+        return re.sub(r"\$\{item(\.\w+)?\}", "x", path)
+
+    probes = [concrete(p) for p in json_outs]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *probes], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    assert ignored == [], f"study results git would not keep: {ignored}"
+    pt = concrete("study/runs/${item}/x-s1/student.pt")
+    assert subprocess.run(["git", "check-ignore", "-q", "--no-index", pt], cwd=ROOT).returncode == 0
+
+
 SEEDS = [100, 101, 102]
 
 
