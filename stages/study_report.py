@@ -32,7 +32,7 @@ def main(study_path, runs, teacher, out) -> None:
     condition; the teacher dose-response; the ablations against clip_td; the selection diagnostic; a verdict
     per target of issue 25 computed from these numbers; the wall time. A study still running gives a report
     marked incomplete. Everything is written beside OUT and renamed into place once all of it succeeded."""
-    from pipeline.study import write_study_report
+    from pipeline.study.report import write_study_report
 
     try:
         sp = load_study(study_path)

@@ -18,8 +18,8 @@ from pipeline.study import (
     StudyParams,
     cells,
     load_study,
-    write_study_report,
 )
+from pipeline.study.report import write_study_report
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,9 +12,12 @@ A cell's run directory is ``RUNS/<init>-<teacher>/<task>-<condition>-<method>-s<
 with its own cache). Everything the report says is computed from those directories' eval.json files, the
 teachers' zero-shot files and the selection diagnostic; every verdict on the issue's targets is computed
 here, never typed.
+
+This package exports the grid only (``grid``): it is what a cell runs, and a cell's DVC deps are its import
+closure, so the report side (``aggregate``, ``targets``, ``report``) is imported from its own module and can
+change without rerunning a single cell.
 """
 
-from .aggregate import collect_study, load_zeroshot_files, summarise_study, summary_entries
 from .grid import (
     BASELINE,
     ENTRY_KEYS,
@@ -31,11 +34,8 @@ from .grid import (
     teacher_name,
     teachers,
 )
-from .report import write_study_report
-from .targets import dose_table, explain, targets
 
 __all__ = [
     "BASELINE", "ENTRY_KEYS", "FULL_TEACHER", "INITS", "Cell", "DoseGroup", "Group", "StudyError", "StudyParams",
-    "cells", "collect_study", "dose_table", "explain", "load_study", "load_zeroshot_files", "override_args",
-    "summarise_study", "summary_entries", "targets", "teacher_name", "teachers", "write_study_report",
+    "cells", "load_study", "override_args", "teacher_name", "teachers",
 ]  # fmt: skip
