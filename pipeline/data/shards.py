@@ -44,6 +44,7 @@ FORMAT_VERSION = 1
 INFO_FILE = "dataset.json"
 INDEX_FILE = "images.index.json"
 REPORT_FILE = "skipped.json"
+SHARD_MTIME = 946684800.0  # 2000-01-01 UTC: every tar member's mtime (see DatasetWriter)
 
 
 # Everything a prepared split folder may hold: a folder holding anything else is not (only) ours to replace.
@@ -146,8 +147,14 @@ class DatasetWriter:
         self.source, self.split = source, split
         self.report = report or SkipReport()
         self.extra_info = extra_info or {}
-        self._inst = wds.ShardWriter(str(self.tmp / "instances-%06d.tar"), maxcount=shard_size, verbose=0)
-        self._img = wds.ShardWriter(str(self.tmp / "images-%06d.tar"), maxcount=image_shard_size, verbose=0)
+        # A fixed member mtime (webdataset stamps the wall clock) makes a split byte-identical run to run, so
+        # its DVC hash is too and a study cell finished on another machine stays up to date.
+        self._inst = wds.ShardWriter(
+            str(self.tmp / "instances-%06d.tar"), maxcount=shard_size, verbose=0, mtime=SHARD_MTIME
+        )
+        self._img = wds.ShardWriter(
+            str(self.tmp / "images-%06d.tar"), maxcount=image_shard_size, verbose=0, mtime=SHARD_MTIME
+        )
         self._images: dict[str, tuple[str, str]] = {}  # image id -> (sha1, ext)
         self._keys: set[str] = set()
         self._hash = hashlib.sha1()
