@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +227,39 @@ def test_manifest_checksums_and_metrics(baseline):
         m["uncompressed_bytes"] / m["bytes_on_disk"], rel=1e-2
     )
     assert m["reconstruction_cosine"]["min"] > 0.999  # float16
+
+
+def test_a_store_extracted_twice_is_byte_identical_outside_provenance(world, baseline, tmp_path):
+    """DVC hashes the store's files: if a rebuild from the same teacher and data differed, every stage after
+    it (the study's finished cells) would rerun on a new machine. Run-to-run facts live in provenance/, which
+    the repository's .dvcignore leaves out, and still reach the manifest's readers."""
+    import subprocess
+
+    url = str(tmp_path / "again.zarr")
+    X.extract([world["train"], world["val"]], url, world["spec"], params(), scheduler="sync", progress=False)
+
+    def files(root: str) -> dict[str, bytes]:
+        base = Path(root)
+        return {
+            str(p.relative_to(base)): p.read_bytes()
+            for p in base.rglob("*")
+            if p.is_file() and p.parts[len(base.parts)] not in ("provenance", C.LOCK_FILE)
+        }
+
+    a, b = files(baseline["url"]), files(url)
+    assert sorted(a) == sorted(b) and any(k.startswith("manifest/") for k in a)
+    assert [k for k in a if a[k] != b[k]] == []
+    prov = sorted(p.stem for p in (Path(url) / "provenance").glob("*.json"))
+    assert prov == sorted([*C.committed_units(url), "extract"])
+    run = json.loads((Path(url) / "provenance" / "extract.json").read_text())
+    assert run["units_computed"] == len(prov) - 1 and run["seconds"] > 0 and run["store"] == url
+    assert all(r["pid"] == os.getpid() and r["seconds"] >= 0 for r in C.committed_units(url).values())
+    repo = Path(__file__).resolve().parent.parent
+    probe = ["artifacts/cache/t.zarr/provenance/image-000000.json", "artifacts/cache/t.zarr/manifest/x.json"]
+    res = subprocess.run(
+        [sys.executable, "-m", "dvc", "check-ignore", *probe], cwd=repo, capture_output=True, text=True
+    )
+    assert probe[0] in res.stdout and probe[1] not in res.stdout, res.stdout + res.stderr
 
 
 def test_interrupted_run_resumes_to_identical_store(world, baseline, tmp_path, monkeypatch):

@@ -27,6 +27,8 @@ Layout (docs/method.md §1; N = unique images, M = unique texts, P patch tokens,
     text/tokens      [ΣS, E]      float16 | int8   ragged token states, no per-text padding
     text/pooled      [M, E]       float16
     manifest/<unit>.json                   one JSON per committed work unit (see ``commit_unit``)
+    provenance/<unit>.json                 host, pid and seconds of the run that computed the unit
+    provenance/extract.json                the last extraction run's metrics (time, rates, units computed)
 
 Work units and shards. Every large array is written through zarr's sharding codec and one work unit writes
 whole shards that no other unit touches (zarr loses data when two writers share a shard). Image unit u owns
@@ -99,7 +101,7 @@ from .grow import (
     store_segments,
 )
 from .layout import StoreLayout, chunk_rows_for, text_token_layout
-from .manifest import commit_unit, committed_units, read_manifest
+from .manifest import commit_unit, committed_units, read_manifest, record_run
 from .reader import TeacherCache, read_rows, read_threads_for
 from .schema import (
     FORMAT,
@@ -195,6 +197,7 @@ __all__ = [
     "planned_units",
     "quantize_int8",
     "read_manifest",
+    "record_run",
     "read_rows",
     "read_threads_for",
     "read_store_attrs",

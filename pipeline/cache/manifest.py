@@ -10,16 +10,35 @@ from typing import Any
 import fsspec
 
 from .errors import CacheFormatError
-from .schema import MANIFEST
+from .schema import MANIFEST, PROVENANCE, PROVENANCE_KEYS, RUN_RECORD
 from .store import _fs, _name
 
 
 def commit_unit(url: str, name: str, record: dict) -> None:
     """Publish one unit's manifest entry. Readers must never see half a file: a local store writes a temporary
-    file and renames it (atomic on POSIX); object stores make a single PUT visible all at once."""
+    file and renames it (atomic on POSIX); object stores make a single PUT visible all at once.
+
+    The record's provenance (PROVENANCE_KEYS: which host and process computed the unit, in how many seconds)
+    is published first to provenance/<unit>.json, and the manifest entry, the commit point, holds the rest.
+    So a store built twice from the same teacher and data is byte-identical outside provenance/, which the
+    repository's .dvcignore leaves out of DVC's hash: stages downstream of a rebuilt store stay up to date."""
     fs, path = _fs(url)
+    provenance = {k: record[k] for k in PROVENANCE_KEYS if k in record}
+    if provenance:
+        _publish(fs, f"{path}/{PROVENANCE}/{name}.json", provenance)
+    _publish(fs, f"{path}/{MANIFEST}/{name}.json", {k: v for k, v in record.items() if k not in provenance})
+
+
+def record_run(url: str, metrics: dict) -> None:
+    """Keep the last extraction run's metrics (seconds, rates, which units it computed) with the store, in
+    provenance/extract.json: beside the content, like each unit's provenance, so the store's hash does not
+    change with them."""
+    fs, path = _fs(url)
+    _publish(fs, f"{path}/{PROVENANCE}/{RUN_RECORD}.json", metrics)
+
+
+def _publish(fs, target: str, record: dict) -> None:
     data = json.dumps(record, indent=1, sort_keys=True).encode()
-    target = f"{path}/{MANIFEST}/{name}.json"
     if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = f"{target}.tmp-{uuid.uuid4().hex}"
@@ -30,6 +49,26 @@ def commit_unit(url: str, name: str, record: dict) -> None:
         os.replace(tmp, target)
     else:
         fs.pipe_file(target, data)
+
+
+def _provenance(fs, path: str) -> dict[str, dict]:
+    """provenance/<unit>.json by unit name. It is a record of who did the work, not the work: a file that
+    cannot be read is left out rather than failing a read of the store."""
+    folder = f"{path}/{PROVENANCE}"
+    if not fs.exists(folder):
+        return {}
+    out = {}
+    for p in fs.ls(folder, detail=False):
+        base = _name(p)
+        if not base.endswith(".json"):
+            continue
+        try:
+            rec = json.loads(fs.cat_file(p))
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(rec, dict) and base != f"{RUN_RECORD}.json":
+            out[base[: -len(".json")]] = {k: rec[k] for k in PROVENANCE_KEYS if k in rec}
+    return out
 
 
 def _manifest_problem(rec: Any) -> str:
@@ -45,7 +84,8 @@ def _manifest_problem(rec: Any) -> str:
 
 def read_manifest(url: str) -> tuple[dict[str, dict], dict[str, str]]:
     """(manifest entries by unit name, {unit name: why} for entries that cannot be read, each naming its file).
-    Temporary files of an interrupted commit are ignored."""
+    Each entry carries its unit's provenance (host, pid, seconds) where provenance/ has it. Temporary files of
+    an interrupted commit are ignored."""
     fs, path = _fs(url)
     folder = f"{path}/{MANIFEST}"
     if not fs.exists(folder):
@@ -66,6 +106,10 @@ def read_manifest(url: str) -> tuple[dict[str, dict], dict[str, str]]:
             bad[name] = f"{where}: {problem}"
         else:
             out[name] = rec
+    if out:
+        for name, prov in _provenance(fs, path).items():
+            if name in out:
+                out[name] = {**out[name], **prov}
     return out, bad
 
 

@@ -16,6 +16,11 @@ from .layout import StoreLayout, chunk_rows_for
 FORMAT = "clip-td-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest"
+# Who computed a unit and how long it took: beside the manifest, not in it, because it differs run to run and
+# the rest of a store does not (see ``commit_unit``).
+PROVENANCE = "provenance"
+PROVENANCE_KEYS = ("host", "pid", "seconds")
+RUN_RECORD = "extract"  # provenance/extract.json: the last extraction run's metrics (``record_run``)
 # The single-writer lock (pipeline.lock) lives inside the store; removing or recreating a store keeps it.
 LOCK_FILE = ".lock"
 # A replaced store is renamed to <store>.tmp-old-<random> and then deleted (``replace_store``).

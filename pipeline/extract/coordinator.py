@@ -199,11 +199,12 @@ def _extract_locked(
     n_tok = int(offsets[-1])
     metrics = _metrics(build_url, plan, layout, lengths, n_tok, committed, records, len(jobs), seconds)
     metrics["store"] = store_url
-    # A run that computed nothing on a complete store writes nothing: its seconds in zarr.json would make
-    # DVC see a new store and retrain every student that depends on it.
-    if records or not target.complete:
-        g = C.open_group(build_url, mode="r+")
-        g.attrs.update({"complete": True, "extract": metrics})
+    # The run's metrics go to provenance/, out of the store's DVC hash: with seconds in zarr.json every
+    # rebuild would look like a new store and retrain every student after it.
+    if records:
+        C.record_run(build_url, metrics)
+    if not target.complete:
+        C.open_group(build_url, mode="r+").attrs.update({"complete": True})
     if target.replace:
         log.info("%s: rebuilt store complete, swapping it into place", build_url)
         C.replace_store(build_url, store_url)
@@ -393,7 +394,7 @@ def _grow(
         done = {k: v for k, v in attrs.items() if k != C.APPENDING}
         done.update(complete=True, fingerprint=fp, data=data)
         if records:
-            done["extract"] = metrics
+            C.record_run(url, metrics)
         C.open_group(url, mode="r+").attrs.put(done)
     if target.replace:
         log.info("%s: rebuilt store complete, swapping it into place", url)
