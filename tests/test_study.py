@@ -240,3 +240,24 @@ def test_dose_response_without_any_gain_is_a_miss_not_a_trivially_growing_curve(
     result = write_study_report(sp, runs, out)
     dose = next(t for t in result["targets"] if t["id"] == "dose_response")
     assert dose["status"] == "missed" and dose["cells"][0]["gain_with_full_teacher"] is False
+
+
+def test_a_miss_is_explained_by_the_floor_and_by_plain_distillation_when_the_numbers_say_so():
+    from pipeline.study.targets import explain
+
+    def entry(method, mean, delta=None, ci=None):
+        return {"task": "vqa", "condition": "lowshot-0.01", "method": method, "mean": mean,
+                "delta_mean": delta, "ci95": ci}  # fmt: skip
+
+    summary = [entry("baseline", 0.47), entry("blind", 0.40, -0.07, [-0.10, -0.03]),
+               entry("clip_td", 0.36, -0.11, [-0.15, -0.07]), entry("naive_kd", 0.39, -0.08, [-0.12, -0.04])]  # fmt: skip
+    why = explain("vqa", "lowshot-0.01", summary, {}, None, [])
+    assert any("below the blind floor (0.400)" in w for w in why)
+    assert any("naive_kd Δ -0.080" in w for w in why)
+    # Neither is claimed when the numbers do not show it.
+    summary[2], summary[3] = (
+        entry("clip_td", 0.45, -0.02, [-0.05, 0.01]),
+        entry("naive_kd", 0.47, 0.0, [-0.02, 0.02]),
+    )
+    why = explain("vqa", "lowshot-0.01", summary, {}, None, [])
+    assert not any("floor" in w or "naive_kd" in w for w in why)

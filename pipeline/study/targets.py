@@ -54,6 +54,25 @@ def explain(
         gap = base["mean"] - blind["mean"]
         if gap < 0.10:
             why.append(f"the baseline uses the image little (baseline − blind = {gap:+.3f} < 0.10)")
+    clip = _cell(summary, task, cond, "clip_td")
+    if (
+        clip
+        and blind
+        and clip["mean"] is not None
+        and blind["mean"] is not None
+        and clip["mean"] < blind["mean"]
+    ):
+        why.append(
+            f"clip_td ({clip['mean']:.3f}) falls below the blind floor ({blind['mean']:.3f}): the distillation "
+            "term outweighs the labels and the student learns less from the image than from no image"
+        )
+    kd = _cell(summary, task, cond, "naive_kd")
+    if kd and kd.get("ci95") and kd["ci95"][1] < 0:
+        lo, hi = kd["ci95"]
+        why.append(
+            f"plain distillation loses too (naive_kd Δ {kd['delta_mean']:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]): "
+            "distilling this teacher at all hurts here, not CLIP-TD's token selection or weights alone"
+        )
     z = zeroshot.get(FULL_TEACHER, {}).get(task, {}).get(cond)
     if z is not None and base and base["mean"] is not None and z["score"] <= base["mean"]:
         why.append(
