@@ -391,7 +391,8 @@ def _grow(
             not data.get("vqa_vocab") and plan.vqa_vocab
         ):  # the first VQA data this store holds fixes its vocab
             data.update(vqa_vocab=plan.vqa_vocab, vqa_vocab_from=plan.vqa_vocab_from)
-        done = {k: v for k, v in attrs.items() if k != C.APPENDING}
+        # "extract": where stores before provenance/ kept the run metrics in zarr.json.
+        done = {k: v for k, v in attrs.items() if k not in (C.APPENDING, "extract")}
         done.update(complete=True, fingerprint=fp, data=data)
         if records:
             C.record_run(url, metrics)
