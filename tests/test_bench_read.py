@@ -23,3 +23,25 @@ def test_byte_counter_sees_the_token_bytes_a_read_needs(tmp_path, compressor):
     metadata = (tmp_path / "s.zarr" / "image" / "tokens" / "zarr.json").stat().st_size
     needed = 10 * 4 * 8 * 2
     assert counter.by_array.get("image/tokens", 0) - metadata >= 0.5 * needed, counter.by_array
+
+
+def test_the_scale_benchmark_counts_each_byte_it_reads_once(tmp_path, monkeypatch):
+    # bench_scale once patched direct.py's reads itself on top of ByteCounter, which counts them too: a store
+    # read once through an LRU larger than it reported a read amplification of 2.0.
+    from benchmarks import bench_scale
+    from benchmarks.bench_scale import measure_reader
+
+    monkeypatch.setattr(bench_scale, "BATCH", 2)  # the hand store holds a few images, not batches of 64
+    url = str(tmp_path / "s.zarr")
+    hand_store(url, compressor="none")
+    C.open_group(url, mode="r+").attrs["logit_scale"] = (
+        100.0  # CachedTargets reads it; the hand store has none
+    )
+    r = measure_reader(url, window=2, lru_mb=64, verify=False, max_batches=10_000)
+    # What a read needs of the three image arrays, beyond their zarr.json (zarr reads those either way and,
+    # at this store's few hundred data bytes, they would swamp the ratio).
+    metadata = sum(
+        (tmp_path / "s.zarr" / "image" / a / "zarr.json").stat().st_size
+        for a in ("tokens", "pooled", "valid")
+    )
+    assert r["samples"] > 0 and 0.8 <= (r["bytes_read"] - metadata) / r["bytes_needed"] <= 1.2, r
