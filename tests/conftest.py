@@ -216,8 +216,11 @@ def hand_layout(**kw) -> C.StoreLayout:
     return C.StoreLayout(**{**base, **kw})
 
 
-def hand_store(url: str, dtype: str = "float16", compressor: str = "zstd") -> dict:
-    """A store written the way units write it: every image/text unit writes exactly its own shards."""
+def hand_store(
+    url: str, dtype: str = "float16", compressor: str = "zstd", logit_scale: float | None = None
+) -> dict:
+    """A store written the way units write it: every image/text unit writes exactly its own shards. The
+    training reader (CachedTargets) also needs the teacher's ``logit_scale``, which an extraction records."""
     rng = np.random.default_rng(1)
     lay = hand_layout(dtype=dtype, target_chunk_bytes=4 * 8 * 2, compressor=compressor)
     texts = ["a cat", "two dogs on a mat", "x", "a long sentence of several words", "end"]
@@ -253,6 +256,8 @@ def hand_store(url: str, dtype: str = "float16", compressor: str = "zstd") -> di
         for suffix, a in C.encode_tokens(buf, dtype).items():
             g[f"text/tokens{suffix}"][u * s : (u + 1) * s] = a
         g["text/pooled"][u * 2 : u * 2 + 2] = tpooled[u * 2 : u * 2 + 2].astype(np.float16)
+    if logit_scale is not None:
+        g.attrs["logit_scale"] = logit_scale
     g.attrs["complete"] = True
     return {"img": img, "pooled": pooled, "txt": txt, "tpooled": tpooled, "texts": texts, "layout": lay}
 

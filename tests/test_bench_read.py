@@ -33,10 +33,7 @@ def test_the_scale_benchmark_counts_each_byte_it_reads_once(tmp_path, monkeypatc
 
     monkeypatch.setattr(bench_scale, "BATCH", 2)  # the hand store holds a few images, not batches of 64
     url = str(tmp_path / "s.zarr")
-    hand_store(url, compressor="none")
-    C.open_group(url, mode="r+").attrs["logit_scale"] = (
-        100.0  # CachedTargets reads it; the hand store has none
-    )
+    hand_store(url, compressor="none", logit_scale=100.0)
     r = measure_reader(url, window=2, lru_mb=64, verify=False, max_batches=10_000)
     # What a read needs of the three image arrays, beyond their zarr.json (zarr reads those either way and,
     # at this store's few hundred data bytes, they would swamp the ratio).

@@ -9,15 +9,7 @@ import torch
 
 from pipeline import cache as C
 from student.targets import CachedTargets
-from tests.conftest import hand_store as _store_by_hand
-
-
-def _hand_store(url: str, dtype: str = "float16", compressor: str = "zstd") -> dict:
-    h = _store_by_hand(url, dtype, compressor)
-    C.open_group(url, mode="r+").attrs["logit_scale"] = (
-        100.0  # CachedTargets reads it; the hand store has none
-    )
-    return h
+from tests.conftest import hand_store
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
@@ -28,7 +20,7 @@ def _hand_store(url: str, dtype: str = "float16", compressor: str = "zstd") -> d
 @pytest.mark.parametrize("verify", [True, False])
 def test_chunk_cache_returns_what_the_store_holds(tmp_path, dtype, budget, threads, compressor, verify):
     url = str(tmp_path / "s.zarr")
-    h = _hand_store(url, dtype, compressor)
+    h = hand_store(url, dtype, compressor, logit_scale=100.0)
     plain = C.TeacherCache(url)
     cached = CachedTargets(C.TeacherCache(url), chunk_cache_bytes=budget, read_threads=threads, verify=verify)
     rng = np.random.default_rng(0)
@@ -49,7 +41,7 @@ def test_chunk_cache_returns_what_the_store_holds(tmp_path, dtype, budget, threa
 
 def test_chunk_cache_decodes_each_chunk_once(tmp_path):
     url = str(tmp_path / "s.zarr")
-    _hand_store(url)
+    hand_store(url, logit_scale=100.0)
     cached = CachedTargets(C.TeacherCache(url))
     ids = [f"im{i}" for i in range(10)]
     cached.images(ids, None)
@@ -184,7 +176,7 @@ def test_stores_without_block_crcs_check_the_whole_unit(extracted, tmp_path):
 
 def test_float16_targets_are_the_stored_values_for_a_device_to_convert(tmp_path):
     url = str(tmp_path / "s.zarr")
-    h = _hand_store(url)
+    h = hand_store(url, logit_scale=100.0)
     f32 = CachedTargets(C.TeacherCache(url))
     f16 = CachedTargets(C.TeacherCache(url), token_dtype=torch.float16)
     ids, texts = [f"im{i}" for i in (3, 0, 7, 3)], [h["texts"][i] for i in (1, 4, 1)]
@@ -202,7 +194,7 @@ def test_direct_chunk_reads_equal_zarr_including_unstored_chunks(tmp_path):
     from pipeline.cache.direct import DirectArray, direct_array
 
     url = str(tmp_path / "s.zarr")
-    _hand_store(url, "int8")
+    hand_store(url, "int8", logit_scale=100.0)
     g = C.open_group(url, mode="r")
     for name in ("image/tokens", "image/tokens_scale", "image/pooled", "text/tokens", "text/pooled"):
         a = g[name]
