@@ -19,7 +19,10 @@ then read as training reads it.
   what a GPU teacher does on its device (normalising, float16 encoding, cosines) can be told apart; and
   ``gpu_teacher_sim``: the same units again with that device work made free (the stub hands out float16
   tokens, normalising and cosines cost nothing, the device-to-host copy stays as a host copy), so the host's
-  share of a GPU extraction is measured, not subtracted.
+  share of a GPU extraction is measured, not subtracted. Two passes each, interleaved, of the decode as it
+  is (``pipeline.extract.decode``: the JPEG fast path on ``DECODE_THREADS`` threads), the fast path on one
+  thread, and PIL's decode on one thread (the decode before both): ``decode_arms``, their ratios of unit
+  wall and CPU; the target's figure is the first pass of the decode as it is.
 * Reader: ``student.targets.CachedTargets`` (the default 256 MB LRU of decoded chunks) reading image targets
   in ``train.order: chunked`` order (``student.data.epoch_order`` with the image's inner chunk as its group,
   ``train.order_window``), batches of 64: samples/s, MB/s (stored float16 bytes, and bytes the store handed
@@ -209,15 +212,39 @@ def extract_store(work: Path, n: int, overrides: tuple[str, ...], profile_units:
         (X.units, "_token_cosine", free_cosine),
     ]
     sim_jobs = [j for j in jobs if j.kind == "image"][: max(profile_units, 8)]
-    c = time.process_time()
-    with _patched(sim_patches):
-        sim = profile_phases(
-            X, teacher, sim_jobs, run_unit, decode_in_process=X.decode_workers(cp.num_workers, "cpu") == 0
-        )
     sim_images = sum(len(j.items) for j in sim_jobs)
-    sim["cpu_ms_per_image"] = round(1e3 * (time.process_time() - c) / sim_images, 4)
+    pil_decode = (X.decode.UnitImages, "_decode_jpeg_at_size", lambda _: lambda self, raw, out: False)
+    one_thread = (X.decode, "DECODE_THREADS", lambda _: 1)
+    # The decode as it is (the JPEG fast path on DECODE_THREADS threads) against the fast path on one thread
+    # and against PIL on one thread (the decode before either), the arms interleaved so load hits them alike.
+    extra = {"sim": [], "fast_1_thread": [one_thread], "pil_1_thread": [one_thread, pil_decode]}
+    arms: dict[str, list[dict]] = {arm: [] for arm in extra}
+    for arm in [*extra, *extra]:
+        c = time.process_time()
+        with _patched(sim_patches + extra[arm]):
+            r = profile_phases(
+                X, teacher, sim_jobs, run_unit, decode_in_process=X.decode_workers(cp.num_workers, "cpu") == 0
+            )
+        r["cpu_ms_per_image"] = round(1e3 * (time.process_time() - c) / sim_images, 4)
+        arms[arm].append(r)
+    sim = arms["sim"][0]  # the target's figure: the first pass, as this benchmark always reported it
     sim["images"] = sim_images
     sim["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+
+    def mean(arm: str, key: str) -> float:
+        return sum(r[key] for r in arms[arm]) / len(arms[arm])
+
+    sim["decode_arms"] = {
+        "passes_unit_ms": {arm: [r["unit"] for r in arms[arm]] for arm in arms},
+        "passes_cpu_ms": {arm: [r["cpu_ms_per_image"] for r in arms[arm]] for arm in arms},
+        "unit_ratio_vs_pil_1_thread": {
+            arm: round(mean(arm, "unit") / mean("pil_1_thread", "unit"), 3) for arm in arms
+        },
+        "cpu_ratio_vs_pil_1_thread": {
+            arm: round(mean(arm, "cpu_ms_per_image") / mean("pil_1_thread", "cpu_ms_per_image"), 3)
+            for arm in arms
+        },
+    }
     log(f"GPU-teacher host share: {sim['unit']} ms/img wall, {sim['cpu_ms_per_image']} CPU ms/img; {sim}")
     units = [r for r in C.committed_units(cp.store).values() if r["kind"] == "image"]
     images = sum(r["items"] for r in units)

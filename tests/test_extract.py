@@ -5,6 +5,7 @@ bad inputs are refused by name."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -483,24 +484,82 @@ def test_images_at_teacher_size_skip_only_a_transform_that_keeps_them(world, tmp
         data.close()
 
 
-def test_in_process_batches_reuse_buffers_and_zero_an_undecodable_image(world, tmp_path):
-    """Decoded in this process, images go straight into reused batch buffers: every batch equals the
-    per-image items collated, and an image that does not decode is zero-filled even in a buffer that held
-    another batch's pixels."""
+def _jpeg(png: bytes, **kw) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert(kw.pop("mode", "RGB")).save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_jpegs_at_teacher_size_decode_to_the_same_pixels_as_pil(world, tmp_path, monkeypatch):
+    """JPEGs stored at the teacher's size take the libjpeg fast path: every pixel equals PIL's decode (4:2:0,
+    4:4:4, progressive, greyscale); a JPEG of another size turns the fast path off and still gets the full
+    transform; a truncated JPEG is refused with PIL's reason, as before."""
+    teacher = world["teacher"]
+    s = teacher.image_size
+    images = {
+        "q90": _jpeg(png_bytes(0, (s, s)), quality=90),
+        "q444": _jpeg(png_bytes(1, (s, s)), quality=75, subsampling=0),
+        "prog": _jpeg(png_bytes(2, (s, s)), quality=60, progressive=True),
+        "grey": _jpeg(png_bytes(3, (s, s)), mode="L"),
+        "cut": _jpeg(png_bytes(4, (s, s)))[:200],
+        "wide": _jpeg(png_bytes(5, (s + 9, s - 3))),
+        "after": _jpeg(png_bytes(6, (s, s))),
+    }
+    with DatasetWriter(tmp_path / "ds", source="synthetic", split="train") as w:
+        for k, v in images.items():
+            w.add_image(k, v, "jpg")
+        w.add_instance(snli_instance("k", "q90", "train", "there is a square"))
+    ds = PreparedDataset(tmp_path / "ds")
+    steps = X.pil_steps(teacher.preprocess)
+    data = X.UnitImages([str(ds.path)], [(0, k, "") for k in images], steps, s, 0)
+    assert data.jpeg_fast
+    by_pil = []
+    monkeypatch.setattr(X.decode, "decode_image", lambda raw: by_pil.append(raw) or decode_image(raw))
+    for row, image_id in enumerate(images):
+        _, u8, _, _, ok, why = data[row]
+        if image_id == "cut":
+            assert not ok and "truncated" in why.lower()
+            continue
+        img = decode_image(ds.image_bytes(image_id))
+        for t in steps:
+            img = t(img)
+        np.testing.assert_array_equal(u8[0], np.asarray(img).transpose(2, 0, 1), err_msg=image_id)
+        assert data.jpeg_fast is (image_id not in ("wide", "after")), image_id
+    assert by_pil == [images["cut"], images["wide"], images["after"]]  # the rest never reached PIL
+    data.close()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_in_process_batches_reuse_buffers_and_zero_an_undecodable_image(
+    world, tmp_path, monkeypatch, threads
+):
+    """Decoded in this process on one or more threads, images go straight into reused batch buffers: every
+    batch comes in row order and equals the per-image items collated while the caller holds it, and an
+    image that does not decode is zero-filled even in a buffer that held another batch's pixels."""
+    monkeypatch.setattr(X.decode, "DECODE_THREADS", threads)
+    ring = threads + 2  # buffers in rotation: the batch after them takes the first one's buffer
+    n = 2 * (ring + 1)
+    bad = n - 2  # the first image of that last batch
     s = world["teacher"].image_size
     with DatasetWriter(tmp_path / "ds", source="synthetic", split="train") as w:
-        for i in range(9):
-            w.add_image(f"im-{i}", b"not an image" if i == 6 else png_bytes(i, (s, s)), "png")
+        for i in range(n):
+            w.add_image(f"im-{i}", b"not an image" if i == bad else png_bytes(i, (s, s)), "png")
         w.add_instance(snli_instance("k", "im-0", "train", "there is a square"))
     ds = PreparedDataset(tmp_path / "ds")
-    items = [(0, f"im-{i}", "") for i in range(9)]
+    items = [(0, f"im-{i}", "") for i in range(n)]
     data = X.UnitImages([str(ds.path)], items, X.pil_steps(world["teacher"].preprocess), s, 0)
-    got = list(X.decode.unit_batches(data, 2, 0, [], False))  # 5 batches: the 4th reuses the 1st's buffer
-    want = X.decode.collate_images([data[i] for i in range(9)])
+    want = X.decode.collate_images([data[i] for i in range(n)])
+    got = []
+    for b in X.decode.unit_batches(data, 2, 0, [], False):
+        assert torch.equal(b[1], want[1][b[0]])  # intact while the caller holds it
+        got.append(b)
     assert np.array_equal(np.concatenate([b[0] for b in got]), want[0])
-    assert torch.equal(torch.cat([b[1].clone() for b in got[3:]]), want[1][6:])
-    assert [ok for b in got for ok in b[4]] == want[4] and want[4][6] is False
-    assert not got[3][1][0].any() and got[3][5][0].startswith("cannot decode image")
+    assert torch.equal(torch.cat([b[1].clone() for b in got[1:]]), want[1][2:])  # only the first reused
+    assert [ok for b in got for ok in b[4]] == want[4] and want[4][bad] is False
+    assert got[-1][1].data_ptr() == got[0][1].data_ptr()
+    assert not got[-1][1][0].any() and got[-1][5][0].startswith("cannot decode image")
     data.close()
 
 

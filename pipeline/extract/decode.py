@@ -3,6 +3,7 @@ thread beside the teacher."""
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -10,11 +11,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from .. import cache as C
 from ..data.shards import PreparedDataset, decode_image
 
 MP_CONTEXT_ENV = "CLIP_TD_DATALOADER_CONTEXT"
+# Threads decoding a unit's batches in this process (when it starts no DataLoader workers), each a batch ahead.
+DECODE_THREADS = 2
 
 
 def pil_steps(preprocess: Any) -> list:
@@ -66,6 +70,12 @@ class UnitImages(torch.utils.data.Dataset):
         self.dataset_paths, self.items = list(dataset_paths), list(items)
         self.pil_steps, self.size, self.k = pil_steps, size, max(1, views)
         self.steps_keep_own_size = _steps_keep_own_size(pil_steps, size)
+        # JPEGs stored at the teacher's size (as img2dataset-style corpora are) go through libjpeg-turbo via
+        # torchvision straight to CHW: the same pixels as PIL's decode, at ~0.6 of its CPU. Turned off for
+        # the rest of the unit at the first JPEG of another size, which would pay a decode twice.
+        # (torchvision 0.29 marks its image codecs deprecated for TorchCodec; it is pinned, and the test
+        # that compares this path with PIL fails loudly if a later one drops them.)
+        self.jpeg_fast = self.k == 1 and self.steps_keep_own_size
         self._open: dict[int, PreparedDataset] = {}
 
     def __len__(self) -> int:
@@ -94,7 +104,11 @@ class UnitImages(torch.utils.data.Dataset):
         flips = np.zeros(self.k, np.uint8)
         try:
             ds = self._open.get(di) or self._open.setdefault(di, PreparedDataset(self.dataset_paths[di]))
-            img = decode_image(ds.image_bytes(image_id))
+            raw = ds.image_bytes(image_id)
+            if self.jpeg_fast and self._decode_jpeg_at_size(raw, u8[0]):
+                boxes[0] = C.eval_view_box(self.size, self.size)
+                return i, u8, boxes, flips, True, ""
+            img = decode_image(raw)
             eval_img = img
             if not (self.steps_keep_own_size and img.size == (self.size, self.size)):
                 for t in self.pil_steps:
@@ -111,6 +125,22 @@ class UnitImages(torch.utils.data.Dataset):
             u8[...] = 0  # an invalid row is zero-filled, whatever a reused buffer held
             return i, u8, boxes, flips, False, f"cannot decode image: {type(e).__name__}: {e}"
         return i, u8, boxes, flips, True, ""
+
+    def _decode_jpeg_at_size(self, raw: bytes, out: np.ndarray) -> bool:
+        """Decode ``raw`` into ``out`` [3, S, S] when it is a JPEG of exactly the teacher's size; False leaves
+        the image to PIL (another format, another size, or bytes libjpeg refuses: PIL then names the fault)."""
+        if raw[:3] != b"\xff\xd8\xff":
+            return False
+        try:
+            # bytearray: torch wants a writable buffer; the copy is a few dozen KB.
+            x = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            return False
+        if tuple(x.shape) != (3, self.size, self.size):
+            self.jpeg_fast = False
+            return False
+        out[...] = x.numpy()
+        return True
 
 
 def collate_images(batch: list[tuple]) -> tuple:
@@ -154,9 +184,11 @@ def unit_batches(
 
     # Each image is decoded straight into its slot of a batch buffer, and the buffers are reused: collating
     # per-image arrays into a fresh batch copied every pixel again into memory that had to be faulted in
-    # (0.19 of 0.61 CPU ms per 224 px image). A batch's buffer is rewritten three batches later, when the
-    # caller has long finished with it (it asks for the next batch only once it is done with this one).
-    ring: list[np.ndarray | None] = [None, None, None]
+    # (0.19 of 0.61 CPU ms per 224 px image). With DECODE_THREADS batches decoding ahead, a batch's buffer is
+    # rewritten DECODE_THREADS + 2 batches later, when the caller has long finished with it (it asks for the
+    # next batch only once it is done with this one).
+    ahead_n = max(1, DECODE_THREADS)
+    ring: list[np.ndarray | None] = [None] * (ahead_n + 2)
 
     def decode(lo: int) -> tuple:
         hi = min(n, lo + batch_size)
@@ -175,13 +207,19 @@ def unit_batches(
             list(why),
         )
 
-    # In-process decode runs one batch ahead on a thread, so it overlaps the teacher's forward instead of
-    # alternating with it (PIL decodes and torch computes with the GIL released).
-    with ThreadPoolExecutor(1, thread_name_prefix="clip-td-decode") as pool:
-        ahead = pool.submit(decode, 0) if n else None
-        for lo in range(batch_size, n + batch_size, batch_size):
-            batch = ahead.result()
-            ahead = pool.submit(decode, lo) if lo < n else None
+    # In-process decode runs ahead on threads, so it overlaps the teacher's forward instead of alternating
+    # with it (PIL and libjpeg decode and torch computes with the GIL released). With a GPU teacher decode is
+    # the host's longest phase: one thread left the unit waiting on it for most of its time.
+    with ThreadPoolExecutor(ahead_n, thread_name_prefix="clip-td-decode") as pool:
+        pending = collections.deque(
+            pool.submit(decode, lo) for lo in range(0, min(n, ahead_n * batch_size), batch_size)
+        )
+        nxt = ahead_n * batch_size
+        while pending:
+            batch = pending.popleft().result()
+            if nxt < n:
+                pending.append(pool.submit(decode, nxt))
+                nxt += batch_size
             yield batch
 
 
