@@ -1,5 +1,5 @@
-"""A unit's images decoded for the teacher: uint8 pixels of every view, by DataLoader worker processes or a
-thread beside the teacher."""
+"""A unit's images decoded for the teacher: uint8 pixels of every view, by DataLoader worker processes or
+threads beside the teacher."""
 
 from __future__ import annotations
 
