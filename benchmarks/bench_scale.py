@@ -20,8 +20,8 @@ then read as training reads it.
   ``gpu_teacher_sim``: the same units again with that device work made free (the stub hands out float16
   tokens, normalising and cosines cost nothing, the device-to-host copy stays as a host copy), so the host's
   share of a GPU extraction is measured, not subtracted. Two passes each, interleaved, of the decode as it
-  is (``pipeline.extract.decode``: the JPEG fast path on ``DECODE_THREADS`` threads), the fast path on one
-  thread, and PIL's decode on one thread (the decode before both): ``decode_arms``, their ratios of unit
+  is (``pipeline.extract.decode``: the JPEG fast path on ``DECODE_THREADS`` threads), the fast path on two
+  threads, and PIL's decode on one thread (the decode before both): ``decode_arms``, their ratios of unit
   wall and CPU; the target's figure is the first pass of the decode as it is.
 * Reader: ``student.targets.CachedTargets`` (the default 256 MB LRU of decoded chunks) reading image targets
   in ``train.order: chunked`` order (``student.data.epoch_order`` with the image's inner chunk as its group,
@@ -215,9 +215,10 @@ def extract_store(work: Path, n: int, overrides: tuple[str, ...], profile_units:
     sim_images = sum(len(j.items) for j in sim_jobs)
     pil_decode = (X.decode.UnitImages, "_decode_jpeg_at_size", lambda _: lambda self, raw, out: False)
     one_thread = (X.decode, "DECODE_THREADS", lambda _: 1)
-    # The decode as it is (the JPEG fast path on DECODE_THREADS threads) against the fast path on one thread
+    two_threads = (X.decode, "DECODE_THREADS", lambda _: 2)
+    # The decode as it is (the JPEG fast path on DECODE_THREADS threads) against the fast path on two threads
     # and against PIL on one thread (the decode before either), the arms interleaved so load hits them alike.
-    extra = {"sim": [], "fast_1_thread": [one_thread], "pil_1_thread": [one_thread, pil_decode]}
+    extra = {"sim": [], "fast_2_threads": [two_threads], "pil_1_thread": [one_thread, pil_decode]}
     arms: dict[str, list[dict]] = {arm: [] for arm in extra}
     for arm in [*extra, *extra]:
         c = time.process_time()

@@ -18,7 +18,9 @@ from ..data.shards import PreparedDataset, decode_image
 
 MP_CONTEXT_ENV = "CLIP_TD_DATALOADER_CONTEXT"
 # Threads decoding a unit's batches in this process (when it starts no DataLoader workers), each a batch ahead.
-DECODE_THREADS = 2
+# One: on 2 cores a second thread cost CPU and bought no wall time (bench_scale's decode_arms, three quiet runs:
+# unit wall 0.90-1.05 of PIL's with two threads, 0.79-0.85 with one; docs/scale.md).
+DECODE_THREADS = 1
 
 
 def pil_steps(preprocess: Any) -> list:
