@@ -11,7 +11,10 @@ dependency order, each by ``dvc --wait-for-lock repro --single-item <stage>``, s
 records every stage in dvc.lock exactly as a plain ``dvc repro`` would (DVC releases its repository lock while
 a stage's command runs). A stage runs beside others only when its dvc.yaml entry says it uses one core
 (``meta: {cores: 1}``); every other stage (the teacher's pretraining, extraction, which use all cores) runs
-alone. Each stage's output goes to a log under ``.dvc/tmp/repro-logs/``; a failed stage stops new launches
+alone. A stage that a wanted one needs starts as early as the most wanted stage that needs it. A stage that
+DVC recorded before but reported changed because something upstream was missing (a fresh clone rebuilding
+shared artifacts) is asked again once what it needs has run: DVC finds most such stages up to date then, and
+they are not launched. Each stage's output goes to a log under ``.dvc/tmp/repro-logs/``; a failed stage stops new launches
 (``--keep-going`` runs everything that does not depend on it), lets the running ones finish, and the command
 exits 1 naming the stage and the tail of its log. An interrupt (Ctrl-C, SIGINT) starts no more stages and
 lets the running ones finish and be recorded; a second one stops them. The next run redoes only what is not
@@ -27,10 +30,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+import yaml
 
 LOG_DIR = Path(".dvc/tmp/repro-logs")
 
@@ -43,23 +48,48 @@ class Plan:
     order: list[str]
     needs: dict[str, set[str]] = field(default_factory=dict)
     one_core: set[str] = field(default_factory=set)
+    # Stages with an entry in their dvc.lock: changed only because something upstream is, they may be up to
+    # date once it has run (run() asks again before launching them).
+    recorded: set[str] = field(default_factory=set)
 
     def prioritise(self, first: tuple[str, ...] = ()) -> None:
         """Put ``order`` in the order the stages will start: every stage after what it needs; among those
         ready, the ones matching an earlier ``first`` glob first (a study run over several sittings
-        finishes its most wanted cells first); ties keep dvc.yaml's order."""
+        finishes its most wanted cells first), a stage that others need as early as the earliest of them
+        (else a ready unwanted cell would start before the shared artifact the wanted ones wait on); ties
+        keep dvc.yaml's order."""
         rank = {n: i for i, n in enumerate(self.order)}
 
-        def key(name: str) -> tuple[int, int]:
+        def hit(name: str) -> int:
             hits = [i for i, pat in enumerate(first) if fnmatch.fnmatchcase(name.split(":")[-1], pat)]
-            return (hits[0] if hits else len(first), rank[name])
+            return hits[0] if hits else len(first)
 
-        left, emitted, self.order = sorted(self.order, key=key), set(), []
+        prio = {n: hit(n) for n in self.order}
+        for name in reversed(self._topological()):  # dependents before what they need
+            for need in self.needs[name]:
+                prio[need] = min(prio[need], prio[name])
+        left, emitted, self.order = sorted(self.order, key=lambda n: (prio[n], rank[n])), set(), []
         while left:  # the first wanted stage whose needs come before it, so --dry prints the run order
             name = next(n for n in left if self.needs[n] <= emitted)
             left.remove(name)
             emitted.add(name)
             self.order.append(name)
+
+    def _topological(self) -> list[str]:
+        """``order`` rearranged so that every stage comes after what it needs."""
+        out: list[str] = []
+        seen: set[str] = set()
+
+        def visit(name: str) -> None:
+            if name not in seen:
+                seen.add(name)
+                for need in sorted(self.needs[name]):
+                    visit(need)
+                out.append(name)
+
+        for name in self.order:
+            visit(name)
+        return out
 
 
 def _one_core(stage) -> bool:
@@ -85,18 +115,45 @@ def plan(root: str | Path, target: str, first: tuple[str, ...] = ()) -> Plan:
         for s in in_target:
             wanted |= nx.descendants(graph, s)
         by_name = {s.addressing: s for s in wanted}
-        # One status call for the whole file (one per stage is quadratic in DVC: minutes for the study).
-        changed = set(repo.status(targets=[target], with_deps=True)) & set(by_name)
+        changed = _changed(repo, target) & set(by_name)
     todo = {by_name[n] for n in changed}
     for s in list(todo):
         todo |= {a for a in nx.ancestors(graph, s) if a in wanted}
+    recorded = _recorded(list(todo))
     sub = graph.subgraph(todo)
     defined = {s: i for i, s in enumerate(graph)}  # the order of dvc.yaml files and their entries
     order = [s.addressing for s in sorted(todo, key=defined.__getitem__)]
     needs = {s.addressing: {d.addressing for d in sub.successors(s)} for s in todo}
-    p = Plan(order, needs, {s.addressing for s in todo if _one_core(s)})
+    p = Plan(order, needs, {s.addressing for s in todo if _one_core(s)}, recorded)
     p.prioritise(first)
     return p
+
+
+def _changed(repo, target: str) -> set[str]:
+    # One status call for the whole file (one per stage is quadratic in DVC: minutes for the study).
+    return set(repo.status(targets=[target], with_deps=True))
+
+
+def _recorded(stages) -> set[str]:
+    """The stages with an entry in their dvc.lock (each lock file read once)."""
+    entries: dict[Path, set[str]] = {}
+    for stage in stages:
+        lock = Path(stage.path).with_name("dvc.lock")
+        if lock not in entries:
+            try:
+                loaded = yaml.load(lock.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+                entries[lock] = set((loaded or {}).get("stages") or {})
+            except OSError:
+                entries[lock] = set()
+    return {s.addressing for s in stages if s.name in entries[Path(s.path).with_name("dvc.lock")]}
+
+
+def still_changed(root: str | Path, target: str, names: list[str]) -> set[str]:
+    """Which of ``names`` DVC now reports changed (the rest are up to date and need not run)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root), _wait_for_lock=True) as repo:
+        return _changed(repo, target) & set(names)
 
 
 def _log_path(stage: str) -> Path:
@@ -132,13 +189,23 @@ def _to_start(plan: Plan, ready: list[str], running: dict, jobs: int) -> list[st
     return starting
 
 
-def run(plan: Plan, jobs: int, dvc: str = "dvc", keep_going: bool = False, echo=click.echo) -> list[str]:
-    """Run the plan with at most ``jobs`` one-core stages at a time; every other stage alone. Returns the
-    stages that failed (empty when all passed); raises KeyboardInterrupt when it was stopped."""
+def run(
+    plan: Plan,
+    jobs: int,
+    dvc: str = "dvc",
+    keep_going: bool = False,
+    echo=click.echo,
+    recheck: Callable[[list[str]], set[str]] | None = None,
+) -> list[str]:
+    """Run the plan with at most ``jobs`` one-core stages at a time; every other stage alone. Before a
+    recorded stage (``plan.recorded``) first becomes ready, ``recheck`` (given the newly ready ones, it
+    returns those still changed) drops the ones now up to date. Returns the stages that failed (empty when
+    all passed); raises KeyboardInterrupt when it was stopped."""
     from tqdm import tqdm
 
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     pending, done, failed = list(plan.order), set(), []
+    asked: set[str] = set()
     running: dict[str, Running] = {}
     bar = tqdm(total=len(pending), unit="stage", desc="dvc repro", disable=not pending)
 
@@ -189,6 +256,22 @@ def run(plan: Plan, jobs: int, dvc: str = "dvc", keep_going: bool = False, echo=
             try:
                 if not (draining or (failed and not keep_going)):
                     ready = [n for n in pending if plan.needs[n] <= done]
+                    # Running stages go on meanwhile; this costs one `dvc status` (minutes for the study),
+                    # against seconds of DVC's own work per launched stage it would find up to date.
+                    while recheck is not None:
+                        ask = [n for n in ready if n in plan.recorded and n not in asked]
+                        if not ask:
+                            break
+                        asked.update(ask)
+                        stale = recheck(ask)
+                        for name in ask:
+                            if name not in stale:
+                                pending.remove(name)
+                                done.add(name)
+                                bar.update(1)
+                        if len(stale) < len(ask):
+                            bar.write(f"up to date now: {len(ask) - len(stale)} recorded stage(s), not run")
+                        ready = [n for n in pending if plan.needs[n] <= done]
                     for name in _to_start(plan, ready, running, jobs):
                         launch(name)
                 if not running:  # stopped, or only stages that need a failed one are left
@@ -257,7 +340,9 @@ def main(target: str, jobs: int, keep_going: bool, first: tuple[str, ...], dry: 
     if not Path(dvc).exists():
         dvc = "dvc"
     try:
-        failed = run(p, jobs, dvc=dvc, keep_going=keep_going)
+        failed = run(
+            p, jobs, dvc=dvc, keep_going=keep_going, recheck=lambda names: still_changed(".", target, names)
+        )
     except KeyboardInterrupt:
         click.echo("stopped: what finished is recorded in dvc.lock; run the same command to go on.", err=True)
         raise SystemExit(130) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,12 +52,15 @@ stages:
       meta: {cores: 1}
       cmd: python step.py ${item} cell-${item}.json 1.5
       deps: [step.py, first.json]
-      outs:
-        - cell-${item}.json
+      outs:  # as the study's cells: committed to git, not in DVC's cache
+        - cell-${item}.json:
+            cache: false
   last:
     cmd: python step.py last last.json
     deps: [cell-a.json, cell-b.json, cell-c.json]
-    outs: [last.json]
+    outs:
+      - last.json:
+          cache: false
 """
 
 
@@ -136,6 +140,36 @@ def test_first_orders_ready_stages(repo: Path):
     plan = _run(repo, "--dry", "--first", "cell@c", "--first", "cell@b")
     names = [line.split()[-1] for line in plan.stdout.splitlines()]
     assert names == ["first", "cell@c", "cell@b", "cell@a", "last"]
+
+
+def test_what_wanted_stages_need_starts_before_a_ready_unwanted_stage():
+    """A fresh clone's study: the scratch cells are ready at once, the wanted ones wait on the pretrained
+    student; the pretrained student must start before the scratch cells, not after all of them."""
+    from pipeline.repro import Plan
+
+    needs = {"solo-1": set(), "solo-2": set(), "shared": {"data"}, "data": set(), "cell": {"shared"}}
+    p = Plan(list(needs), needs, {"solo-1", "solo-2", "cell"})
+    p.prioritise(("cell", "solo-*"))
+    assert p.order == ["data", "shared", "cell", "solo-1", "solo-2"]
+
+
+def test_recorded_stages_up_to_date_once_what_they_need_is_rebuilt_are_not_launched(repo: Path):
+    """A fresh clone rebuilds the shared artifacts (deterministic, so their hashes match dvc.lock): the
+    finished cells, reported changed while those were missing, must not each be launched through DVC."""
+    assert _run(repo, "--jobs", "2").returncode == 0
+    (repo / "first.json").unlink()
+    shutil.rmtree(repo / ".dvc" / "cache")  # nor can DVC restore it: a clone has no cache
+    (repo / "events.txt").unlink()
+    logs = repo / ".dvc" / "tmp" / "repro-logs"
+    for log in logs.glob("*.log"):
+        log.unlink()
+    assert _run(repo, "--dry").stdout.split()[-2:] == ["all", "last"]  # all five reported changed
+    r = _run(repo, "--jobs", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _events(repo) == [("start", "first"), ("end", "first")]
+    assert sorted(p.stem for p in logs.glob("*.log")) == ["first"], r.stdout + r.stderr  # none handed to DVC
+    assert "up to date now: 3" in r.stderr + r.stdout and "up to date now: 1" in r.stderr + r.stdout
+    assert "up to date" in _dvc(repo, "status")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
