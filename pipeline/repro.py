@@ -205,7 +205,7 @@ def run(
 
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     pending, done, failed = list(plan.order), set(), []
-    asked: set[str] = set()
+    asked = {n for n in pending if not plan.needs[n]}  # the plan's status call is fresh for these
     running: dict[str, Running] = {}
     bar = tqdm(total=len(pending), unit="stage", desc="dvc repro", disable=not pending)
 
