@@ -135,7 +135,8 @@ def _changed(repo, target: str) -> set[str]:
 
 
 def _recorded(stages) -> set[str]:
-    """The stages with an entry in their dvc.lock (each lock file read once)."""
+    """The stages with an entry in their dvc.lock and every output on disk (each lock file read once): one
+    with an output missing will run whatever status says once its needs are rebuilt."""
     entries: dict[Path, set[str]] = {}
     for stage in stages:
         lock = Path(stage.path).with_name("dvc.lock")
@@ -145,7 +146,12 @@ def _recorded(stages) -> set[str]:
                 entries[lock] = set((loaded or {}).get("stages") or {})
             except OSError:
                 entries[lock] = set()
-    return {s.addressing for s in stages if s.name in entries[Path(s.path).with_name("dvc.lock")]}
+    return {
+        s.addressing
+        for s in stages
+        if s.name in entries[Path(s.path).with_name("dvc.lock")]
+        and all(os.path.exists(o.fs_path) for o in s.outs)
+    }
 
 
 def still_changed(root: str | Path, target: str, names: list[str]) -> set[str]:
