@@ -14,8 +14,8 @@ a stage's command runs). A stage runs beside others only when its dvc.yaml entry
 alone. A stage that a wanted one needs starts as early as the most wanted stage that needs it. A stage that
 DVC recorded before but reported changed because something upstream was missing (a fresh clone rebuilding
 shared artifacts) is asked again once what it needs has run: DVC finds most such stages up to date then, and
-they are not launched. Each stage's output goes to a log under ``.dvc/tmp/repro-logs/``; a failed stage stops new launches
-(``--keep-going`` runs everything that does not depend on it), lets the running ones finish, and the command
+they are not launched. Each stage's output goes to a log under ``.dvc/tmp/repro-logs/``; a failed stage stops
+new launches (``--keep-going`` runs everything that does not depend on it), lets the running ones finish, and the command
 exits 1 naming the stage and the tail of its log. An interrupt (Ctrl-C, SIGINT) starts no more stages and
 lets the running ones finish and be recorded; a second one stops them. The next run redoes only what is not
 recorded as finished.
@@ -48,8 +48,8 @@ class Plan:
     order: list[str]
     needs: dict[str, set[str]] = field(default_factory=dict)
     one_core: set[str] = field(default_factory=set)
-    # Stages with an entry in their dvc.lock: changed only because something upstream is, they may be up to
-    # date once it has run (run() asks again before launching them).
+    # Stages with an entry in their dvc.lock and their outputs on disk: changed only because something
+    # upstream is, they may be up to date once it has run (run() asks again before launching them).
     recorded: set[str] = field(default_factory=set)
 
     def prioritise(self, first: tuple[str, ...] = ()) -> None:
