@@ -33,12 +33,13 @@ repro: setup
 # cells the study's targets rest on run first, so a study finished over several sittings has its verdicts
 # early: the teacher's zero-shot scores (the ceiling of every cell, seconds), low-shot 0.01 and shift
 # (baseline, clip_td, the blind floor), the ablations that diagnose VQA's low-shot loss, naive_kd, full, then
-# the diagnostics that explain the verdicts (the teacher dose-response, the other tasks' ablations), the
+# the diagnostics that explain the verdicts (the teacher dose-response, VCR's first: the task where clip_td
+# gains, so where the gain must follow the teacher's knowledge; the other tasks' ablations), the
 # scratch-initialised students, the extra methods, and last the 0.05 and 0.25 fractions.
 STUDY_FIRST := zeroshot_full main@*-lowshot-0.01-baseline-* main@*-lowshot-0.01-clip_td-* main@*-shift-baseline-* \
   main@*-shift-clip_td-* main@*-lowshot-0.01-blind-* main@*-shift-blind-* ablation@vqa-lowshot-0.01-* \
-  main@*-lowshot-0.01-naive_kd-* main@*-shift-naive_kd-* main@*-full-* dose@* ablation@*-lowshot-0.01-* \
-  scratch@* extra@*
+  main@*-lowshot-0.01-naive_kd-* main@*-shift-naive_kd-* main@*-full-* dose@vcr-* dose@* \
+  ablation@*-lowshot-0.01-* scratch@* extra@*
 study: setup
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.repro --jobs $(JOBS) --keep-going \
