@@ -24,6 +24,7 @@ what is not recorded as finished.
 from __future__ import annotations
 
 import fnmatch
+import graphlib
 import os
 import re
 import signal
@@ -65,7 +66,8 @@ class Plan:
             return hits[0] if hits else len(first)
 
         prio = {n: hit(n) for n in self.order}
-        for name in reversed(self._topological()):  # dependents before what they need
+        # Dependents before what they need (static_order yields needs first), so priorities flow down chains.
+        for name in reversed(list(graphlib.TopologicalSorter(self.needs).static_order())):
             for need in self.needs[name]:
                 prio[need] = min(prio[need], prio[name])
         left, emitted, self.order = sorted(self.order, key=lambda n: (prio[n], rank[n])), set(), []
@@ -74,22 +76,6 @@ class Plan:
             left.remove(name)
             emitted.add(name)
             self.order.append(name)
-
-    def _topological(self) -> list[str]:
-        """``order`` rearranged so that every stage comes after what it needs."""
-        out: list[str] = []
-        seen: set[str] = set()
-
-        def visit(name: str) -> None:
-            if name not in seen:
-                seen.add(name)
-                for need in sorted(self.needs[name]):
-                    visit(need)
-                out.append(name)
-
-        for name in self.order:
-            visit(name)
-        return out
 
 
 def _one_core(stage) -> bool:
