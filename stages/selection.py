@@ -89,6 +89,7 @@ def main(study_path, caches, data_root, split, min_cover, out, params_path, over
         "grid": g_s,
         "rho_v": cfg.rho_v,
         "selection": cfg.selection,
+        "relevance_source": cfg.relevance_source,
         "min_cover": min_cover,
         "teachers": {},
     }

@@ -6,7 +6,18 @@ cosine relevance to the instance's distill text, the top ρ_v of them). The synt
 meta says where every object is, so each grid cell is "on a named object" or not, and:
 
   selected share = (selected cells on a named object) / (selected cells),
-  random share   = (cells on a named object) / (all cells)  — the expected share of as many random cells.
+  random share   = (cells on a named object) / (all cells)  — the expected share of as many random cells,
+  fixed share    = the same for the cells the teacher selects most often over all scored instances (as many
+                   as it selects for this one): a selection that ignores the instance,
+  prior share    = the same for the cells most often on a named object over all scored instances: the best
+                   selection that ignores the instance (fitted in-sample, so an upper bound),
+  other-text share = the same when the image's tokens are ranked against another instance's text (the next
+                   scored one's): what the image alone makes the teacher select.
+
+Beating random alone can come from where objects tend to be (a random-init teacher's tokens differ by
+position, so it selects the same cells everywhere); selected above fixed says the selection follows the
+instance, and selected above other-text says it follows the text, i.e. is targeted (a teacher can pick out
+objects in general, from the image alone, without picking the ones the text names).
 
 Objects the text names: the scene objects whose attributes (shape, colour, size) agree with every attribute
 category the distill text mentions (a word of the category, plural allowed), plus the objects the meta names
@@ -154,12 +165,24 @@ def selection_quality(
             "delta_mean": None,
             "ci95": None,
             "p": None,
+            "fixed_share": None,
+            "prior_share": None,
+            "vs_fixed": None,
+            "other_text_share": None,
+            "vs_other_text": None,
         }
     sel = selection_masks(cache, keep, texts, g_s, cfg)
     on = np.stack(masks)
-    selected = (sel & on).sum(1) / np.maximum(sel.sum(1), 1)
+    k = sel.sum(1)
+    selected = (sel & on).sum(1) / np.maximum(k, 1)
     random = on.mean(1)
+    fixed = (_most_frequent(sel, k) & on).sum(1) / np.maximum(k, 1)
+    prior = (_most_frequent(on, k) & on).sum(1) / np.maximum(k, 1)
+    other_sel = selection_masks(cache, keep, texts[1:] + texts[:1], g_s, cfg)
+    other = (other_sel & on).sum(1) / np.maximum(other_sel.sum(1), 1)
     test = paired_test([float(d) for d in selected - random])
+    vs_fixed = paired_test([float(d) for d in selected - fixed])
+    vs_other = paired_test([float(d) for d in selected - other])
     return {
         "n": len(keep),
         "n_scored": len(instances),
@@ -171,4 +194,17 @@ def selection_quality(
         "delta_mean": test["mean"],
         "ci95": test["ci95"],
         "p": test["p"],
+        "fixed_share": float(fixed.mean()),
+        "prior_share": float(prior.mean()),
+        "vs_fixed": {"delta_mean": vs_fixed["mean"], "ci95": vs_fixed["ci95"], "p": vs_fixed["p"]},
+        "other_text_share": float(other.mean()),
+        "vs_other_text": {"delta_mean": vs_other["mean"], "ci95": vs_other["ci95"], "p": vs_other["p"]},
     }
+
+
+def _most_frequent(masks: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """[N, cells] bool: for row i, the k[i] cells set most often across ``masks``' rows (ties by cell order)."""
+    order = np.argsort(-masks.mean(0), kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return rank[None, :] < k[:, None]

@@ -124,3 +124,80 @@ def test_selection_on_named_objects_beats_random_when_the_teacher_points_there()
     # Instances whose text names nothing in the scene are left out rather than scored as misses.
     none = [_inst("z", "how many objects are there?", insts[0].meta["scene"]["objects"])]
     assert selection_quality(_AlignedCache(insts), none, 4, cfg, ["red"], 4)["n"] == 0
+
+
+class _PositionalCache(_AlignedCache):
+    """A teacher that points at the same central cells of every image, whatever the instance (as a random-init
+    teacher's position-dependent tokens do)."""
+
+    CENTRE = torch.tensor([5, 6, 9, 10])
+
+    def image_targets(self, image_ids, relevance=None):
+        tok = torch.zeros(len(image_ids), self.grid**2, 8)
+        tok[:, :, 1] = 1.0
+        tok[:, self.CENTRE, 0], tok[:, self.CENTRE, 1] = 1.0, 0.0
+        return {"tokens": tok, "pooled": tok.mean(1), "valid": torch.ones(len(image_ids), dtype=torch.bool)}
+
+
+def test_a_selection_that_ignores_the_instance_is_told_apart_from_one_that_follows_it():
+    insts = _world()
+    cfg = method_config("clip_td", DistillParams())
+    # Following each instance's named object beats the teacher's own most frequent cells.
+    good = selection_quality(_AlignedCache(insts), insts, 4, cfg, ["red", "blue"], 4)
+    assert good["fixed_share"] < good["selected_share"]
+    assert good["vs_fixed"]["ci95"][0] > 0
+    assert good["fixed_share"] <= good["prior_share"] <= 1.0
+    # Pointing at the centre, where these objects tend to be, beats random but is exactly its own fixed mask.
+    central = selection_quality(_PositionalCache(insts), insts, 4, cfg, ["red", "blue"], 4)
+    assert central["ci95"][0] > 0
+    assert central["fixed_share"] == pytest.approx(central["selected_share"])
+    assert central["vs_fixed"]["delta_mean"] == 0.0 and central["vs_fixed"]["p"] == 1.0
+    assert central["selected_share"] <= central["prior_share"]
+
+
+class _TextCache:
+    """A teacher that tells the circle's cells (direction 0) and the square's (direction 2) from the background
+    (direction 1) and embeds a text along the shape it names: only the text says which object to select."""
+
+    grid = 4
+
+    def __init__(self, instances):
+        self.cells = {}
+        for inst in instances:
+            objs = inst.meta["scene"]["objects"]
+            self.cells[inst.image_id] = {
+                o["shape"]: torch.from_numpy(cell_mask([object_box(o, SIZE)], self.grid)) for o in objs
+            }
+
+    def image_targets(self, image_ids, relevance=None):
+        tok = torch.zeros(len(image_ids), self.grid**2, 8)
+        tok[:, :, 1] = 1.0
+        for i, iid in enumerate(image_ids):
+            for shape, axis in (("circle", 0), ("square", 2)):
+                on = self.cells[iid][shape]
+                tok[i, on, axis], tok[i, on, 1] = 1.0, 0.0
+        return {"tokens": tok, "pooled": tok.mean(1), "valid": torch.ones(len(image_ids), dtype=torch.bool)}
+
+    def text_targets(self, texts, tokens=True):
+        pooled = torch.zeros(len(texts), 8)
+        for i, t in enumerate(texts):
+            pooled[i, 0 if "circle" in t else 2] = 1.0
+        return {
+            "tokens": [p.expand(5, 8).clone() for p in pooled],
+            "pooled": pooled,
+            "lengths": torch.full((len(texts),), 5, dtype=torch.long),
+        }
+
+
+def test_a_selection_that_follows_the_text_beats_the_same_image_ranked_against_another_text():
+    insts = _world()
+    for k, inst in enumerate(insts):  # every other question names the square
+        if k % 2:
+            inst.question = "what color is the square?"
+    cfg = method_config("clip_td", DistillParams())
+    targeted = selection_quality(_TextCache(insts), insts, 4, cfg, ["red", "blue"], 4)
+    assert targeted["other_text_share"] < targeted["selected_share"]
+    assert targeted["vs_other_text"]["ci95"][0] > 0
+    # A teacher that finds objects from the image alone selects the same cells whatever the text says.
+    salient = selection_quality(_AlignedCache(insts), insts, 4, cfg, ["red", "blue"], 4)
+    assert salient["vs_other_text"]["delta_mean"] == 0.0

@@ -263,3 +263,38 @@ def test_a_miss_is_explained_by_the_floor_and_by_plain_distillation_when_the_num
     )
     why = explain("vqa", "lowshot-0.01", summary, {}, None, [])
     assert not any("floor" in w or "naive_kd" in w for w in why)
+
+
+def test_a_selection_that_beats_random_only_by_position_is_named_as_the_reason():
+    from pipeline.study.targets import explain
+
+    summary = [{"task": "vqa", "condition": "shift", "method": "baseline", "mean": 0.6, "delta_mean": None,
+                "ci95": None}]  # fmt: skip
+
+    def selection(vs_fixed_ci):
+        r = {"n": 700, "selected_share": 0.18, "random_share": 0.14, "delta_mean": 0.04, "ci95": [0.03, 0.05],
+             "fixed_share": 0.18, "prior_share": 0.25,
+             "vs_fixed": {"delta_mean": 0.0, "ci95": vs_fixed_ci, "p": 0.9}}  # fmt: skip
+        return {"teachers": {"full": {"tasks": {"vqa": r}}}}
+
+    why = explain("vqa", "shift", summary, {}, selection([-0.01, 0.01]), [])
+    assert any("selects by position" in w and "fixed 0.180" in w for w in why)
+    why = explain("vqa", "shift", summary, {}, selection([0.01, 0.03]), [])
+    assert not any("position" in w for w in why)
+    # Beating the fixed cells but not the same image under another text: not targeted.
+    untargeted = selection([0.01, 0.03])
+    untargeted["teachers"]["full"]["tasks"]["vqa"].update(
+        other_text_share=0.18, vs_other_text={"delta_mean": 0.0, "ci95": [-0.01, 0.01], "p": 0.8}
+    )
+    why = explain("vqa", "shift", summary, {}, untargeted, [])
+    assert any("not targeted" in w and "0.180 with another instance's text" in w for w in why)
+    # Worse than another instance's text, with the interval below 0: the text steers the selection away.
+    untargeted["teachers"]["full"]["tasks"]["vqa"].update(
+        other_text_share=0.22, vs_other_text={"delta_mean": -0.04, "ci95": [-0.06, -0.02], "p": 0.001}
+    )
+    why = explain("vqa", "shift", summary, {}, untargeted, [])
+    assert any("steers the selection away" in w and "0.220 with another" in w for w in why)
+    # A selection file written before the fixed control existed explains nothing new and breaks nothing.
+    old = selection(None)
+    del old["teachers"]["full"]["tasks"]["vqa"]["vs_fixed"]
+    assert not any("position" in w for w in explain("vqa", "shift", summary, {}, old, []))

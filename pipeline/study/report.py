@@ -159,16 +159,31 @@ def markdown(
             "",
             "Share of the selected image tokens (clip_td's top-ρ_v on the student grid, computed from the cache "
             "as in training) that fall on objects the instance's text names, against random selection of as "
-            "many tokens (its expected share). Δ: paired per instance, 95% t interval.",
+            "many tokens (its expected share). Δ: paired per instance, 95% t interval. *Fixed*: the cells this "
+            "teacher selects most often over all scored instances, the same for every instance (a selection "
+            "that ignores the instance); *prior*: the cells most often on a named object, the best selection "
+            "that ignores the instance (fitted on these instances); *other text*: the same image's tokens ranked "
+            "against another instance's text (what the image alone selects). Beating random but not fixed: "
+            "the teacher selects by position; beating fixed but not other text: it finds objects in the image "
+            "but not the ones the text names; beating other text: the selection is targeted. Relevance is "
+            "scored as the cells distil (`distill.relevance_source`: "
+            f"{(selection.get('relevance_source') or 'last')}) except in the rows *relevance-value* (the "
+            "finished teacher's MaskCLIP value tokens) and *relevance-intermediate* (an intermediate layer's "
+            "tokens), which measure the alternatives.",
             "",
-            "| teacher | task | n | selected | random | Δ | 95% CI |",
-            "|---|---|---|---|---|---|---|",
+            "| teacher | task | n | selected | random | Δ | 95% CI | fixed | prior | Δ vs fixed | 95% CI "
+            "| other text | Δ vs other text | 95% CI |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for teacher, s in selection.get("teachers", {}).items():
             for task, r in s.get("tasks", {}).items():
+                vf, vo = r.get("vs_fixed") or {}, r.get("vs_other_text") or {}
                 lines.append(
                     f"| {teacher} | {task} | {r['n']} | {fmt(r['selected_share'])} | {fmt(r['random_share'])} "
-                    f"| {fmt(r['delta_mean'], sign=True)} | {_ci(r['ci95'])} |"
+                    f"| {fmt(r['delta_mean'], sign=True)} | {_ci(r['ci95'])} | {fmt(r.get('fixed_share'))} "
+                    f"| {fmt(r.get('prior_share'))} | {fmt(vf.get('delta_mean'), sign=True)} "
+                    f"| {_ci(vf.get('ci95'))} | {fmt(r.get('other_text_share'))} "
+                    f"| {fmt(vo.get('delta_mean'), sign=True)} | {_ci(vo.get('ci95'))} |"
                 )
         lines.append("")
 
@@ -272,14 +287,18 @@ def write_study_report(
     names = teachers(sp)
     zeroshot = load_zeroshot_files({t: runs / "zeroshot" / f"{t}.json" for t in names})
     selection: dict | None = None
-    for t in names:
-        part = load_optional_json(runs / "selection" / f"{t}.json")
+    # The grid's teachers, then the finished teacher with other relevance tokens (study/dvc.yaml's
+    # selection_relevance: a diagnostic of the alternatives, not what the cells distil with).
+    sel_files = [runs / "selection" / f"{t}.json" for t in names]
+    sel_files += sorted((runs / "selection").glob("relevance-*.json"))
+    for f in sel_files:
+        part = load_optional_json(f)
         if part:
             selection = selection or {k: v for k, v in part.items() if k not in ("teachers", "seconds")}
             selection.setdefault("teachers", {}).update(part.get("teachers", {}))
     snaps: dict = {}
     timed = [runs / "zeroshot" / f"{t}.time.json" for t in names]
-    timed += [runs / "selection" / f"{t}.json" for t in names]
+    timed += [*sel_files, runs / "metrics" / "extract-relevance.json"]
     for s in sorted(set(sp.dose.steps)):
         snap = load_optional_json(runs / "metrics" / f"teacher-step{s}.json") or {}
         snaps.update(snap.get("snapshots", {}))

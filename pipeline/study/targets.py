@@ -80,15 +80,49 @@ def explain(
             f"{base['mean']:.3f} (little task knowledge to distil)"
         )
     sel = (selection or {}).get("teachers", {}).get(FULL_TEACHER, {}).get("tasks", {}).get(task)
-    if sel and sel.get("ci95") and sel["ci95"][0] <= 0:
-        why.append(
-            f"token selection is not better than random on {task} "
-            f"(selected {sel['selected_share']:.3f} vs random {sel['random_share']:.3f})"
-        )
+    if sel:
+        why += _selection_reasons(task, sel)
     rnd = [d for d in dose if d["task"] == task and d["condition"] == cond and d["steps"] == 0]
     if rnd and rnd[0]["verdict"] == "gain":
         why.append("the random (step-0) teacher gives a gain too: the gain is not the teacher's knowledge")
     return why or ["no diagnostic flags this cell (the effect is within seed noise)"]
+
+
+def _low(test: dict | None) -> float:
+    """The lower end of a paired test's interval; +1 (no doubt) where the test is missing (an older file)."""
+    return ((test or {}).get("ci95") or [1.0, 1.0])[0]
+
+
+def _selection_reasons(task: str, sel: dict) -> list[str]:
+    """What the selection diagnostic (student/diagnostics.py) says against the selection being targeted."""
+    why = []
+    if _low(sel) <= 0:
+        why.append(
+            f"token selection is not better than random on {task} "
+            f"(selected {sel['selected_share']:.3f} vs random {sel['random_share']:.3f})"
+        )
+    elif _low(sel.get("vs_fixed")) <= 0:
+        why.append(
+            f"token selection on {task} beats random but not the teacher's own most frequent cells "
+            f"(selected {sel['selected_share']:.3f} vs fixed {sel['fixed_share']:.3f}): it selects by "
+            "position, not by what the text names"
+        )
+    other = sel.get("vs_other_text")
+    if other and other.get("ci95"):
+        shares = (
+            f"selected {sel['selected_share']:.3f} vs {sel['other_text_share']:.3f} with another "
+            "instance's text"
+        )
+        if other["ci95"][1] < 0:
+            why.append(
+                f"on {task} the instance's own text steers the selection away from the objects it names "
+                f"({shares}): the selection is not targeted"
+            )
+        elif other["ci95"][0] <= 0 and not why:
+            why.append(
+                f"token selection on {task} follows the image but not the text ({shares}): not targeted"
+            )
+    return why
 
 
 def dose_table(
