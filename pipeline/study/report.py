@@ -167,7 +167,7 @@ def markdown(
             "the teacher selects by position; beating fixed but not other text: it finds objects in the image "
             "but not the ones the text names; beating other text: the selection is targeted. Relevance is "
             "scored as the cells distil (`distill.relevance_source`: "
-            f"{(selection.get('relevance_source') or 'last')}) except in the rows *relevance-value* (the "
+            f"{selection.get('relevance_source') or 'not recorded'}) except in the rows *relevance-value* (the "
             "finished teacher's MaskCLIP value tokens) and *relevance-intermediate* (an intermediate layer's "
             "tokens), which measure the alternatives.",
             "",
