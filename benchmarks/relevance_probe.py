@@ -24,8 +24,9 @@ import click
 
 from pipeline.report import paired_test
 from pipeline.study import load_study
+from pipeline.study.grid import Cell
 
-STUDY_RUNS = Path("study/runs/pretrained-full")
+STUDY_RUNS = Path("study/runs")
 
 
 def _primary(path: Path) -> float | None:
@@ -43,8 +44,11 @@ def summarise(
             trip = []
             for s in seeds:
                 probe = _primary(out / f"{task}-{cond}-clip_td-{relevance}-s{s}" / "eval.json")
-                base = _primary(STUDY_RUNS / f"{task}-{cond}-baseline-s{s}" / "eval.json")
-                ctd = _primary(STUDY_RUNS / f"{task}-{cond}-clip_td-s{s}" / "eval.json")
+                # The study's own cells of this seed (pretrained student, finished teacher), where its grid puts them.
+                base, ctd = (
+                    _primary(Cell("main", task, cond, m, s, "pretrained").run_dir(STUDY_RUNS) / "eval.json")
+                    for m in ("baseline", "clip_td")
+                )
                 if None not in (probe, base, ctd):
                     trip.append((s, probe, base, ctd))
             if not trip:
