@@ -7,8 +7,9 @@ train 1.76x as many steps per second as one (docs/time-budget.md).
 
 How: the stages a pipeline file needs (its own and everything upstream of them, in any dvc.yaml of the
 repository) are asked ``dvc status`` once; the changed ones and everything downstream of them are run in
-dependency order, each by ``dvc --wait-for-lock repro --single-item <stage>``, so DVC itself checks, runs and
-records every stage in dvc.lock exactly as a plain ``dvc repro`` would (DVC releases its repository lock while
+dependency order, each by ``dvc --wait-for-lock repro --single-item <stage>`` (through pipeline/dvc_lockfile.py,
+which only makes DVC's dvc.lock update cheaper), so DVC itself checks, runs and records every stage in dvc.lock
+exactly as a plain ``dvc repro`` would (DVC releases its repository lock while
 a stage's command runs). A stage runs beside others only when its dvc.yaml entry says it uses one core
 (``meta: {cores: 1}``); every other stage (the teacher's pretraining, extraction, which use all cores) runs
 alone. A stage that a wanted one needs starts as early as the most wanted stage that needs it. A stage that
@@ -31,7 +32,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def _to_start(plan: Plan, ready: list[str], running: dict, jobs: int) -> list[st
 def run(
     plan: Plan,
     jobs: int,
-    dvc: str = "dvc",
+    dvc: Sequence[str] = ("dvc",),
     keep_going: bool = False,
     echo=click.echo,
     recheck: Callable[[list[str]], set[str]] | None = None,
@@ -206,7 +207,7 @@ def run(
         with open(log, "w") as fh:
             # A process group of its own: an interrupt here stops the stage's whole command, not only dvc.
             proc = subprocess.Popen(
-                [dvc, "--wait-for-lock", "repro", "--single-item", name],
+                [*dvc, "--wait-for-lock", "repro", "--single-item", name],
                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         running[name] = Running(proc, log, time.monotonic())
@@ -328,9 +329,9 @@ def main(target: str, jobs: int, keep_going: bool, first: tuple[str, ...], dry: 
             click.echo(f"{'1 core ' if name in p.one_core else 'all    '} {name}")
         return
     click.echo(f"{len(p.order)} stage(s) to run, {len(p.one_core)} of them up to {jobs} at a time")
-    dvc = str(Path(sys.executable).with_name("dvc"))
-    if not Path(dvc).exists():
-        dvc = "dvc"
+    # DVC itself, with its dvc.lock update made cheap (pipeline/dvc_lockfile.py: the same bytes, seconds
+    # instead of the minute the study's lock took).
+    dvc = [sys.executable, "-m", "pipeline.dvc_lockfile"]
     try:
         failed = run(
             p, jobs, dvc=dvc, keep_going=keep_going, recheck=lambda names: still_changed(".", target, names)

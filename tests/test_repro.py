@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from dvc.utils.serialize._yaml import _dump, parse_yaml_for_update
 
 from tests.conftest import REPO
 
@@ -114,6 +116,11 @@ def test_one_core_stages_run_side_by_side_and_dvc_records_every_stage(repo: Path
     assert max(cells) < order.index("start last"), f"the last stage started before every cell ended: {order}"
     assert _peak(events) == 2, f"not exactly two one-core stages at once with --jobs 2: {order}"
     assert "up to date" in _dvc(repo, "status")  # DVC recorded every stage in dvc.lock
+    # ... in DVC's own layout, though pipeline/dvc_lockfile.py spliced each stage's entry into the file
+    lock = (repo / "dvc.lock").read_text()
+    stream = io.StringIO()
+    _dump(parse_yaml_for_update(lock, "dvc.lock"), stream)
+    assert stream.getvalue() == lock
     again = _run(repo)
     assert again.returncode == 0 and "everything is up to date" in again.stdout
 

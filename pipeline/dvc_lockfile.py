@@ -1,0 +1,199 @@
+"""DVC with a cheap dvc.lock update: ``python -m pipeline.dvc_lockfile <dvc arguments>`` runs ``dvc``.
+
+Why: after every stage DVC rewrites the whole dvc.lock, parsing it with ruamel's round-trip loader and dumping
+it with ruamel's pure-Python emitter (neither has a C version). The study's lock holds ~235 lines per cell;
+at 319 cells (1.8 MB) that update took 34-69 s of the repository lock and a core after each ~4-minute cell,
+and it grows with every cell (docs/study.md, Sizing). ``pipeline.repro`` runs every stage through this module.
+
+How: only ``Lockfile`` updates of a local dvc.lock take this path (everything else DVC writes, e.g. dvc.yaml
+with its comments, keeps DVC's own). The file is parsed with libyaml (PyYAML's C loader); once DVC has put its
+stage entries in, only the entries it changed are rendered, by DVC's own dumper, and spliced into the text in
+place of the old ones (a new stage goes last, where DVC's dump puts it), so every other byte stays as it was
+and the file is byte for byte what DVC would write. The result is parsed back and must equal what DVC meant
+to write; when it does not (libyaml reads YAML 1.1, DVC writes 1.2, so e.g. an unquoted ``1:20`` reads as a
+number) or the change is one this does not splice (a removed stage, a changed top-level key, a new file),
+the update falls back to DVC's own round-trip parse and dump of the original text. The file is written
+beside and renamed into place, so an interrupted update leaves the previous lock whole.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import yaml
+
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_STAGES = "stages:\n"
+
+
+def _fast_load(text: str) -> dict:
+    return yaml.load(text, Loader=_LOADER) or {}
+
+
+def _stage_blocks(lines: list[str]) -> tuple[dict[str, tuple[int, int]], int] | None:
+    """Each stage entry's header line (``"  name:\\n"``) -> its [start, end) line span under the top-level
+    ``stages:`` key, and the line where that mapping ends; None when the text is not laid out so."""
+    try:
+        first = lines.index(_STAGES) + 1
+    except ValueError:
+        return None
+    blocks: dict[str, tuple[int, int]] = {}
+    start = None
+    end = first
+    while end < len(lines) and lines[end].startswith("  "):
+        if lines[end][2] != " ":  # two spaces and a key: the next stage entry
+            if start is not None:
+                blocks[lines[start]] = (start, end)
+            start = end
+        end += 1
+    if start is not None:
+        blocks[lines[start]] = (start, end)
+    return blocks, end
+
+
+def _top_level(lock: dict) -> dict:
+    return {k: v for k, v in lock.items() if k != "stages"}
+
+
+def splice(text: str, before: dict, after: dict, render: Callable[[dict], str]) -> str | None:
+    """``text`` (a lock file that parses to ``before``) with the stage entries that differ in ``after``
+    re-rendered by ``render`` (DVC's dumper) and everything else kept byte for byte; None when the change is
+    not one of changed or added stage entries, or the text is not laid out as DVC writes it."""
+    old, new = before.get("stages") or {}, after.get("stages") or {}
+    if _top_level(before) != _top_level(after):
+        return None
+    if list(new)[: len(old)] != list(old):  # a stage removed, or the order changed: not a splice
+        return None
+    changed = [name for name in new if name not in old or new[name] != old[name]]
+    if not changed:
+        return text
+    lines = text.splitlines(keepends=True)
+    if not lines or not lines[-1].endswith("\n"):
+        return None
+    layout = _stage_blocks(lines)
+    if layout is None:
+        return None
+    blocks, stages_end = layout
+    replaced: dict[int, tuple[int, list[str]]] = {}
+    appended: list[str] = []
+    for name in changed:
+        rendered = render({"stages": {name: new[name]}}).splitlines(keepends=True)
+        if not rendered or rendered[0] != _STAGES:
+            return None
+        entry = rendered[1:]
+        if name in old:
+            span = blocks.get(entry[0])
+            if span is None:
+                return None
+            replaced[span[0]] = (span[1], entry)
+        else:
+            appended += entry
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        if i == stages_end:
+            out += appended
+        if i in replaced:
+            end, entry = replaced[i]
+            out += entry
+            i = end
+            continue
+        out.append(lines[i])
+        i += 1
+    if stages_end == len(lines):
+        out += appended
+    return "".join(out)
+
+
+def _dvc_render(data: dict) -> str:
+    from dvc.utils.serialize._yaml import _dump
+
+    stream = io.StringIO()
+    _dump(data, stream)
+    return stream.getvalue()
+
+
+def _write_beside(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _round_trip(text: str, path: str, before: dict, after: dict) -> str:
+    """DVC's own update: the original text parsed round-trip, DVC's changes applied, dumped by DVC."""
+    from dvc.utils.serialize._yaml import parse_yaml_for_update
+
+    data = parse_yaml_for_update(text, path)
+    for key in list(data):
+        if key not in after:
+            del data[key]
+    for key, value in after.items():
+        if key == "stages":
+            continue
+        if key not in before or before[key] != value:
+            data[key] = value
+    old, new = before.get("stages") or {}, after.get("stages") or {}
+    stages = data.setdefault("stages", {})
+    for name in list(stages):
+        if name not in new:
+            del stages[name]
+    for name, entry in new.items():
+        if name not in old or entry is not old[name]:  # DVC's entry, not one libyaml read back
+            stages[name] = entry
+    return _dvc_render(data)
+
+
+@contextmanager
+def modify_lockfile(path: str, fs: Any = None, _original: Callable | None = None) -> Iterator[dict]:
+    """``dvc.utils.serialize.modify_yaml`` for a local dvc.lock (see the module's docstring)."""
+    if not os.path.exists(path):
+        with _original(path, fs=fs) as data:
+            yield data
+        return
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    data = _fast_load(text)
+    before = copy.deepcopy(_top_level(data))  # DVC may change them in place (datasets); stages it replaces
+    before["stages"] = dict(data.get("stages") or {})
+    yield data
+    new_text = splice(text, before, data, _dvc_render)
+    if new_text is not None and new_text != text and _fast_load(new_text) != data:
+        new_text = None  # libyaml reads the rendered entry otherwise than DVC meant it (YAML 1.1 vs 1.2)
+    if new_text is None:
+        new_text = _round_trip(text, path, before, data)
+    if new_text != text:
+        _write_beside(path, new_text)
+
+
+def install() -> None:
+    """Route DVC's dvc.lock updates through ``modify_lockfile``; every other file keeps DVC's own path."""
+    import dvc.dvcfile
+    from dvc.fs import LocalFileSystem
+
+    original = dvc.dvcfile.modify_yaml
+
+    def modify_yaml(path, fs=None):
+        local = fs is None or isinstance(fs, LocalFileSystem)
+        if local and os.path.basename(os.fspath(path)) == "dvc.lock":
+            return modify_lockfile(os.fspath(path), fs=fs, _original=original)
+        return original(path, fs=fs)
+
+    dvc.dvcfile.modify_yaml = modify_yaml
+
+
+def main(argv: list[str] | None = None) -> int:
+    install()
+    from dvc.cli import main as dvc_main
+
+    return dvc_main(argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""pipeline/dvc_lockfile.py: DVC's dvc.lock update, made cheap, writes the bytes DVC's own update writes."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+from dvc.utils.serialize._yaml import modify_yaml
+
+from pipeline import dvc_lockfile
+from pipeline.dvc_lockfile import modify_lockfile
+
+
+@pytest.fixture
+def slow_path(monkeypatch) -> list[int]:
+    """Counts the updates that fell back to DVC's own round-trip parse and dump (the slow path)."""
+    calls: list[int] = []
+    original = dvc_lockfile._round_trip
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(dvc_lockfile, "_round_trip", counted)
+    return calls
+
+
+def _entry(i: int, value: object = 250) -> dict:
+    """A stage entry shaped like the study's: a command long enough to be folded, deps, params, outs."""
+    return {
+        "cmd": f"python -m stages.study_cell --task vqa --condition lowshot-0.01 --method clip_td --seed {i} "
+        f"--init pretrained --out study/runs/pretrained-full/vqa-lowshot-0.01-clip_td-s{i}",
+        "deps": [
+            {"path": "pipeline/cache", "hash": "md5", "md5": f"{i:032x}.dir", "size": 1000 + i, "nfiles": 9},
+            {"path": "stages/study_cell.py", "hash": "md5", "md5": f"{i + 7:032x}", "size": 77},
+        ],
+        "params": {
+            "params.yaml": {"train.eval_every": value, "distill.alpha": 0.5, "student.init": "pretrained"}
+        },
+        "outs": [
+            {"path": f"study/runs/x-s{i}", "hash": "md5", "md5": f"{i + 9:032x}.dir", "size": 3, "nfiles": 2}
+        ],
+    }
+
+
+def _lock(n: int = 4, **extra) -> dict:
+    return {"schema": "2.0", "stages": {f"main@cell-{i}": _entry(i) for i in range(n)}, **extra}
+
+
+def _write_as_dvc(path: Path, data: dict) -> None:
+    path.write_text("")
+    with modify_yaml(str(path)) as d:
+        d.update(copy.deepcopy(data))
+
+
+def _both(tmp_path: Path, data: dict, change) -> tuple[str, str]:
+    """The lock after ``change`` through DVC's own update and through modify_lockfile."""
+    texts = []
+    for name, modify in (("dvc", modify_yaml), ("fast", None)):
+        path = tmp_path / name / "dvc.lock"
+        path.parent.mkdir()
+        _write_as_dvc(path, data)
+        ctx = modify_yaml(str(path)) if modify else modify_lockfile(str(path), _original=modify_yaml)
+        with ctx as d:
+            change(d)
+        texts.append(path.read_text())
+    return texts[0], texts[1]
+
+
+def test_a_replaced_and_an_added_stage_give_dvcs_bytes_without_the_slow_path(tmp_path: Path, slow_path):
+    def change(d):
+        d["stages"].update({"main@cell-1": _entry(101), "main@cell-new": _entry(7)})
+
+    dvc, fast = _both(tmp_path, _lock(), change)
+    assert fast == dvc and "cell-new" in fast and "s101" in fast
+    assert not slow_path
+
+
+@pytest.mark.parametrize(
+    ("change", "slow"),
+    [
+        pytest.param(lambda d: d["stages"].pop("main@cell-2"), True, id="removed stage"),
+        pytest.param(lambda d: d.update(schema="3.0"), True, id="top-level key"),
+        # libyaml reads YAML 1.1: "1:20" unquoted (as DVC's 1.2 dumper writes it) would read back as 80
+        pytest.param(
+            lambda d: d["stages"].update({"main@cell-0": _entry(0, "1:20")}), True, id="yaml 1.1 vs 1.2"
+        ),
+        pytest.param(lambda d: d["stages"].update({"main@cell-3": _entry(3)}), False, id="unchanged entry"),
+    ],
+)
+def test_changes_it_does_not_splice_still_give_dvcs_bytes(tmp_path: Path, slow_path, change, slow: bool):
+    dvc, fast = _both(tmp_path, _lock(), change)
+    assert fast == dvc
+    assert bool(slow_path) == slow
+
+
+def test_untouched_entries_keep_their_bytes_and_values(tmp_path: Path, slow_path):
+    """An old entry libyaml would misread is never re-rendered from that misreading."""
+    data = _lock()
+    data["stages"]["main@cell-0"] = _entry(0, "1:20")
+    dvc, fast = _both(tmp_path, data, lambda d: d["stages"].update({"main@cell-2": _entry(202)}))
+    assert fast == dvc and "1:20" in fast
+    assert not slow_path
+
+
+def test_a_new_lock_file_is_dvcs_own(tmp_path: Path):
+    path = tmp_path / "dvc.lock"
+    with modify_lockfile(str(path), _original=modify_yaml) as d:
+        d.update(copy.deepcopy(_lock(2)))
+    other = tmp_path / "dvc" / "dvc.lock"
+    other.parent.mkdir()
+    _write_as_dvc(other, _lock(2))
+    assert path.read_text() == other.read_text()
+
+
+def test_a_failed_update_leaves_the_lock_whole(tmp_path: Path):
+    path = tmp_path / "dvc.lock"
+    _write_as_dvc(path, _lock())
+    before = path.read_text()
+    with pytest.raises(RuntimeError), modify_lockfile(str(path), _original=modify_yaml) as d:
+        d["stages"]["main@cell-1"] = _entry(55)
+        raise RuntimeError("the stage's outputs could not be hashed")
+    assert path.read_text() == before and list(tmp_path.iterdir()) == [path]
