@@ -18,6 +18,7 @@ beside and renamed into place, so an interrupted update leaves the previous lock
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import os
@@ -121,9 +122,14 @@ def _dvc_render(data: dict) -> str:
 
 def _write_beside(path: str, text: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:  # an interrupt or a full disk: no stray half file beside the lock
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _round_trip(text: str, path: str, before: dict, after: dict) -> str:

@@ -122,3 +122,17 @@ def test_a_failed_update_leaves_the_lock_whole(tmp_path: Path):
         d["stages"]["main@cell-1"] = _entry(55)
         raise RuntimeError("the stage's outputs could not be hashed")
     assert path.read_text() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_a_failed_write_leaves_the_lock_whole_and_nothing_beside_it(tmp_path: Path, monkeypatch):
+    path = tmp_path / "dvc.lock"
+    _write_as_dvc(path, _lock())
+    before = path.read_text()
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dvc_lockfile.os, "replace", disk_full)
+    with pytest.raises(OSError), modify_lockfile(str(path), _original=modify_yaml) as d:
+        d["stages"]["main@cell-1"] = _entry(55)
+    assert path.read_text() == before and list(tmp_path.iterdir()) == [path]
