@@ -24,7 +24,6 @@ import io
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import yaml
@@ -156,7 +155,7 @@ def _round_trip(text: str, path: str, before: dict, after: dict) -> str:
     return _dvc_render(data)
 
 
-@contextmanager
+@contextlib.contextmanager
 def modify_lockfile(path: str, fs: Any = None, _original: Callable | None = None) -> Iterator[dict]:
     """``dvc.utils.serialize.modify_yaml`` for a local dvc.lock (see the module's docstring)."""
     if not os.path.exists(path):
