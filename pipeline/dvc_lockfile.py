@@ -157,8 +157,11 @@ def _round_trip(text: str, path: str, before: dict, after: dict) -> str:
 
 @contextlib.contextmanager
 def modify_lockfile(path: str, fs: Any = None, _original: Callable | None = None) -> Iterator[dict]:
-    """``dvc.utils.serialize.modify_yaml`` for a local dvc.lock (see the module's docstring)."""
+    """``dvc.utils.serialize.modify_yaml`` for a local dvc.lock (see the module's docstring); a new file goes
+    through ``_original`` (default: DVC's own)."""
     if not os.path.exists(path):
+        if _original is None:
+            from dvc.utils.serialize import modify_yaml as _original
         with _original(path, fs=fs) as data:
             yield data
         return

@@ -149,7 +149,7 @@ def still_changed(root: str | Path, target: str, names: list[str]) -> set[str]:
         return _changed(repo, target) & set(names)
 
 
-def _log_path(stage: str) -> Path:
+def log_path(stage: str) -> Path:
     return LOG_DIR / (re.sub(r"[^A-Za-z0-9_.@-]+", "_", stage) + ".log")
 
 
@@ -203,7 +203,7 @@ def run(
     bar = tqdm(total=len(pending), unit="stage", desc="dvc repro", disable=not pending)
 
     def launch(name: str) -> None:
-        log = _log_path(name)
+        log = log_path(name)
         with open(log, "w") as fh:
             # A process group of its own: an interrupt here stops the stage's whole command, not only dvc.
             proc = subprocess.Popen(
