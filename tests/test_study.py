@@ -140,8 +140,10 @@ def _eval(runs: Path, variant: str, cond: str, method: str, seed: int, value: fl
     (d / "eval.json").write_text(json.dumps(data))
 
 
-def _fill(runs: Path, full_offset: float = 0.05, skip: tuple = ()) -> None:
-    sp = _study()
+def _fill(
+    runs: Path, full_offset: float = 0.05, skip: tuple = (), sp: StudyParams | None = None, scratch_gain=None
+) -> None:
+    sp = sp or _study()
     for c in cells(sp):
         if (c.condition, c.method, c.seed) in skip:
             continue
@@ -151,6 +153,8 @@ def _fill(runs: Path, full_offset: float = 0.05, skip: tuple = ()) -> None:
             off = 0.001 * (c.seed - 101)  # the random teacher: no gain
         elif c.method == "clip_td" and c.condition == "full":
             off = full_offset
+        if c.init == "scratch" and c.method == "clip_td":
+            off = scratch_gain(c.seed)
         _eval(runs, c.variant, c.condition, c.method, c.seed, base + off + 0.002 * (c.seed % 2))
     z = {
         "vqa": {c: {"metric": "vqa_score", "score": 0.6, "chance": 0.25, "n": 50} for c in sp.main.conditions}
@@ -208,6 +212,28 @@ def test_report_entries_statistics_and_verdicts_come_from_the_runs(tmp_path):
     assert "teacher zero-shot" in md and "blind (text only)" in md and "Teacher dose-response" in md
     assert json.loads((out / "selection.json").read_text())["teachers"]["full"]["tasks"]["vqa"]["n"] == 40
     assert result["wall"]["cells"] == len(cells(_study())) and result["wall"]["other_stage_seconds"] == 3.0
+
+
+@pytest.mark.parametrize(
+    "scratch_gain, larger",
+    [
+        (lambda seed: 0.15 + 0.01 * (seed - 100), "scratch"),
+        (lambda seed: 0.05 + 0.01 * (seed - 101), "no_difference"),
+    ],
+)
+def test_scratch_and_pretrained_deltas_are_compared_per_seed(tmp_path, scratch_gain, larger):
+    runs, out = tmp_path / "runs", tmp_path / "reports"
+    sp = _study()
+    sp.scratch = Group(["shift"], ["baseline", "clip_td"], inits=["scratch"])
+    _fill(runs, sp=sp, scratch_gain=scratch_gain)
+    write_study_report(sp, runs, out)
+    (c,) = json.loads((out / "targets.json").read_text())["init_contrast"]
+    assert (c["task"], c["condition"], c["method"], c["n_seeds"]) == ("vqa", "shift", "clip_td", 3)
+    assert c["delta_pretrained"] == pytest.approx(0.05)
+    diffs = [scratch_gain(s) - 0.05 for s in SEEDS]
+    assert c["diff_mean"] == pytest.approx(sum(diffs) / 3) and c["verdict"] == larger
+    assert (c["ci95"][0] > 0) == (larger == "scratch")
+    assert "scratch against pretrained" in (out / "results.md").read_text()
 
 
 def test_a_missed_target_names_its_diagnostics_and_a_partial_study_says_incomplete(tmp_path):

@@ -10,6 +10,7 @@ from ..report import (
     ZEROSHOT,
     ReportError,
     collect,
+    compare,
     load_optional_json,
     summarise,
 )
@@ -118,4 +119,41 @@ def load_zeroshot_files(paths: dict[str, Path]) -> dict[str, dict]:
                 if not isinstance(z.get("score"), (int, float)):
                     raise ReportError(f"{path}: key '{task}.{cond}': no numeric score")
                 out.setdefault(teacher, {}).setdefault(task, {})[cond] = z
+    return out
+
+
+def init_contrast(summaries: dict[str, list[dict]]) -> list[dict]:
+    """Where distillation matters most: per task × condition × method run from both inits with the full
+    teacher, the paired per-seed difference of the method's Δ against its own init's baseline, scratch
+    minus pretrained (> 0: the method gains more from scratch). Paired on the seeds both inits ran."""
+    by_init: dict[str, dict[tuple, dict]] = {}
+    for variant, ss in summaries.items():
+        init, teacher = variant.split("-", 1)
+        if teacher == FULL_TEACHER:
+            by_init[init] = {(s["task"], s["condition"], s["method"]): s for s in ss if s.get("paired")}
+    scratch, pretrained = by_init.get("scratch", {}), by_init.get("pretrained", {})
+    out = []
+    for key in sorted(set(scratch) & set(pretrained)):
+        if key[2] in (BASELINE, BLIND):
+            continue
+        ds, dp = (
+            dict(zip(x["paired"]["seeds"], x["paired"]["diffs"], strict=True))
+            for x in (scratch[key], pretrained[key])
+        )
+        c = compare(ds, dp)
+        paired = c["paired"] or {}
+        out.append(
+            {
+                "task": key[0],
+                "condition": key[1],
+                "method": key[2],
+                "delta_scratch": scratch[key]["paired"]["mean"],
+                "delta_pretrained": pretrained[key]["paired"]["mean"],
+                "n_seeds": paired.get("n"),
+                "diff_mean": paired.get("mean"),
+                "ci95": paired.get("ci95"),
+                "p": paired.get("p"),
+                "verdict": {"gain": "scratch", "loss": "pretrained"}.get(c["verdict"], c["verdict"]),
+            }
+        )
     return out

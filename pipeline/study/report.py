@@ -16,7 +16,7 @@ from ..report import (
     load_optional_json,
 )
 from ..report.markdown import fmt, fmt_p
-from .aggregate import collect_study, load_zeroshot_files, summarise_study, summary_entries
+from .aggregate import collect_study, init_contrast, load_zeroshot_files, summarise_study, summary_entries
 from .grid import BASELINE, FULL_TEACHER, Cell, StudyParams, teachers
 from .targets import _cell, _dose_order, _head_to_head, dose_table, targets
 
@@ -55,6 +55,7 @@ def markdown(
     selection: dict | None,
     wall: dict,
     missing: Sequence[Cell],
+    contrast: Sequence[dict] = (),
 ) -> str:
     from ..report import condition_order, method_order, task_order
 
@@ -128,6 +129,26 @@ def markdown(
                 f"| {d['init']} | {d['task']} | {d['condition']} | {d['steps']} | {fmt(d['retrieval_top1'])} "
                 f"| {fmt(d['zeroshot'])} | {fmt(d['delta_mean'], sign=True)} | {_ci(d['ci95'])} | "
                 f"{fmt_p(d['p'])} |"
+            )
+        lines.append("")
+
+    if contrast:
+        lines += [
+            "## Where distillation matters most: scratch against pretrained",
+            "",
+            "Per seed, the method's Δ against the baseline of its own init, from a randomly initialised student "
+            "minus from the VL-pretrained one (> 0: distillation adds more from scratch), paired on the seeds "
+            "both ran; 95% t interval. *Larger*: which init's Δ is larger when the interval excludes 0.",
+            "",
+            "| task | condition | method | Δ scratch | Δ pretrained | difference | 95% CI | p | larger |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in contrast:
+            larger = c["verdict"] if c["verdict"] in ("scratch", "pretrained") else "neither (CI incl. 0)"
+            lines.append(
+                f"| {c['task']} | {c['condition']} | {c['method']} | {fmt(c['delta_scratch'], sign=True)} "
+                f"| {fmt(c['delta_pretrained'], sign=True)} | {fmt(c['diff_mean'], sign=True)} | {_ci(c['ci95'])} "
+                f"| {fmt_p(c['p'])} | {larger} |"
             )
         lines.append("")
 
@@ -309,6 +330,7 @@ def write_study_report(
     dose = dose_table(sp, summaries, (teacher or {}).get("steps"), zeroshot, snaps) if sp.dose.methods else []
     tgts = targets(sp, summaries, rows, zeroshot, selection, dose)
     wall = wall_time(rows, [m for p in timed if (m := load_optional_json(p))])
+    contrast = init_contrast(summaries)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {
@@ -321,11 +343,20 @@ def write_study_report(
     }
     with tempfile.TemporaryDirectory(dir=out, prefix=".study-") as tmp_dir:
         tmp = {k: Path(tmp_dir) / n for k, n in files.items()}
-        tmp["results"].write_text(markdown(sp, summaries, zeroshot, dose, tgts, selection, wall, missing))
+        tmp["results"].write_text(
+            markdown(sp, summaries, zeroshot, dose, tgts, selection, wall, missing, contrast)
+        )
         tmp["summary"].write_text(json.dumps(summary_entries(summaries, zeroshot), indent=1) + "\n")
         tmp["targets"].write_text(
             json.dumps(
-                {"targets": tgts, "dose": dose, "wall_time": wall, "missing_cells": len(missing)}, indent=1
+                {
+                    "targets": tgts,
+                    "dose": dose,
+                    "init_contrast": contrast,
+                    "wall_time": wall,
+                    "missing_cells": len(missing),
+                },
+                indent=1,
             )
             + "\n"
         )
