@@ -66,7 +66,7 @@ LRU's whole-chunk reads from the shard files) and ``verified`` (checksum-on-read
 
 from __future__ import annotations
 
-from .checksum import checksum, crc32, crc32_combine
+from .checksum import checksum, crc32, crc32_combine, crc32_update
 from .codec import (
     compressors_for,
     decode_tokens,
@@ -176,6 +176,7 @@ __all__ = [
     "compressors_for",
     "crc32",
     "crc32_combine",
+    "crc32_update",
     "create_store",
     "decode_tokens",
     "dequantize_int8",

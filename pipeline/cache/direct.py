@@ -21,12 +21,13 @@ import contextlib
 import os
 import threading
 import uuid
-import zlib
 from typing import Any
 
 import google_crc32c
 import numcodecs.blosc
 import numpy as np
+
+from .checksum import crc32_update
 
 _EMPTY = 2**64 - 1  # an index entry of a chunk the shard does not store: it is all fill value
 
@@ -241,7 +242,7 @@ class DirectArray:
                         dst = scratch
                     if _read_into(f, dst, off + r * rb) != rb:
                         return None
-                    crc = zlib.crc32(dst, crc)
+                    crc = crc32_update(dst, crc)
                     for i in at[1:] if at else ():
                         out[i] = out[at[0]]
         except (FileNotFoundError, _Unreadable):
@@ -302,7 +303,7 @@ class DirectArray:
             try:
                 for j in range(min(self.per_shard, -(-len(rows) // cr))):
                     part = rows[j * cr : (j + 1) * cr]
-                    crcs.append(zlib.crc32(part.reshape(-1).view(np.uint8)))
+                    crcs.append(crc32_update(part.reshape(-1).view(np.uint8)))
                     buf = self._encode(part)
                     index[j] = (off, len(buf))
                     put(fd, buf)
