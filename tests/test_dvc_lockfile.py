@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import yaml
 from dvc.utils.serialize._yaml import modify_yaml
 
 from pipeline import dvc_lockfile
@@ -136,3 +137,77 @@ def test_a_failed_write_leaves_the_lock_whole_and_nothing_beside_it(tmp_path: Pa
     with pytest.raises(OSError), modify_lockfile(str(path), _original=modify_yaml) as d:
         d["stages"]["main@cell-1"] = _entry(55)
     assert path.read_text() == before and list(tmp_path.iterdir()) == [path]
+
+
+@pytest.fixture
+def pipeline_repo(tmp_path: Path, monkeypatch) -> Path:
+    """A DVC repository with two stages run by DVC, both depending on a code folder."""
+    import subprocess
+    import sys
+
+    from dvc.repo import Repo
+
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    Repo.init()
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "step.py").write_text(
+        "import sys\nopen(sys.argv[1], 'w').write(open('in.txt').read())\n"
+    )
+    (tmp_path / "in.txt").write_text("x")
+    stages = {
+        name: {
+            "cmd": f"{sys.executable} code/step.py {name}.txt",
+            "deps": ["code", "in.txt"],
+            "outs": [f"{name}.txt"],
+        }
+        for name in ("one", "two")
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    with Repo() as repo:
+        repo.reproduce()
+    return tmp_path
+
+
+def _status(path: Path) -> dict:
+    from dvc.repo import Repo
+
+    with Repo(str(path)) as repo:
+        return repo.status()
+
+
+def test_commit_unchanged_records_a_code_change_as_dvc_commit_does(
+    pipeline_repo: Path, tmp_path_factory, monkeypatch
+):
+    import shutil
+
+    from dvc.repo import Repo
+
+    (pipeline_repo / "code" / "step.py").write_text(
+        "import sys  # faster, same bytes out\n" + "open(sys.argv[1], 'w').write(open('in.txt').read())\n"
+    )
+    assert set(_status(pipeline_repo)) == {"one", "two"}
+    twin = tmp_path_factory.mktemp("twin") / "repo"
+    shutil.copytree(pipeline_repo, twin)
+    assert dvc_lockfile.commit_unchanged(["one", "two"], ["code"], str(pipeline_repo)) == ["one", "two"]
+    assert _status(pipeline_repo) == {}
+    monkeypatch.chdir(twin)
+    with Repo(str(twin)) as repo:
+        for name in ("one", "two"):
+            repo.commit(name, force=True)
+    assert (pipeline_repo / "dvc.lock").read_text() == (twin / "dvc.lock").read_text()
+
+
+def test_commit_unchanged_refuses_any_other_change_and_writes_nothing(pipeline_repo: Path):
+    lock = (pipeline_repo / "dvc.lock").read_text()
+    (pipeline_repo / "code" / "step.py").write_text("import sys\nopen(sys.argv[1], 'w').write('y')\n")
+    (pipeline_repo / "two.txt").write_text("y")  # an output changed too: not a no-op change
+    with pytest.raises(dvc_lockfile.UnsafeCommit, match="two: .*two.txt"):
+        dvc_lockfile.commit_unchanged(["one", "two"], ["code"], str(pipeline_repo))
+    (pipeline_repo / "in.txt").write_text("z")  # and a dep not named by --only
+    with pytest.raises(dvc_lockfile.UnsafeCommit, match="one: .*in.txt"):
+        dvc_lockfile.commit_unchanged(["one"], ["code"], str(pipeline_repo))
+    with pytest.raises(KeyError, match="no such stage.*three"):
+        dvc_lockfile.commit_unchanged(["one", "three"], ["code"], str(pipeline_repo))
+    assert (pipeline_repo / "dvc.lock").read_text() == lock
