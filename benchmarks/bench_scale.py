@@ -22,7 +22,8 @@ then read as training reads it.
   share of a GPU extraction is measured, not subtracted. Two passes each, interleaved, of the decode as it
   is (``pipeline.extract.decode``: the JPEG fast path on ``DECODE_THREADS`` threads), the fast path on two
   threads, and PIL's decode on one thread (the decode before both): ``decode_arms``, their ratios of unit
-  wall and CPU; the target's figure is the first pass of the decode as it is.
+  wall and CPU; the target's figure is the first pass of the decode as it is. A fourth arm,
+  ``zlib_crc``, checksums with zlib's crc32 (the project's before ISA-L's: the same values) instead.
 * Reader: ``student.targets.CachedTargets`` (the default 256 MB LRU of decoded chunks) reading image targets
   in ``train.order: chunked`` order (``student.data.epoch_order`` with the image's inner chunk as its group,
   ``train.order_window``), batches of 64: samples/s, MB/s (stored float16 bytes, and bytes the store handed
@@ -34,7 +35,9 @@ then read as training reads it.
   next batch's targets are read on one prefetch thread, as ``student.train`` does on a CUDA device: the share
   of time the step waits on targets, on a first pass (every chunk crc-checked as it is first read: a run's
   first epoch) and a second pass over the same batches (chunks already checked: later epochs); and the same
-  with the reader's own pool of min(4, cores) threads under the prefetch thread (``stub_student_threads``).
+  with the reader's own pool of min(4, cores) threads under the prefetch thread (``stub_student_threads``),
+  and with zlib's crc32 in place of ISA-L's (``stub_student_zlib_crc``, run between the two: the baseline of
+  the crc change in the same process).
 
 The store goes under ``--work`` (default: a temporary folder) and is deleted at the end unless ``--keep``.
 """
@@ -60,6 +63,16 @@ from benchmarks.common import ROOT, TINY_TEACHER, Result, Scratch, cache_params,
 BANK = 1024
 IMAGE_SIZE = 224
 BATCH = 64
+
+
+def _zlib_crc() -> list[tuple[object, str, object]]:
+    """Patches for ``_patched``: the cache's checksums by zlib's crc32 (same values as ISA-L's, slower)."""
+    import importlib
+    import zlib
+
+    # By module path: pipeline.cache exports a function named ``checksum`` that hides its submodule.
+    mods = [importlib.import_module(f"pipeline.cache.{m}") for m in ("checksum", "direct")]
+    return [(m, "crc32_update", lambda _: zlib.crc32) for m in mods]
 
 
 def _base_fields(n: int, size: int, seed: int) -> np.ndarray:
@@ -218,7 +231,12 @@ def extract_store(work: Path, n: int, overrides: tuple[str, ...], profile_units:
     two_threads = (X.decode, "DECODE_THREADS", lambda _: 2)
     # The decode as it is (the JPEG fast path on DECODE_THREADS threads) against the fast path on two threads
     # and against PIL on one thread (the decode before either), the arms interleaved so load hits them alike.
-    extra = {"sim": [], "fast_2_threads": [two_threads], "pil_1_thread": [one_thread, pil_decode]}
+    extra = {
+        "sim": [],
+        "fast_2_threads": [two_threads],
+        "pil_1_thread": [one_thread, pil_decode],
+        "zlib_crc": _zlib_crc(),
+    }
     arms: dict[str, list[dict]] = {arm: [] for arm in extra}
     for arm in [*extra, *extra]:
         c = time.process_time()
@@ -551,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, (verify, half, threads) in arms.items():
             res.measurements[name] = measure_reader(store, window, lru_mb, verify, max_batches, half, threads)
         res.measurements["stub_student"] = measure_wait(store, window, lru_mb, args.step_ms, max_batches)
+        with _patched(_zlib_crc()):
+            res.measurements["stub_student_zlib_crc"] = measure_wait(
+                store, window, lru_mb, args.step_ms, max_batches
+            )
         res.measurements["stub_student_threads"] = measure_wait(
             store, window, lru_mb, args.step_ms, max_batches, threads=-1
         )
