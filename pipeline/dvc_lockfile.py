@@ -15,11 +15,12 @@ number) or the change is one this does not splice (a removed stage, a changed to
 the update falls back to DVC's own round-trip parse and dump of the original text. The file is written
 beside and renamed into place, so an interrupted update leaves the previous lock whole.
 
-``python -m pipeline.dvc_lockfile commit-unchanged --only DEP STAGE...``: ``dvc commit -f`` of many stages
+``python -m pipeline.dvc_lockfile commit-unchanged --only DEP [STAGE...]``: ``dvc commit -f`` of many stages
 whose only changed entries are the deps named by ``--only`` (a code change that provably changes no output,
 e.g. a faster implementation giving the same values): each pipeline file and its lock parsed once and each
 lock written once, where ``dvc commit`` re-reads the lock for every target (at 487 study stages it had not
-finished in 15 minutes). Any other change in any named stage fails the command before anything is written.
+finished in 15 minutes). Any other change in a named stage fails the command before anything is written;
+without STAGE, every stage whose only changes are those deps is committed and every other one left as is.
 """
 
 from __future__ import annotations
@@ -210,7 +211,9 @@ def commit_unchanged(targets: Sequence[str], only: Sequence[str], root: str = ".
     """Record the current hashes of ``targets`` (DVC stage addresses, e.g. ``study/dvc.yaml:main@x``) in their
     dvc.lock files, as ``dvc commit -f`` does, after checking that each one's changed entries are deps in
     ``only`` and nothing else (outputs, command, params and other deps unchanged); returns the stages whose
-    entry changed. Raises UnsafeCommit naming every offending stage, KeyError naming unknown ones."""
+    entry changed. Raises UnsafeCommit naming every offending stage, KeyError naming unknown ones. With no
+    ``targets``, every stage of the repository is a candidate and those with any other change (a stage not
+    run yet, one whose code really changed) are left as they are instead of refused."""
     from dvc.repo import Repo
 
     install()
@@ -219,7 +222,8 @@ def commit_unchanged(targets: Sequence[str], only: Sequence[str], root: str = ".
         unknown = [t for t in targets if t not in stages]
         if unknown:
             raise KeyError(f"no such stage(s): {', '.join(unknown)}")
-        chosen, unsafe, changed = [stages[t] for t in dict.fromkeys(targets)], [], []
+        chosen = [stages[t] for t in dict.fromkeys(targets)] if targets else list(stages.values())
+        unsafe, changed = [], []
         for s in chosen:
             deps, outs, cmd = s.changed_entries()
             other = [d for d in deps if d not in only] + outs + ([cmd] if cmd else [])
@@ -227,7 +231,7 @@ def commit_unchanged(targets: Sequence[str], only: Sequence[str], root: str = ".
                 unsafe.append(f"{s.addressing}: {', '.join(other)}")
             elif deps:
                 changed.append(s)
-        if unsafe:
+        if unsafe and targets:
             raise UnsafeCommit(
                 f"{len(unsafe)} stage(s) changed in more than {', '.join(only)}; nothing was committed:\n"
                 + "\n".join(unsafe[:20])
@@ -250,14 +254,15 @@ def _commit_unchanged_cli(argv: list[str]) -> int:
     @click.option(
         "--only", "only", multiple=True, required=True, help="a dep path the stages may have changed"
     )
-    @click.argument("stages", nargs=-1, required=True)
+    @click.argument("stages", nargs=-1)
     def cli(only: tuple[str, ...], stages: tuple[str, ...]) -> None:
-        """dvc commit -f of STAGES whose only changes are the deps given by --only (see the module's doc)."""
+        """dvc commit -f of STAGES whose only changes are the deps given by --only, refusing any other change;
+        without STAGES, of every stage whose only changes those are (the others are left as they are)."""
         try:
             done = commit_unchanged(stages, only)
         except (UnsafeCommit, KeyError) as e:
             raise click.ClickException(str(e.args[0])) from None
-        click.echo(f"committed {len(done)} of {len(stages)} stage(s) (the others had not changed)")
+        click.echo(f"committed {len(done)} stage(s) whose only changes were {', '.join(only)}")
 
     try:
         cli.main(argv, prog_name="python -m pipeline.dvc_lockfile commit-unchanged")

@@ -211,3 +211,12 @@ def test_commit_unchanged_refuses_any_other_change_and_writes_nothing(pipeline_r
     with pytest.raises(KeyError, match="no such stage.*three"):
         dvc_lockfile.commit_unchanged(["one", "three"], ["code"], str(pipeline_repo))
     assert (pipeline_repo / "dvc.lock").read_text() == lock
+
+
+def test_without_stages_only_those_changed_in_the_named_deps_alone_are_committed(pipeline_repo: Path):
+    (pipeline_repo / "code" / "step.py").write_text(
+        "import sys  # a comment\nopen(sys.argv[1], 'w').write(open('in.txt').read())\n"
+    )
+    (pipeline_repo / "two.txt").unlink()  # "two" not run since: its output is missing, it must stay changed
+    assert dvc_lockfile.commit_unchanged([], ["code"], str(pipeline_repo)) == ["one"]
+    assert set(_status(pipeline_repo)) == {"two"}
