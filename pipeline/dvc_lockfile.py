@@ -193,6 +193,8 @@ def install() -> None:
     from dvc.fs import LocalFileSystem
 
     original = dvc.dvcfile.modify_yaml
+    if getattr(original, "_clip_td_lockfile", False):
+        return  # already routed (commit_unchanged installs it too): a second wrapper would only nest the first
 
     def modify_yaml(path, fs=None):
         local = fs is None or isinstance(fs, LocalFileSystem)
@@ -200,6 +202,7 @@ def install() -> None:
             return modify_lockfile(os.fspath(path), fs=fs, _original=original)
         return original(path, fs=fs)
 
+    modify_yaml._clip_td_lockfile = True
     dvc.dvcfile.modify_yaml = modify_yaml
 
 

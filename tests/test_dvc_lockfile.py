@@ -220,3 +220,13 @@ def test_without_stages_only_those_changed_in_the_named_deps_alone_are_committed
     (pipeline_repo / "two.txt").unlink()  # "two" not run since: its output is missing, it must stay changed
     assert dvc_lockfile.commit_unchanged([], ["code"], str(pipeline_repo)) == ["one"]
     assert set(_status(pipeline_repo)) == {"two"}
+
+
+def test_install_twice_routes_the_lock_once(monkeypatch):
+    import dvc.dvcfile
+
+    monkeypatch.setattr(dvc.dvcfile, "modify_yaml", dvc.dvcfile.modify_yaml)  # restored after the test
+    dvc_lockfile.install()
+    first = dvc.dvcfile.modify_yaml
+    dvc_lockfile.install()
+    assert dvc.dvcfile.modify_yaml is first
