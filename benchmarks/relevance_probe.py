@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from pipeline.report import paired_test
+from pipeline.report.markdown import fmt_ci
 from pipeline.study import load_study
 from pipeline.study.grid import Cell
 
@@ -71,10 +72,6 @@ def summarise(
     return rows
 
 
-def _ci(t: dict) -> str:
-    return "n/a" if t["ci95"] is None else f"[{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}]"
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--task", "tasks", multiple=True, default=("vqa", "snli_ve", "vcr"))
 @click.option("--condition", "conditions", multiple=True, default=("lowshot-0.01",))
@@ -113,8 +110,8 @@ def main(tasks, conditions, relevance, cache, out, summary_only) -> None:
         click.echo(
             f"{r['task']} {r['condition']} (seeds {r['seeds']}): clip_td[{relevance}] {r['mean']:.3f}, "
             f"baseline {r['baseline_mean']:.3f}, clip_td[last] {r['clip_td_mean']:.3f}; "
-            f"vs baseline {r['vs_baseline']['mean']:+.3f} {_ci(r['vs_baseline'])}, "
-            f"vs clip_td[last] {r['vs_clip_td']['mean']:+.3f} {_ci(r['vs_clip_td'])}"
+            f"vs baseline {r['vs_baseline']['mean']:+.3f} {fmt_ci(r['vs_baseline']['ci95'])}, "
+            f"vs clip_td[last] {r['vs_clip_td']['mean']:+.3f} {fmt_ci(r['vs_clip_td']['ci95'])}"
         )
 
 

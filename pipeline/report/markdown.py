@@ -24,6 +24,11 @@ def fmt_p(p: float | None) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
+def fmt_ci(ci: list[float] | None) -> str:
+    """A 95% interval as ``[lo, hi]`` with signs; ``n/a`` below 2 pairs."""
+    return "n/a" if ci is None else f"[{fmt(ci[0], sign=True)}, {fmt(ci[1], sign=True)}]"
+
+
 def format_cell(stats: dict) -> str:
     """``mean ± std (n)``, then for a cell compared with the baseline: ``Δ paired mean, 95% CI [lo, hi], p
     (n pairs) · gain%`` and a gain / loss mark when the interval excludes 0."""
@@ -38,9 +43,8 @@ def format_cell(stats: dict) -> str:
     elif paired["ci95"] is None:
         diff = f"Δ {fmt(paired['mean'], sign=True)}, 95% CI n/a ({n} pair)"
     else:
-        lo, hi = paired["ci95"]
         diff = (
-            f"Δ {fmt(paired['mean'], sign=True)}, 95% CI [{fmt(lo, sign=True)}, {fmt(hi, sign=True)}], "
+            f"Δ {fmt(paired['mean'], sign=True)}, 95% CI {fmt_ci(paired['ci95'])}, "
             f"{fmt_p(paired['p'])} ({n} pairs)"
         )
     mark = {"gain": f" {MARK_GAIN}", "loss": f" {MARK_LOSS}"}.get(stats["verdict"], "")

@@ -15,7 +15,7 @@ from ..report import (
     format_cell,
     load_optional_json,
 )
-from ..report.markdown import fmt, fmt_p
+from ..report.markdown import fmt, fmt_ci, fmt_p
 from .aggregate import collect_study, init_contrast, load_zeroshot_files, summarise_study, summary_entries
 from .grid import BASELINE, FULL_TEACHER, Cell, StudyParams, teachers
 from .targets import _cell, _dose_order, _head_to_head, dose_table, targets
@@ -40,10 +40,6 @@ def wall_time(rows: dict[str, list[dict]], stage_metrics: Sequence[dict]) -> dic
         "total_seconds": round(sum(secs) + other, 1),
         "span_seconds": round(max(ends) - min(starts), 1) if starts and ends else None,
     }
-
-
-def _ci(ci: list | None) -> str:
-    return "n/a" if ci is None else f"[{fmt(ci[0], sign=True)}, {fmt(ci[1], sign=True)}]"
 
 
 def markdown(
@@ -127,7 +123,7 @@ def markdown(
         for d in dose:
             lines.append(
                 f"| {d['init']} | {d['task']} | {d['condition']} | {d['steps']} | {fmt(d['retrieval_top1'])} "
-                f"| {fmt(d['zeroshot'])} | {fmt(d['delta_mean'], sign=True)} | {_ci(d['ci95'])} | "
+                f"| {fmt(d['zeroshot'])} | {fmt(d['delta_mean'], sign=True)} | {fmt_ci(d['ci95'])} | "
                 f"{fmt_p(d['p'])} |"
             )
         lines.append("")
@@ -147,7 +143,7 @@ def markdown(
             larger = c["verdict"] if c["verdict"] in ("scratch", "pretrained") else "neither (CI incl. 0)"
             lines.append(
                 f"| {c['task']} | {c['condition']} | {c['method']} | {fmt(c['delta_scratch'], sign=True)} "
-                f"| {fmt(c['delta_pretrained'], sign=True)} | {fmt(c['diff_mean'], sign=True)} | {_ci(c['ci95'])} "
+                f"| {fmt(c['delta_pretrained'], sign=True)} | {fmt(c['diff_mean'], sign=True)} | {fmt_ci(c['ci95'])} "
                 f"| {fmt_p(c['p'])} | {larger} |"
             )
         lines.append("")
@@ -170,7 +166,7 @@ def markdown(
                     h = c.get("_vs_clip_td") or {}
                     lines.append(
                         f"| {task} | {cond} | {m} | {fmt(((c.get('paired') or {}).get('mean')), sign=True)} | "
-                        f"{fmt(h.get('mean'), sign=True)} | {_ci(h.get('ci95'))} | {fmt_p(h.get('p'))} |"
+                        f"{fmt(h.get('mean'), sign=True)} | {fmt_ci(h.get('ci95'))} | {fmt_p(h.get('p'))} |"
                     )
         lines.append("")
 
@@ -201,10 +197,10 @@ def markdown(
                 vf, vo = r.get("vs_fixed") or {}, r.get("vs_other_text") or {}
                 lines.append(
                     f"| {teacher} | {task} | {r['n']} | {fmt(r['selected_share'])} | {fmt(r['random_share'])} "
-                    f"| {fmt(r['delta_mean'], sign=True)} | {_ci(r['ci95'])} | {fmt(r.get('fixed_share'))} "
+                    f"| {fmt(r['delta_mean'], sign=True)} | {fmt_ci(r['ci95'])} | {fmt(r.get('fixed_share'))} "
                     f"| {fmt(r.get('prior_share'))} | {fmt(vf.get('delta_mean'), sign=True)} "
-                    f"| {_ci(vf.get('ci95'))} | {fmt(r.get('other_text_share'))} "
-                    f"| {fmt(vo.get('delta_mean'), sign=True)} | {_ci(vo.get('ci95'))} |"
+                    f"| {fmt_ci(vf.get('ci95'))} | {fmt(r.get('other_text_share'))} "
+                    f"| {fmt(vo.get('delta_mean'), sign=True)} | {fmt_ci(vo.get('ci95'))} |"
                 )
         lines.append("")
 
