@@ -13,6 +13,7 @@ from pipeline.report import (
     ReportError,
     betainc,
     collect,
+    holm,
     load_zeroshot,
     lowshot_series,
     markdown,
@@ -116,6 +117,13 @@ def test_paired_interval_and_p_value_by_hand() -> None:
     one = paired_test([0.06])
     assert one["mean"] == pytest.approx(0.06) and one["ci95"] is None and one["p"] is None
     assert paired_test([0.0, 0.0])["p"] == 1.0  # identical methods: nothing to see
+
+
+def test_holm_adjusts_a_family_of_p_values_by_hand() -> None:
+    # Sorted 0.01, 0.02, 0.04 of m = 3: 3 × 0.01, 2 × 0.02, then 1 × 0.04 → kept monotone; None is not a test.
+    assert holm([0.04, None, 0.01, 0.02]) == pytest.approx([0.04, None, 0.03, 0.04])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1, the later rank never below the earlier
+    assert holm([]) == []
 
 
 def test_statistics_match_hand_computation(runs: Path) -> None:

@@ -233,6 +233,7 @@ def test_scratch_and_pretrained_deltas_are_compared_per_seed(tmp_path, scratch_g
     diffs = [scratch_gain(s) - 0.05 for s in SEEDS]
     assert c["diff_mean"] == pytest.approx(sum(diffs) / 3) and c["verdict"] == larger
     assert (c["ci95"][0] > 0) == (larger == "scratch")
+    assert c["p_holm"] == pytest.approx(c["p"])  # a family of one row: nothing to adjust
     assert "scratch against pretrained" in (out / "results.md").read_text()
 
 

@@ -58,7 +58,7 @@ from .common import BLIND, CI_LEVEL, MIN_SEEDS, ZEROSHOT, ReportError
 from .dvc import plots_data, summary_metrics
 from .markdown import format_cell, markdown
 from .plots import lowshot_series, plot_lowshot, plot_shift
-from .stats import betainc, mean_ci, paired_test, t_cdf, t_quantile
+from .stats import betainc, holm, mean_ci, paired_test, t_cdf, t_quantile
 from .summary import compare, condition_order, method_order, summarise, task_order
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "compare",
     "condition_order",
     "format_cell",
+    "holm",
     "load_optional_json",
     "load_zeroshot",
     "lowshot_series",

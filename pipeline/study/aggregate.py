@@ -11,6 +11,7 @@ from ..report import (
     ReportError,
     collect,
     compare,
+    holm,
     load_optional_json,
     summarise,
 )
@@ -125,7 +126,8 @@ def load_zeroshot_files(paths: dict[str, Path]) -> dict[str, dict]:
 def init_contrast(summaries: dict[str, list[dict]]) -> list[dict]:
     """Where distillation matters most: per task × condition × method run from both inits with the full
     teacher, the paired per-seed difference of the method's Δ against its own init's baseline, scratch
-    minus pretrained (> 0: the method gains more from scratch). Paired on the seeds both inits ran."""
+    minus pretrained (> 0: the method gains more from scratch). Paired on the seeds both inits ran; ``p_holm``
+    adjusts the rows' p-values as one family (Holm), since the question is asked of every row at once."""
     by_init: dict[str, dict[tuple, dict]] = {}
     for variant, ss in summaries.items():
         init, teacher = variant.split("-", 1)
@@ -156,4 +158,6 @@ def init_contrast(summaries: dict[str, list[dict]]) -> list[dict]:
                 "verdict": {"gain": "scratch", "loss": "pretrained"}.get(c["verdict"], c["verdict"]),
             }
         )
+    for row, p in zip(out, holm([row["p"] for row in out]), strict=True):
+        row["p_holm"] = p
     return out

@@ -134,17 +134,19 @@ def markdown(
             "",
             "Per seed, the method's Δ against the baseline of its own init, from a randomly initialised student "
             "minus from the VL-pretrained one (> 0: distillation adds more from scratch), paired on the seeds "
-            "both ran; 95% t interval. *Larger*: which init's Δ is larger when the interval excludes 0.",
+            "both ran; 95% t interval. *Larger*: which init's Δ is larger when the interval excludes 0. "
+            "*p (Holm)*: the p-values adjusted as one family over the table's rows (Holm's step-down); a row "
+            "above 0.05 there may be one of the table's chances.",
             "",
-            "| task | condition | method | Δ scratch | Δ pretrained | difference | 95% CI | p | larger |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| task | condition | method | Δ scratch | Δ pretrained | difference | 95% CI | p | p (Holm) | larger |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in contrast:
             larger = c["verdict"] if c["verdict"] in ("scratch", "pretrained") else "neither (CI incl. 0)"
             lines.append(
                 f"| {c['task']} | {c['condition']} | {c['method']} | {fmt(c['delta_scratch'], sign=True)} "
                 f"| {fmt(c['delta_pretrained'], sign=True)} | {fmt(c['diff_mean'], sign=True)} | {fmt_ci(c['ci95'])} "
-                f"| {fmt_p(c['p'])} | {larger} |"
+                f"| {fmt_p(c['p'])} | {fmt_p(c.get('p_holm'))} | {larger} |"
             )
         lines.append("")
 
