@@ -24,6 +24,8 @@ from pipeline.config import load_params
 from pipeline.data.shards import PreparedDataset
 from pipeline.metrics import PRIMARY
 from pipeline.protocol import make_split
+from pipeline.report.markdown import fmt_ci, fmt_p
+from pipeline.report.stats import holm, paired_test
 from student.evaluation import evaluate
 from student.train import RunSpec, Trainer
 
@@ -46,6 +48,43 @@ def summary(path: str) -> str:
             f"{','.join(str(r['seed']) for r in rs)} | {sum(vals) / len(vals):.3f} ({min(vals):.3f}–{max(vals):.3f}) | "
             + (f"{sum(sens) / len(sens):.3f}" if sens else "")
             + " |"
+        )
+    return "\n".join(rows)
+
+
+def compare(path: str, tag_a: str, tag_b: str) -> str:
+    """A markdown table of tag B against tag A in ``path``: per task, condition and method, the paired per-seed
+    difference B − A of the validation score with its 95% interval, p, and p Holm-adjusted over the table's
+    rows (seeds run under both tags only)."""
+    runs: dict[tuple, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        if r["tag"] in (tag_a, tag_b):
+            runs[(r["tag"], r["task"], r["condition"], r["method"], r["seed"])] = r
+
+    def mean(rs: list[dict], key: str) -> float:
+        return sum(r.get(key, float("nan")) for r in rs) / len(rs)
+
+    cells = []
+    for cell in sorted({k[1:4] for k in runs}):
+        seeds = sorted(
+            s for (t, *c, s) in runs if t == tag_a and tuple(c) == cell and (tag_b, *cell, s) in runs
+        )
+        if seeds:
+            a = [runs[(tag_a, *cell, s)] for s in seeds]
+            b = [runs[(tag_b, *cell, s)] for s in seeds]
+            cells.append(
+                (cell, seeds, a, b, paired_test([y["val"] - x["val"] for x, y in zip(a, b, strict=True)]))
+            )
+    rows = [f"| task | condition | method | seeds | {tag_a} (A) | {tag_b} (B) | B − A (95% CI) | paired t | Holm over rows | "
+            f"image sensitivity A / B | seconds A / B |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (cell, seeds, a, b, d), p_holm in zip(cells, holm([c[-1]["p"] for c in cells]), strict=True):
+        rows.append(
+            f"| {' | '.join(cell)} | {','.join(map(str, seeds))} | {mean(a, 'val'):.3f} | {mean(b, 'val'):.3f} | "
+            f"{d['mean']:+.3f} {fmt_ci(d['ci95'])} | {fmt_p(d['p'])} | {fmt_p(p_holm)} | "
+            f"{mean(a, 'image_sensitivity'):.3f} / {mean(b, 'image_sensitivity'):.3f} | "
+            f"{mean(a, 'seconds'):.0f} / {mean(b, 'seconds'):.0f} |"
         )
     return "\n".join(rows)
 
@@ -112,6 +151,13 @@ def text_prior(data_root: str) -> dict[str, float]:
 @click.option("--tag", default="", help="A label stored with each line.")
 @click.option("--summary", "show_summary", is_flag=True, help="Print a markdown table of --out and exit.")
 @click.option(
+    "--compare",
+    "compare_tags",
+    default="",
+    metavar="TAG_A,TAG_B",
+    help="Print tag B against tag A from --out (paired per-seed differences, 95% CI, p) and exit.",
+)
+@click.option(
     "--prior",
     "show_prior",
     is_flag=True,
@@ -119,8 +165,14 @@ def text_prior(data_root: str) -> dict[str, float]:
 )
 def main(
     task, condition, methods, seeds, data_root, cache, params_path, overrides, threads, out, tag, show_summary,
-    show_prior,
+    compare_tags, show_prior,
 ) -> None:  # fmt: skip
+    if compare_tags:
+        tags = compare_tags.split(",")
+        if len(tags) != 2:
+            raise click.BadParameter(f"{compare_tags!r}: give two tags, TAG_A,TAG_B", param_hint="--compare")
+        click.echo(compare(out, *tags))
+        return
     if show_summary:
         click.echo(summary(out))
         return

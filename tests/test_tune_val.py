@@ -1,6 +1,6 @@
 import json
 
-from benchmarks.tune_val import summary
+from benchmarks.tune_val import compare, summary
 
 
 def test_summary_keeps_two_settings_under_one_tag_apart(tmp_path):
@@ -17,3 +17,25 @@ def test_summary_keeps_two_settings_under_one_tag_apart(tmp_path):
     assert len(table) == 2
     assert "student.arch=vilt" in table[0] and "0.333 (0.333–0.333)" in table[0]
     assert "(defaults)" in table[1] and "1000,1001" in table[1] and "0.607 (0.600–0.613)" in table[1]
+
+
+def test_compare_pairs_seeds_across_tags_and_skips_unpaired(tmp_path):
+    # The width / setting comparisons in docs/tuning.md rest on this table: B − A per seed, never across seeds.
+    line = {"task": "vqa", "condition": "full", "method": "baseline", "overrides": []}
+    rows = [
+        {**line, "tag": "a", "seed": 1000, "val": 0.60},
+        {**line, "tag": "a", "seed": 1001, "val": 0.70},
+        {**line, "tag": "b", "seed": 1000, "val": 0.55},
+        {**line, "tag": "b", "seed": 1001, "val": 0.66},
+        {**line, "tag": "b", "seed": 1002, "val": 0.10},  # no partner under tag a: left out
+        {**line, "tag": "other", "seed": 1000, "val": 0.0},
+        {**line, "tag": "a", "method": "clip_td", "seed": 1000, "val": 0.5},  # never run under b: no row
+    ]
+    path = tmp_path / "tuning.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = compare(str(path), "a", "b").splitlines()[2:]
+    assert len(table) == 1
+    cells = [c.strip() for c in table[0].strip("|").split("|")]
+    assert cells[:6] == ["vqa", "full", "baseline", "1000,1001", "0.650", "0.605"]
+    # Differences -0.05 and -0.04: mean -0.045, t(1) half-width 12.706 * 0.00707 / sqrt(2) = 0.0635.
+    assert cells[6] == "-0.045 [-0.109, +0.019]"
