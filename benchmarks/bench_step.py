@@ -144,16 +144,23 @@ def legacy_students():
 ARMS = ("old", "new", "default")
 
 
-def make_trainers(world, task: str, work: Path, overrides: tuple[str, ...] = (), arms=ARMS) -> dict:
+def make_trainers(
+    world,
+    task: str,
+    work: Path,
+    overrides: tuple[str, ...] = (),
+    arms=ARMS,
+    default_sets: tuple[str, ...] = (),
+) -> dict:
     """Per method: "old" (the legacy ViLT student), "new" (today's ViLT student: the same model with the
     compact vocabulary, so its losses must equal old's) and "default" (params.yaml's student, the FiLM
-    student since issue 24: a different model, timed only)."""
+    student since issue 24, with ``default_sets`` over it: a different model, timed only)."""
     from student.train import RunSpec, Trainer
 
     trainers = {}
     for method in METHODS:
         for arm in arms:
-            params = world.params(*overrides, *(("student.arch=vilt",) if arm != "default" else ()))
+            params = world.params(*overrides, *(("student.arch=vilt",) if arm != "default" else default_sets))
             tag = f"{arm}-{method}"
             run = RunSpec(
                 task, "full", method, 0, str(world.root), world.store(), str(work / f"step-{task}-{tag}")
@@ -203,8 +210,8 @@ def check_equal(world, task: str, work: Path) -> dict:
     return out
 
 
-def measure(world, task: str, steps: int, work: Path) -> dict:
-    trainers = make_trainers(world, task, work / "time")
+def measure(world, task: str, steps: int, work: Path, default_sets: tuple[str, ...] = ()) -> dict:
+    trainers = make_trainers(world, task, work / "time", default_sets=default_sets)
     stream = trainers["new-baseline"].batches()
     batches = [next(stream) for _ in range(WARMUP + steps)]
     # The teacher targets as the training loop's prefetch thread makes them, outside the timed step (the
@@ -266,13 +273,15 @@ def measure(world, task: str, steps: int, work: Path) -> dict:
     return out
 
 
-def measure_loop(world, task: str, steps: int, work: Path, block: int = 10) -> dict:
+def measure_loop(
+    world, task: str, steps: int, work: Path, block: int = 10, default_sets: tuple[str, ...] = ()
+) -> dict:
     """Seconds per step as the training loop pays them (bench_train's loop arm): the batch and the targets of
     step n+1 are made on ``Trainer.fit``'s prefetch thread while step n runs, so a step made cheaper than the
     data path would show here, not in ``measure``. Old and new take turns in blocks of ``block`` steps."""
     from student.train import _Prefetch
 
-    trainers = make_trainers(world, task, work / "loop")
+    trainers = make_trainers(world, task, work / "loop", default_sets=default_sets)
     blocks = max(2, steps // block) + 1  # each arm's first block warms up
     out: dict = {"task": task, "block_steps": block, "blocks_timed": blocks - 1}
     for method in METHODS:
@@ -322,7 +331,9 @@ def summary_markdown(payload: dict) -> str:
         f"1 torch thread, load average at start {machine['loadavg_at_start']}; "
         f"{payload['settings']['steps']} timed steps per arm. Ratios are old / new: > 1 means the new step is faster. "
         "new = the same ViLT with the compact vocabulary (equal losses); default = params.yaml's student "
-        f"(`{payload['settings']['student']['arch']}`), a different model, timed only.",
+        f"(`{payload['settings']['student']['arch']}`"
+        + "".join(f", {o}" for o in payload["settings"].get("default_overrides", []))
+        + "), a different model, timed only.",
         "",
         "| task | method | step old/new (median) | quartiles | min - max | CPU-time old/new | loop old/new "
         "| old / new ms (median) | max rel. loss diff (dropout off) | step old/default | loop old/default "
@@ -362,15 +373,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--loop-steps", type=int, default=100, help="timed steps per arm of the loop (blocks of 10)"
     )
+    p.add_argument(
+        "--default-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for the default arm only (e.g. student.width=32: a cheaper default, timed against the "
+        "issue's student; repeatable)",
+    )
     args = p.parse_args(argv)
+    default_sets = tuple(args.default_set)
     steps = max(5, args.steps // 4) if args.quick else args.steps
     loop_steps = max(20, args.loop_steps // 5) if args.quick else args.loop_steps
     res = Result("step")
     with Scratch(args.work) as work:
         world = build(work, args.quick, overrides=tuple(args.set))
-        params = world.params()
+        params = world.params(*default_sets)
         res.settings = {
             "overrides": args.set,
+            "default_overrides": list(default_sets),
             "tasks": args.tasks,
             "steps": steps,
             "loop_steps": loop_steps,
@@ -399,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                     "<=",
                     LOSS_RTOL,
                 )
-            m = measure(world, task, steps, work)
+            m = measure(world, task, steps, work, default_sets)
             res.measurements[task] = m
             for method in METHODS:
                 r = m[method]
@@ -419,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"median of {steps} rotations; the default student is {params.student.arch}",
                 )
             if loop_steps:
-                res.measurements[f"{task}@loop"] = measure_loop(world, task, loop_steps, work)
+                res.measurements[f"{task}@loop"] = measure_loop(
+                    world, task, loop_steps, work, default_sets=default_sets
+                )
     path = res.write(args.out)
     path.with_suffix(".md").write_text(summary_markdown(json.loads(path.read_text())))
     return 0
