@@ -8,6 +8,7 @@ data's fingerprint, is appended to --out; docs/tuning.md cites these lines.
 
     python -m benchmarks.tune_val --task vqa --condition lowshot-0.1 --methods baseline,clip_td --seeds 1000,1001 \\
         --set train.steps=300 --set distill.alpha0=0.3
+    python -m benchmarks.tune_val --compare TAG_A,TAG_B   # paired per-seed B - A of two tagged sweeps
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ from student.evaluation import evaluate
 from student.train import RunSpec, Trainer
 
 
+def records(path: str) -> list[dict]:
+    """The JSON lines of a tuning file, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
 def summary(path: str) -> str:
     """A markdown table of the lines in ``path``: mean (min-max, seeds) per tag, task, condition and method."""
     groups: dict[tuple, list[dict]] = {}
-    for line in Path(path).read_text().splitlines():
-        r = json.loads(line)
+    for r in records(path):
         # The overrides are part of the setting: two settings under one tag are two rows, never one mean.
         key = (r["tag"], tuple(r["overrides"]), r["task"], r["condition"], r["method"])
         groups.setdefault(key, []).append(r)
@@ -57,8 +62,7 @@ def compare(path: str, tag_a: str, tag_b: str) -> str:
     difference B − A of the validation score with its 95% interval, p, and p Holm-adjusted over the table's
     rows (seeds run under both tags only)."""
     runs: dict[tuple, dict] = {}
-    for line in Path(path).read_text().splitlines():
-        r = json.loads(line)
+    for r in records(path):
         if r["tag"] in (tag_a, tag_b):
             runs[(r["tag"], r["task"], r["condition"], r["method"], r["seed"])] = r
 
