@@ -46,6 +46,9 @@ def machine() -> dict:
     return {
         "nproc": os.cpu_count(),
         "cpu_model": cpu_model(),
+        # "AMD EPYC" names CPUs with and without AVX-512; torch's kernels (and so rates and float bits) follow
+        # the instruction set it dispatches to.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
