@@ -15,7 +15,8 @@ a stage's command runs). A stage runs beside others only when its dvc.yaml entry
 alone. A stage that a wanted one needs starts as early as the most wanted stage that needs it. A stage that
 DVC recorded before but reported changed because something upstream was missing (a fresh clone rebuilding
 shared artifacts) is asked again once what it needs has run: DVC finds most such stages up to date then, and
-they are not launched. Each stage's output goes to a log under ``.dvc/tmp/repro-logs/``; a failed stage stops
+they are not launched; those still changed because an input rebuilt in this run differs from the one they
+were recorded with (a trained artifact rebuilt on another CPU) are named before they rerun. Each stage's output goes to a log under ``.dvc/tmp/repro-logs/``; a failed stage stops
 new launches (``--keep-going`` runs everything that does not depend on it), lets the running ones finish, and
 the command exits 1 naming the stage and the tail of its log. An interrupt (Ctrl-C, SIGINT) starts no more
 stages and lets the running ones finish and be recorded; a second one stops them. The next run redoes only
@@ -32,7 +33,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,9 @@ class Plan:
     # Stages with an entry in their dvc.lock and their outputs on disk: changed only because something
     # upstream is, they may be up to date once it has run (run() asks again before launching them).
     recorded: set[str] = field(default_factory=set)
+    # What each stage writes (absolute paths): a recorded stage still changed after one of these was rebuilt
+    # names it (run()).
+    outs: dict[str, set[str]] = field(default_factory=dict)
 
     def prioritise(self, first: tuple[str, ...] = ()) -> None:
         """Put ``order`` in the order the stages will start: every stage after what it needs; among those
@@ -111,7 +115,8 @@ def plan(root: str | Path, target: str, first: tuple[str, ...] = ()) -> Plan:
     defined = {s: i for i, s in enumerate(graph)}  # the order of dvc.yaml files and their entries
     order = [s.addressing for s in sorted(todo, key=defined.__getitem__)]
     needs = {s.addressing: {d.addressing for d in sub.successors(s)} for s in todo}
-    p = Plan(order, needs, {s.addressing for s in todo if _one_core(s)}, recorded)
+    outs = {s.addressing: {os.path.abspath(o.fs_path) for o in s.outs} for s in todo}
+    p = Plan(order, needs, {s.addressing for s in todo if _one_core(s)}, recorded, outs)
     p.prioritise(first)
     return p
 
@@ -141,12 +146,31 @@ def _recorded(stages) -> set[str]:
     }
 
 
-def still_changed(root: str | Path, target: str, names: list[str]) -> set[str]:
-    """Which of ``names`` DVC now reports changed (the rest are up to date and need not run)."""
+def still_changed(root: str | Path, target: str, names: list[str]) -> dict[str, set[str]]:
+    """Which of ``names`` DVC now reports changed (the rest are up to date and need not run), each with the
+    absolute paths of the deps DVC reports changed."""
     from dvc.repo import Repo
 
     with Repo(str(root), _wait_for_lock=True) as repo:
-        return _changed(repo, target) & set(names)
+        status = repo.status(targets=[target], with_deps=True)
+        stages = {s.addressing: s for s in repo.index.stages if s.addressing in status}
+        changed = {}
+        for name in set(names) & set(status):
+            keys = {k for e in status[name] if isinstance(e, dict) for k in e.get("changed deps") or {}}
+            deps = stages[name].deps if name in stages else []
+            changed[name] = {os.path.abspath(d.fs_path) for d in deps if d.def_path in keys}
+        return changed
+
+
+def _rebuilt_inputs(stale: Mapping[str, set[str]], outs: Iterable[str]) -> set[str]:
+    """The changed deps of ``stale`` that are (or lie inside) ``outs``: inputs this run rebuilt."""
+    outs = list(outs)
+    return {
+        d
+        for deps in stale.values()
+        for d in deps
+        if any(d == o or d.startswith(o.rstrip(os.sep) + os.sep) for o in outs)
+    }
 
 
 def log_path(stage: str) -> Path:
@@ -188,16 +212,17 @@ def run(
     dvc: Sequence[str] = ("dvc",),
     keep_going: bool = False,
     echo=click.echo,
-    recheck: Callable[[list[str]], set[str]] | None = None,
+    recheck: Callable[[list[str]], Mapping[str, set[str]]] | None = None,
 ) -> list[str]:
     """Run the plan with at most ``jobs`` one-core stages at a time; every other stage alone. Before a
     recorded stage (``plan.recorded``) first becomes ready, ``recheck`` (given the newly ready ones, it
-    returns those still changed) drops the ones now up to date. Returns the stages that failed (empty when
-    all passed); raises KeyboardInterrupt when it was stopped."""
+    returns those still changed, each with its changed deps' absolute paths) drops the ones now up to date,
+    and says so when the rest are stale because an input this run rebuilt hashes differently. Returns the
+    stages that failed (empty when all passed); raises KeyboardInterrupt when it was stopped."""
     from tqdm import tqdm
 
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    pending, done, failed = list(plan.order), set(), []
+    pending, done, failed, ran = list(plan.order), set(), [], set()
     asked = {n for n in pending if not plan.needs[n]}  # the plan's status call is fresh for these
     running: dict[str, Running] = {}
     bar = tqdm(total=len(pending), unit="stage", desc="dvc repro", disable=not pending)
@@ -223,6 +248,7 @@ def run(
             bar.update(1)
             if rc == 0:
                 done.add(name)
+                ran.add(name)
                 bar.write(f"done    {name} ({secs:.0f} s)")
             else:
                 failed.append(name)
@@ -264,6 +290,18 @@ def run(
                                 bar.update(1)
                         if len(stale) < len(ask):
                             bar.write(f"up to date now: {len(ask) - len(stale)} recorded stage(s), not run")
+                        rebuilt = _rebuilt_inputs(stale, (o for n in ran for o in plan.outs.get(n, ())))
+                        if rebuilt:
+                            # Expected after a change upstream; with none, a machine resuming the study
+                            # rebuilt a trained artifact with other bits and every cell reruns: say which.
+                            paths = ", ".join(sorted(os.path.relpath(p) for p in rebuilt))
+                            n_because = sum(bool(deps & rebuilt) for deps in stale.values())
+                            bar.write(
+                                f"rerunning {n_because} recorded stage(s): {paths}, rebuilt in this run, "
+                                "differs from what they were recorded with. With nothing changed "
+                                "upstream, this machine rebuilt it with other bits (a CPU with other float "
+                                "kernels: docs/study.md, 'Resuming on another machine')."
+                            )
                         ready = [n for n in pending if plan.needs[n] <= done]
                     for name in _to_start(plan, ready, running, jobs):
                         launch(name)
