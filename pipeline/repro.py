@@ -16,11 +16,11 @@ alone. A stage that a wanted one needs starts as early as the most wanted stage 
 DVC recorded before but reported changed because something upstream was missing (a fresh clone rebuilding
 shared artifacts) is asked again once what it needs has run: DVC finds most such stages up to date then, and
 they are not launched; those still changed because an input rebuilt in this run differs from the one they
-were recorded with (a trained artifact rebuilt on another CPU) are named before they rerun. Each stage's output goes to a log under ``.dvc/tmp/repro-logs/``; a failed stage stops
-new launches (``--keep-going`` runs everything that does not depend on it), lets the running ones finish, and
-the command exits 1 naming the stage and the tail of its log. An interrupt (Ctrl-C, SIGINT) starts no more
-stages and lets the running ones finish and be recorded; a second one stops them. The next run redoes only
-what is not recorded as finished.
+were recorded with (a trained artifact rebuilt on another CPU) are named before they rerun. Each stage's
+output goes to a log under ``.dvc/tmp/repro-logs/``; a failed stage stops new launches (``--keep-going`` runs
+everything that does not depend on it), lets the running ones finish, and the command exits 1 naming the stage
+and the tail of its log. An interrupt (Ctrl-C, SIGINT) starts no more stages and lets the running ones finish
+and be recorded; a second one stops them. The next run redoes only what is not recorded as finished.
 """
 
 from __future__ import annotations
