@@ -64,7 +64,14 @@ def compare(path: str, tag_a: str, tag_b: str) -> str:
     runs: dict[tuple, dict] = {}
     for r in records(path):
         if r["tag"] in (tag_a, tag_b):
-            runs[(r["tag"], r["task"], r["condition"], r["method"], r["seed"])] = r
+            key = (r["tag"], r["task"], r["condition"], r["method"], r["seed"])
+            # One setting per tag and seed, or the pairing would silently keep whichever line came last.
+            if key in runs and runs[key]["overrides"] != r["overrides"]:
+                raise click.ClickException(
+                    f"{path}: tag {r['tag']!r} holds two settings for {' '.join(map(str, key[1:]))} "
+                    f"({runs[key]['overrides']} and {r['overrides']}); give each setting its own tag"
+                )
+            runs[key] = r
 
     def mean(rs: list[dict], key: str) -> float:
         return sum(r.get(key, float("nan")) for r in rs) / len(rs)

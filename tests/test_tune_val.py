@@ -1,5 +1,8 @@
 import json
 
+import click
+import pytest
+
 from benchmarks.tune_val import compare, summary
 
 
@@ -39,3 +42,12 @@ def test_compare_pairs_seeds_across_tags_and_skips_unpaired(tmp_path):
     assert cells[:6] == ["vqa", "full", "baseline", "1000,1001", "0.650", "0.605"]
     # Differences -0.05 and -0.04: mean -0.045, t(1) half-width 12.706 * 0.00707 / sqrt(2) = 0.0635.
     assert cells[6] == "-0.045 [-0.109, +0.019]"
+
+
+def test_compare_refuses_two_settings_under_one_tag(tmp_path):
+    line = {"task": "vqa", "condition": "full", "method": "baseline", "seed": 1000, "val": 0.6}
+    rows = [{**line, "tag": "a", "overrides": []}, {**line, "tag": "a", "overrides": ["student.width=32"]}]
+    path = tmp_path / "tuning.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(click.ClickException, match="two settings for vqa full baseline 1000"):
+        compare(str(path), "a", "b")
