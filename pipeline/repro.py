@@ -121,9 +121,13 @@ def plan(root: str | Path, target: str, first: tuple[str, ...] = ()) -> Plan:
     return p
 
 
-def _changed(repo, target: str) -> set[str]:
+def _status(repo, target: str) -> dict:
     # One status call for the whole file (one per stage is quadratic in DVC: minutes for the study).
-    return set(repo.status(targets=[target], with_deps=True))
+    return repo.status(targets=[target], with_deps=True)
+
+
+def _changed(repo, target: str) -> set[str]:
+    return set(_status(repo, target))
 
 
 def _recorded(stages) -> set[str]:
@@ -152,7 +156,7 @@ def still_changed(root: str | Path, target: str, names: list[str]) -> dict[str, 
     from dvc.repo import Repo
 
     with Repo(str(root), _wait_for_lock=True) as repo:
-        status = repo.status(targets=[target], with_deps=True)
+        status = _status(repo, target)
         stages = {s.addressing: s for s in repo.index.stages if s.addressing in status}
         changed = {}
         for name in set(names) & set(status):
