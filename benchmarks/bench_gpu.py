@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     with Scratch(args.work) as work:
         for w in (int(x) for x in args.workers.split(",") if x):
-            # Units of 2048 images (16 batches): a unit's shards are written behind its next batches' forward,
-            # so only its last batch's shards are written after its last forward (an eighth of its writing).
+            # Units of 2048 images (8 batches of 256, 16 shards): a unit's shards are written behind its next
+            # batches' forward, so only its last batch's are written after its last forward (an eighth of them).
             sets = (
                 f"cache.batch_size={BATCH}",
                 "cache.image_rows_per_unit=2048",

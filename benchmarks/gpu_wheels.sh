@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels for the GPU check (benchmarks/bench_gpu.py) on a lent device machine, whose Python (3.12, with torch,
 # torchvision, numpy, huggingface_hub, safetensors, PyYAML, tqdm) lacks the rest of clip-td's imports. Run here,
-# in the repo root; the device command then installs .whl/ into /tmp/site (README, "The GPU check").
+# in the repo root; the device command then installs .whl/ into /tmp/site (docs/benchmarks.md, "The GPU check").
 # Versions are this repo's tested ones (the venv's); one version of each, or pip refuses the whole install.
 set -euo pipefail
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
