@@ -577,12 +577,51 @@ class _Prefetch:
         self.pool.shutdown(wait=True)
 
 
+# What a run folder holds: this stage's files, evaluate's eval.json and the lock; write_atomic's temporaries.
+_RUN_FILES = frozenset({"checkpoint.pt", "student.pt", "train.json", "eval.json", ".lock"})
+
+
+def refuse_foreign_out(run: RunSpec) -> None:
+    """A run writes only into a missing or empty folder or a run folder of its own: a folder holding files no
+    run writes, or a student.pt that is not this run's export (another run's, or a user's model), would be
+    overwritten, so it is refused before anything is written."""
+    out = Path(run.out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunSetupError(f"--out {out}: exists and is not a folder")
+    names = {p.name for p in out.iterdir() if not (p.name.startswith(".") and ".tmp-" in p.name)}
+    foreign = sorted(names - _RUN_FILES)
+    if foreign:
+        raise RunSetupError(
+            f"--out {out}: holds {', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}, which no training "
+            "run writes; refusing to write into a folder that is not a run folder (use another --out)"
+        )
+    student = out / "student.pt"
+    # With a checkpoint, resuming checks the run's whole identity and names what differs (--no-resume: the
+    # user asked to start this folder over); a finished study cell keeps only its export.
+    if student.exists() and not (out / "checkpoint.pt").exists():
+        mine = {"task": run.task, "condition": run.condition, "method": run.method, "seed": run.seed}
+        try:
+            recorded = torch.load(student, map_location="cpu", weights_only=True).get("run")
+        except Exception:  # noqa: BLE001 - whatever it is, it is not this run's export
+            recorded = None
+        if not isinstance(recorded, dict) or {k: recorded.get(k) for k in mine} != mine:
+            raise RunSetupError(
+                f"--out {out}: its student.pt is not an exported student of run {run.name}; refusing to "
+                "overwrite it (use another --out)"
+            )
+
+
 def run_student(
     params: Params, run: RunSpec, *, online_teacher: bool = False, progress: bool = True, resume: bool = True
 ) -> dict:
     """Train and select on validation; writes train.json and the exported student.pt in the run directory.
     The test split is scored by the evaluate stage, never here. Rank 0 holds ``<out>/.lock`` throughout, so a
-    second run into the same directory is refused instead of interleaving checkpoints."""
+    second run into the same directory is refused instead of interleaving checkpoints; a folder that is not a
+    run folder of this run is refused before anything is written (``refuse_foreign_out``)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        refuse_foreign_out(run)
     lock = (
         StoreLock(run.out, purpose=f"train_student {run.name}")
         if int(os.environ.get("RANK", "0")) == 0

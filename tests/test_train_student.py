@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from student.errors import FingerprintMismatch
+from student.errors import FingerprintMismatch, RunSetupError
 from student.losses import METHODS
 from student.model import count_parameters, create_student
 from student.train import RunSpec, Trainer, run_student
@@ -253,3 +253,35 @@ def test_blind_runs_never_see_an_image_in_training_or_evaluation(world, tmp_path
         run_student(
             params, run_spec(world, tmp_path, task="vqa", method="baseline", name="b"), progress=False
         )
+
+
+def test_a_folder_that_is_not_this_runs_is_refused_untouched(world, tmp_path):
+    """--out holding a user's files, or another run's exported student, is refused before anything is written;
+    the run's own folder is taken again (a rerun of the same cell)."""
+    params = student_params(world)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    (user / "train.json").write_text('{"mine": 1}')
+    with pytest.raises(RunSetupError, match=r"user: holds notes\.txt, which no training run writes"):
+        run_student(params, run_spec(world, user, name=""), progress=False)
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt", "train.json"]
+    assert (user / "train.json").read_text() == '{"mine": 1}'
+
+    backbone = tmp_path / "backbone"
+    backbone.mkdir()
+    torch.save({"weights": torch.zeros(2)}, backbone / "student.pt")
+    before = (backbone / "student.pt").read_bytes()
+    with pytest.raises(RunSetupError, match="student.pt is not an exported student of run"):
+        run_student(params, run_spec(world, backbone, name=""), progress=False)
+    assert (backbone / "student.pt").read_bytes() == before and len(list(backbone.iterdir())) == 1
+
+    done = run_spec(world, tmp_path, name="done")
+    run_student(params, done, progress=False, resume=False)
+    (tmp_path / "done" / "checkpoint.pt").unlink()  # as a finished study cell leaves it
+    other = RunSpec(
+        done.task, done.condition, done.method, done.seed + 1, done.data_root, done.cache, done.out
+    )
+    with pytest.raises(RunSetupError, match=f"not an exported student of run {other.name}"):
+        run_student(params, other, progress=False, resume=False)
+    run_student(params, done, progress=False, resume=False)  # its own folder: trained again
