@@ -71,6 +71,10 @@ def lowshot_subset(pool: Iterable[Instance], fraction: float, seed: int) -> list
     return sorted(keep)
 
 
+class SplitError(ValueError):
+    """A split that cannot be drawn from the data as the protocol names it (a user's data or params to fix)."""
+
+
 def make_split(
     task: str,
     condition: str | Condition,
@@ -85,7 +89,7 @@ def make_split(
 ) -> Split:
     cond = Condition.parse(condition) if isinstance(condition, str) else condition
     if cond.kind == "shift" and not target:
-        raise ValueError("the shift condition needs a target group (protocol.shift_target_domain)")
+        raise SplitError("the shift condition needs a target group (protocol.shift_target_domain)")
 
     def in_source(inst: Instance) -> bool:
         return cond.kind != "shift" or group_of(inst, shift_key) != target
@@ -111,12 +115,19 @@ def make_split(
     unlabeled = sorted({i.image_id for i in source if i.key not in chosen} - labelled_images)
     test_list = [i for i in test if i.task == task]
     if cond.kind == "shift":
+        groups = {group_of(i, shift_key) for i in test_list}
+        if test_list and target not in groups:
+            # A mistyped target would train on every domain and score an empty test set as 0.
+            raise SplitError(
+                f"{task}/{cond.name}: no test instance has {shift_key} = {target!r} (protocol.shift_key, "
+                f"protocol.shift_target_domain); the test split's: {sorted(groups)[:10]}"
+            )
         test_list = [i for i in test_list if group_of(i, shift_key) == target]
         target_images = sorted({i.image_id for i in test_list})
     else:
         target_images = []
     if not train_keys:
-        raise ValueError(
+        raise SplitError(
             f"{task}/{cond.name}/seed {seed}: no training instances (check the task and shift target)"
         )
     return Split(train_keys, val_keys, sorted(i.key for i in test_list), unlabeled, target_images)

@@ -14,7 +14,7 @@ from pipeline.config import StudentParams
 from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset
 from pipeline.metrics import PRIMARY
-from pipeline.protocol import make_split
+from pipeline.protocol import SplitError, make_split
 from pipeline.splits import recorded_splits, resolve_splits
 from stages.common import stage_command, stage_params
 from student.checkpoint import load_state
@@ -82,10 +82,13 @@ def evaluate_run(run_dir: Path, params) -> dict:
     )
     test_ds, test_instances = _instances(dirs.test)
     pp = params.protocol
-    split = make_split(
-        run["task"], run["condition"], run["seed"], _instances(dirs.train)[1],
-        test_instances, None, shift_key=pp.shift_key, target=pp.shift_target_domain,
-    )  # fmt: skip
+    try:
+        split = make_split(
+            run["task"], run["condition"], run["seed"], _instances(dirs.train)[1],
+            test_instances, None, shift_key=pp.shift_key, target=pp.shift_target_domain,
+        )  # fmt: skip
+    except SplitError as e:  # e.g. a shift target no test instance has: a score of 0 on nothing is no score
+        raise DataError(run_dir, "protocol", str(e)) from None
     spec = TaskSpec(run["task"], load_tokenizer(exported["teacher_model"]), sp.image_size, sp.max_text_len,
                     exported["vocab"], params.distill.vqa_candidates,
                     blind=method_config(run["method"], params.distill).blind)  # fmt: skip

@@ -12,6 +12,7 @@ from pipeline.cache import CacheFormatError, TeacherCache
 from pipeline.config import SplitRoles
 from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset
+from pipeline.protocol import SplitError
 from pipeline.splits import resolve_splits
 from pipeline.zeroshot import task_zeroshot
 from stages.common import stage_command, stage_params
@@ -56,11 +57,15 @@ def main(data_root, cache, out, params_path, overrides) -> None:
     pp = params.protocol
     result: dict = {}
     for task in pp.tasks:
-        for z in task_zeroshot(
-            tc, task, pp.conditions, train, val, test,
-            vocab=vocab, vqa_candidates=params.distill.vqa_candidates,
-            shift_key=pp.shift_key, shift_target=pp.shift_target_domain,
-        ):  # fmt: skip
+        try:
+            scores = task_zeroshot(
+                tc, task, pp.conditions, train, val, test,
+                vocab=vocab, vqa_candidates=params.distill.vqa_candidates,
+                shift_key=pp.shift_key, shift_target=pp.shift_target_domain,
+            )  # fmt: skip
+        except SplitError as e:  # a task the data lacks, a shift target no test instance has
+            raise DataError(root, "protocol", str(e)) from None
+        for z in scores:
             result.setdefault(task, {})[z.condition] = z.as_dict()
             click.echo(f"{task}/{z.condition}: {z.metric} {z.score:.4f} (chance {z.chance:.4f}, n={z.n})")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.data.schema import Instance
 from pipeline.metrics import aggregate, instance_scores, vqa_score
-from pipeline.protocol import Condition, lowshot_subset, make_split
+from pipeline.protocol import Condition, SplitError, lowshot_subset, make_split
 
 
 def test_vqa_score_hand_computed():
@@ -85,6 +85,20 @@ def test_shift_excludes_target_from_train_and_val_tests_only_target():
     assert all(by_key[k].domain != "outline" for k in s.train)
     assert all(by_key[k].domain == "outline" for k in s.test) and s.test
     assert set(s.target_images) == {by_key[k].image_id for k in s.test}
+
+
+def test_a_shift_target_no_test_instance_has_is_refused_naming_the_keys():
+    """A mistyped target trained on every domain and scored an empty test set as 0 (evaluate) or NaN (zeroshot)."""
+    train, val, test = _snli(300), _snli(30, "val"), _snli(60, "test")
+    with pytest.raises(
+        SplitError,
+        match=r"no test instance has domain = 'outlines' \(protocol.shift_key, "
+        r"protocol.shift_target_domain\); the test split's: \['",
+    ):
+        make_split("snli_ve", "shift", 0, train, test, val, target="outlines")
+    assert (
+        make_split("snli_ve", "shift", 0, train, [], val, target="outlines").test == []
+    )  # no test split yet
 
 
 def test_val_carved_from_train_when_no_val_split_and_disjoint():
