@@ -302,6 +302,12 @@ def test_lowshot_plot_shows_every_fraction_with_confidence_bars(tmp_path: Path) 
     assert two[0]["fractions"] == [0.1, 1.0] and not two[0]["log_x"]
     png = plot_lowshot(summary, tmp_path / "low.png", zeroshot={"vqa": {"lowshot-0.1": 0.5}})
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Two spellings of one fraction, both accepted by --condition, tie on the axis: both points kept, no crash.
+    write_eval(r, "vqa", "lowshot-0.10", "baseline", 0, 0.5)
+    tied = next(
+        line for line in lowshot_series(summarise(collect(r)))[0]["lines"] if line["method"] == "baseline"
+    )
+    assert tied["x"] == [0.01, 0.1, 0.1, 0.25, 1.0] and tied["y"][1:3] == pytest.approx([0.31, 0.5])
 
 
 def test_plots_written(runs: Path, tmp_path: Path) -> None:

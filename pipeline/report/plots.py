@@ -64,7 +64,11 @@ def lowshot_series(
         task_rows = [r for r in rows if r["task"] == task]
         lines = []
         for m in sorted({r["method"] for r in task_rows}, key=lambda m: method_order(m, baseline, blind)):
-            pts = sorted((lowshot_fraction(r["condition"]), r) for r in task_rows if r["method"] == m)
+            # Keyed: two spellings of one fraction (lowshot-0.5, lowshot-0.50) tie, and rows do not compare.
+            pts = sorted(
+                ((lowshot_fraction(r["condition"]), r) for r in task_rows if r["method"] == m),
+                key=lambda p: (p[0], p[1]["condition"]),
+            )
             lines.append(
                 {
                     "method": m,
