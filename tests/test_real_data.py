@@ -325,3 +325,21 @@ def test_prepare_takes_source_root_and_splits_from_params(tmp_path, monkeypatch)
     assert json.loads((dirs.test / "dataset.json").read_text())["instances"] == GOOD_INSTANCES
     res = CliRunner().invoke(main, [*args, "--set", f"data.root={tmp_path / 'nowhere'}"])
     assert res.exit_code == 2 and "data.root" in res.output and "nowhere" in res.output
+
+
+def test_a_jpeg_with_a_multi_picture_segment_is_kept_as_jpeg(tmp_path):
+    """Phone cameras write JPEGs with an MPF segment, which PIL names 'MPO'; prepare refused them."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.data.readers import read_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(
+        buf, "MPO", save_all=True, append_images=[Image.new("RGB", (8, 8), (0, 255, 0))]
+    )
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(buf.getvalue())
+    data, ext = read_image(path)
+    assert ext == "jpg" and data == buf.getvalue()

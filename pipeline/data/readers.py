@@ -24,7 +24,8 @@ from .shards import DatasetWriter
 _NOT_KEY = re.compile(r"[^A-Za-z0-9_\-]")
 # PIL format name -> extension stored in the image shard; the bytes are kept as they are, so the extension must
 # describe what the bytes really are, not what the file happens to be called.
-_PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+# MPO: a JPEG with a multi-picture segment (phone cameras write them); PIL decodes its first picture.
+_PIL_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
 def sanitize_key(text: str) -> str:
