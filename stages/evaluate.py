@@ -145,6 +145,14 @@ def main(run_dirs, runs, out, params_path, overrides) -> None:
         raise click.ClickException(
             f"no student.pt in {', '.join(missing)} (train first with python -m stages.train_student)"
         )
+    if out:  # OUT/<name>/eval.json: two run folders of one name would overwrite each other's result
+        names = [d.name for d in run_dirs]
+        clash = sorted({str(d) for d in run_dirs if names.count(d.name) > 1})
+        if clash:
+            raise click.ClickException(
+                f"--out {out}: run folders {', '.join(clash)} share a name, so their eval.json would overwrite "
+                "each other's; evaluate them into different --out folders"
+            )
     for run_dir in run_dirs:
         result = evaluate_run(run_dir, params)
         dest = (out / run_dir.name) if out else run_dir

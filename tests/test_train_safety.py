@@ -310,6 +310,13 @@ def test_evaluate_scores_an_exported_student_and_writes_eval_json(world, run_cop
     result = json.loads((tmp_path / "ev" / "run" / "eval.json").read_text())
     assert result["run"]["seed"] == 0 and result["metrics"]["n"] > 0 and 0.0 <= result["primary"] <= 1.0
     assert not list((tmp_path / "ev" / "run").glob(".eval.json.tmp*"))
+    twin = tmp_path / "other" / "run"
+    shutil.copytree(run_copy, twin)
+    line = error_line(
+        CliRunner().invoke(evaluate_main, [str(run_copy), str(twin), "--out", str(tmp_path / "ev")])
+    )
+    assert "share a name, so their eval.json would overwrite each other's" in line
+    assert json.loads((tmp_path / "ev" / "run" / "eval.json").read_text()) == result  # left as it was
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over_and_the_run_resumes(world, run_copy):
