@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from .conditions import Condition
-from .names import TASKS
+from .names import RELEVANCE_SOURCES, TASKS
 
 
 class ConfigError(ValueError):
@@ -75,7 +75,7 @@ class SyntheticParams:
 
     def validate(self) -> None:
         _at_least("data.synthetic", self, ("image_size", "captions_per_scene", "min_objects"), 1)
-        _at_least("data.synthetic", self, ("caption_scenes",), 0)
+        _at_least("data.synthetic", self, ("caption_scenes", "seed"), 0)
         if self.max_objects < self.min_objects:
             raise _invalid(
                 "data.synthetic.max_objects",
@@ -118,7 +118,7 @@ class TeacherPretrainParams:
 
     def validate(self) -> None:
         _at_least("teacher.pretrain", self, ("steps", "batch_size", "eval_captions"), 1)
-        _at_least("teacher.pretrain", self, ("warmup", "threads"), 0)
+        _at_least("teacher.pretrain", self, ("warmup", "threads", "seed"), 0)
         _positive_finite("teacher.pretrain", self, ("lr",))
         _positive_finite("teacher.pretrain", self, ("weight_decay",), allow_zero=True)
 
@@ -190,6 +190,11 @@ class CacheParams:
                 "-1 (automatic), 0 (decode in-process) or a number of worker processes, "
                 f"got {self.num_workers}",
             )
+        bad = sorted(set(self.relevance_tokens) - set(RELEVANCE_SOURCES))
+        if bad:  # else the stage failed with a traceback once it had taken the store's lock
+            raise _invalid(
+                "cache.relevance_tokens", f"unknown source(s) {bad}; allowed {list(RELEVANCE_SOURCES)}"
+            )
 
 
 @dataclass
@@ -208,8 +213,10 @@ class StudentPretrainParams:
 
     def validate(self) -> None:
         _at_least("student.pretrain", self, ("steps", "batch_size", "warmup"), 1)
-        _at_least("student.pretrain", self, ("pairs",), 0)
+        # Seeds < 0 failed in torch/numpy with a message naming no key.
+        _at_least("student.pretrain", self, ("pairs", "seed"), 0)
         _positive_finite("student.pretrain", self, ("lr",))
+        _positive_finite("student.pretrain", self, ("weight_decay",), allow_zero=True)
 
 
 @dataclass
@@ -290,7 +297,7 @@ class TrainParams:
     def validate(self) -> None:
         # steps=0 or -1 used to "train" nothing, export no student and exit 0.
         _at_least("train", self, ("steps", "batch_size", "eval_every", "checkpoint_every"), 1)
-        _at_least("train", self, ("warmup", "num_workers", "threads"), 0)
+        _at_least("train", self, ("warmup", "num_workers", "threads", "seed"), 0)
         for task, size in self.task_batch_size.items():
             if task not in TASKS:
                 raise _invalid(

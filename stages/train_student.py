@@ -42,7 +42,12 @@ USER_ERRORS = (
     default=None,
     help="Distillation method [default: distill.method].",
 )
-@click.option("--seed", type=int, default=0, help="Run seed: weights, data order and the low-shot subset.")
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Run seed: weights, data order and the low-shot subset.",
+)
 @click.option(
     "--data",
     "data_root",

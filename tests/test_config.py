@@ -81,6 +81,13 @@ def test_bad_override_syntax():
         ("teacher.pretrain.batch_size=0", r"teacher\.pretrain\.batch_size': must be at least 1"),
         ("cache.clevel=99", r"cache\.clevel': blosc zstd levels are 0\.\.9, got 99"),
         ("cache.batch_size=0", r"cache\.batch_size': must be at least 1"),
+        ("cache.relevance_tokens=[foo]", r"cache\.relevance_tokens': unknown source\(s\) \['foo'\]; allowed"),
+        ("train.seed=-1", r"train\.seed': must be at least 0, got -1"),
+        ("student.pretrain.seed=-1", r"student\.pretrain\.seed': must be at least 0"),
+        (
+            "student.pretrain.weight_decay=-1",
+            r"student\.pretrain\.weight_decay': must be a finite number >= 0",
+        ),
         ("protocol.val_fraction=1.0", r"protocol\.val_fraction': must be in \(0, 1\), got 1\.0"),
         ("distill.mass_p=0", r"distill\.mass_p': must be in \(0, 1\], got 0"),
         ("student.heads=3", r"student\.heads': must divide student\.width=64"),
