@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -577,7 +578,8 @@ class _Prefetch:
         self.pool.shutdown(wait=True)
 
 
-# What a run folder holds: this stage's files, evaluate's eval.json and the lock; write_atomic's temporaries.
+# What a run folder holds: this stage's files, evaluate's eval.json and the lock; besides them only hidden
+# temporaries of write_atomic (.NAME.tmp-PID) and of the lock (.lock.PID.HEX.tmp, .lock.stale-HEX) a kill left.
 _RUN_FILES = frozenset({"checkpoint.pt", "student.pt", "train.json", "eval.json", ".lock"})
 
 
@@ -590,7 +592,7 @@ def refuse_foreign_out(run: RunSpec) -> None:
         return
     if not out.is_dir():
         raise RunSetupError(f"--out {out}: exists and is not a folder")
-    names = {p.name for p in out.iterdir() if not (p.name.startswith(".") and ".tmp-" in p.name)}
+    names = {p.name for p in out.iterdir() if not re.fullmatch(r"\..+\.tmp(-\d+)?|\.lock\.stale-\w+", p.name)}
     foreign = sorted(names - _RUN_FILES)
     if foreign:
         raise RunSetupError(
