@@ -605,8 +605,8 @@ def refuse_foreign_out(run: RunSpec) -> None:
     if student.exists() and not (out / "checkpoint.pt").exists():
         mine = {"task": run.task, "condition": run.condition, "method": run.method, "seed": run.seed}
         try:
-            recorded = torch.load(student, map_location="cpu", weights_only=True).get("run")
-        except Exception:  # noqa: BLE001 - whatever it is, it is not this run's export
+            recorded = load_state(student, "exported student").get("run")
+        except CheckpointError:  # unreadable, or not plain data: whatever it is, it is not this run's export
             recorded = None
         if not isinstance(recorded, dict) or {k: recorded.get(k) for k in mine} != mine:
             raise RunSetupError(

@@ -96,9 +96,8 @@ def test_a_shift_target_no_test_instance_has_is_refused_naming_the_keys():
         r"protocol.shift_target_domain\); the test split's: \['",
     ):
         make_split("snli_ve", "shift", 0, train, test, val, target="outlines")
-    assert (
-        make_split("snli_ve", "shift", 0, train, [], val, target="outlines").test == []
-    )  # no test split yet
+    # No test split prepared yet: nothing to check the target against, so training may go on.
+    assert make_split("snli_ve", "shift", 0, train, [], val, target="outlines").test == []
 
 
 def test_val_carved_from_train_when_no_val_split_and_disjoint():
