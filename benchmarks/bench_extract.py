@@ -177,9 +177,17 @@ def profile_phases(X, teacher, jobs: list, run_unit: Callable, decode_in_process
         return wrap
 
     decode = timed("decode", time.thread_time)
-    patches = [
-        (X.UnitImages, "decode_into", decode),  # what __getitem__ and the in-process batches call
-        (X.decode, "collate_images", decode),
+    # Decode worker processes are started by pickling the dataset and collate function: a patched (local)
+    # function cannot travel, and their time is not this process's to measure anyway.
+    patches = (
+        [
+            (X.UnitImages, "decode_into", decode),  # what __getitem__ and the in-process batches call
+            (X.decode, "collate_images", decode),
+        ]
+        if decode_in_process
+        else []
+    )
+    patches += [
         (teacher, "normalize_uint8", timed("normalize")),
         (teacher, "encode_images", timed("model", sync=True)),
         (X.units, "_encode_batch", timed("encode")),
@@ -253,7 +261,8 @@ def measure(
         in_model[0] += time.perf_counter() - t
         return out
 
-    run_unit = X.run_unit
+    # Patched where the scheduler looks it up (pipeline.extract re-exports it; patching that name misses).
+    run_unit = X.schedule.run_unit
 
     def timed_unit(job) -> tuple[float, float, float, dict]:
         """(wall, CPU incl. decode workers, seconds in the model, manifest record) of one pipeline unit."""
@@ -278,13 +287,13 @@ def measure(
         first[job.name] = timed_unit(job)
         return first[job.name][-1]
 
-    X.run_unit = recording
+    X.schedule.run_unit = recording
     try:
         t0 = time.perf_counter()
         metrics = X.extract([ds], cp.store, spec, cp, scheduler="sync", progress=False, overwrite=True)
         extract_wall = time.perf_counter() - t0
     finally:
-        X.run_unit = run_unit
+        X.schedule.run_unit = run_unit
     for j in jobs:  # an existing store is rebuilt beside it and swapped in: rerun the units in its place
         j.store_url = cp.store
     del teacher.encode_images  # back to the class method
@@ -395,13 +404,13 @@ def measure_host(
 
         return encode_images
 
-    jobs, run_unit = [], X.run_unit
+    jobs, run_unit = [], X.schedule.run_unit
 
     def recording(job):
         jobs.append(job)
         return run_unit(job)
 
-    with _patched([(teacher, "encode_images", stub), (X, "run_unit", lambda _: recording)]):
+    with _patched([(teacher, "encode_images", stub), (X.schedule, "run_unit", lambda _: recording)]):
         X.extract([ds], cp.store, spec, cp, scheduler="sync", progress=False, overwrite=True)
         for j in jobs:  # an existing store is rebuilt beside it and swapped in: rerun the units in its place
             j.store_url = cp.store
