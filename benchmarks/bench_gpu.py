@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             m = bench_extract.measure(name, MODEL, SIZE, n, reps, work, sets, precision=precision)
             res.measurements[name] = m
             bench_extract.add_target(res, name, m)
+            res.write(args.out, complete=False)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the next setting starts from the same free memory
         # The host's share around a stubbed forward on this machine's CPU: what the ratios above leave to it.
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         res.measurements[name] = bench_extract.measure_host(
             name, MODEL, SIZE, min(n, 1024), reps, work, (f"cache.batch_size={BATCH}", *args.set)
         )
+        res.write(args.out, complete=False)
         steps = max(3, args.steps // 5) if args.quick else args.steps
         for label in teachers:
             model = known[label]
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 res.measurements[f"students-{label}-{task}@loop"] = loop
                 res.target(f"{label} teacher, {task}: cached clip_td step / baseline step, training loop",
                            loop["loop_cached_over_baseline"], "<=", 1.10)  # fmt: skip
+                res.write(args.out, complete=False)
             log(f"students with the {label} teacher done")
     res.write(args.out)
     return 0

@@ -117,7 +117,8 @@ class Result:
         self.targets.append(t)
         return t
 
-    def write(self, out: str | Path) -> Path:
+    def write(self, out: str | Path, complete: bool = True) -> Path:
+        """``complete=False`` saves what is measured so far, quietly (a run stopped at a time limit keeps it)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{self.name}.json"
@@ -129,7 +130,11 @@ class Result:
             "measurements": self.measurements,
             "targets": {t.name: t.to_json() for t in self.targets},
         }
+        if not complete:
+            payload["complete"] = False
         path.write_text(json.dumps(payload, indent=1, sort_keys=False, default=str) + "\n")
+        if not complete:
+            return path
         for t in self.targets:
             print(f"{self.name}: {t.verdict()}", flush=True)
         print(f"{self.name}: wrote {path} ({payload['seconds']} s)", flush=True)
