@@ -217,26 +217,35 @@ def run(
     keep_going: bool = False,
     echo=click.echo,
     recheck: Callable[[list[str]], Mapping[str, set[str]]] | None = None,
+    command: Callable[[str], Sequence[str]] | None = None,
 ) -> list[str]:
     """Run the plan with at most ``jobs`` one-core stages at a time; every other stage alone. Before a
     recorded stage (``plan.recorded``) first becomes ready, ``recheck`` (given the newly ready ones, it
     returns those still changed, each with its changed deps' absolute paths) drops the ones now up to date,
     and says so when the rest are stale because an input this run rebuilt hashes differently. Returns the
-    stages that failed (empty when all passed); raises KeyboardInterrupt when it was stopped."""
+    stages that failed (empty when all passed); raises KeyboardInterrupt when it was stopped. ``command``
+    (a stage's name to the argv that runs it) replaces DVC: benchmarks.bench_repro times the bare commands
+    where DVC is not installed."""
     from tqdm import tqdm
 
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     pending, done, failed, ran = list(plan.order), set(), [], set()
     asked = {n for n in pending if not plan.needs[n]}  # the plan's status call is fresh for these
     running: dict[str, Running] = {}
-    bar = tqdm(total=len(pending), unit="stage", desc="dvc repro", disable=not pending)
+    bar = tqdm(
+        total=len(pending),
+        unit="stage",
+        desc="dvc repro" if command is None else "stages",
+        disable=not pending,
+    )
 
     def launch(name: str) -> None:
         log = log_path(name)
         with open(log, "w") as fh:
             # A process group of its own: an interrupt here stops the stage's whole command, not only dvc.
+            argv = command(name) if command else [*dvc, "--wait-for-lock", "repro", "--single-item", name]
             proc = subprocess.Popen(
-                [*dvc, "--wait-for-lock", "repro", "--single-item", name],
+                argv,
                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         running[name] = Running(proc, log, time.monotonic())

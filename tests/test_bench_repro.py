@@ -1,0 +1,47 @@
+"""benchmarks/bench_repro.py times make repro's stage commands where DVC is not installed: it must run the
+stages DVC would run, with the same dependencies, and the commands dvc.yaml gives them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO
+
+
+def test_expanded_stages_and_their_needs_are_dvcs(tmp_path: Path, monkeypatch):
+    from dvc.repo import Repo
+
+    from benchmarks.bench_repro import expand, plan
+
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy2(REPO / name, tmp_path / name)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)  # DVC names stages relative to the working directory
+    with Repo(str(tmp_path)) as repo:
+        graph = repo.index.graph  # an edge goes from a stage to a stage it depends on
+        dvc_needs = {s.addressing: {d.addressing for d in graph.successors(s)} for s in graph}
+        dvc_cmds = {s.addressing: s.cmd for s in graph}
+    stages = expand(
+        yaml.safe_load((REPO / "dvc.yaml").read_text()), yaml.safe_load((REPO / "params.yaml").read_text())
+    )
+    assert plan(stages).needs == dvc_needs
+    assert {n: s["cmd"] for n, s in stages.items()} == dvc_cmds
+    assert len(stages) > 30  # the matrix of student cells was expanded, not taken as one stage
+
+
+def test_argv_runs_the_stage_with_this_interpreter():
+    from benchmarks.bench_repro import argv
+
+    assert argv("python -m stages.report --out 'a b'") == [
+        sys.executable,
+        "-m",
+        "stages.report",
+        "--out",
+        "a b",
+    ]
+    assert argv("make x") == ["make", "x"]
