@@ -230,3 +230,39 @@ def test_install_twice_routes_the_lock_once(monkeypatch):
     first = dvc.dvcfile.modify_yaml
     dvc_lockfile.install()
     assert dvc.dvcfile.modify_yaml is first
+
+
+def test_rehash_updates_only_entries_that_recorded_the_previous_version(tmp_path: Path):
+    """The unchecked fallback of commit-unchanged: a stage recorded with the file as committed gets the new
+    hash; one recorded with any other version stays stale; nothing else in the lock changes."""
+    import hashlib
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    code = tmp_path / "code.py"
+    code.write_text("x = 1\n")
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    committed = hashlib.md5(b"x = 1\n").hexdigest()
+    lock = tmp_path / "dvc.lock"
+    entry = "    - path: code.py\n      hash: md5\n      md5: {}\n      size: {}\n"
+    text = (
+        "schema: '2.0'\nstages:\n  a:\n    cmd: run a\n    deps:\n" + entry.format(committed, 6)
+        + "  b:\n    cmd: run b\n    deps:\n" + entry.format(committed, 6)
+        + "  old:\n    cmd: run old\n    deps:\n" + entry.format("f" * 32, 5)
+    )  # fmt: skip
+    lock.write_text(text)
+    code.write_text("x = 1  # faster\n")
+    new = hashlib.md5(code.read_bytes()).hexdigest()
+
+    assert dvc_lockfile.rehash(str(lock), ["code.py"], root=str(tmp_path)) == {"code.py": 2}
+    after = yaml.safe_load(lock.read_text())["stages"]
+    assert [after[s]["deps"][0]["md5"] for s in ("a", "b", "old")] == [new, new, "f" * 32]
+    assert after["a"]["deps"][0]["size"] == len(code.read_bytes())
+    assert lock.read_text() == text.replace(entry.format(committed, 6), entry.format(new, 16))
+    assert dvc_lockfile.rehash(str(lock), ["code.py"], root=str(tmp_path)) == {"code.py": 0}  # done once
+    with pytest.raises(ValueError, match="not a file"):
+        dvc_lockfile.rehash(str(lock), ["."], root=str(tmp_path))
