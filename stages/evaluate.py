@@ -69,6 +69,18 @@ def load_student(path: Path) -> tuple[dict, torch.nn.Module, TaskHeads]:
     return exported, student, heads
 
 
+def recorded_shift(exported: dict, pp) -> dict:
+    """The shift key and target domain the student was trained with (its export records them): a shift
+    student scored on another domain than it was held out from would measure nothing. Exports made before
+    they were recorded fall back to the params evaluate runs with."""
+    rec = exported.get("protocol")
+    if isinstance(rec, dict) and all(
+        isinstance(rec.get(k), str) for k in ("shift_key", "shift_target_domain")
+    ):
+        return {k: rec[k] for k in ("shift_key", "shift_target_domain")}
+    return {"shift_key": pp.shift_key, "shift_target_domain": pp.shift_target_domain}
+
+
 def evaluate_run(run_dir: Path, params) -> dict:
     exported, student, heads = load_student(run_dir / "student.pt")
     run = exported["run"]
@@ -81,11 +93,11 @@ def evaluate_run(run_dir: Path, params) -> dict:
         else resolve_splits(run["data_root"], params.protocol.splits)
     )
     test_ds, test_instances = _instances(dirs.test)
-    pp = params.protocol
+    shift = recorded_shift(exported, params.protocol)
     try:
         split = make_split(
             run["task"], run["condition"], run["seed"], _instances(dirs.train)[1],
-            test_instances, None, shift_key=pp.shift_key, target=pp.shift_target_domain,
+            test_instances, None, shift_key=shift["shift_key"], target=shift["shift_target_domain"],
         )  # fmt: skip
     except SplitError as e:  # e.g. a shift target no test instance has: a score of 0 on nothing is no score
         raise DataError(run_dir, "protocol", str(e)) from None
@@ -96,6 +108,7 @@ def evaluate_run(run_dir: Path, params) -> dict:
     train = json.loads((run_dir / "train.json").read_text()) if (run_dir / "train.json").exists() else {}
     return {
         "run": {k: run[k] for k in ("task", "condition", "method", "seed")},
+        "protocol": shift,
         "primary_metric": PRIMARY[run["task"]],
         "primary": result["primary"],
         "metrics": result["metrics"],

@@ -545,10 +545,13 @@ class Trainer:
         Plain data and tensors (loads with weights_only=True), renamed into place when complete."""
         if self.rank != 0:
             return
+        pp = self.params.protocol
+        # The shifted domain it was held out from: evaluate scores on that one, whatever its own params say.
+        shift = {"shift_key": pp.shift_key, "shift_target_domain": pp.shift_target_domain}
         exported = {"student": self.student.state_dict(), "heads": self.heads.state_dict(),
                     "run": asdict(self.run), "student_params": asdict(self.params.student),
                     "vocab": list(self.spec.vocab), "teacher_model": self.params.teacher.model,
-                    "splits": self.splits.names()}  # fmt: skip
+                    "splits": self.splits.names(), "protocol": shift}  # fmt: skip
         write_atomic(path, lambda tmp: torch.save(exported, tmp))
 
 

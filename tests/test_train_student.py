@@ -255,6 +255,27 @@ def test_blind_runs_never_see_an_image_in_training_or_evaluation(world, tmp_path
         )
 
 
+def test_a_shift_student_is_scored_on_the_domain_it_was_held_out_from(world, tmp_path):
+    """evaluate reads the shift target from the export, not from its own params: a params file edited after
+    training (or another one) must not score the student on a domain it trained on."""
+    from stages.evaluate import evaluate_run
+
+    params = student_params(world, **{"train.steps": 2, "train.eval_every": 2})
+    run_student(params, run_spec(world, tmp_path, task="snli_ve", condition="shift"), progress=False)
+    as_trained = evaluate_run(tmp_path / "run", params)
+    assert as_trained["protocol"] == {"shift_key": "domain", "shift_target_domain": "outline"}
+    other = student_params(world, **{"train.steps": 2, "protocol.shift_target_domain": "plain"})
+    assert evaluate_run(tmp_path / "run", other) == as_trained
+    # An export from before the target was recorded is scored with the params given (what evaluate did).
+    exported = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
+    del exported["protocol"]
+    torch.save(exported, tmp_path / "run" / "student.pt")
+    old = evaluate_run(tmp_path / "run", other)
+    assert old["protocol"]["shift_target_domain"] == "plain"
+    assert set(old["metrics"]["per_domain"]) == {"plain"}
+    assert set(as_trained["metrics"]["per_domain"]) == {"outline"}
+
+
 def test_a_folder_that_is_not_this_runs_is_refused_untouched(world, tmp_path):
     """--out holding a user's files, or another run's exported student, is refused before anything is written;
     the run's own folder is taken again (a rerun of the same cell)."""
