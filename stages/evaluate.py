@@ -10,18 +10,20 @@ from pathlib import Path
 import click
 import torch
 
+from pipeline.conditions import Condition
 from pipeline.config import StudentParams
 from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset
 from pipeline.metrics import PRIMARY
 from pipeline.protocol import SplitError, make_split
 from pipeline.splits import recorded_splits, resolve_splits
+from pipeline.teacher import TeacherError
 from stages.common import stage_command, stage_params
 from student.checkpoint import load_state
 from student.data import TaskSpec, load_tokenizer, open_prepared
 from student.errors import CheckpointError
 from student.evaluation import evaluate
-from student.losses import method_config
+from student.losses import METHODS, method_config
 from student.model import TaskHeads, create_student
 
 
@@ -35,6 +37,38 @@ def _instances(split_dir: Path) -> tuple[PreparedDataset, tuple]:
 
 class ExportError(RuntimeError):
     """student.pt is not a student exported by train_student (or does not load); names the file."""
+
+
+def _run_record_problem(run: dict) -> str:
+    """What is wrong with an export's ``run`` record ("" when nothing): each key as train_student writes it."""
+    if run["task"] not in PRIMARY:
+        return f"run.task = {run['task']!r} is none of {', '.join(PRIMARY)}"
+    try:
+        Condition.parse(run["condition"])
+    except (TypeError, ValueError) as e:
+        return f"run.condition = {run['condition']!r}: {e}"
+    if run["method"] not in METHODS:
+        return f"run.method = {run['method']!r} is none of {', '.join(METHODS)}"
+    if not isinstance(run["seed"], int) or isinstance(run["seed"], bool) or run["seed"] < 0:
+        return f"run.seed = {run['seed']!r} is not an integer >= 0"
+    if not isinstance(run["data_root"], str):
+        return f"run.data_root = {run['data_root']!r} is not a path"
+    return ""
+
+
+def _train_record(run_dir: Path) -> dict:
+    """RUN_DIR/train.json (what training recorded: steps, seconds, best validation score), or {} without one."""
+    path = run_dir / "train.json"
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        record = e
+    if not isinstance(record, dict):
+        reason = f" ({type(record).__name__}: {record})" if isinstance(record, Exception) else ""
+        raise ExportError(f"{path}: not a JSON object{reason}; train_student writes it: rerun this run")
+    return record
 
 
 def load_student(path: Path) -> tuple[dict, torch.nn.Module, TaskHeads]:
@@ -55,6 +89,9 @@ def load_student(path: Path) -> tuple[dict, torch.nn.Module, TaskHeads]:
         k not in run for k in ("task", "condition", "method", "seed", "data_root")
     ):
         raise ExportError(f"{path}: not a student exported by train_student (its 'run' record is incomplete)")
+    problem = _run_record_problem(run)
+    if problem:
+        raise ExportError(f"{path}: the exported run record is not one train_student writes: {problem}")
     try:
         sp = StudentParams(**exported["student_params"])
         student = create_student(sp.arch, sp)
@@ -101,11 +138,18 @@ def evaluate_run(run_dir: Path, params) -> dict:
         )  # fmt: skip
     except SplitError as e:  # e.g. a shift target no test instance has: a score of 0 on nothing is no score
         raise DataError(run_dir, "protocol", str(e)) from None
-    spec = TaskSpec(run["task"], load_tokenizer(exported["teacher_model"]), sp.image_size, sp.max_text_len,
+    train = _train_record(run_dir)
+    try:
+        tokenizer = load_tokenizer(exported["teacher_model"])
+    except TeacherError as e:  # the text side is tokenised as the teacher did: its recorded config must load
+        raise ExportError(
+            f"{run_dir / 'student.pt'}: the teacher it was trained with (teacher_model "
+            f"{exported['teacher_model']!r}) does not load: {e}"
+        ) from None
+    spec = TaskSpec(run["task"], tokenizer, sp.image_size, sp.max_text_len,
                     exported["vocab"], params.distill.vqa_candidates,
                     blind=method_config(run["method"], params.distill).blind)  # fmt: skip
     result = evaluate(student, heads, test_ds, split.test, spec)
-    train = json.loads((run_dir / "train.json").read_text()) if (run_dir / "train.json").exists() else {}
     return {
         "run": {k: run[k] for k in ("task", "condition", "method", "seed")},
         "protocol": shift,

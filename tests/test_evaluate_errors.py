@@ -1,0 +1,81 @@
+"""evaluate on a run folder a user damaged or moved: one ``Error:`` line naming the file and what is wrong,
+exit 1, nothing written; never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from student.train import run_student
+from tests.conftest import build_world, run_spec, student_params
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One exported student (2 steps) and the params it was trained with."""
+    tmp = tmp_path_factory.mktemp("eval")
+    world = build_world(tmp / "world")
+    params = student_params(world, **{"train.steps": 2, "train.eval_every": 2})
+    run_student(params, run_spec(world, tmp, task="snli_ve"), progress=False)
+    return tmp / "run", params
+
+
+def _evaluate(run_dir, params, tmp_path):
+    import yaml
+
+    from pipeline.config import to_dict
+    from stages.evaluate import main
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(to_dict(params)))
+    return CliRunner().invoke(main, [str(run_dir), "--params", str(path)])
+
+
+def _copy(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    return run_dir
+
+
+def _export_with(run_dir, **changes) -> None:
+    exported = torch.load(run_dir / "student.pt", weights_only=True)
+    for key, value in changes.items():
+        head, _, leaf = key.partition(".")
+        if leaf:
+            exported[head][leaf] = value
+        else:
+            exported[head] = value
+    torch.save(exported, run_dir / "student.pt")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "train.json").write_text("{not json"), "train.json: not a JSON object"),
+        (lambda d: (d / "train.json").write_text("[1, 2]"), "train.json: not a JSON object"),
+        (lambda d: _export_with(d, **{"run.condition": "sideways"}), "run.condition"),
+        (lambda d: _export_with(d, **{"run.task": "captioning"}), "run.task"),
+        (lambda d: _export_with(d, **{"run.seed": "zero"}), "run.seed"),
+        (lambda d: _export_with(d, teacher_model="/nowhere/teacher.json"), "/nowhere/teacher.json"),
+    ],
+    ids=[
+        "malformed-train-json",
+        "train-json-not-object",
+        "condition",
+        "task",
+        "seed",
+        "moved-teacher-config",
+    ],
+)
+def test_a_damaged_run_folder_is_one_error_line(trained, tmp_path, damage, message):
+    run_dir = _copy(trained, tmp_path)
+    damage(run_dir)
+    r = _evaluate(run_dir, trained[1], tmp_path)
+    assert r.exit_code == 1, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Error:" in r.output and message in r.output, r.output
+    assert not (run_dir / "eval.json").exists()
