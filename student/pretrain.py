@@ -30,7 +30,9 @@ from torch import Tensor, nn
 from pipeline.config import StudentParams
 from pipeline.data.shards import PreparedDataset
 
+from .checkpoint import load_state
 from .data import image_tensor, load_tokenizer
+from .errors import CheckpointError
 from .model import PAD_ID, create_student, fit_text, text_vocabulary
 
 CHECKPOINT_NAME = "student.pt"
@@ -283,16 +285,16 @@ def load_pretrained_backbone(student: nn.Module, path: str | Path, sp: StudentPa
         raise PretrainedMismatch(
             f"{path}: no pretrained student here (run python -m stages.pretrain_student, or set student.init=scratch)"
         )
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is one message naming it
-        raise PretrainedMismatch(
-            f"{path}: not a readable pretrained student ({type(e).__name__}: {e})"
-        ) from None
+    try:  # the project's weights-only loader: its refusal of a pickle that would run code is one line
+        ck = load_state(path, "the pretrained student")
+    except CheckpointError as e:
+        raise PretrainedMismatch(str(e)) from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise PretrainedMismatch(
             f"{path}: not a clip-td pretrained student (format={ck.get('format') if isinstance(ck, dict) else None!r})"
         )
+    if not isinstance(ck.get("student_params"), dict) or not isinstance(ck.get("student"), dict):
+        raise PretrainedMismatch(f"{path}: damaged pretrained student (no student_params or student weights)")
     theirs, ours = ck["student_params"], asdict(sp)
     arch_keys = (
         "arch",
@@ -311,5 +313,11 @@ def load_pretrained_backbone(student: nn.Module, path: str | Path, sp: StudentPa
             f"{path}: pretrained with different student.{', student.'.join(diff)} "
             f"({', '.join(f'{k}={theirs.get(k)!r}' for k in diff)}); re-run pretrain_student"
         )
-    student.load_state_dict(ck["student"])
+    try:
+        student.load_state_dict(ck["student"])
+    except RuntimeError as e:  # same params, other tensors: a damaged or hand-edited file
+        first = str(e).strip().splitlines()[1:2] or [type(e).__name__]
+        raise PretrainedMismatch(
+            f"{path}: damaged pretrained student, its weights do not fit ({first[0].strip()}); re-run pretrain_student"
+        ) from None
     return {k: ck.get(k) for k in ("steps", "seed", "data_fingerprint", "teacher_model")}

@@ -3,7 +3,6 @@ exit 1, nothing written; never a traceback."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest

@@ -94,6 +94,29 @@ def test_a_backbone_of_another_shape_is_refused_naming_the_keys(corpus, tmp_path
         load_pretrained_backbone(create_student(other.arch, other), tmp_path / "out" / "student.pt", other)
 
 
+def test_a_damaged_pretrained_student_is_refused_naming_the_file(corpus, tmp_path):
+    sp = _sp()
+    pretrain_student(
+        sp, TEACHER, corpus / "captions", None, tmp_path / "out", steps=1, batch_size=4, lr=1e-3,
+        weight_decay=0.0, warmup=1, pairs_limit=8, seed=0, progress=False,
+    )  # fmt: skip
+    path = tmp_path / "out" / "student.pt"
+    ck = torch.load(path, weights_only=True)
+    first = next(iter(ck["student"]))
+    ck["student"][first] = torch.zeros(3)  # a tensor of another shape
+    torch.save(ck, path)
+    with pytest.raises(
+        PretrainedMismatch, match=r"student\.pt: damaged pretrained student, its weights do not fit"
+    ):
+        load_pretrained_backbone(create_student(sp.arch, sp), path, sp)
+    del ck["student_params"]
+    torch.save(ck, path)
+    with pytest.raises(
+        PretrainedMismatch, match=r"student\.pt: damaged pretrained student \(no student_params"
+    ):
+        load_pretrained_backbone(create_student(sp.arch, sp), path, sp)
+
+
 def test_a_checkpoint_that_would_run_code_is_refused_unopened(tmp_path):
     ran = tmp_path / "ran"
 
@@ -104,9 +127,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_unopened(tmp_path):
     bad = tmp_path / "student.pt"
     bad.write_bytes(pickle.dumps({"format": Evil()}))
     sp = _sp()
-    with pytest.raises(PretrainedMismatch, match="student.pt: not a readable pretrained student"):
+    with pytest.raises(PretrainedMismatch, match="student.pt: refused to load the pretrained student") as e:
         load_pretrained_backbone(create_student(sp.arch, sp), bad, sp)
     assert not ran.exists()
+    assert "weights_only" not in str(e.value)  # torch's advice to turn the guard off is not passed on
     with pytest.raises(PretrainedMismatch, match="no pretrained student here"):
         load_pretrained_backbone(create_student(sp.arch, sp), tmp_path / "missing.pt", sp)
 
