@@ -30,6 +30,8 @@ from torch import Tensor, nn
 
 from pipeline.config import StudentParams
 
+from .errors import StudentParamsError
+
 CLIP_VOCAB_SIZE = 49408
 PAD_ID = 0
 
@@ -216,7 +218,7 @@ class ViltStudent(CompactVocabulary, nn.Module):
     def __init__(self, params: StudentParams, vocab_size: int = CLIP_VOCAB_SIZE):
         super().__init__()
         if params.image_size % params.patch_size:
-            raise ValueError(
+            raise StudentParamsError(
                 f"student.image_size {params.image_size} is not a multiple of student.patch_size {params.patch_size}"
             )
         d = params.width
@@ -306,9 +308,11 @@ def make_stem(kind: str, width: int, patch: int) -> nn.Module:
     if kind == "patch":
         return nn.Conv2d(3, width, patch, stride=patch)
     if kind != "conv":
-        raise ValueError(f"unknown student.stem {kind!r} (allowed: patch, conv)")
+        raise StudentParamsError(f"unknown student.stem {kind!r} (allowed: patch, conv)")
     if patch < 4 or patch & (patch - 1):
-        raise ValueError(f"student.stem=conv needs a power-of-two student.patch_size >= 4, got {patch}")
+        raise StudentParamsError(
+            f"student.stem=conv needs a power-of-two student.patch_size >= 4, got {patch}"
+        )
     # Two stride-2 3x3 convs, then one conv covering the remaining patch/4 factor.
     c1, c2, rest = max(8, width // 4), max(16, width // 2), patch // 4
     return nn.Sequential(
@@ -339,7 +343,7 @@ class FilmStudent(CompactVocabulary, nn.Module):
         super().__init__()
         s, patch = params.image_size, params.patch_size
         if s % 4 or s % patch or patch < 4 or patch & (patch - 1):
-            raise ValueError(
+            raise StudentParamsError(
                 f"student.arch=film needs student.image_size ({s}) divisible by 4 and by a power-of-two "
                 f"student.patch_size >= 4 (got {patch})"
             )
@@ -436,7 +440,7 @@ def create_student(
     ``vocabulary`` (``text_vocabulary``'s ids) gives the student a compact embedding table; the student must
     then provide ``set_vocabulary``."""
     if name not in _STUDENTS:
-        raise ValueError(f"unknown student '{name}' (registered: {', '.join(list_students())})")
+        raise StudentParamsError(f"unknown student.arch '{name}' (registered: {', '.join(list_students())})")
     model = _STUDENTS[name](params, vocab_size)
     if not isinstance(model, StudentInterface):
         raise TypeError(f"student '{name}' does not provide width, grid, max_text_len and forward")

@@ -267,6 +267,18 @@ def test_bad_params_are_blamed_on_the_set_option(world, run_copy, override, says
     assert "params.yaml" not in line and snapshot(run_copy) == before
 
 
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [("student.arch=foo", "unknown student.arch 'foo' (registered: film, vilt)"),
+     ("student.image_size=60", "student.image_size (60) divisible by 4"),
+     ("student.patch_size=7", "power-of-two student.patch_size >= 4 (got 7)")],
+)  # fmt: skip
+def test_a_student_no_architecture_can_build_is_one_line(world, tmp_path, override, says):
+    line = error_line(train(world, tmp_path / "run", sets=[override]))
+    assert says in line
+    assert not (tmp_path / "run" / "student.pt").exists()
+
+
 def test_non_finite_loss_is_one_line_and_exports_nothing(world, tmp_path, monkeypatch):
     import student.train as T
 
