@@ -17,6 +17,7 @@ from pipeline.splits import resolve_splits
 from stages.common import one_line, stage_command, stage_params
 from student.errors import RunError
 from student.losses import METHODS
+from student.model import StudentParamsError
 from student.targets import CacheCorrupt, NonFiniteTarget
 from student.train import RunSpec, run_student
 
@@ -24,7 +25,7 @@ from student.train import RunSpec, run_student
 # gone NaN under train.on_nonfinite=fail): one line each, no traceback. Anything else is a bug and keeps its.
 USER_ERRORS = (
     RunError, CacheFormatError, StaleCacheError, CacheCorrupt, NonFiniteTarget, DataError, StoreNotWritable,
-    FloatingPointError, FileNotFoundError,
+    FloatingPointError, FileNotFoundError, StudentParamsError,
 )  # fmt: skip
 
 

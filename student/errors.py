@@ -21,7 +21,3 @@ class CheckpointError(RunError):
 
 class RunLocked(RunError):
     """Another process is training into the same run directory."""
-
-
-class StudentParamsError(RunError, ValueError):
-    """student.* params no registered student can be built from; the message names the keys."""

@@ -30,7 +30,11 @@ from torch import Tensor, nn
 
 from pipeline.config import StudentParams
 
-from .errors import StudentParamsError
+
+class StudentParamsError(ValueError):
+    """student.* params no registered student can be built from; the message names the keys (a stage
+    reports it in one line: the user fixes a param)."""
+
 
 CLIP_VOCAB_SIZE = 49408
 PAD_ID = 0
