@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cache import CacheFormatError, TeacherCache
+from pipeline.cache import CacheFormatError, TeacherCache, covered_datasets
 from pipeline.config import SplitRoles
 from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset
@@ -25,6 +25,21 @@ def role_instances(root: Path, roles: SplitRoles) -> tuple[list, list | None, li
     train, test = (list(PreparedDataset(p).iter_instances()) for p in (dirs.train, dirs.test))
     val = list(PreparedDataset(dirs.val).iter_instances()) if dirs.val else None
     return train, val, test, dirs.train
+
+
+def check_covered(tc: TeacherCache, url: str, root: Path, roles: SplitRoles) -> None:
+    """Refuse, naming the split and the fix, data the store was not extracted from: its texts and images
+    would be missing from the cache (or, worse, other data's under the same ids)."""
+    dirs = resolve_splits(root, roles)
+    covered = covered_datasets(tc.attrs)
+    for path in (p for p in (dirs.train, dirs.val, dirs.test) if p):
+        fp = PreparedDataset(path).fingerprint
+        if fp not in covered.values():
+            raise click.ClickException(
+                f"{url}: the teacher cache does not cover {path} (fingerprint {fp[:12]}; it covers: "
+                f"{', '.join(sorted(covered)) or 'none'}); add it with python -m stages.extract_teacher "
+                f"--shards {path} --out {url}, with this command's --params/--set"
+            )
 
 
 @stage_command(user_errors=(CacheFormatError, DataError))
@@ -51,7 +66,9 @@ def main(data_root, cache, out, params_path, overrides) -> None:
     """
     params = stage_params(params_path, overrides)
     root = Path(data_root or Path(params.data.out) / params.data.source)
-    tc = TeacherCache(cache or params.cache.store)
+    url = cache or params.cache.store
+    tc = TeacherCache(url)
+    check_covered(tc, url, root, params.protocol.splits)
     train, val, test, train_dir = role_instances(root, params.protocol.splits)
     vocab = tc.attrs.get("data", {}).get("vqa_vocab") or PreparedDataset(train_dir).answer_vocab()
     pp = params.protocol

@@ -46,7 +46,7 @@ def open_targets(
         raise FingerprintMismatch(
             f"{run.cache}: the teacher cache does not cover this run's training data {train_ds.path} "
             f"(fingerprint {train_ds.fingerprint[:12]}; it covers: {held}); add it with python -m "
-            f"stages.extract_teacher --shards {train_ds.path} --out {run.cache}"
+            f"stages.extract_teacher --shards {train_ds.path} --out {run.cache}, with this run's --params/--set"
         )
     # The checkpoint the params name must be the one the cache was extracted with, and the model config
     # (it fixes the teacher's preprocessing and architecture) the same.

@@ -115,3 +115,20 @@ def test_stage_writes_every_task_and_condition(tmp_path):
 def test_stage_names_a_missing_cache(tmp_path):
     res = CliRunner().invoke(zeroshot_main, ["--data", str(tmp_path), "--cache", str(tmp_path / "nope.zarr")])
     assert res.exit_code != 0 and "nope.zarr" in res.output
+
+
+def test_stage_refuses_data_the_cache_was_not_extracted_from(tmp_path):
+    """Other data under the same layout: a KeyError traceback before, or another dataset's embeddings under
+    the same ids; now one line naming the split and how to add it."""
+    from tests.conftest import prepare_synthetic
+
+    root, cfg, store = build_world(tmp_path / "w")
+    other = tmp_path / "other"
+    prepare_synthetic(other, seed=1)
+    out = tmp_path / "zeroshot.json"
+    res = CliRunner().invoke(zeroshot_main, ["--data", str(other), "--cache", store, "--out", str(out)])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert (
+        f"does not cover {other / 'train'}" in res.output and "stages.extract_teacher --shards" in res.output
+    )
+    assert not out.exists()
