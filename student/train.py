@@ -244,6 +244,9 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params_list, lr=tp.lr, weight_decay=tp.weight_decay, fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(tp.warmup, tp.steps))
         self.step = 0
+        # Training seconds of the sittings before this one (from the checkpoint resumed), and when this
+        # sitting's loop started: train.json's train_seconds is the run's, not the last sitting's.
+        self.seconds_before, self._fit_t0 = 0.0, None
         self.nonfinite_steps = 0  # optimizer steps skipped under train.on_nonfinite=skip
         self.best = {"score": -1.0, "step": 0}
         self.last_logs: dict | None = None  # the last step's logs (a resumed run at its end reports them)
@@ -322,7 +325,14 @@ class Trainer:
             "identity": self.identity(),
             "nonfinite_steps": int(self.nonfinite_steps),
             "last_logs": self.last_logs,
+            "train_seconds": float(self.train_seconds()),
         }
+
+    def train_seconds(self) -> float:
+        """Seconds in the training loop over every sitting so far (a resumed run's time before its last
+        checkpoint included; what a killed sitting did after it is lost with its steps)."""
+        now = time.perf_counter() - self._fit_t0 if self._fit_t0 is not None else 0.0
+        return self.seconds_before + now
 
     def save_checkpoint(self) -> None:
         if self.rank != 0:
@@ -357,6 +367,7 @@ class Trainer:
             self.step, self.best = int(st["step"]), dict(st["best"])
             self.nonfinite_steps = int(st.get("nonfinite_steps", 0))
             self.last_logs = st.get("last_logs")
+            self.seconds_before = float(st.get("train_seconds", 0.0))
             torch.set_rng_state(st["rng"])
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
@@ -503,7 +514,7 @@ class Trainer:
         if self.ddp:
             broadcast_parameters([*self.params_list, *self.student.buffers(), *self.heads.buffers()])
         history: list[dict] = []
-        t0 = time.perf_counter()
+        self._fit_t0 = time.perf_counter()
         stop = min(tp.steps, max_steps) if max_steps else tp.steps
         bar = tqdm(
             total=tp.steps, initial=self.step, desc=self.run.name, disable=not self.progress or self.rank != 0
@@ -538,7 +549,7 @@ class Trainer:
             best = [self.best]
             dist.broadcast_object_list(best, src=0)
             self.best = best[0]
-        return {"history": history, "seconds": time.perf_counter() - t0, "resumed_from": resumed_from}
+        return {"history": history, "seconds": self.train_seconds(), "resumed_from": resumed_from}
 
     def export(self, path: Path) -> None:
         """The deployable student: backbone + task head only; the distillation projection heads are dropped.

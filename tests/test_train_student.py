@@ -53,6 +53,23 @@ def test_resume_is_bit_exact(world, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_train_seconds_count_every_sitting_of_a_resumed_run(world, tmp_path):
+    """train.json's train_seconds is the run's: a resumed run adds the time recorded by its checkpoint, and
+    rerunning a finished run (nothing left to train) keeps it instead of writing the rerun's ~0 s."""
+    params = student_params(world, **{"train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 2})
+    first = Trainer(params, run_spec(world, tmp_path), progress=False)
+    first.fit(resume=False, max_steps=2)  # stops after the step-2 checkpoint, as a killed run would
+    first.close()
+    before = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["train_seconds"]
+    assert before > 0
+    resumed = run_student(params, run_spec(world, tmp_path), progress=False)
+    assert resumed["resumed_from"] == 2 and resumed["train_seconds"] > before
+    again = run_student(params, run_spec(world, tmp_path), progress=False)  # finished: no step left
+    assert again["resumed_from"] == 4 and again["train_seconds"] == pytest.approx(
+        resumed["train_seconds"], abs=0.5
+    )
+
+
 def test_transductive_needs_the_shift_condition(world, tmp_path):
     with pytest.raises(ValueError, match="--condition shift"):
         Trainer(
