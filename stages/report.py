@@ -42,9 +42,12 @@ from stages.common import stage_command
     "--zeroshot",
     "zeroshot_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("metrics/zeroshot.json"),
+    multiple=True,
+    default=(Path("metrics/zeroshot.json"),),
     help='Teacher zero-shot scores, the ceiling row of every task table: {"<task>": {"<condition>": score}}, '
-    "score in the task's primary metric (in [0, 1]). Missing file, task or condition: 'not measured'.",
+    "score in the task's primary metric (in [0, 1]). Repeatable: one file per data root (python -m "
+    "stages.zeroshot per source), merged; a task and condition in two files is refused. Missing file, task "
+    "or condition: 'not measured'.",
 )
 @click.option(
     "--out",
@@ -77,7 +80,7 @@ def main(
     runs_dir: Path,
     teacher_path: Path,
     extract_path: Path,
-    zeroshot_path: Path,
+    zeroshot_path: tuple[Path, ...],
     out_dir: Path,
     baseline: str,
     blind: str,

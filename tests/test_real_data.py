@@ -214,7 +214,7 @@ def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_o
     commands = _recipe()
     assert [c.split()[2] for c in commands] == [
         "stages.prepare_data", "stages.prepare_data", "stages.prepare_data", "stages.extract_teacher",
-        *["stages.train_student"] * 6, "stages.evaluate", "stages.report",
+        *["stages.train_student"] * 6, "stages.evaluate", *["stages.zeroshot"] * 3, "stages.report",
     ]  # fmt: skip
     for command in commands:
         command = command.replace("~/vqa", str(official / "vqa")).replace("~/snli", str(official / "snli"))
@@ -260,6 +260,10 @@ def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_o
     results = (work / "reports" / "real" / "results.md").read_text()
     assert all(f"## {task} — " in results for task in ("vqa", "snli_ve", "vcr"))
     assert "| clip_td | " in results and "| baseline | " in results
+    # The ceiling beside every result: each source's zero-shot score, from its own data root's file.
+    for task in ("vqa", "snli_ve", "vcr"):
+        row = results.split(f"## {task} — ", 1)[1].split("| teacher zero-shot |", 1)[1].splitlines()[0]
+        assert "not measured" not in row, (task, row)
 
 
 def test_a_store_of_one_tag_does_not_pass_for_another_tag_of_the_same_model():

@@ -450,3 +450,33 @@ def test_readme_block_is_replaced_and_the_rest_kept(tmp_path):
     assert "lowshot.png" not in readme.read_text() and "shift.png" not in readme.read_text()
     inject(readme, md, tmp_path / "reports", {"full", "shift"})
     assert "lowshot.png" not in readme.read_text() and "shift.png" in readme.read_text()
+
+
+def test_zeroshot_files_of_several_data_roots_are_merged(runs: Path, tmp_path: Path) -> None:
+    """Real data keeps each source under its own root, so zero-shot runs once per root: --zeroshot repeats,
+    each task's ceiling comes from its file, and a task/condition scored twice is refused naming both files."""
+    vcr, snli = tmp_path / "zs-vcr.json", tmp_path / "zs-snli.json"
+    vcr.write_text(json.dumps({"vcr": {"shift": {"metric": "q2ar", "score": 0.31, "chance": 0.06, "n": 9}}}))
+    snli.write_text(json.dumps({"snli_ve": {"lowshot-0.25": 0.52}}))
+    out = tmp_path / "reports"
+    args = [
+        "--runs",
+        str(runs),
+        "--teacher",
+        str(tmp_path / "none.json"),
+        "--extract",
+        str(tmp_path / "none"),
+    ]
+    result = CliRunner().invoke(
+        main, [*args, "--zeroshot", str(vcr), "--zeroshot", str(snli), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["vcr"]["shift"]["teacher_zeroshot"]["mean"] == 0.31
+    assert summary["snli_ve"]["lowshot-0.25"]["teacher_zeroshot"]["mean"] == 0.52
+    snli.write_text(json.dumps({"vcr": {"shift": 0.2}}))
+    twice = CliRunner().invoke(
+        main, [*args, "--zeroshot", str(vcr), "--zeroshot", str(snli), "--out", str(out)]
+    )
+    assert twice.exit_code == 1 and "zs-snli.json: key 'vcr.shift' is also scored in" in twice.output
+    assert str(vcr) in twice.output

@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..conditions import Condition
@@ -75,6 +76,7 @@ __all__ = [
     "holm",
     "load_optional_json",
     "load_zeroshot",
+    "load_zeroshots",
     "lowshot_series",
     "markdown",
     "mean_ci",
@@ -134,13 +136,35 @@ def load_zeroshot(path: str | Path) -> dict[str, dict[str, float]] | None:
     return out
 
 
+def load_zeroshots(paths: str | Path | Sequence[str | Path]) -> dict[str, dict[str, float]] | None:
+    """``load_zeroshot`` of each file, merged: one per data root where the sources live apart (real data);
+    None when none exists. A task and condition scored in two files is refused, naming both."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    merged: dict[str, dict[str, float]] = {}
+    where: dict[tuple[str, str], str | Path] = {}
+    found = False
+    for path in paths:
+        scores = load_zeroshot(path)
+        found |= scores is not None
+        for task, conds in (scores or {}).items():
+            for condition, score in conds.items():
+                if (task, condition) in where:
+                    raise ReportError(
+                        f"{path}: key '{task}.{condition}' is also scored in {where[task, condition]}; "
+                        "give each task's zero-shot scores once"
+                    )
+                where[task, condition] = path
+                merged.setdefault(task, {})[condition] = score
+    return merged if found else None
+
+
 def write_report(
     runs_dir: str | Path,
     out_dir: str | Path,
     teacher_path: str | Path = "metrics/teacher.json",
     extract_path: str | Path = "metrics/extract.json",
     baseline: str = "baseline",
-    zeroshot_path: str | Path = "metrics/zeroshot.json",
+    zeroshot_path: str | Path | Sequence[str | Path] = "metrics/zeroshot.json",
     blind: str = BLIND,
 ) -> dict[str, Path]:
     """Collect, summarise and write results.md, lowshot.png, shift.png, plots.json and summary.json.
@@ -151,7 +175,7 @@ def write_report(
     summary = summarise(collect(runs_dir), baseline=baseline, blind=blind)
     teacher = load_optional_json(teacher_path)
     extract = load_optional_json(extract_path)
-    zeroshot = load_zeroshot(zeroshot_path)
+    zeroshot = load_zeroshots(zeroshot_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = {
@@ -165,7 +189,9 @@ def write_report(
         "runs": str(runs_dir),
         "teacher": str(teacher_path),
         "extract": str(extract_path),
-        "zeroshot": str(zeroshot_path),
+        "zeroshot": str(zeroshot_path)
+        if isinstance(zeroshot_path, (str, Path))
+        else ", ".join(str(p) for p in zeroshot_path),
     }
     with tempfile.TemporaryDirectory(dir=out, prefix=".report-") as tmp_dir:
         tmp = {k: Path(tmp_dir) / name for k, name in names.items()}
