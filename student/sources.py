@@ -57,9 +57,20 @@ def open_targets(
             f"{run.cache}: the teacher cache does not match this run's teacher ({tp.pretrained or tp.model}): "
             f"differing fields {', '.join(differ)}; re-run python -m stages.extract_teacher"
         )
-    cached_vocab = cache.attrs.get("data", {}).get("vqa_vocab")
-    if run.task == "vqa" and cached_vocab is not None and cached_vocab != train_ds.answer_vocab():
-        raise FingerprintMismatch(f"{run.cache}: VQA answer vocabulary differs from {train_ds.path}'s")
+    data = cache.attrs.get("data", {})
+    cached_vocab = data.get("vqa_vocab")
+    vocab = train_ds.answer_vocab() if run.task == "vqa" and cached_vocab is not None else None
+    if vocab is not None and cached_vocab != vocab:
+        # A store keeps the vocabulary it was first built from (its candidate answer texts come from it), also
+        # when the VQA data is prepared again and added: only a rebuild takes the new one.
+        new, gone = sorted(set(vocab) - set(cached_vocab)), sorted(set(cached_vocab) - set(vocab))
+        raise FingerprintMismatch(
+            f"{run.cache}: VQA answer vocabulary differs from {train_ds.path}'s (answers only here: "
+            f"{new[:5]}{' …' if len(new) > 5 else ''}; only in the store's, from {data.get('vqa_vocab_from', '?')}: "
+            f"{gone[:5]}{' …' if len(gone) > 5 else ''}); the store keeps the vocabulary it was built from, so "
+            f"rebuild it: python -m stages.extract_teacher --shards ... --out {run.cache} --overwrite, with this "
+            "run's --params/--set (or extract into another --out)"
+        )
     # On CUDA the float16 tokens travel as stored and prepare_teacher converts them on the device.
     half = torch.float16 if device.type == "cuda" else torch.float32
     return CachedTargets(cache, chunk_cache_bytes=params.train.target_cache_mb << 20, token_dtype=half)

@@ -90,6 +90,26 @@ def test_cache_from_other_data_is_refused(world, tmp_path):
         Trainer(student_params(world), run, progress=False)
 
 
+def test_a_store_of_another_vqa_vocabulary_is_refused_saying_how_to_rebuild(world, tmp_path):
+    """VQA prepared again with other answers and added to the store: the store keeps the vocabulary it was
+    built from, so the refusal names the answers that differ and the rebuild that fixes it."""
+    import shutil
+
+    import zarr
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(world[2], store)
+    group = zarr.open_group(str(store), mode="r+")
+    data = dict(group.attrs["data"])
+    data["vqa_vocab"] = [a for a in data["vqa_vocab"] if a != data["vqa_vocab"][0]] + ["zebra"]
+    group.attrs["data"] = data
+    run = RunSpec("vqa", "full", "clip_td", 0, str(world[0] / "shards"), str(store), str(tmp_path / "r"))
+    with pytest.raises(
+        FingerprintMismatch, match=r"answers only here: \[.*only in the store's.*'zebra'.*--overwrite"
+    ):
+        Trainer(student_params(world), run, progress=False)
+
+
 def test_cache_from_other_teacher_is_refused(world, tmp_path):
     root, _, _ = world
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
