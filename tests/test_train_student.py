@@ -343,3 +343,24 @@ def test_a_folder_that_is_not_this_runs_is_refused_untouched(world, tmp_path):
     with pytest.raises(RunSetupError, match=f"not an exported student of run {other.name}"):
         run_student(params, other, progress=False, resume=False)
     run_student(params, done, progress=False, resume=False)  # its own folder: trained again
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_finite_check_names_the_first_bad_row_and_passes_huge_finite_rows(dtype):
+    """The targets' NaN/Inf check decides by row sums first: a row with NaN, +Inf or -Inf anywhere is still the
+    one named, and finite rows whose float32 sum overflows are not taken for non-finite."""
+    from student.targets import _first_nonfinite
+
+    x = torch.randn(6, 7, 5).to(dtype)
+    assert _first_nonfinite(x) is None
+    for row, bad in ((4, float("nan")), (2, float("inf")), (1, float("-inf"))):
+        y = x.clone()
+        y[row, 3, 2] = bad
+        y[5, 6, 4] = bad  # a later row too: the first is named
+        assert _first_nonfinite(y) == row
+    both = x.clone()
+    both[3, 0, 0], both[3, 0, 1] = float("inf"), float("-inf")  # their sum is NaN, not a cancellation
+    assert _first_nonfinite(both) == 3
+    if dtype == torch.float32:
+        huge = torch.full((2, 4), 3e38)  # finite, but a float32 sum of a row overflows to Inf
+        assert _first_nonfinite(huge) is None
