@@ -66,3 +66,36 @@ def test_every_stage_lists_its_whole_import_closure():
 def test_the_closure_follows_imports_inside_functions(tmp_path):
     # stages.pretrain_teacher imports pipeline.pretrain inside main(): the closure must still see it.
     assert Path("pipeline/pretrain.py") in import_closure("stages.pretrain_teacher")
+
+
+def test_bytecode_caches_in_a_code_folder_leave_its_stages_up_to_date(tmp_path):
+    """Python writes __pycache__/ into every code folder it imports from (unless PYTHONDONTWRITEBYTECODE is
+    set): with the project's .dvcignore, a stage depending on the folder, recorded without them, stays up to
+    date once they appear (study/dvc.lock was recorded without them)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+    def dvc(*args: str) -> str:
+        r = subprocess.run(
+            [sys.executable, "-m", "dvc", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    dvc("init", "--no-scm", "-q")
+    shutil.copy2(REPO / ".dvcignore", tmp_path / ".dvcignore")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("X = 1\n")
+    cmd = f"{sys.executable} -c \"open('out.txt', 'w').write('x')\""
+    stage = {"cmd": cmd, "deps": ["pkg"], "outs": ["out.txt"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": stage}}))
+    dvc("repro", "-q")
+    (tmp_path / "pkg" / "__pycache__").mkdir()
+    (tmp_path / "pkg" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\x00bytecode")
+    assert "up to date" in dvc("status")
+    (tmp_path / "pkg" / "mod.py").write_text("X = 2\n")  # a real change still is one
+    assert "modified" in dvc("status")
