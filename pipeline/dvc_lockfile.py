@@ -294,6 +294,15 @@ def rehash(lock: str, paths: Sequence[str], rev: str = "HEAD", root: str = ".") 
     return counts
 
 
+def _run_cli(cli, argv: list[str]) -> int:
+    """A subcommand's exit status (click's own exit caught: main() returns it to sys.exit)."""
+    try:
+        cli.main(argv, prog_name=f"python -m pipeline.dvc_lockfile {cli.name}")
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
 def _rehash_cli(argv: list[str]) -> int:
     import click
 
@@ -315,11 +324,7 @@ def _rehash_cli(argv: list[str]) -> int:
         for path, n in counts.items():
             click.echo(f"{path}: {n} entr{'y' if n == 1 else 'ies'} updated")
 
-    try:
-        cli.main(argv, prog_name="python -m pipeline.dvc_lockfile rehash")
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+    return _run_cli(cli, argv)
 
 
 def _commit_unchanged_cli(argv: list[str]) -> int:
@@ -339,11 +344,7 @@ def _commit_unchanged_cli(argv: list[str]) -> int:
             raise click.ClickException(str(e.args[0])) from None
         click.echo(f"committed {len(done)} stage(s) whose only changes were {', '.join(only)}")
 
-    try:
-        cli.main(argv, prog_name="python -m pipeline.dvc_lockfile commit-unchanged")
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+    return _run_cli(cli, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

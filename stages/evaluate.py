@@ -41,13 +41,13 @@ class ExportError(RuntimeError):
 
 def _run_record_problem(run: dict) -> str:
     """What is wrong with an export's ``run`` record ("" when nothing): each key as train_student writes it."""
-    if run["task"] not in PRIMARY:
+    if not isinstance(run["task"], str) or run["task"] not in PRIMARY:
         return f"run.task = {run['task']!r} is none of {', '.join(PRIMARY)}"
     try:
         Condition.parse(run["condition"])
     except (TypeError, ValueError) as e:
         return f"run.condition = {run['condition']!r}: {e}"
-    if run["method"] not in METHODS:
+    if not isinstance(run["method"], str) or run["method"] not in METHODS:
         return f"run.method = {run['method']!r} is none of {', '.join(METHODS)}"
     if not isinstance(run["seed"], int) or isinstance(run["seed"], bool) or run["seed"] < 0:
         return f"run.seed = {run['seed']!r} is not an integer >= 0"

@@ -83,12 +83,16 @@ def test_pretrained_backbone_loads_exactly_and_trains_the_itm_signal(corpus, tmp
         assert torch.equal(v, saved["student"][k]), k
 
 
-def test_a_backbone_of_another_shape_is_refused_naming_the_keys(corpus, tmp_path):
-    sp = _sp()
+def _one_step_backbone(corpus, sp: StudentParams, out) -> None:
     pretrain_student(
-        sp, TEACHER, corpus / "captions", None, tmp_path / "out", steps=1, batch_size=4, lr=1e-3,
+        sp, TEACHER, corpus / "captions", None, out, steps=1, batch_size=4, lr=1e-3,
         weight_decay=0.0, warmup=1, pairs_limit=8, seed=0, progress=False,
     )  # fmt: skip
+
+
+def test_a_backbone_of_another_shape_is_refused_naming_the_keys(corpus, tmp_path):
+    sp = _sp()
+    _one_step_backbone(corpus, sp, tmp_path / "out")
     other = _sp(width=64)
     with pytest.raises(PretrainedMismatch, match=r"student\.width.*width=32"):
         load_pretrained_backbone(create_student(other.arch, other), tmp_path / "out" / "student.pt", other)
@@ -96,10 +100,7 @@ def test_a_backbone_of_another_shape_is_refused_naming_the_keys(corpus, tmp_path
 
 def test_a_damaged_pretrained_student_is_refused_naming_the_file(corpus, tmp_path):
     sp = _sp()
-    pretrain_student(
-        sp, TEACHER, corpus / "captions", None, tmp_path / "out", steps=1, batch_size=4, lr=1e-3,
-        weight_decay=0.0, warmup=1, pairs_limit=8, seed=0, progress=False,
-    )  # fmt: skip
+    _one_step_backbone(corpus, sp, tmp_path / "out")
     path = tmp_path / "out" / "student.pt"
     ck = torch.load(path, weights_only=True)
     first = next(iter(ck["student"]))
