@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -260,29 +261,67 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()  # noqa: S324 - DVC's file hash, not a security measure
 
 
+def _dir_hash(files: dict[str, bytes]) -> tuple[str, int, int]:
+    """DVC's hash of a folder dep from its files' contents by relative path: (md5 + ".dir", size, nfiles)."""
+    entries = sorted(({"md5": _md5(b), "relpath": r} for r, b in files.items()), key=lambda e: e["relpath"])
+    listing = json.dumps(entries, sort_keys=True).encode()
+    return _md5(listing) + ".dir", sum(len(b) for b in files.values()), len(entries)
+
+
+def _folder_now(folder: Path) -> dict[str, bytes]:
+    # __pycache__ is in .dvcignore (Python writes it beside the code); nothing else in a code folder is.
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.relative_to(folder).parts
+    }
+
+
+def _folder_at(rev: str, path: str, root: str) -> dict[str, bytes]:
+    import subprocess
+
+    listed = subprocess.run(
+        ["git", "ls-tree", "-r", "-z", "--name-only", rev, "--", path], cwd=root, capture_output=True
+    )
+    names = [n for n in listed.stdout.decode().split("\0") if n]
+    if listed.returncode != 0 or not names:
+        raise ValueError(f"{path}: not a folder in git revision {rev}")
+    show = lambda n: subprocess.run(["git", "show", f"{rev}:{n}"], cwd=root, capture_output=True, check=True)  # noqa: E731
+    return {n[len(path) + 1 :]: show(n).stdout for n in names if "__pycache__" not in n.split("/")}
+
+
 def rehash(lock: str, paths: Sequence[str], rev: str = "HEAD", root: str = ".") -> dict[str, int]:
-    """In ``lock``, replace the recorded hash of each file dep in ``paths`` by the file's current md5 and size,
-    only in the entries that recorded its content at git revision ``rev``; returns how many entries each path
-    had replaced. For a code change that changes no recorded result (a refusal added on a path no recorded
-    stage took, a record added beside the outputs) when the stages' other inputs cannot be checked on this
-    machine, which ``commit_unchanged`` needs (a trained artifact rebuilt with other bits). Nothing else in the
-    file changes, and a stage recorded with any other version of the file stays stale. Raises ValueError
-    naming a path that is not a file or not in ``rev``."""
+    """In ``lock``, replace the recorded hash of each dep in ``paths`` (a file, or a folder of code) by its
+    current one, only in the entries that recorded its content at git revision ``rev``; returns how many
+    entries each path had replaced. For a code change that changes no recorded result (a refusal added on a
+    path no recorded stage took, a record added beside the outputs) when the stages' other inputs cannot be
+    checked on this machine, which ``commit_unchanged`` needs (a trained artifact rebuilt with other bits).
+    Nothing else in the file changes, and a stage recorded with any other version stays stale. A folder is
+    hashed as DVC hashes it (every file but ``__pycache__``, which .dvcignore leaves out). Raises ValueError
+    naming a path that is neither, or not in ``rev``."""
     import re
     import subprocess
 
     text = Path(lock).read_text(encoding="utf-8")
     counts: dict[str, int] = {}
-    for path in dict.fromkeys(paths):
-        file = Path(root) / path
-        if not file.is_file():
-            raise ValueError(
-                f"{path}: not a file (rehash replaces file deps; a folder's hash lists its files)"
+    for path in dict.fromkeys(p.rstrip("/") for p in paths):
+        here = Path(root) / path
+        if here.is_dir():
+            old, _, _ = _dir_hash(_folder_at(rev, path, root))
+            new, size, nfiles = _dir_hash(_folder_now(here))
+            entry = re.compile(
+                rf"^(?P<head>(?P<i> *)- path: {re.escape(path)}\n(?P=i)  hash: md5\n(?P=i)  md5: ){re.escape(old)}"
+                rf"(?P<mid>\n(?P=i)  size: )\d+(?P<tail>\n(?P=i)  nfiles: )\d+$",
+                re.MULTILINE,
             )
+            text, counts[path] = entry.subn(rf"\g<head>{new}\g<mid>{size}\g<tail>{nfiles}", text)
+            continue
+        if not here.is_file():
+            raise ValueError(f"{path}: neither a file nor a folder here")
         shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True)
         if shown.returncode != 0:
             raise ValueError(f"{path}: not in git revision {rev} ({shown.stderr.decode().strip()})")
-        old, data = _md5(shown.stdout), file.read_bytes()
+        old, data = _md5(shown.stdout), here.read_bytes()
         entry = re.compile(
             rf"^(?P<head>(?P<i> *)- path: {re.escape(path)}\n(?P=i)  hash: md5\n(?P=i)  md5: ){old}"
             rf"(?P<mid>\n(?P=i)  size: )\d+$",
@@ -314,9 +353,10 @@ def _rehash_cli(argv: list[str]) -> int:
     )  # fmt: skip
     @click.argument("paths", nargs=-1, required=True)
     def cli(lock: str, rev: str, paths: tuple[str, ...]) -> None:
-        """Record the current md5 of the file deps PATHS in LOCK's entries that recorded their REV version,
-        checking nothing else (see ``commit-unchanged`` for the checked way): for a code change that provably
-        changes no recorded result, where the stages' other inputs are not on this machine to check."""
+        """Record the current hash of the deps PATHS (files, or folders of code) in LOCK's entries that
+        recorded their REV version, checking nothing else (see ``commit-unchanged`` for the checked way): for
+        a code change that provably changes no recorded result, where the stages' other inputs are not on
+        this machine to check."""
         try:
             counts = rehash(lock, paths, rev)
         except ValueError as e:

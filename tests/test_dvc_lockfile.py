@@ -264,5 +264,44 @@ def test_rehash_updates_only_entries_that_recorded_the_previous_version(tmp_path
     assert after["a"]["deps"][0]["size"] == len(code.read_bytes())
     assert lock.read_text() == text.replace(entry.format(committed, 6), entry.format(new, 16))
     assert dvc_lockfile.rehash(str(lock), ["code.py"], root=str(tmp_path)) == {"code.py": 0}  # done once
-    with pytest.raises(ValueError, match="not a file"):
-        dvc_lockfile.rehash(str(lock), ["."], root=str(tmp_path))
+    with pytest.raises(ValueError, match="nope.py: neither a file nor a folder"):
+        dvc_lockfile.rehash(str(lock), ["nope.py"], root=str(tmp_path))
+
+
+def test_rehash_of_a_folder_dep_matches_dvcs_own_hash(tmp_path: Path):
+    """A folder of code (pipeline/cache, student) is a folder dep: rehash finds DVC's recorded hash from the
+    committed files and writes the one DVC computes now, so dvc status agrees the stage is up to date."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+    def run(*args: str) -> str:
+        r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
+    dvc = (sys.executable, "-m", "dvc")
+    run(*git, "init", "-q")
+    run(*dvc, "init", "-q")
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("A = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("B = 2\n")
+    stage = {
+        "cmd": f"{sys.executable} -c \"open('out.txt', 'w').write('x')\"",
+        "deps": ["pkg"],
+        "outs": ["out.txt"],
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": stage}}))
+    run(*dvc, "repro", "-q")
+    run(*git, "add", "-A")
+    run(*git, "commit", "-q", "-m", "c")
+    (tmp_path / "pkg" / "a.py").write_text("A = 1  # the same value, said more clearly\n")
+    (tmp_path / "pkg" / "__pycache__").mkdir()  # left out, as .dvcignore leaves it out in the project
+    (tmp_path / "pkg" / "__pycache__" / "a.pyc").write_bytes(b"\x00")
+    (tmp_path / ".dvcignore").write_text("__pycache__/\n")
+    assert "modified" in run(*dvc, "status")
+    assert dvc_lockfile.rehash(str(tmp_path / "dvc.lock"), ["pkg/"], root=str(tmp_path)) == {"pkg": 1}
+    assert "up to date" in run(*dvc, "status")
