@@ -101,6 +101,9 @@ class _Store:
         self.attrs: dict = dict(self.g.attrs)
         if self.attrs.get("format") != C.FORMAT:
             raise C.CacheFormatError(f"{url}: not a teacher cache (format={self.attrs.get('format')!r})")
+        damaged = C.attrs_problems(self.attrs)  # every check below derives its expectations from these
+        if damaged:
+            raise C.CacheFormatError(C.damaged_attrs_message(url, damaged))
         self.layout: dict = dict(self.attrs.get("layout") or {})
         self.units: dict = dict(self.attrs.get("units") or {})
         self._arrays: dict[str, Any] = {}

@@ -244,6 +244,26 @@ def test_truncated_root_metadata_exits_2_naming_the_file(store):
     assert lines[0].startswith(f"Error: {meta}: not valid JSON") and lines[0].endswith("metadata is damaged")
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [("grid", "eight", "grid = 'eight' (an integer >= 1)"), ("units", "x", "units = 'x' (an object)"),
+     ("fingerprint", [1], "fingerprint = [1] (an object)"), ("logit_scale", None, "logit_scale = None")],
+)  # fmt: skip
+def test_damaged_root_attributes_stop_verify_and_readers_naming_the_key(store, key, value, says):
+    """Valid JSON, wrong values (a hand edit, a damaged copy): every reader trusts these numbers, so verify,
+    training and zero-shot stop in one line naming zarr.json and the key, not in a conversion deep inside."""
+    meta = Path(store) / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"][key] = value
+    meta.write_text(json.dumps(doc))
+    r = CliRunner().invoke(main, [store])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0].startswith(f"Error: {meta}: damaged root attributes: ") and says in lines[0]
+    with pytest.raises(C.CacheFormatError, match="damaged root attributes"):
+        C.TeacherCache(store)
+
+
 def test_garbage_manifest_entry_is_a_manifest_fault_naming_the_file(store):
     entry = Path(store) / C.MANIFEST / "image-000001.json"
     entry.write_text("garbage{")

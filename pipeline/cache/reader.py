@@ -18,7 +18,7 @@ from .codec import decode_tokens
 from .direct import DirectArray, DirectGroup
 from .errors import CacheFormatError
 from .manifest import committed_units
-from .schema import FORMAT, FORMAT_VERSION, SCALE_SUFFIX
+from .schema import FORMAT, FORMAT_VERSION, SCALE_SUFFIX, attrs_problems, damaged_attrs_message
 from .store import open_group, read_store_attrs
 from .verified import VerifiedArray, VerifiedGroup
 
@@ -255,6 +255,9 @@ class TeacherCache:
             raise CacheFormatError(
                 f"{url}: cache format version {self.attrs.get('format_version')} != {FORMAT_VERSION}; re-extract"
             )
+        damaged = attrs_problems(self.attrs)
+        if damaged:
+            raise CacheFormatError(damaged_attrs_message(url, damaged))
         if not self.attrs.get("complete"):
             done, total = len(committed_units(url)), self.attrs.get("units", {}).get("total", "?")
             raise CacheFormatError(

@@ -195,3 +195,40 @@ def root_attrs(
         "data": data,
         "fingerprint": fingerprint,
     }
+
+
+def attrs_problems(attrs: dict) -> list[str]:
+    """What in a complete store's root attributes no extraction writes (a hand edit, a damaged copy), each
+    naming the attribute: readers trust these numbers to shape every read, so a wrong type must stop them
+    with the file's name, not in a conversion deep inside."""
+    out = []
+    # The shape numbers every read needs; the others are checked where present (a store of an older writer,
+    # or one made by hand for a test, may lack them, and their readers say so).
+    for key in ("embed_dim", "num_patches", "grid", "context_length"):
+        v = attrs.get(key)
+        if (key != "context_length" or key in attrs) and (
+            not isinstance(v, int) or isinstance(v, bool) or v < 1
+        ):
+            out.append(f"{key} = {v!r} (an integer >= 1)")
+    v = attrs.get("views", 0)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        out.append(f"views = {v!r} (an integer >= 0)")
+    v = attrs.get("logit_scale", 1.0)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        out.append(f"logit_scale = {v!r} (a finite number)")
+    if not isinstance(attrs.get("dtype"), str):
+        out.append(f"dtype = {attrs.get('dtype')!r} (a dtype name)")
+    for key in ("units", "data", "fingerprint", "teacher"):
+        if not isinstance(attrs.get(key, {}), dict):
+            out.append(f"{key} = {attrs.get(key)!r} (an object)")
+    rel = attrs.get("relevance_tokens", [])
+    if not isinstance(rel, list) or not all(isinstance(r, str) for r in rel):
+        out.append(f"relevance_tokens = {rel!r} (a list of names)")
+    return out
+
+
+def damaged_attrs_message(url: str, problems: list[str]) -> str:
+    return (
+        f"{url}/zarr.json: damaged root attributes: {'; '.join(problems)}; rebuild the store "
+        "(python -m stages.extract_teacher ... --overwrite)"
+    )
