@@ -298,6 +298,7 @@ def test_non_finite_loss_is_one_line_and_exports_nothing(world, tmp_path, monkey
 @pytest.mark.parametrize(("damage", "says"), [
     ("deleted", "belongs to no committed unit in the manifest"),
     ("garbage", "manifest/image-000000.json: not valid JSON"),
+    ("array-dropped", "no manifest entry covers image/tokens, which the store's units write"),
 ])  # fmt: skip
 def test_a_missing_or_garbage_manifest_entry_stops_training(world, done, tmp_path, damage, says):
     store = tmp_path / "manifest.zarr"
@@ -305,8 +306,13 @@ def test_a_missing_or_garbage_manifest_entry_stops_training(world, done, tmp_pat
     entry = store / "manifest" / "image-000000.json"
     if damage == "deleted":
         entry.unlink()
-    else:
+    elif damage == "garbage":
         entry.write_text('{"rows": [0, 6')
+    else:  # every entry's checksums of one array removed: its rows must not be read unchecked
+        for path in (store / "manifest").glob("image-*.json"):
+            rec = json.loads(path.read_text())
+            del rec["arrays"]["image/tokens"]
+            path.write_text(json.dumps(rec))
     out = _outputs_of_an_earlier_run(done, tmp_path)
     before = snapshot(out)
     line = error_line(train(world, out, cache=str(store)))

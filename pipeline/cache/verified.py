@@ -22,7 +22,7 @@ from .checksum import checksum, crc32_combine
 from .direct import DirectArray
 from .errors import CacheCorrupt
 from .manifest import committed_units
-from .schema import MANIFEST
+from .schema import MANIFEST, unit_arrays
 
 
 def _unreadable_manifest_entry(url: str) -> str:
@@ -81,6 +81,23 @@ def manifest_regions(url: str) -> dict[str, list[Region]]:
     return {k: sorted(v) for k, v in regions.items()}
 
 
+def _covered_arrays(attrs: dict) -> set[str]:
+    """The arrays a complete store's manifest entries must cover: those its image and text units write."""
+    units = attrs.get("units") if isinstance(attrs.get("units"), dict) else {}
+    out: set[str] = set()
+    for kind in ("image", "text"):
+        if units.get(kind):
+            out |= set(
+                unit_arrays(
+                    kind,
+                    attrs.get("dtype", "float16"),
+                    int(attrs.get("views", 0)),
+                    attrs.get("relevance_tokens", ()),
+                )
+            )
+    return out
+
+
 def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
 
@@ -94,6 +111,7 @@ class VerifiedGroup:
     def __init__(self, group: Any, url: str):
         self.group, self.url = group, url
         self.regions = manifest_regions(url)
+        self.covered = _covered_arrays(dict(group.attrs)) if self.regions else set()
         self.verified: set[tuple] = set()
         self.usable: dict[tuple[str, str], bool] = {}
         self.lock = threading.Lock()
@@ -103,10 +121,17 @@ class VerifiedGroup:
         a = self._arrays.get(name)
         if a is None:
             a = self.group[name]
-            # An array no entry records a crc32 for (a hand-made or pre-checksum store) is read as before;
-            # once any entry covers an array, every row read must belong to a verified unit.
+            # An array no entry records a crc32 for (a hand-made store) is read as before; once any entry
+            # covers an array, every row read must belong to a verified unit. An array the store's units
+            # write that no entry covers, while others are covered, lost its entries: reading it unchecked
+            # would trust exactly the rows whose checksums are gone.
             if isinstance(a, (zarr.Array, DirectArray)) and name in self.regions:
                 a = VerifiedArray(a, self, self.regions[name])
+            elif name in self.covered:
+                raise CacheCorrupt(
+                    f"{self.url}: no manifest entry covers {name}, which the store's units write (its checksums "
+                    f"are gone, so its rows cannot be checked); {self._hint()}"
+                )
             self._arrays[name] = a
         return a
 
