@@ -286,8 +286,13 @@ def _folder_at(rev: str, path: str, root: str) -> dict[str, bytes]:
     names = [n for n in listed.stdout.decode().split("\0") if n]
     if listed.returncode != 0 or not names:
         raise ValueError(f"{path}: not a folder in git revision {rev}")
-    show = lambda n: subprocess.run(["git", "show", f"{rev}:{n}"], cwd=root, capture_output=True, check=True)  # noqa: E731
-    return {n[len(path) + 1 :]: show(n).stdout for n in names if "__pycache__" not in n.split("/")}
+
+    def show(name: str) -> bytes:
+        return subprocess.run(
+            ["git", "show", f"{rev}:{name}"], cwd=root, capture_output=True, check=True
+        ).stdout
+
+    return {n[len(path) + 1 :]: show(n) for n in names if "__pycache__" not in n.split("/")}
 
 
 def rehash(lock: str, paths: Sequence[str], rev: str = "HEAD", root: str = ".") -> dict[str, int]:
