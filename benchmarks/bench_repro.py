@@ -133,6 +133,8 @@ def main(args_list: list[str] | None = None) -> int:
         help="a params.yaml to run with instead of the checkout's (a small one: a smoke run)",
     )
     args = p.parse_args(args_list)
+    if args.quick:
+        p.error("--quick: not used here; a smoke run gives a small params file with --params")
     import torch
 
     from pipeline import repro
@@ -163,23 +165,17 @@ def main(args_list: list[str] | None = None) -> int:
             "cuda": cuda,
         }
         log(f"{len(stages)} stages, {len(pl.one_core)} of them up to {jobs} at a time, in {work}")
-        started: dict[str, float] = {}
-
-        def command(name: str) -> list[str]:
-            started[name] = time.time()
-            return argv(stages[name]["cmd"])
-
+        seconds: dict[str, float] = {}
         here = Path.cwd()
         os.chdir(work)  # the stage commands' paths are relative to the repository root
         try:
             t = time.perf_counter()
-            failed = repro.run(pl, jobs, command=command)
+            failed = repro.run(pl, jobs, command=lambda name: argv(stages[name]["cmd"]), seconds=seconds)
             wall = time.perf_counter() - t
-            # A stage's end is its log's last write (the runner prints it, but keeps no record).
-            seconds = {n: round(repro.log_path(n).stat().st_mtime - s, 1) for n, s in started.items()}
         finally:
             os.chdir(here)
-        res.measurements = {"wall_s": round(wall, 1), "failed": failed, "stage_seconds": seconds}
+        stage_seconds = {n: round(v, 1) for n, v in seconds.items()}
+        res.measurements = {"wall_s": round(wall, 1), "failed": failed, "stage_seconds": stage_seconds}
         res.target(f"make repro's stage commands, minutes ({'GPU' if cuda else 'CPU'}, DVC's own work not included)",
                    wall / 60, "<=", minutes)  # fmt: skip
         results = work / "reports" / "results.md"

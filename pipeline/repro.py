@@ -210,42 +210,43 @@ def _to_start(plan: Plan, ready: list[str], running: dict, jobs: int) -> list[st
     return starting
 
 
+def dvc_repro(dvc: Sequence[str]) -> Callable[[str], list[str]]:
+    """The argv that has DVC (``dvc``: its command line) run and record one stage."""
+    return lambda name: [*dvc, "--wait-for-lock", "repro", "--single-item", name]
+
+
 def run(
     plan: Plan,
     jobs: int,
-    dvc: Sequence[str] = ("dvc",),
+    command: Callable[[str], Sequence[str]] | None = None,
     keep_going: bool = False,
     echo=click.echo,
     recheck: Callable[[list[str]], Mapping[str, set[str]]] | None = None,
-    command: Callable[[str], Sequence[str]] | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> list[str]:
     """Run the plan with at most ``jobs`` one-core stages at a time; every other stage alone. Before a
     recorded stage (``plan.recorded``) first becomes ready, ``recheck`` (given the newly ready ones, it
     returns those still changed, each with its changed deps' absolute paths) drops the ones now up to date,
     and says so when the rest are stale because an input this run rebuilt hashes differently. Returns the
     stages that failed (empty when all passed); raises KeyboardInterrupt when it was stopped. ``command``
-    (a stage's name to the argv that runs it) replaces DVC: benchmarks.bench_repro times the bare commands
-    where DVC is not installed."""
+    gives the argv that runs a stage (default: plain ``dvc repro --single-item``; benchmarks.bench_repro runs
+    the bare commands where DVC is not installed). ``seconds``, when given, receives each finished stage's
+    wall seconds."""
+    command = command or dvc_repro(("dvc",))
     from tqdm import tqdm
 
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     pending, done, failed, ran = list(plan.order), set(), [], set()
     asked = {n for n in pending if not plan.needs[n]}  # the plan's status call is fresh for these
     running: dict[str, Running] = {}
-    bar = tqdm(
-        total=len(pending),
-        unit="stage",
-        desc="dvc repro" if command is None else "stages",
-        disable=not pending,
-    )
+    bar = tqdm(total=len(pending), unit="stage", desc="stages", disable=not pending)
 
     def launch(name: str) -> None:
         log = log_path(name)
         with open(log, "w") as fh:
             # A process group of its own: an interrupt here stops the stage's whole command, not only dvc.
-            argv = command(name) if command else [*dvc, "--wait-for-lock", "repro", "--single-item", name]
             proc = subprocess.Popen(
-                argv,
+                command(name),
                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         running[name] = Running(proc, log, time.monotonic())
@@ -258,6 +259,8 @@ def run(
                 continue
             del running[name]
             secs = time.monotonic() - r.start
+            if seconds is not None:
+                seconds[name] = secs
             bar.update(1)
             if rc == 0:
                 done.add(name)
@@ -385,8 +388,9 @@ def main(target: str, jobs: int, keep_going: bool, first: tuple[str, ...], dry: 
     dvc = [sys.executable, "-m", "pipeline.dvc_lockfile"]
     try:
         failed = run(
-            p, jobs, dvc=dvc, keep_going=keep_going, recheck=lambda names: still_changed(".", target, names)
-        )
+            p, jobs, command=dvc_repro(dvc), keep_going=keep_going,
+            recheck=lambda names: still_changed(".", target, names),
+        )  # fmt: skip
     except KeyboardInterrupt:
         click.echo("stopped: what finished is recorded in dvc.lock; run the same command to go on.", err=True)
         raise SystemExit(130) from None

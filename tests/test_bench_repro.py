@@ -45,3 +45,22 @@ def test_argv_runs_the_stage_with_this_interpreter():
         "a b",
     ]
     assert argv("make x") == ["make", "x"]
+
+
+def test_the_runner_runs_given_commands_and_records_each_stages_seconds(tmp_path, monkeypatch):
+    """bench_repro's use of pipeline.repro.run: its own argv per stage (no DVC), in dependency order, and
+    each finished stage's wall seconds."""
+    from pipeline.repro import Plan, run
+
+    monkeypatch.chdir(tmp_path)
+    needs = {"a": set(), "b": {"a"}}
+    write = "import sys; open('order.txt', 'a').write(sys.argv[1])"
+    seconds: dict[str, float] = {}
+    failed = run(
+        Plan(["a", "b"], needs, {"a", "b"}),
+        2,
+        command=lambda n: [sys.executable, "-c", write, n],
+        seconds=seconds,
+    )
+    assert failed == [] and (tmp_path / "order.txt").read_text() == "ab"
+    assert set(seconds) == {"a", "b"} and all(s > 0 for s in seconds.values())
