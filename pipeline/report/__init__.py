@@ -136,10 +136,9 @@ def load_zeroshot(path: str | Path) -> dict[str, dict[str, float]] | None:
     return out
 
 
-def load_zeroshots(paths: str | Path | Sequence[str | Path]) -> dict[str, dict[str, float]] | None:
+def load_zeroshots(paths: Sequence[str | Path]) -> dict[str, dict[str, float]] | None:
     """``load_zeroshot`` of each file, merged: one per data root where the sources live apart (real data);
     None when none exists. A task and condition scored in two files is refused, naming both."""
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     merged: dict[str, dict[str, float]] = {}
     where: dict[tuple[str, str], str | Path] = {}
     found = False
@@ -175,7 +174,8 @@ def write_report(
     summary = summarise(collect(runs_dir), baseline=baseline, blind=blind)
     teacher = load_optional_json(teacher_path)
     extract = load_optional_json(extract_path)
-    zeroshot = load_zeroshots(zeroshot_path)
+    zeroshot_paths = [zeroshot_path] if isinstance(zeroshot_path, (str, Path)) else list(zeroshot_path)
+    zeroshot = load_zeroshots(zeroshot_paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = {
@@ -189,9 +189,7 @@ def write_report(
         "runs": str(runs_dir),
         "teacher": str(teacher_path),
         "extract": str(extract_path),
-        "zeroshot": str(zeroshot_path)
-        if isinstance(zeroshot_path, (str, Path))
-        else ", ".join(str(p) for p in zeroshot_path),
+        "zeroshot": ", ".join(str(p) for p in zeroshot_paths),
     }
     with tempfile.TemporaryDirectory(dir=out, prefix=".report-") as tmp_dir:
         tmp = {k: Path(tmp_dir) / name for k, name in names.items()}
