@@ -26,6 +26,7 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import uuid
 from typing import Any
@@ -113,6 +114,12 @@ def holder_info(purpose: str) -> dict:
         "purpose": purpose,
         "token": uuid.uuid4().hex,
     }
+
+
+def is_leftover(name: str) -> bool:
+    """A file a killed locker can leave beside the lock (its private record ``LOCK.PID.HEX.tmp``, or a stale
+    lock moved aside ``LOCK.stale-HEX``): a folder holding one is still only the lock's owner's."""
+    return re.fullmatch(rf"{re.escape(LOCK_FILE)}\.(\d+\.[0-9a-f]+\.tmp|stale-[0-9a-f]+)", name) is not None
 
 
 def is_stale(holder: dict) -> str:

@@ -114,6 +114,11 @@ def identity_differences(have: dict, want: dict) -> list[str]:
     return out
 
 
+def is_write_leftover(name: str) -> bool:
+    """The temporary ``write_atomic`` writes (``.NAME.tmp-PID``), left behind only by a killed writer."""
+    return re.fullmatch(r"\..+\.tmp-\d+", name) is not None
+
+
 def write_atomic(path: Path, write) -> None:
     """Write beside the destination and rename into place: a kill mid-write leaves the previous file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

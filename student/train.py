@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -34,12 +33,13 @@ from tqdm import tqdm
 
 from pipeline.cache import TeacherCache, reading_fingerprint
 from pipeline.config import Params
-from pipeline.lock import StoreLock, StoreLocked
+from pipeline.lock import StoreLock, StoreLocked, is_leftover
 from pipeline.protocol import Split, make_split
 from pipeline.splits import SplitDirs, resolve_splits
 from pipeline.teacher import sha256_file
 from student.checkpoint import (
     identity_differences,
+    is_write_leftover,
     load_state,
     params_identity,
     sha256_json,
@@ -606,7 +606,7 @@ def refuse_foreign_out(run: RunSpec) -> None:
         return
     if not out.is_dir():
         raise RunSetupError(f"--out {out}: exists and is not a folder")
-    names = {p.name for p in out.iterdir() if not re.fullmatch(r"\..+\.tmp(-\d+)?|\.lock\.stale-\w+", p.name)}
+    names = {p.name for p in out.iterdir() if not (is_write_leftover(p.name) or is_leftover(p.name))}
     foreign = sorted(names - _RUN_FILES)
     if foreign:
         raise RunSetupError(
