@@ -2,8 +2,8 @@
 # Wheels for the GPU checks (benchmarks/bench_gpu.py, and make repro's stages: benchmarks/bench_repro.py) on a
 # lent device machine, whose Python (3.12, with torch, torchvision, numpy, huggingface_hub, safetensors, PyYAML,
 # tqdm, matplotlib) lacks the rest of clip-td's imports (dask for the extraction's LocalCluster, isal for the
-# cache's checksums). Run here,
-# in the repo root; the device command then installs .whl/ into /tmp/site (docs/benchmarks.md, "The GPU check").
+# cache's checksums). Run here, in the repo root; the device command (benchmarks/gpu_check.sh) then installs
+# .whl/ into /tmp/site (docs/benchmarks.md, "The GPU check").
 # Versions are this repo's tested ones (the venv's); one version of each, or pip refuses the whole install.
 set -euo pipefail
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
