@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cache import CacheFormatError, TeacherCache, covered_datasets
+from pipeline.cache import CacheFormatError, TeacherCache, uncovered
 from pipeline.config import SplitRoles
 from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset
@@ -31,15 +31,10 @@ def check_covered(tc: TeacherCache, url: str, root: Path, roles: SplitRoles) -> 
     """Refuse, naming the split and the fix, data the store was not extracted from: its texts and images
     would be missing from the cache (or, worse, other data's under the same ids)."""
     dirs = resolve_splits(root, roles)
-    covered = covered_datasets(tc.attrs)
     for path in (p for p in (dirs.train, dirs.val, dirs.test) if p):
-        fp = PreparedDataset(path).fingerprint
-        if fp not in covered.values():
-            raise click.ClickException(
-                f"{url}: the teacher cache does not cover {path} (fingerprint {fp[:12]}; it covers: "
-                f"{', '.join(sorted(covered)) or 'none'}); add it with python -m stages.extract_teacher "
-                f"--shards {path} --out {url}, with this command's --params/--set"
-            )
+        why = uncovered(url, tc.attrs, path, PreparedDataset(path).fingerprint)
+        if why:
+            raise click.ClickException(why)
 
 
 @stage_command(user_errors=(CacheFormatError, DataError))

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from pipeline.cache import TeacherCache, check_fingerprint, covered_datasets, store_exists
+from pipeline.cache import TeacherCache, check_fingerprint, store_exists, uncovered
 from pipeline.config import Params
 from pipeline.data.shards import PreparedDataset
 from pipeline.identity import teacher_identity
@@ -40,14 +40,9 @@ def open_targets(
         return OnlineTargets(teacher, datasets)
     cache = TeacherCache(run.cache)
     # A store may cover more datasets than this run's (it grows by appends): it must cover this run's.
-    covered = covered_datasets(cache.attrs)
-    if train_ds.fingerprint not in covered.values():
-        held = ", ".join(sorted(covered)) or "none"
-        raise FingerprintMismatch(
-            f"{run.cache}: the teacher cache does not cover this run's training data {train_ds.path} "
-            f"(fingerprint {train_ds.fingerprint[:12]}; it covers: {held}); add it with python -m "
-            f"stages.extract_teacher --shards {train_ds.path} --out {run.cache}, with this run's --params/--set"
-        )
+    why = uncovered(run.cache, cache.attrs, train_ds.path, train_ds.fingerprint, "this run's training data ")
+    if why:
+        raise FingerprintMismatch(why)
     # The checkpoint the params name must be the one the cache was extracted with, and the model config
     # (it fixes the teacher's preprocessing and architecture) the same.
     teacher = teacher_identity(tp.model, tp.pretrained)

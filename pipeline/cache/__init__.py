@@ -85,6 +85,7 @@ from .fingerprint import (
     merge_datasets,
     reading_fingerprint,
     stale_fields,
+    uncovered,
 )
 from .grow import (
     APPENDING,
@@ -145,6 +146,7 @@ from .views import apply_view, eval_view_box, sample_view_box, view_params_for, 
 __all__ = [
     "APPENDING",
     "covered_datasets",
+    "uncovered",
     "extend_store",
     "extents",
     "Extents",

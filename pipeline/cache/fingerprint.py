@@ -56,6 +56,20 @@ def covered_datasets(store_attrs: dict) -> dict[str, str]:
     return {str(k): str(v) for k, v in ds.items()} if isinstance(ds, dict) else {}
 
 
+def uncovered(url: str, store_attrs: dict, path: object, fingerprint: str, what: str = "") -> str:
+    """ "" when the store covers the prepared dataset at ``path`` (by its ``fingerprint``); else the one-line
+    refusal naming what the store covers and the extraction that adds the dataset (``what`` says which data
+    it is, e.g. "this run's training data ")."""
+    covered = covered_datasets(store_attrs)
+    if fingerprint in covered.values():
+        return ""
+    return (
+        f"{url}: the teacher cache does not cover {what}{path} (fingerprint {fingerprint[:12]}; it covers: "
+        f"{', '.join(sorted(covered)) or 'none'}); add it with python -m stages.extract_teacher --shards {path} "
+        f"--out {url}, with the same --params/--set"
+    )
+
+
 def merge_datasets(
     covered: dict[str, str], added: dict[str, str], paths: dict[str, str] | None = None
 ) -> dict:
