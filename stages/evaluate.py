@@ -61,13 +61,13 @@ def _train_record(run_dir: Path) -> dict:
     path = run_dir / "train.json"
     if not path.exists():
         return {}
+    fix = "train_student writes it: rerun this run"
     try:
         record = json.loads(path.read_text())
     except (ValueError, OSError) as e:
-        record = e
+        raise ExportError(f"{path}: not a JSON object ({type(e).__name__}: {e}); {fix}") from None
     if not isinstance(record, dict):
-        reason = f" ({type(record).__name__}: {record})" if isinstance(record, Exception) else ""
-        raise ExportError(f"{path}: not a JSON object{reason}; train_student writes it: rerun this run")
+        raise ExportError(f"{path}: not a JSON object; {fix}")
     return record
 
 
