@@ -93,9 +93,12 @@ def plan(root: str | Path, target: str, first: tuple[str, ...] = ()) -> Plan:
     ``dvc status`` reports changed, plus everything downstream of those within that set, in the order they
     will start (``Plan.prioritise``)."""
     import networkx as nx
-    from dvc.repo import Repo
 
-    with Repo(str(root), _wait_for_lock=True) as repo:  # another dvc (a stage finishing) may hold it
+    from pipeline.dvc_scope import scoped_repo
+
+    # Only the pipeline files the target needs (pipeline/dvc_scope.py); another dvc (a stage finishing) may
+    # hold the repository lock.
+    with scoped_repo(root, target, _wait_for_lock=True) as repo:
         graph = repo.index.graph  # an edge goes from a stage to a stage it depends on
         in_target = [s for s in graph if s.path_in_repo == target or s.addressing == target]
         if not in_target:
@@ -153,9 +156,9 @@ def _recorded(stages) -> set[str]:
 def still_changed(root: str | Path, target: str, names: list[str]) -> dict[str, set[str]]:
     """Which of ``names`` DVC now reports changed (the rest are up to date and need not run), each with the
     absolute paths of the deps DVC reports changed."""
-    from dvc.repo import Repo
+    from pipeline.dvc_scope import scoped_repo
 
-    with Repo(str(root), _wait_for_lock=True) as repo:
+    with scoped_repo(root, target, _wait_for_lock=True) as repo:
         status = _status(repo, target)
         stages = {s.addressing: s for s in repo.index.stages if s.addressing in status}
         changed = {}

@@ -221,3 +221,37 @@ def test_an_interrupt_lets_running_stages_finish_and_starts_no_more(repo: Path, 
     assert len(started) == 2
     changed = set(json.loads(_dvc(repo, "status", "--json")))
     assert changed == {"cell@a", "cell@b", "cell@c", "last"} - set(started), changed
+
+
+def test_planning_reads_only_the_pipeline_files_upstream_of_the_target(repo: Path, monkeypatch):
+    """make repro's plan must not parse the study's 600-cell pipeline and lock (45 s a plan), yet must see a
+    stage in another pipeline file whose output the target needs, even a file inside an output folder."""
+    up, down, beside = repo / "up", repo / "down", repo / "beside"
+    for d in (up, down, beside):
+        d.mkdir()
+    (up / "dvc.yaml").write_text(
+        "stages:\n  make:\n    cmd: mkdir -p data && echo x > data/file.txt\n    outs: [data]\n"
+    )
+    (repo / "dvc.yaml").write_text(
+        textwrap.dedent(PIPELINE).replace("deps: [step.py]", "deps: [step.py, up/data/file.txt]")
+    )
+    (down / "dvc.yaml").write_text(
+        "stages:\n  use:\n    cmd: cat ../last.json > used.txt\n    deps: [../last.json]\n    outs: [used.txt]\n"
+    )
+    (beside / "dvc.yaml").write_text("stages:\n  other:\n    cmd: echo y > y.txt\n    outs: [y.txt]\n")
+    (beside / "dvc.lock").write_text("schema: '2.0'\nstages: [this is: not a lock\n")  # DVC fails on it
+    monkeypatch.chdir(repo)
+    from dvc.repo import Repo
+
+    from pipeline.dvc_scope import files_in_scope
+    from pipeline.repro import plan
+
+    with Repo(str(repo)) as r:
+        assert files_in_scope(r, "dvc.yaml") == ["dvc.yaml", "up/dvc.yaml"]
+        assert files_in_scope(r, "cell@a") == ["dvc.yaml", "up/dvc.yaml"]
+        assert files_in_scope(r, "down/dvc.yaml") == ["down/dvc.yaml", "dvc.yaml", "up/dvc.yaml"]
+    assert plan(".", "dvc.yaml").order == ["up/dvc.yaml:make", "first", "cell@a", "cell@b", "cell@c", "last"]
+    assert plan(".", "down/dvc.yaml").order[-1] == "down/dvc.yaml:use"
+    r = _run(repo, "--jobs", "2")  # and the run itself, which DVC records stage by stage, passes
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (repo / "last.json").exists() and not (repo / "beside" / "y.txt").exists()
