@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing as mp
 import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import click
@@ -172,6 +175,33 @@ def grid_run_dirs(params, runs: Path) -> list[Path]:
     ]
 
 
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _scored(run_dirs: list[Path], params, jobs: int, cores: int) -> Iterator[tuple[Path, dict]]:
+    """(run folder, result) in ``run_dirs``' order, scored by ``jobs`` processes side by side, each with its
+    share of the cores (docs/time-budget.md measures one against several)."""
+    if jobs <= 1:
+        for run_dir in run_dirs:
+            yield run_dir, evaluate_run(run_dir, params)
+        return
+    # spawn, not fork: a forked child of a process holding torch's thread pools can hang.
+    with ProcessPoolExecutor(
+        jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(max(1, cores // jobs),)
+    ) as pool:
+        futures = [pool.submit(evaluate_run, run_dir, params) for run_dir in run_dirs]
+        try:
+            for run_dir, future in zip(run_dirs, futures, strict=True):
+                yield (
+                    run_dir,
+                    future.result(),
+                )  # a run's user error (ExportError, DataError) arrives as raised
+        finally:
+            for future in futures:
+                future.cancel()
+
+
 @stage_command(user_errors=(ExportError, DataError, FileNotFoundError))
 @click.argument("run_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
@@ -188,12 +218,21 @@ def grid_run_dirs(params, runs: Path) -> list[Path]:
     help="Write OUT/<run name>/eval.json instead of RUN_DIR/eval.json (dvc.yaml keeps evaluation outputs apart "
     "from the training stages' outputs).",
 )
-def main(run_dirs, runs, out, params_path, overrides) -> None:
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Score this many runs side by side, each in a process of its own with its share of the cores "
+    "(0 = one per core, at most one per run). Each run's scores do not depend on it.",
+)
+def main(run_dirs, runs, out, jobs, params_path, overrides) -> None:
     """Score each RUN_DIR's exported student (student.pt) on its condition's test split.
 
     VQA score over the 10 human answers, SNLI-VE accuracy, VCR Q→A, QA→R and Q→AR, overall and per domain;
     written to RUN_DIR/eval.json (or OUT/<run name>/eval.json). The test split is read here only, never during
-    training or model selection. One process scores the whole grid, so the pipeline pays torch's start-up once.
+    training or model selection. A few processes (--jobs) score the whole grid, so the pipeline pays torch's
+    start-up once per process, not per run.
     """
     params = stage_params(params_path, overrides)
     run_dirs = list(run_dirs) or grid_run_dirs(params, runs)
@@ -210,8 +249,8 @@ def main(run_dirs, runs, out, params_path, overrides) -> None:
                 f"--out {out}: run folders {', '.join(clash)} share a name, so their eval.json would overwrite "
                 "each other's; evaluate them into different --out folders"
             )
-    for run_dir in run_dirs:
-        result = evaluate_run(run_dir, params)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for run_dir, result in _scored(run_dirs, params, min(jobs or cores, len(run_dirs)), cores):
         dest = (out / run_dir.name) if out else run_dir
         dest.mkdir(parents=True, exist_ok=True)
         tmp = dest / f".eval.json.tmp-{os.getpid()}"

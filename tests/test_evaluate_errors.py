@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
     return tmp / "run", params
 
 
-def _evaluate(run_dir, params, tmp_path):
+def _evaluate(run_dir, params, tmp_path, *more):
     import yaml
 
     from pipeline.config import to_dict
@@ -31,7 +31,8 @@ def _evaluate(run_dir, params, tmp_path):
 
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(to_dict(params)))
-    return CliRunner().invoke(main, [str(run_dir), "--params", str(path)])
+    dirs = run_dir if isinstance(run_dir, list) else [run_dir]
+    return CliRunner().invoke(main, [*map(str, dirs), "--params", str(path), *more])
 
 
 def _copy(trained, tmp_path):
@@ -78,3 +79,30 @@ def test_a_damaged_run_folder_is_one_error_line(trained, tmp_path, damage, messa
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     assert "Error:" in r.output and message in r.output, r.output
     assert not (run_dir / "eval.json").exists()
+
+
+def test_runs_scored_side_by_side_score_as_one_process_does_and_a_bad_one_is_one_error_line(
+    trained, tmp_path
+):
+    """--jobs: several processes score the grid (evaluate was a one-process stage on the critical path of make
+    repro); each run's eval.json must be the one a single process writes, and a user error in any run must
+    stay the stage's one Error line."""
+    dirs = []
+    for name in ("a", "b", "c"):
+        shutil.copytree(trained[0], tmp_path / name / "run")
+        dirs.append(tmp_path / name / "run")
+    one = _evaluate(dirs, trained[1], tmp_path, "--jobs", "1")
+    assert one.exit_code == 0, one.output
+    alone = [(d / "eval.json").read_text() for d in dirs]
+    for d in dirs:
+        (d / "eval.json").unlink()
+    two = _evaluate(dirs, trained[1], tmp_path, "--jobs", "2")
+    assert two.exit_code == 0, two.output
+    assert [(d / "eval.json").read_text() for d in dirs] == alone
+    assert two.output == one.output  # the same lines, in the runs' order
+    (dirs[1] / "train.json").write_text("{not json")
+    for d in dirs:
+        (d / "eval.json").unlink()
+    bad = _evaluate(dirs, trained[1], tmp_path, "--jobs", "2")
+    assert bad.exit_code == 1 and "Error:" in bad.output and "train.json: not a JSON object" in bad.output
+    assert (dirs[0] / "eval.json").exists() and not (dirs[1] / "eval.json").exists()
