@@ -77,7 +77,7 @@ def _deps_and_outs(repo: Repo, name: str) -> tuple[set[str], set[str]]:
     from dvc.dvcfile import load_file
 
     root = Path(repo.root_dir)
-    dvcfile = load_file(repo, name)
+    dvcfile = load_file(repo, str(root / name))
     deps: set[str] = set()
     outs: set[str] = set()
     if not hasattr(dvcfile, "resolver"):  # a .dvc file: its one stage, small
@@ -139,7 +139,8 @@ class _ScopedRepo(Repo):
             if self._scope is None:
                 cached = Index.from_repo(self)
             else:
-                cached = Index.from_indexes(self, [Index.from_file(self, n) for n in self._scope])
+                files = [os.path.join(self.root_dir, n) for n in self._scope]
+                cached = Index.from_indexes(self, [Index.from_file(self, f) for f in files])
             self.__dict__["_scoped_index"] = cached
         return cached
 
