@@ -87,6 +87,8 @@ def load_student(path: Path) -> tuple[dict, torch.nn.Module, TaskHeads]:
     ]
     if missing:
         raise ExportError(f"{path}: not a student exported by train_student (no {', '.join(missing)})")
+    if not isinstance(exported["teacher_model"], str):
+        raise ExportError(f"{path}: teacher_model is not a model name or config path")
     run = exported["run"]
     if not isinstance(run, dict) or any(
         k not in run for k in ("task", "condition", "method", "seed", "data_root")

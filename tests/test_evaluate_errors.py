@@ -61,6 +61,7 @@ def _export_with(run_dir, **changes) -> None:
         (lambda d: _export_with(d, **{"run.task": "captioning"}), "run.task"),
         (lambda d: _export_with(d, **{"run.seed": "zero"}), "run.seed"),
         (lambda d: _export_with(d, teacher_model="/nowhere/teacher.json"), "/nowhere/teacher.json"),
+        (lambda d: _export_with(d, teacher_model=["x"]), "teacher_model is not a model name"),
     ],
     ids=[
         "malformed-train-json",
@@ -69,6 +70,7 @@ def _export_with(run_dir, **changes) -> None:
         "task",
         "seed",
         "moved-teacher-config",
+        "teacher-model-not-a-string",
     ],
 )
 def test_a_damaged_run_folder_is_one_error_line(trained, tmp_path, damage, message):
