@@ -194,11 +194,9 @@ def _scored(run_dirs: list[Path], params, jobs: int, cores: int) -> Iterator[tup
     ) as pool:
         futures = [pool.submit(evaluate_run, run_dir, params) for run_dir in run_dirs]
         try:
+            # A run's user error (ExportError, DataError) is raised here as the run raised it.
             for run_dir, future in zip(run_dirs, futures, strict=True):
-                yield (
-                    run_dir,
-                    future.result(),
-                )  # a run's user error (ExportError, DataError) arrives as raised
+                yield run_dir, future.result()
         finally:
             for future in futures:
                 future.cancel()
