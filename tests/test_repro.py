@@ -232,8 +232,10 @@ def test_planning_reads_only_the_pipeline_files_upstream_of_the_target(repo: Pat
     (up / "dvc.yaml").write_text(
         "stages:\n  make:\n    cmd: mkdir -p data && echo x > data/file.txt\n    outs: [data]\n"
     )
+    (repo / "raw.txt").write_text("tracked by a .dvc file")
+    _dvc(repo, "add", "-q", "raw.txt")
     (repo / "dvc.yaml").write_text(
-        textwrap.dedent(PIPELINE).replace("deps: [step.py]", "deps: [step.py, up/data/file.txt]")
+        textwrap.dedent(PIPELINE).replace("deps: [step.py]", "deps: [step.py, up/data/file.txt, raw.txt]")
     )
     (down / "dvc.yaml").write_text(
         "stages:\n  use:\n    cmd: cat ../last.json > used.txt\n    deps: [../last.json]\n    outs: [used.txt]\n"
@@ -247,9 +249,14 @@ def test_planning_reads_only_the_pipeline_files_upstream_of_the_target(repo: Pat
     from pipeline.repro import plan
 
     with Repo(str(repo)) as r:
-        assert files_in_scope(r, "dvc.yaml") == ["dvc.yaml", "up/dvc.yaml"]
-        assert files_in_scope(r, "cell@a") == ["dvc.yaml", "up/dvc.yaml"]
-        assert files_in_scope(r, "down/dvc.yaml") == ["down/dvc.yaml", "dvc.yaml", "up/dvc.yaml"]
+        assert files_in_scope(r, "dvc.yaml") == ["dvc.yaml", "raw.txt.dvc", "up/dvc.yaml"]
+        assert files_in_scope(r, "cell@a") == ["dvc.yaml", "raw.txt.dvc", "up/dvc.yaml"]
+        assert files_in_scope(r, "down/dvc.yaml") == [
+            "down/dvc.yaml",
+            "dvc.yaml",
+            "raw.txt.dvc",
+            "up/dvc.yaml",
+        ]
     assert plan(".", "dvc.yaml").order == ["up/dvc.yaml:make", "first", "cell@a", "cell@b", "cell@c", "last"]
     assert plan(".", "down/dvc.yaml").order[-1] == "down/dvc.yaml:use"
     r = _run(repo, "--jobs", "2")  # and the run itself, which DVC records stage by stage, passes
