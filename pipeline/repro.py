@@ -6,7 +6,7 @@ idle through the longest part of ``make repro`` and of the study. Two student st
 train 1.76x as many steps per second as one (docs/time-budget.md).
 
 How: the stages a pipeline file needs (its own and everything upstream of them, in any dvc.yaml of the
-repository) are asked ``dvc status`` once; the changed ones and everything downstream of them are run in
+repository; DVC reads only those files, pipeline/dvc_scope.py) are asked ``dvc status`` once; the changed ones and everything downstream of them are run in
 dependency order, each by ``dvc --wait-for-lock repro --single-item <stage>`` (through pipeline/dvc_lockfile.py,
 which only makes DVC's dvc.lock update cheaper), so DVC itself checks, runs and records every stage in dvc.lock
 exactly as a plain ``dvc repro`` would (DVC releases its repository lock while
