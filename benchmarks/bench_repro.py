@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import Result, Scratch, log, parser
+from pipeline.repro import OUTPUT_KEYS, Plan, entry_paths, overlaps
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the stage commands read from the checkout (report writes its results section into README.md).
@@ -82,22 +83,13 @@ def expand(dvcyaml: dict, params: dict) -> dict[str, dict]:
 
 
 def _paths(entries) -> list[str]:
-    return [os.path.normpath(next(iter(e)) if isinstance(e, dict) else e) for e in entries or ()]
+    return [os.path.normpath(p) for p in entry_paths(entries)]
 
 
 def plan(stages: dict[str, dict]):
     """pipeline.repro's Plan of every stage: a stage needs each stage whose output is, holds or lies inside one
     of its dependencies."""
-    from pipeline.repro import Plan
-
-    outs = {
-        n: _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots"))
-        for n, s in stages.items()
-    }
-
-    def overlaps(a: str, b: str) -> bool:
-        return a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep)
-
+    outs = {n: [p for key in OUTPUT_KEYS for p in _paths(s.get(key))] for n, s in stages.items()}
     needs = {
         n: {
             m

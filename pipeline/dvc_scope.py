@@ -26,6 +26,8 @@ from typing import Any
 
 from dvc.repo import Repo
 
+from pipeline.repro import OUTPUT_KEYS, entry_paths, overlaps
+
 
 def target_file(target: str) -> str:
     """The pipeline file a ``pipeline.repro`` target lives in: a path to one, or a stage addressed as DVC does
@@ -49,17 +51,6 @@ def _pipeline_files(root: Path) -> list[str] | None:
         return None
     names = {n for n in out.stdout.decode(errors="surrogateescape").split("\0") if n}
     return sorted(n for n in names if is_valid_filename(n) and (root / n).is_file())
-
-
-def _paths(entries: Iterable[Any] | None) -> list[str]:
-    """Paths of a stage's deps/outs/metrics/plots entries (a string, or a one-key mapping with options)."""
-    paths = []
-    for entry in entries or ():
-        if isinstance(entry, str):
-            paths.append(entry)
-        elif isinstance(entry, dict):
-            paths.extend(str(k) for k in entry)
-    return paths
 
 
 def _params_files(entries: Iterable[Any] | None) -> list[str]:
@@ -88,17 +79,15 @@ def _deps_and_outs(repo: Repo, name: str) -> tuple[set[str], set[str]]:
     here = (root / name).parent
     for definition in (dvcfile.resolver.resolve().get("stages") or {}).values():
         wdir = here / str(definition.get("wdir") or ".")
-        deps |= {os.path.normpath(wdir / p) for p in _paths(definition.get("deps"))}
+        deps |= {os.path.normpath(wdir / p) for p in entry_paths(definition.get("deps"))}
         deps |= {os.path.normpath(wdir / p) for p in _params_files(definition.get("params"))}
-        for key in ("outs", "metrics", "plots"):
-            outs |= {os.path.normpath(wdir / p) for p in _paths(definition.get(key))}
+        for key in OUTPUT_KEYS:
+            outs |= {os.path.normpath(wdir / p) for p in entry_paths(definition.get(key))}
     return deps, outs
 
 
 def _related(deps: set[str], outs: set[str]) -> bool:
-    """Some output equals, holds or lies inside some dep."""
-    sep = os.sep
-    return any(d == o or d.startswith(o + sep) or o.startswith(d + sep) for d in deps for o in outs)
+    return any(overlaps(d, o) for d in deps for o in outs)
 
 
 def files_in_scope(repo: Repo, target: str) -> list[str] | None:

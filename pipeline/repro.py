@@ -6,8 +6,8 @@ idle through the longest part of ``make repro`` and of the study. Two student st
 train 1.76x as many steps per second as one (docs/time-budget.md).
 
 How: the stages a pipeline file needs (its own and everything upstream of them, in any dvc.yaml of the
-repository; DVC reads only those files, pipeline/dvc_scope.py) are asked ``dvc status`` once; the changed ones and everything downstream of them are run in
-dependency order, each by ``dvc --wait-for-lock repro --single-item <stage>`` (through pipeline/dvc_lockfile.py,
+repository; DVC reads only those files, pipeline/dvc_scope.py) are asked ``dvc status`` once; the changed
+ones and everything downstream of them are run in dependency order, each by ``dvc --wait-for-lock repro --single-item <stage>`` (through pipeline/dvc_lockfile.py,
 which only makes DVC's dvc.lock update cheaper), so DVC itself checks, runs and records every stage in dvc.lock
 exactly as a plain ``dvc repro`` would (DVC releases its repository lock while
 a stage's command runs). A stage runs beside others only when its dvc.yaml entry says it uses one core
@@ -81,6 +81,27 @@ class Plan:
             left.remove(name)
             emitted.add(name)
             self.order.append(name)
+
+
+OUTPUT_KEYS = ("outs", "metrics", "plots")  # what a stage definition lists that the stage writes
+
+
+def entry_paths(entries: Iterable | None) -> list[str]:
+    """The paths a stage definition's deps/outs/metrics/plots list names: each entry a path, or a one-key
+    mapping of a path to its options."""
+    paths = []
+    for entry in entries or ():
+        if isinstance(entry, str):
+            paths.append(entry)
+        elif isinstance(entry, dict):
+            paths.extend(str(k) for k in entry)
+    return paths
+
+
+def overlaps(a: str, b: str) -> bool:
+    """One normalised path is, holds or lies inside the other: a stage depending on one needs the stage
+    writing the other."""
+    return a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep)
 
 
 def _one_core(stage) -> bool:
