@@ -22,8 +22,9 @@ from pipeline.study import StudyError, load_study
 @click.option(
     "--teacher",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("metrics/teacher.json"),
-    help="The finished teacher's metrics (its steps and retrieval score, for the dose-response table).",
+    default=Path("study/runs/metrics/teacher-full.json"),
+    help="The finished teacher's metrics (its steps and retrieval score, for the dose-response table), as "
+    "the study_teacher stage records them.",
 )
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/study"))
 def main(study_path, runs, teacher, out) -> None:

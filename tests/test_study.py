@@ -325,3 +325,54 @@ def test_a_selection_that_beats_random_only_by_position_is_named_as_the_reason()
     old = selection(None)
     del old["teachers"]["full"]["tasks"]["vqa"]["vs_fixed"]
     assert not any("position" in w for w in explain("vqa", "shift", summary, {}, old, []))
+
+
+def test_the_committed_study_report_regenerates_from_the_studys_committed_files(tmp_path):
+    """reports/study is generated, never typed: `python -m stages.study_report` with its defaults, on the
+    committed study/runs and study/params.yaml alone (the finished teacher's record included), must give the
+    committed results.md, summary.json, targets.json and selection.json byte for byte. Fails when report
+    code changes what the study says without the report being regenerated, or when the report reads a file
+    the study does not hold (metrics/teacher.json differs with the CPU that last ran `make repro`)."""
+    from click.testing import CliRunner
+
+    from stages.study_report import main
+
+    out = tmp_path / "study"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        r = CliRunner().invoke(main, ["--out", str(out)])
+    assert r.exit_code == 0, r.output
+    for name in ("results.md", "summary.json", "targets.json", "selection.json"):
+        assert (out / name).read_bytes() == (ROOT / "reports" / "study" / name).read_bytes(), name
+
+
+def test_the_teacher_record_drops_timings_and_refuses_what_is_not_teacher_metrics(tmp_path):
+    """The study keeps the finished teacher's metrics without the clock: retraining the same teacher leaves the
+    record byte for byte (so the report's inputs stay as they were); a file that is not pretrain_teacher's
+    metrics is one error line naming it, and nothing is written."""
+    from click.testing import CliRunner
+
+    from stages.study_teacher import main
+
+    metrics = json.loads((ROOT / "metrics" / "teacher.json").read_text())
+    out = tmp_path / "runs" / "metrics" / "teacher-full.json"
+    records = []
+    for seconds in (12.5, 700.0):
+        src = tmp_path / f"teacher-{seconds}.json"
+        src.write_text(json.dumps({**metrics, "seconds": seconds, "seconds_per_step": seconds / 600}))
+        r = CliRunner().invoke(main, ["--teacher", str(src), "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        records.append(out.read_bytes())
+    assert records[0] == records[1]
+    rec = json.loads(records[0])
+    assert "seconds" not in rec and "load_seconds" not in rec
+    assert rec["steps"] == metrics["steps"] and rec["all"] == metrics["all"]
+
+    out.unlink()
+    for bad, says in (("{not json", "unreadable"), (json.dumps({"steps": 3}), "random_top1")):
+        src = tmp_path / "bad.json"
+        src.write_text(bad)
+        r = CliRunner().invoke(main, ["--teacher", str(src), "--out", str(out)])
+        assert r.exit_code != 0 and str(src) in r.output and says in r.output
+        assert len(r.output.strip().splitlines()) == 1
+        assert not out.exists()

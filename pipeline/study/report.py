@@ -22,6 +22,23 @@ from .targets import _cell, _dose_order, _head_to_head, dose_table, targets
 
 # ------------------------------------------------------------------------------------------------ report
 
+# pretrain_teacher's metrics that measure the machine's clock, not the teacher: two trainings of one teacher
+# differ in these alone.
+TEACHER_TIMINGS = ("seconds", "seconds_per_step", "load_seconds", "eval_seconds")
+
+
+def teacher_record(metrics: object, source: str | Path) -> dict:
+    """The finished teacher's metrics as the study keeps them beside its cells: pretrain_teacher's metrics
+    (``source``, for the error) less ``TEACHER_TIMINGS``, so the record changes only when the teacher does.
+    Raises ``ReportError`` naming ``source`` when it is not such a file."""
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("steps"), int):
+        raise ReportError(f"{source}: not pretrain_teacher's metrics (no integer 'steps')")
+    if not isinstance(metrics.get("all"), dict) or "random_top1" not in metrics["all"]:
+        raise ReportError(
+            f"{source}: no retrieval scores ('all' with 'random_top1'): a teacher stopped early?"
+        )
+    return {k: v for k, v in metrics.items() if k not in TEACHER_TIMINGS}
+
 
 def wall_time(rows: dict[str, list[dict]], stage_metrics: Sequence[dict]) -> dict:
     """Seconds the study took on this machine: the sum of every cell's own wall time (train + evaluate, as the
