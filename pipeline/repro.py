@@ -16,7 +16,8 @@ alone. A stage that a wanted one needs starts as early as the most wanted stage 
 DVC recorded before but reported changed because something upstream was missing (a fresh clone rebuilding
 shared artifacts) is asked again once what it needs has run: DVC finds most such stages up to date then, and
 they are not launched; those still changed because an input rebuilt in this run differs from the one they
-were recorded with (a trained artifact rebuilt on another CPU) are named before they rerun. Each stage's
+were recorded with (a metrics file's timings; a trained artifact rebuilt on another CPU) are named before
+they rerun. Each stage's
 output goes to a log under ``.dvc/tmp/repro-logs/``; a failed stage stops new launches (``--keep-going`` runs
 everything that does not depend on it), lets the running ones finish, and the command exits 1 naming the stage
 and the tail of its log. An interrupt (Ctrl-C, SIGINT) starts no more stages and lets the running ones finish
@@ -339,8 +340,9 @@ def run(
                             bar.write(
                                 f"rerunning {n_because} recorded stage(s): {paths}, rebuilt in this run, "
                                 "differs from what they were recorded with. With nothing changed "
-                                "upstream, this machine rebuilt it with other bits (a CPU with other float "
-                                "kernels: docs/study.md, 'Resuming on another machine')."
+                                "upstream, a metrics file differs in the timings it records, and a trained "
+                                "artifact when this CPU has other float kernels (docs/study.md, 'Resuming "
+                                "on another machine')."
                             )
                         ready = [n for n in pending if plan.needs[n] <= done]
                     for name in _to_start(plan, ready, running, jobs):
