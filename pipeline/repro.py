@@ -408,7 +408,11 @@ def main(target: str, jobs: int, keep_going: bool, first: tuple[str, ...], dry: 
         for name in p.order:
             click.echo(f"{'1 core ' if name in p.one_core else 'all    '} {name}")
         return
-    click.echo(f"{len(p.order)} stage(s) to run, {len(p.one_core)} of them up to {jobs} at a time")
+    line = f"{len(p.order)} stage(s) to run, {len(p.one_core)} of them up to {jobs} at a time"
+    if p.recorded:
+        # A fresh clone lists every recorded stage whose inputs are still to be rebuilt; most turn out current.
+        line += f"; {len(p.recorded)} recorded before, asked again once what they need is rebuilt"
+    click.echo(line)
     # DVC itself, with its dvc.lock update made cheap (pipeline/dvc_lockfile.py: the same bytes, seconds
     # instead of the minute the study's lock took).
     dvc = [sys.executable, "-m", "pipeline.dvc_lockfile"]

@@ -182,6 +182,8 @@ def test_recorded_stages_up_to_date_once_what_they_need_is_rebuilt_are_not_launc
     assert _events(repo) == [("start", "first"), ("end", "first")]
     assert sorted(p.stem for p in logs.glob("*.log")) == ["first"], r.stdout + r.stderr  # none handed to DVC
     assert "up to date now: 3" in r.stderr + r.stdout and "up to date now: 1" in r.stderr + r.stdout
+    # The plan's count says how many of the stages "to run" may turn out current.
+    assert "5 stage(s) to run, 3 of them up to 2 at a time; 4 recorded before" in r.stdout, r.stdout
     assert "up to date" in _dvc(repo, "status")
 
 
