@@ -15,6 +15,8 @@ number) or the change is one this does not splice (a removed stage, a changed to
 the update falls back to DVC's own round-trip parse and dump of the original text. The file is written
 beside and renamed into place, so an interrupted update leaves the previous lock whole.
 
+DVC's reads of a dvc.lock, installed with the update, go entry by entry through pipeline/dvc_lockcache.py.
+
 ``python -m pipeline.dvc_lockfile commit-unchanged --only DEP [STAGE...]``: ``dvc commit -f`` of many stages
 whose only changed entries are the deps named by ``--only`` (a code change that provably changes no output,
 e.g. a faster implementation giving the same values): each pipeline file and its lock parsed once and each
@@ -193,9 +195,14 @@ def modify_lockfile(path: str, fs: Any = None, _original: Callable | None = None
 
 
 def install() -> None:
-    """Route DVC's dvc.lock updates through ``modify_lockfile``; every other file keeps DVC's own path."""
+    """Route DVC's dvc.lock updates through ``modify_lockfile`` and its dvc.lock reads through
+    ``pipeline.dvc_lockcache`` (each entry parsed once); every other file keeps DVC's own path."""
     import dvc.dvcfile
     from dvc.fs import LocalFileSystem
+
+    from .dvc_lockcache import install as install_reads
+
+    install_reads()
 
     original = dvc.dvcfile.modify_yaml
     if getattr(original, "_clip_td_lockfile", False):

@@ -139,7 +139,11 @@ class _ScopedRepo(Repo):
 
 
 def scoped_repo(root: str | Path, target: str, **kwargs: Any) -> Repo:
-    """``Repo(root, **kwargs)`` whose index holds only what planning ``target`` needs (see the module)."""
+    """``Repo(root, **kwargs)`` whose index holds only what planning ``target`` needs (see the module), its
+    dvc.lock files read entry by entry (pipeline/dvc_lockcache.py)."""
+    from .dvc_lockcache import install
+
+    install()
     repo = _ScopedRepo(str(root), **kwargs)
     repo._scope = files_in_scope(repo, target)
     return repo

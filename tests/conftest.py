@@ -18,6 +18,7 @@ import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from pipeline import cache as C  # noqa: E402
@@ -28,6 +29,17 @@ from pipeline.data.shards import DatasetWriter, PreparedDataset  # noqa: E402
 from pipeline.texts import text_hash  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _dvc_as_installed_before(monkeypatch):
+    """pipeline.dvc_lockfile.install (the lock's cheap update and entry-wise read) patches DVC for the
+    process; each test gets DVC back as it found it."""
+    import dvc.dvcfile
+    import dvc.utils.strictyaml
+
+    monkeypatch.setattr(dvc.dvcfile, "modify_yaml", dvc.dvcfile.modify_yaml)
+    monkeypatch.setattr(dvc.utils.strictyaml, "parse_yaml", dvc.utils.strictyaml.parse_yaml)
 
 
 PACKAGES = ("pipeline", "stages", "student")
