@@ -1,9 +1,9 @@
 """DVC's reading of a dvc.lock, entry by entry, each entry parsed once: the read side of pipeline/dvc_lockfile.py.
 
 Why: DVC parses a dvc.lock with ruamel's pure-Python constructor every time it loads one. The study's lock
-(4 MB, ~690 entries) took 3.2 s of a core per load on a fast machine, paid by every study cell's own
-``dvc repro --single-item`` before it could even say "didn't change, skipping", and by every ``dvc status``;
-yet each cell changes one entry of it.
+(4 MB, 616 entries) took 3.6-3.8 s of a core per load on a fast 2-core machine (docs/study.md), paid by
+every study cell's own ``dvc repro --single-item`` before it could even say "didn't change, skipping", and
+by every ``dvc status``; yet each cell changes one entry of it.
 
 How: ``parse_lock`` cuts the text into its top-level stage entries as DVC lays them out (the same cut the
 write path splices by), and parses each entry alone, with DVC's own parser (ruamel, YAML 1.2), as the
