@@ -90,13 +90,11 @@ def _save_disk(file: Path | None, entries: dict[str, tuple[str, str]]) -> None:
         tmp.unlink()
 
 
-def _cached(key: str, disk: dict[str, Any]) -> tuple[str, str] | None:
-    hit = _MEMORY.get(key)
-    if hit is None:
-        on_disk = disk.get(key)
-        if isinstance(on_disk, list) and len(on_disk) == 2 and all(isinstance(x, str) for x in on_disk):
-            hit = (on_disk[0], on_disk[1])
-    return hit
+def _on_disk(key: str, disk: dict[str, Any]) -> tuple[str, str] | None:
+    entry = disk.get(key)
+    if isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry):
+        return entry[0], entry[1]
+    return None
 
 
 def parse_lock(text: str, path: str, parse: Parse) -> Any:
@@ -118,13 +116,17 @@ def parse_lock(text: str, path: str, parse: Parse) -> Any:
     if not isinstance(head, dict) or not isinstance(tail, dict) or "stages" in head or set(head) & set(tail):
         return parse(text, path, "safe")
     file = _cache_file(path)
-    disk = _load_disk(file)
+    disk: dict[str, Any] | None = None  # read at the first entry this process has not seen
+    parsed = False
     keep: dict[str, tuple[str, str]] = {}
     stages: dict[str, Any] = {}
     for lo, hi in blocks.values():
         entry = "".join(lines[lo:hi])
         key = hashlib.sha256(entry.encode()).hexdigest()
-        hit = _cached(key, disk)
+        hit = _MEMORY.get(key)
+        if hit is None:
+            disk = _load_disk(file) if disk is None else disk
+            hit = _on_disk(key, disk)
         if hit is None:
             alone = parse(_STAGES + entry, path, "safe")
             if not (
@@ -140,14 +142,14 @@ def parse_lock(text: str, path: str, parse: Parse) -> Any:
                 return parse(text, path, "safe")  # a date, say: not a value JSON keeps
             if not isinstance(name, str) or not _same(json.loads(as_json), value):
                 return parse(text, path, "safe")  # a value JSON does not give back as it was (NaN, say)
-            hit = (name, as_json)
+            hit, parsed = (name, as_json), True
         _MEMORY[key] = keep[key] = hit
         stages[hit[0]] = json.loads(hit[1])  # a fresh copy on every load: DVC may change what it is given
     if len(stages) != len(blocks):
         # Two headers naming one stage (one quoted, one not): DVC's parser says so.
         return parse(text, path, "safe")
-    if keep.keys() != disk.keys():
-        _save_disk(file, keep)
+    if parsed or (disk is not None and keep.keys() != disk.keys()):
+        _save_disk(file, keep)  # what a later process will look for: this text's entries, no others
     return {**head, "stages": stages, **tail}
 
 
