@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             (Path(scratch) / ".dvc").mkdir()
             path = str(Path(scratch) / "dvc.lock")
             t = time.perf_counter()
-            got = parse_yaml(text, path)
+            parse_yaml(text, path)
             arms["dvc_whole"].append(time.perf_counter() - t)
             dvc_lockcache._MEMORY.clear()
             for arm, body, want in (

@@ -160,8 +160,7 @@ def test_a_damaged_stale_or_forged_cache_changes_nothing(repo: Path, counted, st
 
 def test_the_repositorys_own_lock_reads_as_dvc_reads_it(counted, tmp_path: Path):
     text = (ROOT / "dvc.lock").read_text()
-    path = tmp_path / ".dvc"
-    path.mkdir()
+    (tmp_path / ".dvc").mkdir()
     assert _same(parse_lock(text, str(tmp_path / "dvc.lock"), _parse(counted)), parse_yaml(text, "dvc.lock"))
     assert len(counted) > 100  # read entry by entry, not whole
 
