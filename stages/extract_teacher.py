@@ -64,9 +64,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     "--scheduler",
     default=None,
     help="'local' starts a dask LocalCluster of cache.n_workers worker processes (one unit at a time each, "
-    "torch using cores/n_workers threads); 'sync' runs every unit in this process; anything else is the "
-    "address of a running dask scheduler (tcp://host:8786) whose workers see the same data paths and store "
-    "URL. [default: cache.scheduler]",
+    "torch using cores/n_workers threads); 'sync' runs the units in this process, cache.n_workers at a time "
+    "on threads sharing one teacher (for a GPU teacher: one unit's decode and shard writes overlap "
+    "another's); anything else is the address of a running dask scheduler (tcp://host:8786) whose workers "
+    "see the same data paths and store URL. [default: cache.scheduler]",
 )
 @click.option(
     "--views",

@@ -705,3 +705,87 @@ def test_stores_from_before_image_shard_bytes_resume(world, baseline, tmp_path):
             [world["train"], world["val"]], url, world["spec"], params(image_shard_bytes=2048),
             scheduler="sync", progress=False,
         )  # fmt: skip
+
+
+def test_units_on_threads_of_one_process_build_the_same_store(world, baseline, tmp_path):
+    """``--scheduler sync`` with cache.n_workers = 3 runs three units at a time on threads sharing the
+    process's teacher: the store is byte for byte the one-at-a-time store (outside provenance/), every
+    unit ran once, in this process, and two units were in flight together."""
+    import threading
+
+    url = str(tmp_path / "threads.zarr")
+    inflight, most, lock, run = [0], [0], threading.Lock(), X.units.run_unit
+
+    def counting(job):
+        with lock:
+            inflight[0] += 1
+            most[0] = max(most[0], inflight[0])
+        try:
+            return run(job)
+        finally:
+            with lock:
+                inflight[0] -= 1
+
+    X.UNIT_RUNS.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(X.schedule, "run_unit", counting)
+        m = X.extract(
+            [world["train"], world["val"]], url, world["spec"], params(n_workers=3), scheduler="sync",
+            progress=False,
+        )  # fmt: skip
+    assert m["units_computed"] == m["units_total"] == len(X.UNIT_RUNS) == len(set(X.UNIT_RUNS)) > 3
+    assert most[0] >= 2
+    assert {r["pid"] for r in C.committed_units(url).values()} == {os.getpid()}
+    for name in ("manifest", "image", "text"):
+        for p in sorted((Path(baseline["url"]) / name).rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(baseline["url"])
+                assert (Path(url) / rel).read_bytes() == p.read_bytes(), rel
+    assert C.TeacherCache(url).verify() == []
+
+
+def test_a_failed_unit_on_a_thread_stops_the_run_after_the_running_ones(world, tmp_path, monkeypatch):
+    """One unit's failure among threads: units not yet started never start, the error reaches the caller
+    only after the units in flight have finished (nothing writes once it is raised), and the store is left
+    incomplete with the finished units committed, so a rerun resumes."""
+    url = str(tmp_path / "threads-fail.zarr")
+    monkeypatch.setenv(X.FAIL_ENV, "image-000001")
+    X.UNIT_RUNS.clear()
+    with pytest.raises(X.InjectedFailure):
+        X.extract(
+            [world["train"], world["val"]], url, world["spec"], params(n_workers=2), scheduler="sync",
+            progress=False,
+        )  # fmt: skip
+    done = sorted(C.committed_units(url))
+    assert "image-000001" not in done and done == sorted(X.UNIT_RUNS)
+    with pytest.raises(C.CacheFormatError, match="incomplete"):
+        C.TeacherCache(url)
+    monkeypatch.delenv(X.FAIL_ENV)
+    m = X.extract(
+        [world["train"], world["val"]], url, world["spec"], params(), scheduler="sync", progress=False
+    )
+    assert m["units_skipped"] == len(done) < m["units_total"] and C.TeacherCache(url).verify() == []
+
+
+def test_a_teacher_is_loaded_once_when_units_on_threads_ask_together(world, monkeypatch):
+    """Two threads asking for an unloaded random-init teacher at once get one teacher, with the weights a
+    single load gives (its load seeds and draws from torch's global RNG)."""
+    import threading
+
+    spec = X.TeacherSpec(world["cfg"], "", "fp32", "cpu")
+    monkeypatch.setattr(X.teachers, "_TEACHERS", {})
+    got, start = [], threading.Barrier(2)
+
+    def ask():
+        start.wait()
+        got.append(X.get_teacher(spec))
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] is got[1]
+    monkeypatch.setattr(X.teachers, "_TEACHERS", {})
+    alone = X.get_teacher(spec)
+    assert X.weights_sha256(alone) == X.weights_sha256(got[0])

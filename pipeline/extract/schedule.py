@@ -54,6 +54,24 @@ def wait_until_idle(client: Any, prefix: str, timeout: float) -> list[str]:
         time.sleep(0.2)
 
 
+def _run_on_threads(jobs: list[UnitJob], n: int, done: Any) -> None:
+    """``n`` units at a time on threads of this process, sharing its one teacher. Why: with a GPU teacher a
+    unit's host work (decode, shard writes) leaves a core idle while its writer finishes the last shards;
+    a second unit fills it (docs/scale.md). Units own whole shards, so threads write disjoint files as
+    cluster workers do. The first failure cancels the units not started and is raised once the running
+    ones have finished, so nothing still writes when the caller sees it."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    with ThreadPoolExecutor(n, thread_name_prefix="clip-td-unit") as pool:
+        futures = [pool.submit(run_unit, j) for j in jobs]
+        try:
+            for fut in as_completed(futures):
+                done(fut.result())
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+
 def run_units(
     jobs: list[UnitJob],
     scheduler: str,
@@ -77,8 +95,11 @@ def run_units(
 
     try:
         if scheduler == "sync":
-            for job in jobs:
-                done(run_unit(job))
+            if n_workers <= 1 or len(jobs) <= 1:
+                for job in jobs:
+                    done(run_unit(job))
+            else:
+                _run_on_threads(jobs, n_workers, done)
             return records
         from distributed import Client, as_completed
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,9 @@ class TeacherSpec:
 
 
 _TEACHERS: dict[TeacherSpec, Any] = {}
+# Units on threads of one process (the sync scheduler) ask for the teacher at once: a random init seeds the
+# global RNG and draws the weights, which two loads side by side would interleave.
+_LOAD = threading.Lock()
 
 
 def get_teacher(spec: TeacherSpec, threads: int = 0) -> Any:
@@ -32,12 +36,13 @@ def get_teacher(spec: TeacherSpec, threads: int = 0) -> Any:
 
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    t = _TEACHERS.get(spec)
-    if t is None:
-        if not spec.pretrained:
-            # Random init must give the same weights in every worker process as in the coordinator.
-            torch.manual_seed(0)
-        t = _TEACHERS[spec] = create_teacher(
-            spec.model, spec.pretrained, spec.resolved_device(), spec.precision
-        )
+    with _LOAD:
+        t = _TEACHERS.get(spec)
+        if t is None:
+            if not spec.pretrained:
+                # Random init must give the same weights in every worker process as in the coordinator.
+                torch.manual_seed(0)
+            t = _TEACHERS[spec] = create_teacher(
+                spec.model, spec.pretrained, spec.resolved_device(), spec.precision
+            )
     return t
