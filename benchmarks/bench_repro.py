@@ -7,7 +7,9 @@ references) and run from scratch by pipeline.repro's own scheduler, in its order
 ``meta: {cores: 1}`` up to ``--jobs`` at a time, every other stage alone), in a copy of the code under
 ``--work`` so that nothing of this checkout (data/, artifacts/, runs/, README.md) is touched. What it leaves
 out is DVC's own work per stage (hashing dependencies and outputs, writing dvc.lock), so ``make repro`` takes
-this plus that. Writes ``repro.json`` (total wall, each stage's, the machine) and the run's ``results.md``.
+this plus that. Writes ``repro.json`` (total wall, each stage's, the machine) and the run's ``results.md``,
+and keeps what explains each stage's time under ``<out>/repro-stages/``: the stages' ``metrics/*.json``, every
+run's ``train.json`` and each stage's log (a lent machine is gone after the run).
 """
 
 from __future__ import annotations
@@ -104,6 +106,23 @@ def plan(stages: dict[str, dict]):
     return p
 
 
+def keep_stage_records(work: Path, dest: Path) -> int:
+    """Copy what explains each stage's seconds from the run's copy of the repository to ``dest`` (metrics/,
+    runs/*/train.json, pipeline.repro's stage logs), keeping their relative paths; how many files."""
+    from pipeline.repro import LOG_DIR
+
+    found = [
+        *(work / "metrics").glob("*.json"),
+        *(work / "runs").glob("*/train.json"),
+        *(work / LOG_DIR).glob("*.log"),
+    ]
+    for f in found:
+        to = dest / f.relative_to(work)
+        to.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, to)
+    return len(found)
+
+
 def argv(cmd: str) -> list[str]:
     words = shlex.split(cmd)
     # The interpreter running this benchmark (a machine may have no ``python`` on its PATH).
@@ -174,6 +193,8 @@ def main(args_list: list[str] | None = None) -> int:
         if results.is_file():
             Path(args.out).mkdir(parents=True, exist_ok=True)
             shutil.copy2(results, Path(args.out) / "repro-results.md")
+        kept = keep_stage_records(work, Path(args.out) / "repro-stages")
+        log(f"kept {kept} stage record(s) under {Path(args.out) / 'repro-stages'}")
     res.write(args.out)
     return 1 if failed else 0
 

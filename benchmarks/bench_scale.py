@@ -24,6 +24,12 @@ then read as training reads it.
   threads, and PIL's decode on one thread (the decode before both): ``decode_arms``, their ratios of unit
   wall and CPU; the target's figure is the first pass of the decode as it is. A fourth arm,
   ``zlib_crc``, checksums with zlib's crc32 (the project's before ISA-L's: the same values) instead.
+  Those passes come right after the store's gigabytes were written, so their writes wait on the disk.
+  ``host_only`` separates the host from the disk: the same units writing into a copy of the store's
+  metadata in memory (``/dev/shm``, tmpfs: the same write calls and page copies, no device behind them),
+  one unit at a time and two at a time (the ``sync`` scheduler with ``cache.n_workers: 2``: one unit's
+  decode beside the other's shard writes), passes interleaved; and the disk's own sustained write rate
+  (``disk``: 2 GiB written and fsynced beside the store), from which the disk-bound ms per image follows.
 * Reader: ``student.targets.CachedTargets`` (the default 256 MB LRU of decoded chunks) reading image targets
   in ``train.order: chunked`` order (``student.data.epoch_order`` with the image's inner chunk as its group,
   ``train.order_window``), batches of 64: samples/s, MB/s (stored float16 bytes, and bytes the store handed
@@ -206,7 +212,8 @@ def extract_store(work: Path, n: int, overrides: tuple[str, ...], profile_units:
 
     def stub16(_encode):
         def encode_images(pixels, relevance=()):
-            b, o = len(pixels), at[0]
+            b = len(pixels)
+            o = at[0] % (BANK - b + 1)  # two units on threads share the counter: stay inside the bank
             at[0] = (o + b) % BANK
             return {"tokens": bank16[o : o + b], "pooled": pooled16[o : o + b]}
 
@@ -265,6 +272,12 @@ def extract_store(work: Path, n: int, overrides: tuple[str, ...], profile_units:
         },
     }
     log(f"GPU-teacher host share: {sim['unit']} ms/img wall, {sim['cpu_ms_per_image']} CPU ms/img; {sim}")
+    with _patched(sim_patches):
+        sim["host_only"] = host_only(X, cp.store, sim_jobs, run_unit)
+    sim["disk"] = disk_write_rate(work)
+    # The store's bytes per image (its few texts included) at the disk's rate: the bound of a long extraction.
+    sim["disk_bound_ms_per_image"] = round(1e3 * m["bytes_on_disk"] / n / (sim["disk"]["mb_per_s"] * 1e6), 4)
+    log(f"host only: {sim['host_only']}; disk {sim['disk']}, bound {sim['disk_bound_ms_per_image']} ms/img")
     units = [r for r in C.committed_units(cp.store).values() if r["kind"] == "image"]
     images = sum(r["items"] for r in units)
     unit_s = sum(r["seconds"] for r in units)
@@ -309,6 +322,71 @@ def extract_store(work: Path, n: int, overrides: tuple[str, ...], profile_units:
         f"(ratio {m['compression_ratio']}); phases {phases}"
     )
     return out
+
+
+def host_only(X, store: str, jobs: list, run_unit, passes: int = 4) -> dict:
+    """Wall and CPU ms per image of ``jobs`` (the GPU teacher simulated by the caller's patches) writing into
+    a copy of ``store`` in memory (tmpfs; its metadata only, the units write their own shards): one unit at
+    a time (``run_unit``) and two at a time on threads (the ``sync`` scheduler's ``cache.n_workers`` path),
+    interleaved after one untimed pass, and the paired difference per pass. Without a tmpfs with room, the
+    figures are not measured (None)."""
+    import copy
+    import tempfile
+
+    images = sum(len(j.items) for j in jobs)
+    shm = Path("/dev/shm")
+    need = 3 * images * 200_000  # the units' shards at ViT-B/16 size, with room to spare
+    if not shm.is_dir() or shutil.disk_usage(shm).free < need:
+        return {"images": images, "memory_store": None}
+    root = Path(tempfile.mkdtemp(prefix="clip-td-bench-", dir=shm))
+    try:
+        mem = root / "store.zarr"
+        shutil.copytree(store, mem, ignore=lambda _d, names: [n for n in names if n == "c"])  # no chunks
+        moved = []
+        for j in jobs:
+            j = copy.copy(j)
+            j.store_url = str(mem)
+            moved.append(j)
+        arms = {
+            "one_unit": lambda: [run_unit(j) for j in moved],
+            "two_units": lambda: X.schedule.run_units(moved, "sync", 2, False, {}, 0),
+        }
+        out: dict = {"images": images, "memory_store": str(shm)}
+        arms["two_units"]()  # untimed: tmpfs allocates the shards' pages on their first write
+        for k in range(passes):  # the order alternates, so neither arm always follows the other
+            for arm, run in list(arms.items())[:: 1 if k % 2 == 0 else -1]:
+                t, c = time.perf_counter(), time.process_time()
+                run()
+                wall, cpu = time.perf_counter() - t, time.process_time() - c
+                out.setdefault(arm, []).append(round(1e3 * wall / images, 4))
+                out.setdefault(f"{arm}_cpu", []).append(round(1e3 * cpu / images, 4))
+        out["one_minus_two"] = [
+            round(a - b, 4) for a, b in zip(out["one_unit"], out["two_units"], strict=True)
+        ]
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def disk_write_rate(work: Path, gib: int = 2) -> dict:
+    """The disk's sustained write rate: ``gib`` GiB in 16 MiB writes, then fsync, timed together (after a sync,
+    so no earlier writeback is counted); the file is removed."""
+    block = np.random.default_rng(0).integers(0, 255, 16 << 20, dtype=np.uint8).tobytes()
+    path = work / "disk-rate.bin"
+    os.sync()
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(gib * 64):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t
+    path.unlink()
+    return {
+        "bytes": gib << 30,
+        "seconds": round(seconds, 3),
+        "mb_per_s": round((gib << 30) / seconds / 1e6, 1),
+    }
 
 
 CODECS = {"zstd-3": ("zstd", 3), "zstd-1": ("zstd", 1), "lz4": ("lz4", 3), "none": ("none", 0)}
@@ -521,6 +599,30 @@ def codecs_only(args) -> int:
     return 0
 
 
+def summarize_host(paths: list[str]) -> dict:
+    """The ``host_only`` arms of several runs' scale.json together: each arm's passes and the paired
+    difference one unit − two units over every pass pair (mean, 95% t interval, p)."""
+    from pipeline.report.stats import paired_test
+
+    one, two, disk = [], [], []
+    for path in paths:
+        sim = json.loads(Path(path).read_text())["measurements"]["extraction"]["gpu_teacher_sim"]
+        one += sim["host_only"]["one_unit"]
+        two += sim["host_only"]["two_units"]
+        disk.append(sim["disk"]["mb_per_s"])
+    test = paired_test([a - b for a, b in zip(one, two, strict=True)])
+    return {
+        "runs": len(paths),
+        "one_unit_ms": [min(one), max(one)],
+        "two_units_ms": [min(two), max(two)],
+        "one_minus_two": {
+            k: (round(v, 4) if isinstance(v, float) else v) for k, v in test.items() if k != "ci95"
+        }
+        | {"ci95": [round(x, 4) for x in test["ci95"]] if test["ci95"] else None},
+        "disk_mb_per_s": [min(disk), max(disk)],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, overrides=True)
     p.add_argument("--images", type=int, default=0, help="images (default 24,576; --quick 2,048)")
@@ -535,7 +637,16 @@ def main(argv: list[str] | None = None) -> int:
         help="only the codec arm (shard-write CPU per codec on the token bank), added to an existing "
         "<out>/scale.json as measurements.extraction.codec_write",
     )
+    p.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="SCALE_JSON",
+        help="measure nothing: print the host_only arms of these runs together (one − two units per pass pair)",
+    )
     args = p.parse_args(argv)
+    if args.summarize:
+        print(json.dumps(summarize_host(args.summarize)))
+        return 0
     if args.codecs_only:
         return codecs_only(args)
     n = args.images or (2048 if args.quick else 24576)
@@ -600,6 +711,21 @@ def main(argv: list[str] | None = None) -> int:
         "<=",
         0.5,
     )
+    host = ext["gpu_teacher_sim"]["host_only"]
+    for arm, what in (
+        ("one_unit", "one unit at a time"),
+        ("two_units", "two units at a time (cache.n_workers: 2)"),
+    ):
+        if arm in host:
+            res.target(
+                f"extraction host ms per image, GPU teacher simulated, store in memory, {what}; slowest pass",
+                max(host[arm]),
+                "<=",
+                0.5,
+            )
+    sim = ext["gpu_teacher_sim"]
+    res.target("disk-bound ms per image (store bytes per image at the disk's measured write rate)",
+               sim["disk_bound_ms_per_image"], "<=", 0.5, f"{sim['disk']['mb_per_s']} MB/s")  # fmt: skip
     res.target("reader samples/s (chunked, default LRU, no verify)", r["samples_per_s"], ">=", 2000)
     res.target(
         "reader samples/s (chunked, default LRU, as training on CUDA reads)", rv["samples_per_s"], ">=", 2000

@@ -42,3 +42,23 @@ def test_the_scale_benchmark_counts_each_byte_it_reads_once(tmp_path, monkeypatc
         for a in ("tokens", "pooled", "valid")
     )
     assert r["samples"] > 0 and 0.8 <= (r["bytes_read"] - metadata) / r["bytes_needed"] <= 1.2, r
+
+
+def test_the_scale_benchmarks_host_arms_pool_over_runs_as_pass_pairs(tmp_path):
+    """docs/scale.md's one-unit-against-two figure comes from ``bench_scale --summarize``: every pass pair of
+    every run, paired in the order measured, and the disk rates' range."""
+    import json
+
+    from benchmarks.bench_scale import summarize_host
+
+    paths = []
+    for i, (one, two, mb) in enumerate([([0.5, 0.6], [0.4, 0.45], 400.0), ([0.55, 0.5], [0.5, 0.41], 350.0)]):
+        sim = {"host_only": {"one_unit": one, "two_units": two}, "disk": {"mb_per_s": mb}}
+        path = tmp_path / f"run{i}.json"
+        path.write_text(json.dumps({"measurements": {"extraction": {"gpu_teacher_sim": sim}}}))
+        paths.append(str(path))
+    got = summarize_host(paths)
+    assert got["one_minus_two"]["n"] == 4 and abs(got["one_minus_two"]["mean"] - 0.0975) < 1e-9
+    assert got["one_minus_two"]["ci95"][0] < 0.0975 < got["one_minus_two"]["ci95"][1]
+    assert got["one_unit_ms"] == [0.5, 0.6] and got["two_units_ms"] == [0.4, 0.5]
+    assert got["disk_mb_per_s"] == [350.0, 400.0]

@@ -64,3 +64,25 @@ def test_the_runner_runs_given_commands_and_records_each_stages_seconds(tmp_path
     )
     assert failed == [] and (tmp_path / "order.txt").read_text() == "ab"
     assert set(seconds) == {"a", "b"} and all(s > 0 for s in seconds.values())
+
+
+def test_the_stage_records_are_kept_beside_the_result(tmp_path):
+    """A lent machine is gone after its run: the stages' metrics, every run's train.json and each stage's log
+    come back with repro.json (what explains a stage's seconds), nothing else of the run's tree."""
+    from benchmarks.bench_repro import keep_stage_records
+    from pipeline.repro import LOG_DIR
+
+    work = tmp_path / "work"
+    files = {
+        "metrics/extract.json": "{}",
+        "runs/vqa-full-baseline-s0/train.json": "{}",
+        f"{LOG_DIR}/extract_teacher.log": "done",
+        "runs/vqa-full-baseline-s0/student.pt": "weights",
+        "artifacts/teacher/teacher.pt": "weights",
+    }
+    for rel, text in files.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_text(text)
+    assert keep_stage_records(work, tmp_path / "out") == 3
+    kept = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert kept == sorted(list(files)[:3])

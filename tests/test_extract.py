@@ -707,10 +707,12 @@ def test_stores_from_before_image_shard_bytes_resume(world, baseline, tmp_path):
         )  # fmt: skip
 
 
-def test_units_on_threads_of_one_process_build_the_same_store(world, baseline, tmp_path):
+@pytest.mark.parametrize("decode_workers", [0, 1])
+def test_units_on_threads_of_one_process_build_the_same_store(world, baseline, tmp_path, decode_workers):
     """``--scheduler sync`` with cache.n_workers = 3 runs three units at a time on threads sharing the
     process's teacher: the store is byte for byte the one-at-a-time store (outside provenance/), every
-    unit ran once, in this process, and two units were in flight together."""
+    unit ran once, in this process, and two units were in flight together; also with each unit's images
+    decoded by a DataLoader worker process (as with a GPU teacher)."""
     import threading
 
     url = str(tmp_path / "threads.zarr")
@@ -730,8 +732,8 @@ def test_units_on_threads_of_one_process_build_the_same_store(world, baseline, t
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(X.schedule, "run_unit", counting)
         m = X.extract(
-            [world["train"], world["val"]], url, world["spec"], params(n_workers=3), scheduler="sync",
-            progress=False,
+            [world["train"], world["val"]], url, world["spec"],
+            params(n_workers=3, num_workers=decode_workers), scheduler="sync", progress=False,
         )  # fmt: skip
     assert m["units_computed"] == m["units_total"] == len(X.UNIT_RUNS) == len(set(X.UNIT_RUNS)) > 3
     assert most[0] >= 2
