@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import Result, Scratch, log, parser
-from pipeline.repro import OUTPUT_KEYS, Plan, entry_paths, overlaps
+from pipeline.repro import OUTPUT_KEYS, Plan, entry_paths, gpu_cores, overlaps
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the stage commands read from the checkout (report writes its results section into README.md).
@@ -101,7 +101,8 @@ def plan(stages: dict[str, dict]):
         for n, s in stages.items()
     }
     one_core = {n for n, s in stages.items() if (s.get("meta") or {}).get("cores") == 1}
-    p = Plan(list(stages), needs, one_core)
+    on_gpu = {n: c for n, s in stages.items() if (c := gpu_cores(s.get("meta"))) is not None}
+    p = Plan(list(stages), needs, one_core, gpu_cores=on_gpu)
     p.prioritise()
     return p
 
@@ -167,12 +168,14 @@ def main(args_list: list[str] | None = None) -> int:
             yaml.safe_load((work / "params.yaml").read_text()),
         )
         pl = plan(stages)
+        pl.gpu = cuda  # stages marked meta: {gpu_cores: N} run beside others, as make repro runs them there
         jobs = args.jobs or repro.default_jobs()
         res.settings = {
             "params": args.params or "params.yaml",
             "jobs": jobs,
             "stages": len(stages),
             "one_core": len(pl.one_core),
+            "gpu_cores": pl.gpu_cores if cuda else {},
             "cuda": cuda,
         }
         log(f"{len(stages)} stages, {len(pl.one_core)} of them up to {jobs} at a time, in {work}")

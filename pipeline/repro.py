@@ -12,7 +12,10 @@ ones and everything downstream of them are run in dependency order, each by ``dv
 dvc.lock cheaper), so DVC itself checks, runs and records every stage in dvc.lock exactly as a plain ``dvc
 repro`` would (DVC releases its repository lock while a stage's command runs). A stage runs beside others
 only when its dvc.yaml entry says it uses one core (``meta: {cores: 1}``); every other stage (the teacher's
-pretraining, extraction, which use all cores) runs alone. A stage that a wanted one needs starts as early as
+pretraining, extraction, which use all cores) runs alone, except on a machine with a CUDA device, where a
+stage whose entry says how many host cores it keeps busy while the GPU does its work (``meta: {gpu_cores:
+N}``) runs beside others as long as the cores of all running stages add up to at most ``--jobs`` (the
+student's pretraining beside the teacher's stages, which need only the captions). A stage that a wanted one needs starts as early as
 the most wanted stage that needs it. A stage that DVC recorded before but reported changed because something
 upstream was missing (a fresh clone rebuilding shared artifacts) is asked again once what it needs has run:
 DVC finds most such stages up to date then, and they are not launched; those still changed because an input
@@ -58,6 +61,10 @@ class Plan:
     # What each stage writes (absolute paths): a recorded stage still changed after one of these was rebuilt
     # names it (run()).
     outs: dict[str, set[str]] = field(default_factory=dict)
+    # Host cores a stage keeps busy when a GPU does its work (``meta: {gpu_cores: N}``), counted only when
+    # ``gpu`` is set (the machine running the plan has a CUDA device); otherwise such a stage uses every core.
+    gpu_cores: dict[str, int] = field(default_factory=dict)
+    gpu: bool = False
 
     def prioritise(self, first: tuple[str, ...] = ()) -> None:
         """Put ``order`` in the order the stages will start: every stage after what it needs; among those
@@ -110,6 +117,24 @@ def _one_core(stage) -> bool:
     return isinstance(meta, dict) and meta.get("cores") == 1
 
 
+def gpu_cores(meta: object) -> int | None:
+    """``meta: {gpu_cores: N}`` of a dvc.yaml entry (N >= 1), else None; anything else there is refused by
+    name, so a typo does not silently run a stage alone."""
+    if not isinstance(meta, dict) or "gpu_cores" not in meta:
+        return None
+    n = meta["gpu_cores"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise click.ClickException(f"meta.gpu_cores = {n!r}: expected a whole number of cores >= 1")
+    return n
+
+
+def cuda_available() -> bool:
+    """Whether this machine has a CUDA device the stages will use (torch's answer, as theirs is)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def plan(root: str | Path, target: str, first: tuple[str, ...] = ()) -> Plan:
     """What ``dvc repro target`` would run: the target file's stages and their upstream stages that
     ``dvc status`` reports changed, plus everything downstream of those within that set, in the order they
@@ -141,7 +166,8 @@ def plan(root: str | Path, target: str, first: tuple[str, ...] = ()) -> Plan:
     order = [s.addressing for s in sorted(todo, key=defined.__getitem__)]
     needs = {s.addressing: {d.addressing for d in sub.successors(s)} for s in todo}
     outs = {s.addressing: {os.path.abspath(o.fs_path) for o in s.outs} for s in todo}
-    p = Plan(order, needs, {s.addressing for s in todo if _one_core(s)}, recorded, outs)
+    on_gpu = {s.addressing: n for s in todo if (n := gpu_cores(getattr(s, "meta", None))) is not None}
+    p = Plan(order, needs, {s.addressing for s in todo if _one_core(s)}, recorded, outs, on_gpu)
     p.prioritise(first)
     return p
 
@@ -220,18 +246,29 @@ class Running:
     start: float
 
 
+def cores_needed(plan: Plan, name: str, jobs: int) -> int:
+    """The cores a stage takes of the ``jobs`` a run shares out: 1 for a one-core stage, its ``gpu_cores``
+    on a machine with a GPU, else all of them."""
+    if name in plan.one_core:
+        return 1
+    if plan.gpu and name in plan.gpu_cores:
+        return min(jobs, plan.gpu_cores[name])
+    return jobs
+
+
 def _to_start(plan: Plan, ready: list[str], running: dict, jobs: int) -> list[str]:
-    """Which ready stages start now, in order: one-core stages while fewer than ``jobs`` run beside them;
-    a stage that uses every core only on an idle machine, and then nothing beside it."""
-    busy = list(running)
+    """Which ready stages start now, in order, while the cores of the running and starting stages add up to
+    at most ``jobs`` (``cores_needed``): one-core stages side by side, a stage that uses every core only on
+    an idle machine and then nothing beside it. The first stage that does not fit stops the list, so a
+    wanted stage is never overtaken by a smaller one behind it."""
+    used = sum(cores_needed(plan, n, jobs) for n in running)
     starting = []
     for name in ready:
-        if any(n not in plan.one_core for n in busy):
-            break
-        if (name in plan.one_core and len(busy) >= jobs) or (name not in plan.one_core and busy):
+        need = cores_needed(plan, name, jobs)
+        if used and used + need > jobs:
             break
         starting.append(name)
-        busy.append(name)
+        used += need
     return starting
 
 
@@ -249,7 +286,7 @@ def run(
     recheck: Callable[[list[str]], Mapping[str, set[str]]] | None = None,
     seconds: dict[str, float] | None = None,
 ) -> list[str]:
-    """Run the plan with at most ``jobs`` one-core stages at a time; every other stage alone. Before a
+    """Run the plan with at most ``jobs`` cores' worth of stages at a time (``_to_start``). Before a
     recorded stage (``plan.recorded``) first becomes ready, ``recheck`` (given the newly ready ones, it
     returns those still changed, each with its changed deps' absolute paths) drops the ones now up to date,
     and says so when the rest are stale because an input this run rebuilt hashes differently. Returns the
@@ -384,7 +421,8 @@ def default_jobs() -> int:
 @click.argument("target", default="dvc.yaml")
 @click.option(
     "--jobs", "-j", type=click.IntRange(min=0), default=0,
-    help="One-core stages (meta: {cores: 1} in dvc.yaml) run at most this many at a time; 0 = one per core.",
+    help="Cores to share out: one-core stages (meta: {cores: 1} in dvc.yaml) run at most this many at a time, "
+    "and with a CUDA device stages marked meta: {gpu_cores: N} count N; 0 = one per core.",
 )  # fmt: skip
 @click.option(
     "--keep-going", "-k", is_flag=True, help="After a failure, still run every stage that does not need it."
@@ -404,11 +442,17 @@ def main(target: str, jobs: int, keep_going: bool, first: tuple[str, ...], dry: 
     if not p.order:
         click.echo(f"{target}: everything is up to date.")
         return
+    p.gpu = bool(set(p.gpu_cores) & set(p.order)) and cuda_available()
     if dry:
         for name in p.order:
-            click.echo(f"{'1 core ' if name in p.one_core else 'all    '} {name}")
+            need = cores_needed(p, name, jobs)
+            label = "1 core " if name in p.one_core else f"{need} cores" if need < jobs else "all    "
+            click.echo(f"{label} {name}")
         return
     line = f"{len(p.order)} stage(s) to run, {len(p.one_core)} of them up to {jobs} at a time"
+    if p.gpu:
+        beside = [n for n in p.order if n in p.gpu_cores and cores_needed(p, n, jobs) < jobs]
+        line += f", {len(beside)} beside others while the GPU does their work"
     if p.recorded:
         # A fresh clone lists every recorded stage whose inputs are still to be rebuilt; most turn out current.
         line += f"; {len(p.recorded)} recorded before, asked again once what they need is rebuilt"

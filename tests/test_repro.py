@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from dvc.utils.serialize._yaml import _dump, parse_yaml_for_update
 
 from tests.conftest import REPO
@@ -264,3 +265,57 @@ def test_planning_reads_only_the_pipeline_files_upstream_of_the_target(repo: Pat
     r = _run(repo, "--jobs", "2")  # and the run itself, which DVC records stage by stage, passes
     assert r.returncode == 0, r.stdout + r.stderr
     assert (repo / "last.json").exists() and not (repo / "beside" / "y.txt").exists()
+
+
+def test_stages_marked_gpu_cores_share_the_machine_only_with_a_gpu():
+    """make repro on a GPU machine: the student's pretraining needs only the captions and runs beside the
+    teacher's stages, each counted at the host cores it keeps busy; without a GPU each of them uses every
+    core and runs alone, as before. One-core stages fill what is left; the first stage that does not fit
+    stops the list, so a smaller one behind it never overtakes it."""
+    from pipeline.repro import Plan, _to_start, cores_needed
+
+    needs = {"teacher": set(), "student": set(), "extract": {"teacher"}, "cell-1": set(), "cell-2": set()}
+    p = Plan(
+        list(needs),
+        needs,
+        {"cell-1", "cell-2"},
+        gpu_cores={"teacher": 2, "student": 2, "extract": 6},
+        gpu=True,
+    )
+    assert _to_start(p, ["teacher", "student", "cell-1"], {}, 16) == ["teacher", "student", "cell-1"]
+    assert _to_start(p, ["teacher", "student"], {}, 4) == ["teacher", "student"]
+    assert _to_start(p, ["teacher", "student", "cell-1"], {}, 4) == ["teacher", "student"]
+    assert _to_start(p, ["extract", "cell-1", "cell-2"], {"student": None}, 9) == ["extract", "cell-1"]
+    assert _to_start(p, ["extract", "cell-1"], {"student": None, "cell-2": None}, 8) == []  # 3 + 6 > 8
+    assert cores_needed(p, "extract", 4) == 4  # more than the machine: it runs alone
+    p.gpu = False
+    assert [cores_needed(p, n, 16) for n in needs] == [16, 16, 16, 1, 1]
+    assert _to_start(p, ["teacher", "student"], {}, 16) == ["teacher"]
+    assert _to_start(p, ["cell-1"], {"teacher": None}, 16) == []
+
+
+def test_gpu_cores_must_be_a_whole_number_of_cores():
+    import click
+
+    from pipeline.repro import gpu_cores
+
+    assert gpu_cores({"gpu_cores": 3}) == 3 and gpu_cores({"cores": 1}) is None and gpu_cores(None) is None
+    for bad in (0, -2, 1.5, "2", True):
+        with pytest.raises(click.ClickException, match="gpu_cores"):
+            gpu_cores({"gpu_cores": bad})
+
+
+def test_the_default_pipeline_marks_what_can_run_beside_others_on_a_gpu():
+    """The teacher's and the student's pretraining, extraction and the zero-shot scores carry gpu_cores; the
+    student runs and prepare stay one-core; evaluate (one process per core) and report carry neither."""
+    from pipeline.repro import gpu_cores
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    marked = {n: gpu_cores(s.get("meta") or (s.get("do") or {}).get("meta")) for n, s in stages.items()}
+    assert {n for n, c in marked.items() if c} == {
+        "pretrain_teacher",
+        "extract_teacher",
+        "pretrain_student",
+        "zeroshot",
+    }
+    assert all(c <= 8 for c in marked.values() if c)  # room beside them on a 16-core GPU machine
