@@ -6,26 +6,25 @@ idle through the longest part of ``make repro`` and of the study. Two student st
 train 1.76x as many steps per second as one (docs/time-budget.md).
 
 How: the stages a pipeline file needs (its own and everything upstream of them, in any dvc.yaml of the
-repository; DVC reads only those files, pipeline/dvc_scope.py) are asked ``dvc status`` once; the changed
-ones and everything downstream of them are run in dependency order, each by ``dvc --wait-for-lock repro
+repository; DVC reads only those files, pipeline/dvc_scope.py) are asked ``dvc status`` once; the changed ones
+and everything downstream of them are run in dependency order, each by ``dvc --wait-for-lock repro
 --single-item <stage>`` (through pipeline/dvc_lockfile.py, which only makes DVC's reads and updates of
 dvc.lock cheaper), so DVC itself checks, runs and records every stage in dvc.lock exactly as a plain ``dvc
-repro`` would (DVC releases its repository lock while a stage's command runs). A stage runs beside others
-only when its dvc.yaml entry says it uses one core (``meta: {cores: 1}``); every other stage (the teacher's
-pretraining, extraction, which use all cores) runs alone, except on a machine with a CUDA device, where a
+repro`` would (DVC releases its repository lock while a stage's command runs). A stage runs beside others only
+when its dvc.yaml entry says it uses one core (``meta: {cores: 1}``); every other stage (the teacher's
+pretraining, extraction, which use all cores) runs alone, except on a machine with a CUDA device: there a
 stage whose entry says how many host cores it keeps busy while the GPU does its work (``meta: {gpu_cores:
-N}``) runs beside others as long as the cores of all running stages add up to at most ``--jobs`` (the
-student's pretraining beside the teacher's stages, which need only the captions). A stage that a wanted one needs starts as early as
-the most wanted stage that needs it. A stage that DVC recorded before but reported changed because something
-upstream was missing (a fresh clone rebuilding shared artifacts) is asked again once what it needs has run:
-DVC finds most such stages up to date then, and they are not launched; those still changed because an input
-rebuilt in this run differs from the one they were recorded with (a metrics file's timings; a trained
-artifact rebuilt on another CPU) are named before they rerun. Each stage's output goes to a log under
-``.dvc/tmp/repro-logs/``; a failed stage stops new launches (``--keep-going`` runs everything that does not
-depend on it), lets the running ones finish, and the command exits 1 naming the stage and the tail of its
-log. An interrupt (Ctrl-C, SIGINT) starts no more stages and lets the running ones finish and be recorded; a
-second one stops them. The next run redoes only what is not recorded as finished.
-"""
+N}``) runs beside others as long as the cores of all running stages add up to at most ``--jobs``, so the
+student's pretraining, which needs only the captions, trains beside the teacher's stages. A stage that a
+wanted one needs starts as early as the most wanted stage that needs it. A stage that DVC recorded before but
+reported changed because something upstream was missing (a fresh clone rebuilding shared artifacts) is asked
+again once what it needs has run: DVC finds most such stages up to date then, and they are not launched; those
+still changed because an input rebuilt in this run differs from the one they were recorded with (a metrics
+file's timings; a trained artifact rebuilt on another CPU) are named before they rerun. Each stage's output
+goes to a log under ``.dvc/tmp/repro-logs/``; a failed stage stops new launches (``--keep-going`` runs
+everything that does not depend on it), lets the running ones finish, and the command exits 1 naming the stage
+and the tail of its log. An interrupt (Ctrl-C, SIGINT) starts no more stages and lets the running ones finish
+and be recorded; a second one stops them. The next run redoes only what is not recorded as finished."""
 
 from __future__ import annotations
 
