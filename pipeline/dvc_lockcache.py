@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .dvc_lockfile import _STAGES, _stage_blocks
+from .dvc_lockfile import STAGES_KEY, stage_blocks
 
 # An indicator where a YAML node may start (anchor &, alias *, tag !, directive %), or a document marker or a
 # comment line: anything that can tie one entry to another or that DVC does not write.
@@ -102,11 +102,11 @@ def parse_lock(text: str, path: str, parse: Parse) -> Any:
     stage entries not parsed before (see the module's docstring); the whole text through ``parse`` whenever
     that cannot be shown to give the same."""
     lines = text.splitlines(keepends=True)
-    layout = _stage_blocks(lines) if lines and lines[-1].endswith("\n") and not _UNSAFE.search(text) else None
+    layout = stage_blocks(lines) if lines and lines[-1].endswith("\n") and not _UNSAFE.search(text) else None
     if layout is None or not layout[0]:
         return parse(text, path, "safe")
     blocks, end = layout
-    first = lines.index(_STAGES)
+    first = lines.index(STAGES_KEY)
     if sum(line[2] != " " for line in lines[first + 1 : end]) != len(blocks):
         return parse(text, path, "safe")  # a stage named twice: DVC's parser says so
     if any(not re.match(r"[^\s#]", line) for line in lines[:first] + lines[end:]):
@@ -128,7 +128,7 @@ def parse_lock(text: str, path: str, parse: Parse) -> Any:
             disk = _load_disk(file) if disk is None else disk
             hit = _on_disk(key, disk)
         if hit is None:
-            alone = parse(_STAGES + entry, path, "safe")
+            alone = parse(STAGES_KEY + entry, path, "safe")
             if not (
                 isinstance(alone, dict) and list(alone) == ["stages"] and isinstance(alone["stages"], dict)
             ):

@@ -43,18 +43,20 @@ from typing import Any
 import yaml
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_STAGES = "stages:\n"
+# The lock layout both halves rely on (this module's update, pipeline/dvc_lockcache.py's read): the
+# top-level key line, under which every stage entry is a two-space-indented block.
+STAGES_KEY = "stages:\n"
 
 
 def _fast_load(text: str) -> dict:
     return yaml.load(text, Loader=_LOADER) or {}
 
 
-def _stage_blocks(lines: list[str]) -> tuple[dict[str, tuple[int, int]], int] | None:
+def stage_blocks(lines: list[str]) -> tuple[dict[str, tuple[int, int]], int] | None:
     """Each stage entry's header line (``"  name:\\n"``) -> its [start, end) line span under the top-level
     ``stages:`` key, and the line where that mapping ends; None when the text is not laid out so."""
     try:
-        first = lines.index(_STAGES) + 1
+        first = lines.index(STAGES_KEY) + 1
     except ValueError:
         return None
     blocks: dict[str, tuple[int, int]] = {}
@@ -90,7 +92,7 @@ def splice(text: str, before: dict, after: dict, render: Callable[[dict], str]) 
     lines = text.splitlines(keepends=True)
     if not lines or not lines[-1].endswith("\n"):
         return None
-    layout = _stage_blocks(lines)
+    layout = stage_blocks(lines)
     if layout is None:
         return None
     blocks, stages_end = layout
@@ -98,7 +100,7 @@ def splice(text: str, before: dict, after: dict, render: Callable[[dict], str]) 
     appended: list[str] = []
     for name in changed:
         rendered = render({"stages": {name: new[name]}}).splitlines(keepends=True)
-        if not rendered or rendered[0] != _STAGES:
+        if not rendered or rendered[0] != STAGES_KEY:
             return None
         entry = rendered[1:]
         if name in old:
