@@ -182,24 +182,33 @@ def main(args_list: list[str] | None = None) -> int:
         seconds: dict[str, float] = {}
         here = Path.cwd()
         os.chdir(work)  # the stage commands' paths are relative to the repository root
+        stopped = False
         try:
             t = time.perf_counter()
-            failed = repro.run(pl, jobs, command=lambda name: argv(stages[name]["cmd"]), seconds=seconds)
+            try:
+                failed = repro.run(pl, jobs, command=lambda name: argv(stages[name]["cmd"]), seconds=seconds)
+            except KeyboardInterrupt:  # stopped twice (a time limit, gpu_check.sh): keep what finished
+                failed, stopped = [], True
             wall = time.perf_counter() - t
         finally:
             os.chdir(here)
         stage_seconds = {n: round(v, 1) for n, v in seconds.items()}
-        res.measurements = {"wall_s": round(wall, 1), "failed": failed, "stage_seconds": stage_seconds}
-        res.target(f"make repro's stage commands, minutes ({'GPU' if cuda else 'CPU'}, DVC's own work not included)",
-                   wall / 60, "<=", minutes)  # fmt: skip
+        res.measurements = {
+            "wall_s": round(wall, 1), "failed": failed, "stage_seconds": stage_seconds, "stopped": stopped,
+        }  # fmt: skip
+        if stopped:  # no time for make repro: only that it takes longer than this
+            log(f"stopped after {wall:.0f} s with {len(seconds)} of {len(stages)} stages finished: no target")
+        else:
+            res.target(f"make repro's stage commands, minutes ({'GPU' if cuda else 'CPU'}, DVC's own work not "
+                       "included)", wall / 60, "<=", minutes)  # fmt: skip
         results = work / "reports" / "results.md"
         if results.is_file():
             Path(args.out).mkdir(parents=True, exist_ok=True)
             shutil.copy2(results, Path(args.out) / "repro-results.md")
         kept = keep_stage_records(work, Path(args.out) / "repro-stages")
         log(f"kept {kept} stage record(s) under {Path(args.out) / 'repro-stages'}")
-    res.write(args.out)
-    return 1 if failed else 0
+    res.write(args.out, complete=not stopped)
+    return 1 if failed or stopped else 0
 
 
 if __name__ == "__main__":

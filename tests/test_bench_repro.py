@@ -86,3 +86,28 @@ def test_the_stage_records_are_kept_beside_the_result(tmp_path):
     assert keep_stage_records(work, tmp_path / "out") == 3
     kept = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert kept == sorted(list(files)[:3])
+
+
+def test_a_run_stopped_at_its_time_limit_still_writes_what_finished(tmp_path, monkeypatch):
+    """gpu_check.sh stops bench_repro at its time limit with two SIGTERMs, which pipeline.repro.run turns
+    into KeyboardInterrupt once the running stages are stopped: the stages that finished and the stage
+    records still come back, no make-repro time is claimed, and the exit status says it did not finish."""
+    import json
+
+    from benchmarks import bench_repro
+    from pipeline import repro
+
+    def stopped(plan, jobs, command=None, seconds=None, **_):
+        seconds["prepare@train"] = 3.0
+        (Path.cwd() / "metrics").mkdir()
+        (Path.cwd() / "metrics" / "teacher.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(repro, "run", stopped)
+    out = tmp_path / "out"
+    rc = bench_repro.main(["--out", str(out), "--work", str(tmp_path / "work"), "--minutes", "5"])
+    got = json.loads((out / "repro.json").read_text())
+    assert rc == 1 and got["measurements"]["stopped"] is True
+    assert got["measurements"]["stage_seconds"] == {"prepare@train": 3.0}
+    assert got["targets"] == {}
+    assert (out / "repro-stages" / "metrics" / "teacher.json").is_file()
