@@ -19,6 +19,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -187,9 +188,12 @@ def main(args_list: list[str] | None = None) -> int:
             t = time.perf_counter()
             try:
                 failed = repro.run(pl, jobs, command=lambda name: argv(stages[name]["cmd"]), seconds=seconds)
-            except KeyboardInterrupt:  # stopped twice (a time limit, gpu_check.sh): keep what finished
+            except KeyboardInterrupt:  # stopped at a time limit (gpu_check.sh): keep what finished
                 failed, stopped = [], True
             wall = time.perf_counter() - t
+            # A time limit's later SIGTERMs must not kill the writing of what was measured (its SIGKILL,
+            # much later, still can).
+            term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
         finally:
             os.chdir(here)
         stage_seconds = {n: round(v, 1) for n, v in seconds.items()}
@@ -208,6 +212,7 @@ def main(args_list: list[str] | None = None) -> int:
         kept = keep_stage_records(work, Path(args.out) / "repro-stages")
         log(f"kept {kept} stage record(s) under {Path(args.out) / 'repro-stages'}")
     res.write(args.out, complete=not stopped)
+    signal.signal(signal.SIGTERM, term)
     return 1 if failed or stopped else 0
 
 

@@ -93,6 +93,7 @@ def test_a_run_stopped_at_its_time_limit_still_writes_what_finished(tmp_path, mo
     into KeyboardInterrupt once the running stages are stopped: the stages that finished and the stage
     records still come back, no make-repro time is claimed, and the exit status says it did not finish."""
     import json
+    import signal
 
     from benchmarks import bench_repro
     from pipeline import repro
@@ -105,7 +106,9 @@ def test_a_run_stopped_at_its_time_limit_still_writes_what_finished(tmp_path, mo
 
     monkeypatch.setattr(repro, "run", stopped)
     out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
     rc = bench_repro.main(["--out", str(out), "--work", str(tmp_path / "work"), "--minutes", "5"])
+    assert signal.getsignal(signal.SIGTERM) == before  # ignored only while it wrote what it measured
     got = json.loads((out / "repro.json").read_text())
     assert rc == 1 and got["measurements"]["stopped"] is True
     assert got["measurements"]["stage_seconds"] == {"prepare@train": 3.0}
