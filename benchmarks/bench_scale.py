@@ -28,7 +28,8 @@ then read as training reads it.
   ``host_only`` separates the host from the disk: the same units writing into a copy of the store's
   metadata in memory (``/dev/shm``, tmpfs: the same write calls and page copies, no device behind them),
   one unit at a time and two at a time (the ``sync`` scheduler with ``cache.n_workers: 2``: one unit's
-  decode beside the other's shard writes), passes interleaved; and the disk's own sustained write rate
+  decode beside the other's shard writes), four passes each after an untimed one, interleaved in alternating
+  order (``--summarize`` pools their pairs over runs); and the disk's own sustained write rate
   (``disk``: 2 GiB written and fsynced beside the store), from which the disk-bound ms per image follows.
 * Reader: ``student.targets.CachedTargets`` (the default 256 MB LRU of decoded chunks) reading image targets
   in ``train.order: chunked`` order (``student.data.epoch_order`` with the image's inner chunk as its group,
