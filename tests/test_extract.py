@@ -750,6 +750,8 @@ def test_a_failed_unit_on_a_thread_stops_the_run_after_the_running_ones(world, t
     """One unit's failure among threads: units not yet started never start, the error reaches the caller
     only after the units in flight have finished (nothing writes once it is raised), and the store is left
     incomplete with the finished units committed, so a rerun resumes."""
+    import threading
+
     url = str(tmp_path / "threads-fail.zarr")
     monkeypatch.setenv(X.FAIL_ENV, "image-000001")
     X.UNIT_RUNS.clear()
@@ -758,6 +760,7 @@ def test_a_failed_unit_on_a_thread_stops_the_run_after_the_running_ones(world, t
             [world["train"], world["val"]], url, world["spec"], params(n_workers=2), scheduler="sync",
             progress=False,
         )  # fmt: skip
+    assert not [t for t in threading.enumerate() if t.name.startswith("clip-td-unit")]  # none still writes
     done = sorted(C.committed_units(url))
     assert "image-000001" not in done and done == sorted(X.UNIT_RUNS)
     with pytest.raises(C.CacheFormatError, match="incomplete"):

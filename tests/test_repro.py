@@ -319,3 +319,5 @@ def test_the_default_pipeline_marks_what_can_run_beside_others_on_a_gpu():
         "zeroshot",
     }
     assert all(c <= 8 for c in marked.values() if c)  # room beside them on a 16-core GPU machine
+    assert stages["train_student"]["meta"] == {"cores": 1} and stages["prepare"]["do"]["meta"] == {"cores": 1}
+    assert "meta" not in stages["evaluate"] and "meta" not in stages["report"]
