@@ -379,7 +379,7 @@ class FilmStudent(CompactVocabulary, nn.Module):
 
     def forward(self, pixels: Tensor, text_ids: Tensor) -> StudentOutput:
         """As ``ViltStudent.forward``: pixels [B_img, 3, H, W], text_ids [B, L] with B a multiple of B_img."""
-        b, n_img = check_inputs(pixels, text_ids, self.image_size)
+        b, _ = check_inputs(pixels, text_ids, self.image_size)
         ids, text_mask = fit_text(text_ids, self.max_text_len, self.eot_id)
         n_txt = max(1, int(text_mask.sum(1).max()) if text_mask.numel() else 1)
         mask = text_mask[:, :n_txt]
@@ -392,17 +392,25 @@ class FilmStudent(CompactVocabulary, nn.Module):
         t = self.ln_t(self.text_block(self.drop(t), bias[:, None, None, :]))
         m = mask[..., None].to(t.dtype)
         summary = (t * m).sum(1) / m.sum(1).clamp(min=1.0)
-        z = self.stem(pixels)
-        if b != n_img:  # the stem once per image; the FiLM blocks once per (image, text) pair
-            z = z.repeat_interleave(b // n_img, 0)
         gamma_beta = self.film(summary).view(b, self.n_blocks, 2, self.width, 1, 1)
-        for k in range(self.n_blocks):
-            y = self.norms[k](self.convs[k](z)) * (1 + gamma_beta[:, k, 0]) + gamma_beta[:, k, 1]
-            z = z + self.drop(F.gelu(y))
+        z = self.image_trunk(pixels, gamma_beta)
         pooled = self.out(torch.cat([z.amax((2, 3)), summary], 1))
         image_tokens = F.adaptive_avg_pool2d(z, self.grid).flatten(2).transpose(1, 2)
         text_tokens = F.pad(t * m, (0, 0, 0, self.max_text_len - n_txt))
         return StudentOutput(pooled, image_tokens, text_tokens, text_mask)
+
+    def image_trunk(self, pixels: Tensor, gamma_beta: Tensor) -> Tensor:
+        """pixels [B_img, 3, H, W], gamma_beta [B, layers, 2, width, 1, 1] -> the last block's map [B, width,
+        H/4, W/4]. Every shape in it is fixed by the batch size, so it is the part a benchmark can hand to
+        ``torch.compile`` whole (the text side cuts at the batch's longest text)."""
+        b, n_img = gamma_beta.shape[0], pixels.shape[0]
+        z = self.stem(pixels)
+        if b != n_img:  # the stem once per image; the FiLM blocks once per (image, text) pair
+            z = z.repeat_interleave(b // n_img, 0)
+        for k in range(self.n_blocks):
+            y = self.norms[k](self.convs[k](z)) * (1 + gamma_beta[:, k, 0]) + gamma_beta[:, k, 1]
+            z = z + self.drop(F.gelu(y))
+        return z
 
 
 def _init_weights(m: nn.Module) -> None:
