@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -30,6 +31,12 @@ class ConfigError(ValueError):
     def __init__(self, message: str, key: str | None = None, sourced: bool = True):
         super().__init__(message)
         self.key, self.sourced = key, sourced
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's or ``taskset``'s share), not the
+    machine's count. Every automatic setting (threads, workers) resolves against it."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _invalid(key: str, what: str) -> ConfigError:

@@ -43,6 +43,8 @@ from pathlib import Path
 import click
 import yaml
 
+from pipeline.config import usable_cores
+
 LOG_DIR = Path(".dvc/tmp/repro-logs")
 
 
@@ -413,7 +415,7 @@ def run(
 
 
 def default_jobs() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

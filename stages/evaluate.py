@@ -14,7 +14,7 @@ import click
 import torch
 
 from pipeline.conditions import Condition
-from pipeline.config import StudentParams
+from pipeline.config import StudentParams, usable_cores
 from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset
 from pipeline.metrics import PRIMARY
@@ -249,7 +249,7 @@ def main(run_dirs, runs, out, jobs, params_path, overrides) -> None:
                 f"--out {out}: run folders {', '.join(clash)} share a name, so their eval.json would overwrite "
                 "each other's; evaluate them into different --out folders"
             )
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     for run_dir, result in _scored(run_dirs, params, min(jobs or cores, len(run_dirs)), cores):
         dest = (out / run_dir.name) if out else run_dir
         dest.mkdir(parents=True, exist_ok=True)

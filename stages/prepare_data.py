@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.config import usable_cores
 from pipeline.data.errors import DataError, SkipReport
 from pipeline.data.schema import SchemaError
 from pipeline.data.shards import DatasetWriter, check_destination, check_split_name
@@ -45,7 +46,9 @@ def check_args(source: str, root: Path | None, splits: tuple[str, ...], out: Pat
         check_destination(out / split)  # a folder we may not replace is refused before any input is read
 
 
-def build(source: str, root: Path | None, split: str, out: Path, params, on_error: str) -> DatasetWriter:
+def build(
+    source: str, root: Path | None, split: str, out: Path, params, on_error: str, workers: int = 1
+) -> DatasetWriter:
     """Convert one split into a temp folder beside ``out/<split>/``; the returned writer is finished, not yet
     committed (nothing at ``out/<split>`` has changed). On an error the temp folder is gone."""
     writer = DatasetWriter(
@@ -60,7 +63,7 @@ def build(source: str, root: Path | None, split: str, out: Path, params, on_erro
         if source == "synthetic":
             from pipeline.data import synthetic
 
-            synthetic.generate(split, params.data.synthetic, writer)
+            synthetic.generate(split, params.data.synthetic, writer, workers)
         else:
             importlib.import_module(f"pipeline.data.{source}").convert(root, split, writer)
         writer.finish()
@@ -107,7 +110,15 @@ def build(source: str, root: Path | None, split: str, out: Path, params, on_erro
     help="Bad input (missing file, unreadable image, malformed line, unknown label): 'fail' stops naming the file "
     "and line/key; 'skip' counts and lists every skipped item in OUT/<split>/skipped.json [default: data.on_error].",
 )
-def main(source, root, splits, out, on_error, params_path, overrides) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Processes that render the synthetic world's images while this one writes the shards; 0: one per core "
+    "this process may use, 1: render in-process. The shards are byte-identical for every value, so it is not a "
+    "parameter DVC tracks. Official sources ignore it.",
+)
+def main(source, root, splits, out, on_error, workers, params_path, overrides) -> None:
     """Write a dataset split as WebDataset shards in clip-td's one sample format.
 
     Each split becomes a directory of instance shards (one JSON sample per task example) and image shards
@@ -134,7 +145,7 @@ def main(source, root, splits, out, on_error, params_path, overrides) -> None:
         check_args(source, root, splits, out, params)
         for split in splits:
             t0 = time.perf_counter()
-            writer = build(source, root, split, out, params, on_error)
+            writer = build(source, root, split, out, params, on_error, workers or usable_cores())
             done.append(writer)
             info = writer.info
             click.echo(

@@ -571,10 +571,13 @@ def test_write_threads_setting_or_a_quarter_of_the_cores(monkeypatch):
 
 
 def test_automatic_decode_workers_follow_the_teacher_device(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert X.decode_workers(-1, "cpu") == 0  # torch already fills the cores: decode on a thread
     assert X.decode_workers(-1, "cuda:0") == 4
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    # The cores this process may use, not the machine's: a container given 2 of 64 gets one worker.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert X.decode_workers(-1, "cuda") == 1
     assert X.decode_workers(3, "cpu") == 3  # an explicit count is kept
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 from collections import Counter
@@ -80,6 +81,34 @@ def test_caption_scenes_use_their_own_stream():
     train = [S.make_scene(0, "train", i, params).objects for i in range(20)]
     caps = [S.make_scene(0, "captions", i, params).objects for i in range(20)]
     assert train != caps
+
+
+def test_images_rendered_on_worker_processes_give_the_same_shards(tmp_path, monkeypatch):
+    """`prepare --workers N` renders on N processes: every file it writes equals the in-process run's, and
+    the workers really ran (the size floor that keeps small splits in-process is lowered for the test)."""
+    used = []
+    ahead = S._images_ahead
+
+    @contextlib.contextmanager
+    def spy(*args):
+        with ahead(*args) as images:
+            used.append(images is not None)
+            yield images
+
+    monkeypatch.setattr(S, "_POOL_MIN_IMAGES", 0)
+    monkeypatch.setattr(S, "_images_ahead", spy)
+    params = tiny()
+    for split in ("train", "captions"):
+        for workers in (1, 2):
+            with DatasetWriter(tmp_path / f"w{workers}" / split, source="synthetic", split=split) as w:
+                S.generate(split, params, w, workers)
+    assert used == [False, True, False, True]
+    files = sorted(p.relative_to(tmp_path / "w1") for p in (tmp_path / "w1").rglob("*") if p.is_file())
+    assert files and files == sorted(
+        p.relative_to(tmp_path / "w2") for p in (tmp_path / "w2").rglob("*") if p.is_file()
+    )
+    for f in files:
+        assert (tmp_path / "w1" / f).read_bytes() == (tmp_path / "w2" / f).read_bytes(), f
 
 
 # ------------------------------------------------------------------------------------ label correctness

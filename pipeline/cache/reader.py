@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 import zarr
 
+from ..config import usable_cores
 from .checksum import checksum
 from .codec import decode_tokens
 from .direct import DirectArray, DirectGroup
@@ -58,7 +58,7 @@ def read_threads_for(setting: int = -1) -> int:
     """Reader threads for a ``read_threads`` setting (-1: automatic, min(4, cores))."""
     if setting > 0:
         return setting
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     return max(1, min(4, cores))
 
 

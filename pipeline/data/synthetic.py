@@ -25,9 +25,12 @@ independent of the generators; the tests run it over every template.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import math
+import multiprocessing
 import random
 import re
 from collections import Counter
@@ -927,37 +930,69 @@ def task_instances(
         yield i, scene, insts
 
 
-def generate(split: str, params: SyntheticParams, writer: DatasetWriter) -> None:
+# Below this many images a split renders in-process: starting worker processes (each imports numpy and PIL)
+# costs more than it saves.
+_POOL_MIN_IMAGES = 1000
+_POOL_CHUNK = 64  # scenes per task handed to a worker: enough to amortise the pickling of each hand-off
+
+
+def _render_at(split: str, params: SyntheticParams, index: int) -> bytes:
+    """A worker's job: a scene regenerates from (seed, split, index) alone, so the index is all it needs."""
+    return render(make_scene(params.seed, split, index, params), params.image_size)
+
+
+@contextlib.contextmanager
+def _images_ahead(
+    split: str, params: SyntheticParams, n: int, workers: int
+) -> Iterator[Iterator[bytes] | None]:
+    """PNG bytes of scenes 0..n-1 in order, rendered on ``workers`` processes while this one writes shards;
+    None when the split renders in-process (``workers`` <= 1, or a small split). The bytes are the same
+    either way (``render`` is a function of the scene alone). Spawned, not forked: a caller's threads (a
+    test runner's, a notebook's) must not be copied into a child mid-lock."""
+    if workers <= 1 or n < _POOL_MIN_IMAGES:
+        yield None
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield pool.imap(functools.partial(_render_at, split, params), range(n), chunksize=_POOL_CHUNK)
+
+
+def generate(split: str, params: SyntheticParams, writer: DatasetWriter, workers: int = 1) -> None:
     """Write one split of the synthetic world: train/val/test (one instance per task per scene) or the
-    caption corpora captions/captions_val (captions_per_scene captions per scene, separate scene streams)."""
+    caption corpora captions/captions_val (captions_per_scene captions per scene, separate scene streams).
+    ``workers`` > 1 renders the images on that many processes; the shards are byte-identical."""
     _check_params(params)
     if split in TASK_SPLITS:
-        for i, scene, insts in task_instances(split, params):
-            writer.add_image(f"synth-{split}-{i:07d}", render(scene, params.image_size), "png", scene.domain)
-            for inst in insts:
-                writer.add_instance(inst)
+        with _images_ahead(split, params, params.scenes.get(split, 0), workers) as images:
+            for i, scene, insts in task_instances(split, params):
+                png = next(images) if images is not None else render(scene, params.image_size)
+                writer.add_image(f"synth-{split}-{i:07d}", png, "png", scene.domain)
+                for inst in insts:
+                    writer.add_instance(inst)
         return
     if split in CAPTION_SPLITS:
-        for i in range(caption_scene_count(split, params)):
-            scene = make_scene(params.seed, split, i, params)
-            image_id = f"synth-{split}-{i:07d}"
-            writer.add_image(image_id, render(scene, params.image_size), "png", scene.domain)
-            rng = task_rng(params.seed, split, i, "caption")
-            for j, (template, caption, negs) in enumerate(
-                caption_items(scene, rng, params.captions_per_scene)
-            ):
-                meta = {**_base_meta(scene, template), "hard_negatives": negs}
-                writer.add_instance(
-                    Instance(
-                        key=f"{split}-caption-{i:07d}-{j}",
-                        task="caption",
-                        image_id=image_id,
-                        split=split,
-                        domain=scene.domain,
-                        caption=caption,
-                        meta=meta,
+        n = caption_scene_count(split, params)
+        with _images_ahead(split, params, n, workers) as images:
+            for i in range(n):
+                scene = make_scene(params.seed, split, i, params)
+                image_id = f"synth-{split}-{i:07d}"
+                png = next(images) if images is not None else render(scene, params.image_size)
+                writer.add_image(image_id, png, "png", scene.domain)
+                rng = task_rng(params.seed, split, i, "caption")
+                for j, (template, caption, negs) in enumerate(
+                    caption_items(scene, rng, params.captions_per_scene)
+                ):
+                    meta = {**_base_meta(scene, template), "hard_negatives": negs}
+                    writer.add_instance(
+                        Instance(
+                            key=f"{split}-caption-{i:07d}-{j}",
+                            task="caption",
+                            image_id=image_id,
+                            split=split,
+                            domain=scene.domain,
+                            caption=caption,
+                            meta=meta,
+                        )
                     )
-                )
         return
     raise ValueError(f"synthetic: unknown split {split!r}; allowed {TASK_SPLITS + CAPTION_SPLITS}")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from .. import cache as C
+from ..config import usable_cores
 from ..data.errors import DataError
 from ..data.shards import PreparedDataset
 from ..texts import instance_texts, text_hash
@@ -195,7 +195,7 @@ def decode_workers(num_workers: int, device: str) -> int:
         return num_workers
     if not device.startswith("cuda"):
         return 0
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    return max(1, min(4, usable_cores() - 1))
 
 
 def make_jobs(plan, layout, lengths, offsets, url, spec, cp, relevance) -> list[UnitJob]:

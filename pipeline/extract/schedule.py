@@ -6,6 +6,7 @@ import os
 import time
 from typing import Any
 
+from ..config import usable_cores
 from .plan import UnitJob
 from .units import run_unit
 
@@ -105,7 +106,7 @@ def run_units(
 
         cluster = None
         if scheduler == "local":
-            cores = os.cpu_count() or 1
+            cores = usable_cores()
             n = max(1, n_workers)
             threads = torch_threads or max(1, cores // n)
             cluster = local_cluster(n, cluster_kwargs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,6 +12,7 @@ import numpy as np
 
 from .. import cache as C
 from ..cache.direct import DirectArray, direct_array
+from ..config import usable_cores
 from .errors import UnitWriteError, maybe_fail
 from .plan import UnitJob
 
@@ -23,7 +23,7 @@ def write_threads(setting: int = -1) -> int:
     the decode already fill the cores."""
     if setting > 0:
         return setting
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     return max(1, min(4, cores // 4))
 
 
