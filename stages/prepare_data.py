@@ -65,7 +65,7 @@ def build(
 
             synthetic.generate(split, params.data.synthetic, writer, workers)
         else:
-            importlib.import_module(f"pipeline.data.{source}").convert(root, split, writer)
+            importlib.import_module(f"pipeline.data.{source}").convert(root, split, writer, workers)
         writer.finish()
     except BaseException:
         writer.abort()
@@ -114,9 +114,10 @@ def build(
     "--workers",
     type=click.IntRange(min=0),
     default=0,
-    help="Processes that render the synthetic world's images while this one writes the shards; 0: one per core "
-    "this process may use, 1: render in-process. The shards are byte-identical for every value, so it is not a "
-    "parameter DVC tracks. Official sources ignore it.",
+    help="Images made ahead of the shard writer: processes that render the synthetic world's, threads that read "
+    "and check official files' (PIL decodes outside the GIL). 0: one per core this process may use; 1: none, "
+    "in-process. The shards and skipped.json are byte-identical for every value, so it is not a parameter DVC "
+    "tracks.",
 )
 def main(source, root, splits, out, on_error, workers, params_path, overrides) -> None:
     """Write a dataset split as WebDataset shards in clip-td's one sample format.

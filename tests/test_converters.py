@@ -18,10 +18,12 @@ from tests.conftest import truncate_jpeg
 BUILDERS = {"vqa": (vqa, fx.build_vqa), "snli_ve": (snli_ve, fx.build_snli_ve), "vcr": (vcr, fx.build_vcr)}
 
 
-def run(module: ModuleType, built: fx.Built, out: Path, policy: str = "fail") -> tuple[PreparedDataset, dict]:
+def run(
+    module: ModuleType, built: fx.Built, out: Path, policy: str = "fail", workers: int = 1
+) -> tuple[PreparedDataset, dict]:
     source = module.__name__.rsplit(".", 1)[-1]
     with DatasetWriter(out, source=source, split=built.split, report=SkipReport(policy)) as writer:
-        module.convert(built.root, built.split, writer)
+        module.convert(built.root, built.split, writer, workers)
     return PreparedDataset(out), json.loads((out / "skipped.json").read_text())
 
 
@@ -215,6 +217,29 @@ def test_all_knobs_at_once_under_skip(tmp_path: Path, source: str) -> None:
     ds, skipped = run(module, build(tmp_path / source, knobs=knobs), tmp_path / "out", "skip")
     assert len(ds) == fx.GOOD_INSTANCES and ds.info["images"] == fx.GOOD_IMAGES
     assert skipped["count"] == len(knobs)
+
+
+@pytest.mark.parametrize("source", sorted(BUILDERS))
+def test_images_read_ahead_on_threads_change_no_byte_and_no_first_error(tmp_path: Path, source: str) -> None:
+    """``workers`` threads read images ahead of the writer: with every bad-input knob on (and a shared broken
+    image), every file written under skip, skipped.json's order included, is the one-thread run's, and under
+    fail the error raised is the one-thread run's (the first bad item in input order). Two threads queue
+    fewer calls than the input holds, five more (all of it is written at the end)."""
+    module, build = BUILDERS[source]
+    knobs = {"vqa": fx.VQA_KNOBS, "snli_ve": fx.SNLI_KNOBS, "vcr": fx.VCR_KNOBS}[source]
+    built = build(tmp_path / source, knobs=knobs)
+    truncate_jpeg(next(p for p in sorted(built.root.rglob("*.jpg")) if b"\xff\xda" in p.read_bytes()))
+    errors, trees = [], []
+    for workers in (1, 2, 5):
+        out = tmp_path / f"skip-{workers}"
+        run(module, built, out, "skip", workers)
+        trees.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+        with pytest.raises(DataError) as info:
+            run(module, built, tmp_path / f"fail-{workers}", "fail", workers)
+        errors.append(str(info.value))
+    assert json.loads(trees[0][Path("skipped.json")])["count"] == len(knobs) + fx.PER_IMAGE
+    assert trees[0] == trees[1] == trees[2]
+    assert errors[0] == errors[1] == errors[2]
 
 
 @pytest.mark.parametrize("source", sorted(BUILDERS))

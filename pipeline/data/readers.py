@@ -13,7 +13,9 @@ import io
 import json
 import re
 import stat
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -151,51 +153,121 @@ class InstanceSink:
 
     Remembers images that failed to load, so a broken image shared by many instances is read once and each of
     those instances is reported (and, under the skip policy, skipped) by name.
+
+    With ``threads`` > 1 the images of the next instances are read and decoded on that many threads (file
+    reads and PIL's decoders release the GIL) while earlier instances are written. Every write and every
+    report still happens in the order the converter called ``add`` and ``skip``, so the shards and
+    skipped.json are a one-thread run's, and under the fail policy the first bad item in input order is the
+    one that stops the run (a few calls later than in one thread). Use it as a context manager: leaving the
+    block writes what is still queued, or, on an error, drops it and stops the threads.
     """
 
-    def __init__(self, writer: DatasetWriter):
+    def __init__(self, writer: DatasetWriter, threads: int = 1):
         self.writer = writer
         self._bad_images: dict[Path, str] = {}
         self._image_paths: dict[str, Path] = {}
         self._keys: dict[str, str] = {}  # key -> where it was first seen
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="read-image") if threads > 1 else None
+        # Queued calls, at most this many: enough to keep every thread a few images ahead, few enough that the
+        # images read ahead (a few hundred KB each) stay small beside the writer's buffers.
+        self._window = 4 * threads
+        self._queue: deque[tuple[Callable[..., None], tuple]] = deque()
+        self._reads: dict[Path, list] = {}  # path -> [future of read_image, queued adds that may use it]
+
+    def __enter__(self) -> InstanceSink:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._stop()
+
+    def close(self) -> None:
+        """Write everything still queued (under the fail policy this raises the first bad item's error)."""
+        try:
+            self._drain(0)
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        self._queue.clear()
+        self._reads.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _drain(self, keep: int) -> None:
+        while len(self._queue) > keep:
+            fn, args = self._queue.popleft()
+            fn(*args)
 
     def skip(self, err: DataError) -> None:
-        self.writer.skip(err)
+        if self._pool is None:
+            self.writer.skip(err)
+            return
+        self._queue.append((self.writer.skip, (err,)))
+        self._drain(self._window)
 
-    def add(self, inst: Instance, image_path: Path, file: Path, where: str) -> bool:
-        """Write ``inst`` (read at ``file``/``where``) with the image at ``image_path``; False if it was skipped."""
+    def add(self, inst: Instance, image_path: Path, file: Path, where: str) -> None:
+        """Write ``inst`` (read at ``file``/``where``) with the image at ``image_path``, or report why not."""
+        if self._pool is None:
+            self._add_now(inst, image_path, file, where)
+            return
+        entry = self._reads.get(image_path)
+        if entry is None and not self.writer.has_image(inst.image_id) and image_path not in self._bad_images:
+            entry = self._reads[image_path] = [self._pool.submit(read_image, image_path), 0]
+        if entry is not None:
+            entry[1] += 1
+        self._queue.append((self._add_queued, (inst, image_path, file, where, entry is not None)))
+        self._drain(self._window)
+
+    def _add_queued(self, inst: Instance, image_path: Path, file: Path, where: str, holds_read: bool) -> None:
+        try:
+            self._add_now(inst, image_path, file, where)
+        finally:
+            entry = self._reads.get(image_path) if holds_read else None
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] == 0:  # no queued add needs these bytes any more
+                    del self._reads[image_path]
+
+    def _read(self, image_path: Path) -> tuple[bytes, str]:
+        entry = self._reads.get(image_path)
+        return entry[0].result() if entry is not None else read_image(image_path)
+
+    def _add_now(self, inst: Instance, image_path: Path, file: Path, where: str) -> None:
         try:
             inst.validate()
         except SchemaError as e:
-            self.skip(DataError(file, where, str(e)))
-            return False
+            self.writer.skip(DataError(file, where, str(e)))
+            return
         if inst.key in self._keys:
-            self.skip(
+            self.writer.skip(
                 DataError(
                     file, where, f"duplicate instance key {inst.key!r} (first at {self._keys[inst.key]})"
                 )
             )
-            return False
+            return
         known = self._image_paths.setdefault(inst.image_id, image_path)
         if known != image_path:
             # Sanitised ids of two different files coincide: storing either under the id would be wrong.
-            self.skip(
+            self.writer.skip(
                 DataError(
                     file, where, f"image id {inst.image_id!r} is used for both {known} and {image_path}"
                 )
             )
-            return False
+            return
         if not self.writer.has_image(inst.image_id):
             reason = self._bad_images.get(image_path)
             if reason is None:
                 try:
-                    data, ext = read_image(image_path)
+                    data, ext = self._read(image_path)
                 except ValueError as e:
                     reason = self._bad_images[image_path] = str(e)
             if reason is not None:
-                self.skip(DataError(image_path, f"instance {inst.key} ({file.name} {where})", reason))
-                return False
+                self.writer.skip(DataError(image_path, f"instance {inst.key} ({file.name} {where})", reason))
+                return
             self.writer.add_image(inst.image_id, data, ext, inst.domain)
         self._keys[inst.key] = where
         self.writer.add_instance(inst)
-        return True

@@ -21,19 +21,20 @@ from .schema import SNLI_LABELS, Instance
 from .shards import DatasetWriter
 
 
-def convert(root: Path, split: str, writer: DatasetWriter) -> None:
-    """Convert one SNLI-VE split (train, dev, test) found under ``root``."""
+def convert(root: Path, split: str, writer: DatasetWriter, workers: int = 1) -> None:
+    """Convert one SNLI-VE split (train, dev, test) found under ``root``; ``workers`` threads read and check
+    the images ahead of the writer (``InstanceSink``)."""
     root = Path(root)
     path = root / f"snli_ve_{split}.jsonl"
-    sink = InstanceSink(writer)
-    for lineno, rec in iter_jsonl(path, sink.skip):
-        where = f"line {lineno}"
-        try:
-            inst, image_path = _build(rec, path, where, split, root)
-        except DataError as e:
-            sink.skip(e)
-            continue
-        sink.add(inst, image_path, path, where)
+    with InstanceSink(writer, workers) as sink:
+        for lineno, rec in iter_jsonl(path, sink.skip):
+            where = f"line {lineno}"
+            try:
+                inst, image_path = _build(rec, path, where, split, root)
+            except DataError as e:
+                sink.skip(e)
+                continue
+            sink.add(inst, image_path, path, where)
 
 
 def _build(rec: dict, path: Path, where: str, split: str, root: Path) -> tuple[Instance, Path]:

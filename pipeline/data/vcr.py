@@ -92,21 +92,22 @@ def detokenize(words: list[str]) -> str:
     return out.strip()
 
 
-def convert(root: Path, split: str, writer: DatasetWriter) -> None:
-    """Convert one VCR split (train, val, test) found under ``root``."""
+def convert(root: Path, split: str, writer: DatasetWriter, workers: int = 1) -> None:
+    """Convert one VCR split (train, val, test) found under ``root``; ``workers`` threads read and check the
+    images ahead of the writer (``InstanceSink``)."""
     root = Path(root)
     path = root / f"{split}.jsonl"
     images = root / "vcr1images"
-    sink = InstanceSink(writer)
-    metadata: dict[Path, dict | DataError] = {}  # only width/height/boxes are kept, so this stays small
-    for lineno, rec in iter_jsonl(path, sink.skip):
-        where = f"line {lineno}"
-        try:
-            inst, image_path = _build(rec, path, where, split, images, metadata)
-        except DataError as e:
-            sink.skip(e)
-            continue
-        sink.add(inst, image_path, path, where)
+    with InstanceSink(writer, workers) as sink:
+        metadata: dict[Path, dict | DataError] = {}  # only width/height/boxes are kept, so this stays small
+        for lineno, rec in iter_jsonl(path, sink.skip):
+            where = f"line {lineno}"
+            try:
+                inst, image_path = _build(rec, path, where, split, images, metadata)
+            except DataError as e:
+                sink.skip(e)
+                continue
+            sink.add(inst, image_path, path, where)
 
 
 def _relative(rec: dict, name: str, path: Path, where: str) -> PurePosixPath:

@@ -139,37 +139,40 @@ def majority_answer(answers: list[str], preferred: str = "") -> str:
     return next(a for a in answers if counts[a] == top)
 
 
-def convert(root: Path, split: str, writer: DatasetWriter) -> None:
-    """Convert one VQA v2 split (e.g. train2014, val2014, test2015) found under ``root``."""
+def convert(root: Path, split: str, writer: DatasetWriter, workers: int = 1) -> None:
+    """Convert one VQA v2 split (e.g. train2014, val2014, test2015) found under ``root``; ``workers`` threads
+    read and check the images ahead of the writer (``InstanceSink``)."""
     root = Path(root)
     q_path = root / f"v2_OpenEnded_mscoco_{split}_questions.json"
     a_path = root / f"v2_mscoco_{split}_annotations.json"
     image_split = _IMAGE_SPLIT.get(split, split)
-    sink = InstanceSink(writer)
+    with InstanceSink(writer, workers) as sink:
+        questions = _entries(load_json(q_path), "questions", q_path)
+        labelled = a_path.exists() or "test" not in split
+        annotations = _index_annotations(a_path, sink) if labelled else {}
 
-    questions = _entries(load_json(q_path), "questions", q_path)
-    labelled = a_path.exists() or "test" not in split
-    annotations = _index_annotations(a_path, sink) if labelled else {}
+        # Every readable question_id, written or skipped: its annotation is not an orphan.
+        asked: set[int] = set()
+        for i, q in enumerate(questions):
+            qid = q.get("question_id") if isinstance(q, dict) else None
+            if isinstance(qid, int) and qid in asked:
+                sink.skip(DataError(q_path, f"key question_id={qid}", "duplicate question_id"))
+                continue
+            if isinstance(qid, int):
+                asked.add(qid)
+            try:
+                inst, image_path, where = _build(
+                    q, i, q_path, a_path, annotations, labelled, split, image_split, root
+                )
+            except DataError as e:
+                sink.skip(e)
+                continue
+            sink.add(inst, image_path, q_path, where)
 
-    asked: set[int] = set()  # every readable question_id, written or skipped: its annotation is not an orphan
-    for i, q in enumerate(questions):
-        qid = q.get("question_id") if isinstance(q, dict) else None
-        if isinstance(qid, int) and qid in asked:
-            sink.skip(DataError(q_path, f"key question_id={qid}", "duplicate question_id"))
-            continue
-        if isinstance(qid, int):
-            asked.add(qid)
-        try:
-            inst, image_path, where = _build(
-                q, i, q_path, a_path, annotations, labelled, split, image_split, root
+        for qid in sorted(annotations.keys() - asked):
+            sink.skip(
+                DataError(a_path, f"key question_id={qid}", f"annotation has no question in {q_path.name}")
             )
-        except DataError as e:
-            sink.skip(e)
-            continue
-        sink.add(inst, image_path, q_path, where)
-
-    for qid in sorted(annotations.keys() - asked):
-        sink.skip(DataError(a_path, f"key question_id={qid}", f"annotation has no question in {q_path.name}"))
 
 
 def _entries(doc: Any, name: str, path: Path) -> list:
