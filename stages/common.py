@@ -1,9 +1,11 @@
 """What every stage shares: the click command around it (``stage_command``), the --params / --set options and
-loading them into typed parameters."""
+loading them into typed parameters, and how a stage writes a result file (``write_json``)."""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,24 @@ DEFAULT_PARAMS = "params.yaml"
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 ErrorTypes = tuple[type[BaseException], ...]
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write beside ``path`` and rename into place: a reader never sees half a file, a failed write leaves the
+    previous file and no temporary beside it, and a symlink at ``path`` is replaced, not followed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: object, newline: bool = True) -> None:
+    """``obj`` as JSON (indent 1) through ``write_text``. ``newline=False`` keeps the files that were always
+    written without a final newline (eval.json) byte for byte as they were: DVC records their hashes."""
+    write_text(path, json.dumps(obj, indent=1) + ("\n" if newline else ""))
 
 
 def one_line(e: object) -> str:

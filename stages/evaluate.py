@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import multiprocessing as mp
-import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -21,7 +20,7 @@ from pipeline.metrics import PRIMARY
 from pipeline.protocol import SplitError, make_split
 from pipeline.splits import recorded_splits, resolve_splits
 from pipeline.teacher import TeacherError
-from stages.common import stage_command, stage_params
+from stages.common import stage_command, stage_params, write_json
 from student.checkpoint import load_state
 from student.data import TaskSpec, load_tokenizer, open_prepared
 from student.errors import CheckpointError
@@ -252,10 +251,7 @@ def main(run_dirs, runs, out, jobs, params_path, overrides) -> None:
     cores = usable_cores()
     for run_dir, result in _scored(run_dirs, params, min(jobs or cores, len(run_dirs)), cores):
         dest = (out / run_dir.name) if out else run_dir
-        dest.mkdir(parents=True, exist_ok=True)
-        tmp = dest / f".eval.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, dest / "eval.json")  # a failed write leaves the previous eval.json
+        write_json(dest / "eval.json", result, newline=False)  # a failed write leaves the previous eval.json
         click.echo(
             f"{run_dir}: {result['primary_metric']} = {result['primary']:.4f} (n={result['metrics']['n']})"
         )

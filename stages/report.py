@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 
 from pipeline.conditions import Condition
 from pipeline.report import ReportError, write_report
-from stages.common import stage_command
+from stages.common import stage_command, write_text
 
 
 @stage_command(user_errors=(ReportError,), params=False)
@@ -160,10 +159,7 @@ def inject(readme: Path, results_md: str, out_dir: Path, conditions: set[str] | 
     )
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    # Beside the README, then renamed over it: an interrupted write never leaves a truncated README.
-    tmp = readme.with_name(f".{readme.name}.tmp")
-    tmp.write_text(f"{head}{START}\n{body}\n\n{plots}\n{END}{tail}")
-    os.replace(tmp, readme)
+    write_text(readme, f"{head}{START}\n{body}\n\n{plots}\n{END}{tail}")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 import click
 
 from pipeline.study import StudyError, load_study, override_args
-from stages.common import params_options, stage_params
+from stages.common import params_options, stage_params, write_json
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -108,10 +106,7 @@ def main(study_path, caches, data_root, split, min_cover, out, params_path, over
             click.echo(f"{name}/{task}: selected {sel} vs random {rnd} on named objects (n={r['n']})")
         result["teachers"][name] = {"cache": path, "tasks": tasks}
     result["seconds"] = round(time.time() - t0, 2)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
+    write_json(out, result)
 
 
 if __name__ == "__main__":

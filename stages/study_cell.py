@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -11,7 +9,7 @@ from pathlib import Path
 import click
 
 from pipeline.study import INITS, StudyError, load_study, override_args
-from stages.common import params_options, stage_params
+from stages.common import params_options, stage_params, write_json
 from student.losses import METHODS
 
 
@@ -95,9 +93,7 @@ def main(
     # The resume state (optimizer moments: three times the student) is of no use once the cell is done, and
     # 600 of them would fill the disk; this run wrote it, so this run removes it.
     (out / "checkpoint.pt").unlink(missing_ok=True)
-    tmp = out / f".eval.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "eval.json")
+    write_json(out / "eval.json", result, newline=False)
     click.echo(f"{out}: {result['primary_metric']} = {result['primary']:.4f} in {finished - started:.0f}s")
 
 

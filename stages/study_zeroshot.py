@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import click
 
 from pipeline.study import StudyError, cells, load_study, override_args
-from stages.common import params_options, stage_params
+from stages.common import params_options, stage_params, write_json
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -67,10 +66,7 @@ def main(study_path, cache, out, params_path, overrides) -> None:
             result.setdefault(task, {})[z.condition] = z.as_dict()
             click.echo(f"{task}/{z.condition}: {z.metric} {z.score:.4f} (chance {z.chance:.4f}, n={z.n})")
     result_seconds = round(time.time() - t0, 2)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
+    write_json(out, result)
     # Its cost, beside the scores (the scores file keeps stages.zeroshot's format).
     (out.with_name(out.stem + ".time.json")).write_text(json.dumps({"seconds": result_seconds}) + "\n")
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import click
@@ -15,7 +13,7 @@ from pipeline.data.shards import PreparedDataset
 from pipeline.protocol import SplitError
 from pipeline.splits import resolve_splits
 from pipeline.zeroshot import task_zeroshot
-from stages.common import stage_command, stage_params
+from stages.common import stage_command, stage_params, write_json
 
 
 def role_instances(root: Path, roles: SplitRoles) -> tuple[list, list | None, list, Path]:
@@ -80,10 +78,7 @@ def main(data_root, cache, out, params_path, overrides) -> None:
         for z in scores:
             result.setdefault(task, {})[z.condition] = z.as_dict()
             click.echo(f"{task}/{z.condition}: {z.metric} {z.score:.4f} (chance {z.chance:.4f}, n={z.n})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
+    write_json(out, result)
 
 
 if __name__ == "__main__":

@@ -108,3 +108,34 @@ def test_runs_scored_side_by_side_score_as_one_process_does_and_a_bad_one_is_one
     bad = _evaluate(dirs, trained[1], tmp_path, "--jobs", "2")
     assert bad.exit_code == 1 and "Error:" in bad.output and "train.json: not a JSON object" in bad.output
     assert (dirs[0] / "eval.json").exists() and not (dirs[1] / "eval.json").exists()
+
+
+def test_a_failed_result_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    """How every stage writes eval.json and its other results (stages.common.write_json): a write that fails
+    midway (a full disk) keeps the previous file whole and leaves nothing beside it; a symlink at the
+    destination is replaced, never written through."""
+    from pathlib import Path
+
+    from stages.common import write_json
+
+    out = tmp_path / "run" / "eval.json"
+    write_json(out, {"primary": 0.5}, newline=False)
+    assert out.read_text() == '{\n "primary": 0.5\n}'
+    real_write = Path.write_text
+
+    def disk_full(self, text, *a, **k):
+        real_write(self, text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_json(out, {"primary": 0.9, "more": list(range(100))})
+    monkeypatch.undo()
+    assert out.read_text() == '{\n "primary": 0.5\n}'
+    assert sorted(p.name for p in out.parent.iterdir()) == ["eval.json"]
+    target = tmp_path / "elsewhere.json"
+    target.write_text("theirs")
+    out.unlink()
+    out.symlink_to(target)
+    write_json(out, {"primary": 0.7})
+    assert target.read_text() == "theirs" and not out.is_symlink() and out.read_text().endswith("}\n")
