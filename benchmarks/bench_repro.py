@@ -27,7 +27,8 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import Result, Scratch, log, parser
-from pipeline.repro import OUTPUT_KEYS, Plan, entry_paths, gpu_cores, overlaps
+from pipeline.config import usable_cores
+from pipeline.repro import OUTPUT_KEYS, Plan, entry_paths, gpu_cores, one_core, overlaps
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the stage commands read from the checkout (report writes its results section into README.md).
@@ -101,9 +102,9 @@ def plan(stages: dict[str, dict]):
         }
         for n, s in stages.items()
     }
-    one_core = {n for n, s in stages.items() if (s.get("meta") or {}).get("cores") == 1}
+    single = {n for n, s in stages.items() if one_core(s.get("meta"))}
     on_gpu = {n: c for n, s in stages.items() if (c := gpu_cores(s.get("meta"))) is not None}
-    p = Plan(list(stages), needs, one_core, gpu_cores=on_gpu)
+    p = Plan(list(stages), needs, single, gpu_cores=on_gpu)
     p.prioritise()
     return p
 
@@ -170,7 +171,7 @@ def main(args_list: list[str] | None = None) -> int:
         )
         pl = plan(stages)
         pl.gpu = cuda  # stages marked meta: {gpu_cores: N} run beside others, as make repro runs them there
-        jobs = args.jobs or repro.default_jobs()
+        jobs = args.jobs or usable_cores()
         res.settings = {
             "params": args.params or "params.yaml",
             "jobs": jobs,

@@ -113,8 +113,8 @@ def overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep)
 
 
-def _one_core(stage) -> bool:
-    meta = getattr(stage, "meta", None)
+def one_core(meta: object) -> bool:
+    """Whether a dvc.yaml entry's ``meta`` marks a one-core stage (``meta: {cores: 1}``)."""
     return isinstance(meta, dict) and meta.get("cores") == 1
 
 
@@ -168,7 +168,14 @@ def plan(root: str | Path, target: str, first: tuple[str, ...] = ()) -> Plan:
     needs = {s.addressing: {d.addressing for d in sub.successors(s)} for s in todo}
     outs = {s.addressing: {os.path.abspath(o.fs_path) for o in s.outs} for s in todo}
     on_gpu = {s.addressing: n for s in todo if (n := gpu_cores(getattr(s, "meta", None))) is not None}
-    p = Plan(order, needs, {s.addressing for s in todo if _one_core(s)}, recorded, outs, on_gpu)
+    p = Plan(
+        order,
+        needs,
+        {s.addressing for s in todo if one_core(getattr(s, "meta", None))},
+        recorded,
+        outs,
+        on_gpu,
+    )
     p.prioritise(first)
     return p
 
@@ -414,10 +421,6 @@ def run(
     return failed
 
 
-def default_jobs() -> int:
-    return usable_cores()
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("target", default="dvc.yaml")
 @click.option(
@@ -439,7 +442,7 @@ def main(target: str, jobs: int, keep_going: bool, first: tuple[str, ...], dry: 
     the stages marked as one-core several at a time. Each stage is run and recorded by DVC itself, so a later
     plain `dvc repro` finds everything up to date; an interrupted run resumes at what is not recorded."""
     p = plan(".", target, first)
-    jobs = jobs or default_jobs()
+    jobs = jobs or usable_cores()
     if not p.order:
         click.echo(f"{target}: everything is up to date.")
         return

@@ -934,6 +934,10 @@ def task_instances(
 # costs more than it saves.
 _POOL_MIN_IMAGES = 1000
 _POOL_CHUNK = 64  # scenes per task handed to a worker: enough to amortise the pickling of each hand-off
+# At most this many: beyond a few, the shard writer in this process is what the split waits on, and each
+# worker is a process with numpy and PIL loaded (five splits at once on a many-core machine would start
+# five times one per core).
+_POOL_MAX_WORKERS = 4
 
 
 def _render_at(split: str, params: SyntheticParams, index: int) -> bytes:
@@ -945,14 +949,14 @@ def _render_at(split: str, params: SyntheticParams, index: int) -> bytes:
 def _images_ahead(
     split: str, params: SyntheticParams, n: int, workers: int
 ) -> Iterator[Iterator[bytes] | None]:
-    """PNG bytes of scenes 0..n-1 in order, rendered on ``workers`` processes while this one writes shards;
-    None when the split renders in-process (``workers`` <= 1, or a small split). The bytes are the same
-    either way (``render`` is a function of the scene alone). Spawned, not forked: a caller's threads (a
-    test runner's, a notebook's) must not be copied into a child mid-lock."""
+    """PNG bytes of scenes 0..n-1 in order, rendered on ``workers`` processes (at most ``_POOL_MAX_WORKERS``)
+    while this one writes shards; None when the split renders in-process (``workers`` <= 1, or a small
+    split). The bytes are the same either way (``render`` is a function of the scene alone). Spawned, not
+    forked: a caller's threads (a test runner's, a notebook's) must not be copied into a child mid-lock."""
     if workers <= 1 or n < _POOL_MIN_IMAGES:
         yield None
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(min(workers, _POOL_MAX_WORKERS)) as pool:
         yield pool.imap(functools.partial(_render_at, split, params), range(n), chunksize=_POOL_CHUNK)
 
 
