@@ -9,8 +9,11 @@ tokens are in the joint space (width E) and may be float16, and are cast to floa
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, NotRequired, TypedDict
 
@@ -55,16 +58,62 @@ class DistillHeads(nn.Module):
         self.h_p = nn.Linear(d_s, e)
 
 
+# The checks of the step being computed when ``deferred_finite_checks`` is active (None: check at once).
+_deferred: contextvars.ContextVar[list[tuple[str, Tensor]] | None] = contextvars.ContextVar(
+    "clip_td_deferred_finite", default=None
+)
+
+
+def _raise_nonfinite(name: str, tensor: Tensor) -> None:
+    n_nan = int(torch.isnan(tensor).sum())
+    n_inf = int(torch.isinf(tensor).sum())
+    raise FloatingPointError(
+        f"loss term '{name}' is not finite ({n_nan} NaN, {n_inf} Inf of {tensor.numel()} values); "
+        "check the teacher cache rows of this batch and the learning rate"
+    )
+
+
 def check_finite(name: str, tensor: Tensor) -> Tensor:
-    """Raise FloatingPointError naming the loss term when ``tensor`` holds NaN or Inf; returns it unchanged."""
-    if not torch.isfinite(tensor).all():
-        n_nan = int(torch.isnan(tensor).sum())
-        n_inf = int(torch.isinf(tensor).sum())
-        raise FloatingPointError(
-            f"loss term '{name}' is not finite ({n_nan} NaN, {n_inf} Inf of {tensor.numel()} values); "
-            "check the teacher cache rows of this batch and the learning rate"
-        )
+    """Raise FloatingPointError naming the loss term when ``tensor`` holds NaN or Inf; returns it unchanged.
+    Inside ``deferred_finite_checks`` the check is recorded and made by ``verify``."""
+    pending = _deferred.get()
+    if pending is not None:
+        pending.append((name, tensor.detach()))
+    elif not torch.isfinite(tensor).all():
+        _raise_nonfinite(name, tensor)
     return tensor
+
+
+class FiniteChecks:
+    """The finite checks of one training step, made together: each check of its own reads the device once,
+    and on a GPU every read waits for the queue to drain (eight of them a clip_td step). ``verify`` reads
+    once and raises the error the first failing check would have raised at once."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, Tensor]] = []
+
+    def verify(self) -> None:
+        if not self.pending:
+            return
+        ok = torch.stack([torch.isfinite(t).all() for _, t in self.pending])
+        if not bool(ok.all()):
+            name, tensor = next(
+                (n, t) for (n, t), good in zip(self.pending, ok.tolist(), strict=True) if not good
+            )
+            _raise_nonfinite(name, tensor)
+        self.pending.clear()
+
+
+@contextlib.contextmanager
+def deferred_finite_checks() -> Iterator[FiniteChecks]:
+    """Within the block, ``check_finite`` (in this thread) records instead of reading the device; call
+    ``verify()`` before the result is used (the optimizer step). Leaving the block does not verify."""
+    checks = FiniteChecks()
+    token = _deferred.set(checks.pending)
+    try:
+        yield checks
+    finally:
+        _deferred.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------- §2 alignment

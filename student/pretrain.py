@@ -215,15 +215,18 @@ def pretrain_student(
             g["lr"] = lr * scale
         idx = torch.randint(len(pairs), (batch_size,), generator=gen)
         logs = losses(student, heads, make_batch(pairs, idx, gen, eot_id, max_len))
-        if not torch.isfinite(logs["loss"]):
-            raise FloatingPointError(
-                f"pretrain_student: non-finite loss at step {step} (itm {logs['itm']}, mlm {logs['mlm']})"
-            )
         opt.zero_grad(set_to_none=True)
         logs["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        # The step's values in one read (on a GPU each read waits for the queue), checked before the update;
+        # float64 holds each float32 value exactly.
+        row = dict(zip(logs, torch.stack([v.detach().double() for v in logs.values()]).tolist(), strict=True))
+        if not math.isfinite(row["loss"]):
+            raise FloatingPointError(
+                f"pretrain_student: non-finite loss at step {step} (itm {row['itm']}, mlm {row['mlm']})"
+            )
         opt.step()
-        history.append({k: float(v.detach()) for k, v in logs.items()})
+        history.append(row)
         if step % 20 == 0:
             bar.set_postfix(itm=f"{history[-1]['itm_acc']:.2f}", mlm=f"{history[-1]['mlm_acc']:.2f}")
     seconds = time.perf_counter() - t0

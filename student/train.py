@@ -59,6 +59,7 @@ from student.losses import (
     DistillHeads,
     MethodSettings,
     check_finite,
+    deferred_finite_checks,
     distill_loss,
     method_config,
     prepare_teacher,
@@ -399,40 +400,44 @@ class Trainer:
         batch = batch.to(self.device)
         if unlabeled is not None:
             unlabeled = (unlabeled[0], *to_device(tuple(unlabeled[1:]), self.device))
-        l_task, out = forward_task(self.student, self.heads, task, batch)
-        check_finite("task loss", l_task)
-        tb = weights = None
-        if self.needs_teacher:
-            tb, weights = targets if targets is not None else self.targets(batch, unlabeled)
-            if unlabeled is not None:
-                _, u_pixels, u_text = unlabeled
-                out = _cat_outputs(out, self.student(u_pixels, u_text))
-        total, parts = distill_loss(
-            out,
-            self.dheads,
-            tb,
-            weights,
-            l_task,
-            self.step,
-            self.params.train.steps,
-            cfg,
-            self.source.grid if self.source else 0,
-        )
-        check_finite("total loss", total)
-        if not self._all_ranks_finite(True):
-            raise _PeerNonFinite("another rank's loss is not finite: every rank skips this step")
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        if self.ddp:
-            average_gradients(self.params_list, self.world_size)
-        check_finite("gradient norm", torch.nn.utils.clip_grad_norm_(self.params_list, 1.0))
+        # The step's finite checks and its logged values are each read from the device once (on a GPU every
+        # read waits for the queue to drain), yet no update is made from a non-finite loss or gradient.
+        with deferred_finite_checks() as checks:
+            l_task, out = forward_task(self.student, self.heads, task, batch)
+            check_finite("task loss", l_task)
+            tb = weights = None
+            if self.needs_teacher:
+                tb, weights = targets if targets is not None else self.targets(batch, unlabeled)
+                if unlabeled is not None:
+                    _, u_pixels, u_text = unlabeled
+                    out = _cat_outputs(out, self.student(u_pixels, u_text))
+            total, parts = distill_loss(
+                out,
+                self.dheads,
+                tb,
+                weights,
+                l_task,
+                self.step,
+                self.params.train.steps,
+                cfg,
+                self.source.grid if self.source else 0,
+            )
+            check_finite("total loss", total)
+            if self.ddp:  # ranks vote on the loss before the gradient all_reduce (_all_ranks_finite)
+                checks.verify()
+            if not self._all_ranks_finite(True):
+                raise _PeerNonFinite("another rank's loss is not finite: every rank skips this step")
+            self.opt.zero_grad(set_to_none=True)
+            total.backward()
+            if self.ddp:
+                average_gradients(self.params_list, self.world_size)
+            check_finite("gradient norm", torch.nn.utils.clip_grad_norm_(self.params_list, 1.0))
+            checks.verify()
         self.opt.step()
         self.sched.step()
-        return {
-            "loss": float(total.detach()),
-            "task": float(l_task.detach()),
-            **{k: float(v) for k, v in parts.items()},
-        }
+        # float64 holds every float32 part exactly: the same numbers float() of each gave.
+        values = torch.stack([t.detach().double() for t in (total, l_task, *parts.values())]).tolist()
+        return dict(zip(["loss", "task", *parts], values, strict=True))
 
     def batches(self):
         tp = self.params.train

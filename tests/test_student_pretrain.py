@@ -90,6 +90,29 @@ def _one_step_backbone(corpus, sp: StudentParams, out) -> None:
     )  # fmt: skip
 
 
+def test_a_nonfinite_pretraining_loss_stops_before_the_update_and_writes_nothing(
+    corpus, tmp_path, monkeypatch
+):
+    import student.pretrain as P
+
+    real, calls = P.losses, {"n": 0}
+
+    def losses(*a, **k):
+        logs = real(*a, **k)
+        calls["n"] += 1
+        return {**logs, "loss": logs["loss"] * float("nan")} if calls["n"] == 2 else logs
+
+    monkeypatch.setattr(P, "losses", losses)
+    steps = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1))
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 \(itm [0-9.]+, mlm [0-9.]+\)"):
+        pretrain_student(
+            _sp(), TEACHER, corpus / "captions", None, tmp_path / "out", steps=3, batch_size=4, lr=1e-3,
+            weight_decay=0.0, warmup=1, pairs_limit=8, seed=0, progress=False,
+        )  # fmt: skip
+    assert steps == [1] and not (tmp_path / "out").exists()  # step 0 updated, step 1 did not; no backbone
+
+
 def test_a_backbone_of_another_shape_is_refused_naming_the_keys(corpus, tmp_path):
     sp = _sp()
     _one_step_backbone(corpus, sp, tmp_path / "out")
