@@ -9,7 +9,7 @@ import torch
 from pipeline.data.shards import PreparedDataset
 from pipeline.metrics import PRIMARY, aggregate, instance_scores
 from student.data import Batch, TaskSpec, eval_batches
-from student.model import TaskHeads
+from student.model import TaskHeads, images_for_texts
 
 
 @torch.no_grad()
@@ -17,7 +17,7 @@ def predict(student, heads: TaskHeads, task: str, batch: Batch, vocab: Sequence[
     batch = batch.to(next(student.parameters()).device)
     if task == "vcr":
         b, k2, length = batch.text_ids.shape
-        out = student(batch.pixels.repeat_interleave(k2, 0), batch.text_ids.view(b * k2, length))
+        out = student(images_for_texts(student, batch.pixels, k2), batch.text_ids.view(b * k2, length))
         scores = heads("vcr", out.pooled.view(b, k2, -1))
         k = k2 // 2
         return [

@@ -92,6 +92,12 @@ def fit_text(text_ids: Tensor, max_len: int, eot_id: int) -> tuple[Tensor, Tenso
     return ids, mask & has_text
 
 
+def images_for_texts(student: nn.Module, pixels: Tensor, k: int) -> Tensor:
+    """The images to pass with k texts per image (VCR's answers and rationales): each once for a student that
+    shares images (its stem runs once per image, the rest once per pair), else repeated k times."""
+    return pixels if getattr(student, "shares_images", False) else pixels.repeat_interleave(k, 0)
+
+
 def check_inputs(pixels: Tensor, text_ids: Tensor, image_size: int) -> tuple[int, int]:
     """(text rows, images) of a student's inputs: images of the student's size, and the same number of text
     rows for every image (text row r is read with image r // (rows / images))."""

@@ -64,7 +64,7 @@ from student.losses import (
     method_config,
     prepare_teacher,
 )
-from student.model import StudentOutput, TaskHeads, count_parameters, create_student
+from student.model import StudentOutput, TaskHeads, count_parameters, create_student, images_for_texts
 from student.placement import (
     average_gradients,
     broadcast_parameters,
@@ -123,11 +123,7 @@ def forward_task(student, heads: TaskHeads, task: str, batch: Batch) -> tuple[to
         loss, _ = heads.loss(task, out.pooled, batch.target)
         return loss, out
     b, k2, length = batch.text_ids.shape
-    # A student that shares_images runs its image stem once per image for the k2 texts (issue 24 item 4).
-    pixels = (
-        batch.pixels if getattr(student, "shares_images", False) else batch.pixels.repeat_interleave(k2, 0)
-    )
-    out = student(pixels, batch.text_ids.view(b * k2, length))
+    out = student(images_for_texts(student, batch.pixels, k2), batch.text_ids.view(b * k2, length))
     pooled = out.pooled.view(b, k2, -1)
     k = k2 // 2
     l_qa, _ = heads.loss("vcr", pooled[:, :k], batch.target[:, 0])

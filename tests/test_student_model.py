@@ -376,6 +376,26 @@ def test_film_one_image_for_k_texts_equals_the_image_repeated():
     torch.testing.assert_close(shared.image_tokens, repeated.image_tokens)
 
 
+def test_vcr_prediction_reads_each_image_once_and_predicts_as_with_repeated_images():
+    # Scoring VCR reads each image with its 8 texts: a student that shares images runs its stem once per image.
+    from student.data import Batch
+    from student.evaluation import predict
+
+    torch.manual_seed(0)
+    m = create_student("film", film_params(), vocab_size=VOCAB).eval()
+    heads = TaskHeads(m.width, 0, tasks=("vcr",))
+    ids = torch.randint(3, 9, (3, 8, 4))
+    ids[..., 0], ids[..., -1] = SOT, EOT
+    batch = Batch([], torch.randn(3, 3, 16, 16), ids, torch.zeros(3, 2, dtype=torch.long), [])
+    rows = []
+    hook = m.stem.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    shared = predict(m, heads, "vcr", batch, [])
+    m.shares_images = False  # as a student without the shortcut is fed: every image repeated per text
+    repeated = predict(m, heads, "vcr", batch, [])
+    hook.remove()
+    assert rows == [3, 24] and shared == repeated and len(shared) == 3
+
+
 def test_film_exported_student_round_trips_its_compact_vocabulary(tmp_path):
     torch.manual_seed(0)
     vocab = torch.tensor([0, 3, 4, SOT, EOT])
