@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 from pipeline.config import StudentParams
 from pipeline.data.shards import PreparedDataset
 
-from .checkpoint import load_state
+from .checkpoint import load_state, write_atomic
 from .data import image_tensor, load_tokenizer
 from .errors import CheckpointError
 from .model import PAD_ID, create_student, fit_text, text_vocabulary
@@ -234,20 +233,17 @@ def pretrain_student(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT_NAME
-    tmp = ckpt.with_name(f".{ckpt.name}.tmp-{os.getpid()}")
-    torch.save(
-        {
-            "format": FORMAT,
-            "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
-            "student_params": asdict(sp),
-            "teacher_model": teacher_model,
-            "steps": steps,
-            "seed": seed,
-            "data_fingerprint": pairs.fingerprint,
-        },
-        tmp,
-    )
-    os.replace(tmp, ckpt)  # a crash never leaves a half-written backbone that student runs would trust
+    backbone = {
+        "format": FORMAT,
+        "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+        "student_params": asdict(sp),
+        "teacher_model": teacher_model,
+        "steps": steps,
+        "seed": seed,
+        "data_fingerprint": pairs.fingerprint,
+    }
+    # A crash never leaves a half-written backbone that student runs would trust, nor a temporary beside it.
+    write_atomic(ckpt, lambda tmp: torch.save(backbone, tmp))
 
     window = max(1, min(50, steps // 5))
     metrics: dict = {
@@ -269,9 +265,7 @@ def pretrain_student(
     if metrics_path is not None:
         mp = Path(metrics_path)
         mp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = mp.with_name(f".{mp.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(metrics, indent=1) + "\n")
-        os.replace(tmp, mp)
+        write_atomic(mp, lambda tmp: tmp.write_text(json.dumps(metrics, indent=1) + "\n"))
     return metrics
 
 

@@ -113,6 +113,24 @@ def test_a_nonfinite_pretraining_loss_stops_before_the_update_and_writes_nothing
     assert steps == [1] and not (tmp_path / "out").exists()  # step 0 updated, step 1 did not; no backbone
 
 
+def test_a_failed_backbone_write_keeps_the_previous_backbone_and_leaves_no_temporary(
+    corpus, tmp_path, monkeypatch
+):
+    _one_step_backbone(corpus, _sp(), tmp_path / "out")
+    before = (tmp_path / "out" / "student.pt").read_bytes()
+    real = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        real(obj, f, *a, **k)  # half a file: the write gets as far as the disk allows
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _one_step_backbone(corpus, _sp(), tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["student.pt"]
+    assert (tmp_path / "out" / "student.pt").read_bytes() == before
+
+
 def test_a_backbone_of_another_shape_is_refused_naming_the_keys(corpus, tmp_path):
     sp = _sp()
     _one_step_backbone(corpus, sp, tmp_path / "out")
