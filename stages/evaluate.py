@@ -24,7 +24,7 @@ from stages.common import stage_command, stage_params, write_json
 from student.checkpoint import load_state
 from student.data import TaskSpec, load_tokenizer, open_prepared
 from student.errors import CheckpointError
-from student.evaluation import evaluate
+from student.evaluation import BatchCache, evaluate
 from student.losses import METHODS, method_config
 from student.model import TaskHeads, create_student
 
@@ -35,6 +35,11 @@ def _instances(split_dir: Path) -> tuple[PreparedDataset, tuple]:
     parsing the train shards again for each of 54 runs was most of this stage's time."""
     ds = open_prepared(split_dir)
     return ds, tuple(ds.iter_instances())
+
+
+EVAL_BATCH = 128
+# The test batches a process's runs share: the grid's runs of a task (but the blind ones) read the same ones.
+_TEST_BATCHES = BatchCache()
 
 
 class ExportError(RuntimeError):
@@ -153,7 +158,8 @@ def evaluate_run(run_dir: Path, params) -> dict:
     spec = TaskSpec(run["task"], tokenizer, sp.image_size, sp.max_text_len,
                     exported["vocab"], params.distill.vqa_candidates,
                     blind=method_config(run["method"], params.distill).blind)  # fmt: skip
-    result = evaluate(student, heads, test_ds, split.test, spec)
+    batches = _TEST_BATCHES.batches(test_ds, split.test, spec, EVAL_BATCH, exported["teacher_model"])
+    result = evaluate(student, heads, test_ds, split.test, spec, batches=batches)
     return {
         "run": {k: run[k] for k in ("task", "condition", "method", "seed")},
         "protocol": shift,

@@ -54,7 +54,7 @@ from student.data import (
     unlabeled_batches,
 )
 from student.errors import CheckpointError, RunError, RunLocked, RunSetupError
-from student.evaluation import evaluate
+from student.evaluation import BatchCache, evaluate
 from student.losses import (
     DistillHeads,
     MethodSettings,
@@ -217,6 +217,7 @@ class Trainer:
         vocab = self.train_ds.answer_vocab() if run.task == "vqa" else []
         self.spec = TaskSpec(run.task, load_tokenizer(teacher_model), params.student.image_size, params.student.max_text_len,
                              vocab, params.distill.vqa_candidates, blind=self.cfg.blind)  # fmt: skip
+        self._val_batches = BatchCache()  # every validation of the run reads the same instances
         self.views = view_table(params, run, self.source, self.train_ds)
         self.order_groups = chunk_groups(params, run, self.source, self.train_instances)
         vocabulary = self._student_vocabulary()
@@ -500,7 +501,9 @@ class Trainer:
         return {"loss": float("nan"), "skipped": 1.0}
 
     def validate(self) -> dict:
-        return evaluate(self.student, self.heads, self.val_ds or self.train_ds, self.split.val, self.spec)
+        ds, keys = self.val_ds or self.train_ds, self.split.val
+        batches = self._val_batches.batches(ds, keys, self.spec, 128, self.params.teacher.model)
+        return evaluate(self.student, self.heads, ds, keys, self.spec, batches=batches)
 
     def fit(self, resume: bool = True, max_steps: int | None = None) -> dict:
         tp = self.params.train

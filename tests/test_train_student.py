@@ -413,3 +413,30 @@ def test_a_nonfinite_kd_term_is_named_and_changes_no_weight(world, tmp_path):
         tr.train_step(batch, None, (tb, weights))
     assert all(torch.equal(a, p) for a, p in zip(before, tr.params_list, strict=True))
     assert {int(s["step"]) for s in tr.opt.state_dict()["state"].values()} == opt_steps
+
+
+def test_evaluation_batches_are_kept_for_the_next_pass_within_their_budget(world, tmp_path, monkeypatch):
+    """A run's validations (and an evaluate process's runs of one test split) encode the instances once: later
+    passes score the same from memory. Passes over the budget are streamed; the oldest pass makes room."""
+    import student.evaluation as E
+
+    tr = Trainer(student_params(world), run_spec(world, tmp_path, task="vcr"), progress=False)
+    ds, keys = tr.val_ds or tr.train_ds, tr.split.val
+    reads, real = [], E.eval_batches
+    monkeypatch.setattr(E, "eval_batches", lambda *a, **k: (reads.append(1), real(*a, **k))[1])
+    plain = E.evaluate(tr.student, tr.heads, ds, keys, tr.spec)
+
+    def passes(cache: E.BatchCache, keys, n: int) -> list[dict]:
+        return [E.evaluate(tr.student, tr.heads, ds, keys, tr.spec, batches=cache.batches(ds, keys, tr.spec, 8, "t"))
+                for _ in range(n)]  # fmt: skip
+
+    cache = E.BatchCache()
+    assert (
+        passes(cache, keys, 3) == [plain] * 3 and len(reads) == 2
+    )  # the plain pass, then one read for three
+    (size,) = [n for _, n in cache.kept.values()]
+    assert passes(E.BatchCache(max_bytes=size - 1), keys, 2) == [plain] * 2 and len(reads) == 4  # streamed
+    one = E.BatchCache(max_bytes=size)
+    passes(one, keys, 1)
+    passes(one, keys[: len(keys) // 2], 1)
+    assert [k[1] for k in one.kept] == [tuple(keys[: len(keys) // 2])]
