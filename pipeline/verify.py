@@ -22,7 +22,6 @@ A check that cannot run (an array missing, a manifest entry unreadable) is itsel
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections import Counter
@@ -495,15 +494,3 @@ def verify_store(url: str, *, scan: bool = True, workers: int = 0) -> Report:
             check = Check(name, False, "could not run", [f"{type(e).__name__}: {e}"])
         report.checks.append(check)
     return report
-
-
-def write_json(report: Report, path: str) -> None:
-    """Written beside and renamed into place (a symlink at ``path`` is replaced, not followed)."""
-    import os
-    from pathlib import Path
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report.to_json(), indent=1))
-    os.replace(tmp, out)

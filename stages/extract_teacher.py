@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from stages.common import stage_command, stage_params
+from stages.common import stage_command, stage_params, write_json
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -138,7 +138,6 @@ def main(
         extract,
         find_default_datasets,
         open_datasets,
-        write_metrics,
     )
 
     params = stage_params(params_path, overrides)
@@ -194,7 +193,7 @@ def main(
     if metrics_path is None:
         metrics_path = default_metrics_path(cp.store)
     if metrics_path is not None:
-        write_metrics(metrics_path, metrics)
+        write_json(Path(metrics_path), metrics, newline=False)
     appended = ""
     if metrics.get("images_appended") or metrics.get("aliases_appended") or metrics.get("texts_appended"):
         appended = (

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from stages.common import stage_command
+from stages.common import stage_command, write_json
 
 
 @stage_command(params=False)
@@ -55,7 +55,7 @@ def main(store: str | None, json_path: Path | None, no_scan: bool, workers: int,
     Exit status: 0 when every check passes, 1 when any fails, 2 when STORE is not a teacher cache.
     """
     from pipeline.cache import CacheFormatError
-    from pipeline.verify import verify_store, write_json
+    from pipeline.verify import verify_store
 
     if store is None:
         from pipeline.config import ConfigError, load_params
@@ -72,7 +72,7 @@ def main(store: str | None, json_path: Path | None, no_scan: bool, workers: int,
     for line in report.lines():
         click.echo(line)
     if json_path is not None:
-        write_json(report, str(json_path))
+        write_json(Path(json_path), report.to_json(), newline=False)
         click.echo(f"report -> {json_path}")
     if not report.ok:
         raise SystemExit(1)

@@ -44,7 +44,7 @@ compute), ``screen`` (NaN/Inf), ``writer`` (shards on writer threads), ``schedul
 
 from __future__ import annotations
 
-from .coordinator import default_metrics_path, extract, write_metrics
+from .coordinator import default_metrics_path, extract
 from .datasets import find_default_datasets, open_datasets
 from .decode import MP_CONTEXT_ENV, UnitImages, collate_images, pil_steps, unit_batches
 from .errors import (
@@ -103,6 +103,5 @@ __all__ = [
     "unit_batches",
     "unit_jobs",
     "weights_sha256",
-    "write_metrics",
     "write_threads",
 ]

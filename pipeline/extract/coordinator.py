@@ -4,9 +4,7 @@ metrics."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -485,13 +483,3 @@ def default_metrics_path(store_url: str) -> Path | None:
     extracting some other store never overwrites the pipeline's metrics/extract.json. None for a remote URL."""
     path = C.local_path(store_url)
     return Path(path + ".extract.json") if path is not None else None
-
-
-def write_metrics(path: str | Path, metrics: dict) -> None:
-    """Written beside and renamed into place: a reader never sees half a file, and a symlink at ``path`` is
-    replaced, not followed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, path)
