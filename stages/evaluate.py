@@ -24,7 +24,7 @@ from stages.common import stage_command, stage_params, write_json
 from student.checkpoint import load_state
 from student.data import TaskSpec, load_tokenizer, open_prepared
 from student.errors import CheckpointError
-from student.evaluation import BatchCache, evaluate
+from student.evaluation import EVAL_BATCH, BatchCache, evaluate
 from student.losses import METHODS, method_config
 from student.model import TaskHeads, create_student
 
@@ -37,7 +37,6 @@ def _instances(split_dir: Path) -> tuple[PreparedDataset, tuple]:
     return ds, tuple(ds.iter_instances())
 
 
-EVAL_BATCH = 128
 # The test batches a process's runs share: the grid's runs of a task (but the blind ones) read the same ones.
 _TEST_BATCHES = BatchCache()
 

@@ -11,6 +11,8 @@ from pipeline.metrics import PRIMARY, aggregate, instance_scores
 from student.data import Batch, TaskSpec, eval_batches
 from student.model import TaskHeads, images_for_texts
 
+EVAL_BATCH = 128  # instances a scoring batch holds (validation and the evaluate stage)
+
 
 @torch.no_grad()
 def predict(student, heads: TaskHeads, task: str, batch: Batch, vocab: Sequence[str]) -> list[dict]:
@@ -71,7 +73,7 @@ def evaluate(
     ds: PreparedDataset,
     keys: Sequence[str],
     spec: TaskSpec,
-    batch_size: int = 128,
+    batch_size: int = EVAL_BATCH,
     batches: Iterator[Batch] | None = None,
 ) -> dict:
     """Every instance of ``keys`` exactly once → {"metrics": overall + per domain, "primary": float, "n": int}.

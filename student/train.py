@@ -54,7 +54,7 @@ from student.data import (
     unlabeled_batches,
 )
 from student.errors import CheckpointError, RunError, RunLocked, RunSetupError
-from student.evaluation import BatchCache, evaluate
+from student.evaluation import EVAL_BATCH, BatchCache, evaluate
 from student.losses import (
     DistillHeads,
     MethodSettings,
@@ -502,7 +502,7 @@ class Trainer:
 
     def validate(self) -> dict:
         ds, keys = self.val_ds or self.train_ds, self.split.val
-        batches = self._val_batches.batches(ds, keys, self.spec, 128, self.params.teacher.model)
+        batches = self._val_batches.batches(ds, keys, self.spec, EVAL_BATCH, self.params.teacher.model)
         return evaluate(self.student, self.heads, ds, keys, self.spec, batches=batches)
 
     def fit(self, resume: bool = True, max_steps: int | None = None) -> dict:
