@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -150,6 +151,24 @@ def measure_task(world, task: str, steps: int, work: Path, threads: int = 0, onl
     return out
 
 
+def cuda_syncs_per_step(trainer, pending) -> int | None:
+    """How often one training step makes the host wait for the device, as torch's sync debug mode reports
+    it (each wait keeps the host from queueing the rest of the step); None when the trainer is not on CUDA.
+    The step's batch is fetched and the next one prefetched before counting, so only the step is counted."""
+    if trainer.device.type != "cuda":
+        return None
+    item = pending.next()
+    pending.future.result()  # the prefetch thread's copies are not the step's
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train_step(*item)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def measure_loop(world, task: str, steps: int, work: Path, block: int = 10) -> dict:
     """Seconds per step as the training loop pays them: ``Trainer.fit``'s prefetch thread makes step n+1's
     batch and teacher targets while step n runs. The two arms take turns in blocks of ``block`` steps (a
@@ -165,7 +184,7 @@ def measure_loop(world, task: str, steps: int, work: Path, block: int = 10) -> d
     }  # fmt: skip
     stream = trainers["baseline"].batches()
     blocks = max(2, steps // block) + 1  # the first block of each arm warms up
-    batches = [next(stream) for _ in range(blocks * block)]
+    batches = [next(stream) for _ in range(blocks * block + 2)]  # + the sync count's step and its prefetch
     pending = {arm: _Prefetch(tr, iter(batches), None) for arm, tr in trainers.items()}
     per_step: dict[str, list[float]] = {arm: [] for arm in trainers}
     try:
@@ -176,6 +195,7 @@ def measure_loop(world, task: str, steps: int, work: Path, block: int = 10) -> d
                     trainers[arm].train_step(*pending[arm].next())
                 if i:
                     per_step[arm].append((time.perf_counter() - t) / block)
+        syncs = {arm: cuda_syncs_per_step(tr, pending[arm]) for arm, tr in trainers.items()}
     finally:
         for p in pending.values():
             p.close()
@@ -190,6 +210,8 @@ def measure_loop(world, task: str, steps: int, work: Path, block: int = 10) -> d
         # Every back-to-back block pair, so the README can show the spread around the median.
         "loop_pair_ratios": [round(r, 4) for r in pairs],
         "loop_pair_quartiles": [round(q, 4) for q in quartiles(pairs)],
+        # On a CUDA device: the host waits torch's sync debug mode reports in one step (None elsewhere).
+        "cuda_syncs_per_step": syncs,
     }
     log(
         f"{task} training loop ({out['torch_threads']} threads, targets prefetched): step "
