@@ -16,13 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import bench_extract, bench_read, bench_scaling, bench_storage, bench_train
+from benchmarks import bench_eval, bench_extract, bench_read, bench_scaling, bench_storage, bench_train
 from benchmarks.common import DEFAULT_OUT, ROOT, Scratch, machine
 
 # Cheapest first; the student benchmarks reuse the world bench_train builds.
 BENCHMARKS = {
     "storage": bench_storage,
     "train": bench_train,
+    "eval": bench_eval,
     "read": bench_read,
     "scaling": bench_scaling,
     "extract": bench_extract,
