@@ -17,7 +17,6 @@ Design choices (each sized by a feasibility run on this 2-core machine before th
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -248,8 +247,11 @@ def _save_checkpoint(model: torch.nn.Module, path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"state_dict": state, "clip_td": meta}, tmp)
-    os.replace(tmp, path)  # a crash never leaves a half-written teacher that later stages would trust
+    try:
+        torch.save({"state_dict": state, "clip_td": meta}, tmp)
+        os.replace(tmp, path)  # a crash never leaves a half-written teacher that later stages would trust
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed save (a full disk) leaves no partial copy beside it
 
 
 def pretrain_teacher(
@@ -257,7 +259,6 @@ def pretrain_teacher(
     captions: str | Path,
     val: str | Path | None,
     out: str | Path,
-    metrics_path: str | Path | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
     save_at: tuple[int, ...] | list[int] = (),
@@ -271,7 +272,7 @@ def pretrain_teacher(
     teacher at that point; a stopped run writes no ``teacher.pt`` (it is not the full teacher). Every
     snapshot's zero-shot retrieval on ``val`` goes into ``metrics["snapshots"]``.
 
-    Returns the metrics dict (also written to ``metrics_path`` when given).
+    Returns the metrics dict; the stage writes it (stages/pretrain_teacher.py), beside the file it replaces.
     """
     import open_clip
     from tqdm import tqdm
@@ -422,9 +423,4 @@ def pretrain_teacher(
         metrics["all"] = retrieval.pop("all")
         metrics["domains"] = retrieval
         metrics["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
-
-    if metrics_path is not None:
-        mp = Path(metrics_path)
-        mp.parent.mkdir(parents=True, exist_ok=True)
-        mp.write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from stages.common import stage_command, stage_params
+from stages.common import stage_command, stage_params, write_json
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -81,12 +81,13 @@ def main(params_path, overrides, captions, val, out, metrics_path, device, save_
         captions,
         val,
         out,
-        metrics_path,
         device=None if device == "auto" else device,
         progress=not quiet,
         save_at=save_at,
         stop_at=stop_at,
     )
+    # Bytes as the library wrote them before (no final newline): DVC records the file's hash.
+    write_json(metrics_path, m, newline=False)
     line = f"teacher: {m['steps']} steps in {m['seconds']:.0f}s"
     if m["initial_loss"] is not None:
         line += f", loss {m['initial_loss']:.3f} -> {m['final_loss']:.3f}"

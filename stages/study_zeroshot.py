@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from pipeline.study import StudyError, cells, load_study, override_args
-from stages.common import params_options, stage_params, write_json
+from stages.common import params_options, stage_params, write_json, write_text
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -68,7 +68,7 @@ def main(study_path, cache, out, params_path, overrides) -> None:
     result_seconds = round(time.time() - t0, 2)
     write_json(out, result)
     # Its cost, beside the scores (the scores file keeps stages.zeroshot's format).
-    (out.with_name(out.stem + ".time.json")).write_text(json.dumps({"seconds": result_seconds}) + "\n")
+    write_text(out.with_name(out.stem + ".time.json"), json.dumps({"seconds": result_seconds}) + "\n")
 
 
 if __name__ == "__main__":

@@ -90,3 +90,26 @@ def test_a_cell_trains_scores_and_times_itself_and_selection_reads_the_scenes(tm
     # The generated scenes' metadata locates named objects for most questions; shares are proper fractions.
     assert 0 < r["n"] <= 40 and r["grid"] == 4
     assert 0.0 <= r["selected_share"] <= 1.0 and 0.0 < r["random_share"] < 1.0
+
+
+def test_study_zeroshot_scores_every_condition_and_times_itself(tmp_path):
+    from stages.study_zeroshot import main as study_zeroshot
+
+    root, cfg, store = build_world(tmp_path / "world")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic").symlink_to(root / "shards")  # where data.out / data.source points
+    params = tmp_path / "params.yaml"
+    params.write_text(dump_defaults())
+    study = tmp_path / "study.yaml"
+    grid = {"conditions": ["lowshot-0.25", "full"], "methods": ["clip_td"], "inits": ["pretrained"]}
+    study.write_text(yaml.safe_dump({"study": {"seeds": [100], "tasks": ["vqa", "vcr"], "main": grid}}))
+    out = tmp_path / "zeroshot" / "full.json"
+    args = ["--study", str(study), "--cache", store, "--out", str(out), "--params", str(params)]
+    args += ["--set", f"data.out={tmp_path / 'data'}"]
+    res = CliRunner().invoke(study_zeroshot, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    z = json.loads(out.read_text())
+    assert {t: sorted(c) for t, c in z.items()} == {t: ["full", "lowshot-0.25"] for t in ("vqa", "vcr")}
+    assert 0.0 <= z["vcr"]["full"]["score"] <= 1.0 and z["vcr"]["full"]["n"] > 0
+    assert json.loads((out.parent / "full.time.json").read_text())["seconds"] >= 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["full.json", "full.time.json"]

@@ -327,6 +327,54 @@ def test_pretrain_stage_lowers_loss_and_writes_loadable_checkpoint(tmp_path):
     assert not torch.allclose(fresh.encode_images(x)["pooled"], teacher.encode_images(x)["pooled"])
 
 
+@pytest.mark.parametrize("failing", ["teacher.pt", "teacher.json"])
+def test_pretrain_stage_failing_to_write_leaves_the_previous_files(tmp_path, monkeypatch, failing):
+    from click.testing import CliRunner
+
+    from pipeline.config import dump_defaults
+    from stages.pretrain_teacher import main
+
+    captions = make_caption_dataset(tmp_path / "captions", "captions", seed=0)
+    params = tmp_path / "params.yaml"
+    params.write_text(dump_defaults())
+    out, metrics = tmp_path / "teacher", tmp_path / "metrics" / "teacher.json"
+    out.mkdir()
+    metrics.parent.mkdir()
+    (out / "teacher.pt").write_bytes(b"previous teacher")
+    metrics.write_text('{"steps": 600}')
+    real_write, real_save = Path.write_text, torch.save
+
+    def disk_full(self, text, *a, **k):  # half the text lands, then the disk is full
+        if failing == "teacher.json" and self.name.startswith((".teacher.json", "teacher.json")):
+            real_write(self, text[: len(text) // 2], *a, **k)
+            raise OSError(28, "No space left on device")
+        return real_write(self, text, *a, **k)
+
+    def save_fails(obj, f, *a, **k):
+        if failing == "teacher.pt" and Path(f).name.startswith("teacher.pt"):
+            Path(f).write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    monkeypatch.setattr(torch, "save", save_fails)
+    args = ["--params", str(params), "--captions", str(captions), "--val", str(captions)]
+    args += ["--out", str(out), "--metrics", str(metrics), "--device", "cpu", "--quiet"]
+    for s in (f"teacher.model={TINY}", "teacher.pretrain.steps=2", "teacher.pretrain.batch_size=8"):
+        args += ["--set", s]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0 and isinstance(res.exception, OSError), res.output
+    # Each file is the previous one or a complete new one (the teacher is saved before its metrics are
+    # written), never a part, and no partial copy is left beside them.
+    assert metrics.read_text() == '{"steps": 600}'
+    if failing == "teacher.pt":
+        assert (out / "teacher.pt").read_bytes() == b"previous teacher"
+    else:
+        assert "state_dict" in torch.load(out / "teacher.pt", map_location="cpu", weights_only=True)
+    assert [p.name for p in out.iterdir()] == ["teacher.pt"]
+    assert [p.name for p in metrics.parent.iterdir()] == ["teacher.json"]
+
+
 class _OracleTeacher:
     """Scores an image by which texts are its captions: the metric must then give 1.0 (and 0.0 reversed)."""
 
