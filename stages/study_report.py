@@ -1,4 +1,5 @@
-"""Stage `study_report`: the evidence study's results.md, summary.json, targets.json, selection.json and plots."""
+"""Stage `study_report`: the evidence study's results.md, summary.json, targets.json, selection.json and plots
+(study.png, dose.png, lowshot.png)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def main(study_path, runs, teacher, out) -> None:
     """Aggregate every finished cell of the current grid with pipeline/report/stats.py's paired t statistics:
     per init and teacher a table per task with the blind floor and the teacher's zero-shot score beside every
     condition; the teacher dose-response; the ablations against clip_td; the selection diagnostic; a verdict
-    per target of issue 25 computed from these numbers; the wall time. A study still running gives a report
+    per target of issue 25 computed from these numbers; the wall time; the main grid's methods against the
+    labelled fraction (lowshot.png). A study still running gives a report
     marked incomplete. Everything is written beside OUT and renamed into place once all of it succeeded."""
     from pipeline.study.report import write_study_report
 
@@ -47,7 +49,9 @@ def main(study_path, runs, teacher, out) -> None:
         click.echo(f"{t['status']:>10}  {t['target']}: {t['value']}")
     if result["missing"]:
         click.echo(f"incomplete: {len(result['missing'])} cell(s) not finished")
-    click.echo(f"-> {out}/results.md, summary.json, targets.json, selection.json, study.png, dose.png")
+    click.echo(
+        f"-> {out}/results.md, summary.json, targets.json, selection.json, study.png, dose.png, lowshot.png"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.report.plots import lowshot_series
 from pipeline.study import (
     ENTRY_KEYS,
     DoseGroup,
@@ -19,7 +20,8 @@ from pipeline.study import (
     cells,
     load_study,
 )
-from pipeline.study.report import write_study_report
+from pipeline.study.aggregate import collect_study, load_zeroshot_files, summarise_study
+from pipeline.study.report import lowshot_curve, write_study_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,6 +214,19 @@ def test_report_entries_statistics_and_verdicts_come_from_the_runs(tmp_path):
     assert "teacher zero-shot" in md and "blind (text only)" in md and "Teacher dose-response" in md
     assert json.loads((out / "selection.json").read_text())["teachers"]["full"]["tasks"]["vqa"]["n"] == 40
     assert result["wall"]["cells"] == len(cells(_study())) and result["wall"]["other_stage_seconds"] == 3.0
+    # The low-shot curve: the main grid's methods (no ablation, no weaker teacher) at every low-shot fraction
+    # and full, with the finished teacher's zero-shot score at each.
+    assert (out / "lowshot.png").stat().st_size > 0
+    summaries = summarise_study(collect_study(_study(), runs)[0])
+    zeroshot = load_zeroshot_files({"full": runs / "zeroshot" / "full.json"})
+    curve, scores = lowshot_curve(_study(), summaries, zeroshot)
+    (series,) = lowshot_series(curve, zeroshot=scores)
+    assert series["fractions"] == [0.05, 1.0] and series["zeroshot"] == [(0.05, 0.6), (1.0, 0.6)]
+    assert [line["method"] for line in series["lines"]] == ["baseline", "naive_kd", "clip_td", "blind"]
+    clip = next(line for line in series["lines"] if line["method"] == "clip_td")
+    assert clip["y"] == pytest.approx([0.48 + 0.002 / 3, 0.48 + 0.002 / 3]) and all(
+        e > 0 for e in clip["err"]
+    )
 
 
 @pytest.mark.parametrize(

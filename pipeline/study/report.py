@@ -16,6 +16,7 @@ from ..report import (
     load_optional_json,
 )
 from ..report.markdown import fmt, fmt_ci, fmt_p
+from ..report.plots import plot_lowshot
 from .aggregate import collect_study, init_contrast, load_zeroshot_files, summarise_study, summary_entries
 from .grid import BASELINE, FULL_TEACHER, Cell, StudyParams, teachers
 from .targets import _cell, _dose_order, _head_to_head, dose_table, targets
@@ -308,11 +309,26 @@ def plot(summaries: dict[str, list[dict]], dose: Sequence[dict], path: Path, dos
     plt.close(fig)
 
 
+def lowshot_curve(
+    sp: StudyParams, summaries: dict[str, list[dict]], zeroshot: dict[str, dict]
+) -> tuple[list[dict], dict[str, dict[str, float]]]:
+    """What lowshot.png draws (pipeline.report.plots.plot_lowshot, the default report's low-shot plot, over
+    the study's fractions and seeds): the summary rows of the main grid's methods from its first init and the
+    finished teacher, and that teacher's zero-shot score per task and condition."""
+    variant = f"{sp.main.inits[0]}-{FULL_TEACHER}" if sp.main.inits else ""
+    rows = [s for s in summaries.get(variant, []) if s["method"] in sp.main.methods]
+    scores = {
+        task: {cond: z["score"] for cond, z in conds.items()}
+        for task, conds in zeroshot.get(FULL_TEACHER, {}).items()
+    }
+    return rows, scores
+
+
 def write_study_report(
     sp: StudyParams, runs: str | Path, out_dir: str | Path, teacher_path: str | Path | None = None
 ) -> dict:
-    """Aggregate the study into OUT/results.md, summary.json, targets.json, selection.json, study.png and
-    dose.png, written beside the destination and renamed into place together once all succeeded. Reads the
+    """Aggregate the study into OUT/results.md, summary.json, targets.json, selection.json, study.png,
+    dose.png and lowshot.png, written beside the destination and renamed into place together once all succeeded. Reads the
     files of the current grid's teachers only (layout in stages/study_report.py). Returns the targets."""
     runs = Path(runs)
     rows, missing = collect_study(sp, runs)
@@ -355,6 +371,7 @@ def write_study_report(
         "selection": "selection.json",
         "plot": "study.png",
         "dose": "dose.png",
+        "lowshot": "lowshot.png",
     }
     with tempfile.TemporaryDirectory(dir=out, prefix=".study-") as tmp_dir:
         tmp = {k: Path(tmp_dir) / n for k, n in files.items()}
@@ -377,6 +394,8 @@ def write_study_report(
         )
         tmp["selection"].write_text(json.dumps(selection or {}, indent=1) + "\n")
         plot(summaries, dose, tmp["plot"], tmp["dose"])
+        curve, scores = lowshot_curve(sp, summaries, zeroshot)
+        plot_lowshot(curve, tmp["lowshot"], baseline=BASELINE, zeroshot=scores)
         for k, n in files.items():
             os.replace(tmp[k], out / n)
     return {"targets": tgts, "missing": missing, "wall": wall}
