@@ -328,8 +328,9 @@ def write_study_report(
     sp: StudyParams, runs: str | Path, out_dir: str | Path, teacher_path: str | Path | None = None
 ) -> dict:
     """Aggregate the study into OUT/results.md, summary.json, targets.json, selection.json, study.png,
-    dose.png and lowshot.png, written beside the destination and renamed into place together once all succeeded. Reads the
-    files of the current grid's teachers only (layout in stages/study_report.py). Returns the targets."""
+    dose.png and lowshot.png, written beside the destination and renamed into place together once all
+    succeeded. Reads the files of the current grid's teachers only (layout in stages/study_report.py).
+    Returns the targets."""
     runs = Path(runs)
     rows, missing = collect_study(sp, runs)
     if not rows:
