@@ -44,9 +44,13 @@ def main(teacher, out) -> None:
     except ReportError as e:
         raise click.ClickException(str(e)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
+    # stages.common.write_text's way, written out: importing it would add a dep to this stage's lock entry.
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, out)
+    try:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves the previous record and nothing beside it
     click.echo(f"teacher: {record['steps']} steps, top-1 {record['all']['random_top1']:.4f} -> {out}")
 
 

@@ -361,7 +361,7 @@ def test_the_committed_study_report_regenerates_from_the_studys_committed_files(
         assert (out / name).read_bytes() == (ROOT / "reports" / "study" / name).read_bytes(), name
 
 
-def test_the_teacher_record_drops_timings_and_refuses_what_is_not_teacher_metrics(tmp_path):
+def test_the_teacher_record_drops_timings_and_refuses_what_is_not_teacher_metrics(tmp_path, monkeypatch):
     """The study keeps the finished teacher's metrics without the clock: retraining the same teacher leaves the
     record byte for byte (so the report's inputs stay as they were); a file that is not pretrain_teacher's
     metrics is one error line naming it, and nothing is written."""
@@ -391,3 +391,16 @@ def test_the_teacher_record_drops_timings_and_refuses_what_is_not_teacher_metric
         assert r.exit_code != 0 and str(src) in r.output and says in r.output
         assert len(r.output.strip().splitlines()) == 1
         assert not out.exists()
+
+    # A write that fails halfway (a full disk) leaves the previous record and no partial copy beside it.
+    out.write_bytes(records[0])
+    real_write = Path.write_text
+
+    def disk_full(self, text, *a, **k):
+        real_write(self, text[: len(text) // 2], *a, **k)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    r = CliRunner().invoke(main, ["--teacher", str(tmp_path / "teacher-12.5.json"), "--out", str(out)])
+    assert r.exit_code != 0 and isinstance(r.exception, OSError)
+    assert out.read_bytes() == records[0] and [p.name for p in out.parent.iterdir()] == [out.name]
