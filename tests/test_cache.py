@@ -152,6 +152,22 @@ def test_manifest_commit_is_whole_files(tmp_path, where):
         assert sorted(C.committed_units(url)) == ["image-000003", "text-000000"]
 
 
+def test_a_manifest_entry_that_fails_to_write_leaves_nothing_in_the_store(tmp_path, monkeypatch):
+    """A full disk while a unit commits: the entry is not published and no temporary stays in manifest/, which
+    DVC hashes with the store (a stray file would make every stage downstream of it stale)."""
+    url = str(tmp_path / "m.zarr")
+    C.commit_unit(url, "image-000000", {"unit": "image-000000"})
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        C.commit_unit(url, "image-000001", {"unit": "image-000001"})
+    assert os.listdir(tmp_path / "m.zarr" / "manifest") == ["image-000000.json"]
+    assert sorted(C.committed_units(url)) == ["image-000000"]
+
+
 def test_check_fingerprint_names_dotted_fields():
     store = {
         "fingerprint": {"format_version": 1, "teacher": {"model": "a", "sha": "1"}, "data": {"hash": "x"}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -42,11 +43,16 @@ def _publish(fs, target: str, record: dict) -> None:
     if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:  # a full disk or an interrupt: no stray file in the store (it is in its hash)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
     else:
         fs.pipe_file(target, data)
 
