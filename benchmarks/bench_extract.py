@@ -478,7 +478,7 @@ def measure_host(
 
 
 def add_target(res: Result, name: str, m: dict) -> None:
-    """The issue's extraction target for one measurement (bench_extract and bench_gpu report it alike)."""
+    """The extraction target for one measurement (bench_extract and bench_gpu report it alike)."""
     res.target(
         f"{name}: pipeline/bare images per s",
         m["ratio"],

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             "byte_identical": identical,
         }
         res.target("every run's files equal the one-worker run's", float(identical), ">=", 1.0)
-        # No issue sets a speed target for this: the ratio is reported, the equality is the target.
+        # The project sets no speed target for this: the ratio is reported, the equality is the target.
         log(
             f"one worker / {workers} workers: {median(ratios):.2f} (per round {[round(x, 2) for x in ratios]})"
         )

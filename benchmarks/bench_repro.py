@@ -139,7 +139,7 @@ def main(args_list: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--minutes", type=float, default=0.0,
-        help="the target in minutes (default: 5 where CUDA is available, else 30: the issue's two)",
+        help="the target in minutes (default: 5 where CUDA is available, else 30: the project's two)",
     )  # fmt: skip
     p.add_argument(
         "--params",

@@ -1,4 +1,4 @@
-"""Student step, today's against the compact one (issue 24 item 4): ``old step / new step`` at the default size.
+"""Student step, the original against the compact one: ``old step / new step`` at the default size.
 
 "old" is the student as it was before the compact vocabulary, frozen below (``LegacyStudent``): a dense
 49,408-row token table, every one of the 32 text slots in the sequence, torch's per-element Bernoulli
@@ -44,7 +44,7 @@ EQUAL_STEPS = 5  # dropout-free steps per method compared for equal losses
 LOSS_RTOL = 1e-4  # float32 through a few AdamW steps; a wrong row or a leaked pad slot is far above it
 
 
-# ---------------------------------------------------------------------------- the student before issue 24
+# ------------------------------------------------------------- the student before the compact vocabulary
 
 
 class LegacyBlock(nn.Module):
@@ -154,7 +154,8 @@ def make_trainers(
 ) -> dict:
     """Per method: "old" (the legacy ViLT student), "new" (today's ViLT student: the same model with the
     compact vocabulary, so its losses must equal old's) and "default" (params.yaml's student, the FiLM
-    student since issue 24, with ``default_sets`` over it: a different model, timed only)."""
+    student, chosen when the ViLT one could not learn the world, with ``default_sets`` over it: a different
+    model, timed only)."""
     from student.train import RunSpec, Trainer
 
     trainers = {}
@@ -324,7 +325,7 @@ def summary_markdown(payload: dict) -> str:
     pairs, quartiles, min-max), the CPU-time ratio, the loop ratio, and the dropout-free loss check."""
     m, machine = payload["measurements"], payload["machine"]
     lines = [
-        "# Student step: the issue's (ViLT, full 49,408-row token table, 32 text slots) vs the compact ViLT "
+        "# Student step: the original (ViLT, full 49,408-row token table, 32 text slots) vs the compact ViLT "
         "and the default student (bench_step)",
         "",
         f"{machine['time']}, {machine['cpu_model']} ({machine['nproc']} cores, torch {machine['torch']}), "
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="override for the default arm only (e.g. student.width=32: a cheaper default, timed against the "
-        "issue's student; repeatable)",
+        "original student; repeatable)",
     )
     args = p.parse_args(argv)
     default_sets = tuple(args.default_set)

@@ -1,10 +1,10 @@
-"""The FiLM default's step made faster without changing its math: how far toward issue 24's 2× it gets.
+"""The FiLM default's step made faster without changing its math: how far toward the 2× target it gets.
 
-Issue 24 asks for a student step at the default size at least 2× faster than the issue's (``bench_step``'s
-"old" arm: the ViLT student with the dense 49,408-row token table), with the same losses up to float error.
-The default student has been the FiLM student since, whose step is about as dear as the old one
-(``bench_step``: old ÷ default 0.95–0.97). This benchmark measures what the same FiLM step costs when only
-the way it is computed changes:
+The step target (docs/benchmarks.md): a student step at the default size at least 2× faster than the
+original one (``bench_step``'s "old" arm: the ViLT student with the dense 49,408-row token table), with
+the same losses up to float error. The default student has been the FiLM student since, whose step is
+about as dear as the old one (``bench_step``: old ÷ default 0.95–0.97). This benchmark measures what the
+same FiLM step costs when only the way it is computed changes:
 
 * ``default``      params.yaml's student as the trainer runs it (NCHW tensors, eager);
 * ``cl``           the same weights in channels_last memory order (oneDNN's convolutions skip the layout
@@ -12,7 +12,7 @@ the way it is computed changes:
 * ``cl_compiled``  channels_last, and ``FilmStudent.image_trunk`` (stem + FiLM blocks, every shape fixed by
                    the batch size) handed to ``torch.compile`` (inductor: fused elementwise kernels around
                    oneDNN's convolutions);
-* ``old``          the issue's step (``bench_step``'s legacy ViLT), for the ratio the target names.
+* ``old``          the original step (``bench_step``'s legacy ViLT), for the ratio the target names.
 
 All are driven by ``Trainer.train_step`` on the same pre-collected batches and teacher targets, rotated step
 by step so that load on the machine hits every arm alike; each variant's ratio to ``old`` and to ``default``
@@ -159,7 +159,7 @@ def summary_markdown(payload: dict) -> str:
         "# The FiLM default's step, same math, other layouts (bench_step_layout)",
         "",
         f"{machine['time']}, {machine['cpu_model']} ({machine['nproc']} cores, torch {machine['torch']}), 1 torch "
-        f"thread; {payload['settings']['steps']} timed steps per arm, rotated step by step. old = the issue's "
+        f"thread; {payload['settings']['steps']} timed steps per arm, rotated step by step. old = the original "
         "step (ViLT, dense token table); ratios > 1 mean the arm is faster than old (or default).",
         "",
         "| task | method | arm | ms (median) | old ÷ arm (median) | quartiles | default ÷ arm | max rel. loss diff vs default |",

@@ -77,7 +77,7 @@ def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
 
 @dataclass
 class Target:
-    """One target of the issue: ``value op threshold``."""
+    """One benchmark target (docs/benchmarks.md): ``value op threshold``."""
 
     name: str
     value: float

@@ -181,7 +181,7 @@ def student_texts(inst: Instance, spec: TaskSpec, texts: InstanceTexts | None = 
     return [inst.student_text()]
 
 
-# --- compact student vocabulary (issue 24 item 4) ---------------------------------------------------------
+# --- compact student vocabulary ------------------------------------------------------------------------
 def student_vocabulary(
     spec: TaskSpec, instances: Iterable[Instance], vocab_size: int | None = None, chunk: int = 2048
 ) -> torch.Tensor:

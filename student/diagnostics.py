@@ -1,4 +1,4 @@
-"""Selection quality (issue 25, "why it works"): do clip_td's selected image tokens fall on what the text is about?
+"""Selection quality (the study's "why it works"): do clip_td's selected image tokens fall on what the text is about?
 
 For each instance, the tokens clip_td distils are chosen teacher-side exactly as in training
 (``student.losses.prepare_teacher``: the cached teacher image tokens resized to the student's grid, their

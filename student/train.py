@@ -252,7 +252,7 @@ class Trainer:
         self.out = Path(run.out)
         self.out.mkdir(parents=True, exist_ok=True)
 
-    # --- compact student vocabulary (issue 24 item 4) -----------------------------------------------------
+    # --- compact student vocabulary --------------------------------------------------------------------
     def _student_vocabulary(self) -> torch.Tensor:
         """Every teacher token id the student can read in this task's prepared splits (train, val and test;
         texts only, never labels). Covering every split gives each id evaluation meets its own row, as the

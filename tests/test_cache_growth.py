@@ -1,4 +1,4 @@
-"""A store that grows (issue #26): adding datasets extracts only what the store lacks, as new units after the
+"""A store that grows: adding datasets extracts only what the store lacks, as new units after the
 existing rows, which keep their bytes and checksums; an interrupted append resumes; verify_cache passes on a
 grown store; a student checks that the store covers its own data, not that it holds nothing else."""
 

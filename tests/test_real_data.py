@@ -1,4 +1,4 @@
-"""Real data as a user meets it (issue 26): the folders prepare_data writes under their official names play
+"""Real data as a user meets it: the folders prepare_data writes under their official names play
 their standard roles with no renaming, protocol.splits overrides a role, and a teacher named by open_clip
 model and tag fails offline in one line saying where its weights were looked for."""
 

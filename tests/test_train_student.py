@@ -135,7 +135,7 @@ def test_every_method_trains_and_exports_a_baseline_sized_student(world, tmp_pat
     exported = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
     student = create_student(params.student.arch, params.student)
     student.load_state_dict(exported["student"])  # strict: no distillation heads or extra weights inside
-    # The export carries the task's compact vocabulary (issue 24): compare with a student of that vocabulary.
+    # The export carries the task's compact vocabulary: compare with a student of that vocabulary.
     same_vocab = create_student(
         params.student.arch, params.student, vocabulary=exported["student"]["token_ids"]
     )

@@ -15,7 +15,7 @@ Statistics, per (task, condition, method) cell and per metric:
     only when its interval excludes 0; with a single pair there is no interval ("n/a") and never a mark.
     With 3 seeds t_{0.975, 2} = 4.30, so a difference has to be about 2.5 of its per-seed std to count.
 
-Floor and ceiling (issue 24 item 2), shown beside every task × condition:
+Floor and ceiling, shown beside every task × condition:
   * floor — runs whose method is ``blind`` (the same student, budget and seeds with the image blanked: what
     the text alone gives). They are ordinary runs/<cell>/eval.json files (``"method": "blind"``) and get the
     same statistics as any method, paired against the baseline; the table shows them in a

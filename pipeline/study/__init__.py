@@ -1,4 +1,4 @@
-"""The evidence study (issue 25): its grid, where each cell's run lives, and the study report.
+"""The evidence study: its grid, where each cell's run lives, and the study report.
 
 The study is a second DVC pipeline (study/dvc.yaml) over the same stages as the quick default: every
 (task, condition, method, seed, init, teacher) cell is its own stage, so an interrupted study resumes at the
@@ -10,7 +10,7 @@ same way the matrices do.
 A cell's run directory is ``RUNS/<init>-<teacher>/<task>-<condition>-<method>-s<seed>``: ``teacher`` is
 ``full`` (the main pipeline's teacher and cache) or ``step<N>`` (the teacher after N of its pretraining steps,
 with its own cache). Everything the report says is computed from those directories' eval.json files, the
-teachers' zero-shot files and the selection diagnostic; every verdict on the issue's targets is computed
+teachers' zero-shot files and the selection diagnostic; every verdict on the study's targets is computed
 here, never typed.
 
 This package exports the grid only (``grid``): it is what a cell runs, and a cell's DVC deps are its import

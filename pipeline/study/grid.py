@@ -15,7 +15,7 @@ from ..protocol import Condition
 INITS = ("pretrained", "scratch")
 FULL_TEACHER = "full"
 BASELINE = "baseline"
-# The fields the issue fixes for every summary.json entry; ``init`` and ``teacher`` are the study's extra keys.
+# The fields every summary.json entry has (docs/study.md); ``init`` and ``teacher`` are the study's extra keys.
 ENTRY_KEYS = (
     "task",
     "condition",

@@ -1,4 +1,5 @@
-"""Issue 25's targets, each given a status computed from the study's numbers, with what explains a miss."""
+"""The study's targets (docs/study.md), each given a status computed from the study's numbers, with what
+explains a miss."""
 
 from __future__ import annotations
 
@@ -187,7 +188,7 @@ def targets(
     selection: dict | None,
     dose: Sequence[dict],
 ) -> list[dict]:
-    """Every target of issue 25, decided from the numbers: status met | missed | incomplete (a cell it needs
+    """Every target of the study, decided from the numbers: status met | missed | incomplete (a cell it needs
     has fewer than 2 paired seeds or was not run), the numbers it rests on, and for a miss the diagnostics."""
     variant = (
         f"pretrained-{FULL_TEACHER}"
