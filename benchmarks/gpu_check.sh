@@ -3,8 +3,9 @@
 # (benchmarks/gpu_wheels.sh, run here first), then make repro's stage commands on the GPU (bench_repro, at
 # most REPRO_S seconds: the open target, and the stage records that explain it) and the GPU check (bench_gpu;
 # it saves what it measured so far when stopped, its extraction arms first) in what is left of BUDGET seconds.
-# The two took ~390 s and ~210 s on an H200: together they do not fit one command, so the first is the one
-# whose result the docs wait on (time-budget.md). Results, logs and nvidia-smi's report go to $OUT (docs/benchmarks.md).
+# The two took ~390 s and ~210 s on an H200: together they do not fit one command, so bench_repro, whose
+# target is still open (docs/time-budget.md), goes first. Results, logs and nvidia-smi's report go to $OUT
+# (docs/benchmarks.md).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"

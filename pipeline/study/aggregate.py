@@ -80,7 +80,7 @@ def _entry(s: dict, init: str, teacher: str) -> dict:
 
 
 def summary_entries(summaries: dict[str, list[dict]], zeroshot: dict[str, dict]) -> list[dict]:
-    """summary.json: one entry per task × condition × method × (init, teacher), with ``ENTRY_KEYS`` (delta
+    """summary.json: one entry per task × condition × method × (init, teacher), with grid.ENTRY_KEYS (delta
     fields null for the baseline), plus a ``teacher_zeroshot`` entry per teacher, task and condition."""
     out = [_entry(s, *v.split("-", 1)) for v, ss in sorted(summaries.items()) for s in ss]
     metric = {s["task"]: s["primary_metric"] for ss in summaries.values() for s in ss}
