@@ -114,8 +114,9 @@ def build(
     "--workers",
     type=click.IntRange(min=0),
     default=0,
-    help="Images made ahead of the shard writer: processes (up to 4) that render the synthetic world's, threads that read "
-    "and check official files' (PIL decodes outside the GIL). 0: one per core this process may use; 1: none, "
+    help="Images made ahead of the shard writer: processes that render the synthetic world's (a few at most: "
+    "beyond them the writer is the bound), threads that read and check official files' (PIL decodes outside "
+    "the GIL). 0: one per core this process may use; 1: none, "
     "in-process. The shards and skipped.json are byte-identical for every value, so it is not a parameter DVC "
     "tracks.",
 )

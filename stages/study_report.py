@@ -32,9 +32,9 @@ def main(study_path, runs, teacher, out) -> None:
     """Aggregate every finished cell of the current grid with pipeline/report/stats.py's paired t statistics:
     per init and teacher a table per task with the blind floor and the teacher's zero-shot score beside every
     condition; the teacher dose-response; the ablations against clip_td; the selection diagnostic; a verdict
-    per study target (docs/study.md) computed from these numbers; the wall time; the main grid's methods against the
-    labelled fraction (lowshot.png). A study still running gives a report
-    marked incomplete. Everything is written beside OUT and renamed into place once all of it succeeded."""
+    per study target (docs/study.md) computed from these numbers; the wall time; the main grid's methods
+    against the labelled fraction (lowshot.png). A study still running gives a report marked incomplete.
+    Everything is written beside OUT and renamed into place once all of it succeeded."""
     from pipeline.study.report import write_study_report
 
     try:
