@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +209,10 @@ class CompactVocabulary:
     def _rows(self, ids: Tensor) -> Tensor:
         """Embedding rows of teacher ids: the ids themselves under the full vocabulary."""
         return ids if self.row_of is None else self.row_of[ids]
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        """``tok_embed`` of teacher ids, under whichever vocabulary the student holds (a plugin's way in)."""
+        return self.tok_embed(self._rows(ids))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # The vocabulary comes with the weights: a student built from params alone (evaluation) adopts the
@@ -430,6 +434,10 @@ def _init_weights(m: nn.Module) -> None:
 
 StudentFactory = Callable[[StudentParams, int], nn.Module]
 _STUDENTS: dict[str, StudentFactory] = {}
+# Installed packages offer students under this entry-point group (``name = "package.module:Factory"``), so the
+# stages build them from ``student.arch`` alone. Only code the user installed is ever imported: a name read
+# from a params file or an exported student selects among installed entry points, never a module to import.
+PLUGIN_GROUP = "clip_td.students"
 
 
 def register_student(name: str) -> Callable[[StudentFactory], StudentFactory]:
@@ -444,8 +452,35 @@ def register_student(name: str) -> Callable[[StudentFactory], StudentFactory]:
     return add
 
 
+def _installed_students() -> dict[str, Any]:
+    """Entry points of ``PLUGIN_GROUP`` by name (each loaded only when its name is asked for)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP)}
+
+
+def _load_installed(name: str) -> None:
+    ep = _installed_students().get(name)
+    if ep is None:
+        return
+    where = f"the entry point {name} = {ep.value!r} of group {PLUGIN_GROUP}" + (
+        f" (package {ep.dist.name})" if getattr(ep, "dist", None) is not None else ""
+    )
+    try:
+        factory = ep.load()
+    except Exception as e:  # an installed plugin's own import error: say whose it is
+        raise StudentParamsError(
+            f"student.arch '{name}': {where} failed to load ({type(e).__name__}: {e})"
+        ) from e
+    if not callable(factory):
+        raise StudentParamsError(f"student.arch '{name}': {where} is not a class or factory")
+    if name not in _STUDENTS:  # importing it may have registered it already, with @register_student
+        register_student(name)(factory)
+
+
 def list_students() -> list[str]:
-    return sorted(_STUDENTS)
+    """Every name ``student.arch`` can take: the registered students and the installed plugins'."""
+    return sorted(set(_STUDENTS) | set(_installed_students()))
 
 
 def create_student(
@@ -456,9 +491,15 @@ def create_student(
 ) -> nn.Module:
     """The one constructor: look ``name`` (normally ``params.arch``) up in the registry and check the result.
     ``vocabulary`` (``text_vocabulary``'s ids) gives the student a compact embedding table; the student must
-    then provide ``set_vocabulary``."""
+    then provide ``set_vocabulary``. A name nobody registered is looked up among installed plugins
+    (``PLUGIN_GROUP``)."""
     if name not in _STUDENTS:
-        raise StudentParamsError(f"unknown student.arch '{name}' (registered: {', '.join(list_students())})")
+        _load_installed(name)
+    if name not in _STUDENTS:
+        raise StudentParamsError(
+            f"unknown student.arch '{name}' (available: {', '.join(list_students())}; a package adds one "
+            f"under the entry-point group {PLUGIN_GROUP})"
+        )
     model = _STUDENTS[name](params, vocab_size)
     if not isinstance(model, StudentInterface):
         raise TypeError(f"student '{name}' does not provide width, grid, max_text_len and forward")

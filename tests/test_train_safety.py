@@ -269,7 +269,7 @@ def test_bad_params_are_blamed_on_the_set_option(world, run_copy, override, says
 
 @pytest.mark.parametrize(
     ("override", "says"),
-    [("student.arch=foo", "unknown student.arch 'foo' (registered: film, "),
+    [("student.arch=foo", "unknown student.arch 'foo' (available: film, "),
      ("student.image_size=60", "student.image_size (60) divisible by 4"),
      ("student.patch_size=7", "power-of-two student.patch_size >= 4 (got 7)")],
 )  # fmt: skip

@@ -440,3 +440,81 @@ def test_evaluation_batches_are_kept_for_the_next_pass_within_their_budget(world
     passes(one, keys, 1)
     passes(one, keys[: len(keys) // 2], 1)
     assert [k[1] for k in one.kept] == [tuple(keys[: len(keys) // 2])]
+
+
+def _install_plugin(tmp_path, monkeypatch, module: str, source: str, entry_points: str) -> None:
+    """What ``pip install`` of a package leaves on sys.path: its module and a dist-info folder naming its
+    entry points (importlib.metadata finds both)."""
+    import student.model as M
+
+    site = tmp_path / "site"
+    (site / f"{module}-0.1.dist-info").mkdir(parents=True)
+    (site / f"{module}.py").write_text(source)
+    (site / f"{module}-0.1.dist-info" / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n"
+    )
+    (site / f"{module}-0.1.dist-info" / "entry_points.txt").write_text(entry_points)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(M, "_STUDENTS", dict(M._STUDENTS))  # what the plugin registers goes with the test
+
+
+def test_an_installed_plugin_student_pretrains_distils_and_evaluates_by_name(world, tmp_path, monkeypatch):
+    """docs/training.md's example plugin, installed as a package would be: ``student.arch`` names its entry
+    point; the student pretraining builds its backbone, clip_td distils into it from there, and evaluate
+    rebuilds it from the export by that name alone."""
+    import re
+    from pathlib import Path
+
+    from pipeline.config import SyntheticParams
+    from pipeline.data import synthetic
+    from pipeline.data.shards import DatasetWriter
+    from stages.evaluate import evaluate_run
+    from student.pretrain import pretrain_student
+
+    doc = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    section = doc.split("## Your own student", 1)[1]
+    source = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert 'late_fusion = "my_students:LateFusion"' in section
+    entry = "[clip_td.students]\nlate_fusion = my_students:LateFusion\n"
+    _install_plugin(tmp_path, monkeypatch, "my_students", source, entry)
+    root, teacher_cfg, _ = world
+    sp = SyntheticParams(seed=0, image_size=32, caption_scenes=20, scenes={"captions": 20})
+    with DatasetWriter(tmp_path / "captions", source="synthetic", split="captions", shard_size=50) as w:
+        synthetic.generate("captions", sp, w)
+    params = student_params(
+        world, **{"student.arch": "late_fusion", "student.init": "pretrained", "student.pretrained":
+                  tmp_path / "pre" / "student.pt", "train.steps": 2, "train.eval_every": 2},
+    )  # fmt: skip
+    pretrain_student(
+        params.student, str(teacher_cfg), tmp_path / "captions", None, tmp_path / "pre", steps=2, batch_size=8,
+        lr=1e-3, weight_decay=0.0, warmup=1, pairs_limit=16, seed=0, progress=False,
+    )  # fmt: skip
+    for task in ("snli_ve", "vcr"):  # VCR: each image read with several texts
+        run = run_spec(world, tmp_path, task=task, method="clip_td", name=task)
+        logs = run_student(params, run, progress=False)["final"]
+        assert logs["kd_img"] > 0 and logs["kd_txt"] > 0  # the teacher's tokens reached both kinds of token
+        trained = torch.load(Path(run.out) / "student.pt", weights_only=True)
+        assert trained["student_params"]["arch"] == "late_fusion"
+        assert trained["student"]["token_ids"].numel() < 100  # the compact vocabulary came with it
+        result = evaluate_run(Path(run.out), params)
+        assert result["run"]["method"] == "clip_td" and result["metrics"]["n"] > 0
+
+
+def test_a_plugin_that_fails_to_load_or_is_not_installed_is_named(tmp_path, monkeypatch):
+    from pipeline.config import StudentParams
+    from student.model import StudentParamsError, create_student, list_students
+
+    _install_plugin(
+        tmp_path, monkeypatch, "broken_students", "raise ImportError('needs a package that is missing')\n",
+        "[clip_td.students]\nbroken = broken_students:Student\n",
+    )  # fmt: skip
+    assert "broken" in list_students()
+    with pytest.raises(
+        StudentParamsError, match=r"'broken'.*broken_students:Student.*package broken_students.*missing"
+    ):
+        create_student("broken", StudentParams())
+    with pytest.raises(
+        StudentParamsError,
+        match=r"unknown student.arch 'nope' \(available: broken, film, vilt; .*clip_td.students",
+    ):
+        create_student("nope", StudentParams())
