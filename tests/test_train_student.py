@@ -515,6 +515,6 @@ def test_a_plugin_that_fails_to_load_or_is_not_installed_is_named(tmp_path, monk
         create_student("broken", StudentParams())
     with pytest.raises(
         StudentParamsError,
-        match=r"unknown student.arch 'nope' \(available: broken, film, vilt; .*clip_td.students",
+        match=r"unknown student.arch 'nope' \(available: broken, film, .*vilt; .*group clip_td.students",
     ):
         create_student("nope", StudentParams())
