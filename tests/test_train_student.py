@@ -518,3 +518,43 @@ def test_a_plugin_that_fails_to_load_or_is_not_installed_is_named(tmp_path, monk
         match=r"unknown student.arch 'nope' \(available: broken, film, .*vilt; .*group clip_td.students",
     ):
         create_student("nope", StudentParams())
+
+
+@pytest.mark.parametrize("task", ["vqa", "snli_ve"])
+def test_the_own_loop_recipe_gives_the_trainers_loss(world, tmp_path, task):
+    """docs/training.md's 'Your own training loop' block, run on a trainer's batch: the same total loss and
+    parts as the trainer's own clip_td_no_weight step (the recipe weights every instance alike)."""
+    import re
+    from pathlib import Path
+
+    from student.losses import distill_loss
+    from student.train import forward_task
+
+    doc = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    section = doc.split("## Your own training loop", 1)[1]
+    source = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    _, _, store = world
+    tr = Trainer(
+        student_params(world),
+        run_spec(world, tmp_path, task=task, method="clip_td_no_weight"),
+        progress=False,
+    )
+    try:
+        ns = {"student": tr.student}
+        exec(source.replace('"artifacts/cache/teacher.zarr"', repr(store)), ns)
+        assert ns["heads"].h_v.weight.shape == tr.dheads.h_v.weight.shape
+        ns["heads"].load_state_dict(tr.dheads.state_dict())
+        batch = next(tr.batches())
+        l_task, out = forward_task(tr.student, tr.heads, task, batch)
+        want, want_parts = distill_loss(
+            out, tr.dheads, *tr.targets(batch, None), l_task, 5, 20, tr.cfg, tr.source.grid
+        )
+        got, parts = ns["clip_td_total"](out, l_task, batch.instances, 5, 20)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        assert parts.keys() == want_parts.keys() and float(parts["kd_txt"]) > 0
+        got.backward()
+        heads = ns["heads"]  # h_p serves pooled_fd only
+        assert all(p.grad is not None for h in (heads.h_v, heads.h_t) for p in h.parameters())
+        assert all(p.grad is not None for p in tr.student.parameters() if p.requires_grad)
+    finally:
+        tr.close()
