@@ -1,9 +1,11 @@
 """Student training from the teacher cache: cached == online targets, bit-exact resume, fingerprint refusal,
-every method runs, export drops the distillation heads."""
+every method runs, export drops the distillation heads; docs/training.md's plugin student and own-loop recipe."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -442,6 +444,15 @@ def test_evaluation_batches_are_kept_for_the_next_pass_within_their_budget(world
     assert [k[1] for k in one.kept] == [tuple(keys[: len(keys) // 2])]
 
 
+TRAINING_DOC = Path(__file__).parents[1] / "docs" / "training.md"
+
+
+def _docs_python_block(heading: str) -> str:
+    """The first python block under ``## heading`` of docs/training.md: the tests run what the page shows."""
+    section = TRAINING_DOC.read_text().split(f"## {heading}\n", 1)[1]
+    return re.search(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.S).group(1)
+
+
 def _install_plugin(tmp_path, monkeypatch, module: str, source: str, entry_points: str) -> None:
     """What ``pip install`` of a package leaves on sys.path: its module and a dist-info folder naming its
     entry points (importlib.metadata finds both)."""
@@ -462,21 +473,16 @@ def test_an_installed_plugin_student_pretrains_distils_and_evaluates_by_name(wor
     """docs/training.md's example plugin, installed as a package would be: ``student.arch`` names its entry
     point; the student pretraining builds its backbone, clip_td distils into it from there, and evaluate
     rebuilds it from the export by that name alone."""
-    import re
-    from pathlib import Path
-
     from pipeline.config import SyntheticParams
     from pipeline.data import synthetic
     from pipeline.data.shards import DatasetWriter
     from stages.evaluate import evaluate_run
     from student.pretrain import pretrain_student
 
-    doc = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
-    section = doc.split("## Your own student", 1)[1]
-    source = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert 'late_fusion = "my_students:LateFusion"' in section
+    # The page's pyproject entry, as pip writes it into the dist-info.
+    assert 'late_fusion = "my_students:LateFusion"' in TRAINING_DOC.read_text()
     entry = "[clip_td.students]\nlate_fusion = my_students:LateFusion\n"
-    _install_plugin(tmp_path, monkeypatch, "my_students", source, entry)
+    _install_plugin(tmp_path, monkeypatch, "my_students", _docs_python_block("Your own student"), entry)
     root, teacher_cfg, _ = world
     sp = SyntheticParams(seed=0, image_size=32, caption_scenes=20, scenes={"captions": 20})
     with DatasetWriter(tmp_path / "captions", source="synthetic", split="captions", shard_size=50) as w:
@@ -524,15 +530,10 @@ def test_a_plugin_that_fails_to_load_or_is_not_installed_is_named(tmp_path, monk
 def test_the_own_loop_recipe_gives_the_trainers_loss(world, tmp_path, task):
     """docs/training.md's 'Your own training loop' block, run on a trainer's batch: the same total loss and
     parts as the trainer's own clip_td_no_weight step (the recipe weights every instance alike)."""
-    import re
-    from pathlib import Path
-
     from student.losses import distill_loss
     from student.train import forward_task
 
-    doc = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
-    section = doc.split("## Your own training loop", 1)[1]
-    source = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    source = _docs_python_block("Your own training loop")
     _, _, store = world
     tr = Trainer(
         student_params(world),
@@ -552,6 +553,8 @@ def test_the_own_loop_recipe_gives_the_trainers_loss(world, tmp_path, task):
         got, parts = ns["clip_td_total"](out, l_task, batch.instances, 5, 20)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
         assert parts.keys() == want_parts.keys() and float(parts["kd_txt"]) > 0
+        for k, v in want_parts.items():
+            torch.testing.assert_close(parts[k], v, rtol=1e-6, atol=1e-8, msg=k)
         got.backward()
         heads = ns["heads"]  # h_p serves pooled_fd only
         assert all(p.grad is not None for h in (heads.h_v, heads.h_t) for p in h.parameters())
