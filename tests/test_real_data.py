@@ -347,3 +347,65 @@ def test_a_jpeg_with_a_multi_picture_segment_is_kept_as_jpeg(tmp_path):
     path.write_bytes(buf.getvalue())
     data, ext = read_image(path)
     assert ext == "jpg" and data == buf.getvalue()
+
+
+def test_a_dataset_of_your_own_written_as_the_data_page_shows_runs_through_every_stage(tmp_path, monkeypatch):
+    """docs/data.md's 'Your own dataset' block writes a VQA-style source the converters do not know; its
+    folders play train/val/test by name, and extract -> train -> evaluate -> report run on them as on
+    prepare's output."""
+    import importlib
+
+    import torch
+
+    from pipeline.data.shards import PreparedDataset
+    from pipeline.teacher import create_teacher
+    from tests.conftest import tiny_teacher_config
+
+    page = (REPO / "docs" / "data.md").read_text().split("## Your own dataset\n", 1)[1]
+    namespace: dict = {}
+    exec(re.search(r"```python\n(.*?)```", page, re.S).group(1), namespace)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        (images / f"photo{i}.png").write_bytes(png_bytes(i))
+    colours = ("Two", "three", "red.", "a dog", "Yes", "no")
+    work = tmp_path / "work"
+    for split, n in (("train", 24), ("val", 6), ("test", 6)):
+        records = [
+            {"id": f"{split}{k}", "image": f"photo{k % 6}.png", "question": f"What is shown in part {k % 4}?",
+             "answers": [colours[(k + j // 7) % 6] for j in range(10)]}
+            for k in range(n)
+        ]  # fmt: skip
+        namespace["write_split"](records, images, work / "data" / "shards" / "mine", split)
+    root = work / "data" / "shards" / "mine"
+    dirs = resolve_splits(root)
+    assert (dirs.source, dirs.train.name, dirs.val.name, dirs.test.name) == ("mine", "train", "val", "test")
+    first = next(PreparedDataset(dirs.train).iter_instances())
+    assert first.answer == "2" and first.human_answers[0] == "2"  # normalised as VQA v2's answers are
+
+    cfg = tmp_path / "tiny-teacher.json"
+    cfg.write_text(json.dumps(tiny_teacher_config(32)))
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny-teacher.pt"
+    torch.save({"state_dict": create_teacher(str(cfg), "").model.state_dict()}, ckpt)
+    sets = [a for s in (f"teacher.model={cfg}", f"teacher.pretrained={ckpt}", "student.init=scratch", *TINY)
+            for a in ("--set", s)]  # fmt: skip
+    monkeypatch.chdir(work)
+    store, run = "artifacts/mine.zarr", "runs/vqa-full-clip_td-s0"
+    for module, args in (
+        ("stages.extract_teacher", ["--shards", str(root), "--out", store, "--metrics", "metrics/extract.json"]),
+        ("stages.train_student", ["--task", "vqa", "--condition", "full", "--method", "clip_td", "--seed", "0",
+                                  "--data", str(root), "--cache", store, "--out", run]),
+        ("stages.evaluate", [run, "--out", "evals"]),
+    ):  # fmt: skip
+        res = CliRunner().invoke(importlib.import_module(module).main, [*args, *sets])
+        assert res.exit_code == 0, f"{module}\n{res.output}{res.exception!r}"
+    res = CliRunner().invoke(
+        importlib.import_module("stages.report").main,
+        ["--runs", "evals", "--extract", "metrics/extract.json", "--out", "reports"],
+    )
+    assert res.exit_code == 0, f"report\n{res.output}{res.exception!r}"
+    evaluated = json.loads((work / "evals" / "vqa-full-clip_td-s0" / "eval.json").read_text())
+    assert evaluated["metrics"]["n"] == 6  # the test folder's six instances
+    assert torch.load(work / run / "student.pt", weights_only=True)["splits"]["test"] == "test"
+    assert "## vqa — " in (work / "reports" / "results.md").read_text()
