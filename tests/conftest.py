@@ -42,6 +42,14 @@ def _dvc_as_installed_before(monkeypatch):
     monkeypatch.setattr(dvc.utils.strictyaml, "parse_yaml", dvc.utils.strictyaml.parse_yaml)
 
 
+def docs_python_block(page: str, heading: str) -> str:
+    """The first python block under ``## heading`` of docs/``page``: tests run the recipes the docs show."""
+    import re
+
+    section = (REPO / "docs" / page).read_text().split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
 PACKAGES = ("pipeline", "stages", "student")
 
 

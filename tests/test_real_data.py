@@ -359,21 +359,20 @@ def test_a_dataset_of_your_own_written_as_the_data_page_shows_runs_through_every
 
     from pipeline.data.shards import PreparedDataset
     from pipeline.teacher import create_teacher
-    from tests.conftest import tiny_teacher_config
+    from tests.conftest import docs_python_block, tiny_teacher_config
 
-    page = (REPO / "docs" / "data.md").read_text().split("## Your own dataset\n", 1)[1]
     namespace: dict = {}
-    exec(re.search(r"```python\n(.*?)```", page, re.S).group(1), namespace)
+    exec(docs_python_block("data.md", "Your own dataset"), namespace)
     images = tmp_path / "images"
     images.mkdir()
     for i in range(6):
         (images / f"photo{i}.png").write_bytes(png_bytes(i))
-    colours = ("Two", "three", "red.", "a dog", "Yes", "no")
+    said = ("Two", "three", "red.", "a dog", "Yes", "no")  # answers before normalisation
     work = tmp_path / "work"
     for split, n in (("train", 24), ("val", 6), ("test", 6)):
         records = [
             {"id": f"{split}{k}", "image": f"photo{k % 6}.png", "question": f"What is shown in part {k % 4}?",
-             "answers": [colours[(k + j // 7) % 6] for j in range(10)]}
+             "answers": [said[(k + j // 7) % 6] for j in range(10)]}
             for k in range(n)
         ]  # fmt: skip
         namespace["write_split"](records, images, work / "data" / "shards" / "mine", split)

@@ -3,7 +3,6 @@ every method runs, export drops the distillation heads; docs/training.md's plugi
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from student.errors import FingerprintMismatch, RunSetupError
 from student.losses import METHODS
 from student.model import count_parameters, create_student
 from student.train import RunSpec, Trainer, run_student
-from tests.conftest import build_world, prepare_synthetic, run_spec, student_params
+from tests.conftest import REPO, build_world, docs_python_block, prepare_synthetic, run_spec, student_params
 
 
 @pytest.fixture(scope="module")
@@ -444,15 +443,6 @@ def test_evaluation_batches_are_kept_for_the_next_pass_within_their_budget(world
     assert [k[1] for k in one.kept] == [tuple(keys[: len(keys) // 2])]
 
 
-TRAINING_DOC = Path(__file__).parents[1] / "docs" / "training.md"
-
-
-def _docs_python_block(heading: str) -> str:
-    """The first python block under ``## heading`` of docs/training.md: the tests run what the page shows."""
-    section = TRAINING_DOC.read_text().split(f"## {heading}\n", 1)[1]
-    return re.search(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.S).group(1)
-
-
 def _install_plugin(tmp_path, monkeypatch, module: str, source: str, entry_points: str) -> None:
     """What ``pip install`` of a package leaves on sys.path: its module and a dist-info folder naming its
     entry points (importlib.metadata finds both)."""
@@ -480,9 +470,11 @@ def test_an_installed_plugin_student_pretrains_distils_and_evaluates_by_name(wor
     from student.pretrain import pretrain_student
 
     # The page's pyproject entry, as pip writes it into the dist-info.
-    assert 'late_fusion = "my_students:LateFusion"' in TRAINING_DOC.read_text()
+    assert 'late_fusion = "my_students:LateFusion"' in (REPO / "docs" / "training.md").read_text()
     entry = "[clip_td.students]\nlate_fusion = my_students:LateFusion\n"
-    _install_plugin(tmp_path, monkeypatch, "my_students", _docs_python_block("Your own student"), entry)
+    _install_plugin(
+        tmp_path, monkeypatch, "my_students", docs_python_block("training.md", "Your own student"), entry
+    )
     root, teacher_cfg, _ = world
     sp = SyntheticParams(seed=0, image_size=32, caption_scenes=20, scenes={"captions": 20})
     with DatasetWriter(tmp_path / "captions", source="synthetic", split="captions", shard_size=50) as w:
@@ -533,7 +525,7 @@ def test_the_own_loop_recipe_gives_the_trainers_loss(world, tmp_path, task):
     from student.losses import distill_loss
     from student.train import forward_task
 
-    source = _docs_python_block("Your own training loop")
+    source = docs_python_block("training.md", "Your own training loop")
     _, _, store = world
     tr = Trainer(
         student_params(world),
