@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from pipeline.report import (
@@ -25,6 +30,7 @@ from pipeline.report import (
     t_quantile,
 )
 from stages.report import main
+from tests.conftest import REPO
 
 BASE = [0.40, 0.42, 0.44]  # mean 0.42, std 0.02
 TD = [0.46, 0.47, 0.51]  # mean 0.48; paired diffs 0.06, 0.05, 0.07 → mean 0.06, std 0.01; gain 14.29 %
@@ -318,6 +324,50 @@ def test_plots_written(runs: Path, tmp_path: Path) -> None:
     # No shift runs at all still yields a (placeholder) PNG rather than a crash.
     no_shift = [r for r in summary if r["condition"] != "shift"]
     assert plot_shift(no_shift, tmp_path / "empty.png").stat().st_size > 0
+
+
+def _fields(spec) -> set[str]:
+    """Every data field a Vega-Lite spec encodes."""
+    if isinstance(spec, dict):
+        own = {spec["field"]} if isinstance(spec.get("field"), str) else set()
+        return own.union(*(_fields(v) for k, v in spec.items() if k != "data"))
+    return set().union(*(_fields(v) for v in spec)) if isinstance(spec, list) else set()
+
+
+@pytest.mark.parametrize("pipeline", ["dvc.yaml", "real/dvc.yaml"])
+def test_dvc_plots_show_draws_each_task_with_a_line_per_method(
+    runs: Path, tmp_path: Path, pipeline: str
+) -> None:
+    """`dvc plots show` with the pipeline's own plot definition and the repository's template: every field the
+    template draws is in the report's plots.json, so renaming one fails here rather than in a user's browser."""
+    (report,) = [s for s in yaml.safe_load((REPO / pipeline).read_text())["stages"].values() if "plots" in s]
+    ((path, props),) = [next(iter(p.items())) for p in report["plots"]]
+    out = tmp_path / "project"
+    result = CliRunner().invoke(main, ["--runs", str(runs), "--out", str(out / Path(path).parent)])
+    assert result.exit_code == 0, result.output
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=out, env=env, check=True)
+    (out / ".dvc" / "plots").mkdir()
+    shutil.copy(REPO / ".dvc" / "plots" / f"{props['template']}.json", out / ".dvc" / "plots")
+    stage = {"cmd": "true", "plots": [{path: props}]}
+    (out / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"report": stage}}))
+    shown = subprocess.run([*dvc, "plots", "show", "--json", path], cwd=out, env=env, capture_output=True,
+                           text=True, check=True)  # fmt: skip
+    assert "failed" not in shown.stderr, shown.stderr
+    spec = json.loads(shown.stdout)["data"][path][0]["content"]
+    assert "<DVC_METRIC_" not in json.dumps(spec)  # DVC filled every anchor
+    rows = spec["data"]["values"]
+    assert {(r["task"], r["method"]) for r in rows} == {
+        (r["task"], r["method"]) for r in json.loads((out / path).read_text())
+    } and {"vcr", "snli_ve"} <= {r["task"] for r in rows}
+    computed = {t["as"] for t in spec["transform"]}
+    assert all(_fields(spec) - computed <= r.keys() for r in rows)
+    assert (
+        spec["facet"]["column"]["field"] in computed
+        and spec["spec"]["encoding"]["color"]["field"] == "method"
+    )
+    assert all(r[props["x"]] > 0 for r in rows)  # the x axis is a log scale
 
 
 def test_malformed_eval_names_the_file(runs: Path) -> None:

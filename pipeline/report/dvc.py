@@ -65,7 +65,8 @@ def summary_metrics(summary: Sequence[dict], zeroshot: dict[str, dict[str, float
 
 def plots_data(summary: Sequence[dict]) -> list[dict]:
     """Records for `dvc plots show` (x = fraction, y = mean): low-shot and full cells of the primary metric,
-    with the 95% t interval of the mean over seeds (None for one seed)."""
+    with the 95% t interval of the mean over seeds (None for one seed). The template .dvc/plots/lowshot.json
+    draws them by field name (a panel per task and metric, a line per method), so a renamed field breaks it."""
     records = []
     for r in summary:
         if lowshot_fraction(r["condition"]) is None:
