@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -408,3 +412,60 @@ def test_a_dataset_of_your_own_written_as_the_data_page_shows_runs_through_every
     assert evaluated["metrics"]["n"] == 6  # the test folder's six instances
     assert torch.load(work / run / "student.pt", weights_only=True)["splits"]["test"] == "test"
     assert "## vqa — " in (work / "reports" / "results.md").read_text()
+
+
+def test_dvc_repro_of_real_dvc_yaml_runs_every_stage_and_a_student_change_leaves_the_teacher_stages(tmp_path):
+    """`dvc repro real/dvc.yaml` as the README gives it, on official VQA files and a local teacher checkpoint:
+    prepare -> extract -> zeroshot -> students -> evaluate -> report, all recorded; a student parameter then
+    leaves prepare, extraction and zero-shot up to date."""
+    import torch
+    import yaml
+
+    from pipeline.config import apply_overrides
+    from pipeline.teacher import create_teacher
+    from tests.conftest import tiny_teacher_config
+    from tests.fixtures_official import build_vqa
+
+    for split in ("train2014", "val2014"):
+        build_vqa(tmp_path / "vqa", split)
+    work = tmp_path / "work"
+    for code in ("stages", "pipeline", "student"):  # what the stages import and list as deps
+        shutil.copytree(REPO / code, work / code, ignore=shutil.ignore_patterns("__pycache__"))
+    (work / "real").mkdir()
+    shutil.copy(REPO / "real" / "dvc.yaml", work / "real" / "dvc.yaml")
+    cfg = tmp_path / "tiny-teacher.json"
+    cfg.write_text(json.dumps(tiny_teacher_config(32)))
+    torch.manual_seed(0)
+    torch.save({"state_dict": create_teacher(str(cfg), "").model.state_dict()}, tmp_path / "tiny-teacher.pt")
+    sets = [f"data.root={tmp_path / 'vqa'}", f"teacher.model={cfg}", f"teacher.pretrained={tmp_path / 'tiny-teacher.pt'}",
+            *TINY, "protocol.conditions=[full]", "protocol.methods=[baseline, clip_td]", "protocol.seeds=[0]"]  # fmt: skip
+    params = work / "real" / "params.yaml"
+    params.write_text(
+        yaml.safe_dump(apply_overrides(yaml.safe_load((REPO / "real" / "params.yaml").read_text()), sets))
+    )
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "HF_HUB_OFFLINE": "1"}  # fmt: skip
+
+    def dvc(*args: str) -> str:
+        res = subprocess.run(
+            [str(bin_dir / "dvc"), *args], cwd=work, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout
+
+    dvc("init", "--no-scm", "-q")
+    ran = dvc("repro", "real/dvc.yaml")
+    for stage in ("prepare", "extract_teacher", "zeroshot", "train_student@vqa-full-baseline-0",
+                  "train_student@vqa-full-clip_td-0", "evaluate", "report"):  # fmt: skip
+        assert f"Running stage 'real/dvc.yaml:{stage}'" in ran, ran
+    results = (work / "reports" / "real" / "results.md").read_text()
+    assert "## vqa — " in results and "| clip_td | " in results
+    assert "not measured" not in results.split("| teacher zero-shot |", 1)[1].splitlines()[0]
+    assert "up to date" in dvc("status", "real/dvc.yaml")
+
+    params.write_text(yaml.safe_dump(apply_overrides(yaml.safe_load(params.read_text()), ["train.steps=3"])))
+    stale = json.loads(dvc("status", "--json", "real/dvc.yaml"))
+    assert set(stale) == {f"real/dvc.yaml:train_student@vqa-full-{m}-0" for m in ("baseline", "clip_td")}, (
+        stale
+    )
