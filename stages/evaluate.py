@@ -12,21 +12,15 @@ from pathlib import Path
 import click
 import torch
 
-from pipeline.conditions import Condition
-from pipeline.config import StudentParams, usable_cores
+from pipeline.config import usable_cores
 from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset
 from pipeline.metrics import PRIMARY
 from pipeline.protocol import SplitError, make_split
 from pipeline.splits import recorded_splits, resolve_splits
-from pipeline.teacher import TeacherError
 from stages.common import stage_command, stage_params, write_json
-from student.checkpoint import load_state
-from student.data import TaskSpec, load_tokenizer, open_prepared
-from student.errors import CheckpointError
-from student.evaluation import EVAL_BATCH, BatchCache, evaluate
-from student.losses import METHODS, method_config
-from student.model import TaskHeads, create_student
+from student.data import open_prepared
+from student.evaluation import EVAL_BATCH, BatchCache, ExportError, evaluate, export_spec, load_student
 
 
 @functools.cache
@@ -39,27 +33,6 @@ def _instances(split_dir: Path) -> tuple[PreparedDataset, tuple]:
 
 # The test batches a process's runs share: the grid's runs of a task (but the blind ones) read the same ones.
 _TEST_BATCHES = BatchCache()
-
-
-class ExportError(RuntimeError):
-    """student.pt is not a student exported by train_student (or does not load); names the file."""
-
-
-def _run_record_problem(run: dict) -> str:
-    """What is wrong with an export's ``run`` record ("" when nothing): each key as train_student writes it."""
-    if not isinstance(run["task"], str) or run["task"] not in PRIMARY:
-        return f"run.task = {run['task']!r} is none of {', '.join(PRIMARY)}"
-    try:
-        Condition.parse(run["condition"])
-    except (TypeError, ValueError) as e:
-        return f"run.condition = {run['condition']!r}: {e}"
-    if not isinstance(run["method"], str) or run["method"] not in METHODS:
-        return f"run.method = {run['method']!r} is none of {', '.join(METHODS)}"
-    if not isinstance(run["seed"], int) or isinstance(run["seed"], bool) or run["seed"] < 0:
-        return f"run.seed = {run['seed']!r} is not an integer >= 0"
-    if not isinstance(run["data_root"], str):
-        return f"run.data_root = {run['data_root']!r} is not a path"
-    return ""
 
 
 def _train_record(run_dir: Path) -> dict:
@@ -77,43 +50,6 @@ def _train_record(run_dir: Path) -> dict:
     return record
 
 
-def load_student(path: Path) -> tuple[dict, torch.nn.Module, TaskHeads]:
-    """The exported student, loaded with weights_only=True: (export dict, student, task head)."""
-    try:
-        exported = load_state(path, "exported student")
-    except CheckpointError as e:
-        raise ExportError(str(e)) from None
-    missing = [
-        k
-        for k in ("run", "student_params", "student", "heads", "vocab", "teacher_model")
-        if k not in exported
-    ]
-    if missing:
-        raise ExportError(f"{path}: not a student exported by train_student (no {', '.join(missing)})")
-    if not isinstance(exported["teacher_model"], str):
-        raise ExportError(f"{path}: teacher_model is not a model name or config path")
-    run = exported["run"]
-    if not isinstance(run, dict) or any(
-        k not in run for k in ("task", "condition", "method", "seed", "data_root")
-    ):
-        raise ExportError(f"{path}: not a student exported by train_student (its 'run' record is incomplete)")
-    problem = _run_record_problem(run)
-    if problem:
-        raise ExportError(f"{path}: the exported run record is not one train_student writes: {problem}")
-    try:
-        sp = StudentParams(**exported["student_params"])
-        student = create_student(sp.arch, sp)
-        student.load_state_dict(exported["student"])
-        heads = TaskHeads(student.width, len(exported["vocab"]), tasks=(run["task"],))
-        heads.load_state_dict(exported["heads"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(
-            f"{path}: the exported student does not load ({type(e).__name__}: {reason})"
-        ) from None
-    return exported, student, heads
-
-
 def recorded_shift(exported: dict, pp) -> dict:
     """The shift key and target domain the student was trained with (its export records them): a shift
     student scored on another domain than it was held out from would measure nothing. Exports made before
@@ -129,7 +65,6 @@ def recorded_shift(exported: dict, pp) -> dict:
 def evaluate_run(run_dir: Path, params) -> dict:
     exported, student, heads = load_student(run_dir / "student.pt")
     run = exported["run"]
-    sp = StudentParams(**exported["student_params"])
     # The folders training recorded; a student exported before roles were recorded resolves them now.
     recorded = exported.get("splits")
     dirs = (
@@ -147,16 +82,7 @@ def evaluate_run(run_dir: Path, params) -> dict:
     except SplitError as e:  # e.g. a shift target no test instance has: a score of 0 on nothing is no score
         raise DataError(run_dir, "protocol", str(e)) from None
     train = _train_record(run_dir)
-    try:
-        tokenizer = load_tokenizer(exported["teacher_model"])
-    except TeacherError as e:  # the text side is tokenised as the teacher did: its recorded config must load
-        raise ExportError(
-            f"{run_dir / 'student.pt'}: the teacher it was trained with (teacher_model "
-            f"{exported['teacher_model']!r}) does not load: {e}"
-        ) from None
-    spec = TaskSpec(run["task"], tokenizer, sp.image_size, sp.max_text_len,
-                    exported["vocab"], params.distill.vqa_candidates,
-                    blind=method_config(run["method"], params.distill).blind)  # fmt: skip
+    spec = export_spec(exported, run_dir / "student.pt", params.distill)
     batches = _TEST_BATCHES.batches(test_ds, split.test, spec, EVAL_BATCH, exported["teacher_model"])
     result = evaluate(student, heads, test_ds, split.test, spec, batches=batches)
     return {

@@ -1,17 +1,98 @@
-"""Score a student on a set of instances with the official metrics, per instance and per domain."""
+"""An exported student: load it (checked), read inputs as it was trained to, and score it on a set of instances
+with the official metrics, per instance and per domain."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 
+from pipeline.conditions import Condition
+from pipeline.config import DistillParams, StudentParams
 from pipeline.data.shards import PreparedDataset
 from pipeline.metrics import PRIMARY, aggregate, instance_scores
-from student.data import Batch, TaskSpec, eval_batches
-from student.model import TaskHeads, images_for_texts
+from pipeline.teacher import TeacherError
+from student.checkpoint import load_state
+from student.data import Batch, TaskSpec, eval_batches, load_tokenizer
+from student.errors import CheckpointError
+from student.losses import METHODS, method_config
+from student.model import TaskHeads, create_student, images_for_texts
 
 EVAL_BATCH = 128  # instances a scoring batch holds (validation and the evaluate stage)
+
+
+class ExportError(RuntimeError):
+    """student.pt is not a student exported by train_student (or does not load); names the file."""
+
+
+def _run_record_problem(run: dict) -> str:
+    """What is wrong with an export's ``run`` record ("" when nothing): each key as train_student writes it."""
+    if not isinstance(run["task"], str) or run["task"] not in PRIMARY:
+        return f"run.task = {run['task']!r} is none of {', '.join(PRIMARY)}"
+    try:
+        Condition.parse(run["condition"])
+    except (TypeError, ValueError) as e:
+        return f"run.condition = {run['condition']!r}: {e}"
+    if not isinstance(run["method"], str) or run["method"] not in METHODS:
+        return f"run.method = {run['method']!r} is none of {', '.join(METHODS)}"
+    if not isinstance(run["seed"], int) or isinstance(run["seed"], bool) or run["seed"] < 0:
+        return f"run.seed = {run['seed']!r} is not an integer >= 0"
+    if not isinstance(run["data_root"], str):
+        return f"run.data_root = {run['data_root']!r} is not a path"
+    return ""
+
+
+def load_student(path: Path) -> tuple[dict, torch.nn.Module, TaskHeads]:
+    """The exported student, loaded with weights_only=True: (export dict, student, task head)."""
+    try:
+        exported = load_state(path, "exported student")
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    missing = [
+        k
+        for k in ("run", "student_params", "student", "heads", "vocab", "teacher_model")
+        if k not in exported
+    ]
+    if missing:
+        raise ExportError(f"{path}: not a student exported by train_student (no {', '.join(missing)})")
+    if not isinstance(exported["teacher_model"], str):
+        raise ExportError(f"{path}: teacher_model is not a model name or config path")
+    run = exported["run"]
+    if not isinstance(run, dict) or any(
+        k not in run for k in ("task", "condition", "method", "seed", "data_root")
+    ):
+        raise ExportError(f"{path}: not a student exported by train_student (its 'run' record is incomplete)")
+    problem = _run_record_problem(run)
+    if problem:
+        raise ExportError(f"{path}: the exported run record is not one train_student writes: {problem}")
+    try:
+        sp = StudentParams(**exported["student_params"])
+        student = create_student(sp.arch, sp)
+        student.load_state_dict(exported["student"])
+        heads = TaskHeads(student.width, len(exported["vocab"]), tasks=(run["task"],))
+        heads.load_state_dict(exported["heads"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(
+            f"{path}: the exported student does not load ({type(e).__name__}: {reason})"
+        ) from None
+    return exported, student, heads
+
+
+def export_spec(exported: dict, path: Path, distill: DistillParams) -> TaskSpec:
+    """How the exported student reads its inputs: the teacher's tokenizer (the export names the teacher), the
+    student's image size and text length, its answer vocabulary, and blank images for the blind method."""
+    try:
+        tokenizer = load_tokenizer(exported["teacher_model"])
+    except TeacherError as e:  # the text side is tokenised as the teacher did: its recorded config must load
+        raise ExportError(
+            f"{path}: the teacher it was trained with (teacher_model {exported['teacher_model']!r}) does not "
+            f"load: {e}"
+        ) from None
+    run, sp = exported["run"], StudentParams(**exported["student_params"])
+    return TaskSpec(run["task"], tokenizer, sp.image_size, sp.max_text_len, exported["vocab"],
+                    distill.vqa_candidates, blind=method_config(run["method"], distill).blind)  # fmt: skip
 
 
 @torch.no_grad()
