@@ -18,6 +18,7 @@ STAGES = {
     "train-student": "stages.train_student",
     "evaluate": "stages.evaluate",
     "report": "stages.report",
+    "predict": "stages.predict",
 }
 
 
@@ -40,6 +41,7 @@ def main() -> None:
 
     Stages run in order prepare-data → pretrain-teacher (embedded default only) → extract-teacher →
     pretrain-student → zeroshot → train-student → evaluate → report; `dvc repro` runs them all from params.yaml.
+    predict answers new inputs with a trained student.
     """
 
 
