@@ -42,6 +42,10 @@ class TeacherError(RuntimeError):
     """The teacher cannot be built or used; the message names the model / checkpoint at fault."""
 
 
+# The folder holding the pipeline package: the checkout, or site-packages for an installed copy.
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
 def register_model(model: str) -> str:
     """Resolve ``model`` (an open_clip model name or a path to a model-config JSON) to an open_clip name.
 
@@ -53,6 +57,10 @@ def register_model(model: str) -> str:
         return model  # open_clip resolves these schemas itself
     if model.endswith(".json") or Path(model).is_file():
         path = Path(model)
+        if not path.is_file() and not path.is_absolute() and (_PACKAGE_ROOT / path).is_file():
+            # A config this package ships (pipeline/model_configs/…), as dvc.yaml and every export name it,
+            # read from another working directory (predicting or evaluating outside the checkout).
+            path = _PACKAGE_ROOT / path
         if not path.is_file():
             raise TeacherError(f"teacher model config '{model}': file not found")
         try:

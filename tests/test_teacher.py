@@ -253,6 +253,23 @@ def make_caption_dataset(out: Path, split: str, seed: int, copies: int = 1) -> P
     return out
 
 
+def test_a_shipped_config_named_as_exports_name_it_loads_from_any_folder(tmp_path, monkeypatch):
+    """dvc.yaml and every export name the embedded teacher 'pipeline/model_configs/clip-td-tiny.json', relative
+    to the checkout: predicting or evaluating from another folder still finds it (and its tokenizer)."""
+    from pipeline.teacher import register_model
+    from student.data import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    assert register_model("pipeline/model_configs/clip-td-tiny.json") == "clip-td-tiny"
+    assert load_tokenizer("pipeline/model_configs/clip-td-tiny.json")(["a red circle"]).shape[0] == 1
+    (tmp_path / "pipeline" / "model_configs").mkdir(parents=True)  # a file of the working folder comes first
+    (tmp_path / "pipeline" / "model_configs" / "clip-td-tiny.json").write_text("{not json")
+    with pytest.raises(TeacherError, match="not valid JSON"):
+        register_model("pipeline/model_configs/clip-td-tiny.json")
+    with pytest.raises(TeacherError, match="'pipeline/model_configs/nope.json': file not found"):
+        register_model("pipeline/model_configs/nope.json")
+
+
 def test_pair_sampler_never_repeats_image_or_text():
     from pipeline.pretrain import PairSampler, cosine_lr
 
