@@ -59,6 +59,12 @@ def _jsonl_inputs(path: Path) -> list[dict]:
     "--rationale", "rationales", multiple=True, help="VCR: a candidate rationale (repeat for each)."
 )
 @click.option(
+    "--given-answer",
+    type=click.IntRange(min=0),
+    default=None,
+    help="VCR: read the rationales with this answer (QA->R) instead of the one the student chooses.",
+)
+@click.option(
     "--jsonl",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help='Many inputs, one JSON object a line: {"image": path relative to this file, "text": ..., and for VCR '
@@ -71,7 +77,7 @@ def _jsonl_inputs(path: Path) -> list[dict]:
 )
 @click.option("--device", default="cpu", help="Where the student runs: cpu, cuda, cuda:1, …")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, help="VQA: how many ranked answers to list.")
-def main(student, image, text, answers, rationales, jsonl, out, device, top_k) -> None:
+def main(student, image, text, answers, rationales, given_answer, jsonl, out, device, top_k) -> None:
     """Answer new inputs with the student exported to STUDENT (a run folder or its student.pt).
 
     \b
@@ -101,6 +107,7 @@ def main(student, image, text, answers, rationales, jsonl, out, device, top_k) -
                 "text": text,
                 "answers": list(answers),
                 "rationales": list(rationales),
+                "given_answer": given_answer,
             }
         ]  # fmt: skip
     )

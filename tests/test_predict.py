@@ -130,6 +130,14 @@ def test_the_command_answers_one_input_or_a_jsonl_file_as_the_api_does(runs, tmp
     broken = CliRunner().invoke(main, [str(dirs["vcr-clip_td"]), "--image", str(tmp_path / "broken.png"),
                                        "--text", "why?", "--answer", "a", "--answer", "b"])  # fmt: skip
     assert broken.exit_code == 1 and "broken.png: not an image PIL can decode" in broken.output
+    vcr = [str(dirs["vcr-clip_td"]), "--image", str(tmp_path / "img0.png"), "--text", "why?", "--answer", "a",
+           "--answer", "b", "--rationale", "r", "--rationale", "s", "--given-answer", "1"]  # fmt: skip
+    given = CliRunner().invoke(main, vcr)
+    assert given.exit_code == 0, given.output
+    api_vcr = Predictor(dirs["vcr-clip_td"])
+    assert json.loads(given.output) == api_vcr.predict(
+        tmp_path / "img0.png", "why?", ["a", "b"], ["r", "s"], 1
+    )
     neither = CliRunner().invoke(main, [str(dirs["vcr-clip_td"])])
     assert neither.exit_code == 2 and "--jsonl" in neither.output
     assert "predict" in CliRunner().invoke(clip_td, ["--help"]).output
