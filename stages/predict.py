@@ -75,7 +75,11 @@ def _jsonl_inputs(path: Path) -> list[dict]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the predictions here (JSON lines, written whole or not at all) instead of to stdout.",
 )
-@click.option("--device", default="cpu", help="Where the student runs: cpu, cuda, cuda:1, …")
+@click.option(
+    "--device",
+    default="auto",
+    help="Where the student runs: auto (a CUDA device when there is one), cpu, cuda:1, …",
+)
 @click.option("--top-k", type=click.IntRange(min=1), default=5, help="VQA: how many ranked answers to list.")
 def main(student, image, text, answers, rationales, given_answer, jsonl, out, device, top_k) -> None:
     """Answer new inputs with the student exported to STUDENT (a run folder or its student.pt).

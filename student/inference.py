@@ -17,8 +17,10 @@ from pipeline.config import DistillParams
 from pipeline.data.schema import SNLI_LABELS
 from pipeline.texts import join_text
 from student.data import image_tensor
+from student.errors import RunError
 from student.evaluation import export_spec, load_student
 from student.model import images_for_texts
+from student.placement import resolve_device
 
 
 class PredictError(ValueError):
@@ -37,7 +39,7 @@ class Predictor:
     "answer_probabilities": [...], "rationale": index, "rationale_probabilities": [...]}``; the rationales are
     scored given the chosen answer (Q->AR), or given ``given_answer`` (VCR's QA->R)."""
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", top_k: int = 5):
+    def __init__(self, path: str | Path, device: str = "auto", top_k: int = 5):
         path = Path(path)
         self.path = path / "student.pt" if path.is_dir() else path
         if not self.path.is_file():
@@ -48,7 +50,14 @@ class Predictor:
         self.task: str = self.exported["run"]["task"]
         # Only the tokenizer, the sizes, the vocabulary and blindness matter here; no distill key reaches them.
         self.spec = export_spec(self.exported, self.path, DistillParams())
-        self.device = torch.device(device)
+        try:  # "auto": the current CUDA device when there is one, as train.device
+            self.device = resolve_device(device)
+        except RunError:
+            raise PredictError(
+                f"device {device!r}: torch sees no CUDA device here (use auto or cpu)"
+            ) from None
+        except RuntimeError as e:  # torch's parse error for a device name it does not know
+            raise PredictError(f"device {device!r}: {e}") from None
         self.student.to(self.device).eval()
         self.heads.to(self.device).eval()
         self.top_k = top_k

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from student.data import eval_batches, open_prepared
@@ -90,6 +91,11 @@ def test_bad_inputs_fail_naming_what_is_wrong(runs, tmp_path):
             call()
     with pytest.raises(FileNotFoundError, match="no exported student"):
         Predictor(tmp_path)
+    with pytest.raises(PredictError, match="device 'gpu': "):
+        Predictor(dirs["vqa-clip_td"], device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(PredictError, match="device 'cuda': torch sees no CUDA device here"):
+            Predictor(dirs["vqa-clip_td"], device="cuda")
 
 
 def test_the_command_answers_one_input_or_a_jsonl_file_as_the_api_does(runs, tmp_path):
