@@ -469,3 +469,82 @@ def test_dvc_repro_of_real_dvc_yaml_runs_every_stage_and_a_student_change_leaves
     assert set(stale) == {f"real/dvc.yaml:train_student@vqa-full-{m}-0" for m in ("baseline", "clip_td")}, (
         stale
     )
+
+
+def test_a_student_pretrained_on_coco_style_captions_as_the_training_page_shows_is_trained_from(
+    tmp_path, monkeypatch
+):
+    """docs/training.md's 'A pretrained student for real data': COCO-format captions become caption splits,
+    pretrain_student runs on them with the params training uses, and train_student starts from that backbone
+    (its checksum in the run's identity) on official VQA files."""
+    import importlib
+
+    import torch
+
+    from pipeline.data.shards import PreparedDataset
+    from pipeline.teacher import create_teacher, sha256_file
+    from student.data import load_tokenizer
+    from student.pretrain import load_pairs
+    from tests.conftest import docs_python_block, tiny_teacher_config
+    from tests.fixtures_official import build_vqa
+
+    namespace: dict = {}
+    exec(docs_python_block("training.md", "A pretrained student for real data"), namespace)
+    coco = tmp_path / "coco"
+    for split in ("train2014", "val2014"):
+        (coco / split).mkdir(parents=True)
+        images = [{"id": 10 + i, "file_name": f"COCO_{split}_{10 + i:012d}.png"} for i in range(6)]
+        for i, image in enumerate(images):
+            (coco / split / image["file_name"]).write_bytes(png_bytes(i + (split == "val2014") * 6))
+        said = ("a red square", "two circles", "a small triangle")
+        annotations = [{"id": 100 * i + j, "image_id": 10 + i, "caption": f" {said[(i + j) % 3]}\n"}
+                       for i in range(6) for j in range(2)]  # fmt: skip
+        (coco / f"captions_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": annotations})
+        )
+        namespace["write_captions"](
+            coco / f"captions_{split}.json", coco / split, tmp_path / "shards" / "coco", split
+        )
+    cfg = tmp_path / "tiny-teacher.json"
+    cfg.write_text(json.dumps(tiny_teacher_config(32)))
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny-teacher.pt"
+    torch.save({"state_dict": create_teacher(str(cfg), "").model.state_dict()}, ckpt)
+    tiny = [f"teacher.model={cfg}", f"teacher.pretrained={ckpt}", *TINY]
+    sp = load_params(REPO / "real" / "params.yaml", tiny).student
+    pairs = load_pairs(
+        tmp_path / "shards" / "coco" / "train2014",
+        sp,
+        load_tokenizer(str(cfg)),
+    )
+    assert len(pairs) == 12 and pairs.images.shape[0] == 6  # each image once, every caption a pair
+    first = next(PreparedDataset(tmp_path / "shards" / "coco" / "train2014").iter_instances())
+    assert (first.task, first.caption, first.image_id) == (
+        "caption",
+        "a red square",
+        "COCO_train2014_000000000010",
+    )
+
+    for split in ("train2014", "val2014"):
+        build_vqa(tmp_path / "vqa", split)
+    monkeypatch.chdir(tmp_path)
+    backbone = tmp_path / "artifacts" / "student_pretrained_coco" / "student.pt"
+    sets = [*tiny, "student.pretrain.steps=2", "student.pretrain.batch_size=4", "student.pretrain.warmup=1"]
+    steps = [
+        ("stages.prepare_data", ["--source", "vqa", "--root", str(tmp_path / "vqa"), "--split", "train2014",
+                                 "--split", "val2014", "--out", "data/shards/vqa"]),
+        ("stages.pretrain_student", ["--captions", "shards/coco/train2014", "--val", "shards/coco/val2014", "--out",
+                                     str(backbone.parent), "--metrics", "metrics/student_pretrain.json", "--quiet"]),
+        ("stages.extract_teacher", ["--shards", "data/shards/vqa", "--out", "cache.zarr", "--metrics", "extract.json"]),
+        ("stages.train_student", ["--task", "vqa", "--condition", "full", "--method", "clip_td", "--seed", "0",
+                                  "--data", "data/shards/vqa", "--cache", "cache.zarr", "--out", "run",
+                                  "--set", "student.init=pretrained", "--set", f"student.pretrained={backbone}"]),
+    ]  # fmt: skip
+    for module, args in steps:
+        overrides = [a for s in sets for a in ("--set", s)] if module != "stages.prepare_data" else []
+        res = CliRunner().invoke(importlib.import_module(module).main, [*args, *overrides, "--params",
+                                 str(REPO / "real" / "params.yaml")])  # fmt: skip
+        assert res.exit_code == 0, f"{module}\n{res.output}{res.exception!r}"
+    assert json.loads((tmp_path / "metrics" / "student_pretrain.json").read_text())["steps"] == 2
+    identity = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["identity"]
+    assert identity["init"] == {"pretrained": sha256_file(backbone)}
