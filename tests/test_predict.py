@@ -15,17 +15,18 @@ from student.inference import PredictError, Predictor
 from student.train import run_student
 from tests.conftest import build_world, png_bytes, run_spec, student_params
 
-RUNS = ("vqa-clip_td", "snli_ve-baseline", "vcr-clip_td", "snli_ve-blind")
+RUNS = ("vqa-clip_td", "snli_ve-baseline", "vcr-clip_td", "snli_ve-blind", "vcr-baseline-vilt")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A few exported students (4 steps each) of the tiny world, by '<task>-<method>'."""
+    """A few exported students (4 steps each) of the tiny world, by '<task>-<method>[-<arch>]'."""
     tmp = tmp_path_factory.mktemp("predict")
     world = build_world(tmp / "world")
-    params = student_params(world, **{"train.steps": 4, "train.eval_every": 4})
     for name in RUNS:
-        task, method = name.split("-")
+        task, method, *arch = name.split("-")  # the default student, or the one named last
+        over = {"train.steps": 4, "train.eval_every": 4, **({"student.arch": arch[0]} if arch else {})}
+        params = student_params(world, **over)
         run_student(params, run_spec(world, tmp, task=task, method=method, name=name), progress=False)
     return tmp / "world" / "shards" / "test", {name: tmp / name for name in RUNS}
 
