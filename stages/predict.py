@@ -23,7 +23,11 @@ def _jsonl_inputs(path: Path) -> list[dict]:
 
     known = {"image", "text", "answers", "rationales", "given_answer", "id"}
     inputs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PredictError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"

@@ -133,6 +133,11 @@ def test_the_command_answers_one_input_or_a_jsonl_file_as_the_api_does(runs, tmp
     bad = CliRunner().invoke(main, [str(dirs["snli_ve-baseline"]), "--jsonl", str(tmp_path / "bad.jsonl")])
     assert bad.exit_code == 1 and "bad.jsonl:1: unknown key 'txt'" in bad.output
     assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"image": "img0.png", "text": "caf\xe9"}\n')
+    latin1 = CliRunner().invoke(
+        main, [str(dirs["snli_ve-baseline"]), "--jsonl", str(tmp_path / "latin1.jsonl")]
+    )
+    assert latin1.exit_code == 1 and "latin1.jsonl: not UTF-8 text" in latin1.output
     (tmp_path / "broken.png").write_bytes(b"not an image")
     broken = CliRunner().invoke(main, [str(dirs["vcr-clip_td"]), "--image", str(tmp_path / "broken.png"),
                                        "--text", "why?", "--answer", "a", "--answer", "b"])  # fmt: skip
