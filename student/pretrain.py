@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from pipeline.config import StudentParams
 from pipeline.data.shards import PreparedDataset
+from pipeline.teacher import TeacherError
 
 from .checkpoint import load_state, write_atomic
 from .data import image_tensor, load_tokenizer
@@ -273,8 +274,27 @@ class PretrainedMismatch(ValueError):
     """A pretrained student checkpoint does not fit the student a run builds."""
 
 
-def load_pretrained_backbone(student: nn.Module, path: str | Path, sp: StudentParams) -> dict:
+# Short texts of letters, digits, punctuation and an accent: two tokenizers that give them the same ids share a
+# vocabulary and a splitting, which is what a backbone's token embeddings rest on. Short, so that two context
+# lengths (where each tokenizer writes EOT when it cuts) cannot tell them apart.
+_TOKENIZER_PROBES = (
+    "a photo of 2 red dogs, isn't it?",
+    "Why is [person1] smiling at the café?",
+    "entailment",
+)
+
+
+def _same_tokenizer(a: str, b: str, max_len: int) -> bool:
+    ta, tb = load_tokenizer(a)(list(_TOKENIZER_PROBES)), load_tokenizer(b)(list(_TOKENIZER_PROBES))
+    return torch.equal(ta[:, :max_len], tb[:, :max_len])
+
+
+def load_pretrained_backbone(
+    student: nn.Module, path: str | Path, sp: StudentParams, teacher_model: str | None = None
+) -> dict:
     """Copy a pretrained backbone into ``student`` (same architecture params required); returns its metadata.
+    ``teacher_model``: the run's teacher, whose tokenizer must split texts as the backbone's did (its token
+    embeddings are indexed by those ids).
 
     Loaded with ``weights_only=True``: a checkpoint a user hands over can hold tensors and plain data only."""
     path = Path(path)
@@ -310,6 +330,20 @@ def load_pretrained_backbone(student: nn.Module, path: str | Path, sp: StudentPa
             f"{path}: pretrained with different student.{', student.'.join(diff)} "
             f"({', '.join(f'{k}={theirs.get(k)!r}' for k in diff)}); re-run pretrain_student"
         )
+    theirs_teacher = ck.get("teacher_model")
+    if teacher_model is not None and isinstance(theirs_teacher, str) and theirs_teacher != teacher_model:
+        try:
+            same = _same_tokenizer(theirs_teacher, teacher_model, sp.max_text_len)
+        except TeacherError as e:
+            raise PretrainedMismatch(
+                f"{path}: pretrained reading the tokenizer of teacher.model={theirs_teacher!r}, which does not "
+                f"load here ({e}); re-run pretrain_student with this run's teacher.model"
+            ) from None
+        if not same:
+            raise PretrainedMismatch(
+                f"{path}: pretrained reading the tokenizer of teacher.model={theirs_teacher!r}, which splits texts "
+                f"into other ids than this run's teacher.model={teacher_model!r}; re-run pretrain_student with it"
+            )
     try:
         student.load_state_dict(ck["student"])
     except RuntimeError as e:  # same params, other tensors: a damaged or hand-edited file

@@ -225,7 +225,9 @@ class Trainer:
         self.student = create_student(params.student.arch, params.student, vocabulary=vocabulary)
         if params.student.init == "pretrained":
             try:
-                load_pretrained_backbone(self.student, params.student.pretrained, params.student)
+                load_pretrained_backbone(
+                    self.student, params.student.pretrained, params.student, params.teacher.model
+                )
             except PretrainedMismatch as e:
                 raise RunError(str(e)) from None
             # The backbone brings the pretraining corpus's vocabulary; the task's own ids are kept from it, and

@@ -139,6 +139,43 @@ def test_a_backbone_of_another_shape_is_refused_naming_the_keys(corpus, tmp_path
         load_pretrained_backbone(create_student(other.arch, other), tmp_path / "out" / "student.pt", other)
 
 
+def test_a_backbone_read_with_another_tokenizer_is_refused(corpus, tmp_path, monkeypatch):
+    """Token embeddings are indexed by the tokenizer's ids: a run whose teacher splits texts into other ids than
+    the backbone's teacher did would start from rows of other words."""
+    import json
+
+    import student.pretrain as pretrain
+    from tests.conftest import REPO
+
+    sp = _sp()
+    _one_step_backbone(corpus, sp, tmp_path / "out")
+    path = tmp_path / "out" / "student.pt"
+    # Another config of the same tokenizer (a longer context, as ViT-B-16's 77 against the tiny teacher's) fits.
+    longer = json.loads((REPO / TEACHER).read_text())
+    longer["text_cfg"]["context_length"] = 77
+    (tmp_path / "longer.json").write_text(json.dumps(longer))
+    load_pretrained_backbone(create_student(sp.arch, sp), path, sp, str(tmp_path / "longer.json"))
+    load_pretrained_backbone(create_student(sp.arch, sp), path, sp, TEACHER)
+
+    real = pretrain.load_tokenizer
+
+    def shifted(model):  # a tokenizer of other ids (offline, no other vocabulary can be fetched)
+        tok = real(TEACHER)
+        return (lambda texts: tok(texts) + 1) if model == "other-vocab" else real(model)
+
+    monkeypatch.setattr(pretrain, "load_tokenizer", shifted)
+    with pytest.raises(
+        PretrainedMismatch, match=r"into other ids than this run's teacher\.model='other-vocab'"
+    ):
+        load_pretrained_backbone(create_student(sp.arch, sp), path, sp, "other-vocab")
+    monkeypatch.setattr(pretrain, "load_tokenizer", real)
+    ck = torch.load(path, weights_only=True)
+    ck["teacher_model"] = str(tmp_path / "gone.json")
+    torch.save(ck, path)
+    with pytest.raises(PretrainedMismatch, match=r"gone\.json.*does not load here"):
+        load_pretrained_backbone(create_student(sp.arch, sp), path, sp, TEACHER)
+
+
 def test_a_damaged_pretrained_student_is_refused_naming_the_file(corpus, tmp_path):
     sp = _sp()
     _one_step_backbone(corpus, sp, tmp_path / "out")
