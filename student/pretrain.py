@@ -334,7 +334,7 @@ def load_pretrained_backbone(
     if teacher_model is not None and isinstance(theirs_teacher, str) and theirs_teacher != teacher_model:
         try:
             same = _same_tokenizer(theirs_teacher, teacher_model, sp.max_text_len)
-        except TeacherError as e:
+        except (TeacherError, OSError, ValueError) as e:  # a config gone, a hub tokenizer offline
             raise PretrainedMismatch(
                 f"{path}: pretrained reading the tokenizer of teacher.model={theirs_teacher!r}, which does not "
                 f"load here ({e}); re-run pretrain_student with this run's teacher.model"
