@@ -117,10 +117,10 @@ def main(student, image, text, answers, rationales, given_answer, jsonl, out, de
                 "rationales": list(rationales),
                 "given_answer": given_answer,
             }
-        ]  # fmt: skip
+        ]
     )
     predictor = Predictor(student, device=device, top_k=top_k)
-    lines = []
+    lines = []  # kept for --out, which is written whole once every input is answered
     for row in inputs:
         where, ident = row.pop("where"), row.pop("id", None)
         try:
@@ -130,7 +130,8 @@ def main(student, image, text, answers, rationales, given_answer, jsonl, out, de
         line = json.dumps({"id": ident, **result} if ident is not None else result, ensure_ascii=False)
         if out is None:
             click.echo(line)
-        lines.append(line)
+        else:
+            lines.append(line)
     if out is not None:
         write_text(out, "".join(f"{line}\n" for line in lines))
         click.echo(f"{len(lines)} predictions: {out}", err=True)

@@ -184,6 +184,21 @@ TINY = [
 ]  # fmt: skip
 
 
+def _tiny_teacher(tmp_path) -> list[str]:
+    """A local tiny open_clip teacher (config + checkpoint) under tmp_path, as the overrides that name it."""
+    import torch
+
+    from pipeline.teacher import create_teacher
+    from tests.conftest import tiny_teacher_config
+
+    cfg = tmp_path / "tiny-teacher.json"
+    cfg.write_text(json.dumps(tiny_teacher_config(32)))
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny-teacher.pt"
+    torch.save({"state_dict": create_teacher(str(cfg), "").model.state_dict()}, ckpt)
+    return [f"teacher.model={cfg}", f"teacher.pretrained={ckpt}"]
+
+
 def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_one_store(
     tmp_path, monkeypatch
 ):
@@ -193,8 +208,6 @@ def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_o
 
     import torch
 
-    from pipeline.teacher import create_teacher
-    from tests.conftest import tiny_teacher_config
     from tests.fixtures_official import GOOD_INSTANCES, build_snli_ve, build_vcr, build_vqa
 
     official = tmp_path / "official"
@@ -207,12 +220,7 @@ def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_o
     work = tmp_path / "work"
     (work / "real").mkdir(parents=True)
     shutil.copy(REPO / "real" / "params.yaml", work / "real" / "params.yaml")  # the shipped params, as is
-    cfg = tmp_path / "tiny-teacher.json"
-    cfg.write_text(json.dumps(tiny_teacher_config(32)))
-    torch.manual_seed(0)
-    ckpt = tmp_path / "tiny-teacher.pt"
-    torch.save({"state_dict": create_teacher(str(cfg), "").model.state_dict()}, ckpt)
-    teacher = [f"teacher.model={cfg}", f"teacher.pretrained={ckpt}"]
+    teacher = _tiny_teacher(tmp_path)
     monkeypatch.chdir(work)
 
     commands = _recipe()
@@ -362,8 +370,7 @@ def test_a_dataset_of_your_own_written_as_the_data_page_shows_runs_through_every
     import torch
 
     from pipeline.data.shards import PreparedDataset
-    from pipeline.teacher import create_teacher
-    from tests.conftest import docs_python_block, tiny_teacher_config
+    from tests.conftest import docs_python_block
 
     namespace: dict = {}
     exec(docs_python_block("data.md", "Your own dataset"), namespace)
@@ -386,12 +393,7 @@ def test_a_dataset_of_your_own_written_as_the_data_page_shows_runs_through_every
     first = next(PreparedDataset(dirs.train).iter_instances())
     assert first.answer == "2" and first.human_answers[0] == "2"  # normalised as VQA v2's answers are
 
-    cfg = tmp_path / "tiny-teacher.json"
-    cfg.write_text(json.dumps(tiny_teacher_config(32)))
-    torch.manual_seed(0)
-    ckpt = tmp_path / "tiny-teacher.pt"
-    torch.save({"state_dict": create_teacher(str(cfg), "").model.state_dict()}, ckpt)
-    sets = [a for s in (f"teacher.model={cfg}", f"teacher.pretrained={ckpt}", "student.init=scratch", *TINY)
+    sets = [a for s in (*_tiny_teacher(tmp_path), "student.init=scratch", *TINY)
             for a in ("--set", s)]  # fmt: skip
     monkeypatch.chdir(work)
     store, run = "artifacts/mine.zarr", "runs/vqa-full-clip_td-s0"
@@ -418,12 +420,9 @@ def test_dvc_repro_of_real_dvc_yaml_runs_every_stage_and_a_student_change_leaves
     """`dvc repro real/dvc.yaml` as the README gives it, on official VQA files and a local teacher checkpoint:
     prepare -> extract -> zeroshot -> students -> evaluate -> report, all recorded; a student parameter then
     leaves prepare, extraction and zero-shot up to date."""
-    import torch
     import yaml
 
     from pipeline.config import apply_overrides
-    from pipeline.teacher import create_teacher
-    from tests.conftest import tiny_teacher_config
     from tests.fixtures_official import build_vqa
 
     for split in ("train2014", "val2014"):
@@ -433,11 +432,7 @@ def test_dvc_repro_of_real_dvc_yaml_runs_every_stage_and_a_student_change_leaves
         shutil.copytree(REPO / code, work / code, ignore=shutil.ignore_patterns("__pycache__"))
     (work / "real").mkdir()
     shutil.copy(REPO / "real" / "dvc.yaml", work / "real" / "dvc.yaml")
-    cfg = tmp_path / "tiny-teacher.json"
-    cfg.write_text(json.dumps(tiny_teacher_config(32)))
-    torch.manual_seed(0)
-    torch.save({"state_dict": create_teacher(str(cfg), "").model.state_dict()}, tmp_path / "tiny-teacher.pt")
-    sets = [f"data.root={tmp_path / 'vqa'}", f"teacher.model={cfg}", f"teacher.pretrained={tmp_path / 'tiny-teacher.pt'}",
+    sets = [f"data.root={tmp_path / 'vqa'}", *_tiny_teacher(tmp_path),
             *TINY, "protocol.conditions=[full]", "protocol.methods=[baseline, clip_td]", "protocol.seeds=[0]"]  # fmt: skip
     params = work / "real" / "params.yaml"
     params.write_text(
@@ -482,10 +477,10 @@ def test_a_student_pretrained_on_coco_style_captions_as_the_training_page_shows_
     import torch
 
     from pipeline.data.shards import PreparedDataset
-    from pipeline.teacher import create_teacher, sha256_file
+    from pipeline.teacher import sha256_file
     from student.data import load_tokenizer
     from student.pretrain import load_pairs
-    from tests.conftest import docs_python_block, tiny_teacher_config
+    from tests.conftest import docs_python_block
     from tests.fixtures_official import build_vqa
 
     namespace: dict = {}
@@ -505,12 +500,8 @@ def test_a_student_pretrained_on_coco_style_captions_as_the_training_page_shows_
         namespace["write_captions"](
             coco / f"captions_{split}.json", coco / split, tmp_path / "shards" / "coco", split
         )
+    tiny = [*_tiny_teacher(tmp_path), *TINY]
     cfg = tmp_path / "tiny-teacher.json"
-    cfg.write_text(json.dumps(tiny_teacher_config(32)))
-    torch.manual_seed(0)
-    ckpt = tmp_path / "tiny-teacher.pt"
-    torch.save({"state_dict": create_teacher(str(cfg), "").model.state_dict()}, ckpt)
-    tiny = [f"teacher.model={cfg}", f"teacher.pretrained={ckpt}", *TINY]
     sp = load_params(REPO / "real" / "params.yaml", tiny).student
     pairs = load_pairs(
         tmp_path / "shards" / "coco" / "train2014",
