@@ -56,6 +56,34 @@ def test_a_prediction_is_the_one_evaluate_scores(runs, name):
             assert sum(got["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", RUNS)
+def test_a_student_on_the_gpu_answers_as_on_the_cpu(runs, name):
+    test, dirs = runs
+    cpu, gpu = Predictor(dirs[name], device="cpu"), Predictor(dirs[name], device="cuda")
+    assert next(gpu.student.parameters()).device.type == "cuda"
+    ds = open_prepared(test)
+    for inst in [i for i in ds.iter_instances() if i.task == cpu.task][:10]:
+        image = ds.image_bytes(inst.image_id)
+        if cpu.task == "vcr":
+            args = (image, inst.question, inst.answers, inst.rationales)
+        else:
+            args = (image, inst.question if cpu.task == "vqa" else inst.hypothesis)
+        want, got = cpu.predict(*args), gpu.predict(*args)
+        # TF32 and other kernels move probabilities in the last digits; a pick may flip only on a near-tie.
+        pick = {"vqa": "answer", "snli_ve": "label", "vcr": "answer"}[cpu.task]
+        probs = {"vqa": "top", "snli_ve": "probabilities", "vcr": "answer_probabilities"}[cpu.task]
+        assert _flat(got[probs]) == pytest.approx(_flat(want[probs]), abs=1e-3), inst.key
+        assert got[pick] == want[pick] or max(_flat(want[probs])) - sorted(_flat(want[probs]))[-2] < 1e-3
+
+
+def _flat(x) -> list[float]:
+    """A prediction's probabilities as one list: VQA's [[answer, p], ...], SNLI-VE's {label: p}, VCR's [p]."""
+    if isinstance(x, dict):
+        return [x[k] for k in sorted(x)]
+    return [e[1] if isinstance(e, list | tuple) else e for e in x]
+
+
 def test_vcr_rationales_follow_the_chosen_answer_unless_one_is_given(runs):
     test, dirs = runs
     p = Predictor(dirs["vcr-clip_td"] / "student.pt")
