@@ -99,3 +99,19 @@ def test_bytecode_caches_in_a_code_folder_leave_its_stages_up_to_date(tmp_path):
     assert "up to date" in dvc("status")
     (tmp_path / "pkg" / "mod.py").write_text("X = 2\n")  # a real change still is one
     assert "modified" in dvc("status")
+
+
+def test_every_output_but_evaluates_survives_a_failed_rerun():
+    """DVC deletes a stage's outputs before running it unless they are marked persist; every stage here
+    replaces its outputs itself, atomically, so a rerun that fails leaves the last run's. Evaluate's folder is
+    the exception: it holds one entry per run folder, and the report reads them all, so DVC clearing it is
+    what drops a run that left the grid (scoring again takes minutes)."""
+    lacking = []
+    for name, (body, _) in _stages().items():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in body.get(kind) or []:
+                path, opts = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
+                persist = bool((opts or {}).get("persist"))
+                if persist != (not name.endswith(":evaluate")):
+                    lacking.append(f"{name}: {path} (persist: {persist})")
+    assert not lacking, lacking

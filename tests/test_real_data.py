@@ -459,11 +459,36 @@ def test_dvc_repro_of_real_dvc_yaml_runs_every_stage_and_a_student_change_leaves
     assert "not measured" not in results.split("| teacher zero-shot |", 1)[1].splitlines()[0]
     assert "up to date" in dvc("status", "real/dvc.yaml")
 
-    params.write_text(yaml.safe_dump(apply_overrides(yaml.safe_load(params.read_text()), ["train.steps=3"])))
+    def change(*sets: str) -> None:
+        params.write_text(yaml.safe_dump(apply_overrides(yaml.safe_load(params.read_text()), list(sets))))
+
+    change("train.steps=3")
     stale = json.loads(dvc("status", "--json", "real/dvc.yaml"))
     assert set(stale) == {f"real/dvc.yaml:train_student@vqa-full-{m}-0" for m in ("baseline", "clip_td")}, (
         stale
     )
+
+    # A rerun that fails leaves what the last run made: DVC deletes a stage's outputs before running it unless
+    # they are marked persist, and these stages replace their outputs themselves, atomically.
+    def failed_repro() -> str:
+        res = subprocess.run([str(bin_dir / "dvc"), "repro", "real/dvc.yaml"], cwd=work, env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert res.returncode != 0, res.stdout
+        return res.stdout + res.stderr
+
+    student = work / "real" / "runs" / "vqa-full-baseline-s0" / "student.pt"
+    trained = student.read_bytes()
+    change("train.lr=-1")  # refused when the stage loads its params
+    assert "train.lr" in failed_repro()
+    assert student.read_bytes() == trained
+    shards = work / "data" / "shards" / "vqa"
+    prepared = sorted(p.relative_to(shards) for p in shards.rglob("*"))
+    change(
+        "train.lr=0.001", "data.splits=[train2014, val2014, test-dev2015]"
+    )  # its questions file is missing
+    assert "test-dev2015" in failed_repro()
+    assert sorted(p.relative_to(shards) for p in shards.rglob("*")) == prepared
+    assert (shards / "train2014" / "dataset.json").is_file()
 
 
 def test_a_student_pretrained_on_coco_style_captions_as_the_training_page_shows_is_trained_from(
