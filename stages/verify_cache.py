@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from stages.common import stage_command, write_json
+from stages.common import stage_command, stage_params, write_json
 
 
 @stage_command(params=False)
@@ -32,10 +32,13 @@ from stages.common import stage_command, write_json
 @click.option(
     "--params",
     "params_path",
-    default="params.yaml",
-    help="Parameter file whose cache.store is checked when STORE is not given.",
+    default=None,
+    help="Parameter file whose cache.store is checked when STORE is not given (default: params.yaml if "
+    "present, else the built-in defaults).",
 )
-def main(store: str | None, json_path: Path | None, no_scan: bool, workers: int, params_path: str) -> None:
+def main(
+    store: str | None, json_path: Path | None, no_scan: bool, workers: int, params_path: str | None
+) -> None:
     """Verify the teacher cache at STORE (a path or fsspec URL; default: cache.store from --params).
 
     \b
@@ -57,13 +60,9 @@ def main(store: str | None, json_path: Path | None, no_scan: bool, workers: int,
     from pipeline.cache import CacheFormatError
     from pipeline.verify import verify_store
 
+    # An explicit --params that does not exist is refused, never the defaults' store checked instead.
     if store is None:
-        from pipeline.config import ConfigError, load_params
-
-        try:
-            store = load_params(params_path if Path(params_path).exists() else None).cache.store
-        except ConfigError as e:
-            raise click.UsageError(str(e)) from e
+        store = stage_params(params_path).cache.store
     try:
         report = verify_store(store, scan=not no_scan, workers=workers)
     except CacheFormatError as e:

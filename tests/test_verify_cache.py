@@ -230,6 +230,13 @@ def test_not_a_cache_exits_2(tmp_path):
     assert r.exit_code == 2 and "no teacher cache here" in r.output
 
 
+def test_a_params_file_that_does_not_exist_is_refused_not_replaced_by_the_defaults(tmp_path, monkeypatch):
+    # Falling back to params.yaml's defaults would verify another store than the one meant and exit 0.
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["--params", "real/param.yaml", "--no-scan"])
+    assert r.exit_code == 2 and "--params real/param.yaml: no such file" in r.output
+
+
 def test_api_report_matches_the_cli(clean):
     report = verify_store(clean, scan=False)
     assert report.ok and [c.name for c in report.checks][-1] == "checksums"
