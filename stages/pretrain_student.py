@@ -11,8 +11,9 @@ from stages.common import stage_command, stage_params
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.data.errors import DataError
+    from pipeline.teacher import TeacherError  # the tokenizer's teacher.model
 
-    return (DataError, ValueError, FloatingPointError)
+    return (DataError, ValueError, FloatingPointError, TeacherError)
 
 
 @stage_command(user_errors=_user_errors)

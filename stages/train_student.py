@@ -14,6 +14,7 @@ from pipeline.data.errors import DataError
 from pipeline.lock import StoreNotWritable
 from pipeline.names import TASKS
 from pipeline.splits import resolve_splits
+from pipeline.teacher import TeacherError
 from stages.common import one_line, stage_command, stage_params
 from student.errors import RunError
 from student.losses import METHODS
@@ -25,7 +26,7 @@ from student.train import RunSpec, run_student
 # gone NaN under train.on_nonfinite=fail): one line each, no traceback. Anything else is a bug and keeps its.
 USER_ERRORS = (
     RunError, CacheFormatError, StaleCacheError, CacheCorrupt, NonFiniteTarget, DataError, StoreNotWritable,
-    FloatingPointError, FileNotFoundError, StudentParamsError,
+    FloatingPointError, FileNotFoundError, StudentParamsError, TeacherError,
 )  # fmt: skip
 
 

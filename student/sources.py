@@ -28,10 +28,12 @@ def open_targets(
     device: torch.device,
     *,
     online: bool,
+    relevance: str | None = None,
 ) -> TargetSource:
     """The run's teacher targets: the teacher itself (``online``), or the cache after checking it covers this
     run's training data (whatever else it holds), was extracted with this run's teacher (differing fields
-    named) and holds this VQA answer vocabulary."""
+    named), holds this VQA answer vocabulary and the tokens of ``relevance`` (the source the run's token
+    selection ranks by; None when it selects none)."""
     tp = params.teacher
     if online:
         from pipeline.teacher import create_teacher
@@ -39,6 +41,13 @@ def open_targets(
         teacher = create_teacher(tp.model, tp.pretrained, device=device, precision=tp.precision)
         return OnlineTargets(teacher, datasets)
     cache = TeacherCache(run.cache)
+    if relevance not in (None, "last") and relevance not in cache.relevance_tokens:
+        # Checked here, not at the first batch's read on the prefetch thread, where it surfaced as a traceback.
+        raise RunSetupError(
+            f"{run.cache}: distill.relevance_source={relevance!r} is not cached (it holds: last"
+            f"{''.join(', ' + r for r in cache.relevance_tokens)}); extract with cache.relevance_tokens "
+            f"including {relevance!r}, or use another relevance source"
+        )
     # A store may cover more datasets than this run's (it grows by appends): it must cover this run's.
     why = uncovered(run.cache, cache.attrs, train_ds.path, train_ds.fingerprint, "this run's training data ")
     if why:

@@ -212,8 +212,9 @@ class Trainer:
         if self.needs_teacher:
             datasets = [d for d in (self.train_ds, self.val_ds, self.test_ds) if d is not None]
             self.source = open_targets(
-                params, run, self.train_ds, datasets, self.device, online=online_teacher
-            )
+                params, run, self.train_ds, datasets, self.device, online=online_teacher,
+                relevance=self.cfg.relevance_source if self.cfg.kd == "tokens" else None,
+            )  # fmt: skip
         vocab = self.train_ds.answer_vocab() if run.task == "vqa" else []
         self.spec = TaskSpec(run.task, load_tokenizer(teacher_model), params.student.image_size, params.student.max_text_len,
                              vocab, params.distill.vqa_candidates, blind=self.cfg.blind)  # fmt: skip

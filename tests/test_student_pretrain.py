@@ -263,3 +263,7 @@ def test_stage_writes_the_backbone_and_its_metrics(corpus, tmp_path):
     assert (tmp_path / "out" / "student.pt").is_file() and "held-out ITM" in res.output
     res = CliRunner().invoke(main, [*args[:1], str(tmp_path / "nowhere"), *args[2:]])
     assert res.exit_code != 0 and "nowhere" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(
+        main, args + ["--set", "teacher.model=ViT-B-3"]
+    )  # its tokenizer is the students'
+    assert res.exit_code != 0 and "'ViT-B-3'" in res.output and "Traceback" not in res.output

@@ -77,6 +77,15 @@ def run_copy(done, tmp_path) -> Path:
     return dst
 
 
+def test_a_teacher_or_relevance_source_the_run_cannot_use_is_one_line_before_training(world, tmp_path):
+    # Both surfaced as tracebacks: a TeacherError was not among the stage's user errors, and a relevance
+    # source the store lacks was met on the prefetch thread at the first batch.
+    assert "'ViT-B-3'" in error_line(train(world, tmp_path / "a", sets=["teacher.model=ViT-B-3"]))
+    line = error_line(train(world, tmp_path / "b", sets=["distill.relevance_source=value"]))
+    assert "distill.relevance_source='value' is not cached (it holds: last)" in line
+    assert not snapshot(tmp_path / "b")
+
+
 class _RunsCode:
     """Unpickling this calls os.mkdir(marker): what a crafted checkpoint could do if loaded without the weights-only guard."""
 
