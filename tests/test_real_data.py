@@ -221,6 +221,8 @@ def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_o
     (work / "real").mkdir(parents=True)
     shutil.copy(REPO / "real" / "params.yaml", work / "real" / "params.yaml")  # the shipped params, as is
     teacher = _tiny_teacher(tmp_path)
+    (work / "metrics").mkdir()  # a checkout holds the embedded teacher's record, which is not this teacher's
+    shutil.copy(REPO / "metrics" / "teacher.json", work / "metrics" / "teacher.json")
     monkeypatch.chdir(work)
 
     commands = _recipe()
@@ -259,6 +261,8 @@ def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_o
         )
         assert exported["splits"]["test"] == test_folder
     assert all(e["metrics"]["n"] == GOOD_INSTANCES for e in evals.values())
+    quality = (work / "reports" / "real" / "results.md").read_text().split("## Teacher quality", 1)[1]
+    assert "`metrics/teacher.json`" not in quality.split("\n## ", 1)[0]  # no embedded teacher's numbers
     # A student exported before runs recorded their folders is evaluated on the roles resolved now: the same.
     from stages.evaluate import evaluate_run
 
