@@ -53,6 +53,22 @@ def test_vqa_happy_path(tmp_path: Path) -> None:
     assert ds.index["coco-val2014-101"][3] == "jpg"
 
 
+def test_a_vqa_answer_that_is_a_letter_article_prepares_under_on_error_fail(tmp_path: Path) -> None:
+    # "What letter is this?" -> "A" (6 annotators) / "b" (4): normalised as vqaEval.py it was empty, which
+    # stopped the whole split; a minority "a" put an empty answer into the vocabulary.
+    built = fx.build_vqa(tmp_path / "vqa")
+    file = built.root / "v2_mscoco_val2014_annotations.json"
+    doc = json.loads(file.read_text())
+    for k, a in enumerate(doc["annotations"][0]["answers"]):
+        a["answer"] = "A" if k < 6 else "b"
+    doc["annotations"][1]["answers"][0]["answer"] = "a"
+    file.write_text(json.dumps(doc))
+    ds, skipped = run(vqa, built, tmp_path / "out")
+    first, second = (by_key(ds)[f"vqa-{a['question_id']}"] for a in doc["annotations"][:2])
+    assert skipped["count"] == 0 and first.answer == "a" and second.human_answers[0] == "a"
+    assert "" not in ds.answer_vocab()
+
+
 @pytest.mark.parametrize(
     ("raw", "norm"),
     [
@@ -67,6 +83,8 @@ def test_vqa_happy_path(tmp_path: Path) -> None:
         ("yes!", "yes"),
         ("  Red\tand   blue\n", "red and blue"),
         ("none", "0"),
+        ("A", "a"),  # "What letter is this?": vqaEval.py empties it; an empty answer would stop the split
+        ("the a", "the a"),
     ],
 )
 def test_vqa_normalisation(raw: str, norm: str) -> None:

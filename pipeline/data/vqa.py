@@ -14,6 +14,8 @@ are those of ``test2015``.
 Answers are normalised as the official VQA evaluation (vqaEval.py) normalises them before matching:
 punctuation stripped or turned into spaces, periods not followed by a digit dropped, lowercase, number words
 zero..ten (and "none") -> digits, articles dropped, apostrophe-less contractions restored ("dont" -> "don't").
+One departure: an answer that is only an article ("a" to "What letter is this?") keeps it, where vqaEval.py
+empties it; an empty answer would stop a labelled split under data.on_error=fail, or win a tie over a real one.
 ``human_answers`` holds the 10 normalised annotator answers; ``answer`` is the most frequent of them (ties go
 to the normalised ``multiple_choice_answer`` when it is among the tied, else to the earliest annotator).
 
@@ -127,7 +129,9 @@ def normalize_answer(text: str) -> str:
             out = out.replace(p, " ")
     out = _PERIOD_STRIP.sub("", out)
     words = [_NUMBERS.get(w, w) for w in out.lower().split()]
-    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+    # A lone article is the answer itself (module docstring).
+    kept = [w for w in words if w not in _ARTICLES] or words
+    return " ".join(_CONTRACTIONS.get(w, w) for w in kept)
 
 
 def majority_answer(answers: list[str], preferred: str = "") -> str:
