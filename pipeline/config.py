@@ -8,6 +8,7 @@ typo never silently falls back to a default. Command-line overrides use the same
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -39,9 +40,10 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _invalid(key: str, what: str) -> ConfigError:
-    """A range error from a ``validate`` method; ``_build`` prefixes where the value came from."""
-    return ConfigError(f"key '{key}': {what}", key=key, sourced=False)
+def _invalid(key: str, what: str, at: str | None = None) -> ConfigError:
+    """A range error from a ``validate`` method; ``_build`` prefixes where the value came from. ``at``: the
+    entry below ``key`` that is wrong, when it is one, so the blame goes to whatever set that entry."""
+    return ConfigError(f"key '{key}': {what}", key=at or key, sourced=False)
 
 
 def _at_least(section: str, obj: Any, keys: tuple[str, ...], low: int, what: str = "") -> None:
@@ -308,7 +310,9 @@ class TrainParams:
         for task, size in self.task_batch_size.items():
             if task not in TASKS:
                 raise _invalid(
-                    "train.task_batch_size", f"unknown task {task!r} (allowed: {', '.join(TASKS)})"
+                    "train.task_batch_size",
+                    f"unknown task {task!r} (allowed: {', '.join(TASKS)})",
+                    at=f"train.task_batch_size.{task}",
                 )
             if size < 1:
                 raise _invalid(f"train.task_batch_size.{task}", f"must be at least 1, got {size}")
@@ -444,10 +448,18 @@ def _describe(tp: Any) -> str:
 
 class _Source:
     """Where each key's value came from: the file, or the ``--set`` override that replaced it (or a section
-    above it), so an error is blamed on what the user actually typed."""
+    above it), or one that added an entry below it, so an error is blamed on what the user actually typed."""
 
-    def __init__(self, file: str, overrides: dict[str, str] | None = None):
-        self.file, self.overrides = file, overrides or {}
+    def __init__(self, file: str, overrides: dict[str, str] | None = None, file_raw: dict | None = None):
+        self.file, self.overrides, self.file_raw = file, overrides or {}, file_raw or {}
+
+    def _file_has(self, parts: list[str]) -> bool:
+        node: Any = self.file_raw
+        for part in parts:
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
 
     def __call__(self, key: str) -> str:
         parts = re.sub(r"\[\d+\]", "", key).split(".")
@@ -455,6 +467,13 @@ class _Source:
             text = self.overrides.get(".".join(parts[:n]))
             if text is not None:
                 return f"--set {text}"
+        # Below the failing key: ``--set trian.steps=3`` fails as the unknown key 'trian', which only the
+        # override brought in. A key the file holds is the file's, whatever an override added beneath it.
+        if not self._file_has(parts):
+            below = ".".join(parts) + "."
+            for dotted, text in self.overrides.items():
+                if dotted.startswith(below):
+                    return f"--set {text}"
         return self.file
 
 
@@ -594,10 +613,11 @@ def load_params(
             raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
+    file_raw = copy.deepcopy(raw)
     raw = apply_overrides(raw, overrides)
     source = _Source(str(path) if path else "<defaults>", {
         ".".join(_parse_override(text)[0]): text for text in overrides
-    })  # fmt: skip
+    }, file_raw)  # fmt: skip
     return _build(Params, raw, "", source)
 
 

@@ -126,3 +126,27 @@ def test_unreadable_or_broken_parameter_files_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{bad}: not valid YAML: ") as e:
         load_params(bad)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("trian.steps=3", r"^--set trian\.steps=3: unknown key 'trian'"),
+        ("train.stpes.x=3", r"^--set train\.stpes\.x=3: unknown key 'train\.stpes'"),
+        ("train.task_batch_size.vqq=2", r"^--set train\.task_batch_size\.vqq=2: .*unknown task 'vqq'"),
+    ],
+)
+def test_an_override_below_the_failing_key_is_blamed_not_the_file(override, says):
+    # params.yaml holds only good values: the mistake is the override's, though it sits below the bad key.
+    with pytest.raises(ConfigError, match=says):
+        load_params(ROOT / "params.yaml", [override])
+
+
+def test_a_bad_entry_the_file_holds_stays_the_files(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  task_batch_size:\n    vqq: 2\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: key 'train\.task_batch_size': unknown task 'vqq'"):
+        load_params(path, ["train.task_batch_size.vcr=2"])
+    path.write_text("trian:\n  x: 1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: unknown key 'trian'"):
+        load_params(path, ["trian.y=2"])
