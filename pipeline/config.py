@@ -579,13 +579,33 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _default_at(path: list[str]) -> Any:
+    """The value the dotted ``path`` has in ``Params()``, or None where no field is there."""
+    node: Any = Params()
+    for part in path:
+        if dataclasses.is_dataclass(node):
+            node = getattr(node, part) if part in {f.name for f in dataclasses.fields(node)} else None
+        elif isinstance(node, dict):
+            node = node.get(part)
+        else:
+            return None
+    return node
+
+
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Set dotted keys in a raw params mapping; values are parsed as YAML (``3``, ``0.1``, ``[a, b]``)."""
+    """Set dotted keys in a raw params mapping; values are parsed as YAML (``3``, ``0.1``, ``[a, b]``). A dotted
+    key changes only what it names: below a key the mapping lacks, it goes into that key's default value."""
     for text in overrides:
         path, value = _parse_override(text)
         node = raw
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
+        for i, part in enumerate(path[:-1]):
+            if part not in node:
+                # A dict-valued key (train.task_batch_size) starts from its default entries, else
+                # task_batch_size.snli_ve=16 would drop vcr's 4 and VCR would silently train at batch_size.
+                # A section may start empty: the keys it lacks take their defaults when it is built.
+                default = _default_at(path[: i + 1])
+                node[part] = copy.deepcopy(default) if isinstance(default, dict) else {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text}: '{part}' is not a section")
         node[path[-1]] = value

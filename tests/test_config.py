@@ -150,3 +150,25 @@ def test_a_bad_entry_the_file_holds_stays_the_files(tmp_path):
     path.write_text("trian:\n  x: 1\n")
     with pytest.raises(ConfigError, match=rf"^{path}: unknown key 'trian'"):
         load_params(path, ["trian.y=2"])
+
+
+def test_a_dotted_override_changes_only_the_entry_it_names(tmp_path):
+    # Without the key in the file, the override goes into the default dict: VCR keeps its batch of 4.
+    assert load_params(None, ["train.task_batch_size.snli_ve=16"]).train.task_batch_size == {
+        "vcr": 4,
+        "snli_ve": 16,
+    }
+    scenes = load_params(None, ["data.synthetic.scenes.train=50"]).data.synthetic.scenes
+    assert scenes == {"train": 50, "val": 300, "test": 600}
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  steps: 100\n")
+    assert load_params(path, ["train.task_batch_size.snli_ve=16"]).train.task_batch_size == {
+        "vcr": 4,
+        "snli_ve": 16,
+    }
+    # A dict the file writes out in full is the user's: no default entry is merged into it.
+    path.write_text("train:\n  task_batch_size:\n    vqa: 8\n")
+    tbs = load_params(path, ["train.task_batch_size.snli_ve=16"]).train.task_batch_size
+    assert tbs == {"vqa": 8, "snli_ve": 16}
+    # Nor into one an override writes out in full.
+    assert load_params(None, ["train.task_batch_size={vqa: 8}"]).train.task_batch_size == {"vqa": 8}
