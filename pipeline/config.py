@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from .conditions import Condition
-from .names import RELEVANCE_SOURCES, TASKS
+from .names import METHODS, RELEVANCE_SOURCES, TASKS
 
 
 class ConfigError(ValueError):
@@ -422,6 +422,17 @@ class ProtocolParams:
                 Condition.parse(c)
             except ValueError as e:
                 raise _invalid("protocol.conditions", str(e)) from None
+        # Checked here, else a misspelt method or a negative seed surfaced in a later stage naming no key.
+        for m in self.methods:
+            if m not in METHODS:
+                raise _invalid("protocol.methods", f"unknown method {m!r} (allowed: {', '.join(METHODS)})")
+        for s in self.seeds:
+            if s < 0:
+                raise _invalid("protocol.seeds", f"a seed must be an integer >= 0, got {s}")
+        for key, values in (("methods", self.methods), ("seeds", self.seeds)):
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:  # the same run twice: it would count twice in every mean
+                raise _invalid(f"protocol.{key}", f"listed more than once: {repeated}")
         # Held out of the training pool when there is no val split: all of it would leave nothing to train on.
         _fraction("protocol.val_fraction", self.val_fraction, closed=False)
 

@@ -172,3 +172,21 @@ def test_a_dotted_override_changes_only_the_entry_it_names(tmp_path):
     assert tbs == {"vqa": 8, "snli_ve": 16}
     # Nor into one an override writes out in full.
     assert load_params(None, ["train.task_batch_size={vqa: 8}"]).train.task_batch_size == {"vqa": 8}
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        (
+            "protocol.methods=[baseline, clipt_td]",
+            r"^--set protocol\.methods=\[baseline, clipt_td\]: key 'protocol\.methods': unknown method "
+            r"'clipt_td' \(allowed: baseline, blind, .*clip_td,",
+        ),
+        ("protocol.methods=[blind, blind]", r"key 'protocol\.methods': listed more than once: \['blind'\]"),
+        ("protocol.seeds=[0, -1]", r"key 'protocol\.seeds': a seed must be an integer >= 0, got -1"),
+        ("protocol.seeds=[0, 0]", r"key 'protocol\.seeds': listed more than once: \[0\]"),
+    ],
+)
+def test_protocol_methods_and_seeds_are_checked_at_load(override, says):
+    with pytest.raises(ConfigError, match=says):
+        load_params(ROOT / "params.yaml", [override])
