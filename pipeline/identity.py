@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 # Fields of ``Teacher.describe()`` the fingerprint keeps as they are.
@@ -63,13 +62,16 @@ def teacher_identity(model: str, pretrained: str = "", teacher: Any = None) -> d
         return fp
     import open_clip
 
-    from .teacher import register_model, sha256_file
+    from .teacher import pretrained_kind, register_model, sha256_file
 
     out: dict = {}
     name = register_model(model)
-    if pretrained and Path(pretrained).is_file():
+    # A mistyped checkpoint path fails here as loading the teacher fails on it (TeacherError), rather than
+    # leaving the checksum out and so skipping the comparison with the store's teacher.
+    kind = pretrained_kind(name, pretrained)
+    if kind == "file":
         out["pretrained_checksum"] = sha256_file(pretrained)
-    elif pretrained and open_clip.get_pretrained_cfg(name, pretrained):
+    elif kind == "tag":
         out["pretrained_checksum"] = pretrained  # a tag names its weights (Teacher.describe records it so)
     config = open_clip.get_model_config(name)
     if config is not None:

@@ -30,7 +30,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -85,15 +85,32 @@ def register_model(model: str) -> str:
     return model
 
 
-def _resolve_pretrained(name: str, pretrained: str) -> tuple[str | None, str]:
-    """(value for open_clip, kind) with kind one of 'random', 'file', 'tag'; fails naming what is missing."""
+def pretrained_kind(name: str, pretrained: str) -> Literal["random", "file", "tag"]:
+    """What ``pretrained`` names for the open_clip model ``name``: nothing ("random"), a local checkpoint file
+    ("file") or an open_clip pretrained tag ("tag"). A value that looks like a path but names no file, or that
+    is neither a file nor a tag, fails naming it. Loading a teacher and checking a store's teacher against
+    the params both decide by this, so the check cannot pass over a value that loading refuses."""
     import open_clip
 
     if not pretrained:
-        return None, "random"
+        return "random"
     if Path(pretrained).is_file():
-        return pretrained, "file"
+        return "file"
     if open_clip.get_pretrained_cfg(name, pretrained):
+        return "tag"
+    if os.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors", ".npz"):
+        raise TeacherError(f"teacher checkpoint '{pretrained}' (for model '{name}'): file not found")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    raise TeacherError(
+        f"teacher pretrained '{pretrained}' for model '{name}': not a file and not a known open_clip tag "
+        f"(tags for this model: {tags or 'none'})"
+    )
+
+
+def _resolve_pretrained(name: str, pretrained: str) -> tuple[str | None, str]:
+    """(value for open_clip, kind) with kind one of 'random', 'file', 'tag'; fails naming what is missing."""
+    kind = pretrained_kind(name, pretrained)
+    if kind == "tag":
         found, looked, fix = tag_weights(name, pretrained)
         if found is None and _offline():
             # Offline, open_clip would try the download anyway and fail several lines later without saying
@@ -102,14 +119,7 @@ def _resolve_pretrained(name: str, pretrained: str) -> tuple[str | None, str]:
                 f"teacher '{name}' pretrained '{pretrained}': weights not found offline (HF_HUB_OFFLINE): "
                 f"looked for {looked}; {fix}"
             )
-        return pretrained, "tag"
-    if os.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors", ".npz"):
-        raise TeacherError(f"teacher checkpoint '{pretrained}' (for model '{name}'): file not found")
-    tags = open_clip.list_pretrained_tags_by_model(name)
-    raise TeacherError(
-        f"teacher pretrained '{pretrained}' for model '{name}': not a file and not a known open_clip tag "
-        f"(tags for this model: {tags or 'none'})"
-    )
+    return (None if kind == "random" else pretrained), kind
 
 
 def _offline() -> bool:

@@ -441,3 +441,23 @@ def test_retrieval_metric_with_an_oracle():
     assert good["x"]["random_chance"] == pytest.approx(1 / 4)
     bad = evaluate_retrieval(_OracleTeacher(corpus, texts, sign=-1.0), corpus, n_captions=32)
     assert bad["all"]["random_top1"] == 0.0 and bad["all"]["hard_top1"] == 0.0
+
+
+def test_the_store_check_refuses_a_checkpoint_path_loading_refuses(tmp_path):
+    from pipeline.identity import teacher_identity
+
+    # Training checks a store against teacher_identity(params): a mistyped path used to leave the checksum
+    # out, so any store passed; it fails as loading the teacher does, with the same message.
+    typo = str(tmp_path / "typo.pt")
+    with pytest.raises(TeacherError, match=r"teacher checkpoint '.*typo\.pt' .*file not found") as loading:
+        create_teacher(TINY, pretrained=typo)
+    with pytest.raises(TeacherError) as checking:
+        teacher_identity(TINY, typo)
+    assert str(checking.value) == str(loading.value)
+    with pytest.raises(TeacherError, match="no_such_tag"):
+        teacher_identity(TINY, "no_such_tag")
+    # A checkpoint that is there and a random init still give what they gave.
+    ckpt = tmp_path / "teacher.pt"
+    ckpt.write_bytes(b"weights")
+    assert teacher_identity(TINY, str(ckpt))["pretrained_checksum"] == sha256_file(str(ckpt))
+    assert "pretrained_checksum" not in teacher_identity(TINY, "")
