@@ -45,7 +45,7 @@ def main(study_path, caches, data_root, split, min_cover, out, params_path, over
     selection, per task and teacher cache (the first study.selection_instances instances of SPLIT per task).
     The selection is computed from the cache exactly as training does (student.losses.prepare_teacher), on the
     student's grid, with distill.rho_v / selection / relevance_source from params.yaml + study.overrides."""
-    from pipeline.cache import CacheFormatError, TeacherCache
+    from pipeline.cache import CacheCorrupt, CacheFormatError, TeacherCache
     from pipeline.data.shards import PreparedDataset
     from student.diagnostics import selection_quality
     from student.losses import method_config
@@ -94,12 +94,16 @@ def main(study_path, caches, data_root, split, min_cover, out, params_path, over
     for name, path in named.items():
         try:
             tc = TeacherCache(path)
-        except CacheFormatError as e:
+            tc.configure_reads(verify=True)  # checked reads, as training's (stages.zeroshot says why)
+        except (CacheFormatError, CacheCorrupt) as e:
             raise click.ClickException(str(e)) from None
         vocab = tc.attrs.get("data", {}).get("vqa_vocab") or ds.answer_vocab()
         tasks = {}
         for task, insts in by_task.items():
-            r = selection_quality(tc, insts, g_s, cfg, vocab, params.distill.vqa_candidates, min_cover)
+            try:
+                r = selection_quality(tc, insts, g_s, cfg, vocab, params.distill.vqa_candidates, min_cover)
+            except CacheCorrupt as e:  # names the store, array and unit: one line, no traceback
+                raise click.ClickException(str(e)) from None
             tasks[task] = r
             sel = "n/a" if r["selected_share"] is None else f"{r['selected_share']:.3f}"
             rnd = "n/a" if r["random_share"] is None else f"{r['random_share']:.3f}"

@@ -25,7 +25,7 @@ from stages.common import params_options, stage_params, write_json, write_text
 def main(study_path, cache, out, params_path, overrides) -> None:
     """The ceiling beside every study cell: stages.zeroshot's scoring (pipeline.zeroshot.task_zeroshot, from
     the cache alone) over study.tasks and every condition of the study's grid."""
-    from pipeline.cache import CacheFormatError, TeacherCache
+    from pipeline.cache import CacheCorrupt, CacheFormatError, TeacherCache
     from pipeline.data.errors import DataError
     from pipeline.data.shards import PreparedDataset
     from pipeline.zeroshot import task_zeroshot
@@ -40,7 +40,8 @@ def main(study_path, cache, out, params_path, overrides) -> None:
     root = Path(params.data.out) / params.data.source
     try:
         tc = TeacherCache(cache)
-    except CacheFormatError as e:
+        tc.configure_reads(verify=True)  # checked reads, as training's (stages.zeroshot says why)
+    except (CacheFormatError, CacheCorrupt) as e:
         raise click.ClickException(str(e)) from e
     try:
         train, val, test, train_dir = role_instances(root, params.protocol.splits)
@@ -51,18 +52,22 @@ def main(study_path, cache, out, params_path, overrides) -> None:
     pp = params.protocol
     result: dict = {}
     for task in sp.tasks:
-        for z in task_zeroshot(
-            tc,
-            task,
-            conditions,
-            train,
-            val,
-            test,
-            vocab=vocab,
-            vqa_candidates=params.distill.vqa_candidates,
-            shift_key=pp.shift_key,
-            shift_target=pp.shift_target_domain,
-        ):
+        try:
+            scores = task_zeroshot(
+                tc,
+                task,
+                conditions,
+                train,
+                val,
+                test,
+                vocab=vocab,
+                vqa_candidates=params.distill.vqa_candidates,
+                shift_key=pp.shift_key,
+                shift_target=pp.shift_target_domain,
+            )
+        except CacheCorrupt as e:  # names the store, array and unit: one line, no traceback
+            raise click.ClickException(str(e)) from None
+        for z in scores:
             result.setdefault(task, {})[z.condition] = z.as_dict()
             click.echo(f"{task}/{z.condition}: {z.metric} {z.score:.4f} (chance {z.chance:.4f}, n={z.n})")
     result_seconds = round(time.time() - t0, 2)

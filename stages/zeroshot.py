@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cache import CacheFormatError, TeacherCache, uncovered
+from pipeline.cache import CacheCorrupt, CacheFormatError, TeacherCache, uncovered
 from pipeline.config import SplitRoles
 from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset
@@ -35,7 +35,7 @@ def check_covered(tc: TeacherCache, url: str, root: Path, roles: SplitRoles) -> 
             raise click.ClickException(why)
 
 
-@stage_command(user_errors=(CacheFormatError, DataError))
+@stage_command(user_errors=(CacheFormatError, CacheCorrupt, DataError))
 @click.option(
     "--data",
     "data_root",
@@ -61,6 +61,9 @@ def main(data_root, cache, out, params_path, overrides) -> None:
     root = Path(data_root or Path(params.data.out) / params.data.source)
     url = cache or params.cache.store
     tc = TeacherCache(url)
+    # Checked reads, as training's: a lost or damaged shard would otherwise score zero vectors (or fail in
+    # zarr naming neither store nor array). Checks only read: the scores are the same on an intact store.
+    tc.configure_reads(verify=True)
     check_covered(tc, url, root, params.protocol.splits)
     train, val, test, train_dir = role_instances(root, params.protocol.splits)
     vocab = tc.attrs.get("data", {}).get("vqa_vocab") or PreparedDataset(train_dir).answer_vocab()

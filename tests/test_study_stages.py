@@ -113,3 +113,40 @@ def test_study_zeroshot_scores_every_condition_and_times_itself(tmp_path):
     assert 0.0 <= z["vcr"]["full"]["score"] <= 1.0 and z["vcr"]["full"]["n"] > 0
     assert json.loads((out.parent / "full.time.json").read_text())["seconds"] >= 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["full.json", "full.time.json"]
+
+
+def test_study_zeroshot_and_selection_read_checked_a_lost_shard_is_one_line(tmp_path):
+    """Both read the store unchecked: a lost image shard scored zero vectors with no error. Now one line
+    naming the store, the array and the unit, and nothing written."""
+    import shutil
+
+    from stages.selection import main as selection
+    from stages.study_zeroshot import main as study_zeroshot
+
+    root, cfg, store = build_world(tmp_path / "world")
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(store, damaged)
+    for array in ("image/pooled", "image/tokens"):  # every shard: selection reads train, zero-shot test rows
+        for shard in [p for p in (damaged / array / "c").rglob("*") if p.is_file()]:
+            shard.unlink()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic").symlink_to(root / "shards")
+    params = tmp_path / "params.yaml"
+    params.write_text(dump_defaults())
+    study = tmp_path / "study.yaml"
+    grid = {"conditions": ["full"], "methods": ["clip_td"], "inits": ["pretrained"]}
+    study.write_text(
+        yaml.safe_dump({"study": {"seeds": [100], "tasks": ["vqa"], "main": grid, "selection_instances": 8}})
+    )
+    common = ["--study", str(study), "--params", str(params), "--set", f"data.out={tmp_path / 'data'}"]
+    out = tmp_path / "zeroshot.json"
+    runs = {
+        "study_zeroshot": (study_zeroshot, ["--cache", str(damaged), "--out", str(out), *common]),
+        "selection": (selection, ["--cache", f"full={damaged}", "--out", str(out), *common]),
+    }
+    for name, (command, args) in runs.items():
+        res = CliRunner().invoke(command, args)
+        assert res.exit_code == 1 and isinstance(res.exception, SystemExit), (name, res.output)
+        line = res.output.strip()
+        assert "\n" not in line and f"teacher cache {damaged}" in line and "of unit image-00000" in line, name
+        assert not out.exists(), name

@@ -132,3 +132,40 @@ def test_stage_refuses_data_the_cache_was_not_extracted_from(tmp_path):
         f"does not cover {other / 'train'}" in res.output and "stages.extract_teacher --shards" in res.output
     )
     assert not out.exists()
+
+
+def test_stage_reads_checked_a_lost_shard_is_one_line_and_an_intact_store_scores_the_same(tmp_path):
+    """The stage read unchecked: a lost image shard scored zero vectors with no error. Now its reads are
+    checked as training's are, and checking changes no value (the scores are in committed lock files)."""
+    import shutil
+
+    from pipeline.cache import TeacherCache
+    from pipeline.config import load_params
+    from stages.zeroshot import role_instances
+
+    root, cfg, store = build_world(tmp_path / "w")
+    params = load_params(None, [])
+    pp = params.protocol
+    train, val, test, _ = role_instances(root / "shards", pp.splits)
+    plain, checked = TeacherCache(store), TeacherCache(store)
+    checked.configure_reads(verify=True)
+    args = dict(
+        vocab=checked.attrs["data"]["vqa_vocab"], vqa_candidates=params.distill.vqa_candidates,
+        shift_key=pp.shift_key, shift_target=pp.shift_target_domain,
+    )  # fmt: skip
+    for task in ("vqa", "snli_ve", "vcr"):
+        conds = ["full", "shift"]
+        want = [z.as_dict() for z in task_zeroshot(plain, task, conds, train, val, test, **args)]
+        assert [z.as_dict() for z in task_zeroshot(checked, task, conds, train, val, test, **args)] == want
+
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(store, damaged)
+    (damaged / "image" / "pooled" / "c" / "1" / "0").unlink()  # rows 64.. of image/pooled
+    out = tmp_path / "zeroshot.json"
+    res = CliRunner().invoke(
+        zeroshot_main, ["--data", str(root / "shards"), "--cache", str(damaged), "--out", str(out)]
+    )
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    line = res.output.strip()
+    assert "\n" not in line and str(damaged) in line and "image/pooled" in line and "image-000001" in line
+    assert not out.exists()
