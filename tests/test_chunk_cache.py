@@ -285,3 +285,29 @@ def test_direct_shard_writes_are_the_bytes_zarr_writes(tmp_path, compressor, dty
         assert (tmp_path / "direct.zarr" / f).read_bytes() == (tmp_path / "zarr.zarr" / f).read_bytes(), f
     assert np.array_equal(zarr.open_array(str(tmp_path / "direct.zarr" / "x"))[:], data)
     assert not list((tmp_path / "direct.zarr").rglob("*.partial"))  # written beside, renamed into place
+
+
+@pytest.mark.parametrize("lost", ["folder", "entry"])
+def test_a_store_whose_manifest_lost_planned_units_is_refused_at_open(extracted, tmp_path, lost):
+    """The whole manifest/ lost left no array covered, so checked reads read everything unchecked (a lost
+    shard then read as zeros); one entry lost failed only once a read reached its rows."""
+    import shutil
+    from pathlib import Path
+
+    url = _copy(extracted, tmp_path / "s.zarr")
+    if lost == "folder":
+        shutil.rmtree(Path(url) / "manifest")
+    else:
+        (Path(url) / "manifest" / "text-000000.json").unlink()
+    n = len(C.committed_units(extracted)) if lost == "folder" else 1
+    first = "image-000000" if lost == "folder" else "text-000000"
+    with pytest.raises(
+        C.CacheCorrupt,
+        match=rf"^{url}: {n} unit\(s\) its segments plan have no manifest entry \(first: {first};",
+    ):
+        CachedTargets(C.TeacherCache(url))
+    # A store made by hand plans no units: it reads as before, checking what its entries cover.
+    hand = str(tmp_path / "hand.zarr")
+    want = hand_store(hand, logit_scale=100.0)
+    got = CachedTargets(C.TeacherCache(hand)).images([f"im{i}" for i in range(10)], None)["tokens"]
+    assert np.allclose(got.numpy(), want["img"], atol=1e-2)

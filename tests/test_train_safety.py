@@ -305,7 +305,7 @@ def test_non_finite_loss_is_one_line_and_exports_nothing(world, tmp_path, monkey
 
 
 @pytest.mark.parametrize(("damage", "says"), [
-    ("deleted", "belongs to no committed unit in the manifest"),
+    ("deleted", "1 unit(s) its segments plan have no manifest entry (first: image-000000"),
     ("garbage", "manifest/image-000000.json: not valid JSON"),
     ("array-dropped", "no manifest entry covers image/tokens, which the store's units write"),
 ])  # fmt: skip

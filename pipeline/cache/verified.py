@@ -20,7 +20,8 @@ import zarr
 
 from .checksum import checksum, crc32_combine
 from .direct import DirectArray
-from .errors import CacheCorrupt
+from .errors import CacheCorrupt, CacheFormatError
+from .grow import segment_units, store_segments
 from .manifest import committed_units
 from .schema import MANIFEST, unit_arrays
 
@@ -60,14 +61,25 @@ def manifest_blocks(info: dict, lo: int, hi: int) -> tuple[int, tuple[str, ...]]
     return rows, tuple(crcs)
 
 
-def manifest_regions(url: str) -> dict[str, list[Region]]:
-    """{array path: [Region] sorted by lo}: the rows each committed unit owns in each array."""
-    hint = f"run python -m stages.verify_cache {url}, then re-extract"
+def _manifest_hint(url: str) -> str:
+    return f"run python -m stages.verify_cache {url}, then re-extract"
+
+
+def read_committed(url: str) -> dict[str, dict]:
+    """The store's committed manifest entries by unit name; an unreadable one is ``CacheCorrupt`` naming it."""
     try:
-        units = committed_units(url)
+        return committed_units(url)
     except (ValueError, OSError) as e:
         where = _unreadable_manifest_entry(url) or f"{url}/{MANIFEST}"
-        raise CacheCorrupt(f"{where}: unreadable manifest entry ({type(e).__name__}: {e}); {hint}") from None
+        raise CacheCorrupt(
+            f"{where}: unreadable manifest entry ({type(e).__name__}: {e}); {_manifest_hint(url)}"
+        ) from None
+
+
+def manifest_regions(url: str, units: dict[str, dict] | None = None) -> dict[str, list[Region]]:
+    """{array path: [Region] sorted by lo}: the rows each committed unit owns in each array (``units``: the
+    entries already read, else read here)."""
+    units = read_committed(url) if units is None else units
     regions: dict[str, list[Region]] = defaultdict(list)
     for name, rec in units.items():
         try:
@@ -76,9 +88,23 @@ def manifest_regions(url: str) -> dict[str, list[Region]]:
                 regions[key].append(Region(lo, hi, name, str(info["crc32"]), *manifest_blocks(info, lo, hi)))
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise CacheCorrupt(
-                f"{url}/{MANIFEST}/{name}.json: malformed manifest entry ({type(e).__name__}: {e}); {hint}"
+                f"{url}/{MANIFEST}/{name}.json: malformed manifest entry ({type(e).__name__}: {e}); "
+                f"{_manifest_hint(url)}"
             ) from None
     return {k: sorted(v) for k, v in regions.items()}
+
+
+def uncommitted_units(attrs: dict, units: dict[str, dict]) -> list[str]:
+    """The units a complete store's segments plan that have no manifest entry, in plan order. Only for a store
+    extraction wrote (its attrs keep a ``layout`` and count its image and text units): a store made by hand
+    for a test, which commits what it likes, plans nothing."""
+    lay, units_attr = attrs.get("layout"), attrs.get("units")
+    if not (isinstance(lay, dict) and isinstance(units_attr, dict) and attrs.get("complete")):
+        return []
+    if "image" not in units_attr or "text" not in units_attr:
+        return []
+    r, rt = int(lay.get("image_rows_per_unit") or 1), int(lay.get("text_rows_per_unit") or 1)
+    return [u[0] for u in segment_units(store_segments(attrs), r, rt) if u[0] not in units]
 
 
 def _covered_arrays(attrs: dict) -> set[str]:
@@ -110,8 +136,23 @@ class VerifiedGroup:
 
     def __init__(self, group: Any, url: str):
         self.group, self.url = group, url
-        self.regions = manifest_regions(url)
-        self.covered = _covered_arrays(dict(group.attrs)) if self.regions else set()
+        attrs = dict(group.attrs)
+        units = read_committed(url)
+        # Without its entries a unit's rows have no checksum to read against, and a store that lost its whole
+        # manifest/ would otherwise cover no array and be read unchecked, though its attrs say it is complete.
+        try:
+            missing = uncommitted_units(attrs, units)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise CacheFormatError(
+                f"{url}/zarr.json: damaged root attributes: segments or layout unreadable ({_first_line(e)})"
+            ) from None
+        if missing:
+            raise CacheCorrupt(
+                f"{url}: {len(missing)} unit(s) its segments plan have no manifest entry (first: {missing[0]}; "
+                f"their rows cannot be checked); {self._hint()}"
+            )
+        self.regions = manifest_regions(url, units)
+        self.covered = _covered_arrays(attrs) if self.regions else set()
         self.verified: set[tuple] = set()
         self.usable: dict[tuple[str, str], bool] = {}
         self.lock = threading.Lock()
