@@ -133,6 +133,35 @@ def test_reader_refuses_incomplete_foreign_and_missing(tmp_path):
         C.TeacherCache(str(tmp_path / "nothing.zarr"))
 
 
+@pytest.mark.parametrize(("damage", "says"), [
+    ("offsets-chunk-lost", r"text/offsets: offsets\[0\] \+ text/lengths\[0\] = 3 > offsets\[1\] = 0"),
+    ("lengths-chunk-lost", r"text/lengths: text row 0 has length 0"),
+    ("offsets-past-tokens", r"text/offsets: offsets\[5\] = 999 > \d+ rows of text/tokens"),
+    ("offsets-decrease", r"text/offsets decrease at text 2"),
+    ("alias-out-of-range", r"image/alias_rows: alias 'alias9' points at row 10, outside \[0, 10\)"),
+    ("alias-negative", r"image/alias_rows: alias 'alias9' points at row -1"),
+])  # fmt: skip
+def test_reader_refuses_an_index_that_contradicts_the_layout(tmp_path, damage, says):
+    """No checksum covers the index arrays, and a lost chunk of them reads as zeros: every text then read
+    another's token rows, through checked reads too. Their consistency is checked at open instead."""
+    import shutil
+
+    url = str(tmp_path / "s.zarr")
+    hand_store(url)
+    C.TeacherCache(url)  # intact: opens
+    g = C.open_group(url, mode="r+")
+    if damage.endswith("chunk-lost"):
+        shutil.rmtree(tmp_path / "s.zarr" / "text" / damage.split("-")[0] / "c")
+    elif damage == "offsets-past-tokens":
+        g["text/offsets"][5] = 999
+    elif damage == "offsets-decrease":
+        g["text/offsets"][3] = 1
+    else:
+        g["image/alias_rows"][0] = 10 if damage == "alias-out-of-range" else -1
+    with pytest.raises(C.CacheCorrupt, match=rf"^{url}: {says}.* \(the index was damaged after extraction\)"):
+        C.TeacherCache(url)
+
+
 # ------------------------------------------------------------------------------ manifest and fingerprint
 
 

@@ -21,4 +21,5 @@ class CacheFormatError(RuntimeError):
 
 class CacheCorrupt(RuntimeError):
     """A unit's stored bytes differ from the crc32 its manifest entry recorded when it was committed (bit rot,
-    a foreign writer), or the manifest itself cannot be read; names the store, array, unit and rows."""
+    a foreign writer), the manifest itself cannot be read or lacks planned units, or the index arrays (text
+    offsets and lengths, alias rows) contradict the layout; names the store and the array (and unit, rows)."""

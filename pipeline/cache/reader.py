@@ -16,9 +16,9 @@ from ..config import usable_cores
 from .checksum import checksum
 from .codec import decode_tokens
 from .direct import DirectArray, DirectGroup
-from .errors import CacheFormatError
+from .errors import CacheCorrupt, CacheFormatError
 from .manifest import committed_units
-from .schema import FORMAT, FORMAT_VERSION, SCALE_SUFFIX, attrs_problems, damaged_attrs_message
+from .schema import FORMAT, FORMAT_VERSION, SCALE_SUFFIX, attrs_problems, damaged_attrs_message, is_pad_id
 from .store import open_group, read_store_attrs
 from .verified import VerifiedArray, VerifiedGroup
 
@@ -238,6 +238,58 @@ class ChunkCachedGroup:
         return getattr(self.group, name)
 
 
+def index_problem(
+    image_ids: Sequence[str],
+    alias_ids: Sequence[str],
+    alias_rows: np.ndarray,
+    text_ids: Sequence[str],
+    lengths: np.ndarray,
+    offsets: np.ndarray,
+    n_tokens: int,
+) -> str:
+    """The first way the index arrays contradict the store's layout, naming the array ("" when none): aliases
+    point at image rows that hold an image, and each text's token rows lie inside text/tokens without
+    overlapping the next text's. Vectorised (padding ids looked at only where a length is 0), so it costs
+    nothing beside reading the arrays."""
+    n = len(image_ids)
+    if len(alias_rows) != len(alias_ids):
+        return f"image/alias_rows has {len(alias_rows)} rows for {len(alias_ids)} alias ids"
+    out = np.flatnonzero((alias_rows < 0) | (alias_rows >= n))
+    if len(out):
+        i = int(out[0])
+        return (
+            f"image/alias_rows: alias {alias_ids[i]!r} points at row {int(alias_rows[i])}, outside [0, {n})"
+        )
+    for i, r in enumerate(alias_rows.tolist()):  # an alias shares a computed row, never a padding one
+        if is_pad_id(image_ids[r]):
+            return f"image/alias_rows: alias {alias_ids[i]!r} points at padding row {r}"
+    m = len(text_ids)
+    if len(lengths) != m:
+        return f"text/lengths has {len(lengths)} rows for {m} text ids"
+    if len(offsets) != m + 1:
+        return f"text/offsets has {len(offsets)} rows, expected {m + 1} ({m} texts)"
+    # Padding rows (an append starts on a unit boundary) hold no text: length 0; every text has SOT and EOT.
+    short = [int(i) for i in np.flatnonzero(lengths < 1) if not is_pad_id(text_ids[i])]
+    if short:
+        return f"text/lengths: text row {short[0]} has length {int(lengths[short[0]])}"
+    if len(offsets) and offsets[0] < 0:
+        return f"text/offsets: offsets[0] = {int(offsets[0])} < 0"
+    down = np.flatnonzero(np.diff(offsets) < 0)
+    if len(down):
+        i = int(down[0])
+        return f"text/offsets decrease at text {i}: {int(offsets[i])} > {int(offsets[i + 1])}"
+    over = np.flatnonzero(offsets[:-1] + lengths > offsets[1:])
+    if len(over):
+        i = int(over[0])
+        return (
+            f"text/offsets: offsets[{i}] + text/lengths[{i}] = {int(offsets[i] + lengths[i])} > "
+            f"offsets[{i + 1}] = {int(offsets[i + 1])}"
+        )
+    if len(offsets) and offsets[-1] > n_tokens:
+        return f"text/offsets: offsets[{m}] = {int(offsets[-1])} > {n_tokens} rows of text/tokens"
+    return ""
+
+
 class TeacherCache:
     """Read-only access to a complete teacher cache, by image id and by text."""
 
@@ -270,14 +322,30 @@ class TeacherCache:
         self.dtype: str = self.attrs["dtype"]
         self.relevance_tokens: list[str] = list(self.attrs.get("relevance_tokens", []))
         g = self.group
-        self._image_row = {s: i for i, s in enumerate(g["image/ids"][:].tolist())}
-        for alias, row in zip(
-            g["image/alias_ids"][:].tolist(), g["image/alias_rows"][:].tolist(), strict=True
-        ):
-            self._image_row[alias] = int(row)
-        self._text_row = {s: i for i, s in enumerate(g["text/ids"][:].tolist())}
+        image_ids, text_ids = g["image/ids"][:].tolist(), g["text/ids"][:].tolist()
+        alias_ids, alias_rows = g["image/alias_ids"][:].tolist(), g["image/alias_rows"][:].astype(np.int64)
         self._lengths = g["text/lengths"][:].astype(np.int64)
         self._offsets = g["text/offsets"][:].astype(np.int64)
+        # No checksum covers the index (the coordinator writes it before any unit runs), and a lost chunk of
+        # it reads as zeros: every text would then read other texts' token rows, unnoticed by checked reads.
+        bad = index_problem(
+            image_ids,
+            alias_ids,
+            alias_rows,
+            text_ids,
+            self._lengths,
+            self._offsets,
+            g["text/tokens"].shape[0],
+        )
+        if bad:
+            raise CacheCorrupt(
+                f"{url}: {bad} (the index was damaged after extraction); run python -m stages.verify_cache "
+                f"{url}, then re-extract the store"
+            )
+        self._image_row = {s: i for i, s in enumerate(image_ids)}
+        for alias, row in zip(alias_ids, alias_rows.tolist(), strict=True):
+            self._image_row[alias] = int(row)
+        self._text_row = {s: i for i, s in enumerate(text_ids)}
         self._text_row_memo: dict[str, int] = {}
 
     def configure_reads(self, verify: bool = False, chunk_cache_bytes: int = 0, threads: int = 1) -> None:
