@@ -193,6 +193,7 @@ def _extract_locked(
     if missing:  # cannot happen unless a unit lied; never mark such a store complete
         raise RuntimeError(f"{build_url}: units not committed after extraction: {missing[:5]}")
 
+    _refuse_skipped(build_url, committed, cp.on_error)
     seconds = time.time() - t_start
     n_tok = int(offsets[-1])
     metrics = _metrics(build_url, plan, layout, lengths, n_tok, committed, records, len(jobs), seconds)
@@ -364,6 +365,7 @@ def _grow(
 
     seconds = time.time() - t_start
     lengths = np.asarray(index.text_lengths, dtype=np.int64)
+    _refuse_skipped(url, committed, cp.on_error)
     metrics = _metrics(url, plan, layout, lengths, index.ext.tokens, committed, records, len(units), seconds)
     metrics.update(
         store=store_url,
@@ -425,6 +427,21 @@ def _as_spec(t: TeacherSpec | tuple | dict) -> TeacherSpec:
     if isinstance(t, dict):
         return TeacherSpec(**t)
     return TeacherSpec(*t)
+
+
+def _refuse_skipped(url: str, committed: dict[str, dict], on_error: str) -> None:
+    """With cache.on_error=fail, a store whose units skipped unreadable images (committed by an earlier run
+    with on_error=skip, which a resume keeps) is refused: on_error is not in the store's fingerprint, so the
+    rerun DVC makes for it would otherwise pass with those images' targets zero-filled."""
+    skipped = sorted(i for r in committed.values() for i in r.get("invalid", []))
+    if on_error == "fail" and skipped:
+        raise DataError(
+            url,
+            f"image {skipped[0]}",
+            f"{len(skipped)} image(s) were skipped as unreadable by an extraction with cache.on_error=skip, "
+            "and cache.on_error is now fail: fix or drop them, then rebuild the store (--overwrite), or keep "
+            "on_error=skip",
+        )
 
 
 def _metrics(url, plan, layout, lengths, n_tok, committed, records, n_units, seconds) -> dict:
