@@ -289,9 +289,9 @@ def test_dose_response_without_any_gain_is_a_miss_not_a_trivially_growing_curve(
 def test_a_miss_is_explained_by_the_floor_and_by_plain_distillation_when_the_numbers_say_so():
     from pipeline.study.targets import explain
 
-    def entry(method, mean, delta=None, ci=None):
+    def entry(method, mean, delta=None, ci=None):  # summarise()'s row, as targets() passes it
         return {"task": "vqa", "condition": "lowshot-0.01", "method": method, "mean": mean,
-                "delta_mean": delta, "ci95": ci}  # fmt: skip
+                "paired": None if delta is None else {"mean": delta, "ci95": ci}}  # fmt: skip
 
     summary = [entry("baseline", 0.47), entry("blind", 0.40, -0.07, [-0.10, -0.03]),
                entry("clip_td", 0.36, -0.11, [-0.15, -0.07]), entry("naive_kd", 0.39, -0.08, [-0.12, -0.04])]  # fmt: skip
@@ -305,6 +305,17 @@ def test_a_miss_is_explained_by_the_floor_and_by_plain_distillation_when_the_num
     )
     why = explain("vqa", "lowshot-0.01", summary, {}, None, [])
     assert not any("floor" in w or "naive_kd" in w for w in why)
+
+
+def test_only_the_cells_that_missed_are_explained():
+    from pipeline.study.targets import needs_explaining
+
+    # Dose rows carry ok, not verdict: the passed ones were explained as misses.
+    assert not needs_explaining("dose_response", {"task": "vcr", "condition": "shift", "ok": True})
+    assert needs_explaining("dose_response", {"task": "vqa", "condition": "shift", "ok": False})
+    assert not needs_explaining("gain_cells", {"verdict": "gain"})
+    assert needs_explaining("gain_cells", {"verdict": "loss"})
+    assert needs_explaining("rel_gain", {"verdict": "gain"})  # a gain below the relative bar still missed
 
 
 def test_a_selection_that_beats_random_only_by_position_is_named_as_the_reason():
