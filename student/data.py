@@ -436,10 +436,13 @@ def eval_batches(
 def unlabeled_batches(
     sources: Sequence[tuple[PreparedDataset, Sequence[str]]], spec: TaskSpec, batch_size: int, seed: int
 ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
-    """Endless shuffled batches of unlabeled images (ids, pixels, empty-text ids) for the KD-only term."""
+    """Endless shuffled batches of unlabeled images (ids, pixels, empty-text ids) for the KD-only term; a pool
+    smaller than ``batch_size`` gives batches of the whole pool (only whole batches are drawn, so it gave
+    none, and training stopped on a bare StopIteration)."""
     pool = [(ds, i) for ds, ids in sources for i in ids]
     if not pool:
         return
+    batch_size = min(batch_size, len(pool))
     rng = np.random.default_rng(seed)
     for epoch in itertools.count():
         order = rng.permutation(len(pool))

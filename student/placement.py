@@ -17,6 +17,11 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError(f"train.device={name}: torch sees no CUDA device here (use auto or cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RunError(
+            f"train.device={name}: torch sees {torch.cuda.device_count()} CUDA device(s) here "
+            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        )
     return device
 
 

@@ -7,8 +7,6 @@ and cached views are replayed so every method of a seed sees the same augmentati
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from pipeline.cache import TeacherCache, check_fingerprint, store_exists, uncovered
@@ -111,11 +109,13 @@ def view_table(
     a store extracted with cache.views would hold, so every method sees the same augmentation."""
     if isinstance(source, CachedTargets):
         cache = source.cache
-        if cache.views and cache.views != params.cache.views:
-            warnings.warn(
-                f"{run.cache} holds {cache.views} views per image but cache.views="
-                f"{params.cache.views}: training replays the store's views",
-                stacklevel=2,
+        if cache.views != params.cache.views:
+            # The methods that do not read the store (baseline, blind) make their views from cache.views, so
+            # replaying the store's would show this run other pixels than its baseline's: a confounded Δ.
+            raise RunSetupError(
+                f"{run.cache} holds {cache.views} view(s) per image but cache.views={params.cache.views}: "
+                f"set cache.views={cache.views} (--set cache.views={cache.views}) so that every method of a "
+                "seed sees the same augmentation, or extract a store with this run's cache.views"
             )
         return ViewTable.from_cache(cache, train_ds.image_ids()) if cache.views else None
     k = params.cache.views

@@ -153,6 +153,12 @@ def test_training_device_resolves_and_a_missing_gpu_names_the_key(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(RuntimeError, match=r"train\.device=cuda:1.*no CUDA device"):
         resolve_device("cuda:1")
+    # A machine with one GPU: cuda:1 is not there either (it failed at the first tensor copy).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(RuntimeError, match=r"train\.device=cuda:1: torch sees 1 CUDA device\(s\)"):
+        resolve_device("cuda:1")
 
 
 def test_batches_and_targets_move_to_the_training_device(world, tmp_path):
@@ -553,3 +559,17 @@ def test_the_own_loop_recipe_gives_the_trainers_loss(world, tmp_path, task):
         assert all(p.grad is not None for p in tr.student.parameters() if p.requires_grad)
     finally:
         tr.close()
+
+
+def test_a_kd_only_pool_smaller_than_its_batch_still_trains(world, tmp_path):
+    # clip_td_unlabeled drew only whole KD-only batches: with fewer dropped images than one, none came and
+    # training stopped on a bare StopIteration.
+    run = run_spec(world, tmp_path, task="vqa", method="clip_td_unlabeled", condition="lowshot-0.8")
+    tr = Trainer(student_params(world, **{"train.batch_size": 64, "train.steps": 2}), run, progress=False)
+    pool = tr.split.summary()["unlabeled_images"]
+    assert 0 < pool < tr.batch_size // 2, pool
+    try:
+        tr.fit(resume=False)
+    finally:
+        tr.close()
+    assert tr.step == 2

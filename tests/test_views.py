@@ -106,3 +106,16 @@ def test_cached_targets_equal_online_targets_with_views(world, tmp_path, task):
     for cached, online in zip(logs[False], logs[True], strict=True):
         assert cached["loss"] == pytest.approx(online["loss"], rel=1e-4, abs=1e-5)
         assert cached["kd"] == pytest.approx(online["kd"], rel=1e-4, abs=1e-5)
+
+
+def test_a_store_whose_views_differ_from_cache_views_is_refused(world, tmp_path):
+    # The baseline makes its views from cache.views; replaying the store's other count would show clip_td
+    # other pixels than the baseline of its seed (a warning said so, and training went on).
+    from student.errors import RunSetupError
+
+    root, _, store = world
+    run = RunSpec("snli_ve", "lowshot@0.5", "clip_td", 0, str(root / "shards"), store, str(tmp_path / "r"))
+    with pytest.raises(
+        RunSetupError, match=rf"holds {K} view\(s\) per image but cache.views=0: set cache.views={K}"
+    ):
+        Trainer(student_params(world, **{"cache.views": 0}), run, progress=False)
