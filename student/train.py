@@ -322,6 +322,8 @@ class Trainer:
             "step": int(self.step),
             "best": {"score": float(self.best["score"]), "step": int(self.best["step"])},
             "rng": torch.get_rng_state(),
+            # Dropout on a CUDA device draws from that device's generator, which the CPU state does not hold.
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "run": asdict(self.run),
             "identity": self.identity(),
             "nonfinite_steps": int(self.nonfinite_steps),
@@ -370,6 +372,8 @@ class Trainer:
             self.last_logs = st.get("last_logs")
             self.seconds_before = float(st.get("train_seconds", 0.0))
             torch.set_rng_state(st["rng"])
+            if self.device.type == "cuda" and st.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(st["cuda_rng"], self.device)
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(

@@ -56,6 +56,21 @@ def test_resume_is_bit_exact(world, tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_steps_resume_with_the_gpus_dropout_generator(world, tmp_path):
+    # Dropout on the GPU draws from the CUDA generator: a checkpoint holding only the CPU's state resumed
+    # with the masks of step 1 (benchmarks/gpu_check.sh runs this where a GPU is lent). Compared as generator
+    # states, not weights, which a GPU's non-deterministic kernels may move in the last bits.
+    params = student_params(world, **{"train.device": "cuda", "student.dropout": 0.1})
+    first = Trainer(params, run_spec(world, tmp_path), progress=False)
+    first.fit(resume=False, max_steps=3)  # stops after the step-3 checkpoint, as a killed run would
+    after = torch.cuda.get_rng_state()
+    second = Trainer(params, run_spec(world, tmp_path), progress=False)  # seeds every generator afresh
+    assert not torch.equal(torch.cuda.get_rng_state(), after)
+    assert second.load_checkpoint()
+    assert torch.equal(torch.cuda.get_rng_state(), after)
+
+
 def test_train_seconds_count_every_sitting_of_a_resumed_run(world, tmp_path):
     """train.json's train_seconds is the run's: a resumed run adds the time recorded by its checkpoint, and
     rerunning a finished run (nothing left to train) keeps it instead of writing the rerun's ~0 s."""
