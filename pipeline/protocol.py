@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -60,7 +61,9 @@ class Split:
 
 def lowshot_subset(pool: Iterable[Instance], fraction: float, seed: int) -> list[str]:
     """Stratified, nested, seeded subset: within each label stratum the instances are ordered by a seeded hash
-    and the first ⌈f·n⌉ kept, so a smaller fraction's subset is a prefix of a larger one's."""
+    and the first ⌈f·n⌉ kept, so a smaller fraction's subset is a prefix of a larger one's. Every label keeps
+    at least one instance, so with many rare labels (real VQA's long answer tail) the subset is larger than
+    f of the pool: a warning says by how much when it is over 1.5 f."""
     by_stratum: dict[str, list[Instance]] = defaultdict(list)
     for inst in pool:
         by_stratum[stratum(inst)].append(inst)
@@ -68,6 +71,13 @@ def lowshot_subset(pool: Iterable[Instance], fraction: float, seed: int) -> list
     for members in by_stratum.values():
         members.sort(key=lambda i: _rank(seed, i.key))
         keep += [i.key for i in members[: math.ceil(fraction * len(members))]]
+    n = sum(len(m) for m in by_stratum.values())
+    if n and len(keep) > 1.5 * fraction * n:
+        warnings.warn(
+            f"lowshot-{fraction:g} keeps {len(keep)} of {n} labelled instances ({len(keep) / n:.1%}, not "
+            f"{fraction:.1%}): each of the {len(by_stratum)} labels keeps at least one (⌈F·n⌉ per label)",
+            stacklevel=2,
+        )
     return sorted(keep)
 
 

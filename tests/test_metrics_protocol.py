@@ -78,6 +78,22 @@ def test_lowshot_stratified_nested_seeded():
     assert lowshot_subset(pool, 0.05, 0) == small and lowshot_subset(pool, 0.05, 1) != small
 
 
+def test_a_long_label_tail_keeps_one_per_label_and_says_the_subset_outgrew_its_fraction():
+    import warnings
+
+    def vqa(k: int, answer: str) -> Instance:
+        return Instance(key=f"q{k}", task="vqa", image_id=f"img{k}", split="train", question="what?",
+                        answer=answer, human_answers=[answer] * 10)  # fmt: skip
+
+    # 40 answers given 50 times each and 60 given once (VQA's long tail): 1% keeps one of each, 100 of 2,060.
+    pool = [vqa(k, f"common{k // 50}") for k in range(2000)] + [vqa(2000 + k, f"rare{k}") for k in range(60)]
+    with pytest.warns(UserWarning, match=r"keeps 100 of 2060 labelled instances \(4\.9%, not 1\.0%\)"):
+        assert len(lowshot_subset(pool, 0.01, 0)) == 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no tail: no warning
+        lowshot_subset(_snli(600), 0.05, 0)
+
+
 def test_shift_excludes_target_from_train_and_val_tests_only_target():
     train, val, test = _snli(300), _snli(30, "val"), _snli(60, "test")
     s = make_split("snli_ve", "shift", 0, train, test, val, target="outline")
