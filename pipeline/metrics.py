@@ -13,14 +13,28 @@ def vqa_score(prediction: str, human_answers: Sequence[str]) -> float:
     if not human_answers:
         raise ValueError("vqa_score needs the human answers of the instance")
     n = len(human_answers)
+    if n == 1:  # one reference (a dataset of one answer per question): every leave-one-out subset is empty
+        return float(human_answers[0] == prediction)
     matches = [a == prediction for a in human_answers]
     total = sum(matches)
     return sum(min((total - m) / 3.0, 1.0) for m in matches) / n
 
 
+class UnlabelledInstance(ValueError):
+    """A scored instance without the ground truth its metric needs: an unlabelled split (VQA's test2015, VCR's
+    test) named as the test split. Scoring it as wrong would report 0 for every method."""
+
+
 def instance_scores(task: str, prediction: dict, inst) -> dict[str, float]:
     """Per-instance metric values. prediction: vqa {"answer": str}; snli_ve {"label": int};
     vcr {"answer": int, "rationale": int}."""
+    truth = {"vqa": [inst.human_answers or inst.answer], "snli_ve": [inst.label],
+             "vcr": [inst.label, inst.rationale_label]}.get(task, [True])  # fmt: skip
+    if any(t is None or t == "" or t == [] for t in truth):
+        raise UnlabelledInstance(
+            f"{task} instance {inst.key!r} ({inst.split}) has no label to score against: an unlabelled split "
+            "cannot be the test split (protocol.splits.test)"
+        )
     if task == "vqa":
         return {"vqa_score": vqa_score(prediction["answer"], inst.human_answers or [inst.answer])}
     if task == "snli_ve":

@@ -15,7 +15,7 @@ import torch
 from pipeline.config import usable_cores
 from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset
-from pipeline.metrics import PRIMARY
+from pipeline.metrics import PRIMARY, UnlabelledInstance
 from pipeline.protocol import SplitError, make_split
 from pipeline.splits import recorded_splits, resolve_splits
 from stages.common import stage_command, stage_params, write_json
@@ -132,7 +132,7 @@ def _scored(run_dirs: list[Path], params, jobs: int, cores: int) -> Iterator[tup
                 future.cancel()
 
 
-@stage_command(user_errors=(ExportError, DataError, FileNotFoundError))
+@stage_command(user_errors=(ExportError, DataError, FileNotFoundError, UnlabelledInstance))
 @click.argument("run_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--runs",

@@ -10,6 +10,7 @@ from pipeline.cache import CacheCorrupt, CacheFormatError, TeacherCache, uncover
 from pipeline.config import SplitRoles
 from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset
+from pipeline.metrics import UnlabelledInstance
 from pipeline.protocol import SplitError
 from pipeline.splits import resolve_splits
 from pipeline.zeroshot import task_zeroshot
@@ -35,7 +36,7 @@ def check_covered(tc: TeacherCache, url: str, root: Path, roles: SplitRoles) -> 
             raise click.ClickException(why)
 
 
-@stage_command(user_errors=(CacheFormatError, CacheCorrupt, DataError))
+@stage_command(user_errors=(CacheFormatError, CacheCorrupt, DataError, UnlabelledInstance))
 @click.option(
     "--data",
     "data_root",

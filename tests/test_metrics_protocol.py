@@ -18,6 +18,22 @@ def test_vqa_score_hand_computed():
     assert vqa_score("pink", humans) == 0.0
 
 
+def test_an_instance_without_its_truth_is_refused_and_one_reference_is_exact_match():
+    from pipeline.metrics import UnlabelledInstance
+
+    # An unlabelled split named as test scored 0 for every method: no difference anywhere, nothing said.
+    vqa = Instance(key="q", task="vqa", image_id="i", split="test2015", question="what?")
+    with pytest.raises(UnlabelledInstance, match=r"vqa instance 'q' \(test2015\) has no label"):
+        instance_scores("vqa", {"answer": "red"}, vqa)
+    snli = Instance(key="s", task="snli_ve", image_id="i", split="test", hypothesis="h")
+    with pytest.raises(UnlabelledInstance, match="protocol.splits.test"):
+        instance_scores("snli_ve", {"label": 0}, snli)
+    # One answer per question (a user's own VQA-style data): leave-one-out over one reference scored 0.
+    one = Instance(key="o", task="vqa", image_id="i", split="val", question="what?", answer="red")
+    assert instance_scores("vqa", {"answer": "red"}, one) == {"vqa_score": 1.0}
+    assert instance_scores("vqa", {"answer": "blue"}, one) == {"vqa_score": 0.0}
+
+
 def test_vcr_q2ar_counts_instance_only_when_both_right():
     inst = Instance(
         key="k",
