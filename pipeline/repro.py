@@ -215,8 +215,18 @@ def still_changed(root: str | Path, target: str, names: list[str]) -> dict[str, 
     from pipeline.dvc_scope import scoped_repo
 
     with scoped_repo(root, target, _wait_for_lock=True) as repo:
-        status = _status(repo, target)
-        stages = {s.addressing: s for s in repo.index.stages if s.addressing in status}
+        # The asked stages' own status, not the whole file's: DVC read-locks the deps and outputs of every
+        # stage it asks about without waiting, and each running `dvc repro` holds its outputs' write lock,
+        # so a whole-file status while another stage ran failed with LockError and stopped the scheduler.
+        # Their needs have finished, so nothing running holds what they read. One parse, then per stage:
+        # 8 s for the study's 600 cells against 24 s for the whole file (repo.status with 600 targets
+        # re-collects each: 350 s).
+        asked = set(names)
+        stages = {s.addressing: s for s in repo.index.stages if s.addressing in asked}
+        status: dict = {}
+        with repo.lock:
+            for stage in stages.values():
+                status.update(stage.status())
         changed = {}
         for name in set(names) & set(status):
             keys = {k for e in status[name] if isinstance(e, dict) for k in e.get("changed deps") or {}}
@@ -406,6 +416,9 @@ def run(
                     f"interrupted: finishing the {len(running)} running stage(s), starting no more "
                     "(interrupt again to stop them now; a stopped stage reruns next time)"
                 )
+    except Exception:  # a fault here (planning, DVC's status) must not leave stages running on their own
+        stop_now()
+        raise
     finally:
         bar.close()
         for sig, handler in previous.items():

@@ -206,6 +206,46 @@ def test_recorded_stages_stale_because_a_rebuilt_input_differs_say_which(repo: P
     assert (repo / "cell-a.json").read_text() == "a-other-bits"  # and they did rerun
 
 
+def test_a_recorded_stage_is_asked_about_while_another_stage_runs(tmp_path: Path):
+    """The recheck comes when a recorded stage's needs are rebuilt, typically while other one-core stages
+    still run. Asking DVC about the whole file read-locked the running stage's outputs and failed with
+    LockError, which stopped the scheduler with stages left running."""
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    _dvc(tmp_path, "init", "-q")
+    (tmp_path / "step.py").write_text(STEP)
+    (tmp_path / "fail.txt").write_text("")
+    (tmp_path / "dvc.yaml").write_text(
+        textwrap.dedent("""
+        stages:
+          slow:
+            meta: {cores: 1}
+            cmd: python step.py slow slow.json 8
+            outs: [slow.json]
+          first:
+            meta: {cores: 1}
+            cmd: python step.py first first.json 3
+            outs: [first.json]
+          rec:
+            meta: {cores: 1}
+            cmd: python step.py rec rec.json
+            deps: [first.json]
+            outs:
+              - rec.json:
+                  cache: false
+    """)
+    )
+    assert _run(tmp_path, "--jobs", "2").returncode == 0
+    for name in ("first.json", "slow.json", "events.txt"):
+        (tmp_path / name).unlink()
+    shutil.rmtree(tmp_path / ".dvc" / "cache")  # a fresh clone: first and slow rebuilt, rec recorded
+    r = _run(tmp_path, "--jobs", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "up to date now: 1 recorded stage(s)" in r.stdout + r.stderr
+    assert sorted(_events(tmp_path)) == sorted([("start", "slow"), ("end", "slow"), ("start", "first"),
+                                                ("end", "first")])  # fmt: skip
+    assert _events(tmp_path).index(("end", "first")) < _events(tmp_path).index(("end", "slow"))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupt_lets_running_stages_finish_and_starts_no_more(repo: Path, sig: int):
     """What a study stopped between sittings relies on: Ctrl-C or kill loses no cell that was running."""
