@@ -86,7 +86,10 @@ def splice(text: str, before: dict, after: dict, render: Callable[[dict], str]) 
         return None
     if list(new)[: len(old)] != list(old):  # a stage removed, or the order changed: not a splice
         return None
-    changed = [name for name in new if name not in old or new[name] != old[name]]
+    # Every entry DVC put in (a new object; the others are libyaml's own) is re-rendered, even when it equals
+    # the old one: libyaml reads YAML 1.1, so the old text's `yes` reads as True, and a param that went from
+    # the string "yes" to true would compare equal and never be written.
+    changed = [n for n in new if n not in old or new[n] is not old[n]]
     if not changed:
         return text
     lines = text.splitlines(keepends=True)
@@ -175,15 +178,20 @@ def _round_trip(text: str, path: str, before: dict, after: dict) -> str:
 def modify_lockfile(path: str, fs: Any = None, _original: Callable | None = None) -> Iterator[dict]:
     """``dvc.utils.serialize.modify_yaml`` for a local dvc.lock (see the module's docstring); a new file goes
     through ``_original`` (default: DVC's own)."""
-    if not os.path.exists(path):
+    text = data = None
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        data = _fast_load(text)
+    # DVC's own update for a new file, and for a stage named on, off, yes, no...: libyaml (YAML 1.1) reads
+    # such a name as a boolean, and both the splice and the fallback (which deletes what DVC's parse has and
+    # libyaml's lacks) would drop its entry.
+    if data is None or not all(isinstance(k, str) for k in data.get("stages") or {}):
         if _original is None:
             from dvc.utils.serialize import modify_yaml as _original
         with _original(path, fs=fs) as data:
             yield data
         return
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    data = _fast_load(text)
     before = copy.deepcopy(_top_level(data))  # DVC may change them in place (datasets); stages it replaces
     before["stages"] = dict(data.get("stages") or {})
     yield data

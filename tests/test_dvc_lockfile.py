@@ -96,6 +96,29 @@ def test_changes_it_does_not_splice_still_give_dvcs_bytes(tmp_path: Path, slow_p
     assert bool(slow_path) == slow
 
 
+@pytest.mark.parametrize(
+    ("lock", "change"),
+    [
+        # A param going from the string "yes" (written unquoted) to true: libyaml's reading of the old text
+        # already said True, so the update was taken for no change and never written.
+        pytest.param(
+            _lock(1), lambda d: d["stages"].update({"main@cell-0": _entry(0, True)}), id="yes to true"
+        ),
+        # Stages named on / off: libyaml reads the names as booleans, and the fallback dropped their entries.
+        pytest.param(
+            {"schema": "2.0", "stages": {"on": _entry(1), "off": _entry(2)}},
+            lambda d: d["stages"].update({"on": _entry(5)}),
+            id="stage named on",
+        ),
+    ],
+)
+def test_what_yaml_1_1_reads_otherwise_still_gives_dvcs_bytes(tmp_path: Path, lock: dict, change):
+    if "on" not in lock["stages"]:
+        lock["stages"]["main@cell-0"] = _entry(0, "yes")
+    dvc, fast = _both(tmp_path, lock, change)
+    assert fast == dvc
+
+
 def test_untouched_entries_keep_their_bytes_and_values(tmp_path: Path, slow_path):
     """An old entry libyaml would misread is never re-rendered from that misreading."""
     data = _lock()
