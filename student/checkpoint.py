@@ -35,8 +35,11 @@ IDENTITY_FIELDS = (
     "cache",
     "init",
 )
-# train.* keys that change only speed or bookkeeping, never the numbers: a resume may change them.
-_SPEED_ONLY = {"threads", "num_workers", "device", "target_cache_mb", "checkpoint_every"}
+# train.* keys that change only speed or bookkeeping: a resume may change them. threads and device change
+# only float rounding, so a resume across them is accepted, not bit-for-bit; num_workers is not here: each
+# loader worker builds whole batches from its own slice, so the worker count changes which instances a
+# batch holds.
+_SPEED_ONLY = {"threads", "device", "target_cache_mb", "checkpoint_every"}
 
 
 def load_state(path: Path, what: str) -> dict:

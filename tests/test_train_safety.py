@@ -164,6 +164,7 @@ def test_damaged_checkpoint_is_one_line_with_a_reason(world, run_copy, damage):
         (["--seed", "3"], [], "seed (0 → 3)"),
         ([], ["train.lr=0.0001"], f"train.lr ({TrainParams().lr} → 0.0001)"),
         (["--method", "naive_kd"], [], "method (clip_td → naive_kd)"),
+        ([], ["train.num_workers=2"], "train.num_workers (0 → 2)"),  # other instances in each batch
     ],
 )
 def test_resume_refuses_another_runs_checkpoint_naming_the_fields(world, run_copy, extra, sets, says):
