@@ -568,3 +568,13 @@ def test_a_student_pretrained_on_coco_style_captions_as_the_training_page_shows_
     assert json.loads((tmp_path / "metrics" / "student_pretrain.json").read_text())["steps"] == 2
     identity = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["identity"]
     assert identity["init"] == {"pretrained": sha256_file(backbone)}
+
+
+def test_real_params_train_the_default_student_from_scratch():
+    # real/params.yaml had kept the first ViLT student's settings (200 steps, patch 16) after the default moved
+    # to FiLM: the real-data recipe trained the student the docs say cannot learn.
+    import yaml
+
+    default, real = (yaml.safe_load((REPO / p).read_text()) for p in ("params.yaml", "real/params.yaml"))
+    assert real["train"] == default["train"]
+    assert real["student"] == {**default["student"], "init": "scratch"}
