@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline.cache import TeacherCache, apply_view, view_params_for
+from pipeline.cache import TeacherCache, apply_view, eval_view_box, view_params_for
 from pipeline.data.errors import DataError
 from pipeline.data.schema import Instance
 from pipeline.data.shards import (
@@ -92,12 +92,21 @@ def soft_vqa_target(human_answers: Sequence[str], vocab_index: dict[str, int]) -
 def image_tensor(
     data: bytes, size: int, view: tuple[float, float, float, float, bool] | None = None
 ) -> torch.Tensor:
-    """Encoded bytes → normalised [3,size,size]. ``view`` = (x0, y0, x1, y1, flip) replays a cached teacher view."""
+    """Encoded bytes → normalised [3,size,size]. ``view`` = (x0, y0, x1, y1, flip) replays a cached teacher view;
+    without one, a non-square image is cut to its centre square first, the region the teacher's eval
+    transform keeps (docs/method.md §2)."""
     img = decode_image(data)
     if view is not None:
         # The teacher's own crop + bicubic resize + flip (PIL), so the student sees the very pixels the teacher
         # saw (at the student's resolution); only the normalisation below is the student's.
         img = apply_view(img, view[:4], bool(view[4]), size)
+    elif img.width != img.height:
+        # Squashing the whole image would show the student other content than the teacher's tokens cover,
+        # while §2 maps the teacher's grid onto the student's as one area (real images are rarely square).
+        x0, y0, x1, y1 = eval_view_box(img.width, img.height)
+        img = img.crop(
+            (round(x0 * img.width), round(y0 * img.height), round(x1 * img.width), round(y1 * img.height))
+        )
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
     if x.shape[1:] != (size, size):
         x = F.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True)[

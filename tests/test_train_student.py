@@ -588,3 +588,26 @@ def test_a_kd_only_pool_smaller_than_its_batch_still_trains(world, tmp_path):
     finally:
         tr.close()
     assert tr.step == 2
+
+
+def test_a_non_square_image_shows_the_student_the_square_the_teacher_sees():
+    """open_clip's eval transform keeps the centre square of an image; the student squashed the whole image,
+    so on real (non-square) images the teacher tokens it distils covered other content than its own."""
+    import io
+
+    from PIL import Image
+
+    from student.data import CLIP_MEAN, CLIP_STD, image_tensor
+
+    def green_pixels(size, band) -> int:
+        img = Image.new("RGB", size, (200, 30, 30))
+        img.paste((30, 200, 30), band)
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        x = image_tensor(buf.getvalue(), 32) * torch.tensor(CLIP_STD).view(3, 1, 1)
+        x = x + torch.tensor(CLIP_MEAN).view(3, 1, 1)
+        return int(((x - torch.tensor([30, 200, 30]).view(3, 1, 1) / 255.0).abs().amax(0) < 0.1).sum())
+
+    assert green_pixels((128, 64), (0, 0, 32, 64)) == 0  # a left band outside the centre square: cut
+    assert green_pixels((64, 128), (0, 96, 64, 128)) == 0  # a bottom band: cut
+    assert green_pixels((64, 64), (0, 0, 16, 64)) > 0  # a square image is shown whole, as before
