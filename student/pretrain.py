@@ -6,7 +6,8 @@ spends its budget learning to see at all. This stage gives every student run the
 from fewer pairs than the teacher saw, so the teacher still knows more than the student.
 
 - ITM: the pooled [CLS] classifies (image, caption) as matching or not; half of each batch's captions are
-  replaced, by a hard negative (one attribute changed) when the corpus has one, else by another image's caption.
+  replaced: half of those by a hard negative (one attribute changed) when the corpus has one, the rest (and all
+  when it has none) by another image's caption.
 - MLM: 15% of the matching captions' tokens (never SOT/EOT) are replaced by a mask id and predicted from the
   output token states through the (tied) token embedding.
 
