@@ -269,8 +269,10 @@ def test_interrupted_run_resumes_to_identical_store(world, baseline, tmp_path, m
     datasets = [world["train"], world["val"]]
     monkeypatch.setenv(X.FAIL_ENV, "image-000001")
     X.UNIT_RUNS.clear()
-    with pytest.raises(X.InjectedFailure):
+    with pytest.raises(X.InjectedFailure) as failed:
         X.extract(datasets, url, world["spec"], params(), scheduler="sync", progress=False)
+    # A fault no check of the unit names (a killed decode worker, CUDA out of memory) says where it stopped.
+    assert f"in unit image-000001 (image rows 4-8) of {url}" in failed.value.__notes__
     assert sorted(C.committed_units(url)) == ["image-000000"] and X.UNIT_RUNS == ["image-000000"]
     with pytest.raises(C.CacheFormatError, match="incomplete"):
         C.TeacherCache(url)

@@ -243,13 +243,19 @@ def run_unit(job: UnitJob) -> dict:
     """Compute one unit, write its shards, commit its manifest entry; returns the manifest record."""
     t0 = time.time()
     log.debug("unit %s: start (pid %d)", job.name, os.getpid())  # names the unit in flight if the run dies
-    teacher = get_teacher(job.teacher, job.threads)
-    if job.kind == "image":
-        record_arrays, info = ImageUnit(job, teacher).run()
-    else:
-        arrays, info = _text_unit(job, teacher)
-        screen_texts(job, arrays)
-        record_arrays = _write_text_unit(job, arrays)
+    try:
+        teacher = get_teacher(job.teacher, job.threads)
+        if job.kind == "image":
+            record_arrays, info = ImageUnit(job, teacher).run()
+        else:
+            arrays, info = _text_unit(job, teacher)
+            screen_texts(job, arrays)
+            record_arrays = _write_text_unit(job, arrays)
+    except Exception as e:
+        # A fault the unit's own checks do not name (a decode worker killed, CUDA out of memory) otherwise
+        # reaches the user, through dask too, without saying which unit and rows it stopped.
+        e.add_note(f"in unit {job.name} ({job.kind} rows {job.row0}-{job.row1}) of {job.store_url}")
+        raise
     cos = info["cos"]
     record = {
         "unit": job.name,
