@@ -804,3 +804,22 @@ def test_a_teacher_is_loaded_once_when_units_on_threads_ask_together(world, monk
     monkeypatch.setattr(X.teachers, "_TEACHERS", {})
     alone = X.get_teacher(spec)
     assert X.weights_sha256(alone) == X.weights_sha256(got[0])
+
+
+def test_an_interrupted_run_resumes_with_its_datasets_named_in_another_order(world, tmp_path, monkeypatch):
+    """B holds an image with A's bytes under another id: the store's row for it, planned under A's id, is an
+    alias in the resumed plan, which reported it held by none of the run's datasets."""
+    a = make_dataset(tmp_path / "A", "train", 4, seed=21)
+    extra = [
+        ("other-id", png_bytes(21 * 1000), vqa_instance("b-q", "other-id", "train", "what is it?", "red"))
+    ]
+    b = make_dataset(tmp_path / "B", "train", 1, seed=22, extra=extra)
+    url = str(tmp_path / "s.zarr")
+    monkeypatch.setenv(X.FAIL_ENV, "image-000000")
+    with pytest.raises(X.InjectedFailure):
+        X.extract([a, b], url, world["spec"], params(), scheduler="sync", progress=False)
+    monkeypatch.delenv(X.FAIL_ENV)
+    X.extract([b, a], url, world["spec"], params(), scheduler="sync", progress=False)
+    tc = C.TeacherCache(url)
+    got = tc.image_targets(["img-21-0", "other-id"])["tokens"]
+    assert torch.equal(got[0], got[1])  # one row, read under either id

@@ -332,6 +332,11 @@ def _grow(
         C.commit_unit(url, name, C.pad_record(url, name, lo, hi, keys))
     todo = [u for u in units if u[0] not in committed]
     item_of = {item[1]: item for item in plan.images}
+    # A store row this run's plan holds under another id (the same bytes: an alias here, e.g. the same
+    # datasets named in another order) is read from the image that has its bytes.
+    item_of.update(
+        {a: plan.images[r] for a, r in zip(plan.alias_ids, plan.alias_rows, strict=True) if a not in item_of}
+    )
     text_of = dict(zip(plan.text_ids, plan.texts, strict=True))
     where = ", ".join((attrs.get(C.APPENDING) or {}).get("paths", []) or paths)
 
