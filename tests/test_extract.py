@@ -823,3 +823,18 @@ def test_an_interrupted_run_resumes_with_its_datasets_named_in_another_order(wor
     tc = C.TeacherCache(url)
     got = tc.image_targets(["img-21-0", "other-id"])["tokens"]
     assert torch.equal(got[0], got[1])  # one row, read under either id
+
+
+def test_a_worker_computing_in_another_precision_than_the_store_records_is_refused(baseline):
+    """A coordinator without a GPU records float32; a GPU worker resolving precision 'auto' computes in bf16,
+    and the store was labelled float32 (or mixed both on a resume elsewhere)."""
+    from types import SimpleNamespace
+
+    from pipeline.extract.units import _check_compute_dtype
+
+    job = SimpleNamespace(name="image-000003", store_url=baseline["url"])
+    _check_compute_dtype(job, SimpleNamespace(device=torch.device("cpu"), precision="auto"))  # as recorded
+    gpu = SimpleNamespace(device=torch.device("cuda"), precision="bf16")
+    with pytest.raises(RuntimeError, match=r"unit image-000003 of .*base.zarr: this worker .* computes in "
+                       r"torch.bfloat16, the store records torch.float32"):  # fmt: skip
+        _check_compute_dtype(job, gpu)

@@ -239,12 +239,30 @@ def _write_text_unit(job: UnitJob, arrays: dict) -> dict[str, dict]:
         writer.close()
 
 
+def _check_compute_dtype(job: UnitJob, teacher: Any) -> None:
+    """The store's fingerprint records the precision the coordinator's teacher computes in; a worker resolves
+    device/precision "auto" on its own machine (a GPU worker: bf16 under a CPU coordinator's float32), which
+    would label a bf16 store float32, or mix the two in one store on a resume elsewhere."""
+    from pipeline.teacher import autocast_dtype
+
+    fp = (C.read_store_attrs(job.store_url) or {}).get("fingerprint") or {}
+    want = (fp.get("teacher") or {}).get("compute_dtype")
+    have = str(autocast_dtype(teacher.device, teacher.precision) or torch.float32)
+    if want and want != have:
+        raise RuntimeError(
+            f"unit {job.name} of {job.store_url}: this worker ({socket.gethostname()}, {teacher.device}) "
+            f"computes in {have}, the store records {want}: give extract_teacher --device and "
+            "teacher.precision explicitly, so that the coordinator and every worker resolve them alike"
+        )
+
+
 def run_unit(job: UnitJob) -> dict:
     """Compute one unit, write its shards, commit its manifest entry; returns the manifest record."""
     t0 = time.time()
     log.debug("unit %s: start (pid %d)", job.name, os.getpid())  # names the unit in flight if the run dies
     try:
         teacher = get_teacher(job.teacher, job.threads)
+        _check_compute_dtype(job, teacher)
         if job.kind == "image":
             record_arrays, info = ImageUnit(job, teacher).run()
         else:
