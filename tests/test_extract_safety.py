@@ -352,3 +352,37 @@ def test_rebuild_killed_mid_unit_resumes_and_the_old_store_survives_until_the_sw
     assert C.open_group(str(out)).attrs["fingerprint"]["store"]["compressor"] == "lz4"
     assert C.TeacherCache(str(out)).verify() == [] and L.read_lock(str(out)) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr", "s.zarr.extract.json"]
+
+
+def test_an_interrupted_rebuild_of_data_whose_answers_changed_resumes_beside_the_store(tmp_path, monkeypatch):
+    """--rebuild-stale planned with the old store's VQA vocabulary, so its check of the rebuild beside the
+    store, made from this data's own, never matched: every rerun threw the rebuild away and began again."""
+    from pipeline.data.shards import DatasetWriter, PreparedDataset
+    from tests.conftest import png_bytes, vqa_instance
+
+    answers = ["red", "blue", "green", "cube", "ball", "two", "three", "yes", "no"]
+
+    def prepared(seed: int, shift: int) -> PreparedDataset:
+        out = tmp_path / "data" / "train"
+        shutil.rmtree(out, ignore_errors=True)
+        with DatasetWriter(out, source="synthetic", split="train", shard_size=7, image_shard_size=5) as w:
+            for i in range(8):
+                w.add_image(f"img-{i}", png_bytes(seed + i), "png")
+                w.add_instance(vqa_instance(f"q-{i}", f"img-{i}", "train", f"what is in picture {i}?",
+                                            answers[(i * i + shift) % len(answers)]))  # fmt: skip
+        return PreparedDataset(out)
+
+    (tmp_path / "t.json").write_text(json.dumps(TINY_CFG))
+    spec, url = (str(tmp_path / "t.json"), "", "fp32"), str(tmp_path / "store.zarr")
+    cp = CacheParams(image_rows_per_unit=2, text_rows_per_unit=8, batch_size=4, num_workers=0)
+    X.extract([prepared(0, 0)], url, spec, cp, scheduler="sync", progress=False)
+    again = prepared(100, 3)  # prepared again: other bytes, another answer vocabulary
+    monkeypatch.setenv(X.FAIL_ENV, "text-000001")
+    with pytest.raises(X.InjectedFailure):
+        X.extract([again], url, spec, cp, scheduler="sync", progress=False, rebuild_stale=True)
+    monkeypatch.delenv(X.FAIL_ENV)
+    m = X.extract([again], url, spec, cp, scheduler="sync", progress=False, rebuild_stale=True)
+    assert "image-000000" not in m["computed_units"] and "text-000001" in m["computed_units"], m[
+        "computed_units"
+    ]
+    assert C.TeacherCache(url).attrs["data"]["vqa_vocab"] == again.answer_vocab()

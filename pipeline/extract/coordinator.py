@@ -135,12 +135,15 @@ def _extract_locked(
         except DataError as e:
             log.warning("%s; rebuilding it (--rebuild-stale)", e)
             grow = False
+    if not grow and store_vocab:
+        # A stale store is rebuilt from this run's data alone. Planned so before open_or_check, which compares
+        # an interrupted rebuild beside the store with this plan: planned with the old store's vocabulary, a
+        # rebuild of data whose answers changed never matched its own plan and restarted from nothing.
+        plan = plan_extraction(datasets, vqa_candidates, cp.on_error)
+        lengths, layout, offsets, fingerprint = _new_store(plan, teacher, spec, cp, relevance)
     checked = {**fingerprint, "data": stored.get("data", {})} if grow else fingerprint
     target = open_or_check(store_url, checked, overwrite, rebuild_stale, legacy)
     build_url = target.url
-    if target.fresh and store_vocab:  # a stale store is rebuilt: from this run's data alone
-        plan = plan_extraction(datasets, vqa_candidates, cp.on_error)
-        lengths, layout, offsets, fingerprint = _new_store(plan, teacher, spec, cp, relevance)
     if not target.fresh and grow:
         return _grow(
             target, store_url, datasets, plan, teacher, spec, cp, relevance, scheduler, progress,
