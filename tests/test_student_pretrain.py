@@ -267,3 +267,23 @@ def test_stage_writes_the_backbone_and_its_metrics(corpus, tmp_path):
         main, args + ["--set", "teacher.model=ViT-B-3"]
     )  # its tokenizer is the students'
     assert res.exit_code != 0 and "'ViT-B-3'" in res.output and "Traceback" not in res.output
+
+
+def test_the_itm_probe_scores_every_held_out_pair_each_way_and_undoes_every_mask(corpus):
+    """benchmarks.itm_probe measures what the ITM head reads (docs/training.md, 'Known flaw'): its split of
+    the held-out pairs must cover each pair once, and its image-blind rule must be the stage's own masking."""
+    from benchmarks.itm_probe import probe
+    from student.pretrain import PretrainHeads
+
+    sp = _sp()
+    pairs = load_pairs(corpus / "captions_val", sp, load_tokenizer(TEACHER))
+    student = create_student(sp.arch, sp)
+    r = probe(
+        student, PretrainHeads(student.width), pairs, student.eot_id, sp.max_text_len, seed=0, n_batches=2
+    )
+    n = r["as_evaluated"]["n"]
+    assert n > 0 and r["unmasked"]["n"] == r["blind_rule"]["n"] == n
+    assert r["match_masked"]["n"] + r["match_plain"]["n"] + r["non_match"]["n"] == n
+    # Only matching captions are masked (the flaw): the rule is right on every masked pair and every non-match.
+    blind_hits = r["blind_rule"]["accuracy"] * n
+    assert blind_hits == pytest.approx(r["match_masked"]["n"] + r["non_match"]["n"], abs=0.5)  # 4 decimals
