@@ -9,7 +9,9 @@ Design choices (each sized by a feasibility run on this 2-core machine before th
   every distinct caption tokenized once, so a step costs only the model (≈0.7 s at batch 128 on 2 cores);
 * a batch never holds the same image twice nor the same caption text twice: ``open_clip.ClipLoss`` treats
   every off-diagonal pair as a negative, and the corpus has several captions per scene and identical
-  captions for simple scenes, which would otherwise be trained as negatives of themselves;
+  captions for simple scenes, which would otherwise be trained as negatives of themselves. A caption true
+  of another image in the batch (a one-object caption such as "a picture with a small red circle") is not
+  kept out: most batches of 128 hold some such pair (docs/training.md, "Known limits");
 * the optimiser follows open_clip's training script: AdamW without decay on gains, biases and the logit
   scale, linear warmup then cosine decay, the logit scale clamped at 100.
 """
@@ -103,7 +105,8 @@ class PairSampler:
     """Batches of instance indices with no repeated image and no repeated caption text.
 
     Instances are visited in a fresh seeded permutation per epoch; an instance that would repeat an image or
-    a text already in the batch is passed over for this epoch, so every pair is still drawn about equally.
+    a text already in the batch is passed over for this epoch, so captions shared by many scenes (one-object
+    ones) are drawn less often than the others.
     """
 
     def __init__(self, inst_image: np.ndarray, inst_text: np.ndarray, batch_size: int, seed: int):
@@ -186,7 +189,8 @@ def evaluate_retrieval(teacher: Teacher, corpus: CaptionCorpus, n_captions: int 
     """Zero-shot image→caption top-1 per visual domain, against two candidate sets per instance:
 
     * ``random``: the gold caption + ``n_captions - 1`` captions drawn from other scenes (never a text that
-      is also a caption of this image, so no candidate is secretly correct);
+      is also a caption of this image; another scene's caption can still be true of it, about 5% of
+      instances hold one, which can only lower the score);
     * ``hard``: the gold caption + its ``meta["hard_negatives"]`` (one attribute changed).
 
     A hit needs the gold score strictly above every other candidate. Chance levels are averaged per
