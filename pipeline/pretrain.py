@@ -189,8 +189,8 @@ def evaluate_retrieval(teacher: Teacher, corpus: CaptionCorpus, n_captions: int 
     """Zero-shot image→caption top-1 per visual domain, against two candidate sets per instance:
 
     * ``random``: the gold caption + ``n_captions - 1`` captions drawn from other scenes (never a text that
-      is also a caption of this image; another scene's caption can still be true of it, about 5% of
-      instances hold one, which can only lower the score);
+      is also a caption of this image; another scene's caption can still be true of it, which can only lower
+      the score);
     * ``hard``: the gold caption + its ``meta["hard_negatives"]`` (one attribute changed).
 
     A hit needs the gold score strictly above every other candidate. Chance levels are averaged per
