@@ -60,9 +60,12 @@ def main(params_path, overrides, captions, val, out, metrics_path, quiet) -> Non
         pairs_limit=p.pairs, seed=p.seed, metrics_path=metrics_path, progress=not quiet,
     )  # fmt: skip
     v = m.get("val", {})
+    # Hard negatives change one attribute of the true caption: only the image tells them from a match.
+    hard = f"; hard negatives {v['itm_acc_hard_negative']:.3f}" if "itm_acc_hard_negative" in v else ""
     click.echo(
         f"student pretrain: {m['steps']} steps on {m['pairs']} pairs in {m['seconds']:.0f}s; held-out ITM "
-        f"{v.get('itm_acc', float('nan')):.3f} (chance 0.5), MLM {v.get('mlm_acc', float('nan')):.3f} -> {m['checkpoint']}"
+        f"{v.get('itm_acc', float('nan')):.3f} (chance 0.5{hard}), MLM {v.get('mlm_acc', float('nan')):.3f} "
+        f"-> {m['checkpoint']}"
     )
 
 

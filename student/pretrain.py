@@ -7,9 +7,13 @@ from fewer pairs than the teacher saw, so the teacher still knows more than the 
 
 - ITM: the pooled [CLS] classifies (image, caption) as matching or not; half of each batch's captions are
   replaced: half of those by a hard negative (one attribute changed) when the corpus has one, the rest (and all
-  when it has none) by another image's caption.
-- MLM: 15% of the matching captions' tokens (never SOT/EOT) are replaced by a mask id and predicted from the
-  output token states through the (tied) token embedding.
+  when it has none) by another image's caption. The ITM head reads the captions as they are, never masked.
+- MLM: the matching captions again, with 15% of their tokens (never SOT/EOT) replaced by a mask id, predicted
+  from the output token states through the (tied) token embedding.
+
+ITM and MLM read separate copies of the text (one forward over both, as ALBEF and ViLT run the two objectives
+on separate inputs): with one masked copy for both, only matching captions carried a mask and the ITM head
+learned "a mask => match" instead of matching (``benchmarks/itm_probe.py`` measures which it learned).
 
 The checkpoint holds only the backbone (no ITM/MLM heads), loadable with ``torch.load(weights_only=True)``.
 """
@@ -95,17 +99,36 @@ class PretrainHeads(nn.Module):
         self.mlm = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
 
 
+# A batch row's caption: its own, a one-attribute hard negative, or another image's caption.
+MATCH, HARD_NEGATIVE, OTHER_CAPTION = 0, 1, 2
+
+
+@dataclass
+class PretrainBatch:
+    """One step's inputs: ITM over every row's (image, caption), MLM over the matching rows' masked captions."""
+
+    pixels: Tensor  # float [B, 3, S, S]
+    ids: Tensor  # long [B, L]: the ITM captions, unmasked
+    itm: Tensor  # long [B]: 1 = the caption matches the image
+    kind: Tensor  # long [B]: MATCH, HARD_NEGATIVE or OTHER_CAPTION
+    mlm_rows: Tensor  # long [M]: the matching rows, whose images the MLM captions are read with
+    mlm_ids: Tensor  # long [M, L]: those rows' captions with the mask id at the chosen positions
+    mlm: Tensor  # long [M, L]: the masked positions' token ids, -100 elsewhere
+
+
 def make_batch(
     pairs: CaptionPairs, idx: Tensor, gen: torch.Generator, eot_id: int, max_len: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(pixels, text ids, ITM labels, MLM labels with -100 where nothing is predicted) for instances ``idx``."""
+) -> PretrainBatch:
+    """The ITM and MLM inputs for instances ``idx``."""
     b = len(idx)
     ids = pairs.ids[idx].clone()
     match = torch.rand(b, generator=gen) < 0.5
+    kind = torch.full((b,), MATCH)
     for n in torch.nonzero(~match).flatten().tolist():
         own = pairs.negatives[int(idx[n])]
         if own and torch.rand(1, generator=gen).item() < 0.5:
             ids[n] = pairs.neg_ids[own[int(torch.randint(len(own), (1,), generator=gen))]]
+            kind[n] = HARD_NEGATIVE
         else:
             # Another image's caption, and not the same text (simple scenes share captions: a true match).
             while True:
@@ -113,45 +136,65 @@ def make_batch(
                 if pairs.inst_image[j] != pairs.inst_image[idx[n]] and not torch.equal(pairs.ids[j], ids[n]):
                     break
             ids[n] = pairs.ids[j]
+            kind[n] = OTHER_CAPTION
     ids, mask = fit_text(ids, max_len, eot_id)
-    # SOT (position 0) and EOT are never masked; only matching pairs carry MLM targets.
-    sot_eot = torch.zeros_like(mask)
-    sot_eot[:, 0] = True
-    sot_eot |= ids == eot_id
-    can = mask & ~sot_eot & match[:, None]
-    chosen = can & (torch.rand(ids.shape, generator=gen) < 0.15)
-    mlm = torch.where(chosen, ids, torch.full_like(ids, -100))
-    ids = torch.where(chosen, torch.full_like(ids, MASK_ID), ids)
-    pixels = pairs.images[pairs.inst_image[idx]].float()
-    return pixels, ids, match.long(), mlm
+    rows = torch.nonzero(match).flatten()
+    own, own_mask = ids[rows], mask[rows]
+    # SOT (position 0) and EOT are never masked.
+    can = own_mask & (own != eot_id)
+    can[:, 0] = False
+    chosen = can & (torch.rand(own.shape, generator=gen) < 0.15)
+    return PretrainBatch(
+        pixels=pairs.images[pairs.inst_image[idx]].float(),
+        ids=ids,
+        itm=match.long(),
+        kind=kind,
+        mlm_rows=rows,
+        mlm_ids=torch.where(chosen, torch.full_like(own, MASK_ID), own),
+        mlm=torch.where(chosen, own, torch.full_like(own, -100)),
+    )
 
 
-def losses(student, heads: PretrainHeads, batch) -> dict[str, Tensor]:
-    pixels, ids, itm_y, mlm_y = batch
-    out = student(pixels, ids)
-    itm_logits = heads.itm(out.pooled)
-    itm = F.cross_entropy(itm_logits, itm_y)
-    sel = mlm_y >= 0
+def losses(student, heads: PretrainHeads, batch: PretrainBatch) -> dict[str, Tensor]:
+    """The step's loss (ITM + MLM) and its parts, each a scalar; ``itm_right`` [B]: which rows ITM got right."""
+    b = len(batch.ids)
+    # One forward over both copies: the student treats every (image, text) row on its own.
+    out = student(
+        torch.cat([batch.pixels, batch.pixels[batch.mlm_rows]]), torch.cat([batch.ids, batch.mlm_ids])
+    )
+    itm_logits = heads.itm(out.pooled[:b])
+    itm = F.cross_entropy(itm_logits, batch.itm)
+    sel = batch.mlm >= 0
     if sel.any():
-        h = heads.mlm(out.text_tokens[sel])
+        h = heads.mlm(out.text_tokens[b:][sel])
         # Targets are teacher ids; the tied decoder scores embedding rows, so map ids to rows first.
-        rows = student._rows(mlm_y[sel])
+        rows = student._rows(batch.mlm[sel])
         mlm_logits = h @ student.tok_embed.weight.T
         mlm = F.cross_entropy(mlm_logits, rows)
         mlm_acc = (mlm_logits.argmax(-1) == rows).float().mean()
     else:
         mlm = itm_logits.sum() * 0.0
         mlm_acc = torch.zeros(())
-    itm_acc = (itm_logits.argmax(-1) == itm_y).float().mean()
+    itm_acc = (itm_logits.argmax(-1) == batch.itm).float().mean()
     return {"loss": itm + mlm, "itm": itm, "mlm": mlm, "itm_acc": itm_acc, "mlm_acc": mlm_acc}
+
+
+def itm_right(student, heads: PretrainHeads, batch: PretrainBatch) -> Tensor:
+    """bool [B]: which rows the ITM head classifies right (no MLM copy: the head reads only ``batch.ids``)."""
+    return heads.itm(student(batch.pixels, batch.ids).pooled).argmax(-1) == batch.itm
+
+
+_KINDS = (("match", MATCH), ("hard_negative", HARD_NEGATIVE), ("other_caption", OTHER_CAPTION))
 
 
 @torch.no_grad()
 def evaluate(student, heads, pairs: CaptionPairs, eot_id: int, max_len: int, seed: int, n_batches: int = 8):
-    """ITM and MLM accuracy on held-out pairs (fixed seed, so every run is scored on the same batches)."""
+    """ITM and MLM accuracy on held-out pairs (fixed seed, so every run is scored on the same batches), and ITM
+    accuracy per kind of caption: an image-blind matcher cannot score well on both matches and hard negatives."""
     student.eval()
     gen = torch.Generator().manual_seed(seed)
     sums: dict[str, float] = {"itm_acc": 0.0, "mlm_acc": 0.0, "itm": 0.0, "mlm": 0.0}
+    kinds = {name: [0, 0] for name, _ in _KINDS}
     order = torch.randperm(len(pairs), generator=gen)
     size = max(1, min(128, len(pairs) // n_batches))
     n = 0
@@ -159,12 +202,22 @@ def evaluate(student, heads, pairs: CaptionPairs, eot_id: int, max_len: int, see
         idx = order[k * size : (k + 1) * size]
         if len(idx) == 0:
             break
-        logs = losses(student, heads, make_batch(pairs, idx, gen, eot_id, max_len))
+        batch = make_batch(pairs, idx, gen, eot_id, max_len)
+        logs = losses(student, heads, batch)
         for key in sums:
             sums[key] += float(logs[key])
+        right = itm_right(student, heads, batch)
+        for name, code in _KINDS:
+            rows = batch.kind == code
+            kinds[name][0] += int(right[rows].sum())
+            kinds[name][1] += int(rows.sum())
         n += 1
     student.train()
-    return {k: round(v / max(n, 1), 4) for k, v in sums.items()}
+    out = {k: round(v / max(n, 1), 4) for k, v in sums.items()}
+    for name, (hits, total) in kinds.items():
+        if total:  # a corpus without hard negatives has none to score
+            out[f"itm_acc_{name}"] = round(hits / total, 4)
+    return out
 
 
 def pretrain_student(
