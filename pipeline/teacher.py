@@ -267,6 +267,8 @@ class Teacher:
         self.logit_scale: float = float(self.model.logit_scale.detach().exp().float().reshape(-1)[0])
         cfg = dict(visual.preprocess_cfg)
         self.image_size: int = int(to_pair(cfg["size"])[0])
+        # Which region of a non-square image the eval transform shows (the pretrained tag's config picks it).
+        self.resize_mode: str = cfg.get("resize_mode") or "shortest"
         self.mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
         self.open_clip_version = open_clip.__version__

@@ -90,20 +90,23 @@ def soft_vqa_target(human_answers: Sequence[str], vocab_index: dict[str, int]) -
 
 
 def image_tensor(
-    data: bytes, size: int, view: tuple[float, float, float, float, bool] | None = None
+    data: bytes,
+    size: int,
+    view: tuple[float, float, float, float, bool] | None = None,
+    resize_mode: str | None = "shortest",
 ) -> torch.Tensor:
     """Encoded bytes → normalised [3,size,size]. ``view`` = (x0, y0, x1, y1, flip) replays a cached teacher view;
-    without one, a non-square image is cut to its centre square first, the region the teacher's eval
-    transform keeps (docs/method.md §2)."""
+    without one, a non-square image is first cut to the region the teacher's eval transform shows
+    (``resize_mode``, docs/method.md §2): its centre square, the whole image, or a square padded with black."""
     img = decode_image(data)
     if view is not None:
         # The teacher's own crop + bicubic resize + flip (PIL), so the student sees the very pixels the teacher
         # saw (at the student's resolution); only the normalisation below is the student's.
         img = apply_view(img, view[:4], bool(view[4]), size)
     elif img.width != img.height:
-        # Squashing the whole image would show the student other content than the teacher's tokens cover,
-        # while §2 maps the teacher's grid onto the student's as one area (real images are rarely square).
-        x0, y0, x1, y1 = eval_view_box(img.width, img.height)
+        # Another region would show the student other content than the teacher's tokens cover, while §2 maps
+        # the teacher's grid onto the student's as one area (real images are rarely square).
+        x0, y0, x1, y1 = eval_view_box(img.width, img.height, resize_mode)
         img = img.crop(
             (round(x0 * img.width), round(y0 * img.height), round(x1 * img.width), round(y1 * img.height))
         )
@@ -128,6 +131,7 @@ class TaskSpec:
     vocab: list[str] = field(default_factory=list)  # VQA answer vocabulary
     vqa_candidates: int = 4
     blind: bool = False  # every image blank (the `blind` method): nothing to decode
+    resize_mode: str = "shortest"  # the teacher's eval region of a non-square image (``image_tensor``)
 
     def __post_init__(self) -> None:
         self.vocab_index = {a: i for i, a in enumerate(self.vocab)}
@@ -157,16 +161,16 @@ class ViewTable:
         )
 
     @classmethod
-    def from_rule(cls, ds: PreparedDataset, k: int) -> ViewTable:
-        """The views a store extracted with ``--views k`` would hold (``view_params_for``); reads only each
-        image's header for its size."""
+    def from_rule(cls, ds: PreparedDataset, k: int, resize_mode: str | None = "shortest") -> ViewTable:
+        """The views a store extracted with ``--views k`` by a teacher with this ``resize_mode`` would hold
+        (``view_params_for``); reads only each image's header for its size."""
         from PIL import Image
 
         ids = ds.image_ids()
         boxes, flips = np.zeros((len(ids), k, 4), np.float32), np.zeros((len(ids), k), bool)
         for r, i in enumerate(ids):
             with Image.open(io.BytesIO(ds.image_bytes(i))) as img:
-                boxes[r], flips[r] = view_params_for(ds.image_sha1(i), *img.size, k)
+                boxes[r], flips[r] = view_params_for(ds.image_sha1(i), *img.size, k, resize_mode)
         return cls(k, {i: r for r, i in enumerate(ids)}, boxes, flips)
 
     def view(self, image_id: str, v: int) -> tuple[float, float, float, float, bool]:
@@ -215,7 +219,9 @@ def encode_sample(sample: dict, spec: TaskSpec, view: tuple[int, tuple] | None =
     if spec.blind:  # 0 after normalisation: the dataset's mean colour everywhere, no image information
         pixels = torch.zeros(3, spec.image_size, spec.image_size)
     else:
-        pixels = image_tensor(sample["image"], spec.image_size, view[1] if view is not None else None)
+        pixels = image_tensor(
+            sample["image"], spec.image_size, view[1] if view is not None else None, spec.resize_mode
+        )
     out: dict = {"instance": inst, "pixels": pixels, "labeled": True}
     if view is not None:
         out["view"] = view
@@ -237,7 +243,7 @@ def encode_unlabeled(image_id: str, data: bytes, spec: TaskSpec) -> dict:
     width = spec.tokens([""]).shape[1]
     return {
         "image_id": image_id,
-        "pixels": image_tensor(data, spec.image_size),
+        "pixels": image_tensor(data, spec.image_size, resize_mode=spec.resize_mode),
         "text_ids": torch.zeros(1, width, dtype=torch.long),
     }
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.cache import RESIZE_MODES
 from pipeline.conditions import Condition
 from pipeline.config import DistillParams, StudentParams
 from pipeline.data.shards import PreparedDataset
@@ -91,8 +92,12 @@ def export_spec(exported: dict, path: Path, distill: DistillParams) -> TaskSpec:
             f"load: {e}"
         ) from None
     run, sp = exported["run"], StudentParams(**exported["student_params"])
+    resize_mode = exported.get("image_resize_mode", "shortest")  # absent: open_clip's default centre square
+    if resize_mode not in RESIZE_MODES:
+        raise ExportError(f"{path}: image_resize_mode {resize_mode!r} is none of {', '.join(RESIZE_MODES)}")
     return TaskSpec(run["task"], tokenizer, sp.image_size, sp.max_text_len, exported["vocab"],
-                    distill.vqa_candidates, blind=method_config(run["method"], distill).blind)  # fmt: skip
+                    distill.vqa_candidates, blind=method_config(run["method"], distill).blind,
+                    resize_mode=resize_mode)  # fmt: skip
 
 
 @torch.no_grad()

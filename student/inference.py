@@ -74,7 +74,7 @@ class Predictor:
         if self.spec.blind:  # as evaluation feeds a blind student: no image information at all
             return torch.zeros(3, self.spec.image_size, self.spec.image_size)
         try:
-            return image_tensor(image, self.spec.image_size)
+            return image_tensor(image, self.spec.image_size, resize_mode=self.spec.resize_mode)
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bytes that are no image it reads
             raise PredictError(f"{name}: not an image PIL can decode ({type(e).__name__}: {e})") from None
 

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.cache import TeacherCache, check_fingerprint, store_exists, uncovered
+from pipeline.cache import (
+    RESIZE_MODES,
+    CacheFormatError,
+    TeacherCache,
+    check_fingerprint,
+    read_store_attrs,
+    store_exists,
+    uncovered,
+)
 from pipeline.config import Params
 from pipeline.data.shards import PreparedDataset
 from pipeline.identity import teacher_identity
@@ -101,8 +109,31 @@ def chunk_groups(
     return dict(zip(ids, (cache.image_rows(ids) // rows_per_chunk).tolist(), strict=True))
 
 
+def teacher_resize_mode(run, source: TargetSource | None) -> str:
+    """Which region of a non-square image the teacher's eval transform shows (``pipeline.cache.eval_view_box``),
+    so the student is shown the same: the online teacher's, else the store's record, read by every method of
+    a seed when the run's store exists (baseline and blind too, so that they see the pixels clip_td sees),
+    else open_clip's default "shortest" (the centre square)."""
+    if isinstance(source, OnlineTargets):
+        return source.teacher.resize_mode
+    if not isinstance(source, CachedTargets) and not run.cache:
+        return "shortest"
+    try:
+        attrs = source.cache.attrs if isinstance(source, CachedTargets) else read_store_attrs(run.cache)
+    except CacheFormatError as e:
+        raise RunSetupError(str(e)) from None
+    teacher = (attrs or {}).get("teacher")
+    preprocess = teacher.get("preprocess") if isinstance(teacher, dict) else None
+    mode = (preprocess.get("resize_mode") if isinstance(preprocess, dict) else None) or "shortest"
+    if mode not in RESIZE_MODES:
+        raise RunSetupError(
+            f"{run.cache}: teacher.preprocess.resize_mode={mode!r} is none open_clip knows ({', '.join(RESIZE_MODES)})"
+        )
+    return mode
+
+
 def view_table(
-    params: Params, run, source: TargetSource | None, train_ds: PreparedDataset
+    params: Params, run, source: TargetSource | None, train_ds: PreparedDataset, resize_mode: str = "shortest"
 ) -> ViewTable | None:
     """The cached views training images are shown in (docs/method.md §2), None when there are none. A run
     reading the store uses the store's views; a run without one (online teacher, baseline) makes the views
@@ -119,4 +150,4 @@ def view_table(
             )
         return ViewTable.from_cache(cache, train_ds.image_ids()) if cache.views else None
     k = params.cache.views
-    return ViewTable.from_rule(train_ds, k) if k > 0 else None
+    return ViewTable.from_rule(train_ds, k, resize_mode) if k > 0 else None

@@ -73,7 +73,7 @@ from student.placement import (
     to_device,
 )
 from student.pretrain import PretrainedMismatch, load_pretrained_backbone
-from student.sources import chunk_groups, open_targets, view_table
+from student.sources import chunk_groups, open_targets, teacher_resize_mode, view_table
 from student.targets import CachedTargets, TargetSource, teacher_batch, unlabeled_teacher_batch
 
 
@@ -216,10 +216,12 @@ class Trainer:
                 relevance=self.cfg.relevance_source if self.cfg.kd == "tokens" else None,
             )  # fmt: skip
         vocab = self.train_ds.answer_vocab() if run.task == "vqa" else []
+        self.resize_mode = teacher_resize_mode(run, self.source)
         self.spec = TaskSpec(run.task, load_tokenizer(teacher_model), params.student.image_size, params.student.max_text_len,
-                             vocab, params.distill.vqa_candidates, blind=self.cfg.blind)  # fmt: skip
+                             vocab, params.distill.vqa_candidates, blind=self.cfg.blind,
+                             resize_mode=self.resize_mode)  # fmt: skip
         self._val_batches = BatchCache()  # every validation of the run reads the same instances
-        self.views = view_table(params, run, self.source, self.train_ds)
+        self.views = view_table(params, run, self.source, self.train_ds, self.resize_mode)
         self.order_groups = chunk_groups(params, run, self.source, self.train_instances)
         vocabulary = self._student_vocabulary()
         seed_everything(run.seed)
@@ -307,9 +309,12 @@ class Trainer:
         sp = self.params.student
         init = {"pretrained": sha256_file(sp.pretrained)} if sp.init == "pretrained" else {"scratch": True}
         r = self.run
-        return {"task": r.task, "condition": r.condition, "method": r.method, "seed": r.seed,
-                "world_size": self.world_size, "params_sha256": sha256_json(params), "params": params,
-                "data": data, "cache": cache, "init": init}  # fmt: skip
+        identity = {"task": r.task, "condition": r.condition, "method": r.method, "seed": r.seed,
+                    "world_size": self.world_size, "params_sha256": sha256_json(params), "params": params,
+                    "data": data, "cache": cache, "init": init}  # fmt: skip
+        if self.resize_mode != "shortest":  # other pixels; absent for open_clip's default (older runs resume)
+            identity["resize_mode"] = self.resize_mode
+        return identity
 
     def state(self) -> dict:
         # Plain containers, numbers, strings and tensors only: the file loads with weights_only=True.
@@ -574,6 +579,8 @@ class Trainer:
                     "run": asdict(self.run), "student_params": asdict(self.params.student),
                     "vocab": list(self.spec.vocab), "teacher_model": self.params.teacher.model,
                     "splits": self.splits.names(), "protocol": shift}  # fmt: skip
+        if self.resize_mode != "shortest":  # evaluate and predict show new images as training did
+            exported["image_resize_mode"] = self.resize_mode
         write_atomic(path, lambda tmp: torch.save(exported, tmp))
 
 

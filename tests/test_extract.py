@@ -838,3 +838,32 @@ def test_a_worker_computing_in_another_precision_than_the_store_records_is_refus
     with pytest.raises(RuntimeError, match=r"unit image-000003 of .*base.zarr: this worker .* computes in "
                        r"torch.bfloat16, the store records torch.float32"):  # fmt: skip
         _check_compute_dtype(job, gpu)
+
+
+@pytest.mark.parametrize("mode", ["shortest", "squash", "longest"])
+def test_view_zero_records_the_region_the_teachers_resize_mode_shows(world, tmp_path, mode):
+    """Weights whose config squashes (DFN, CLIPA) or pads show the teacher another region of a non-square
+    image than the centre square: view 0's box must say which, and replaying it (as the student does) must
+    give the teacher's pixels."""
+    import open_clip
+
+    s = world["teacher"].image_size
+    with DatasetWriter(tmp_path / "ds", source="synthetic", split="train") as w:
+        w.add_image("wide", png_bytes(3, (40, 32)), "png")
+        w.add_instance(snli_instance("k", "wide", "train", "there is a square"))
+    ds = PreparedDataset(tmp_path / "ds")
+    transform = open_clip.image_transform(s, is_train=False, resize_mode=mode)
+    data = X.UnitImages([str(ds.path)], [(0, "wide", "")], X.pil_steps(transform), s, 0, resize_mode=mode)
+    _, u8, boxes, _, ok, _ = data[0]
+    want = {
+        "shortest": (0.1, 0.0, 0.9, 1.0),
+        "squash": (0.0, 0.0, 1.0, 1.0),
+        "longest": (0.0, -0.125, 1.0, 1.125),
+    }
+    assert ok and boxes[0] == pytest.approx(want[mode])
+    replay = np.asarray(C.apply_view(decode_image(ds.image_bytes("wide")), boxes[0].tolist(), False, s))
+    diff = np.abs(replay.transpose(2, 0, 1).astype(int) - u8[0].astype(int))
+    assert diff.mean() < 4, diff.mean()  # the same region; resampling order differs by a few levels
+    data.close()
+    with pytest.raises(ValueError, match="unknown image resize_mode 'stretch'"):
+        C.eval_view_box(40, 32, "stretch")

@@ -157,6 +157,7 @@ def test_every_method_trains_and_exports_a_baseline_sized_student(world, tmp_pat
     )
     assert count_parameters(student) == count_parameters(same_vocab)
     assert set(exported) >= {"student", "heads", "vocab", "run"} and "dheads" not in exported
+    assert "image_resize_mode" not in exported  # the tiny teacher keeps open_clip's default centre square
     if method == "baseline":
         assert metrics["final"]["task"] == pytest.approx(metrics["final"]["loss"])
 
@@ -611,3 +612,62 @@ def test_a_non_square_image_shows_the_student_the_square_the_teacher_sees():
     assert green_pixels((128, 64), (0, 0, 32, 64)) == 0  # a left band outside the centre square: cut
     assert green_pixels((64, 128), (0, 96, 64, 128)) == 0  # a bottom band: cut
     assert green_pixels((64, 64), (0, 0, 16, 64)) > 0  # a square image is shown whole, as before
+
+
+def test_a_non_square_image_is_cut_as_the_teachers_resize_mode_says():
+    """Squashing weights (DFN, CLIPA) see the whole image; padding ones ("longest") see it whole with black
+    above and below: the student is shown the same region."""
+    import io
+
+    from PIL import Image
+
+    from student.data import CLIP_MEAN, CLIP_STD, image_tensor
+
+    img = Image.new("RGB", (128, 64), (200, 30, 30))
+    img.paste((30, 200, 30), (0, 0, 32, 64))  # a left band outside the centre square
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    std, mean = torch.tensor(CLIP_STD).view(3, 1, 1), torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    shown = {
+        m: image_tensor(buf.getvalue(), 32, resize_mode=m) * std + mean
+        for m in ("shortest", "squash", "longest")
+    }
+    green = torch.tensor([30, 200, 30]).view(3, 1, 1) / 255.0
+    assert int(((shown["shortest"] - green).abs().amax(0) < 0.1).sum()) == 0
+    assert int(((shown["squash"] - green).abs().amax(0) < 0.1).sum()) > 0
+    pad = shown["longest"]
+    assert pad[:, :6].abs().amax() < 0.02 and pad[:, -6:].abs().amax() < 0.02  # black above and below
+    assert int(((pad - green).abs().amax(0) < 0.1).sum()) > 0
+
+
+def test_every_method_is_shown_the_stores_resize_mode_and_the_export_keeps_it(world, tmp_path):
+    """The baseline reads no targets, yet must see the pixels clip_td sees: every method takes the region
+    from the store's teacher record, and evaluate and predict take it from the export."""
+    import json
+    from types import SimpleNamespace
+
+    from pipeline.config import DistillParams
+    from student.evaluation import export_spec, load_student
+    from student.sources import teacher_resize_mode
+
+    def store(name: str, mode: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        attrs = {"teacher": {"preprocess": {"resize_mode": mode}}}
+        doc = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+        (folder / "zarr.json").write_text(json.dumps(doc))
+        return folder
+
+    squash = store("squash.zarr", "squash")
+    params = student_params(world, **{"train.steps": 1, "train.eval_every": 1})
+    root = str(world[0] / "shards")
+    run_student(
+        params, RunSpec("snli_ve", "lowshot-0.5", "baseline", 0, root, str(squash), str(tmp_path / "r"))
+    )
+    exported, _, _ = load_student(tmp_path / "r" / "student.pt")
+    assert exported["image_resize_mode"] == "squash"
+    assert export_spec(exported, tmp_path / "r" / "student.pt", DistillParams()).resize_mode == "squash"
+    assert teacher_resize_mode(SimpleNamespace(cache=str(tmp_path / "none")), None) == "shortest"
+    bogus = store("bogus.zarr", "stretch")
+    with pytest.raises(RunSetupError, match="bogus.zarr: teacher.preprocess.resize_mode='stretch'"):
+        teacher_resize_mode(SimpleNamespace(cache=str(bogus)), None)

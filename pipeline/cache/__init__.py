@@ -141,7 +141,7 @@ from .store import (
     store_exists,
 )
 from .verified import manifest_regions
-from .views import apply_view, eval_view_box, sample_view_box, view_params_for, view_seed
+from .views import RESIZE_MODES, apply_view, eval_view_box, sample_view_box, view_params_for, view_seed
 
 __all__ = [
     "APPENDING",
@@ -210,6 +210,7 @@ __all__ = [
     "read_store_attrs",
     "reconstruction_cosine",
     "RELEVANCE_SOURCES",
+    "RESIZE_MODES",
     "remove_store",
     "replace_store",
     "root_attrs",

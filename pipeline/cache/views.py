@@ -10,10 +10,26 @@ from typing import Any
 
 import numpy as np
 
+# open_clip's eval transform per preprocess ``resize_mode`` (the teacher's pretrained config picks it: SigLIP,
+# CLIPA and DFN weights squash): "shortest" resizes the short side and keeps the centre square, "squash" resizes
+# the whole image to the square, "longest" resizes the long side and pads the rest with black.
+RESIZE_MODES = ("shortest", "squash", "longest")
 
-def eval_view_box(width: int, height: int) -> tuple[float, float, float, float]:
-    """The region open_clip's eval transform keeps (resize the short side, centre crop), normalised."""
-    side = min(width, height)
+
+def eval_view_box(
+    width: int, height: int, resize_mode: str | None = "shortest"
+) -> tuple[float, float, float, float]:
+    """The region open_clip's eval transform shows, normalised to the image: the centre square ("shortest",
+    the default, also for None), the whole image ("squash"), or a square around it reaching past the short side,
+    which ``apply_view`` fills with black ("longest")."""
+    mode = resize_mode or "shortest"
+    if mode not in RESIZE_MODES:
+        raise ValueError(
+            f"unknown image resize_mode {resize_mode!r} (open_clip knows {', '.join(RESIZE_MODES)})"
+        )
+    if mode == "squash":
+        return (0.0, 0.0, 1.0, 1.0)
+    side = min(width, height) if mode == "shortest" else max(width, height)
     x0, y0 = (width - side) / 2 / width, (height - side) / 2 / height
     return (x0, y0, 1.0 - x0, 1.0 - y0)
 
@@ -42,15 +58,17 @@ def view_seed(image_sha1: str, view: int) -> int:
     return int(hashlib.sha1(f"{image_sha1}:{view}".encode()).hexdigest()[:12], 16)
 
 
-def view_params_for(image_sha1: str, width: int, height: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def view_params_for(
+    image_sha1: str, width: int, height: int, k: int, resize_mode: str | None = "shortest"
+) -> tuple[np.ndarray, np.ndarray]:
     """Boxes [K, 4] (float32, normalised) and flips [K] (bool) of an image's K views by extraction's rule: view
-    0 = the eval crop, view v ≥ 1 drawn from ``view_seed(image_sha1, v)``. What a store with ``--views K``
-    holds in ``views/boxes`` and ``views/flip``; lets a run without a store (online teacher, no teacher) show
-    its images in the same views."""
+    0 = the teacher's eval region (``resize_mode``), view v ≥ 1 drawn from ``view_seed(image_sha1, v)``. What a
+    store with ``--views K`` holds in ``views/boxes`` and ``views/flip``; lets a run without a store (online
+    teacher, no teacher) show its images in the same views."""
     boxes = np.zeros((k, 4), np.float32)
     flips = np.zeros(k, bool)
     if k > 0:
-        boxes[0] = eval_view_box(width, height)
+        boxes[0] = eval_view_box(width, height, resize_mode)
     for v in range(1, k):
         rng = np.random.default_rng(view_seed(image_sha1, v))
         boxes[v] = sample_view_box(rng, width, height)
@@ -60,7 +78,8 @@ def view_params_for(image_sha1: str, width: int, height: int, k: int) -> tuple[n
 
 def apply_view(img: Any, box: Sequence[float], flip: bool, size: int) -> Any:
     """Crop a PIL image to a normalised box, resize to size×size (bicubic) and flip: the student replays a
-    cached view with exactly this call followed by the teacher's ToTensor + Normalize."""
+    cached view with exactly this call followed by the teacher's ToTensor + Normalize. A box reaching past the
+    image (a "longest" eval region) is black there, as open_clip pads."""
     from PIL import Image
 
     w, h = img.size

@@ -67,10 +67,19 @@ class UnitImages(torch.utils.data.Dataset):
     bare RuntimeError that would lose the image id."""
 
     def __init__(
-        self, dataset_paths: Sequence[str], items: Sequence[tuple], pil_steps: list, size: int, views: int
+        self,
+        dataset_paths: Sequence[str],
+        items: Sequence[tuple],
+        pil_steps: list,
+        size: int,
+        views: int,
+        resize_mode: str | None = "shortest",
     ):
         self.dataset_paths, self.items = list(dataset_paths), list(items)
         self.pil_steps, self.size, self.k = pil_steps, size, max(1, views)
+        self.resize_mode = (
+            resize_mode  # the teacher's: which region of the image view 0 (``pil_steps``) shows
+        )
         self.steps_keep_own_size = _steps_keep_own_size(pil_steps, size)
         # JPEGs stored at the teacher's size (as img2dataset-style corpora are) go through libjpeg-turbo via
         # torchvision straight to CHW: the same pixels as PIL's decode, at ~0.6 of its CPU. Turned off for
@@ -116,7 +125,7 @@ class UnitImages(torch.utils.data.Dataset):
                 for t in self.pil_steps:
                     eval_img = t(eval_img)
             u8[0] = _to_uint8(eval_img)
-            boxes[0] = C.eval_view_box(*img.size)
+            boxes[0] = C.eval_view_box(*img.size, self.resize_mode)
             for v in range(1, self.k):
                 rng = np.random.default_rng(C.view_seed(sha, v))
                 box = C.sample_view_box(rng, *img.size)

@@ -116,7 +116,9 @@ class ImageUnit:
         """(the arrays' manifest records, info: invalid image ids, reconstruction cosines, nonfinite ids)."""
         job, teacher, k = self.job, self.teacher, max(1, self.job.views)
         steps = pil_steps(teacher.preprocess)
-        data = UnitImages(job.dataset_paths, job.items, steps, teacher.image_size, job.views)
+        data = UnitImages(
+            job.dataset_paths, job.items, steps, teacher.image_size, job.views, teacher.resize_mode
+        )
         # A batch of images × views stays ≈ batch_size forward passes.
         batches = unit_batches(
             data, max(1, job.batch_size // k), job.num_workers, steps, teacher.device.type == "cuda"
