@@ -156,7 +156,7 @@ def make_batch(
 
 
 def losses(student, heads: PretrainHeads, batch: PretrainBatch) -> dict[str, Tensor]:
-    """The step's loss (ITM + MLM) and its parts, each a scalar; ``itm_right`` [B]: which rows ITM got right."""
+    """The step's loss (ITM + MLM), its parts and their accuracies, each a scalar."""
     b = len(batch.ids)
     # One forward over both copies: the student treats every (image, text) row on its own.
     out = student(
