@@ -551,12 +551,17 @@ class Trainer:
                 bar.set_postfix(loss=f"{logs['loss']:.3f}")
                 # Only rank 0 validates, exports and checkpoints (the weights are the same on every rank); nothing
                 # inside is a collective, so the other ranks just go on to the next step's all_reduce and wait there.
+                exported = False
                 if (self.step % tp.eval_every == 0 or self.step == tp.steps) and self.rank == 0:
                     score = self.validate()["primary"]
                     if score > self.best["score"]:
                         self.best = {"score": score, "step": self.step}
                         self.export(self.out / "student.pt")
-                if self.step % tp.checkpoint_every == 0 or self.step == stop:
+                        exported = True
+                # A checkpoint follows every export: a run resumed from an older one would replace the export
+                # only where it beats the older best, and on another device or thread count (not bit-exact)
+                # an export from the steps it replays could outlive the run's own selection.
+                if exported or self.step % tp.checkpoint_every == 0 or self.step == stop:
                     self.save_checkpoint()
         finally:
             pending.close()

@@ -71,6 +71,34 @@ def test_cuda_steps_resume_with_the_gpus_dropout_generator(world, tmp_path):
     assert torch.equal(torch.cuda.get_rng_state(), after)
 
 
+def test_every_export_is_checkpointed_so_a_resume_never_replays_past_the_selected_student(
+    world, tmp_path, monkeypatch
+):
+    """A run killed after exporting a new best but before its next periodic checkpoint resumed from the older
+    checkpoint: off the same device and thread count (not bit-exact) the export from the replayed steps could
+    outlive the run's own selection. Every export now writes a checkpoint at its step."""
+    params = student_params(world, **{"train.steps": 6, "train.eval_every": 1, "train.checkpoint_every": 100})
+    tr = Trainer(params, run_spec(world, tmp_path), progress=False)
+    scores = iter([0.1, 0.5, 0.2, 0.3])
+    monkeypatch.setattr(tr, "validate", lambda: {"primary": next(scores)})
+    real_step = tr.train_step
+
+    def killed_at_step_5(*a, **k):
+        if tr.step == 4:
+            raise KeyboardInterrupt  # the kill, after step 4's validation and before step 5
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(tr, "train_step", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(resume=False)
+    tr.close()
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["best"] == {"score": 0.5, "step": 2}  # the step of the last export
+    exported = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
+    for k, v in exported["student"].items():
+        assert torch.equal(v, ckpt["student"][k]), k  # the export is the checkpoint's student
+
+
 def test_train_seconds_count_every_sitting_of_a_resumed_run(world, tmp_path):
     """train.json's train_seconds is the run's: a resumed run adds the time recorded by its checkpoint, and
     rerunning a finished run (nothing left to train) keeps it instead of writing the rerun's ~0 s."""
