@@ -372,7 +372,8 @@ def test_empty_text_names_dataset_and_instance(world, tmp_path):
 
 def test_views(world, tmp_path):
     url = str(tmp_path / "views.zarr")
-    X.extract([world["val"]], url, world["spec"], params(views=3, relevance_tokens=["value"]), "sync", False)
+    both = ["value", "intermediate"]
+    X.extract([world["val"]], url, world["spec"], params(views=3, relevance_tokens=both), "sync", False)
     tc = C.TeacherCache(url)
     ids = list(tc.group["image/ids"][:])
     vp = tc.view_params(ids)
@@ -380,6 +381,9 @@ def test_views(world, tmp_path):
     # The 40×32 images: view 0 is the eval centre crop (short side kept whole), never flipped.
     assert torch.allclose(vp["boxes"][:, 0], torch.tensor([0.1, 0.0, 0.9, 1.0]).expand(len(ids), 4))
     assert not vp["flip"][:, 0].any()
+    # The sources are a set: listed in another order they are the same store, nothing to compute or rebuild.
+    again = params(views=3, relevance_tokens=both[::-1])
+    assert X.extract([world["val"]], url, world["spec"], again, "sync", False)["units_computed"] == 0
     v0 = tc.image_targets(ids, relevance="value", views=[0] * len(ids))
     base = tc.image_targets(ids, relevance="value")
     assert torch.equal(v0["tokens"], base["tokens"]) and torch.equal(v0["relevance"], base["relevance"])

@@ -98,6 +98,11 @@ def _extract_locked(
     # A store this run may grow (same teacher, settings and format: other data is added, not stale) keeps
     # building VQA candidate texts from its own answer vocabulary, which its students were checked against.
     kind, attrs, _ = C.inspect_location(store_url)
+    # The relevance sources are a set: a store holding the same ones listed in another order is not stale.
+    held = ((attrs or {}).get("fingerprint") or {}).get("store", {}) if isinstance(attrs, dict) else {}
+    held = held.get("relevance_tokens") if isinstance(held, dict) else None
+    if isinstance(held, list) and sorted(map(str, held)) == sorted(relevance):
+        relevance = tuple(held)
     growable = kind == "cache" and bool(attrs.get("layout")) and not overwrite
     store_vocab = list((attrs.get("data") or {}).get("vqa_vocab") or []) if growable else []
     plan = plan_extraction(datasets, vqa_candidates, cp.on_error, vocab=store_vocab or None)
