@@ -4,8 +4,9 @@ way: `python -m benchmarks.study_current --out benchmarks/results/study-rerun-it
 When `pretrain_student` changes (the ITM fix), every cell that fine-tunes the backbone is stale, and
 `make study` reruns them over several sittings; until the last one, study/runs holds cells from both
 backbones and `reports/study/` stays the previous complete report. This takes the cells whose
-study/dvc.lock entry records the backbone that dvc.lock's `pretrain_student` stage now outputs, and whose
-eval.json is the file that entry recorded, copies them (with the study's shared zero-shot, selection and
+study/dvc.lock entry records the backbone that dvc.lock's `pretrain_student` stage now outputs or no backbone
+at all (scratch cells, which a backbone change leaves current), and whose eval.json is the file that entry
+recorded, copies them (with the study's shared zero-shot, selection and
 teacher metrics) into a scratch folder and runs `stages.study_report` on it: an incomplete report of the
 rerun so far, with the same statistics as the final one.
 """
@@ -33,15 +34,16 @@ def _md5(path: Path) -> str:
 
 
 def current_cells(root_lock: Path, study_lock: Path) -> list[Path]:
-    """Run folders of the cells trained from the backbone ``root_lock`` records, with their recorded outputs."""
+    """Run folders of the cells trained from the backbone ``root_lock`` records, and of the cells that read no
+    backbone (student.init: scratch), with the outputs their entries recorded."""
     backbone = next(
         o["md5"] for o in _load(root_lock)["stages"]["pretrain_student"]["outs"] if o["path"] == BACKBONE
     )
     cells = []
     for entry in _load(study_lock)["stages"].values():
         deps = {d["path"]: d.get("md5") for d in entry.get("deps", [])}
-        if deps.get(BACKBONE) != backbone:
-            continue
+        if BACKBONE in deps and deps[BACKBONE] != backbone:
+            continue  # a cell of the previous backbone (scratch cells read none: current whatever it is)
         outs = [Path(o["path"]) for o in entry.get("outs", []) if o["path"].endswith("/eval.json")]
         recorded = {o["path"]: o["md5"] for o in entry.get("outs", [])}
         cells += [p.parent for p in outs if p.exists() and _md5(p) == recorded[str(p)]]

@@ -107,6 +107,29 @@ def pretrained_kind(name: str, pretrained: str) -> Literal["random", "file", "ta
     )
 
 
+def configured_resize_mode(model: str, pretrained: str) -> str | None:
+    """The preprocess ``resize_mode`` open_clip gives ``model`` with ``pretrained``, read from its configs
+    without loading weights (open_clip takes it from a pretrained tag's config or a local-dir's
+    open_clip_config.json; a checkpoint file or random init keep the default "shortest"). None where only a
+    hub config would say (``hf-hub:`` names): the store's record or the loaded teacher decides there."""
+    if model.startswith("hf-hub:"):
+        return None
+    if model.startswith("local-dir:"):
+        cfg_path = Path(model.removeprefix("local-dir:")) / "open_clip_config.json"
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TeacherError(f"teacher '{model}': cannot read {cfg_path}: {e}") from None
+        pp = cfg.get("preprocess_cfg") if isinstance(cfg, dict) else None
+        return (pp.get("resize_mode") if isinstance(pp, dict) else None) or "shortest"
+    name = register_model(model)
+    if pretrained_kind(name, pretrained) != "tag":
+        return "shortest"
+    import open_clip
+
+    return open_clip.get_pretrained_cfg(name, pretrained).get("resize_mode") or "shortest"
+
+
 def _resolve_pretrained(name: str, pretrained: str) -> tuple[str | None, str]:
     """(value for open_clip, kind) with kind one of 'random', 'file', 'tag'; fails naming what is missing."""
     kind = pretrained_kind(name, pretrained)

@@ -34,6 +34,7 @@ IDENTITY_FIELDS = (
     "data",
     "cache",
     "init",
+    "resize_mode",  # the image region shown (absent: "shortest", as before it was recorded)
 )
 # train.* keys that change only speed or bookkeeping: a resume may change them. threads and device change
 # only float rounding, so a resume across them is accepted, not bit-for-bit; num_workers is not here: each
@@ -101,6 +102,8 @@ def identity_differences(have: dict, want: dict) -> list[str]:
     out = []
     for key in IDENTITY_FIELDS:
         a, b = have.get(key), want.get(key)
+        if key == "resize_mode":
+            a, b = a or "shortest", b or "shortest"
         if key == "params_sha256":
             if a == b:
                 continue

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline.cache import TeacherCache, apply_view, eval_view_box, view_params_for
+from pipeline.cache import TeacherCache, apply_view, eval_view_pixels, view_params_for
 from pipeline.data.errors import DataError
 from pipeline.data.schema import Instance
 from pipeline.data.shards import (
@@ -106,10 +106,7 @@ def image_tensor(
     elif img.width != img.height:
         # Another region would show the student other content than the teacher's tokens cover, while §2 maps
         # the teacher's grid onto the student's as one area (real images are rarely square).
-        x0, y0, x1, y1 = eval_view_box(img.width, img.height, resize_mode)
-        img = img.crop(
-            (round(x0 * img.width), round(y0 * img.height), round(x1 * img.width), round(y1 * img.height))
-        )
+        img = img.crop(eval_view_pixels(img.width, img.height, resize_mode))
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
     if x.shape[1:] != (size, size):
         x = F.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True)[

@@ -133,7 +133,7 @@ class BatchCache:
     ) -> Iterator[Batch]:
         """``eval_batches``' batches; ``tokenizer`` names the spec's tokenizer (a spec holds the object)."""
         key = (str(ds.path), tuple(keys), batch_size, tokenizer, spec.task, spec.image_size, spec.max_text_len,
-               tuple(spec.vocab), spec.vqa_candidates, spec.blind)  # fmt: skip
+               tuple(spec.vocab), spec.vqa_candidates, spec.blind, spec.resize_mode)  # fmt: skip
         if key in self.kept:
             yield from self.kept[key][0]
             return

@@ -7,6 +7,8 @@ and cached views are replayed so every method of a seed sees the same augmentati
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from pipeline.cache import (
@@ -21,9 +23,12 @@ from pipeline.cache import (
 from pipeline.config import Params
 from pipeline.data.shards import PreparedDataset
 from pipeline.identity import teacher_identity
+from pipeline.teacher import TeacherError, configured_resize_mode
 from student.data import ViewTable
 from student.errors import FingerprintMismatch, RunSetupError
 from student.targets import CachedTargets, OnlineTargets, TargetSource
+
+log = logging.getLogger(__name__)
 
 
 def open_targets(
@@ -109,26 +114,51 @@ def chunk_groups(
     return dict(zip(ids, (cache.image_rows(ids) // rows_per_chunk).tolist(), strict=True))
 
 
-def teacher_resize_mode(run, source: TargetSource | None) -> str:
+def teacher_resize_mode(params: Params, run, source: TargetSource | None) -> str:
     """Which region of a non-square image the teacher's eval transform shows (``pipeline.cache.eval_view_box``),
-    so the student is shown the same: the online teacher's, else the store's record, read by every method of
-    a seed when the run's store exists (baseline and blind too, so that they see the pixels clip_td sees),
-    else open_clip's default "shortest" (the centre square)."""
-    if isinstance(source, OnlineTargets):
-        return source.teacher.resize_mode
-    if not isinstance(source, CachedTargets) and not run.cache:
-        return "shortest"
+    so the student is shown the same, and every method of a seed the same pixels: the run's store's record
+    when the store exists (what the teacher saw; baseline and blind read it too), else the teacher's configs
+    (``configured_resize_mode``, no weights loaded). An online teacher must agree with it."""
+    tp = params.teacher
     try:
-        attrs = source.cache.attrs if isinstance(source, CachedTargets) else read_store_attrs(run.cache)
-    except CacheFormatError as e:
-        raise RunSetupError(str(e)) from None
+        attrs = (
+            source.cache.attrs
+            if isinstance(source, CachedTargets)
+            else read_store_attrs(run.cache)
+            if run.cache
+            else None
+        )
+    except (CacheFormatError, ImportError, OSError, ValueError) as e:  # a damaged zarr.json, s3fs missing, …
+        raise RunSetupError(
+            f"{run.cache}: cannot read the teacher cache's record of the teacher ({e})"
+        ) from None
     teacher = (attrs or {}).get("teacher")
     preprocess = teacher.get("preprocess") if isinstance(teacher, dict) else None
-    mode = (preprocess.get("resize_mode") if isinstance(preprocess, dict) else None) or "shortest"
-    if mode not in RESIZE_MODES:
-        raise RunSetupError(
-            f"{run.cache}: teacher.preprocess.resize_mode={mode!r} is none open_clip knows ({', '.join(RESIZE_MODES)})"
+    mode = preprocess.get("resize_mode") if isinstance(preprocess, dict) else None
+    where = f"{run.cache}: teacher.preprocess.resize_mode"
+    if mode is None:
+        try:
+            mode = configured_resize_mode(tp.model, tp.pretrained)
+        except TeacherError as e:
+            raise RunSetupError(str(e)) from None
+        where = f"teacher.model={tp.model!r} with teacher.pretrained={tp.pretrained!r}: its resize_mode"
+    if isinstance(source, OnlineTargets):
+        if mode is not None and source.teacher.resize_mode != mode:
+            raise RunSetupError(
+                f"{where} is {mode!r} but the online teacher's is {source.teacher.resize_mode!r}: the methods "
+                "that read no targets would be shown another region of each image; point --cache at this "
+                "teacher's store or at none"
+            )
+        mode = source.teacher.resize_mode
+    elif mode is None:
+        log.warning(
+            "teacher.model=%r: its image resize_mode is known only from its hub config; showing the centre "
+            "square, as open_clip's default does (extract a store first to have every method read it)",
+            tp.model,
         )
+    mode = mode or "shortest"
+    if mode not in RESIZE_MODES:
+        raise RunSetupError(f"{where}={mode!r} is none open_clip knows ({', '.join(RESIZE_MODES)})")
     return mode
 
 

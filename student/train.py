@@ -216,7 +216,7 @@ class Trainer:
                 relevance=self.cfg.relevance_source if self.cfg.kd == "tokens" else None,
             )  # fmt: skip
         vocab = self.train_ds.answer_vocab() if run.task == "vqa" else []
-        self.resize_mode = teacher_resize_mode(run, self.source)
+        self.resize_mode = teacher_resize_mode(params, run, self.source)
         self.spec = TaskSpec(run.task, load_tokenizer(teacher_model), params.student.image_size, params.student.max_text_len,
                              vocab, params.distill.vqa_candidates, blind=self.cfg.blind,
                              resize_mode=self.resize_mode)  # fmt: skip

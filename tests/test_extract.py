@@ -871,3 +871,7 @@ def test_view_zero_records_the_region_the_teachers_resize_mode_shows(world, tmp_
     data.close()
     with pytest.raises(ValueError, match="unknown image resize_mode 'stretch'"):
         C.eval_view_box(40, 32, "stretch")
+    # In whole pixels the region stays square when the sides differ by an odd number (the student's cut).
+    assert C.eval_view_pixels(41, 32, "longest") == (0, -4, 41, 37)
+    assert C.eval_view_pixels(40, 31, "shortest") == (4, 0, 35, 31)
+    assert C.eval_view_pixels(40, 31, "squash") == (0, 0, 40, 31)

@@ -20,7 +20,7 @@ def test_only_cells_of_the_current_backbone_with_their_recorded_outputs_count(tm
         ("fresh", "new.dir", True),  # rerun from the current backbone
         ("old", "old.dir", True),  # not rerun yet
         ("edited", "new.dir", False),  # its eval.json is not the one the entry recorded
-        ("scratch", None, True),  # no backbone at all
+        ("scratch", None, True),  # reads no backbone: current whatever the backbone is
     ):
         ev = tmp_path / "study" / "runs" / "pretrained-full" / name / "eval.json"
         ev.parent.mkdir(parents=True)
@@ -32,4 +32,4 @@ def test_only_cells_of_the_current_backbone_with_their_recorded_outputs_count(tm
         stages[f"main@{name}"] = {"deps": deps, "outs": [{"path": str(ev.relative_to(tmp_path)), "md5": md5}]}
     (tmp_path / "study" / "dvc.lock").write_text(yaml.safe_dump({"stages": stages}))
     cells = current_cells(tmp_path / "dvc.lock", tmp_path / "study" / "dvc.lock")
-    assert [c.name for c in cells] == ["fresh"]
+    assert [c.name for c in cells] == ["fresh", "scratch"]

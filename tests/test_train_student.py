@@ -3,8 +3,10 @@ every method runs, export drops the distillation heads; docs/training.md's plugi
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 from student.errors import FingerprintMismatch, RunSetupError
 from student.losses import METHODS
 from student.model import count_parameters, create_student
+from student.targets import OnlineTargets
 from student.train import RunSpec, Trainer, run_student
 from tests.conftest import REPO, build_world, docs_python_block, prepare_synthetic, run_spec, student_params
 
@@ -672,7 +675,6 @@ def test_every_method_is_shown_the_stores_resize_mode_and_the_export_keeps_it(wo
     """The baseline reads no targets, yet must see the pixels clip_td sees: every method takes the region
     from the store's teacher record, and evaluate and predict take it from the export."""
     import json
-    from types import SimpleNamespace
 
     from pipeline.config import DistillParams
     from student.evaluation import export_spec, load_student
@@ -695,7 +697,49 @@ def test_every_method_is_shown_the_stores_resize_mode_and_the_export_keeps_it(wo
     exported, _, _ = load_student(tmp_path / "r" / "student.pt")
     assert exported["image_resize_mode"] == "squash"
     assert export_spec(exported, tmp_path / "r" / "student.pt", DistillParams()).resize_mode == "squash"
-    assert teacher_resize_mode(SimpleNamespace(cache=str(tmp_path / "none")), None) == "shortest"
+    # No store: the teacher's configs say (a pretrained tag's, read without its weights), for every method.
+    no_store = SimpleNamespace(cache=str(tmp_path / "none"))
+    assert teacher_resize_mode(params, no_store, None) == "shortest"  # a checkpoint file: open_clip's default
+    dfn = dataclasses.replace(
+        params, teacher=dataclasses.replace(params.teacher, model="ViT-H-14-quickgelu", pretrained="dfn5b")
+    )
+    assert teacher_resize_mode(dfn, no_store, None) == "squash"
+    # An online teacher must agree with what the methods that read no targets are shown.
+    online = OnlineTargets.__new__(OnlineTargets)
+    online.teacher = SimpleNamespace(resize_mode="shortest")
+    with pytest.raises(
+        RunSetupError, match="squash.zarr: teacher.preprocess.resize_mode is 'squash' but the online"
+    ):
+        teacher_resize_mode(params, SimpleNamespace(cache=str(squash)), online)
+    assert teacher_resize_mode(params, no_store, online) == "shortest"
     bogus = store("bogus.zarr", "stretch")
     with pytest.raises(RunSetupError, match="bogus.zarr: teacher.preprocess.resize_mode='stretch'"):
-        teacher_resize_mode(SimpleNamespace(cache=str(bogus)), None)
+        teacher_resize_mode(params, SimpleNamespace(cache=str(bogus)), None)
+
+
+def test_a_resume_is_refused_when_the_image_region_changed_and_eval_batches_are_kept_per_region(
+    world, monkeypatch
+):
+    from student import evaluation as E
+    from student.checkpoint import identity_differences
+    from student.data import TaskSpec
+
+    base = {"task": "vqa"}
+    assert identity_differences(base, {**base, "resize_mode": "shortest"}) == []  # absent is the default
+    assert identity_differences(base, {**base, "resize_mode": "squash"}) == [
+        "resize_mode (shortest → squash)"
+    ]
+    encoded = []
+
+    def eval_batches(ds, keys, spec, batch_size):  # one batch, tagged with the region it was cut with
+        encoded.append(spec.resize_mode)
+        t = torch.zeros(1)
+        yield SimpleNamespace(pixels=t, text_ids=t, target=t, mode=spec.resize_mode)
+
+    monkeypatch.setattr(E, "eval_batches", eval_batches)
+    cache = E.BatchCache()
+    ds = SimpleNamespace(path=Path("ds"))
+    for mode in ("shortest", "squash", "shortest"):
+        spec = TaskSpec("vqa", None, 32, 16, resize_mode=mode)
+        assert [b.mode for b in cache.batches(ds, ["a"], spec, 4, "tok")] == [mode]
+    assert encoded == ["shortest", "squash"]  # the third pass read what the first kept

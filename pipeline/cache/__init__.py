@@ -141,7 +141,15 @@ from .store import (
     store_exists,
 )
 from .verified import manifest_regions
-from .views import RESIZE_MODES, apply_view, eval_view_box, sample_view_box, view_params_for, view_seed
+from .views import (
+    RESIZE_MODES,
+    apply_view,
+    eval_view_box,
+    eval_view_pixels,
+    sample_view_box,
+    view_params_for,
+    view_seed,
+)
 
 __all__ = [
     "APPENDING",
@@ -188,6 +196,7 @@ __all__ = [
     "dequantize_int8",
     "encode_tokens",
     "eval_view_box",
+    "eval_view_pixels",
     "flatten",
     "foreign_message",
     "FORMAT",

@@ -34,6 +34,21 @@ def eval_view_box(
     return (x0, y0, 1.0 - x0, 1.0 - y0)
 
 
+def eval_view_pixels(
+    width: int, height: int, resize_mode: str | None = "shortest"
+) -> tuple[int, int, int, int]:
+    """``eval_view_box`` in whole pixels (left, top, right, bottom), square by construction for "shortest" and
+    "longest" (rounding both ends of the normalised box can leave it a pixel off square when the sides differ
+    by an odd number); the whole image for "squash"."""
+    mode = resize_mode or "shortest"
+    eval_view_box(width, height, mode)  # refuses an unknown mode
+    if mode == "squash":
+        return (0, 0, width, height)
+    side = min(width, height) if mode == "shortest" else max(width, height)
+    left, top = round((width - side) / 2), round((height - side) / 2)
+    return (left, top, left + side, top + side)
+
+
 def sample_view_box(
     rng: np.random.Generator,
     width: int,
