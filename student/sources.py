@@ -140,7 +140,11 @@ def teacher_resize_mode(params: Params, run, source: TargetSource | None) -> str
         try:
             mode = configured_resize_mode(tp.model, tp.pretrained)
         except TeacherError as e:
-            raise RunSetupError(str(e)) from None
+            if source is not None:
+                raise RunSetupError(str(e)) from None
+            # A run that reads no teacher (baseline, blind) does not need its files to train.
+            log.warning("%s; the image region is open_clip's default, the centre square", e)
+            mode = "shortest"
         where = f"teacher.model={tp.model!r} with teacher.pretrained={tp.pretrained!r}: its resize_mode"
     if isinstance(source, OnlineTargets):
         if mode is not None and source.teacher.resize_mode != mode:

@@ -704,6 +704,10 @@ def test_every_method_is_shown_the_stores_resize_mode_and_the_export_keeps_it(wo
         params, teacher=dataclasses.replace(params.teacher, model="ViT-H-14-quickgelu", pretrained="dfn5b")
     )
     assert teacher_resize_mode(dfn, no_store, None) == "squash"
+    gone = dataclasses.replace(
+        params, teacher=dataclasses.replace(params.teacher, pretrained=str(tmp_path / "x.pt"))
+    )
+    assert teacher_resize_mode(gone, no_store, None) == "shortest"  # a baseline needs no teacher file
     # An online teacher must agree with what the methods that read no targets are shown.
     online = OnlineTargets.__new__(OnlineTargets)
     online.teacher = SimpleNamespace(resize_mode="shortest")
