@@ -33,12 +33,29 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
+RECORD = Path("benchmarks/results/study-rerun-itm")  # the committed interim report of the rerun under way
+
+
+def _backbone(root_lock: Path) -> str:
+    return next(
+        o["md5"] for o in _load(root_lock)["stages"]["pretrain_student"]["outs"] if o["path"] == BACKBONE
+    )
+
+
+def stale_cells(root_lock: Path, study_lock: Path) -> int:
+    """How many cells study/dvc.lock records with another backbone than dvc.lock's: > 0 while a rerun is
+    under way (then reports/study is the previous backbone's report and cannot be regenerated here)."""
+    backbone = _backbone(root_lock)
+    deps = (
+        {d["path"]: d.get("md5") for d in e.get("deps", [])} for e in _load(study_lock)["stages"].values()
+    )
+    return sum(1 for d in deps if BACKBONE in d and d[BACKBONE] != backbone)
+
+
 def current_cells(root_lock: Path, study_lock: Path) -> list[Path]:
     """Run folders of the cells trained from the backbone ``root_lock`` records, and of the cells that read no
     backbone (student.init: scratch), with the outputs their entries recorded."""
-    backbone = next(
-        o["md5"] for o in _load(root_lock)["stages"]["pretrain_student"]["outs"] if o["path"] == BACKBONE
-    )
+    backbone = _backbone(root_lock)
     cells = []
     for entry in _load(study_lock)["stages"].values():
         deps = {d["path"]: d.get("md5") for d in entry.get("deps", [])}
@@ -56,7 +73,7 @@ def current_cells(root_lock: Path, study_lock: Path) -> list[Path]:
 )
 @click.option("--lock", "root_lock", default="dvc.lock", show_default=True, type=click.Path(path_type=Path))
 @click.option("--study-lock", default="study/dvc.lock", show_default=True, type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", default=RECORD, show_default=True, type=click.Path(file_okay=False, path_type=Path))
 def main(runs: Path, root_lock: Path, study_lock: Path, out: Path) -> None:
     """Write the study report of the cells trained from the current backbone to OUT."""
     from stages.study_report import main as study_report

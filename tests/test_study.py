@@ -361,15 +361,23 @@ def test_the_committed_study_report_regenerates_from_the_studys_committed_files(
     the study does not hold (metrics/teacher.json differs with the CPU that last ran `make repro`)."""
     from click.testing import CliRunner
 
+    from benchmarks import study_current
     from stages.study_report import main
 
     out = tmp_path / "study"
+    # While a rerun after a backbone change is under way, reports/study is the previous backbone's report
+    # (its cells' files are being replaced); what the committed files give then is the interim record of the
+    # cells already rerun, which must regenerate byte for byte instead.
+    rerun = study_current.stale_cells(ROOT / "dvc.lock", ROOT / "study" / "dvc.lock") > 0
+    command, committed = (
+        (study_current.main, study_current.RECORD) if rerun else (main, Path("reports/study"))
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ROOT)
-        r = CliRunner().invoke(main, ["--out", str(out)])
+        r = CliRunner().invoke(command, ["--out", str(out)])
     assert r.exit_code == 0, r.output
     for name in ("results.md", "summary.json", "targets.json", "selection.json"):
-        assert (out / name).read_bytes() == (ROOT / "reports" / "study" / name).read_bytes(), name
+        assert (out / name).read_bytes() == (ROOT / committed / name).read_bytes(), name
 
 
 def test_the_teacher_record_drops_timings_and_refuses_what_is_not_teacher_metrics(tmp_path, monkeypatch):

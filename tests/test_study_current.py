@@ -8,7 +8,7 @@ import json
 
 import yaml
 
-from benchmarks.study_current import BACKBONE, current_cells
+from benchmarks.study_current import BACKBONE, current_cells, stale_cells
 
 
 def test_only_cells_of_the_current_backbone_with_their_recorded_outputs_count(tmp_path, monkeypatch):
@@ -33,3 +33,4 @@ def test_only_cells_of_the_current_backbone_with_their_recorded_outputs_count(tm
     (tmp_path / "study" / "dvc.lock").write_text(yaml.safe_dump({"stages": stages}))
     cells = current_cells(tmp_path / "dvc.lock", tmp_path / "study" / "dvc.lock")
     assert [c.name for c in cells] == ["fresh", "scratch"]
+    assert stale_cells(tmp_path / "dvc.lock", tmp_path / "study" / "dvc.lock") == 1  # "old": a rerun pending
