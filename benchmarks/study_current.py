@@ -16,40 +16,35 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
-import yaml
+
+from pipeline.dvc_lockfile import fast_load
 
 BACKBONE = "artifacts/student_pretrained"
 SHARED = ("zeroshot", "selection", "metrics")  # study/runs folders no backbone change touches
-
-
-def _load(path: Path) -> dict:
-    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
 RECORD = Path("benchmarks/results/study-rerun-itm")  # the committed interim report of the rerun under way
 
 
 def _backbone(root_lock: Path) -> str:
-    return next(
-        o["md5"] for o in _load(root_lock)["stages"]["pretrain_student"]["outs"] if o["path"] == BACKBONE
-    )
+    stage = fast_load(root_lock.read_text())["stages"]["pretrain_student"]
+    return next(o["md5"] for o in stage["outs"] if o["path"] == BACKBONE)
+
+
+def _entries(study_lock: Path) -> Iterator[tuple[str | None, dict]]:
+    """(the backbone's md5 the entry recorded, or None when it reads none; the entry) per stage."""
+    for entry in fast_load(study_lock.read_text())["stages"].values():
+        deps = {d["path"]: d.get("md5") for d in entry.get("deps", [])}
+        yield deps.get(BACKBONE), entry
 
 
 def stale_cells(root_lock: Path, study_lock: Path) -> int:
     """How many cells study/dvc.lock records with another backbone than dvc.lock's: > 0 while a rerun is
     under way (then reports/study is the previous backbone's report and cannot be regenerated here)."""
     backbone = _backbone(root_lock)
-    deps = (
-        {d["path"]: d.get("md5") for d in e.get("deps", [])} for e in _load(study_lock)["stages"].values()
-    )
-    return sum(1 for d in deps if BACKBONE in d and d[BACKBONE] != backbone)
+    return sum(1 for md5, _ in _entries(study_lock) if md5 is not None and md5 != backbone)
 
 
 def current_cells(root_lock: Path, study_lock: Path) -> list[Path]:
@@ -57,13 +52,13 @@ def current_cells(root_lock: Path, study_lock: Path) -> list[Path]:
     backbone (student.init: scratch), with the outputs their entries recorded."""
     backbone = _backbone(root_lock)
     cells = []
-    for entry in _load(study_lock)["stages"].values():
-        deps = {d["path"]: d.get("md5") for d in entry.get("deps", [])}
-        if BACKBONE in deps and deps[BACKBONE] != backbone:
-            continue  # a cell of the previous backbone (scratch cells read none: current whatever it is)
-        outs = [Path(o["path"]) for o in entry.get("outs", []) if o["path"].endswith("/eval.json")]
-        recorded = {o["path"]: o["md5"] for o in entry.get("outs", [])}
-        cells += [p.parent for p in outs if p.exists() and _md5(p) == recorded[str(p)]]
+    for md5, entry in _entries(study_lock):
+        if md5 is not None and md5 != backbone:
+            continue  # a cell of the previous backbone
+        for o in entry.get("outs", []):
+            p = Path(o["path"])
+            if p.name == "eval.json" and p.exists() and hashlib.md5(p.read_bytes()).hexdigest() == o["md5"]:
+                cells.append(p.parent)
     return sorted(cells)
 
 

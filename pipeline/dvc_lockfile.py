@@ -48,7 +48,7 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 STAGES_KEY = "stages:\n"
 
 
-def _fast_load(text: str) -> dict:
+def fast_load(text: str) -> dict:
     return yaml.load(text, Loader=_LOADER) or {}
 
 
@@ -182,7 +182,7 @@ def modify_lockfile(path: str, fs: Any = None, _original: Callable | None = None
     if os.path.exists(path):
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
-        data = _fast_load(text)
+        data = fast_load(text)
     # DVC's own update for a new file, and for a stage named on, off, yes, no...: libyaml (YAML 1.1) reads
     # such a name as a boolean, and both the splice and the fallback (which deletes what DVC's parse has and
     # libyaml's lacks) would drop its entry.
@@ -196,7 +196,7 @@ def modify_lockfile(path: str, fs: Any = None, _original: Callable | None = None
     before["stages"] = dict(data.get("stages") or {})
     yield data
     new_text = splice(text, before, data, _dvc_render)
-    if new_text is not None and new_text != text and _fast_load(new_text) != data:
+    if new_text is not None and new_text != text and fast_load(new_text) != data:
         new_text = None  # libyaml reads the rendered entry otherwise than DVC meant it (YAML 1.1 vs 1.2)
     if new_text is None:
         new_text = _round_trip(text, path, before, data)

@@ -16,17 +16,22 @@ import numpy as np
 RESIZE_MODES = ("shortest", "squash", "longest")
 
 
+def _mode(resize_mode: str | None) -> str:
+    mode = resize_mode or "shortest"
+    if mode not in RESIZE_MODES:
+        raise ValueError(
+            f"unknown image resize_mode {resize_mode!r} (open_clip knows {', '.join(RESIZE_MODES)})"
+        )
+    return mode
+
+
 def eval_view_box(
     width: int, height: int, resize_mode: str | None = "shortest"
 ) -> tuple[float, float, float, float]:
     """The region open_clip's eval transform shows, normalised to the image: the centre square ("shortest",
     the default, also for None), the whole image ("squash"), or a square around it reaching past the short side,
     which ``apply_view`` fills with black ("longest")."""
-    mode = resize_mode or "shortest"
-    if mode not in RESIZE_MODES:
-        raise ValueError(
-            f"unknown image resize_mode {resize_mode!r} (open_clip knows {', '.join(RESIZE_MODES)})"
-        )
+    mode = _mode(resize_mode)
     if mode == "squash":
         return (0.0, 0.0, 1.0, 1.0)
     side = min(width, height) if mode == "shortest" else max(width, height)
@@ -40,8 +45,7 @@ def eval_view_pixels(
     """``eval_view_box`` in whole pixels (left, top, right, bottom), square by construction for "shortest" and
     "longest" (rounding both ends of the normalised box can leave it a pixel off square when the sides differ
     by an odd number); the whole image for "squash"."""
-    mode = resize_mode or "shortest"
-    eval_view_box(width, height, mode)  # refuses an unknown mode
+    mode = _mode(resize_mode)
     if mode == "squash":
         return (0, 0, width, height)
     side = min(width, height) if mode == "shortest" else max(width, height)

@@ -77,9 +77,8 @@ class UnitImages(torch.utils.data.Dataset):
     ):
         self.dataset_paths, self.items = list(dataset_paths), list(items)
         self.pil_steps, self.size, self.k = pil_steps, size, max(1, views)
-        self.resize_mode = (
-            resize_mode  # the teacher's: which region of the image view 0 (``pil_steps``) shows
-        )
+        # The teacher's: which region of the image view 0 (``pil_steps``) shows.
+        self.resize_mode = resize_mode
         self.steps_keep_own_size = _steps_keep_own_size(pil_steps, size)
         # JPEGs stored at the teacher's size (as img2dataset-style corpora are) go through libjpeg-turbo via
         # torchvision straight to CHW: the same pixels as PIL's decode, at ~0.6 of its CPU. Turned off for
