@@ -318,6 +318,8 @@ def check_ids(s: _Store) -> Check:
         for a, r in zip(alias_ids, alias_rows, strict=False)
         if not 0 <= int(r) < len(image_ids)
     ]
+    if alias_ids and C.lost_alias_rows(s.g):
+        faults.append("image/alias_rows: a chunk is missing (it would read as aliases of row 0)")
     summary = f"{len(image_ids)} image ids, {len(alias_ids)} aliases, {len(text_ids)} text ids"
     return Check("ids", not faults, summary, faults)
 

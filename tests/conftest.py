@@ -237,10 +237,15 @@ def hand_layout(**kw) -> C.StoreLayout:
 
 
 def hand_store(
-    url: str, dtype: str = "float16", compressor: str = "zstd", logit_scale: float | None = None
+    url: str,
+    dtype: str = "float16",
+    compressor: str = "zstd",
+    logit_scale: float | None = None,
+    alias_row: int = 9,
 ) -> dict:
     """A store written the way units write it: every image/text unit writes exactly its own shards. The
-    training reader (CachedTargets) also needs the teacher's ``logit_scale``, which an extraction records."""
+    training reader (CachedTargets) also needs the teacher's ``logit_scale``, which an extraction records.
+    Its one alias, "alias9", shares ``alias_row``."""
     rng = np.random.default_rng(1)
     lay = hand_layout(dtype=dtype, target_chunk_bytes=4 * 8 * 2, compressor=compressor)
     texts = ["a cat", "two dogs on a mat", "x", "a long sentence of several words", "end"]
@@ -255,7 +260,9 @@ def hand_store(
         "num_patches": 4,
     }
     attrs |= {"dtype": dtype, "views": 0, "fingerprint": {"data": {"hash": "h"}}, "units": {"total": 6}}
-    g = C.create_store(url, lay, attrs, ids, [text_hash(t) for t in texts], lengths, offsets, ["alias9"], [9])
+    g = C.create_store(
+        url, lay, attrs, ids, [text_hash(t) for t in texts], lengths, offsets, ["alias9"], [alias_row]
+    )
     img = rng.normal(size=(10, 4, 8)).astype(np.float32)
     pooled = rng.normal(size=(10, 8)).astype(np.float32)
     txt = [rng.normal(size=(n, 8)).astype(np.float32) for n in lengths]

@@ -140,6 +140,7 @@ def test_reader_refuses_incomplete_foreign_and_missing(tmp_path):
     ("offsets-decrease", r"text/offsets decrease at text 2"),
     ("alias-out-of-range", r"image/alias_rows: alias 'alias9' points at row 10, outside \[0, 10\)"),
     ("alias-negative", r"image/alias_rows: alias 'alias9' points at row -1"),
+    ("alias-chunk-lost", r"image/alias_rows: a chunk is missing"),
 ])  # fmt: skip
 def test_reader_refuses_an_index_that_contradicts_the_layout(tmp_path, damage, says):
     """No checksum covers the index arrays, and a lost chunk of them reads as zeros: every text then read
@@ -150,7 +151,9 @@ def test_reader_refuses_an_index_that_contradicts_the_layout(tmp_path, damage, s
     hand_store(url)
     C.TeacherCache(url)  # intact: opens
     g = C.open_group(url, mode="r+")
-    if damage.endswith("chunk-lost"):
+    if damage == "alias-chunk-lost":
+        shutil.rmtree(tmp_path / "s.zarr" / "image" / "alias_rows" / "c")
+    elif damage.endswith("chunk-lost"):
         shutil.rmtree(tmp_path / "s.zarr" / "text" / damage.split("-")[0] / "c")
     elif damage == "offsets-past-tokens":
         g["text/offsets"][5] = 999
@@ -159,6 +162,27 @@ def test_reader_refuses_an_index_that_contradicts_the_layout(tmp_path, damage, s
     else:
         g["image/alias_rows"][0] = 10 if damage == "alias-out-of-range" else -1
     with pytest.raises(C.CacheCorrupt, match=rf"^{url}: {says}.* \(the index was damaged after extraction\)"):
+        C.TeacherCache(url)
+
+
+def test_an_alias_of_row_0_is_kept_and_its_lost_chunk_is_found(tmp_path):
+    """An index chunk that holds only zeros is still written: otherwise it could not be told from a lost one,
+    which reads as zeros, and a lost ``image/alias_rows`` chunk would send every alias to row 0 unnoticed."""
+    import shutil
+
+    from pipeline.verify import verify_store
+
+    url = str(tmp_path / "s.zarr")
+    hand_store(url, alias_row=0)
+    tc = C.TeacherCache(url)
+    assert torch.equal(tc.image_targets(["alias9"])["tokens"][0], tc.image_targets(["im0"])["tokens"][0])
+    before = verify_store(url, scan=False).failed()  # a hand store carries no checksums: those checks fail
+    assert "ids" not in before
+    shutil.rmtree(tmp_path / "s.zarr" / "image" / "alias_rows" / "c")
+    report = verify_store(url, scan=False)
+    assert report.failed() == sorted([*before, "ids"], key=[c.name for c in report.checks].index)
+    assert "image/alias_rows: a chunk is missing" in next(c for c in report.checks if c.name == "ids").line()
+    with pytest.raises(C.CacheCorrupt, match="image/alias_rows: a chunk is missing"):
         C.TeacherCache(url)
 
 

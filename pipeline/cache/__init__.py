@@ -75,7 +75,7 @@ from .codec import (
     quantize_int8,
     reconstruction_cosine,
 )
-from .create import create_store
+from .create import create_store, lost_alias_rows
 from .errors import CacheCorrupt, CacheFormatError, StaleCacheError
 from .fingerprint import (
     GROWING_FIELDS,
@@ -192,6 +192,7 @@ __all__ = [
     "crc32_combine",
     "crc32_update",
     "create_store",
+    "lost_alias_rows",
     "decode_tokens",
     "dequantize_int8",
     "encode_tokens",

@@ -14,6 +14,19 @@ from .schema import FORMAT, FORMAT_VERSION, MANIFEST, array_specs
 from .store import foreign_message, inspect_location, open_group
 
 
+def index_writes() -> object:
+    """Context for writing the index arrays: every chunk is written, even one that holds only the fill
+    value. zarr skips such a chunk by default, and then a chunk lost later cannot be told from one never
+    written: a lost ``image/alias_rows`` chunk would read as every alias pointing at row 0, a valid row."""
+    return zarr.config.set({"array.write_empty_chunks": True})
+
+
+def lost_alias_rows(group: zarr.Group) -> bool:
+    """Whether ``image/alias_rows`` has aliases but not all of its chunks (see ``index_writes``)."""
+    a = group["image/alias_rows"]
+    return a.shape[0] > 0 and a.nchunks_initialized < a.nchunks
+
+
 def create_store(
     url: str,
     layout: StoreLayout,
@@ -65,7 +78,8 @@ def create_store(
                 fill_value=0,
             )
         if name in values and len(values[name][0]):
-            g[name][:] = np.asarray(values[name][0], dtype=values[name][1])
+            with index_writes():
+                g[name][:] = np.asarray(values[name][0], dtype=values[name][1])
     g.create_group(MANIFEST, attributes={"what": "one JSON per committed work unit: <unit>.json"})
     g.attrs.update({**attrs, "layout": layout.to_json(), "complete": False})
     return g

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .create import index_writes
 from .schema import pad_id, unit_name
 from .store import open_group
 
@@ -246,7 +247,8 @@ def extend_store(
             g["image/sha1"][ext.images : n1] = np.asarray([""] * len(pads) + list(image_sha1), dtype=object)
     if a1 > ext.aliases:
         g["image/alias_ids"][ext.aliases : a1] = np.asarray(list(alias_ids), dtype=object)
-        g["image/alias_rows"][ext.aliases : a1] = np.asarray(alias_rows, dtype=np.int64)
+        with index_writes():
+            g["image/alias_rows"][ext.aliases : a1] = np.asarray(alias_rows, dtype=np.int64)
     text_pads = [pad_id(r) for r in range(ext.texts, m1 - len(text_ids))]
     for name in ("ids", "lengths", "pooled"):
         _resize(g[f"text/{name}"], m1)

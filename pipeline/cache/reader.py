@@ -15,6 +15,7 @@ import zarr
 from ..config import usable_cores
 from .checksum import checksum
 from .codec import decode_tokens
+from .create import lost_alias_rows
 from .direct import DirectArray, DirectGroup
 from .errors import CacheCorrupt, CacheFormatError
 from .manifest import committed_units
@@ -337,6 +338,11 @@ class TeacherCache:
             self._offsets,
             g["text/tokens"].shape[0],
         )
+        if not bad and lost_alias_rows(g):
+            bad = (
+                "image/alias_rows: a chunk is missing, which would read as every alias in it pointing at row 0 "
+                "(a store written before every index chunk was kept also lacks it when all its aliases share row 0)"
+            )
         if bad:
             raise CacheCorrupt(
                 f"{url}: {bad} (the index was damaged after extraction); run python -m stages.verify_cache "
