@@ -32,6 +32,7 @@ import torch
 
 from .config import TeacherParams
 from .data.shards import PreparedDataset, decode_image
+from .durable import sync_dir, sync_files
 from .teacher import Teacher, autocast_dtype, create_teacher, register_model
 
 CHECKPOINT_NAME = "teacher.pt"
@@ -253,7 +254,9 @@ def _save_checkpoint(model: torch.nn.Module, path: Path, meta: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
         torch.save({"state_dict": state, "clip_td": meta}, tmp)
+        sync_files([tmp])
         os.replace(tmp, path)  # a crash never leaves a half-written teacher that later stages would trust
+        sync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)  # a failed save (a full disk) leaves no partial copy beside it
 

@@ -20,6 +20,7 @@ import torch
 
 from pipeline.cache import flatten
 from pipeline.config import Params, to_dict
+from pipeline.durable import sync_dir, sync_files
 
 from .errors import CheckpointError
 
@@ -126,11 +127,14 @@ def is_write_leftover(name: str) -> bool:
 
 
 def write_atomic(path: Path, write) -> None:
-    """Write beside the destination and rename into place: a kill mid-write leaves the previous file."""
+    """Write beside the destination and rename into place: a kill mid-write leaves the previous file, and a
+    crash after it leaves the new one whole (flushed before the rename)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        sync_files([tmp])
         os.replace(tmp, path)
+        sync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

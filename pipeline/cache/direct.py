@@ -18,6 +18,7 @@ the writing itself at ViT-B/16 size.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import uuid
@@ -76,6 +77,24 @@ def direct_array(array: Any) -> Any:
         return d
     except Exception:  # noqa: BLE001 - anything unexpected in zarr's metadata: zarr reads it
         return array
+
+
+def shard_files(array: Any, start: int, stop: int) -> list[str]:
+    """The files that hold rows [start, stop) of a zarr array in a local store (its shards, or its chunks when
+    unsharded); [] for any other store."""
+    from zarr.storage import LocalStore
+
+    store = array.store_path.store
+    if not isinstance(store, LocalStore) or stop <= start:
+        return []
+    outer = tuple(int(c) for c in array.metadata.chunk_grid.chunk_shape)
+    folder = os.path.join(str(store.root), array.store_path.path)
+    rest = [range(-(-int(n) // c)) for n, c in zip(array.shape[1:], outer[1:], strict=True)]
+    return [
+        os.path.join(folder, array.metadata.encode_chunk_key((s, *at)))
+        for s in range(start // outer[0], -(-stop // outer[0]))
+        for at in itertools.product(*rest)
+    ]
 
 
 def _blosc_args(codec: Any) -> tuple | None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import fsspec
 
+from ..durable import sync_dir
 from .errors import CacheFormatError
 from .schema import MANIFEST, PROVENANCE, PROVENANCE_KEYS, RUN_RECORD
 from .store import _fs, _name
@@ -49,6 +50,7 @@ def _publish(fs, target: str, record: dict) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
+            sync_dir(os.path.dirname(target))
         except BaseException:  # a full disk or an interrupt: no stray file in the store (it is in its hash)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -37,6 +37,7 @@ from typing import Any
 
 import webdataset as wds
 
+from ..durable import sync_dir, sync_tree
 from .errors import DataError, SkipReport
 from .schema import IMAGE_EXTS, Instance, SchemaError, image_key
 
@@ -256,6 +257,7 @@ class DatasetWriter:
         try:
             check_destination(self.out)  # again: the folder may have changed while the input was read
             (self.tmp / _TMP_MARK).unlink()
+            sync_tree(self.tmp)  # the split's files on disk before its name says it is complete
             if self.out.exists():
                 old = _new_dir(self.out.parent, f".{self.out.name}.old-{os.getpid()}-")
                 os.replace(self.out, old)  # onto the empty folder just made: rename(2) allows that
@@ -267,6 +269,7 @@ class DatasetWriter:
             else:
                 old = None
                 os.replace(self.tmp, self.out)
+            sync_dir(self.out.parent)
         except BaseException:
             self.abort()
             raise

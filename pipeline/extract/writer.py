@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from .. import cache as C
-from ..cache.direct import DirectArray, direct_array
+from ..cache.direct import DirectArray, direct_array, shard_files
 from ..config import usable_cores
+from ..durable import sync_files
 from .errors import UnitWriteError, maybe_fail
 from .plan import UnitJob
 
@@ -93,6 +94,9 @@ class UnitWriter:
             chunk_crcs = d.write_rows(start, a) if d is not None else None
             if chunk_crcs is None:
                 self.arrays[key][start : start + len(a)] = a
+            # On disk before the unit's manifest entry says so: a unit committed over shards a crash lost
+            # would never be recomputed (only a checked read would notice).
+            sync_files(shard_files(self.arrays[key], start, start + len(a)))
         except Exception as e:  # noqa: BLE001 - any storage failure is reported with the unit and array
             raise UnitWriteError(
                 self.job.store_url, self.job.name, key, (start, start + len(a)), f"{type(e).__name__}: {e}"

@@ -1,0 +1,60 @@
+"""Making a write survive a crash before it is published. A rename into place, or a manifest entry, says
+"complete"; after a power loss or kernel crash the name can survive while the data it points at, still in the
+page cache when the machine went down, does not (ext4 and XFS write data lazily). So what a commit point
+publishes is flushed to disk first: the files, then the folders holding their names. Local files only: an
+object store's PUT is durable when it returns."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def sync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (
+        FileNotFoundError,
+        PermissionError,
+        IsADirectoryError,
+    ):  # Windows cannot open a folder: nothing to do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and Windows) refuse fsync on a folder; the files are flushed anyway
+        pass
+    finally:
+        os.close(fd)
+
+
+def sync_files(paths: Iterable[str | Path]) -> None:
+    """Flush each file's data, then each folder that holds one. A path that does not exist is skipped: a
+    zarr shard whose every chunk holds only the fill value is never written."""
+    folders = []
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        parent = os.path.dirname(os.path.abspath(p))
+        if parent not in folders:
+            folders.append(parent)
+    for d in folders:
+        sync_dir(d)
+
+
+def sync_tree(root: str | Path) -> None:
+    """Flush every file under ``root`` and every folder, ``root`` included (before renaming it into place)."""
+    files, folders = [], []
+    for here, _, names in os.walk(root):
+        folders.append(here)
+        files += [os.path.join(here, n) for n in names]
+    sync_files(files)
+    for d in reversed(folders):
+        sync_dir(d)
