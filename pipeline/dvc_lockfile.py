@@ -24,8 +24,9 @@ lock written once, where ``dvc commit`` re-reads the lock for every target (at 4
 finished in 15 minutes). Any other change in a named stage fails the command before anything is written;
 without STAGE, every stage whose only changes are those deps is committed and every other one left as is.
 
-``python -m pipeline.dvc_lockfile rehash [--lock L] [--from REV] PATH...``: the unchecked fallback, for when
-the other inputs cannot be checked on this machine (``rehash``'s docstring).
+``python -m pipeline.dvc_lockfile rehash [--lock L] [--from REV] [--new FILE] PATH...``: the unchecked
+fallback, for when the other inputs cannot be checked on this machine (``rehash``'s and ``add_new_dep``'s
+docstrings).
 """
 
 from __future__ import annotations
@@ -355,6 +356,44 @@ def rehash(lock: str, paths: Sequence[str], rev: str = "HEAD", root: str = ".") 
     return counts
 
 
+def add_new_dep(lock: str, path: str, root: str = ".") -> int:
+    """In ``lock``, give every entry whose stage (in the dvc.yaml beside it) lists the file ``path`` among its
+    deps, and whose entry lacks it, ``path``'s current hash; returns how many entries got it. For a module
+    split out of code the stages already ran, which moves code and changes no recorded result: like
+    ``rehash``, it checks nothing else. The entry's deps stay sorted by path, as DVC writes them."""
+    import re
+
+    import yaml
+
+    stages = yaml.safe_load(Path(lock).with_name("dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    listed = {name for name, body in stages.items() if path in (body.get("do", body).get("deps") or [])}
+    here = Path(root) / path
+    if not here.is_file():
+        raise ValueError(f"{path}: not a file here")
+    data = here.read_bytes()
+    item = f"    - path: {path}\n      hash: md5\n      md5: {_md5(data)}\n      size: {len(data)}\n"
+    text = Path(lock).read_text(encoding="utf-8")
+    # An entry: "  <name>:" then its lines; its deps: "    deps:" then items, each "    - path: P" and more.
+    heads = [m for m in re.finditer(r"^  (\S[^\n]*):\n", text, re.MULTILINE)]
+    out, at, n = [], 0, 0
+    for i, m in enumerate(heads):
+        end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
+        block = text[m.start() : end]
+        if m.group(1).split("@")[0] in listed:
+            deps = re.search(r"^    deps:\n((?:    - .*\n|      .*\n)*)", block, re.MULTILINE)
+            items = re.split(r"(?m)^(?=    - )", deps.group(1))[1:] if deps else []
+            paths = [it.split("\n", 1)[0][len("    - path: ") :] for it in items]
+            if deps and path not in paths:
+                items.insert(sum(p < path for p in paths), item)
+                block = block[: deps.start(1)] + "".join(items) + block[deps.end(1) :]
+                n += 1
+        out.append(text[at : m.start()] + block)
+        at = end
+    if n:
+        _write_beside(lock, "".join(out) + text[at:])
+    return n
+
+
 def _run_cli(cli, argv: list[str]) -> int:
     """A subcommand's exit status (click's own exit caught: main() returns it to sys.exit)."""
     try:
@@ -373,14 +412,21 @@ def _rehash_cli(argv: list[str]) -> int:
         "--from", "rev", default="HEAD", show_default=True,
         help="the git revision whose version of each file the entries to update recorded",
     )  # fmt: skip
-    @click.argument("paths", nargs=-1, required=True)
-    def cli(lock: str, rev: str, paths: tuple[str, ...]) -> None:
+    @click.option(
+        "--new", "new", multiple=True,
+        help="a file the stages now list as a dep and their entries lack (a module split out of their code)",
+    )  # fmt: skip
+    @click.argument("paths", nargs=-1)
+    def cli(lock: str, rev: str, new: tuple[str, ...], paths: tuple[str, ...]) -> None:
         """Record the current hash of the deps PATHS (files, or folders of code) in LOCK's entries that
         recorded their REV version, checking nothing else (see ``commit-unchanged`` for the checked way): for
         a code change that provably changes no recorded result, where the stages' other inputs are not on
-        this machine to check."""
+        this machine to check. Each --new file is added to the entries whose stage lists it."""
+        if not paths and not new:
+            raise click.UsageError("give PATHS to rehash or --new files to add")
         try:
-            counts = rehash(lock, paths, rev)
+            counts = rehash(lock, paths, rev) if paths else {}
+            counts |= {p: add_new_dep(lock, p) for p in new}
         except ValueError as e:
             raise click.ClickException(str(e)) from None
         for path, n in counts.items():

@@ -328,3 +328,45 @@ def test_rehash_of_a_folder_dep_matches_dvcs_own_hash(tmp_path: Path):
     assert "modified" in run(*dvc, "status")
     assert dvc_lockfile.rehash(str(tmp_path / "dvc.lock"), ["pkg/"], root=str(tmp_path)) == {"pkg": 1}
     assert "up to date" in run(*dvc, "status")
+
+
+def test_a_new_module_is_added_to_the_entries_of_the_stages_that_list_it(tmp_path: Path):
+    """A module split out of code the stages already ran (pipeline/durable.py): each entry of a stage that
+    now lists it gets its hash, in the sorted place DVC puts it, and dvc status agrees they are up to date;
+    a stage that does not list it is left as it was."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+    def run(*args: str) -> str:
+        r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    dvc = (sys.executable, "-m", "dvc")
+    run("git", "init", "-q")
+    run(*dvc, "init", "-q")
+    for name in ("a.py", "c.py"):
+        (tmp_path / name).write_text(f"# {name}\n")
+    write = f"{sys.executable} -c \"open('${{item}}.txt', 'w').write('x')\""
+    stages = {
+        "s": {"foreach": ["x", "y"], "do": {"cmd": write, "deps": ["c.py", "a.py"], "outs": ["${item}.txt"]}},
+        "t": {"cmd": write.replace("${item}", "t"), "deps": ["c.py"], "outs": ["t.txt"]},
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    run(*dvc, "repro", "-q")
+    (tmp_path / "b.py").write_text("def moved(): ...\n")
+    stages["s"]["do"]["deps"].append("b.py")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    assert "b.py" in run(*dvc, "status")
+    lock = tmp_path / "dvc.lock"
+    before = yaml.safe_load(lock.read_text())["stages"]
+
+    assert dvc_lockfile.add_new_dep(str(lock), "b.py", root=str(tmp_path)) == 2
+    after = yaml.safe_load(lock.read_text())["stages"]
+    assert [d["path"] for d in after["s@x"]["deps"]] == ["a.py", "b.py", "c.py"]
+    assert after["t"] == before["t"]
+    assert "up to date" in run(*dvc, "status")
+    assert dvc_lockfile.add_new_dep(str(lock), "b.py", root=str(tmp_path)) == 0  # done once
