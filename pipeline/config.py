@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from .conditions import Condition
-from .names import METHODS, RELEVANCE_SOURCES, TASKS
+from .names import METHODS, RELEVANCE_SOURCES, TASK_SPLITS, TASKS
 
 
 class ConfigError(ValueError):
@@ -91,6 +91,10 @@ class SyntheticParams:
                 f"must be at least min_objects={self.min_objects}, got {self.max_objects}",
             )
         for split, n in self.scenes.items():
+            if split not in TASK_SPLITS:  # a misspelt split would be ignored, and the real one fail later
+                raise _invalid(
+                    f"data.synthetic.scenes.{split}", f"unknown split (allowed: {', '.join(TASK_SPLITS)})"
+                )
             if n < 0:
                 raise _invalid(f"data.synthetic.scenes.{split}", f"must be at least 0, got {n}")
         if not 0.0 <= self.vqa_answer_noise <= 1.0:
@@ -414,6 +418,9 @@ class ProtocolParams:
     splits: SplitRoles = field(default_factory=SplitRoles)
 
     def validate(self) -> None:
+        for key in ("tasks", "conditions", "methods", "seeds"):
+            if not getattr(self, key):  # a protocol of no runs: every stage after it would do nothing
+                raise _invalid(f"protocol.{key}", "must list at least one")
         for t in self.tasks:
             if t not in TASKS:
                 raise _invalid("protocol.tasks", f"unknown task {t!r} (allowed: {', '.join(TASKS)})")

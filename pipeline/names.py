@@ -26,6 +26,10 @@ METHODS = (
     "clip_td_const_lambda",
 )
 
+# The synthetic world's splits: task examples (data.synthetic.scenes gives each its size) and captions.
+TASK_SPLITS = ("train", "val", "test")
+CAPTION_SPLITS = ("captions", "captions_val")
+
 # Every relevance source the teacher can return besides the last-layer tokens (docs/method.md §3); the cache
 # stores one token array per source (``<src>_tokens``). distill.relevance_source picks "last" or one of them.
 RELEVANCE_SOURCES = ("value", "intermediate")

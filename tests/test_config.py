@@ -185,8 +185,14 @@ def test_a_dotted_override_changes_only_the_entry_it_names(tmp_path):
         ("protocol.methods=[blind, blind]", r"key 'protocol\.methods': listed more than once: \['blind'\]"),
         ("protocol.seeds=[0, -1]", r"key 'protocol\.seeds': a seed must be an integer >= 0, got -1"),
         ("protocol.seeds=[0, 0]", r"key 'protocol\.seeds': listed more than once: \[0\]"),
+        ("protocol.methods=[]", r"key 'protocol\.methods': must list at least one"),
+        ("protocol.tasks=[]", r"key 'protocol\.tasks': must list at least one"),
+        (
+            "data.synthetic.scenes={trian: 5}",
+            r"key 'data\.synthetic\.scenes\.trian': unknown split \(allowed: train, val, test\)",
+        ),
     ],
 )
-def test_protocol_methods_and_seeds_are_checked_at_load(override, says):
+def test_protocol_lists_and_scene_splits_are_checked_at_load(override, says):
     with pytest.raises(ConfigError, match=says):
         load_params(ROOT / "params.yaml", [override])

@@ -33,9 +33,7 @@ TEACHER = "pipeline/model_configs/clip-td-tiny.json"
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("captions")
-    sp = SyntheticParams(
-        seed=0, image_size=32, caption_scenes=40, scenes={"captions": 40, "captions_val": 12}
-    )
+    sp = SyntheticParams(seed=0, image_size=32, caption_scenes=40)
     for split in ("captions", "captions_val"):
         with DatasetWriter(
             root / split, source="synthetic", split=split, shard_size=50, image_shard_size=50

@@ -529,7 +529,7 @@ def test_an_installed_plugin_student_pretrains_distils_and_evaluates_by_name(wor
         tmp_path, monkeypatch, "my_students", docs_python_block("training.md", "Your own student"), entry
     )
     root, teacher_cfg, _ = world
-    sp = SyntheticParams(seed=0, image_size=32, caption_scenes=20, scenes={"captions": 20})
+    sp = SyntheticParams(seed=0, image_size=32, caption_scenes=20)
     with DatasetWriter(tmp_path / "captions", source="synthetic", split="captions", shard_size=50) as w:
         synthetic.generate("captions", sp, w)
     params = student_params(

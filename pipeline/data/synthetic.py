@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..names import CAPTION_SPLITS, TASK_SPLITS
 from .schema import SNLI_LABELS, VCR_CHOICES, VQA_HUMAN_ANSWERS, Instance
 
 if TYPE_CHECKING:
@@ -53,8 +54,6 @@ SIZES = ("small", "large")
 DOMAINS = ("plain", "textured", "outline")
 RELATIONS = ("left of", "right of", "above", "below")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-TASK_SPLITS = ("train", "val", "test")
-CAPTION_SPLITS = ("captions", "captions_val")
 
 # Saturated, well-separated hues: they must survive the dark shading of `textured` and the grey of `outline`.
 PALETTE = {
@@ -911,7 +910,9 @@ def task_instances(
     if split not in TASK_SPLITS:
         raise ValueError(f"synthetic: {split!r} is not a task split {TASK_SPLITS}")
     if split not in params.scenes:
-        raise ValueError(f"synthetic: no scene count for split {split!r} in scenes {params.scenes}")
+        raise ValueError(
+            f"synthetic: data.synthetic.scenes has no count for split {split!r} ({params.scenes})"
+        )
     balancers = {task: Balancer() for task in ("vqa", "snli_ve", "vcr")}
     n = params.scenes[split] if count is None else min(count, params.scenes[split])
     for i in range(n):
