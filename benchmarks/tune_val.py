@@ -13,6 +13,7 @@ data's fingerprint, is appended to --out; docs/tuning.md cites these lines.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -144,6 +145,26 @@ def text_prior(data_root: str) -> dict[str, float]:
     return out
 
 
+def recorded_overrides(overrides: tuple[str, ...] | list[str]) -> tuple[list[str], dict[str, str]]:
+    """The overrides as a record keeps them, and the SHA-256 (first 16 hex digits) of each file one names: a
+    path inside the repository is written relative to it, so records read alike in any clone, and the hash
+    says which file it was (a checkpoint moved or rebuilt under the same name would otherwise look alike)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    out, files = [], {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        path = Path(value).expanduser()
+        if sep and value and path.is_file():
+            files[key] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            with contextlib.suppress(ValueError):
+                value = path.resolve().relative_to(root).as_posix()
+            item = f"{key}={value}"
+        out.append(item)
+    return out, files
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--task", type=click.Choice(["vqa", "snli_ve", "vcr"]))
 @click.option("--condition", help="full, shift or lowshot-F.")
@@ -209,6 +230,7 @@ def main(
         task, condition, 0, train.iter_instances(), [], val.iter_instances(),
         shift_key=pp.shift_key, target=pp.shift_target_domain,
     ).val  # fmt: skip
+    recorded, files = recorded_overrides(overrides)
     for method in methods.split(","):
         for seed in seed_list:
             run = RunSpec(task=task, condition=condition, method=method, seed=seed, data_root=data_root,
@@ -220,7 +242,8 @@ def main(
             sensitivity = image_sensitivity(trainer.student, val, keys, trainer.spec)
             line = {
                 "tag": tag, "task": task, "condition": condition, "method": method, "seed": seed,
-                "overrides": list(overrides), "val": scored["primary"], "data": train.fingerprint,
+                "overrides": recorded, **({"files": files} if files else {}),
+                "val": scored["primary"], "data": train.fingerprint,
                 "val_per_domain": {d: m[PRIMARY[task]] for d, m in scored["metrics"]["per_domain"].items()},
                 "image_sensitivity": sensitivity,
                 "seconds": time.perf_counter() - t0,

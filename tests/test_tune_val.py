@@ -1,9 +1,10 @@
 import json
+from pathlib import Path
 
 import click
 import pytest
 
-from benchmarks.tune_val import compare, summary
+from benchmarks.tune_val import compare, recorded_overrides, summary
 
 
 def test_summary_keeps_two_settings_under_one_tag_apart(tmp_path):
@@ -51,3 +52,28 @@ def test_compare_refuses_two_settings_under_one_tag(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(click.ClickException, match="two settings for vqa full baseline 1000"):
         compare(str(path), "a", "b")
+
+
+def test_a_file_override_is_recorded_relative_to_the_repository_with_its_hash(tmp_path, monkeypatch):
+    """A record read in another clone names the same file, and says which file it was."""
+    import hashlib
+
+    inside = Path(__file__).resolve()  # a file inside the repository
+    outside = tmp_path / "student.pt"
+    outside.write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    items, files = recorded_overrides(
+        [f"student.pretrained={inside}", f"teacher.checkpoint={outside}", "train.lr=0.002", "x=student.pt"]
+    )
+    assert items == [
+        "student.pretrained=tests/test_tune_val.py",
+        f"teacher.checkpoint={outside}",  # outside the repository: kept as given
+        "train.lr=0.002",
+        "x=student.pt",
+    ]
+    want = hashlib.sha256(b"weights").hexdigest()[:16]
+    assert files == {
+        "student.pretrained": hashlib.sha256(inside.read_bytes()).hexdigest()[:16],
+        "teacher.checkpoint": want,
+        "x": want,  # a relative path is read from the working folder
+    }
