@@ -361,8 +361,6 @@ def add_new_dep(lock: str, path: str, root: str = ".") -> int:
     deps, and whose entry lacks it, ``path``'s current hash; returns how many entries got it. For a module
     split out of code the stages already ran, which moves code and changes no recorded result: like
     ``rehash``, it checks nothing else. The entry's deps stay sorted by path, as DVC writes them."""
-    import re
-
     import yaml
 
     stages = yaml.safe_load(Path(lock).with_name("dvc.yaml").read_text(encoding="utf-8"))["stages"]
@@ -371,26 +369,31 @@ def add_new_dep(lock: str, path: str, root: str = ".") -> int:
     if not here.is_file():
         raise ValueError(f"{path}: not a file here")
     data = here.read_bytes()
-    item = f"    - path: {path}\n      hash: md5\n      md5: {_md5(data)}\n      size: {len(data)}\n"
-    text = Path(lock).read_text(encoding="utf-8")
-    # An entry: "  <name>:" then its lines; its deps: "    deps:" then items, each "    - path: P" and more.
-    heads = [m for m in re.finditer(r"^  (\S[^\n]*):\n", text, re.MULTILINE)]
-    out, at, n = [], 0, 0
-    for i, m in enumerate(heads):
-        end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
-        block = text[m.start() : end]
-        if m.group(1).split("@")[0] in listed:
-            deps = re.search(r"^    deps:\n((?:    - .*\n|      .*\n)*)", block, re.MULTILINE)
-            items = re.split(r"(?m)^(?=    - )", deps.group(1))[1:] if deps else []
-            paths = [it.split("\n", 1)[0][len("    - path: ") :] for it in items]
-            if deps and path not in paths:
-                items.insert(sum(p < path for p in paths), item)
-                block = block[: deps.start(1)] + "".join(items) + block[deps.end(1) :]
-                n += 1
-        out.append(text[at : m.start()] + block)
-        at = end
+    item = [
+        f"    - path: {path}\n",
+        "      hash: md5\n",
+        f"      md5: {_md5(data)}\n",
+        f"      size: {len(data)}\n",
+    ]
+    lines = Path(lock).read_text(encoding="utf-8").splitlines(keepends=True)
+    blocks, _ = stage_blocks(lines) or ({}, 0)
+    n = 0
+    for header, (start, end) in sorted(blocks.items(), key=lambda kv: -kv[1][0]):  # bottom up: spans hold
+        if header.strip().rstrip(":").split("@")[0] not in listed or "    deps:\n" not in lines[start:end]:
+            continue
+        at = lines.index("    deps:\n", start, end) + 1
+        stop, paths = at, []  # the deps' items: "    - path: P" and their "      key: value" lines
+        while stop < end and lines[stop].startswith(("    - ", "      ")):
+            if lines[stop].startswith("    - path: "):
+                paths.append((lines[stop][len("    - path: ") :].rstrip("\n"), stop))
+            stop += 1
+        if path not in (p for p, _ in paths):
+            later = [i for p, i in paths if p > path]
+            pos = later[0] if later else stop
+            lines[pos:pos] = item
+            n += 1
     if n:
-        _write_beside(lock, "".join(out) + text[at:])
+        _write_beside(lock, "".join(lines))
     return n
 
 
