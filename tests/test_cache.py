@@ -186,6 +186,27 @@ def test_an_alias_of_row_0_is_kept_and_its_lost_chunk_is_found(tmp_path):
         C.TeacherCache(url)
 
 
+def test_an_older_store_without_its_alias_chunk_is_read_with_a_warning(tmp_path):
+    """Before every index chunk was kept, a store whose aliases all share row 0 had no alias_rows chunk:
+    it still opens (its aliases read row 0, as they always did), warning that a lost chunk reads the same."""
+    import shutil
+
+    from pipeline.verify import verify_store
+
+    url = str(tmp_path / "s.zarr")
+    hand_store(url, alias_row=0)
+    g = C.open_group(url, mode="r+")
+    attrs = dict(g.attrs)
+    del attrs[C.ALIAS_ROWS_KEPT]
+    g.attrs.put(attrs)  # as the older writer left it
+    shutil.rmtree(tmp_path / "s.zarr" / "image" / "alias_rows" / "c")
+    with pytest.warns(UserWarning, match="image/alias_rows lacks a chunk.*re-extract the store to be sure"):
+        tc = C.TeacherCache(url)
+    assert torch.equal(tc.image_targets(["alias9"])["tokens"][0], tc.image_targets(["im0"])["tokens"][0])
+    ids = next(c for c in verify_store(url, scan=False).checks if c.name == "ids")
+    assert ids.ok and "image/alias_rows lacks a chunk (an older store" in ids.line()
+
+
 # ------------------------------------------------------------------------------ manifest and fingerprint
 
 

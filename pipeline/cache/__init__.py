@@ -75,7 +75,7 @@ from .codec import (
     quantize_int8,
     reconstruction_cosine,
 )
-from .create import create_store, lost_alias_rows
+from .create import alias_rows_state, create_store
 from .errors import CacheCorrupt, CacheFormatError, StaleCacheError
 from .fingerprint import (
     GROWING_FIELDS,
@@ -105,6 +105,7 @@ from .layout import StoreLayout, chunk_rows_for, text_token_layout
 from .manifest import commit_unit, committed_units, read_manifest, record_run
 from .reader import TeacherCache, read_rows, read_threads_for
 from .schema import (
+    ALIAS_ROWS_KEPT,
     FORMAT,
     FORMAT_VERSION,
     ID_ARRAYS,
@@ -152,6 +153,7 @@ from .views import (
 )
 
 __all__ = [
+    "ALIAS_ROWS_KEPT",
     "APPENDING",
     "covered_datasets",
     "uncovered",
@@ -192,7 +194,7 @@ __all__ = [
     "crc32_combine",
     "crc32_update",
     "create_store",
-    "lost_alias_rows",
+    "alias_rows_state",
     "decode_tokens",
     "dequantize_int8",
     "encode_tokens",

@@ -10,7 +10,7 @@ import zarr
 from .codec import compressors_for
 from .errors import CacheFormatError
 from .layout import StoreLayout
-from .schema import FORMAT, FORMAT_VERSION, MANIFEST, array_specs
+from .schema import ALIAS_ROWS_KEPT, FORMAT, FORMAT_VERSION, MANIFEST, array_specs
 from .store import foreign_message, inspect_location, open_group
 
 
@@ -21,10 +21,14 @@ def index_writes() -> object:
     return zarr.config.set({"array.write_empty_chunks": True})
 
 
-def lost_alias_rows(group: zarr.Group) -> bool:
-    """Whether ``image/alias_rows`` has aliases but not all of its chunks (see ``index_writes``)."""
+def alias_rows_state(group: zarr.Group) -> str:
+    """ "" when every chunk of ``image/alias_rows`` is there; else "lost" in a store whose every chunk was
+    written (``ALIAS_ROWS_KEPT``), "unknown" in an older one, where a chunk of aliases of row 0 was never
+    written and a lost chunk reads the same (see ``index_writes``)."""
     a = group["image/alias_rows"]
-    return a.shape[0] > 0 and a.nchunks_initialized < a.nchunks
+    if a.shape[0] == 0 or a.nchunks_initialized == a.nchunks:
+        return ""
+    return "lost" if group.attrs.get(ALIAS_ROWS_KEPT) else "unknown"
 
 
 def create_store(
@@ -81,5 +85,6 @@ def create_store(
             with index_writes():
                 g[name][:] = np.asarray(values[name][0], dtype=values[name][1])
     g.create_group(MANIFEST, attributes={"what": "one JSON per committed work unit: <unit>.json"})
-    g.attrs.update({**attrs, "layout": layout.to_json(), "complete": False})
+    kept = {ALIAS_ROWS_KEPT: True} if len(alias_ids) else {}
+    g.attrs.update({**attrs, "layout": layout.to_json(), "complete": False, **kept})
     return g

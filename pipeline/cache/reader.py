@@ -15,7 +15,7 @@ import zarr
 from ..config import usable_cores
 from .checksum import checksum
 from .codec import decode_tokens
-from .create import lost_alias_rows
+from .create import alias_rows_state
 from .direct import DirectArray, DirectGroup
 from .errors import CacheCorrupt, CacheFormatError
 from .manifest import committed_units
@@ -338,10 +338,14 @@ class TeacherCache:
             self._offsets,
             g["text/tokens"].shape[0],
         )
-        if not bad and lost_alias_rows(g):
-            bad = (
-                "image/alias_rows: a chunk is missing, which would read as every alias in it pointing at row 0 "
-                "(a store written before every index chunk was kept also lacks it when all its aliases share row 0)"
+        alias_state = alias_rows_state(g) if not bad else ""
+        if alias_state == "lost":
+            bad = "image/alias_rows: a chunk is missing, which would read as every alias in it pointing at row 0"
+        elif alias_state == "unknown":
+            warnings.warn(
+                f"{url}: image/alias_rows lacks a chunk: in a store written before every index chunk was kept, "
+                "aliases that share row 0 read so, and so does a lost chunk; re-extract the store to be sure",
+                stacklevel=2,
             )
         if bad:
             raise CacheCorrupt(

@@ -28,6 +28,10 @@ TRASH_INFIX = ".tmp-old-"
 SCALE_SUFFIX = "_scale"
 # Arrays the coordinator writes before any unit runs, whose lengths come from the data, not the attrs.
 ID_ARRAYS = ("image/ids", "image/sha1", "image/alias_ids", "image/alias_rows", "text/ids")
+# Root attribute of a store whose every image/alias_rows chunk was written (``create.index_writes``), so a
+# missing one was lost. Stores written before lack it (zarr skipped a chunk of zeros: aliases of row 0), and
+# so do stores without aliases, whose bytes stay as they were.
+ALIAS_ROWS_KEPT = "alias_rows_kept"
 # The id of a row no image or text fills: an append starts its rows on a shard boundary (a unit never writes
 # into a shard another unit owns), so the rows between the last store's end and that boundary stay empty.
 # The unit separator character never occurs in a prepared dataset's ids nor in a text hash.

@@ -325,7 +325,10 @@ def _grow(
             "text": ext.text_units,
         }
         pending = {"datasets": run_cover, "paths": paths, "digest": growth.digest()}
+        # Its alias rows' chunks are all written (extend_store) and so, when it had none or kept them, are all.
+        kept = growth.alias_ids and (attrs.get(C.ALIAS_ROWS_KEPT) or index.ext.aliases == 0)
         attrs = {**attrs, "layout": lay, "units": units_attr, C.SEGMENTS: segments, C.APPENDING: pending}
+        attrs |= {C.ALIAS_ROWS_KEPT: True} if kept else {}
         C.open_group(url, mode="r+").attrs.put(attrs)  # one atomic write: the segment is now the store's
         index = C.read_index(url, attrs)
         maybe_fail("append-recorded")  # test hook: the segment recorded, none of its units committed
