@@ -3,14 +3,17 @@ files they output. The study needs the shared artifacts (teacher, stores, pretra
 working checkout may not hold, so a sitting runs in a clone that builds them (`make study` there); this takes
 what it finished back.
 
-``python -m benchmarks.study_take SRC`` takes every entry of SRC's study/dvc.lock whose outputs or pretrained
-student differ from this checkout's entry and whose ``artifacts/student_pretrained`` dep is this checkout's (the root lock's
-``pretrain_student`` output): a cell of the current backbone. ``--any-backbone`` drops that condition.
+``python -m benchmarks.study_take SRC`` takes the cells the sitting changed: the entries of SRC's
+study/dvc.lock whose outputs or pretrained student differ from the lock SRC's git revision committed, if
+that student is this checkout's (the root lock's ``pretrain_student`` output; ``--any-backbone`` drops that
+condition). A cell this checkout changed since that revision too (another sitting's, taken already) is a
+conflict, and nothing is taken; so is a stage this checkout's study/dvc.yaml does not define.
 
-Each taken entry replaces this lock's entry of the same name (a stage SRC has and this lock lacks is refused:
-the two checkouts must hold the same study/dvc.yaml); its output files are copied beside their destination and
-renamed into place. Code changed here since the clone's revision leaves the taken entries recording the older
-code: rehash them afterwards (``python -m pipeline.dvc_lockfile rehash --from <the clone's revision> …``).
+The outputs are copied beside their destinations first, then renamed into place, then the lock is written:
+an entry never claims files that are not there. A taken entry replaces this lock's entry of the same name, or
+goes last (where DVC puts a new stage). Code changed here since the clone's revision leaves the taken entries
+recording the older code: rehash them afterwards (``python -m pipeline.dvc_lockfile rehash --from <the
+clone's revision> …``, and ``--new`` for a module added since).
 """
 
 from __future__ import annotations
@@ -33,57 +36,88 @@ def backbone_md5(root: Path) -> str:
     return next(o["md5"] for o in entry["outs"] if o["path"] == BACKBONE)
 
 
+def _backbone_of(entry: dict) -> str | None:
+    return next((d.get("md5") for d in entry.get("deps", []) if d["path"] == BACKBONE), None)
+
+
+def _result(entry: dict | None) -> tuple:
+    """What a run of the cell decides: its outputs and the backbone it fine-tuned. The entries also differ
+    where a checkout rehashed code (the same run, recorded against newer code), which is not a run."""
+    return (entry.get("outs"), _backbone_of(entry)) if entry else (None, None)
+
+
 def cells_to_take(src: Path, dst: Path, backbone: str | None) -> list[str]:
-    """The entries of SRC's study lock that differ from DST's, of the given backbone (None: any)."""
+    """The cells SRC's sitting ran (its study lock against the one its revision committed), of the given
+    backbone (None: any); refuses cells DST changed since that revision too, and stages DST does not define."""
+    import subprocess
+
+    import yaml
+
+    shown = subprocess.run(["git", "-C", str(src), "show", f"HEAD:{LOCK}"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise click.ClickException(f"{src}: no committed {LOCK} to compare with ({shown.stderr.strip()})")
+    base = fast_load(shown.stdout)["stages"]
     theirs = fast_load((src / LOCK).read_text(encoding="utf-8"))["stages"]
     ours = fast_load((dst / LOCK).read_text(encoding="utf-8"))["stages"]
-    unknown = sorted(set(theirs) - set(ours))
-    if unknown:
-        raise click.ClickException(f"{src / LOCK} has stages {LOCK} here lacks: {unknown[:5]}")
-
-    def backbone_of(entry: dict) -> str | None:
-        return next((d.get("md5") for d in entry.get("deps", []) if d["path"] == BACKBONE), None)
-
-    # Outputs or backbone: the entries also differ where this checkout rehashed code the clone's revision
-    # recorded (the same cells, already taken), and those stay as they are here.
-    return [
-        name
-        for name, entry in theirs.items()
-        if (entry.get("outs") != ours[name].get("outs") or backbone_of(entry) != backbone_of(ours[name]))
-        and (backbone is None or backbone_of(entry) == backbone)
+    defined = set(yaml.safe_load((dst / "study" / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
+    ran = [
+        n
+        for n, e in theirs.items()
+        if _result(e) != _result(base.get(n)) and (backbone is None or _backbone_of(e) == backbone)
     ]
+    unknown = [n for n in ran if n.split("@")[0] not in defined]
+    if unknown:
+        raise click.ClickException(
+            f"{src / LOCK} has stages study/dvc.yaml here does not define: {unknown[:5]}"
+        )
+    both = [n for n in ran if _result(ours.get(n)) not in (_result(base.get(n)), _result(theirs[n]))]
+    if both:
+        raise click.ClickException(
+            f"{len(both)} cells changed here too since {src}'s revision (another sitting's?), e.g. {both[:3]}: "
+            "nothing taken"
+        )
+    return [n for n in ran if _result(ours.get(n)) != _result(theirs[n])]
 
 
 def take(src: Path, dst: Path, names: list[str]) -> int:
-    """Replace DST's entries ``names`` by SRC's and copy their outputs; returns how many files were copied."""
+    """Put SRC's entries ``names`` in DST's lock and copy their outputs; returns how many files were copied."""
     text = (src / LOCK).read_text(encoding="utf-8")
     entries = fast_load(text)["stages"]
     theirs = text.splitlines(keepends=True)
     ours = (dst / LOCK).read_text(encoding="utf-8").splitlines(keepends=True)
     tb, _ = stage_blocks(theirs)
-    ob, _ = stage_blocks(ours)
-    copied = 0
-    for name in names:  # the outputs first: a lock entry never claims files that are not here yet
-        for o in entries[name].get("outs", []):
-            s, d = src / o["path"], dst / o["path"]
+    ob, end = stage_blocks(ours)
+    outs = [o["path"] for n in names for o in entries[n].get("outs", [])]
+    missing = [p for p in outs if not (src / p).exists()]
+    if missing:
+        raise click.ClickException(
+            f"{src}: outputs its lock records are missing, e.g. {missing[:3]}: nothing taken"
+        )
+    staged: list[tuple[Path, Path]] = []
+    try:  # every copy made before anything here is replaced
+        for p in outs:
+            s, d = src / p, dst / p
             d.parent.mkdir(parents=True, exist_ok=True)
             tmp = d.with_name(f".{d.name}.take-{os.getpid()}")
-            if s.is_dir():
-                shutil.copytree(s, tmp)
-                if d.exists():
-                    shutil.rmtree(d)
-            else:
-                shutil.copyfile(s, tmp)
-            os.replace(tmp, d)
-            copied += 1
-    heads = [f"  {n}:\n" for n in names]
-    for h in sorted(heads, key=lambda h: -ob[h][0]):  # bottom up: the spans above stay valid
-        a, b = ob[h]
+            shutil.copytree(s, tmp) if s.is_dir() else shutil.copyfile(s, tmp)
+            staged.append((tmp, d))
+    except BaseException:
+        for tmp, _ in staged:
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        raise
+    for tmp, d in staged:
+        if d.is_dir():
+            shutil.rmtree(d)
+        os.replace(tmp, d)
+    new = [h for h in (f"  {n}:\n" for n in names) if h not in ob]
+    ours[end:end] = [line for h in new for line in theirs[slice(*tb[h])]]
+    for h in sorted((h for h in (f"  {n}:\n" for n in names) if h in ob), key=lambda h: -ob[h][0]):
+        a, b = ob[h]  # bottom up: the spans above stay valid
         ours[a:b] = theirs[slice(*tb[h])]
     tmp = dst / f"{LOCK}.take-{os.getpid()}"
     tmp.write_text("".join(ours), encoding="utf-8")
     os.replace(tmp, dst / LOCK)
-    return copied
+    return len(staged)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,7 +1,9 @@
-"""benchmarks.study_take: a sitting's cells come back from the clone that ran them, and nothing else does."""
+"""benchmarks.study_take: the cells a sitting ran in another clone come back with their outputs, and nothing
+else does: not cells the clone merely holds at an older state, not half a take."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -28,58 +30,100 @@ ENTRY = """\
       md5: {out}
       size: 2
 """
+Cells = dict[str, tuple[str, str]]  # cell -> (backbone, output)
 
 
-def checkout(root: Path, backbone: str, cells: dict[str, tuple[str, str]], code: str = "c1") -> None:
-    """A checkout's root lock (its pretrained student) and study lock (cell -> (backbone, output hash)), all
+def write(root: Path, cells: Cells, code: str = "c1", backbone: str = "new") -> None:
+    """A checkout's root lock (its pretrained student), study/dvc.yaml, study lock and cell outputs, all
     recorded with the code hashed ``code``."""
-    (root / "study").mkdir(parents=True)
+    (root / "study").mkdir(parents=True, exist_ok=True)
     (root / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  pretrain_student:\n    cmd: p\n    outs:\n"
         f"    - path: artifacts/student_pretrained\n      hash: md5\n      md5: {backbone}.dir\n"
     )
+    (root / "study" / "dvc.yaml").write_text("stages:\n  main:\n    foreach: [a]\n    do:\n      cmd: run\n")
     body = "".join(ENTRY.format(name=n, backbone=b, out=o, code=code) for n, (b, o) in cells.items())
     (root / "study" / "dvc.lock").write_text("schema: '2.0'\nstages:\n" + body)
     for n, (_, o) in cells.items():
-        (root / "study" / "runs" / n).mkdir(parents=True)
+        (root / "study" / "runs" / n).mkdir(parents=True, exist_ok=True)
         (root / "study" / "runs" / n / "eval.json").write_text(o)
 
 
-def test_only_changed_cells_of_this_backbone_are_taken_with_their_outputs(tmp_path, monkeypatch):
-    src, dst = tmp_path / "clone", tmp_path / "main"
-    old = {"a": ("old", "a0"), "b": ("old", "b0"), "c": ("old", "c0"), "d": ("new", "d0")}
-    checkout(dst, "new", old, code="c2")  # code rehashed here since the clone's revision
-    # In the clone: a and b reran on the new backbone, c reran on yet another one, d did not change (its
-    # entry differs in the code's hash only: taking it would undo this checkout's rehash).
-    checkout(src, "new", {"a": ("new", "a1"), "b": ("new", "b1"), "c": ("other", "c1"), "d": ("new", "d0")})
+def clone(root: Path, committed: Cells, now: Cells) -> Path:
+    """A clone whose git revision committed ``committed`` and whose sitting left ``now``."""
+    write(root, committed)
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], check=True)
+    write(root, now)
+    return root
+
+
+def lock_of(cells: Cells, code: dict[str, str]) -> str:
+    return "schema: '2.0'\nstages:\n" + "".join(
+        ENTRY.format(name=n, backbone=b, out=o, code=code[n]) for n, (b, o) in cells.items()
+    )
+
+
+BASE = {"main@a": ("old", "a0"), "main@b": ("old", "b0"), "main@c": ("old", "c0"), "main@d": ("new", "d0")}
+
+
+def test_the_cells_the_sitting_ran_are_taken_with_their_outputs(tmp_path, monkeypatch):
+    dst = tmp_path / "main"
+    write(dst, BASE, code="c2")  # code rehashed here since the clone's revision
+    # The sitting reran a and b on the new backbone, c on yet another one, and ran e, new to the grid; d it
+    # did not touch (its entry differs from this checkout's in the code's hash only).
+    now = {**BASE, "main@a": ("new", "a1"), "main@b": ("new", "b1"), "main@c": ("other", "c1")}
+    src = clone(tmp_path / "clone", BASE, {**now, "main@e": ("new", "e1")})
     before = (dst / "study" / "dvc.lock").read_text()
     monkeypatch.chdir(dst)
 
     r = CliRunner().invoke(main, [str(src), "--dry-run"])
-    assert r.exit_code == 0 and r.output.split() == ["a", "b"]
+    assert r.exit_code == 0 and r.output.split() == ["main@a", "main@b", "main@e"], r.output
     assert (dst / "study" / "dvc.lock").read_text() == before
 
     r = CliRunner().invoke(main, [str(src)])
     assert r.exit_code == 0, r.output
-    assert "2 cells taken, 2 output files copied" in r.output
-    want = {"a": ("new", "a1"), "b": ("new", "b1"), "c": ("old", "c0"), "d": ("new", "d0")}
-    code = {"a": "c1", "b": "c1", "c": "c2", "d": "c2"}
-    assert (dst / "study" / "dvc.lock").read_text() == "schema: '2.0'\nstages:\n" + "".join(
-        ENTRY.format(name=n, backbone=b, out=o, code=code[n]) for n, (b, o) in want.items()
-    )
-    assert [(dst / "study" / "runs" / n / "eval.json").read_text() for n in "abcd"] == [
-        "a1",
-        "b1",
-        "c0",
-        "d0",
-    ]
+    assert "3 cells taken, 3 output files copied" in r.output
+    want = {**BASE, "main@a": ("new", "a1"), "main@b": ("new", "b1"), "main@e": ("new", "e1")}
+    code = {"main@a": "c1", "main@b": "c1", "main@c": "c2", "main@d": "c2", "main@e": "c1"}
+    assert (dst / "study" / "dvc.lock").read_text() == lock_of(want, code)  # e last, where DVC puts it
+    outs = [(dst / "study" / "runs" / f"main@{n}" / "eval.json").read_text() for n in "abcde"]
+    assert outs == ["a1", "b1", "c0", "d0", "e1"]
     assert not list(dst.rglob(".*take-*"))
 
 
-def test_a_clone_with_other_stages_is_refused(tmp_path, monkeypatch):
-    src, dst = tmp_path / "clone", tmp_path / "main"
-    checkout(dst, "new", {"a": ("old", "a0")})
-    checkout(src, "new", {"a": ("new", "a1"), "z": ("new", "z1")})
+def test_a_second_clone_does_not_undo_the_first_and_a_cell_both_ran_is_a_conflict(tmp_path, monkeypatch):
+    dst = tmp_path / "main"
+    write(dst, {**BASE, "main@a": ("new", "a1")})  # clone A's sitting, taken already
     monkeypatch.chdir(dst)
+    b_only = clone(tmp_path / "b", BASE, {**BASE, "main@b": ("new", "b1")})
+    r = CliRunner().invoke(main, [str(b_only)])
+    assert r.exit_code == 0 and "1 cells taken" in r.output, r.output
+    assert (dst / "study" / "runs" / "main@a" / "eval.json").read_text() == "a1"
+
+    before = (dst / "study" / "dvc.lock").read_text()
+    both = clone(tmp_path / "c", BASE, {**BASE, "main@a": ("new", "a2")})
+    r = CliRunner().invoke(main, [str(both)])
+    assert r.exit_code != 0 and "1 cells changed here too" in r.output and "main@a" in r.output
+    assert (dst / "study" / "dvc.lock").read_text() == before
+    assert (dst / "study" / "runs" / "main@a" / "eval.json").read_text() == "a1"
+
+
+def test_a_missing_output_or_an_unknown_stage_takes_nothing(tmp_path, monkeypatch):
+    dst = tmp_path / "main"
+    write(dst, BASE)
+    monkeypatch.chdir(dst)
+    before = (dst / "study" / "dvc.lock").read_text()
+    now = {**BASE, "main@a": ("new", "a1"), "main@b": ("new", "b1")}
+    src = clone(tmp_path / "clone", BASE, now)
+    (src / "study" / "runs" / "main@b" / "eval.json").unlink()
     r = CliRunner().invoke(main, [str(src)])
-    assert r.exit_code != 0 and "has stages study/dvc.lock here lacks: ['z']" in r.output
+    assert r.exit_code != 0 and "outputs its lock records are missing" in r.output
+    assert (dst / "study" / "dvc.lock").read_text() == before
+    assert (dst / "study" / "runs" / "main@a" / "eval.json").read_text() == "a0"
+
+    other = clone(tmp_path / "other", BASE, {**BASE, "extra@z": ("new", "z1")})
+    r = CliRunner().invoke(main, [str(other)])
+    assert r.exit_code != 0 and "does not define: ['extra@z']" in r.output
