@@ -29,10 +29,12 @@ def sync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def sync_files(paths: Iterable[str | Path]) -> None:
-    """Flush each file's data, then each folder that holds one. A path that does not exist is skipped: a
-    zarr shard whose every chunk holds only the fill value is never written."""
-    folders = []
+def sync_files(paths: Iterable[str | Path], up_to: str | Path | None = None) -> None:
+    """Flush each file's data, then each folder that holds one and, with ``up_to``, every folder between it and
+    ``up_to`` (included): zarr makes the folders of a chunk key (``c/7/0/0``) as it writes the file. A path
+    that does not exist is skipped: a zarr shard whose every chunk holds only the fill value is never written."""
+    top = os.path.abspath(up_to) if up_to is not None else None
+    folders: list[str] = []
     for p in paths:
         try:
             fd = os.open(p, os.O_RDONLY)
@@ -42,9 +44,12 @@ def sync_files(paths: Iterable[str | Path]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        parent = os.path.dirname(os.path.abspath(p))
-        if parent not in folders:
-            folders.append(parent)
+        d = os.path.dirname(os.path.abspath(p))
+        while d not in folders:
+            folders.append(d)
+            if top is None or d == top or not d.startswith(top + os.sep):
+                break
+            d = os.path.dirname(d)
     for d in folders:
         sync_dir(d)
 

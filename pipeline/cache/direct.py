@@ -79,16 +79,21 @@ def direct_array(array: Any) -> Any:
         return array
 
 
-def shard_files(array: Any, start: int, stop: int) -> list[str]:
-    """The files that hold rows [start, stop) of a zarr array in a local store (its shards, or its chunks when
-    unsharded); [] for any other store."""
+def array_folder(array: Any) -> str | None:
+    """The folder of a zarr array in a local store; None for any other store."""
     from zarr.storage import LocalStore
 
     store = array.store_path.store
-    if not isinstance(store, LocalStore) or stop <= start:
+    return os.path.join(str(store.root), array.store_path.path) if isinstance(store, LocalStore) else None
+
+
+def shard_files(array: Any, start: int, stop: int) -> list[str]:
+    """The files that hold rows [start, stop) of a zarr array in a local store (its shards, or its chunks when
+    unsharded); [] for any other store."""
+    folder = array_folder(array)
+    if folder is None or stop <= start:
         return []
     outer = tuple(int(c) for c in array.metadata.chunk_grid.chunk_shape)
-    folder = os.path.join(str(store.root), array.store_path.path)
     rest = [range(-(-int(n) // c)) for n, c in zip(array.shape[1:], outer[1:], strict=True)]
     return [
         os.path.join(folder, array.metadata.encode_chunk_key((s, *at)))

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .. import cache as C
-from ..cache.direct import DirectArray, direct_array, shard_files
+from ..cache.direct import DirectArray, array_folder, direct_array, shard_files
 from ..config import usable_cores
 from ..durable import sync_files
 from .errors import UnitWriteError, maybe_fail
@@ -96,7 +96,8 @@ class UnitWriter:
                 self.arrays[key][start : start + len(a)] = a
             # On disk before the unit's manifest entry says so: a unit committed over shards a crash lost
             # would never be recomputed (only a checked read would notice).
-            sync_files(shard_files(self.arrays[key], start, start + len(a)))
+            arr = self.arrays[key]
+            sync_files(shard_files(arr, start, start + len(a)), up_to=array_folder(arr))
         except Exception as e:  # noqa: BLE001 - any storage failure is reported with the unit and array
             raise UnitWriteError(
                 self.job.store_url, self.job.name, key, (start, start + len(a)), f"{type(e).__name__}: {e}"
