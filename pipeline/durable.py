@@ -13,13 +13,10 @@ from pathlib import Path
 
 def sync_dir(path: str | Path) -> None:
     """Flush a folder's entries (names created, renamed or removed in it)."""
+    # Windows cannot open a folder (PermissionError): nothing to do there.
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except (
-        FileNotFoundError,
-        PermissionError,
-        IsADirectoryError,
-    ):  # Windows cannot open a folder: nothing to do
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
         return
     try:
         os.fsync(fd)
