@@ -108,6 +108,19 @@ TINY_TEACHER = tiny_teacher_config(24)  # the tiny world's: its synthetic texts 
 # ------------------------------------------------------------------------------------ tiny datasets
 
 
+def tiny_teacher_files(root: Path, name: str = "tiny.json") -> tuple[Path, Path]:
+    """The tiny teacher's config and a checkpoint of its seed-0 random init, under ``root``: what an
+    extraction's ``TeacherSpec`` names."""
+    from pipeline.teacher import create_teacher
+
+    cfg = root / name
+    cfg.write_text(json.dumps(TINY_CFG))
+    torch.manual_seed(0)
+    ckpt = root / "teacher.pt"
+    torch.save(create_teacher(str(cfg), "").model.state_dict(), ckpt)
+    return cfg, ckpt
+
+
 def png_bytes(seed: int, size: tuple[int, int] = (40, 32)) -> bytes:
     rng = random.Random(seed)
     img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))

@@ -82,19 +82,13 @@ def test_epoch_order_random_is_the_plain_permutation_and_chunked_stays_local():
 def _extract(root, **cache) -> str:
     """A store from a real extraction: one image unit of 8 rows, one row per inner chunk of image/tokens."""
     import dataclasses
-    import json
 
     from pipeline import extract as X
     from pipeline.config import CacheParams
-    from pipeline.teacher import create_teacher
-    from tests.conftest import TINY_CFG, build_dataset
+    from tests.conftest import build_dataset, tiny_teacher_files
 
     torch.set_num_threads(1)
-    cfg = root / "tiny.json"
-    cfg.write_text(json.dumps(TINY_CFG))
-    torch.manual_seed(0)
-    ckpt = root / "teacher.pt"
-    torch.save(create_teacher(str(cfg), "").model.state_dict(), ckpt)
+    cfg, ckpt = tiny_teacher_files(root)
     ds = build_dataset(root / "train", 8)
     cp = dataclasses.replace(
         CacheParams(), image_rows_per_unit=8, text_rows_per_unit=8, batch_size=4, num_workers=0,

@@ -5,7 +5,6 @@ point, which files had been flushed (``os.fsync``, by path) and requires everyth
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -16,9 +15,8 @@ from pipeline import cache as C
 from pipeline import extract as X
 from pipeline.cache.direct import shard_files
 from pipeline.config import CacheParams
-from pipeline.teacher import create_teacher
 from student.checkpoint import write_atomic
-from tests.conftest import TINY_CFG, build_dataset
+from tests.conftest import build_dataset, tiny_teacher_files
 
 
 @pytest.fixture
@@ -36,11 +34,7 @@ def flushed(monkeypatch) -> set[str]:
 
 
 def test_a_unit_commits_only_after_its_shards_are_flushed(tmp_path, flushed, monkeypatch):
-    cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(TINY_CFG))
-    torch.manual_seed(0)
-    ckpt = tmp_path / "teacher.pt"
-    torch.save(create_teacher(str(cfg), "").model.state_dict(), ckpt)
+    cfg, ckpt = tiny_teacher_files(tmp_path)
     ds = build_dataset(tmp_path / "train", 6)
     url = str(tmp_path / "s.zarr")
     unflushed: dict[str, list[str]] = {}

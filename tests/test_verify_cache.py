@@ -19,10 +19,9 @@ from click.testing import CliRunner
 from pipeline import cache as C
 from pipeline import extract as X
 from pipeline.config import CacheParams
-from pipeline.teacher import create_teacher
 from pipeline.verify import verify_store
 from stages.verify_cache import main
-from tests.conftest import TINY_CFG, build_dataset
+from tests.conftest import TINY_CFG, build_dataset, tiny_teacher_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,11 +34,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("verify")
-    cfg = root / "tiny-verify.json"
-    cfg.write_text(json.dumps(TINY_CFG))
-    torch.manual_seed(0)
-    ckpt = root / "teacher.pt"
-    torch.save(create_teacher(str(cfg), "").model.state_dict(), ckpt)
+    cfg, ckpt = tiny_teacher_files(root, "tiny-verify.json")
     ds = build_dataset(root / "train", 6)
     url = str(root / "clean.zarr")
     cp = dataclasses.replace(
