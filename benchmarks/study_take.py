@@ -89,9 +89,11 @@ def take(src: Path, dst: Path, names: list[str]) -> int:
     ob, end = stage_blocks(ours)
     outs = [o["path"] for n in names for o in entries[n].get("outs", [])]
     missing = [p for p in outs if not (src / p).exists()]
+    missing += [p for p in outs if (dst / p).exists() and (dst / p).is_dir() != (src / p).is_dir()]
     if missing:
         raise click.ClickException(
-            f"{src}: outputs its lock records are missing, e.g. {missing[:3]}: nothing taken"
+            f"{src}: outputs its lock records are missing (or a file here and a folder there), e.g. {missing[:3]}: "
+            "nothing taken"
         )
     staged: list[tuple[Path, Path]] = []
     try:  # every copy made before anything here is replaced
@@ -99,11 +101,14 @@ def take(src: Path, dst: Path, names: list[str]) -> int:
             s, d = src / p, dst / p
             d.parent.mkdir(parents=True, exist_ok=True)
             tmp = d.with_name(f".{d.name}.take-{os.getpid()}")
+            staged.append((tmp, d))  # before the copy: a copy that fails half way is removed too
             shutil.copytree(s, tmp) if s.is_dir() else shutil.copyfile(s, tmp)
-            staged.append((tmp, d))
     except BaseException:
         for tmp, _ in staged:
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            elif tmp.exists():
+                tmp.unlink()
         raise
     for tmp, d in staged:
         if d.is_dir():

@@ -318,7 +318,7 @@ def check_ids(s: _Store) -> Check:
         for a, r in zip(alias_ids, alias_rows, strict=False)
         if not 0 <= int(r) < len(image_ids)
     ]
-    alias_state = C.alias_rows_state(s.g) if alias_ids else ""
+    alias_state = C.alias_rows_state(s.url, s.g) if alias_ids else ""
     if alias_state == "lost":
         faults.append("image/alias_rows: a chunk is missing (it would read as aliases of row 0)")
     summary = f"{len(image_ids)} image ids, {len(alias_ids)} aliases, {len(text_ids)} text ids"

@@ -207,6 +207,38 @@ def test_an_older_store_without_its_alias_chunk_is_read_with_a_warning(tmp_path)
     assert ids.ok and "image/alias_rows lacks a chunk (an older store" in ids.line()
 
 
+def test_an_append_cut_short_leaves_the_recorded_aliases_readable(tmp_path, monkeypatch):
+    """An append resizes the index arrays before it writes them, and records its segment only after: a
+    reader meanwhile (or after a kill in between) reads the aliases the store records, whole, and is not
+    told the store is damaged."""
+    from pipeline.cache import grow
+
+    url = str(tmp_path / "s.zarr")
+    hand_store(url, alias_row=3)
+    g = C.open_group(url, mode="r+")
+    segments = C.store_segments(dict(g.attrs))
+    segments[0]["aliases"] = [0, 1]  # as an extraction records its first segment
+    g.attrs.put({**g.attrs, C.SEGMENTS: segments})
+    attrs = C.read_store_attrs(url)
+    index = C.read_index(url, attrs)
+    seg, offsets = C.new_segment(index.ext, attrs["layout"], 1, 2, [])
+    resize = grow._resize
+
+    def killed_after_the_ids(a, rows):
+        resize(a, rows)
+        if a.path == "image/ids":
+            raise KeyboardInterrupt("killed in extend_store")
+
+    monkeypatch.setattr(grow, "_resize", killed_after_the_ids)
+    with pytest.raises(KeyboardInterrupt):
+        C.extend_store(url, index.ext, seg, ["new0"], ["sha"], ["aliasA", "aliasB"], [0, 1], [], [], offsets)
+    assert C.open_group(url, mode="r")["image/alias_rows"].shape[0] == 3  # resized, not written
+    tc = C.TeacherCache(url)
+    assert torch.equal(tc.image_targets(["alias9"])["tokens"][0], tc.image_targets(["im3"])["tokens"][0])
+    with pytest.raises(KeyError, match="aliasA"):
+        tc.image_targets(["aliasA"])
+
+
 # ------------------------------------------------------------------------------ manifest and fingerprint
 
 

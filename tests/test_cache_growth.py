@@ -93,7 +93,7 @@ def test_append_computes_only_what_the_store_lacks(grown):
     assert second["aliases_appended"] == 1  # B's copy of an A image under its own id: A's row, not a new one
     # A had no aliases, so every alias chunk is the append's, written even if it holds row 0: a lost one shows.
     g = C.open_group(grown["url"], mode="r")
-    assert g.attrs[C.ALIAS_ROWS_KEPT] is True and C.alias_rows_state(g) == ""
+    assert g.attrs[C.ALIAS_ROWS_KEPT] is True and C.alias_rows_state(grown["url"], g) == ""
     assert second["texts_appended"] == ref["unique_texts"] - first["unique_texts"]
     assert second["units_skipped"] == first["units_total"]  # A's units are not run again
 

@@ -124,6 +124,29 @@ def test_a_missing_output_or_an_unknown_stage_takes_nothing(tmp_path, monkeypatc
     assert (dst / "study" / "dvc.lock").read_text() == before
     assert (dst / "study" / "runs" / "main@a" / "eval.json").read_text() == "a0"
 
+    (src / "study" / "runs" / "main@b" / "eval.json").mkdir()  # a folder there, a file here
+    r = CliRunner().invoke(main, [str(src)])
+    assert r.exit_code != 0 and "or a file here and a folder there" in r.output
+    (src / "study" / "runs" / "main@b" / "eval.json").rmdir()
+    (src / "study" / "runs" / "main@b" / "eval.json").write_text("b1")
+    import shutil
+
+    copy, calls = shutil.copyfile, []
+
+    def fails_half_way(a, b):  # the second copy leaves part of a file and fails (a full disk)
+        calls.append(a)
+        if len(calls) == 2:
+            Path(b).write_text("b")
+            raise OSError(28, "No space left on device")
+        return copy(a, b)
+
+    monkeypatch.setattr(shutil, "copyfile", fails_half_way)
+    r = CliRunner().invoke(main, [str(src)])
+    assert r.exit_code != 0 and len(calls) == 2
+    assert (dst / "study" / "dvc.lock").read_text() == before and not list(dst.rglob(".*take-*"))
+    assert (dst / "study" / "runs" / "main@a" / "eval.json").read_text() == "a0"
+    monkeypatch.setattr(shutil, "copyfile", copy)
+
     other = clone(tmp_path / "other", BASE, {**BASE, "extra@z": ("new", "z1")})
     r = CliRunner().invoke(main, [str(other)])
     assert r.exit_code != 0 and "does not define: ['extra@z']" in r.output

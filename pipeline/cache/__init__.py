@@ -75,7 +75,7 @@ from .codec import (
     quantize_int8,
     reconstruction_cosine,
 )
-from .create import alias_rows_state, create_store
+from .create import create_store
 from .errors import CacheCorrupt, CacheFormatError, StaleCacheError
 from .fingerprint import (
     GROWING_FIELDS,
@@ -92,12 +92,14 @@ from .grow import (
     SEGMENTS,
     Extents,
     StoreIndex,
+    alias_rows_state,
     extend_store,
     extents,
     initial_segment,
     new_segment,
     pad_record,
     read_index,
+    recorded_aliases,
     segment_units,
     store_segments,
 )
@@ -195,6 +197,7 @@ __all__ = [
     "crc32_update",
     "create_store",
     "alias_rows_state",
+    "recorded_aliases",
     "decode_tokens",
     "dequantize_int8",
     "encode_tokens",

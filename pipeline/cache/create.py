@@ -21,16 +21,6 @@ def index_writes() -> object:
     return zarr.config.set({"array.write_empty_chunks": True})
 
 
-def alias_rows_state(group: zarr.Group) -> str:
-    """ "" when every chunk of ``image/alias_rows`` is there; else "lost" in a store whose every chunk was
-    written (``ALIAS_ROWS_KEPT``), "unknown" in an older one, where a chunk of aliases of row 0 was never
-    written and a lost chunk reads the same (see ``index_writes``)."""
-    a = group["image/alias_rows"]
-    if a.shape[0] == 0 or a.nchunks_initialized == a.nchunks:
-        return ""
-    return "lost" if group.attrs.get(ALIAS_ROWS_KEPT) else "unknown"
-
-
 def create_store(
     url: str,
     layout: StoreLayout,

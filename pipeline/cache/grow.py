@@ -20,12 +20,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .create import index_writes
-from .schema import pad_id, unit_name
-from .store import open_group
+from .schema import ALIAS_ROWS_KEPT, pad_id, unit_name
+from .store import _fs, open_group
 
 SEGMENTS = "segments"
 # Present while an append's units are not all committed: {"datasets": {label: fingerprint}, "paths": [...]},
@@ -43,6 +44,31 @@ def store_segments(attrs: dict) -> list[dict]:
     rt, s = max(1, int(lay.get("text_rows_per_unit", 1))), int(lay.get("text_shard_rows", 1))
     n_tok = math.ceil(m / rt) * s if m else 0
     return [initial_segment(n, m, n_tok, s, -1)]
+
+
+def recorded_aliases(attrs: dict, held: int) -> int:
+    """How many of the ``held`` alias rows the store's recorded segments cover: the rows past them belong to
+    an append in flight (or cut short), which readers do not see. A store never grown records none: all."""
+    segs = attrs.get(SEGMENTS)
+    return min(held, max(int(s["aliases"][1]) for s in segs)) if segs else held
+
+
+def alias_rows_state(url: str, group: Any) -> str:
+    """ "" when every chunk of ``image/alias_rows`` that holds a recorded alias is there; else "lost" in a
+    store whose every chunk was written (``ALIAS_ROWS_KEPT``), "unknown" in an older one, where a chunk of
+    aliases of row 0 was never written and a lost chunk reads the same (``create.index_writes``). Rows past
+    the recorded segments belong to an append in flight (or cut short), which writes them after resizing."""
+    a = group["image/alias_rows"]
+    n = recorded_aliases(dict(group.attrs), a.shape[0])
+    if n <= 0:
+        return ""
+    fs, root = _fs(url)
+    folder = f"{root}/image/alias_rows"
+    held = {p[len(folder) + 1 :] for p in fs.find(f"{folder}/c")} if fs.exists(f"{folder}/c") else set()
+    rows = int(a.chunks[0])
+    if all(a.metadata.encode_chunk_key((i,)) in held for i in range(-(-n // rows))):
+        return ""
+    return "lost" if group.attrs.get(ALIAS_ROWS_KEPT) else "unknown"
 
 
 def initial_segment(

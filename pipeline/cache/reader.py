@@ -15,9 +15,9 @@ import zarr
 from ..config import usable_cores
 from .checksum import checksum
 from .codec import decode_tokens
-from .create import alias_rows_state
 from .direct import DirectArray, DirectGroup
 from .errors import CacheCorrupt, CacheFormatError
+from .grow import alias_rows_state, recorded_aliases
 from .manifest import committed_units
 from .schema import FORMAT, FORMAT_VERSION, SCALE_SUFFIX, attrs_problems, damaged_attrs_message, is_pad_id
 from .store import open_group, read_store_attrs
@@ -324,7 +324,12 @@ class TeacherCache:
         self.relevance_tokens: list[str] = list(self.attrs.get("relevance_tokens", []))
         g = self.group
         image_ids, text_ids = g["image/ids"][:].tolist(), g["text/ids"][:].tolist()
-        alias_ids, alias_rows = g["image/alias_ids"][:].tolist(), g["image/alias_rows"][:].astype(np.int64)
+        # The aliases the store records: an append in flight resizes and writes its own after them.
+        na = recorded_aliases(self.attrs, g["image/alias_ids"].shape[0])
+        alias_ids, alias_rows = (
+            g["image/alias_ids"][:na].tolist(),
+            g["image/alias_rows"][:na].astype(np.int64),
+        )
         self._lengths = g["text/lengths"][:].astype(np.int64)
         self._offsets = g["text/offsets"][:].astype(np.int64)
         # No checksum covers the index (the coordinator writes it before any unit runs), and a lost chunk of
@@ -338,7 +343,7 @@ class TeacherCache:
             self._offsets,
             g["text/tokens"].shape[0],
         )
-        alias_state = alias_rows_state(g) if not bad else ""
+        alias_state = alias_rows_state(url, g) if not bad else ""
         if alias_state == "lost":
             bad = "image/alias_rows: a chunk is missing, which would read as every alias in it pointing at row 0"
         elif alias_state == "unknown":
