@@ -24,29 +24,19 @@ from pathlib import Path
 
 import click
 
+from benchmarks.study_current import backbone, entry_backbone
 from pipeline.dvc_lockfile import fast_load, stage_blocks
 
 LOCK = "study/dvc.lock"
-BACKBONE = "artifacts/student_pretrained"
-
-
-def backbone_md5(root: Path) -> str:
-    """The pretrained student's hash as the root dvc.lock records it."""
-    entry = fast_load((root / "dvc.lock").read_text(encoding="utf-8"))["stages"]["pretrain_student"]
-    return next(o["md5"] for o in entry["outs"] if o["path"] == BACKBONE)
-
-
-def _backbone_of(entry: dict) -> str | None:
-    return next((d.get("md5") for d in entry.get("deps", []) if d["path"] == BACKBONE), None)
 
 
 def _result(entry: dict | None) -> tuple:
     """What a run of the cell decides: its outputs and the backbone it fine-tuned. The entries also differ
     where a checkout rehashed code (the same run, recorded against newer code), which is not a run."""
-    return (entry.get("outs"), _backbone_of(entry)) if entry else (None, None)
+    return (entry.get("outs"), entry_backbone(entry)) if entry else (None, None)
 
 
-def cells_to_take(src: Path, dst: Path, backbone: str | None) -> list[str]:
+def cells_to_take(src: Path, dst: Path, only_backbone: str | None) -> list[str]:
     """The cells SRC's sitting ran (its study lock against the one its revision committed), of the given
     backbone (None: any); refuses cells DST changed since that revision too, and stages DST does not define."""
     import subprocess
@@ -63,7 +53,8 @@ def cells_to_take(src: Path, dst: Path, backbone: str | None) -> list[str]:
     ran = [
         n
         for n, e in theirs.items()
-        if _result(e) != _result(base.get(n)) and (backbone is None or _backbone_of(e) == backbone)
+        if _result(e) != _result(base.get(n))
+        and (only_backbone is None or entry_backbone(e) == only_backbone)
     ]
     unknown = [n for n in ran if n.split("@")[0] not in defined]
     if unknown:
@@ -134,7 +125,7 @@ def take(src: Path, dst: Path, names: list[str]) -> int:
 def main(src: Path, any_backbone: bool, dry_run: bool) -> None:
     """Take the study cells SRC (another checkout of this repository) finished: lock entries and outputs."""
     dst = Path.cwd()
-    names = cells_to_take(src, dst, None if any_backbone else backbone_md5(dst))
+    names = cells_to_take(src, dst, None if any_backbone else backbone(dst / "dvc.lock"))
     if dry_run:
         click.echo("\n".join(names))
     else:

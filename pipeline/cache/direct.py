@@ -47,15 +47,10 @@ def direct_array(array: Any) -> Any:
     """``DirectArray(array)`` when its layout is one this module reads exactly; ``array`` otherwise."""
     try:
         from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec
-        from zarr.storage import LocalStore
 
         m = array.metadata
-        store = array.store_path.store
-        if (
-            not isinstance(store, LocalStore)
-            or len(m.codecs) != 1
-            or not isinstance(m.codecs[0], ShardingCodec)
-        ):
+        folder = array_folder(array)
+        if folder is None or len(m.codecs) != 1 or not isinstance(m.codecs[0], ShardingCodec):
             return array
         sc = m.codecs[0]
         inner = list(sc.codecs)
@@ -71,7 +66,7 @@ def direct_array(array: Any) -> Any:
             or array.dtype.kind not in "biuf"
         ):
             return array
-        d = DirectArray(array, os.path.join(str(store.root), array.store_path.path), len(inner) == 2)
+        d = DirectArray(array, folder, len(inner) == 2)
         d.blosc_args = _blosc_args(inner[1]) if len(inner) == 2 else None
         d.writable = _index_writable(sc) and (len(inner) == 1 or d.blosc_args is not None)
         return d
