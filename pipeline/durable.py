@@ -32,9 +32,11 @@ def sync_files(paths: Iterable[str | Path], up_to: str | Path | None = None) -> 
     that does not exist is skipped: a zarr shard whose every chunk holds only the fill value is never written."""
     top = os.path.abspath(up_to) if up_to is not None else None
     folders: list[str] = []
+    # Windows flushes a file only through a handle that may write (its fsync is _commit); POSIX takes any.
+    flags = os.O_RDWR if os.name == "nt" else os.O_RDONLY
     for p in paths:
         try:
-            fd = os.open(p, os.O_RDONLY)
+            fd = os.open(p, flags)
         except FileNotFoundError:
             continue
         try:

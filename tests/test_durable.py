@@ -98,3 +98,28 @@ def test_write_atomic_flushes_the_file_before_the_rename(tmp_path, flushed, monk
     write_atomic(tmp_path / "ckpt.pt", lambda tmp: torch.save({"w": torch.ones(2)}, tmp))
     assert seen_at_rename == [True] and str(tmp_path) in flushed
     assert torch.equal(torch.load(tmp_path / "ckpt.pt", weights_only=True)["w"], torch.ones(2))
+
+
+def test_files_are_opened_for_writing_to_be_flushed_on_windows(tmp_path, monkeypatch):
+    """Windows' fsync (``_commit``) fails on a read-only handle: there a file is flushed through one that may
+    write, which every file a stage has just written allows."""
+    from pipeline import durable
+
+    f = tmp_path / "shard.tar"
+    f.write_bytes(b"x")
+    opened: list[int] = []
+    real_open = os.open
+
+    def spy(path, flags, *a):
+        if os.path.isfile(path):
+            opened.append(flags & (os.O_RDONLY | os.O_WRONLY | os.O_RDWR))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", spy)
+    durable.sync_files([f])
+    monkeypatch.setattr(os, "name", "nt")
+    try:
+        durable.sync_files([f])
+    finally:
+        monkeypatch.setattr(os, "name", "posix")  # pytest's own paths need the real one
+    assert opened == [os.O_RDONLY, os.O_RDWR]
