@@ -16,40 +16,14 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
-from pipeline.dvc_lockfile import fast_load
+from pipeline.study.backbone import backbone, entries
 
-BACKBONE = "artifacts/student_pretrained"
-SHARED = ("zeroshot", "selection", "metrics")  # study/runs folders no backbone change touches
 RECORD = Path("benchmarks/results/study-rerun-itm")  # the committed interim report of the rerun under way
-
-
-def backbone(root_lock: Path) -> str:
-    """The pretrained student's md5 as the root dvc.lock records it (``pretrain_student``'s output)."""
-    stage = fast_load(root_lock.read_text())["stages"]["pretrain_student"]
-    return next(o["md5"] for o in stage["outs"] if o["path"] == BACKBONE)
-
-
-def entry_backbone(entry: dict) -> str | None:
-    """The backbone's md5 a study lock entry recorded, None when the stage reads none (scratch cells)."""
-    return next((d.get("md5") for d in entry.get("deps", []) if d["path"] == BACKBONE), None)
-
-
-def _entries(study_lock: Path) -> Iterator[tuple[str | None, dict]]:
-    """(``entry_backbone``, the entry) per stage."""
-    for entry in fast_load(study_lock.read_text())["stages"].values():
-        yield entry_backbone(entry), entry
-
-
-def stale_cells(root_lock: Path, study_lock: Path) -> int:
-    """How many cells study/dvc.lock records with another backbone than dvc.lock's: > 0 while a rerun is
-    under way (then reports/study is the previous backbone's report and cannot be regenerated here)."""
-    current = backbone(root_lock)
-    return sum(1 for md5, _ in _entries(study_lock) if md5 is not None and md5 != current)
+SHARED = ("zeroshot", "selection", "metrics")  # study/runs folders no backbone change touches
 
 
 def current_cells(root_lock: Path, study_lock: Path) -> list[Path]:
@@ -57,7 +31,7 @@ def current_cells(root_lock: Path, study_lock: Path) -> list[Path]:
     backbone (student.init: scratch), with the outputs their entries recorded."""
     current = backbone(root_lock)
     cells = []
-    for md5, entry in _entries(study_lock):
+    for md5, entry in entries(study_lock):
         if md5 is not None and md5 != current:
             continue  # a cell of the previous backbone
         for o in entry.get("outs", []):

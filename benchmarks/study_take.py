@@ -24,8 +24,8 @@ from pathlib import Path
 
 import click
 
-from benchmarks.study_current import backbone, entry_backbone
 from pipeline.dvc_lockfile import fast_load, stage_blocks
+from pipeline.study.backbone import backbone, entry_backbone
 
 LOCK = "study/dvc.lock"
 

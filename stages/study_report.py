@@ -28,13 +28,30 @@ from pipeline.study import StudyError, load_study
     "the study_teacher stage records them.",
 )
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/study"))
-def main(study_path, runs, teacher, out) -> None:
+@click.option(
+    "--lock",
+    "root_lock",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("dvc.lock"),
+    help="The pipeline's lock: the student backbone it records is the one every cell must be trained from.",
+)
+@click.option(
+    "--study-lock",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("study/dvc.lock"),
+    help="The study's lock: the backbone each cell was trained from. A cell of another backbone (a rerun "
+    "after `pretrain_student` changed, not finished) is refused; missing lock files check nothing.",
+)
+def main(study_path, runs, teacher, out, root_lock, study_lock) -> None:
     """Aggregate every finished cell of the current grid with pipeline/report/stats.py's paired t statistics:
     per init and teacher a table per task with the blind floor and the teacher's zero-shot score beside every
     condition; the teacher dose-response; the ablations against clip_td; the selection diagnostic; a verdict
     per study target (docs/study.md) computed from these numbers; the wall time; the main grid's methods
-    against the labelled fraction (lowshot.png). A study still running gives a report marked incomplete.
+    against the labelled fraction (lowshot.png). A study still running gives a report marked incomplete; one
+    whose cells were trained from two student backbones is refused (--study-lock) and nothing is written.
     Everything is written beside OUT and renamed into place once all of it succeeded."""
+    from pipeline.study.aggregate import collect_study
+    from pipeline.study.backbone import check_current
     from pipeline.study.report import write_study_report
 
     try:
@@ -42,8 +59,10 @@ def main(study_path, runs, teacher, out) -> None:
     except StudyError as e:
         raise click.UsageError(str(e)) from None
     try:
+        rows, _ = collect_study(sp, runs)
+        check_current([r["path"] for rs in rows.values() for r in rs], root_lock, study_lock)
         result = write_study_report(sp, runs, out, teacher_path=teacher)
-    except (ReportError, OSError, ValueError) as e:
+    except (ReportError, StudyError, OSError, ValueError) as e:
         raise click.ClickException(" ".join(str(e).split())) from None
     for t in result["targets"]:
         click.echo(f"{t['status']:>10}  {t['target']}: {t['value']}")

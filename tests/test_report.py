@@ -214,6 +214,33 @@ def test_one_seed_pair_has_no_interval_and_no_mark(tmp_path: Path) -> None:
     assert "No interval (fewer than 2 seeds run by both the method and baseline): vqa / full / clip_td." in md
 
 
+def test_the_gain_is_taken_over_the_seeds_both_ran(tmp_path: Path) -> None:
+    """A seed missing on one side must not turn the gain printed beside a ▲ into a loss: the gain compares the
+    means over the paired seeds, as Δ does."""
+    r = tmp_path / "runs"
+    for seed, (b, t) in enumerate(zip(BASE, TD, strict=True)):
+        write_eval(r, "vqa", "full", "baseline", seed, b)
+        write_eval(r, "vqa", "full", "clip_td", seed, t)
+    write_eval(r, "vqa", "full", "baseline", 3, 0.95)  # a seed clip_td has not run: lifts the baseline's mean
+    td = cell(summarise(collect(r)), "vqa", "full", "clip_td")
+    assert td["verdict"] == "gain" and td["paired"]["n"] == 3
+    assert td["gain_pct"] == pytest.approx((0.48 - 0.42) / 0.42 * 100)
+    td_line = next(
+        line for line in markdown(summarise(collect(r)), None, None).splitlines() if "clip_td" in line
+    )
+    assert "+14.29% ▲" in td_line
+
+
+def test_float_noise_prints_no_sign_and_a_small_interval_end_keeps_its_own() -> None:
+    from pipeline.report.markdown import fmt, fmt_ci
+
+    assert fmt(-1.1102230246251566e-17, sign=True) == "+0.000"  # an exact tie, computed in floats
+    assert fmt(-0.0) == "0.000"
+    # An interval ending just below 0 excludes it: "-0.000" would read as touching 0 beside a ▼.
+    assert fmt_ci([-0.014058, -0.000108589]) == "[-0.014, -0.0001]"
+    assert fmt(-0.0000404, sign=True) == "-0.00004" and fmt(0.0123) == "0.012"
+
+
 def test_markdown_holds_the_computed_values(runs: Path) -> None:
     summary = summarise(collect(runs))
     md = markdown(summary, {"all": {"random_top1": 0.8125}, "loss_curve": [[0, 1.0]]}, None)

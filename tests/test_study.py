@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -252,6 +254,66 @@ def test_scratch_and_pretrained_deltas_are_compared_per_seed(tmp_path, scratch_g
     assert "scratch against pretrained" in (out / "results.md").read_text()
 
 
+def test_a_relative_gain_needs_an_interval_and_a_family_of_cells_is_adjusted(tmp_path):
+    """The relative-gain target is not met on one paired seed (no interval says it is a gain at all); the
+    targets that count cells say how many hold once their p-values are adjusted as one family (Holm)."""
+    runs, out = tmp_path / "runs", tmp_path / "reports"
+    _fill(runs, skip=(("lowshot-0.05", "clip_td", 101), ("lowshot-0.05", "clip_td", 102)))
+    result = write_study_report(_study(), runs, out)
+    by = {t["id"]: t for t in result["targets"]}
+    assert by["rel_gain_vqa_lowshot-0.05"]["status"] == "incomplete"
+    shift = next(c for c in by["gain_cells"]["cells"] if c["condition"] == "shift")
+    assert shift["p_holm"] == pytest.approx(shift["p"])  # the family's other cell has no p: one test
+    assert by["gain_cells"]["value"] == "1 of 2 (1 above 0, 0 below with Holm's adjustment over the 2)"
+    md = (out / "results.md").read_text()
+    assert (
+        "| task | condition | ablation | Δ vs baseline | Δ vs clip_td | 95% CI (vs clip_td) | p | p (Holm) |"
+        in md
+    )
+
+
+def test_a_report_refuses_cells_of_another_backbone_and_leaves_the_previous_one(tmp_path, monkeypatch):
+    """While a rerun after a backbone change is under way, study/runs holds cells of both backbones: a report
+    over them would pair a method's runs on one with the baseline's on the other, and replace the previous
+    complete report with a mixed one that says nothing of it."""
+    from click.testing import CliRunner
+
+    from pipeline.study.backbone import BACKBONE
+    from stages.study_report import main
+
+    monkeypatch.chdir(tmp_path)
+    runs, out = Path("study/runs"), Path("reports/study")
+    _fill(runs)
+    (tmp_path / "study" / "params.yaml").write_text(yaml.safe_dump({"study": dataclasses.asdict(_study())}))
+    root = {"stages": {"pretrain_student": {"outs": [{"path": BACKBONE, "md5": "new.dir"}]}}}
+    Path("dvc.lock").write_text(yaml.safe_dump(root))
+
+    def lock(old: set[str]) -> None:
+        stages = {
+            ev.parent.name: {
+                "deps": [{"path": BACKBONE, "md5": "old.dir" if ev.parent.name in old else "new.dir"}],
+                "outs": [{"path": str(ev), "md5": "x"}],
+            }
+            for ev in sorted(runs.glob("*/*/eval.json"))
+        }
+        Path("study/dvc.lock").write_text(yaml.safe_dump({"stages": stages}))
+
+    report = ["--runs", str(runs), "--teacher", "none.json", "--out", str(out)]
+    lock(set())
+    r = CliRunner().invoke(main, report)
+    assert r.exit_code == 0, r.output
+    before = (out / "results.md").read_bytes()
+    lock({"vqa-shift-clip_td-s101"})
+    r = CliRunner().invoke(main, report)
+    assert r.exit_code == 1 and "1 cell(s) were trained from another student backbone" in r.output
+    assert "vqa-shift-clip_td-s101" in r.output
+    assert (out / "results.md").read_bytes() == before
+    # A copy of the runs elsewhere (benchmarks.study_current's scratch folder) is not judged by the lock.
+    shutil.copytree(runs, tmp_path / "copy")
+    r = CliRunner().invoke(main, ["--runs", str(tmp_path / "copy"), "--teacher", "none.json", "--out", "o"])
+    assert r.exit_code == 0, r.output
+
+
 def test_a_missed_target_names_its_diagnostics_and_a_partial_study_says_incomplete(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "reports"
     _fill(
@@ -362,13 +424,14 @@ def test_the_committed_study_report_regenerates_from_the_studys_committed_files(
     from click.testing import CliRunner
 
     from benchmarks import study_current
+    from pipeline.study.backbone import stale_cells
     from stages.study_report import main
 
     out = tmp_path / "study"
     # While a rerun after a backbone change is under way, reports/study is the previous backbone's report
     # (its cells' files are being replaced); what the committed files give then is the interim record of the
     # cells already rerun, which must regenerate byte for byte instead.
-    rerun = study_current.stale_cells(ROOT / "dvc.lock", ROOT / "study" / "dvc.lock") > 0
+    rerun = stale_cells(ROOT / "dvc.lock", ROOT / "study" / "dvc.lock") > 0
     command, committed = (
         (study_current.main, study_current.RECORD) if rerun else (main, Path("reports/study"))
     )

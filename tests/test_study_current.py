@@ -8,7 +8,8 @@ import json
 
 import yaml
 
-from benchmarks.study_current import BACKBONE, current_cells, stale_cells
+from benchmarks.study_current import current_cells
+from pipeline.study.backbone import BACKBONE, stale_cells
 
 
 def test_only_cells_of_the_current_backbone_with_their_recorded_outputs_count(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ the runs it claims to describe.
 
 Statistics, per (task, condition, method) cell and per metric:
   * mean ± sample std (ddof=1) over seeds; the std is undefined (None, printed "—") for a single seed;
-  * relative gain over the baseline, in % of the baseline mean: (mean - mean_baseline) / |mean_baseline|;
+  * relative gain over the baseline, in % of the baseline mean: (mean - mean_baseline) / |mean_baseline|,
+    both means over the seeds run by both (as Δ below);
   * the paired difference Δ: per seed present in both runs (same task, condition and seed: same low-shot
     subset, same init seed), method - baseline. Pairing removes the seed-to-seed variance both methods share.
     Over the n pairs: mean Δ, its 95% confidence interval mean ± t_{0.975, n-1} · std / √n (Student t, n - 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -12,9 +13,16 @@ from .summary import condition_order, method_order, task_order
 
 
 def fmt(value: float | None, digits: int = 3, sign: bool = False) -> str:
-    """A number for the report; None (undefined, e.g. the std of one seed) prints as an em dash."""
+    """A number for the report; None (undefined, e.g. the std of one seed) prints as an em dash. Float noise
+    around an exact tie (two methods with as many right answers: a Δ of -1e-17) prints as 0 without a sign's
+    suggestion; a value that is not 0 but rounds to it gets the digits that show its sign (an interval ending
+    at -0.0001 excludes 0, which "-0.000" hides)."""
     if value is None:
         return "—"
+    if abs(value) < 1e-9:
+        value = 0.0  # also turns -0.0 into 0.0
+    elif round(value, digits) == 0:
+        digits = max(digits, -math.floor(math.log10(abs(value))))
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
@@ -36,7 +44,7 @@ def format_cell(stats: dict) -> str:
     paired = stats["paired"]
     if paired is None:
         return text
-    gain = "gain n/a" if stats["gain_pct"] is None else f"{stats['gain_pct']:+.2f}%"
+    gain = "gain n/a" if stats["gain_pct"] is None else f"{fmt(stats['gain_pct'], 2, sign=True)}%"
     n = paired["n"]
     if n == 0:
         diff = "Δ n/a (no seed run by both)"
@@ -169,7 +177,8 @@ def markdown(
         "Cells: test-set mean ± sample std over seeds (number of seeds). Below it, for every method other "
         f"than `{baseline}`: Δ = paired per-seed difference (method − {baseline}, same task, condition and "
         "seed) with its 95% confidence interval (Student t, n − 1 df) and the two-sided paired t-test p-value "
-        f"(n = seeds run by both), then the relative gain of the mean over `{baseline}` in %. "
+        f"(n = seeds run by both), then the relative gain of the mean over `{baseline}` in %, over the same "
+        "seeds. "
         f"{MARK_GAIN} / {MARK_LOSS}: marked only when the 95% interval of Δ excludes 0; an unmarked cell is "
         f"not distinguishable from `{baseline}` with these seeds. With one paired seed there is no interval "
         "(n/a) and no mark. *blind (text only)* = the same student with the image blanked (the floor: what "

@@ -58,12 +58,16 @@ def compare(values: dict[int, float], base: dict[int, float] | None, is_baseline
     }
     if is_baseline or not base:
         return out
-    base_mean, _ = mean_std(list(base.values()))
-    if base_mean:
-        out["gain_pct"] = (mean - base_mean) / abs(base_mean) * 100.0
     common = sorted(set(values) & set(base))
     diffs = [values[s] - base[s] for s in common]
     out["paired"] = {"seeds": common, "diffs": diffs, **paired_test(diffs)}
+    # Over the paired seeds only, like Δ beside it: means over different seed sets (a seed missing on one
+    # side) can give the gain the opposite sign of the Δ it is printed with.
+    # (fmean is exactly rounded: with the same seeds on both sides this is the means' gain to the last bit.)
+    if common:
+        a, b = statistics.fmean(values[s] for s in common), statistics.fmean(base[s] for s in common)
+        if b:
+            out["gain_pct"] = (a - b) / abs(b) * 100.0
     ci = out["paired"]["ci95"]
     if ci is None:
         out["verdict"] = "few_pairs"

@@ -13,6 +13,7 @@ from ..report import (
     BLIND,
     ReportError,
     format_cell,
+    holm,
     load_optional_json,
 )
 from ..report.markdown import fmt, fmt_ci, fmt_p
@@ -152,7 +153,8 @@ def markdown(
             "",
             "Per seed, the method's Δ against the baseline of its own init, from a randomly initialised student "
             "minus from the VL-pretrained one (> 0: distillation adds more from scratch), paired on the seeds "
-            "both ran; 95% t interval. *Larger*: which init's Δ is larger when the interval excludes 0. "
+            "both ran; 95% t interval. *Larger*: which init's Δ is larger when the interval excludes 0 (*not after "
+            "Holm* when the adjusted p is not below 0.05). "
             "*p (Holm)*: the p-values adjusted as one family over the table's rows (Holm's step-down); a row "
             "above 0.05 there may be one of the table's chances.",
             "",
@@ -161,6 +163,8 @@ def markdown(
         ]
         for c in contrast:
             larger = c["verdict"] if c["verdict"] in ("scratch", "pretrained") else "neither (CI incl. 0)"
+            if c["verdict"] in ("scratch", "pretrained") and not (c.get("p_holm") or 1.0) < 0.05:
+                larger += " (not after Holm)"
             lines.append(
                 f"| {c['task']} | {c['condition']} | {c['method']} | {fmt(c['delta_scratch'], sign=True)} "
                 f"| {fmt(c['delta_pretrained'], sign=True)} | {fmt(c['diff_mean'], sign=True)} | {fmt_ci(c['ci95'])} "
@@ -173,21 +177,26 @@ def markdown(
         lines += [
             "## Ablations (against clip_td, paired per seed)",
             "",
-            "| task | condition | ablation | Δ vs baseline | Δ vs clip_td | 95% CI (vs clip_td) | p |",
-            "|---|---|---|---|---|---|---|",
+            "*p (Holm)*: the p-values against clip_td adjusted as one family over the table's rows (Holm's "
+            "step-down); an interval that excludes 0 where this is above 0.05 may be one of the table's chances.",
+            "",
+            "| task | condition | ablation | Δ vs baseline | Δ vs clip_td | 95% CI (vs clip_td) | p | p (Holm) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         summary = summaries.get(f"{sp.ablation.inits[0]}-{FULL_TEACHER}", []) if sp.ablation.inits else []
-        for task in sp.tasks:
-            for cond in sp.ablation.conditions:
-                for m in abl:
-                    c = _cell(summary, task, cond, m)
-                    if c is None:
-                        continue
-                    h = c.get("_vs_clip_td") or {}
-                    lines.append(
-                        f"| {task} | {cond} | {m} | {fmt(((c.get('paired') or {}).get('mean')), sign=True)} | "
-                        f"{fmt(h.get('mean'), sign=True)} | {fmt_ci(h.get('ci95'))} | {fmt_p(h.get('p'))} |"
-                    )
+        found = [
+            (task, cond, m, c)
+            for task in sp.tasks
+            for cond in sp.ablation.conditions
+            for m in abl
+            if (c := _cell(summary, task, cond, m)) is not None
+        ]
+        vs = [c.get("_vs_clip_td") or {} for *_, c in found]
+        for (task, cond, m, c), h, ph in zip(found, vs, holm([h.get("p") for h in vs]), strict=True):
+            lines.append(
+                f"| {task} | {cond} | {m} | {fmt(((c.get('paired') or {}).get('mean')), sign=True)} | "
+                f"{fmt(h.get('mean'), sign=True)} | {fmt_ci(h.get('ci95'))} | {fmt_p(h.get('p'))} | {fmt_p(ph)} |"
+            )
         lines.append("")
 
     if selection:

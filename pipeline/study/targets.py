@@ -10,6 +10,7 @@ from ..protocol import Condition
 from ..report import (
     BLIND,
     compare,
+    holm,
 )
 from .grid import BASELINE, FULL_TEACHER, StudyParams, teacher_name
 
@@ -184,6 +185,25 @@ def _dose_order(d: dict) -> tuple:
     return (d["teacher"] == FULL_TEACHER, d["steps"] or 0)
 
 
+def with_holm(cells: list[dict]) -> list[dict]:
+    """The cells of one target with ``p_holm``: their p-values adjusted as one family (Holm), since the
+    target asks its question of every cell at once."""
+    for c, p in zip(cells, holm([c["p"] for c in cells]), strict=True):
+        c["p_holm"] = p
+    return cells
+
+
+def holm_note(cells: Sequence[dict]) -> str:
+    """How many of a target's cells differ from 0 in each direction once the family is adjusted: the count
+    the target states (each cell's own interval) can hold chance findings among several cells."""
+    if not any(c["p_holm"] is not None for c in cells):
+        return ""
+    held = [c for c in cells if c["p_holm"] is not None and c["p_holm"] < 0.05]
+    up = sum(c["verdict"] == "gain" for c in held)
+    down = sum(c["verdict"] == "loss" for c in held)
+    return f" ({up} above 0, {down} below with Holm's adjustment over the {len(cells)})"
+
+
 def _status(ok: bool | None) -> str:
     return {True: "met", False: "missed", None: "incomplete"}[ok]
 
@@ -226,7 +246,7 @@ def targets(
         return all(i["ci95"] is not None for i in infos)
 
     # 1. clip_td's interval above 0 in >= 4 of the 6 task x {smallest low-shot, shift} cells.
-    infos = [cell_info(t, c) for t in sp.tasks for c in conds]
+    infos = with_holm([cell_info(t, c) for t in sp.tasks for c in conds])
     wins = sum(i["verdict"] == "gain" for i in infos)
     need = math.ceil(4 / 6 * len(infos)) if infos else 1
     ok = True if wins >= need else (False if decided(infos) else None)
@@ -235,7 +255,7 @@ def targets(
             "id": "gain_cells",
             "target": f"clip_td beats baseline (95% CI above 0) in >= {need} of "
             f"{len(infos)} task x {{{', '.join(conds)}}} cells",
-            "value": f"{wins} of {len(infos)}",
+            "value": f"{wins} of {len(infos)}{holm_note(infos)}",
             "status": _status(ok),
             "cells": infos,
         }
@@ -248,11 +268,13 @@ def targets(
             continue
         i = cell_info(task, cond)
         g = i["rel_gain_pct"]
-        ok = None if g is None else g >= pct
+        # A gain of the size asked for is one only where it is a gain at all (the interval of Δ above 0):
+        # without an interval (one paired seed) the target is not decided.
+        ok = None if g is None or i["ci95"] is None else g >= pct and i["verdict"] == "gain"
         out.append(
             {
                 "id": f"rel_gain_{task}_{cond}",
-                "target": f"clip_td relative gain >= +{pct:.0f}% on {task} {cond}",
+                "target": f"clip_td relative gain >= +{pct:.0f}% on {task} {cond} (95% CI of Δ above 0)",
                 "value": "n/a" if g is None else f"{g:+.1f}%",
                 "status": _status(ok),
                 "cells": [i],
@@ -292,6 +314,7 @@ def targets(
                     "verdict": (c or {}).get("verdict"),
                 }
             )
+        h2h = with_holm(h2h)
         wins = sum(i["verdict"] == "gain" for i in h2h)
         need = math.ceil(2 / 3 * len(h2h))
         ok = True if wins >= need else (False if decided(h2h) else None)
@@ -299,7 +322,7 @@ def targets(
             {
                 "id": "beats_naive_kd",
                 "target": f"clip_td > naive_kd (95% CI above 0) on >= {need} of {len(h2h)} tasks in {low}",
-                "value": f"{wins} of {len(h2h)}",
+                "value": f"{wins} of {len(h2h)}{holm_note(h2h)}",
                 "status": _status(ok),
                 "cells": h2h,
             }
