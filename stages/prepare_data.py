@@ -11,7 +11,7 @@ import click
 from pipeline.config import usable_cores
 from pipeline.data.errors import DataError, SkipReport
 from pipeline.data.schema import SchemaError
-from pipeline.data.shards import DatasetWriter, check_destination, check_split_name
+from pipeline.data.shards import DatasetWriter, check_destination, check_split_name, commit_all
 from pipeline.names import DATA_SOURCES
 from stages.common import one_line, stage_command, stage_params
 
@@ -128,8 +128,9 @@ def main(source, root, splits, out, on_error, workers, params_path, overrides) -
     dataset.json with counts and a fingerprint, and skipped.json.
 
     Splits are built in hidden folders beside OUT/<split>/ and moved into place only when every split of the
-    run is complete: a failed run changes nothing. An existing OUT/<split>/ is replaced only when it is a
-    split this stage wrote and holds nothing else; any other folder, file or symlink there is refused.
+    run is complete, all together: a failed run changes nothing (if a move fails, those already made are
+    undone). An existing OUT/<split>/ is replaced only when it is a split this stage wrote and holds nothing
+    else; any other folder, file or symlink there is refused.
     """
     params = stage_params(params_path, overrides)
     source = source or params.data.source
@@ -154,8 +155,7 @@ def main(source, root, splits, out, on_error, workers, params_path, overrides) -
                 f"{source}/{split}: {info['instances']} instances {info['tasks']}, {info['images']} unique "
                 f"images, {info['skipped']} skipped, {time.perf_counter() - t0:.1f}s"
             )
-        for writer in done:
-            writer.commit()
+        commit_all(done)  # all or none: a refused or failed move puts every split back as it was
     except OSError as e:
         raise click.ClickException(one_line(f"{e.filename or out}: {e.strerror or e}")) from e
     finally:

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from pipeline.data import snli_ve
 from pipeline.data.errors import DataError
 from pipeline.data.schema import Instance
 from pipeline.data.shards import DatasetWriter, PreparedDataset
 from pipeline.texts import text_hash
 from stages.prepare_data import main
 from tests import fixtures_official as fx
-from tests.conftest import truncate_jpeg
+from tests.conftest import REPO, truncate_jpeg
 
 
 def snapshot(root: Path) -> dict[str, object]:
@@ -97,6 +98,99 @@ def test_a_failing_split_leaves_the_earlier_splits_of_the_run_unchanged_too(tmp_
     before = snapshot(out)
     assert "1000000001.jpg" in error_line(prepare(root, out, "dev", "test"))
     assert snapshot(out) == before
+
+
+def test_a_split_refused_at_commit_leaves_the_splits_already_checked_unchanged(tmp_path, monkeypatch):
+    # The destination of the run's last split gains a user file while the input is read: commit re-checks it,
+    # and by then the first split must not have been replaced yet.
+    root, out = tmp_path / "snli", tmp_path / "out"
+    fx.build_snli_ve(root, split="dev")
+    fx.build_snli_ve(root, split="test")
+    assert prepare(root, out, "dev", "test").exit_code == 0
+    for split in ("dev", "test"):
+        path = root / f"snli_ve_{split}.jsonl"
+        path.write_text(path.read_text().replace("about", "of"))
+    convert = snli_ve.convert
+
+    def convert_then_user_writes(root_, split, writer, workers=1):
+        convert(root_, split, writer, workers)
+        if split == "test":
+            (out / "test" / "notes.txt").write_text("user file")
+
+    monkeypatch.setattr(snli_ve, "convert", convert_then_user_writes)
+    before = {**snapshot(out), "test/notes.txt": b"user file"}  # the user's file stays too
+    assert "notes.txt" in error_line(prepare(root, out, "dev", "test"))
+    assert snapshot(out) == before
+
+
+def test_a_move_that_fails_mid_commit_puts_every_split_back(tmp_path, monkeypatch):
+    root, out = tmp_path / "snli", tmp_path / "out"
+    fx.build_snli_ve(root, split="dev")
+    fx.build_snli_ve(root, split="test")
+    assert prepare(root, out, "dev", "test").exit_code == 0
+    for split in ("dev", "test"):
+        path = root / f"snli_ve_{split}.jsonl"
+        path.write_text(path.read_text().replace("about", "of"))
+    before = snapshot(out)
+    replace = os.replace
+
+    def replace_failing_for_test(src, dst):
+        # The new test split's move into place fails, after both previous splits were moved aside and the
+        # new dev split moved in.
+        if Path(dst) == out / "test" and ".tmp-" in Path(src).name:
+            raise OSError(28, "No space left on device", str(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_failing_for_test)
+    assert "No space left" in error_line(prepare(root, out, "dev", "test"))
+    assert snapshot(out) == before  # hidden folders included: no temp or .old folder is left either
+
+
+def kill_between_renames(root: Path, out: Path, *splits: str) -> None:
+    """Run prepare in a process that dies (no cleanup) when it is about to move the new splits in."""
+    code = (
+        "import os, sys\n"
+        "replace = os.replace\n"
+        "def dying(src, dst):\n"
+        "    if '.tmp-' in os.path.basename(src):\n"
+        "        os._exit(9)\n"
+        "    replace(src, dst)\n"
+        "os.replace = dying\n"
+        "from stages.prepare_data import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    args = ["--source", "snli_ve", "--root", str(root), "--out", str(out), "--workers", "1"]
+    for split in splits:
+        args += ["--split", split]
+    res = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 9, res.stderr
+
+
+def test_a_split_left_aside_by_a_killed_commit_is_named_not_overwritten_and_cleaned_once_back(tmp_path):
+    built, out = tmp_path / "snli", tmp_path / "out"
+    fx.build_snli_ve(built, split="dev")
+    assert prepare(built, out, "dev").exit_code == 0
+    previous = snapshot(out / "dev")
+    kill_between_renames(built, out, "dev")
+    assert not (out / "dev").exists()
+    (old,) = out.glob(".dev.old-*")
+    assert snapshot(old) == previous
+    # The only copy of the split is the hidden folder: a run refuses (naming it) rather than write a new split
+    # whose presence would make that copy look like a leftover.
+    line = error_line(prepare(built, out, "dev"))
+    assert str(old) in line and "move it back" in line
+    assert snapshot(old) == previous and not (out / "dev").exists()
+    # Moved back as the error says, the split is replaced and the leftover of the killed commit removed.
+    old.rename(out / "dev")
+    kill_between_renames(built, out, "dev")
+    (old,) = out.glob(".dev.old-*")
+    old.rename(out / "dev")
+    (out / ".dev.old-12345-0badc0de").mkdir()  # not named as this version names them: not ours to remove
+    (out / ".dev.old-12345-0badc0de" / "x").write_text("?")
+    assert prepare(built, out, "dev").exit_code == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".dev.old-")) == [
+        ".dev.old-12345-0badc0de"
+    ]
 
 
 @pytest.mark.parametrize("split", ["../elsewhere/dev", "ABS", "..", ".hidden", "a/b", "a\\b"])

@@ -10,7 +10,8 @@ A prepared dataset is a directory::
 
 A split is built in a hidden folder beside its destination (``.<split>.tmp-<pid>-<random>``) and renamed into
 place only when complete, so a failed or killed run leaves the previous split as it was, and only a folder
-recognisably a prepared split is ever replaced (see ``check_destination``).
+recognisably a prepared split is ever replaced (see ``check_destination``). The splits of one run are moved
+into place together, all or none (``commit_all``).
 
 Images are stored once however many instances use them; readers join an instance to its image by a
 seek into the image tar (no scan), which is what lets the training stream and the teacher read images in
@@ -31,7 +32,7 @@ import shutil
 import socket
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,19 +66,20 @@ def check_split_name(split: str) -> str:
 def check_destination(dest: str | Path) -> None:
     """Refuse, before any input is read, a destination that a prepare run could not replace safely.
 
-    Absent or an empty folder: fine. A prepared split (a regular dataset.json of ours and nothing but our
-    files): replaced when the new one is complete. Anything else (a symlink, a file, a foreign or half-written
-    folder) is left alone with an error naming it.
+    Absent or an empty folder: fine, unless a commit killed between its renames left the previous split in a
+    hidden ``.<split>.old-*`` folder beside it (``commit_all``): that folder is then the only copy, and the
+    error names it. A prepared split (a regular dataset.json of ours and nothing but our files): replaced when
+    the new one is complete. Anything else (a symlink, a file, a foreign or half-written folder) is left alone
+    with an error naming it.
     """
     dest = Path(dest)
     if dest.is_symlink():
         raise DataError(dest, "split folder", "is a symbolic link; refusing to write through it")
-    if not dest.exists():
-        return
-    if not dest.is_dir():
+    if dest.exists() and not dest.is_dir():
         raise DataError(dest, "split folder", "exists and is not a folder")
-    entries = sorted(p.name for p in dest.iterdir())
+    entries = sorted(p.name for p in dest.iterdir()) if dest.exists() else []
     if not entries:
+        _check_no_replaced_copy(dest)
         return
     info = dest / INFO_FILE
     why = _not_a_prepared_split(info)
@@ -96,6 +98,17 @@ def check_destination(dest: str | Path) -> None:
             "split folder",
             "not written by prepare_data; move it away to replace this split",
         )
+
+
+def _check_no_replaced_copy(dest: Path) -> None:
+    for old, state in _replaced_copies(dest):
+        if state != "running" and any(old.iterdir()):
+            raise DataError(
+                old,
+                "split folder",
+                f"previous version of {dest.name}, left by a run killed while replacing it; "
+                f"move it back to {dest} (or remove it) and run again",
+            )
 
 
 def _not_a_prepared_split(info: Path) -> str:
@@ -140,6 +153,7 @@ class DatasetWriter:
         self._made_parents = _mkdirs(self.out.parent)
         try:
             _remove_stale_tmp(self.out)
+            _remove_replaced(self.out)
             self.tmp = _new_dir(self.out.parent, f".{self.out.name}.tmp-{os.getpid()}-")
             (self.tmp / _TMP_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         except BaseException:
@@ -251,32 +265,9 @@ class DatasetWriter:
         return info
 
     def commit(self) -> dict:
-        """Move the finished split into place, replacing the previous one only if it is a prepared split."""
-        if self._state != "finished":
-            raise RuntimeError(f"DatasetWriter for {self.out}: commit() before finish() ({self._state})")
-        try:
-            check_destination(self.out)  # again: the folder may have changed while the input was read
-            (self.tmp / _TMP_MARK).unlink()
-            sync_tree(self.tmp)  # the split's files on disk before its name says it is complete
-            if self.out.exists():
-                old = _new_dir(self.out.parent, f".{self.out.name}.old-{os.getpid()}-")
-                os.replace(self.out, old)  # onto the empty folder just made: rename(2) allows that
-                try:
-                    os.replace(self.tmp, self.out)
-                except BaseException:
-                    os.replace(old, self.out)
-                    raise
-            else:
-                old = None
-                os.replace(self.tmp, self.out)
-            sync_dir(self.out.parent)
-        except BaseException:
-            self.abort()
-            raise
-        self._state = "committed"
-        if old is not None:
-            # The new split is in place; a previous one that cannot be removed is only a hidden leftover.
-            shutil.rmtree(old, ignore_errors=True)
+        """Move the finished split into place, replacing the previous one only if it is a prepared split
+        (``commit_all`` of this one writer)."""
+        commit_all([self])
         return self.info
 
     def close(self) -> dict:
@@ -294,6 +285,123 @@ class DatasetWriter:
                 w.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
         _remove_empty(self._made_parents)
+
+
+def commit_all(writers: Sequence[DatasetWriter]) -> None:
+    """Move several finished splits into place together: all of them, or none.
+
+    Every destination is checked again before anything moves (a folder may have changed while the input was
+    read). Then every previous split is renamed aside to ``.<split>.old-<host>-<pid>-<random>`` and every new
+    one renamed in; if any step fails, the moves are undone newest first (the new splits back to their temp
+    folders, the previous ones back into place) and every writer is aborted, so a failed commit changes
+    nothing. The previous splits are removed only once every new one is in place and the folder entries are on
+    disk. A process killed between the renames leaves a ``.old`` folder behind: ``check_destination`` refuses
+    a split that is missing while one exists (it is the only copy of that split; the error says where) and a
+    later writer removes it once its split is back in place (``_remove_replaced``).
+    """
+    for w in writers:
+        if w._state != "finished":
+            raise RuntimeError(f"DatasetWriter for {w.out}: commit() before finish() ({w._state})")
+    aside: list[tuple[DatasetWriter, Path]] = []  # (writer, the folder its previous split was moved to)
+    placed: list[DatasetWriter] = []
+    try:
+        for w in writers:  # every one before any moves: a late refusal must not find earlier splits replaced
+            check_destination(w.out)
+        for w in writers:
+            (w.tmp / _TMP_MARK).unlink()
+            sync_tree(w.tmp)  # the split's files on disk before its name says it is complete
+        for w in writers:
+            if w.out.exists():
+                old = _new_dir(w.out.parent, _old_prefix(w.out))
+                try:
+                    os.replace(w.out, old)  # onto the empty folder just made: rename(2) allows that
+                except BaseException:
+                    _remove_empty([old])
+                    raise
+                aside.append((w, old))
+        for w in writers:
+            os.replace(w.tmp, w.out)
+            placed.append(w)
+        for parent in dict.fromkeys(w.out.parent for w in writers):
+            sync_dir(parent)
+    except BaseException as e:
+        stuck = _roll_back(placed, aside)
+        for w in writers:
+            w.abort()
+        if stuck:
+            raise DataError(
+                stuck[0],
+                "split folder",
+                f"previous version of {stuck[0].name.split('.old-')[0][1:]}, which could not be moved back "
+                f"after a failed commit ({e}); move it back by hand before the next run, which would take it "
+                "for a leftover",
+            ) from e
+        raise
+    for w in writers:
+        w._state = "committed"
+    # Every new split is in place; a previous one that cannot be removed is only a hidden leftover.
+    for _, old in aside:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _roll_back(placed: list[DatasetWriter], aside: list[tuple[DatasetWriter, Path]]) -> list[Path]:
+    """Undo ``commit_all``'s renames, newest first; returns the previous splits that could not be put back."""
+    for w in reversed(placed):
+        with contextlib.suppress(OSError):  # then the previous split cannot go back either: reported below
+            os.replace(w.out, w.tmp)  # abort removes it from there
+    stuck = []
+    for w, old in reversed(aside):
+        try:
+            os.replace(old, w.out)
+        except OSError:
+            stuck.append(old)
+    for parent in dict.fromkeys(w.out.parent for w, _ in aside):
+        sync_dir(parent)
+    return stuck
+
+
+def _host_tag() -> str:
+    """This host, as a short name-safe tag (a host name may hold characters a folder name should not)."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _old_prefix(dest: Path) -> str:
+    return f".{dest.name}.old-{_host_tag()}-{os.getpid()}-"
+
+
+def _replaced_copies(dest: Path) -> list[tuple[Path, str]]:
+    """Previous versions of ``dest`` moved aside by ``commit_all`` and still there, each with who moved it:
+    "running" (a live process on this host: a commit in progress), "over" (a process of this host that no
+    longer exists) or "unknown" (another host, or a name this version does not write)."""
+    name = re.compile(rf"\.{re.escape(dest.name)}\.old-([0-9a-f]{{8}})-(\d+)-[0-9a-f]{{8}}")
+    found = []
+    for d in sorted(dest.parent.glob(f".{glob.escape(dest.name)}.old-*")):
+        if d.is_symlink() or not d.is_dir():
+            continue
+        m = name.fullmatch(d.name)
+        if m is None or m[1] != _host_tag():
+            state = "unknown"
+        else:
+            state = "running" if _alive(int(m[2])) else "over"
+        found.append((d, state))
+    return found
+
+
+def _remove_replaced(dest: Path) -> None:
+    """Remove the ``.old`` folders of this split that commits killed before their cleanup left, when that is
+    safe: a non-empty one only while ``dest`` holds a prepared split (the newer version; otherwise the .old
+    folder may be the only copy, and ``check_destination`` refuses the split instead), an empty one always;
+    and only those a process of this host left that no longer exists (a concurrent commit's is never
+    touched)."""
+    in_place = dest.is_dir() and not dest.is_symlink() and not _not_a_prepared_split(dest / INFO_FILE)
+    for d, state in _replaced_copies(dest):
+        if state != "over":
+            continue
+        if in_place:
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only when empty
 
 
 def _remove_empty(folders: list[Path]) -> None:
