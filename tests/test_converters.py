@@ -69,6 +69,27 @@ def test_a_vqa_answer_that_is_a_letter_article_prepares_under_on_error_fail(tmp_
     assert "" not in ds.answer_vocab()
 
 
+def test_a_vqa_answer_of_punctuation_alone_prepares_and_no_blank_answer_enters_the_vocabulary(
+    tmp_path: Path,
+) -> None:
+    # "What does the sign say?" on an unreadable sign -> "?" (6 annotators) / "stop" (4): normalised as
+    # vqaEval.py it was empty, which stopped the split; a minority "..." or a blank answer put "" into the
+    # vocabulary.
+    built = fx.build_vqa(tmp_path / "vqa")
+    file = built.root / "v2_mscoco_val2014_annotations.json"
+    doc = json.loads(file.read_text())
+    for k, a in enumerate(doc["annotations"][0]["answers"]):
+        a["answer"] = "?" if k < 6 else "stop"
+    doc["annotations"][0]["multiple_choice_answer"] = "?"
+    doc["annotations"][1]["answers"][0]["answer"] = "..."
+    doc["annotations"][1]["answers"][1]["answer"] = " "
+    file.write_text(json.dumps(doc))
+    ds, skipped = run(vqa, built, tmp_path / "out")
+    first, second = (by_key(ds)[f"vqa-{a['question_id']}"] for a in doc["annotations"][:2])
+    assert skipped["count"] == 0 and first.answer == "?" and second.human_answers[:2] == ["...", ""]
+    assert "" not in ds.answer_vocab() and {"?", "..."} <= set(ds.answer_vocab())
+
+
 @pytest.mark.parametrize(
     ("raw", "norm"),
     [
@@ -85,6 +106,10 @@ def test_a_vqa_answer_that_is_a_letter_article_prepares_under_on_error_fail(tmp_
         ("none", "0"),
         ("A", "a"),  # "What letter is this?": vqaEval.py empties it; an empty answer would stop the split
         ("the a", "the a"),
+        ("?", "?"),  # punctuation alone: vqaEval.py empties it too
+        ("...", "..."),
+        (" - ", "-"),
+        ("!!", "!!"),
     ],
 )
 def test_vqa_normalisation(raw: str, norm: str) -> None:

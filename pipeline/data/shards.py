@@ -221,7 +221,8 @@ class DatasetWriter:
         self.counts[inst.task] += 1
         self.domains[inst.domain] += 1
         if inst.task == "vqa":
-            self.answer_counts.update(inst.human_answers or [inst.answer])
+            # A blank human answer (the annotator typed none) is no answer a model could give.
+            self.answer_counts.update(a for a in inst.human_answers or [inst.answer] if a)
 
     def skip(self, err: DataError) -> None:
         self.report.handle(err)

@@ -14,8 +14,10 @@ are those of ``test2015``.
 Answers are normalised as the official VQA evaluation (vqaEval.py) normalises them before matching:
 punctuation stripped or turned into spaces, periods not followed by a digit dropped, lowercase, number words
 zero..ten (and "none") -> digits, articles dropped, apostrophe-less contractions restored ("dont" -> "don't").
-One departure: an answer that is only an article ("a" to "What letter is this?") keeps it, where vqaEval.py
-empties it; an empty answer would stop a labelled split under data.on_error=fail, or win a tie over a real one.
+Two departures, both where vqaEval.py would empty an answer: one that is only an article ("a" to "What letter
+is this?") keeps it, and one that normalises to nothing else ("?", "...", "-") is kept as typed, lowercased;
+an empty answer would stop a labelled split under data.on_error=fail, win a tie over a real one, or enter the
+answer vocabulary. A blank human answer stays blank and is not counted in the vocabulary.
 ``human_answers`` holds the 10 normalised annotator answers; ``answer`` is the most frequent of them (ties go
 to the normalised ``multiple_choice_answer`` when it is among the tied, else to the earliest annotator).
 
@@ -131,7 +133,8 @@ def normalize_answer(text: str) -> str:
     words = [_NUMBERS.get(w, w) for w in out.lower().split()]
     # A lone article is the answer itself (module docstring).
     kept = [w for w in words if w not in _ARTICLES] or words
-    return " ".join(_CONTRACTIONS.get(w, w) for w in kept)
+    # So is punctuation alone ("?" to an unreadable sign): normalised it would be no answer at all.
+    return " ".join(_CONTRACTIONS.get(w, w) for w in kept) or text.lower()
 
 
 def majority_answer(answers: list[str], preferred: str = "") -> str:
