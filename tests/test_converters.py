@@ -90,6 +90,24 @@ def test_a_vqa_answer_of_punctuation_alone_prepares_and_no_blank_answer_enters_t
     assert "" not in ds.answer_vocab() and {"?", "..."} <= set(ds.answer_vocab())
 
 
+def test_a_blank_vqa_majority_answer_is_reported_against_the_annotations_file(tmp_path: Path) -> None:
+    built = fx.build_vqa(tmp_path / "vqa")
+    file = built.root / "v2_mscoco_val2014_annotations.json"
+    doc = json.loads(file.read_text())
+    for k, a in enumerate(doc["annotations"][0]["answers"]):
+        a["answer"] = "" if k < 6 else "stop"
+    doc["annotations"][0]["multiple_choice_answer"] = ""
+    file.write_text(json.dumps(doc))
+    qid = doc["annotations"][0]["question_id"]
+    with pytest.raises(DataError) as e:
+        run(vqa, built, tmp_path / "out")
+    assert Path(e.value.file).name == file.name and e.value.where == f"key question_id={qid}"
+    assert "blank" in e.value.reason
+    ds, skipped = run(vqa, built, tmp_path / "skip", "skip")
+    assert skipped["count"] == 1 and skipped["skipped"][0]["file"] == str(file)
+    assert len(ds) == fx.GOOD_INSTANCES - 1
+
+
 @pytest.mark.parametrize(
     ("raw", "norm"),
     [

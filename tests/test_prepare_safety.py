@@ -294,6 +294,16 @@ def _lone_surrogate_vqa(tmp_path: Path) -> tuple[fx.Built, str]:
     return built, q.name
 
 
+def _lone_surrogate_vqa_answer(tmp_path: Path) -> tuple[fx.Built, str]:
+    # An annotator's answer, in the annotations file: the error names that file, not the questions file.
+    built = fx.build_vqa(tmp_path / "vqa")
+    a = built.root / "v2_mscoco_val2014_annotations.json"
+    text = a.read_text()
+    assert text.count('"answer": "Two"') == 1  # the first answer to question 1000
+    a.write_text(text.replace('"answer": "Two"', '"answer": "Tw\\ud800o"'))
+    return built, a.name
+
+
 def _lone_surrogate_snli(tmp_path: Path) -> tuple[fx.Built, str]:
     built = fx.build_snli_ve(tmp_path / "snli")
     path = built.root / "snli_ve_dev.jsonl"
@@ -307,6 +317,7 @@ def _lone_surrogate_snli(tmp_path: Path) -> tuple[fx.Built, str]:
     ("source", "make", "where", "field"),
     [
         ("vqa", _lone_surrogate_vqa, "question_id=1000", "question"),
+        ("vqa", _lone_surrogate_vqa_answer, "question_id=1000 answers[0]", "answer"),
         ("snli_ve", _lone_surrogate_snli, "line 2", "hypothesis"),
     ],
 )

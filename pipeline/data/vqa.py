@@ -23,7 +23,8 @@ to the normalised ``multiple_choice_answer`` when it is among the tied, else to 
 
 Whole-file problems (missing or malformed questions/annotations file) always raise: there is no item to skip.
 Item problems (question without annotation, annotation without question, != 10 answers, mismatched image id,
-missing or undecodable image) go through ``writer.skip``.
+an answer that is not valid Unicode, a blank majority answer, missing or undecodable image) go through
+``writer.skip``, naming the file the problem is in.
 """
 
 from __future__ import annotations
@@ -234,15 +235,24 @@ def _build(
         raw = require(ann, "answers", list, a_path, where)
         if len(raw) != VQA_HUMAN_ANSWERS:
             raise DataError(a_path, where, f"expected {VQA_HUMAN_ANSWERS} answers, got {len(raw)}")
+        # Everything taken from the annotations file is checked here, naming that file: the schema check in
+        # InstanceSink.add would name the questions file, where the instance was read.
         for k, a in enumerate(raw):
             if not isinstance(a, dict):
                 raise DataError(a_path, where, f"answers[{k}]: expected an object")
-            human.append(normalize_answer(require(a, "answer", str, a_path, f"{where} answers[{k}]")))
+            at = f"{where} answers[{k}]"
+            human.append(normalize_answer(_text(require(a, "answer", str, a_path, at), "answer", a_path, at)))
         preferred = ann.get("multiple_choice_answer")
         answer = majority_answer(human, normalize_answer(preferred) if isinstance(preferred, str) else "")
+        if not answer:
+            raise DataError(
+                a_path,
+                where,
+                f"the most frequent answer is blank ({human.count('')} of {len(human)} answers)",
+            )
         for name in ("question_type", "answer_type"):
             if name in ann:
-                meta[name] = require(ann, name, str, a_path, where)
+                meta[name] = _text(require(ann, name, str, a_path, where), name, a_path, where)
 
     inst = Instance(
         key=f"vqa-{qid}",
@@ -257,3 +267,14 @@ def _build(
     )
     image_path = root / image_split / f"COCO_{image_split}_{image_id:012d}.jpg"
     return inst, image_path, where
+
+
+def _text(value: str, name: str, file: Path, where: str) -> str:
+    """``value``, or a DataError naming ``file``: a lone surrogate (a JSON escape such as "\\ud800") is a str
+    but no text, which the schema check refuses too (schema.py)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        at = f"U+{ord(value[e.start]):04X} at {e.start} in {value!r:.80}"
+        raise DataError(file, where, f"field '{name}': not valid Unicode: lone surrogate {at}") from None
+    return value
