@@ -175,6 +175,27 @@ def test_snli_ve_happy_path(tmp_path: Path) -> None:
     assert sorted({i.label for i in ds.iter_instances()}) == [0, 1, 2]
 
 
+def test_snli_ve_reads_the_image_id_as_the_generators_first_release_spells_it(tmp_path: Path) -> None:
+    # necla-ml/SNLI-VE's snli_ve_generator.py first wrote "Flikr30kID": "<id>.jpg", the files several loaders read.
+    built = fx.build_snli_ve(tmp_path / "snli")
+    path = built.root / "snli_ve_dev.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for rec in lines:
+        rec["Flikr30kID"] = rec.pop("Flickr30K_ID") + ".jpg"
+    path.write_text("".join(json.dumps(rec) + "\n" for rec in lines))
+    ds, skipped = run(snli_ve, built, tmp_path / "out")
+    assert skipped["count"] == 0 and len(ds) == fx.GOOD_INSTANCES
+    inst = by_key(ds)["snli-3416050481_jpg_1r1c"]
+    assert inst.image_id == "flickr-3416050481" and inst.meta["flickr30k_id"] == "3416050481"
+    # With neither spelling the error names the field (and the alias), the file and the line.
+    del lines[1]["Flikr30kID"]
+    path.write_text("".join(json.dumps(rec) + "\n" for rec in lines))
+    with pytest.raises(
+        DataError, match=r"snli_ve_dev\.jsonl: line 2: missing field 'Flickr30K_ID' \(or 'Flikr30kID'\)"
+    ):
+        run(snli_ve, built, tmp_path / "out2")
+
+
 def test_vcr_happy_path(tmp_path: Path) -> None:
     ds, skipped = run(vcr, fx.build_vcr(tmp_path / "vcr"), tmp_path / "out")
     assert len(ds) == fx.GOOD_INSTANCES and ds.info["images"] == fx.GOOD_IMAGES and skipped["count"] == 0

@@ -6,6 +6,10 @@ Reads, under ``root``::
                                      pairID, optionally sentence1 (the caption the hypothesis was written for)
     flickr30k_images/<Flickr30K_ID>.jpg
 
+The image id is read from ``Flickr30K_ID`` ("3416050480") or, as the official generator's first release
+(necla-ml/SNLI-VE, snli_ve_generator.py) writes it, ``Flikr30kID`` ("3416050480.jpg"); a trailing ".jpg" is
+dropped from either.
+
 The image is the premise. ``label`` indexes ``SNLI_LABELS``; a gold label outside it (SNLI's "-" for pairs
 without annotator consensus) is bad input, not a fourth class. The key is ``snli-<pairID>`` with characters a
 WebDataset key may not hold replaced by '_' ("3416050480.jpg#4r1n" -> "snli-3416050480_jpg_4r1n").
@@ -37,11 +41,21 @@ def convert(root: Path, split: str, writer: DatasetWriter, workers: int = 1) -> 
             sink.add(inst, image_path, path, where)
 
 
+# The field holding the image id, by spelling (module docstring): the released files' first.
+_ID_FIELDS = ("Flickr30K_ID", "Flikr30kID")
+
+
 def _build(rec: dict, path: Path, where: str, split: str, root: Path) -> tuple[Instance, Path]:
-    # Flickr30K ids are written as strings in the official files but as numbers by some re-exports.
-    flickr_id = str(require(rec, "Flickr30K_ID", (str, int), path, where)).strip()
+    field = next((name for name in _ID_FIELDS if rec.get(name) is not None), None)
+    if field is None:
+        raise DataError(
+            path, where, f"missing field {_ID_FIELDS[0]!r} (or {', '.join(map(repr, _ID_FIELDS[1:]))})"
+        )
+    # Flickr30K ids are written as strings in the official files but as numbers by some re-exports, and as the
+    # image's file name ("<id>.jpg") by the generator's first release.
+    flickr_id = str(require(rec, field, (str, int), path, where)).strip().removesuffix(".jpg")
     if not flickr_id.isdigit():
-        raise DataError(path, where, f"Flickr30K_ID {flickr_id!r} is not a numeric Flickr30K image id")
+        raise DataError(path, where, f"{field} {flickr_id!r} is not a numeric Flickr30K image id")
     hypothesis = require(rec, "sentence2", str, path, where).strip()
     if not hypothesis:
         raise DataError(path, where, "empty sentence2 (hypothesis)")
