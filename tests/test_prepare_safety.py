@@ -188,9 +188,9 @@ def test_a_split_left_aside_by_a_killed_commit_is_named_not_overwritten_and_clea
     (out / ".dev.old-12345-0badc0de").mkdir()  # not named as this version names them: not ours to remove
     (out / ".dev.old-12345-0badc0de" / "x").write_text("?")
     assert prepare(built, out, "dev").exit_code == 0
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".dev.old-")) == [
-        ".dev.old-12345-0badc0de"
-    ]
+    assert [p.name for p in out.glob(".dev.old-*")] == [".dev.old-12345-0badc0de"]
+    # Nor is the new split each killed commit left in its (by then unmarked) temp folder kept.
+    assert not list(out.glob(".dev.tmp-*"))
 
 
 @pytest.mark.parametrize("split", ["../elsewhere/dev", "ABS", "..", ".hidden", "a/b", "a\\b"])

@@ -8,10 +8,10 @@ A prepared dataset is a directory::
     images.index.json     image id -> [shard, byte offset, size, ext, sha1]: random access into the image tars
     skipped.json          the skip report (empty under the fail policy)
 
-A split is built in a hidden folder beside its destination (``.<split>.tmp-<pid>-<random>``) and renamed into
-place only when complete, so a failed or killed run leaves the previous split as it was, and only a folder
-recognisably a prepared split is ever replaced (see ``check_destination``). The splits of one run are moved
-into place together, all or none (``commit_all``).
+A split is built in a hidden folder beside its destination (``.<split>.tmp-<host>-<pid>-<random>``) and
+renamed into place only when complete, so a failed or killed run leaves the previous split as it was, and only
+a folder recognisably a prepared split is ever replaced (see ``check_destination``). The splits of one run are
+moved into place together, all or none (``commit_all``).
 
 Images are stored once however many instances use them; readers join an instance to its image by a
 seek into the image tar (no scan), which is what lets the training stream and the teacher read images in
@@ -154,7 +154,7 @@ class DatasetWriter:
         try:
             _remove_stale_tmp(self.out)
             _remove_replaced(self.out)
-            self.tmp = _new_dir(self.out.parent, f".{self.out.name}.tmp-{os.getpid()}-")
+            self.tmp = _new_dir(self.out.parent, f".{self.out.name}.tmp-{_host_tag()}-{os.getpid()}-")
             (self.tmp / _TMP_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         except BaseException:
             _remove_empty(self._made_parents)
@@ -438,16 +438,24 @@ def _mkdirs(path: Path) -> list[Path]:
 
 def _remove_stale_tmp(dest: Path) -> None:
     """Remove temp folders of this split left by killed runs: only those marked as ours, by this host, by a
-    process that no longer exists (so a concurrent run's folder is never touched)."""
+    process that no longer exists (so a concurrent run's folder is never touched). A commit unlinks the mark
+    just before its renames, so a run killed there leaves an unmarked one: its name (host tag and pid) says
+    the same, and it holds only a new split, never the only copy of one."""
     host = socket.gethostname()
+    name = re.compile(rf"\.{re.escape(dest.name)}\.tmp-([0-9a-f]{{8}})-(\d+)-[0-9a-f]{{8}}")
     for d in dest.parent.glob(f".{glob.escape(dest.name)}.tmp-*"):
         mark = d / _TMP_MARK
         try:
-            if d.is_symlink() or mark.is_symlink() or not mark.is_file():
+            if d.is_symlink() or mark.is_symlink():
                 continue
-            mark_host, pid = mark.read_text().split()
-            if mark_host != host or _alive(int(pid)):
-                continue
+            if mark.is_file():
+                mark_host, pid = mark.read_text().split()
+                if mark_host != host or _alive(int(pid)):
+                    continue
+            else:
+                m = name.fullmatch(d.name)
+                if m is None or m[1] != _host_tag() or _alive(int(m[2])):
+                    continue
         except (OSError, ValueError):
             continue
         shutil.rmtree(d, ignore_errors=True)
