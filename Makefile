@@ -39,7 +39,7 @@ repro: setup
 STUDY_FIRST := zeroshot_full main@*-lowshot-0.01-baseline-* main@*-lowshot-0.01-clip_td-* main@*-shift-baseline-* \
   main@*-shift-clip_td-* main@*-lowshot-0.01-blind-* main@*-shift-blind-* ablation@vqa-lowshot-0.01-* \
   main@*-lowshot-0.01-naive_kd-* main@*-shift-naive_kd-* main@*-full-* dose@vcr-* dose@* \
-  ablation@*-lowshot-0.01-* scratch@* extra@*
+  ablation@*-lowshot-0.01-* scratch@* extra@* unlabeled@*
 study: setup
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.repro --jobs $(JOBS) --keep-going \

@@ -61,12 +61,13 @@ class StudyParams:
     main: Group = field(default_factory=Group)
     scratch: Group = field(default_factory=Group)
     extra: Group = field(default_factory=Group)
+    unlabeled: Group = field(default_factory=Group)
     ablation: Group = field(default_factory=Group)
     dose: DoseGroup = field(default_factory=DoseGroup)
     # Instances per task (train split, first N) the selection diagnostic scores.
     selection_instances: int = 1000
 
-    GROUPS = ("main", "scratch", "extra", "ablation", "dose")
+    GROUPS = ("main", "scratch", "extra", "unlabeled", "ablation", "dose")
 
 
 def _check_list(where: str, value: Any, kind: type) -> list:
