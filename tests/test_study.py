@@ -329,6 +329,30 @@ def test_a_missed_target_names_its_diagnostics_and_a_partial_study_says_incomple
     assert "Incomplete: 2 cell(s)" in (out / "results.md").read_text()
 
 
+def test_a_dose_response_needs_the_finished_teacher_to_beat_the_random_one_seed_for_seed(tmp_path):
+    """Means in the right order are not a gain that grows with the teacher: the random teacher's cells here
+    score as the finished teacher's give or take seed noise (paired difference +0.007, 95% CI across 0), so
+    what the student gains is not shown to be what the teacher learned."""
+    runs, out = tmp_path / "runs", tmp_path / "reports"
+    _fill(runs)
+    noise = {100: -0.06, 101: 0.0, 102: 0.04}
+    for seed, dn in noise.items():
+        full = json.loads((runs / "pretrained-full" / f"vqa-shift-clip_td-s{seed}" / "eval.json").read_text())
+        rnd = runs / "pretrained-step0" / f"vqa-shift-clip_td-s{seed}" / "eval.json"
+        data = json.loads(rnd.read_text())
+        data["primary"] = data["metrics"]["overall"]["vqa_score"] = full["primary"] + dn
+        rnd.write_text(json.dumps(data))
+    result = write_study_report(_study(), runs, out)
+    (cell,) = next(t for t in result["targets"] if t["id"] == "dose_response")["cells"]
+    assert cell["gain_with_full_teacher"] and cell["means_ordered"] and cell["vanishes_at_random"]
+    assert not cell["beats_random_teacher"] and cell["ok"] is False
+    dose = json.loads((out / "targets.json").read_text())["dose"]
+    full_row = next(d for d in dose if d["steps"] != 0)
+    assert full_row["vs_random"]["mean"] == pytest.approx(-sum(noise.values()) / 3)
+    assert full_row["vs_random"]["ci95"][0] < 0 < full_row["vs_random"]["ci95"][1]
+    assert "| vs random teacher | 95% CI |" in (out / "results.md").read_text()
+
+
 def test_dose_response_without_any_gain_is_a_miss_not_a_trivially_growing_curve(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "reports"
     OFFSET_NONE = {**OFFSET, "clip_td": 0.0}

@@ -133,17 +133,19 @@ def markdown(
             "## Teacher dose-response",
             "",
             "clip_td's paired Δ against the baseline (same init, seeds) when distilled from the teacher after "
-            "N pretraining steps (0 = random init).",
+            "N pretraining steps (0 = random init). *vs random teacher*: clip_td with this teacher minus with "
+            "the random one, paired per seed: whether what the teacher learned is what the student gains.",
             "",
             "| init | task | condition | teacher steps | teacher retrieval top-1 | teacher zero-shot | Δ | "
-            "95% CI | p |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "95% CI | p | vs random teacher | 95% CI |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for d in dose:
+            vr = d.get("vs_random") or {}
             lines.append(
                 f"| {d['init']} | {d['task']} | {d['condition']} | {d['steps']} | {fmt(d['retrieval_top1'])} "
                 f"| {fmt(d['zeroshot'])} | {fmt(d['delta_mean'], sign=True)} | {fmt_ci(d['ci95'])} | "
-                f"{fmt_p(d['p'])} |"
+                f"{fmt_p(d['p'])} | {fmt(vr.get('mean'), sign=True)} | {fmt_ci(vr.get('ci95'))} |"
             )
         lines.append("")
 
@@ -368,7 +370,11 @@ def write_study_report(
     teacher = load_optional_json(teacher_path) if teacher_path else None
     if teacher and "all" in teacher:
         snaps["full"] = teacher["all"].get("random_top1")
-    dose = dose_table(sp, summaries, (teacher or {}).get("steps"), zeroshot, snaps) if sp.dose.methods else []
+    dose = (
+        dose_table(sp, summaries, (teacher or {}).get("steps"), zeroshot, snaps, rows)
+        if sp.dose.methods
+        else []
+    )
     tgts = targets(sp, summaries, rows, zeroshot, selection, dose)
     wall = wall_time(rows, [m for p in timed if (m := load_optional_json(p))])
     contrast = init_contrast(summaries)
