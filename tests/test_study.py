@@ -391,6 +391,17 @@ def test_a_miss_is_explained_by_the_floor_and_by_plain_distillation_when_the_num
     )
     why = explain("vqa", "lowshot-0.01", summary, {}, None, [])
     assert not any("floor" in w or "naive_kd" in w for w in why)
+    # With per-seed Δs (as summarise gives them) the floor is a paired test: a mean below it within the seeds'
+    # noise is "at" the floor, not below it.
+    seeds = [100, 101, 102]
+    summary[1]["paired"] |= {"seeds": seeds, "diffs": [-0.07, -0.06, -0.08]}
+    summary[2] = entry("clip_td", 0.39, -0.08, [-0.2, 0.04])
+    summary[2]["paired"] |= {"seeds": seeds, "diffs": [-0.12, -0.02, -0.10]}
+    why = explain("vqa", "lowshot-0.01", summary, {}, None, [])
+    assert any("is at the blind floor (0.400, paired 95% CI [" in w for w in why)
+    summary[2]["paired"]["diffs"] = [-0.11, -0.09, -0.10]
+    why = explain("vqa", "lowshot-0.01", summary, {}, None, [])
+    assert any("falls below the blind floor (0.400, paired 95% CI [-0.055, -0.005])" in w for w in why)
 
 
 def test_only_the_cells_that_missed_are_explained():

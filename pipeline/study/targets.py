@@ -71,10 +71,19 @@ def explain(
         and blind["mean"] is not None
         and clip["mean"] < blind["mean"]
     ):
-        why.append(
-            f"clip_td ({clip['mean']:.3f}) falls below the blind floor ({blind['mean']:.3f}): the distillation "
-            "term outweighs the labels and the student learns less from the image than from no image"
-        )
+        below = _below_floor(clip, blind)
+        if below is None or below["ci95"] is None or below["ci95"][1] < 0:
+            test = "" if below is None or below["ci95"] is None else f", paired 95% CI {_ci(below['ci95'])}"
+            why.append(
+                f"clip_td ({clip['mean']:.3f}) falls below the blind floor ({blind['mean']:.3f}{test}): the "
+                "distillation term outweighs the labels and the student learns less from the image than from "
+                "no image"
+            )
+        else:
+            why.append(
+                f"clip_td ({clip['mean']:.3f}) is at the blind floor ({blind['mean']:.3f}, paired 95% CI "
+                f"{_ci(below['ci95'])}): the student gains nothing from the image over the text alone"
+            )
     kd = _cell(summary, task, cond, "naive_kd")
     kd_delta = (kd or {}).get("paired") or {}  # summarise()'s row: the paired Δ against the baseline
     if kd_delta.get("ci95") and kd_delta["ci95"][1] < 0:
@@ -96,6 +105,22 @@ def explain(
     if rnd and rnd[0]["verdict"] == "gain":
         why.append("the random (step-0) teacher gives a gain too: the gain is not the teacher's knowledge")
     return why or ["no diagnostic flags this cell (the effect is within seed noise)"]
+
+
+def _below_floor(clip: dict, blind: dict) -> dict | None:
+    """clip_td − blind paired per seed, from each one's per-seed Δ against the same baseline (the baseline
+    cancels); None when the rows do not carry them."""
+    a, b = clip.get("paired") or {}, blind.get("paired") or {}
+    if not (a.get("diffs") and b.get("diffs")):
+        return None
+    c = compare(
+        dict(zip(a["seeds"], a["diffs"], strict=True)), dict(zip(b["seeds"], b["diffs"], strict=True))
+    )
+    return c["paired"]
+
+
+def _ci(ci: Sequence[float]) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
 def _low(test: dict | None) -> float:
