@@ -13,8 +13,10 @@ are those of ``test2015``.
 
 Answers are normalised as the official VQA evaluation (vqaEval.py) normalises them before matching:
 punctuation stripped or turned into spaces, periods not followed by a digit dropped, lowercase, number words
-zero..ten (and "none") -> digits, articles dropped, apostrophe-less contractions restored ("dont" -> "don't").
-Two departures, both where vqaEval.py would empty an answer: one that is only an article ("a" to "What letter
+zero..ten (and "none") -> digits, articles dropped, apostrophe-less contractions restored ("dont" -> "don't"):
+the common ones of vqaEval.py's map (``_CONTRACTIONS``), plus "im" and "ive", which its capitalised keys
+("Im", "Ive") never match after lowercasing; rarer forms ("hes", "oclock", "youll") stay as typed, on both
+sides of a match alike. Two more departures, both where vqaEval.py would empty an answer: one that is only an article ("a" to "What letter
 is this?") keeps it, and one that normalises to nothing else ("?", "...", "-") is kept as typed, lowercased;
 an empty answer would stop a labelled split under data.on_error=fail, win a tie over a real one, or enter the
 answer vocabulary. A blank human answer stays blank and is not counted in the vocabulary.
