@@ -2,8 +2,8 @@
 
 Trains students in-process (no DVC, no per-run start-up) and scores each final student on the validation
 instances of its condition: the training domains only, so a shift run never sees the held-out target domain,
-not even its validation images. Tuning seeds must be disjoint from the reported ones (protocol.seeds): a
-setting chosen on the seeds it is reported on is chosen on its own result. One JSON line per run, with the
+not even its validation images. Tuning seeds must be disjoint from the reported ones (protocol.seeds and the
+study's study.seeds): a setting chosen on the seeds it is reported on is chosen on its own result. One JSON line per run, with the
 data's fingerprint, is appended to --out; docs/tuning.md cites these lines.
 
     python -m benchmarks.tune_val --task vqa --condition lowshot-0.1 --methods baseline,clip_td --seeds 1000,1001 \\
@@ -28,6 +28,7 @@ from pipeline.metrics import PRIMARY
 from pipeline.protocol import make_split
 from pipeline.report.markdown import fmt_ci, fmt_p
 from pipeline.report.stats import holm, paired_test
+from pipeline.study import load_study
 from student.evaluation import evaluate
 from student.train import RunSpec, Trainer
 
@@ -195,9 +196,15 @@ def recorded_overrides(overrides: tuple[str, ...] | list[str]) -> tuple[list[str
     is_flag=True,
     help="Print the blind (text-only) validation score per task and exit.",
 )
+@click.option(
+    "--study",
+    "study_path",
+    default="study/params.yaml",
+    help="The study whose seeds (study.seeds) are reported too, so never tuned on (skipped if absent).",
+)
 def main(
     task, condition, methods, seeds, data_root, cache, params_path, overrides, threads, out, tag, show_summary,
-    compare_tags, show_prior,
+    compare_tags, show_prior, study_path,
 ) -> None:  # fmt: skip
     if compare_tags:
         tags = compare_tags.split(",")
@@ -217,10 +224,12 @@ def main(
     torch.set_num_threads(threads)
     params = load_params(params_path, list(overrides))
     seed_list = [int(s) for s in seeds.split(",")]
-    reported = sorted(set(seed_list) & set(params.protocol.seeds))
+    study_seeds = load_study(study_path).seeds if Path(study_path).is_file() else []
+    reported = sorted(set(seed_list) & {*params.protocol.seeds, *study_seeds})
     if reported:
         raise click.UsageError(
-            f"--seeds {','.join(map(str, reported))}: reported seeds (protocol.seeds); tune on others"
+            f"--seeds {','.join(map(str, reported))}: reported seeds (protocol.seeds, {study_path}'s "
+            "study.seeds); tune on others"
         )
     val = PreparedDataset(Path(data_root) / "val")
     train = PreparedDataset(Path(data_root) / "train")

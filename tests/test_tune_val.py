@@ -77,3 +77,40 @@ def test_a_file_override_is_recorded_relative_to_the_repository_with_its_hash(tm
         "teacher.checkpoint": want,
         "x": want,  # a relative path is read from the working folder
     }
+
+
+def test_the_study_seeds_are_refused_and_every_tuning_seed_is_declared_to_the_study(tmp_path):
+    """No setting may be chosen on a seed the study reports, and the study's own guard (study.tuning_seeds,
+    refused as study seeds) must know every seed a committed tuning record used."""
+    from click.testing import CliRunner
+
+    from benchmarks.tune_val import main
+    from pipeline.study import load_study
+    from tests.conftest import REPO
+
+    study = load_study(REPO / "study" / "params.yaml")
+    args = [
+        "--task",
+        "vqa",
+        "--condition",
+        "full",
+        "--data",
+        str(tmp_path),
+        "--params",
+        str(REPO / "params.yaml"),
+    ]
+    r = CliRunner().invoke(
+        main, [*args, "--seeds", f"5000,{study.seeds[0]}", "--study", str(REPO / "study" / "params.yaml")]
+    )
+    assert (
+        r.exit_code == 2
+        and f"--seeds {study.seeds[0]}: reported seeds" in r.output
+        and "study.seeds" in r.output
+    )
+    used = {
+        json.loads(line)["seed"]
+        for f in (REPO / "benchmarks" / "results").glob("tuning*.jsonl")
+        for line in f.read_text().splitlines()
+        if line.strip()
+    }
+    assert used and used <= set(study.tuning_seeds), sorted(used - set(study.tuning_seeds))
