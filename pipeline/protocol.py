@@ -109,10 +109,17 @@ def make_split(
     if val is not None:
         val_keys = sorted(i.key for i in val if i.task == task and in_source(i))
     else:
-        # No val split: hold out a seeded slice of the training source; it is removed from training.
-        cut = sorted(source, key=lambda i: _rank(seed + 10_000, i.key))[
-            : max(1, int(val_fraction * len(source)))
-        ]
+        # No val split: hold out a seeded slice of the training source; it is removed from training. Whole
+        # images go (VQA and VCR ask several questions of one image): a question held out beside another of
+        # its image in training would select the checkpoint on an image the student was trained on.
+        by_image: dict[str, list[Instance]] = defaultdict(list)
+        for i in source:
+            by_image[i.image_id].append(i)
+        want, cut = max(1, int(val_fraction * len(source))), []
+        for image in sorted(by_image, key=lambda im: _rank(seed + 10_000, im)):
+            if len(cut) >= want:
+                break
+            cut += by_image[image]
         val_keys = sorted(i.key for i in cut)
         held = set(val_keys)
         source = [i for i in source if i.key not in held]

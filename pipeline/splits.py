@@ -112,6 +112,16 @@ def resolve_splits(data_root: str | Path, roles: SplitRoles | None = None) -> Sp
             )  # fmt: skip
     train, val, test = chosen["train"], chosen["val"], chosen["test"]
     assert train is not None and test is not None
+    # Two roles on one folder: a val (or train) folder that is the test folder selects the checkpoint on the
+    # test set it is then scored on; a val folder that is train selects on the training data.
+    for role, other in (("val", "test"), ("train", "test"), ("val", "train")):
+        if chosen[role] is not None and chosen[role] == chosen[other]:
+            key = f"protocol.splits.{role}" if getattr(roles, role) else f"protocol.splits.{other}"
+            raise SplitError(
+                chosen[role], key,
+                f"the {role} and {other} roles name the same split; give each its own (the val role may be "
+                f"'{VAL_SLICE}': a slice of train)",
+            )  # fmt: skip
     return SplitDirs(root, source, train, val, test)
 
 

@@ -164,6 +164,8 @@ def evaluate(
 ) -> dict:
     """Every instance of ``keys`` exactly once → {"metrics": overall + per domain, "primary": float, "n": int}.
     ``batches``: those instances already encoded (``BatchCache``), instead of reading them from ``ds``."""
+    if not keys:
+        raise ValueError(f"{ds.path}: no {spec.task} instance to evaluate (a score on none would read 0.0)")
     was_training = student.training
     student.eval()
     heads.eval()

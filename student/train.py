@@ -202,6 +202,15 @@ class Trainer:
             )  # fmt: skip
         except ValueError as e:  # no training instances for the task/condition, a shift without a target
             raise RunSetupError(f"{root}: {e}") from None
+        if not self.split.val:
+            # Every validation would score 0.0 on no instance, and "best" would freeze at the first one.
+            where = self.splits.val or f"the slice of {self.splits.train}"
+            shift = f" outside the shift target ({pp.shift_key} = {pp.shift_target_domain!r})"
+            raise RunSetupError(
+                f"{where}: no validation instance of {run.task}"
+                + (shift if run.condition.startswith("shift") else "")
+                + " (protocol.splits.val)"
+            )
         if self.cfg.unlabeled == "target" and not run.condition.startswith("shift"):
             raise RunSetupError(
                 f"{run.method} distils on the shifted target domain's images: it needs --condition shift"
@@ -502,6 +511,13 @@ class Trainer:
         if not isinstance(err, _PeerNonFinite):
             self._all_ranks_finite(False)  # the vote the other ranks are waiting in
         self.opt.zero_grad(set_to_none=True)
+        # The step is spent (its batch, its place in the λ schedule and the eval cadence), so the learning rate
+        # moves on with it: otherwise the schedule lags a step per skip and never reaches its last values.
+        with (
+            warnings.catch_warnings()
+        ):  # torch's "scheduler before optimizer" note, when the first step is skipped
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.sched.step()
         self.nonfinite_steps += 1
         limit = MAX_NONFINITE_FRACTION * tp.steps
         if self.nonfinite_steps > limit:

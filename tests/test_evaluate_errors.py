@@ -139,3 +139,13 @@ def test_a_failed_result_write_leaves_the_previous_file_and_no_temporary(tmp_pat
     out.symlink_to(target)
     write_json(out, {"primary": 0.7})
     assert target.read_text() == "theirs" and not out.is_symlink() and out.read_text().endswith("}\n")
+
+
+def test_no_instance_to_score_is_an_error_not_a_zero():
+    """A test (or validation) set with no instance of the task would report 0.0 on n = 0 as a score."""
+    from types import SimpleNamespace
+
+    from student.evaluation import evaluate
+
+    with pytest.raises(ValueError, match=r"data/test: no vcr instance to evaluate"):
+        evaluate(None, None, SimpleNamespace(path="data/test"), [], SimpleNamespace(task="vcr"))

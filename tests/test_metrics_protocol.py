@@ -138,6 +138,22 @@ def test_val_carved_from_train_when_no_val_split_and_disjoint():
     assert s.unlabeled_images  # the images the low-shot subset dropped, for the KD-only variants
 
 
+def test_the_val_slice_holds_out_whole_images():
+    """VQA and VCR ask several questions of one image: a held-out question beside another of its image in
+    training would select the checkpoint on an image the student trained on."""
+    pool = [
+        Instance(key=f"q{k}", task="vqa", image_id=f"img{k // 5}", split="train", question="what?",
+                 answer=f"a{k % 3}", human_answers=[f"a{k % 3}"] * 10)
+        for k in range(500)
+    ]  # fmt: skip
+    test = [Instance(key="t0", task="vqa", image_id="timg", split="test", question="what?", answer="a0",
+                     human_answers=["a0"] * 10)]  # fmt: skip
+    s = make_split("vqa", "full", 0, pool, test, None)
+    image_of = {i.key: i.image_id for i in pool}
+    held = {image_of[k] for k in s.val}
+    assert len(s.val) >= 50 and not held & {image_of[k] for k in s.train}
+
+
 @pytest.mark.parametrize(
     ("name", "says"),
     [("lowshot-2.0", "fraction 2.0 is not in (0, 1)"), ("lowshot-0", "fraction 0 is not in (0, 1)"),

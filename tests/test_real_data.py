@@ -58,6 +58,16 @@ def test_protocol_splits_overrides_a_role_and_a_missing_one_names_folder_and_key
     assert "test2015" in msg and "protocol.splits.test" in msg and "val2014" in msg
 
 
+def test_a_val_role_on_the_test_folder_is_refused(tmp_path):
+    """Real VQA's test role is the folder named val2014: naming it as protocol.splits.val would select the
+    exported student on the test set it is then scored on."""
+    _prepared(tmp_path, "vqa", "train2014", "val2014")
+    with pytest.raises(SplitError, match=r"protocol.splits.val.*the val and test roles name the same split"):
+        resolve_splits(tmp_path, SplitRoles(val="val2014"))
+    with pytest.raises(SplitError, match=r"the val and train roles name the same split"):
+        resolve_splits(tmp_path, SplitRoles(val="train2014"))
+
+
 def test_a_missing_standard_split_says_how_to_prepare_it(tmp_path):
     _prepared(tmp_path, "vqa", "train2014")
     with pytest.raises(SplitError) as err:

@@ -674,6 +674,8 @@ def test_nonfinite_loss_fails_skips_or_stops(world, student_world, tmp_path, mon
     ckpt = torch.load(tmp_path / "skip" / "checkpoint.pt", weights_only=True)
     assert ckpt["nonfinite_steps"] == 1
     assert {int(s["step"]) for s in ckpt["opt"]["state"].values()} == {9}  # 10 batches, 9 optimizer steps
+    # The skipped step spent its place in the learning-rate schedule too: it ends where a run of 10 steps does.
+    assert ckpt["sched"]["last_epoch"] == 10
 
     _nan_on_calls(monkeypatch, {2, 5})  # 2 of 10 steps > 10%
     tr = Trainer(_student_params(world, **{"train.on_nonfinite": "skip"}), run("many"), progress=False)

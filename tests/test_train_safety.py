@@ -255,6 +255,20 @@ def test_cache_of_other_data_is_one_line(world, done, tmp_path):
 # ------------------------------------------------------------------------------------- params and conditions
 
 
+def test_a_run_with_no_validation_instance_is_refused(world, tmp_path, monkeypatch):
+    """A val split without the task (or without the source domains under shift) would score every validation
+    0.0 on no instance and export the first checkpoint as the best."""
+    import dataclasses
+
+    import student.train as T
+
+    real = T.make_split
+    monkeypatch.setattr(T, "make_split", lambda *a, **k: dataclasses.replace(real(*a, **k), val=[]))
+    line = error_line(train(world, tmp_path / "r"))
+    assert "no validation instance of snli_ve (protocol.splits.val)" in line and "val" in line
+    assert not (tmp_path / "r" / "student.pt").exists()
+
+
 @pytest.mark.parametrize(
     ("condition", "says"),
     [("lowshot-2.0", "fraction 2.0 is not in (0, 1)"), ("lowshot-0", "fraction 0 is not in (0, 1)"),
