@@ -7,7 +7,12 @@ confidence weights use:
   image; QA→R picks among ``question + gold answer + rationale``; Q→AR needs both.
 - VQA: the cached declarative candidates (the gold answer and K − 1 distractors from the answer vocabulary);
   the picked answer is scored with the VQA score over the human answers. This is a K-way choice, so it is
-  reported with its chance level (the mean VQA score of a uniform pick among the candidates).
+  reported with its chance level (the mean VQA score of a uniform pick among the candidates) and with its
+  text floor: the distractors come from every answer type, so the question's wording alone ("how many...")
+  rules some out; the floor is the mean VQA score of a uniform pick among the candidates of the question's
+  answer type (each answer's type as the training split's labels give it; an answer of unknown type is kept),
+  what a reader of the question who never sees the image gets. A zero-shot score below it says little of
+  what the teacher knows of the image.
 - SNLI-VE: the cosine of image and hypothesis, cut into three labels by two thresholds fitted on the
   validation split (the only thing learned; the test split is only scored). Chance: the majority label's share.
 
@@ -16,6 +21,7 @@ Every score is computed on the test instances of each protocol condition (``shif
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -41,9 +47,13 @@ class ZeroShot:
     chance: float
     n: int
     how: str
+    text_floor: float | None = None  # VQA only (module docstring)
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("metric", "score", "chance", "n", "how")}
+        keys = ("metric", "score", "chance", "n", "how") + (
+            ("text_floor",) if self.text_floor is not None else ()
+        )
+        return {k: getattr(self, k) for k in keys}
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -83,12 +93,28 @@ def vcr_predictions(cache: TeacherCache, insts: Sequence[Instance]) -> list[dict
     return preds
 
 
+def answer_types(train: Iterable[Instance]) -> dict[str, str]:
+    """Each VQA answer's type (``meta["answer_type"]``: VQA v2's yes/no, number, other; the synthetic world's
+    finer ones) as the labelled training instances give it, the most frequent where they disagree."""
+    seen: dict[str, Counter] = defaultdict(Counter)
+    for i in train:
+        if i.task == "vqa" and i.answer and i.meta.get("answer_type"):
+            seen[i.answer][i.meta["answer_type"]] += 1
+    return {a: c.most_common(1)[0][0] for a, c in seen.items()}
+
+
 def vqa_predictions(
-    cache: TeacherCache, insts: Sequence[Instance], vocab: list[str], k: int
-) -> tuple[list[dict], float]:
-    """The picked answers, and the chance level: the mean VQA score of a uniform pick among the candidates."""
+    cache: TeacherCache,
+    insts: Sequence[Instance],
+    vocab: list[str],
+    k: int,
+    types: dict[str, str] | None = None,
+) -> tuple[list[dict], float, float | None]:
+    """The picked answers, the chance level (the mean VQA score of a uniform pick among the candidates) and,
+    with ``types`` (``answer_types``), the text floor: the same among the candidates of the question's type."""
     preds: list[dict] = []
-    chance = 0.0
+    chance = floor = 0.0
+    typed = 0
     for chunk in _batches(insts):
         texts = [instance_texts(i, vocab, k) for i in chunk]
         picks = _pick(cache, chunk, [t.candidates for t in texts])
@@ -100,7 +126,14 @@ def vqa_predictions(
             humans = inst.human_answers or [inst.answer]
             preds.append({"answer": answers[int(p)]})
             chance += float(np.mean([vqa_score(a, humans) for a in answers]))
-    return preds, chance / max(len(insts), 1)
+            own = (inst.meta or {}).get("answer_type") or (types or {}).get(inst.answer)
+            if types and own:
+                kept = [a for a in answers if types.get(a, own) == own]
+                floor += float(np.mean([vqa_score(a, humans) for a in kept]))
+                typed += 1
+    n = max(len(insts), 1)
+    # Every instance's type must be known for the floor to be one: a partial mean would mix two quantities.
+    return preds, chance / n, (floor / typed if typed and typed == len(insts) else None)
 
 
 def snli_similarities(cache: TeacherCache, insts: Sequence[Instance]) -> np.ndarray:
@@ -161,7 +194,7 @@ def task_zeroshot(
             preds = vcr_predictions(cache, insts)
             chance, how = 1 / 16, "cosine of image and each candidate text (Q→A, then QA→R)"
         elif task == "vqa":
-            preds, chance = vqa_predictions(cache, insts, vocab, vqa_candidates)
+            preds, chance, floor = vqa_predictions(cache, insts, vocab, vqa_candidates, answer_types(train))
             how = (
                 f"cosine of image and the {vqa_candidates} cached declarative candidates (gold + distractors)"
             )
@@ -174,5 +207,6 @@ def task_zeroshot(
             chance = float(counts.max() / max(counts.sum(), 1))
             how = f"cosine of image and hypothesis, thresholds {lo:.3f} / {hi:.3f} fitted on validation"
         rows = [instance_scores(task, p, i) for p, i in zip(preds, insts, strict=True)]
-        out.append(ZeroShot(task, cond, metric, _mean(rows, metric), chance, len(insts), how))
+        floor_of = {"text_floor": floor} if task == "vqa" else {}
+        out.append(ZeroShot(task, cond, metric, _mean(rows, metric), chance, len(insts), how, **floor_of))
     return out

@@ -81,7 +81,10 @@ def main(data_root, cache, out, params_path, overrides) -> None:
             raise DataError(root, "protocol", str(e)) from None
         for z in scores:
             result.setdefault(task, {})[z.condition] = z.as_dict()
-            click.echo(f"{task}/{z.condition}: {z.metric} {z.score:.4f} (chance {z.chance:.4f}, n={z.n})")
+            floor = "" if z.text_floor is None else f", text floor {z.text_floor:.4f}"
+            click.echo(
+                f"{task}/{z.condition}: {z.metric} {z.score:.4f} (chance {z.chance:.4f}{floor}, n={z.n})"
+            )
     write_json(out, result)
 
 

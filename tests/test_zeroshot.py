@@ -3,6 +3,7 @@ and the stage writes one entry per task × condition."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -169,3 +170,31 @@ def test_stage_reads_checked_a_lost_shard_is_one_line_and_an_intact_store_scores
     line = res.output.strip()
     assert "\n" not in line and str(damaged) in line and "image/pooled" in line and "image-000001" in line
     assert not out.exists()
+
+
+def test_vqa_zeroshot_reports_the_floor_the_questions_answer_type_gives():
+    """The distractors span answer types: a question about colour rules out "two" without the image. The floor
+    is a uniform pick among the candidates of the question's type; it needs every instance's type."""
+    from pipeline.texts import vqa_distractors
+
+    vocab = ["red", "blue", "one", "two", "three"]
+    types = {"red": "color", "blue": "color", "one": "number", "two": "number", "three": "number"}
+    insts = [
+        Instance(key=f"q{k}", task="vqa", image_id=f"img{k}", split="test", domain="plain",
+                 question="what colour is the shape?", answer=["red", "blue"][k % 2],
+                 human_answers=[["red", "blue"][k % 2]] * 10, meta={"answer_type": "color"})
+        for k in range(12)
+    ]  # fmt: skip
+    train = [dataclasses.replace(i, key=f"t{i.key}", answer=a, meta={"answer_type": t})
+             for i, (a, t) in zip(insts, [*types.items()] * 3, strict=False)]  # fmt: skip
+    expected = []
+    for i in insts:
+        same = [a for a in [i.answer, *vqa_distractors(i, vocab, 4)] if types[a] == "color"]
+        expected.append(sum(a == i.answer for a in same) / len(same))
+    known = {i.image_id: [instance_texts(i, vocab, 4).candidates[0]] for i in insts}
+    [z] = task_zeroshot(
+        OracleCache(known), "vqa", ["full"], train, [], insts,
+        vocab=vocab, vqa_candidates=4, shift_key="domain", shift_target="",
+    )  # fmt: skip
+    assert abs(z.text_floor - sum(expected) / len(expected)) < 1e-9 and z.text_floor > z.chance
+    assert z.as_dict()["text_floor"] == z.text_floor

@@ -137,6 +137,18 @@ def load_zeroshot(path: str | Path) -> dict[str, dict[str, float]] | None:
     return out
 
 
+def load_text_floors(paths: Sequence[str | Path]) -> dict[str, dict[str, float]]:
+    """``{task: {condition: text_floor}}`` of the zero-shot entries that carry one (VQA: pipeline/zeroshot.py),
+    from files ``load_zeroshots`` has already checked."""
+    out: dict[str, dict[str, float]] = {}
+    for path in paths:
+        for task, scores in (load_optional_json(path) or {}).items():
+            for condition, z in scores.items():
+                if isinstance(z, dict) and is_number(z.get("text_floor")):
+                    out.setdefault(task, {})[condition] = float(z["text_floor"])
+    return out
+
+
 def load_zeroshots(paths: Sequence[str | Path]) -> dict[str, dict[str, float]] | None:
     """``load_zeroshot`` of each file, merged: one per data root where the sources live apart (real data);
     None when none exists. A task and condition scored in two files is refused, naming both."""
@@ -195,7 +207,16 @@ def write_report(
     with tempfile.TemporaryDirectory(dir=out, prefix=".report-") as tmp_dir:
         tmp = {k: Path(tmp_dir) / name for k, name in names.items()}
         tmp["results"].write_text(
-            markdown(summary, teacher, extract, zeroshot, baseline=baseline, blind=blind, sources=sources)
+            markdown(
+                summary,
+                teacher,
+                extract,
+                zeroshot,
+                baseline=baseline,
+                blind=blind,
+                sources=sources,
+                floors=load_text_floors(zeroshot_paths),
+            )  # fmt: skip
         )
         plot_lowshot(summary, tmp["lowshot"], baseline=baseline, zeroshot=zeroshot, blind=blind)
         plot_shift(summary, tmp["shift"], baseline=baseline, zeroshot=zeroshot, blind=blind)

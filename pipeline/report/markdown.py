@@ -70,9 +70,11 @@ def _task_table(
     conditions: list[str],
     floor: str,
     ceiling: dict[str, float] | None,
+    text_floors: dict[str, float] | None = None,
 ) -> list[str]:
     """Methods × conditions, then the floor (blind runs) and, when ``ceiling`` is given (primary metric
-    only), the teacher zero-shot row; unmeasured floor or ceiling cells say so rather than vanish."""
+    only), the teacher zero-shot row, with its candidates' text floor where there is one (``zeroshot_cell``);
+    unmeasured floor or ceiling cells say so rather than vanish."""
     rows = [
         (m, [format_cell(cells[(m, c)]) if (m, c) in cells else NOT_RUN for c in conditions]) for m in methods
     ]
@@ -83,10 +85,23 @@ def _task_table(
         )
     )
     if ceiling is not None:
+        floors = text_floors or {}
         rows.append(
-            ("teacher zero-shot", [fmt(ceiling[c]) if c in ceiling else NOT_MEASURED for c in conditions])
+            (
+                "teacher zero-shot",
+                [
+                    zeroshot_cell(ceiling[c], floors.get(c)) if c in ceiling else NOT_MEASURED
+                    for c in conditions
+                ],
+            )
         )
     return _table("method", conditions, rows)
+
+
+def zeroshot_cell(score: float, text_floor: float | None = None) -> str:
+    """The teacher's zero-shot score and, where its candidates allow a pick from the question alone (VQA's
+    distractors span answer types), that pick's score: a ceiling below it says little of the teacher."""
+    return fmt(score) if text_floor is None else f"{fmt(score)} (text floor {fmt(text_floor)})"
 
 
 def flatten(data: Any, prefix: str = "") -> tuple[list[tuple[str, Any]], list[str]]:
@@ -143,11 +158,12 @@ def markdown(
     baseline: str = "baseline",
     blind: str = BLIND,
     sources: dict[str, str] | None = None,
+    floors: dict[str, dict[str, float]] | None = None,
 ) -> str:
     """results.md: one table per task (+ one per secondary metric), teacher and cache sections, and notes.
 
     teacher / extract / zeroshot: the inputs' contents, or None when their file is missing ("not available",
-    "not measured"); zeroshot as ``load_zeroshot`` returns it.
+    "not measured"); zeroshot as ``load_zeroshot`` returns it, floors as ``load_text_floors`` does.
     sources: where the inputs came from, for the text (keys runs, teacher, extract, zeroshot).
     """
     if not summary:
@@ -183,7 +199,9 @@ def markdown(
         f"not distinguishable from `{baseline}` with these seeds. With one paired seed there is no interval "
         "(n/a) and no mark. *blind (text only)* = the same student with the image blanked (the floor: what "
         "the text alone gives); *teacher zero-shot* = the teacher's own score through the task's candidate "
-        "texts (the knowledge there is to distil; primary metric only); either says "
+        "texts (the knowledge there is to distil; primary metric only), with VQA's *text floor*: a uniform pick "
+        "among the candidates of the question's answer type, without the image (the distractors span answer "
+        "types; a score below it says little of what the teacher knows); either says "
         f"'{NOT_MEASURED}' where no input gives it. {NOT_RUN} = not run; — = undefined (e.g. the std of a "
         "single seed).",
         "",
@@ -198,8 +216,9 @@ def markdown(
         ceiling = (zeroshot or {}).get(task, {})
         lines += [f"## {task} — {metric} (primary)", ""]
         lines += _task_table(
-            {(r["method"], r["condition"]): r for r in rows}, methods, conditions, blind, ceiling
-        )
+            {(r["method"], r["condition"]): r for r in rows}, methods, conditions, blind, ceiling,
+            (floors or {}).get(task),
+        )  # fmt: skip
         lines.append("")
         if baseline not in methods:
             lines += [f"No `{baseline}` runs for {task}: gains and paired differences are not available.", ""]

@@ -16,7 +16,7 @@ from ..report import (
     holm,
     load_optional_json,
 )
-from ..report.markdown import fmt, fmt_ci, fmt_p
+from ..report.markdown import fmt, fmt_ci, fmt_p, zeroshot_cell
 from ..report.plots import plot_lowshot
 from .aggregate import collect_study, init_contrast, load_zeroshot_files, summarise_study, summary_entries
 from .grid import BASELINE, FULL_TEACHER, Cell, StudyParams, teachers
@@ -123,7 +123,10 @@ def markdown(
             z = zeroshot.get(teacher, {}).get(task, {})
             lines.append(
                 "| teacher zero-shot | "
-                + " | ".join(fmt(z[c]["score"]) if c in z else "not measured" for c in conds)
+                + " | ".join(
+                    zeroshot_cell(z[c]["score"], z[c].get("text_floor")) if c in z else "not measured"
+                    for c in conds
+                )
                 + " |"
             )
             lines.append("")
