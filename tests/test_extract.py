@@ -875,3 +875,20 @@ def test_view_zero_records_the_region_the_teachers_resize_mode_shows(world, tmp_
     assert C.eval_view_pixels(41, 32, "longest") == (0, -4, 41, 37)
     assert C.eval_view_pixels(40, 31, "shortest") == (4, 0, 35, 31)
     assert C.eval_view_pixels(40, 31, "squash") == (0, 0, 40, 31)
+
+
+def test_the_vqa_vocabulary_comes_from_the_sources_train_split_whatever_the_shards_order():
+    """Real VQA's train split is train2014 and its test role val2014: given val2014 first, the vocabulary (the
+    cached candidates' distractors) came from the test split's answers."""
+    from types import SimpleNamespace
+
+    from pipeline.extract.plan import _vocab_source
+
+    test = SimpleNamespace(info={"source": "vqa", "split": "val2014", "answer_counts": {"2": 5}})
+    train = SimpleNamespace(info={"source": "vqa", "split": "train2014", "answer_counts": {"yes": 9}})
+    assert _vocab_source([test, train]) is train
+    synthetic = [
+        SimpleNamespace(info={"source": "synthetic", "split": s, "answer_counts": {"a": 1}})
+        for s in ("val", "train")
+    ]
+    assert _vocab_source(synthetic) is synthetic[1]

@@ -15,6 +15,7 @@ from .. import cache as C
 from ..config import usable_cores
 from ..data.errors import DataError
 from ..data.shards import PreparedDataset
+from ..splits import STANDARD_ROLES
 from ..texts import instance_texts, text_hash
 from .errors import TextError
 from .teachers import TeacherSpec
@@ -38,8 +39,13 @@ class Plan:
 
 
 def _vocab_source(datasets: Sequence[PreparedDataset]) -> PreparedDataset | None:
+    """The split whose answers are the VQA vocabulary: its source's standard train split (real VQA's is
+    train2014; by name alone the first --shards with answers won, which could be val2014, the test role)."""
     with_answers = [d for d in datasets if d.info.get("answer_counts")]
-    train = [d for d in with_answers if d.info.get("split") == "train"]
+    train = [
+        d for d in with_answers
+        if d.info.get("split") == STANDARD_ROLES.get(d.info.get("source", ""), STANDARD_ROLES["synthetic"])["train"]
+    ]  # fmt: skip
     return (train or with_answers or list(datasets) or [None])[0]
 
 
