@@ -18,6 +18,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from .conditions import Condition  # noqa: F401 - re-exported: the protocol's conditions
 from .data.schema import Instance
@@ -70,7 +71,8 @@ def lowshot_subset(pool: Iterable[Instance], fraction: float, seed: int) -> list
     keep: list[str] = []
     for members in by_stratum.values():
         members.sort(key=lambda i: _rank(seed, i.key))
-        keep += [i.key for i in members[: math.ceil(fraction * len(members))]]
+        # ⌈F·n⌉ of the decimal F the condition names: in floats 0.07 · 100 is 7.000000000000001, one too many.
+        keep += [i.key for i in members[: math.ceil(Fraction(repr(fraction)) * len(members))]]
     n = sum(len(m) for m in by_stratum.values())
     if n and len(keep) > 1.5 * fraction * n:
         warnings.warn(

@@ -138,6 +138,11 @@ def test_val_carved_from_train_when_no_val_split_and_disjoint():
     assert s.unlabeled_images  # the images the low-shot subset dropped, for the KD-only variants
 
 
+def test_a_fraction_keeps_the_ceiling_of_its_decimal_share():
+    """0.07 · 100 is 7.000000000000001 in floats: the ceiling must be 7, the condition's own share."""
+    assert len(lowshot_subset(_snli(300), 0.07, 0)) == 21  # 7 of each of the three 100-strong labels
+
+
 def test_the_val_slice_holds_out_whole_images():
     """VQA and VCR ask several questions of one image: a held-out question beside another of its image in
     training would select the checkpoint on an image the student trained on."""
