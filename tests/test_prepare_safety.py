@@ -100,9 +100,8 @@ def test_a_failing_split_leaves_the_earlier_splits_of_the_run_unchanged_too(tmp_
     assert snapshot(out) == before
 
 
-def test_a_split_refused_at_commit_leaves_the_splits_already_checked_unchanged(tmp_path, monkeypatch):
-    # The destination of the run's last split gains a user file while the input is read: commit re-checks it,
-    # and by then the first split must not have been replaced yet.
+def _prepared_then_edited(tmp_path):
+    """SNLI-VE dev and test prepared into out/, then both inputs edited: the next run would replace both."""
     root, out = tmp_path / "snli", tmp_path / "out"
     fx.build_snli_ve(root, split="dev")
     fx.build_snli_ve(root, split="test")
@@ -110,6 +109,13 @@ def test_a_split_refused_at_commit_leaves_the_splits_already_checked_unchanged(t
     for split in ("dev", "test"):
         path = root / f"snli_ve_{split}.jsonl"
         path.write_text(path.read_text().replace("about", "of"))
+    return root, out
+
+
+def test_a_split_refused_at_commit_leaves_the_splits_already_checked_unchanged(tmp_path, monkeypatch):
+    # The destination of the run's last split gains a user file while the input is read: commit re-checks it,
+    # and by then the first split must not have been replaced yet.
+    root, out = _prepared_then_edited(tmp_path)
     convert = snli_ve.convert
 
     def convert_then_user_writes(root_, split, writer, workers=1):
@@ -124,13 +130,7 @@ def test_a_split_refused_at_commit_leaves_the_splits_already_checked_unchanged(t
 
 
 def test_a_move_that_fails_mid_commit_puts_every_split_back(tmp_path, monkeypatch):
-    root, out = tmp_path / "snli", tmp_path / "out"
-    fx.build_snli_ve(root, split="dev")
-    fx.build_snli_ve(root, split="test")
-    assert prepare(root, out, "dev", "test").exit_code == 0
-    for split in ("dev", "test"):
-        path = root / f"snli_ve_{split}.jsonl"
-        path.write_text(path.read_text().replace("about", "of"))
+    root, out = _prepared_then_edited(tmp_path)
     before = snapshot(out)
     replace = os.replace
 
