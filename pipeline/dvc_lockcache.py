@@ -128,7 +128,10 @@ def parse_lock(text: str, path: str, parse: Parse) -> Any:
             disk = _load_disk(file) if disk is None else disk
             hit = _on_disk(key, disk)
         if hit is None:
-            alone = parse(STAGES_KEY + entry, path, "safe")
+            try:
+                alone = parse(STAGES_KEY + entry, path, "safe")
+            except Exception:  # an entry that does not parse alone (a layout not ours): the whole file says
+                return parse(text, path, "safe")
             if not (
                 isinstance(alone, dict) and list(alone) == ["stages"] and isinstance(alone["stages"], dict)
             ):

@@ -64,6 +64,10 @@ def stage_blocks(lines: list[str]) -> tuple[dict[str, tuple[int, int]], int] | N
     start = None
     end = first
     while end < len(lines) and lines[end].startswith("  "):
+        if (
+            lines[end][2] in "?:"
+        ):  # an explicit key (DVC writes a name over 128 characters so): not our layout
+            return None
         if lines[end][2] != " ":  # two spaces and a key: the next stage entry
             if start is not None:
                 blocks[lines[start]] = (start, end)
@@ -140,11 +144,22 @@ def _dvc_render(data: dict) -> str:
 
 
 def _write_beside(path: str, text: str) -> None:
+    """Replace ``path``'s text whole: written beside it, flushed, renamed over it (an interrupt leaves the old
+    file). A symlinked lock is written through to its target, and the file keeps its permissions, as DVC's
+    own update does."""
+    from .durable import sync_dir
+
+    path = os.path.realpath(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())  # the text on disk before the name says it is the lock
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
         os.replace(tmp, path)
+        sync_dir(os.path.dirname(path))
     except BaseException:  # an interrupt or a full disk: no stray half file beside the lock
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -197,8 +212,11 @@ def modify_lockfile(path: str, fs: Any = None, _original: Callable | None = None
     before["stages"] = dict(data.get("stages") or {})
     yield data
     new_text = splice(text, before, data, _dvc_render)
-    if new_text is not None and new_text != text and fast_load(new_text) != data:
-        new_text = None  # libyaml reads the rendered entry otherwise than DVC meant it (YAML 1.1 vs 1.2)
+    try:
+        if new_text is not None and new_text != text and fast_load(new_text) != data:
+            new_text = None  # libyaml reads the rendered entry otherwise than DVC meant it (YAML 1.1 vs 1.2)
+    except yaml.YAMLError:  # a layout the splice misread: DVC's own update is always right
+        new_text = None
     if new_text is None:
         new_text = _round_trip(text, path, before, data)
     if new_text != text:
@@ -322,6 +340,24 @@ def rehash(lock: str, paths: Sequence[str], rev: str = "HEAD", root: str = ".") 
     Nothing else in the file changes, and a stage recorded with any other version stays stale. A folder is
     hashed as DVC hashes it (every file but ``__pycache__``, which .dvcignore leaves out). Raises ValueError
     naming a path that is neither, or not in ``rev``."""
+    with _repository_lock(root):
+        return _rehash(lock, paths, rev, root)
+
+
+@contextlib.contextmanager
+def _repository_lock(root: str) -> Iterator[None]:
+    """DVC's repository lock, waited for: a stage finishing meanwhile writes its entry under it, and a read
+    and write back of the whole file outside it would undo that entry. None in a folder without DVC."""
+    if not (Path(root) / ".dvc").is_dir():
+        yield
+        return
+    from dvc.repo import Repo
+
+    with Repo(root, _wait_for_lock=True) as repo, repo.lock:
+        yield
+
+
+def _rehash(lock: str, paths: Sequence[str], rev: str, root: str) -> dict[str, int]:
     import re
     import subprocess
 
@@ -361,8 +397,11 @@ def add_new_dep(lock: str, path: str, root: str = ".") -> int:
     deps, and whose entry lacks it, ``path``'s current hash; returns how many entries got it. For a module
     split out of code the stages already ran, which moves code and changes no recorded result: like
     ``rehash``, it checks nothing else. The entry's deps stay sorted by path, as DVC writes them."""
-    import yaml
+    with _repository_lock(root):
+        return _add_new_dep(lock, path, root)
 
+
+def _add_new_dep(lock: str, path: str, root: str) -> int:
     stages = yaml.safe_load(Path(lock).with_name("dvc.yaml").read_text(encoding="utf-8"))["stages"]
     listed = {name for name, body in stages.items() if path in (body.get("do", body).get("deps") or [])}
     here = Path(root) / path

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import fnmatch
 import graphlib
+import hashlib
 import os
 import re
 import signal
@@ -204,7 +205,7 @@ def _recorded(stages) -> set[str]:
     return {
         s.addressing
         for s in stages
-        if s.name in entries[Path(s.path).with_name("dvc.lock")]
+        if getattr(s, "name", None) in entries[Path(s.path).with_name("dvc.lock")]  # a .dvc file's has none
         and all(os.path.exists(o.fs_path) for o in s.outs)
     }
 
@@ -247,7 +248,10 @@ def _rebuilt_inputs(stale: Mapping[str, set[str]], outs: Iterable[str]) -> set[s
 
 
 def log_path(stage: str) -> Path:
-    return LOG_DIR / (re.sub(r"[^A-Za-z0-9_.@-]+", "_", stage) + ".log")
+    """The stage's log; a short hash of the whole name keeps apart names that differ only in characters a
+    file name cannot hold ("s@x y" and "s@x_y" ran side by side into one log)."""
+    tag = hashlib.sha1(stage.encode()).hexdigest()[:8]
+    return LOG_DIR / f"{re.sub(r'[^A-Za-z0-9_.@-]+', '_', stage)}-{tag}.log"
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -321,16 +325,28 @@ def run(
     running: dict[str, Running] = {}
     bar = tqdm(total=len(pending), unit="stage", desc="stages", disable=not pending)
 
+    # An interrupt that lands while a stage is being started is held until it is in ``running``: raised in
+    # between, it left the stage running, untracked, after "stopped". (Not a signal mask: the stage would
+    # inherit it, and a second interrupt could not stop it.)
+    starting = {"now": False, "interrupted": False}
+
     def launch(name: str) -> None:
         log = log_path(name)
-        with open(log, "w") as fh:
-            # A process group of its own: an interrupt here stops the stage's whole command, not only dvc.
-            proc = subprocess.Popen(
-                command(name),
-                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        running[name] = Running(proc, log, time.monotonic())
-        pending.remove(name)
+        starting["now"] = True
+        try:
+            with open(log, "w") as fh:
+                # A process group of its own: an interrupt here stops the stage's whole command, not only dvc.
+                proc = subprocess.Popen(
+                    command(name),
+                    stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                )  # fmt: skip
+            running[name] = Running(proc, log, time.monotonic())
+            pending.remove(name)
+        finally:
+            starting["now"] = False
+        if starting["interrupted"]:
+            starting["interrupted"] = False
+            raise KeyboardInterrupt
 
     def reap() -> None:
         for name, r in list(running.items()):
@@ -360,6 +376,9 @@ def run(
             r.proc.wait()
 
     def interrupt(signum, frame):
+        if starting["now"]:
+            starting["interrupted"] = True
+            return
         raise KeyboardInterrupt
 
     # SIGTERM (kill, a scheduler ending a sitting) drains like Ctrl-C; SIGINT is set explicitly because a

@@ -122,8 +122,11 @@ def test_what_is_handed_out_is_a_copy(repo: Path, counted):
     ],
     ids=["anchor", "comment", "blank-line", "repeated-stage", "directive", "date"],
 )
-def test_text_whose_entries_may_not_stand_alone_is_parsed_whole(repo: Path, counted, edit):
-    text = edit(_lock_text({f"main@{c}": _entry(i) for i, c in enumerate("abc")}))
+@pytest.mark.parametrize("long_name", [False, True])
+def test_text_whose_entries_may_not_stand_alone_is_parsed_whole(repo: Path, counted, edit, long_name):
+    # A stage name over 128 characters, which DVC writes as an explicit key ("? name" / ": cmd: ..."), too.
+    names = {"a": "a", "b": "b", "c": "c" + "x" * 130 * long_name}
+    text = edit(_lock_text({f"main@{names[c]}": _entry(i) for i, c in enumerate("abc")}))
     path = str(repo / "dvc.lock")
     try:
         whole = parse_yaml(text, path)

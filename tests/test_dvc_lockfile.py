@@ -370,3 +370,67 @@ def test_a_new_module_is_added_to_the_entries_of_the_stages_that_list_it(tmp_pat
     assert after["t"] == before["t"]
     assert "up to date" in run(*dvc, "status")
     assert dvc_lockfile.add_new_dep(str(lock), "b.py", root=str(tmp_path)) == 0  # done once
+
+
+def test_a_stage_name_dvc_writes_as_an_explicit_key_is_updated_as_dvc_does(tmp_path: Path):
+    """DVC writes a stage name over 128 characters as an explicit key (``? name`` / ``: cmd: ...``): the
+    splice cannot read that layout, so the update goes DVC's own way instead of failing on its parse-back."""
+    long = "main@" + "x" * 130
+    data = {"schema": "2.0", "stages": {long: _entry(0), "main@cell-1": _entry(1)}}
+
+    def change(d):
+        d["stages"][long] = _entry(0, value=500)
+
+    dvc_text, fast_text = _both(tmp_path, data, change)
+    assert "  ? main@x" in dvc_text and fast_text == dvc_text
+
+
+def test_the_lock_keeps_its_permissions_and_a_symlinked_lock_its_link(tmp_path: Path):
+    import os
+    import stat
+
+    target = tmp_path / "real" / "dvc.lock"
+    target.parent.mkdir()
+    _write_as_dvc(target, _lock(2))
+    os.chmod(target, 0o664)
+    link = tmp_path / "dvc.lock"
+    link.symlink_to(target)
+    with modify_lockfile(str(link), _original=modify_yaml) as d:
+        d["stages"]["main@cell-0"] = _entry(0, value=500)
+    assert link.is_symlink() and yaml.safe_load(target.read_text())["stages"]["main@cell-0"] == _entry(0, 500)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o664
+
+
+def test_rehash_waits_for_dvcs_repository_lock(tmp_path: Path):
+    """A stage finishing while rehash runs writes its entry under DVC's repository lock; rehash reading and
+    writing the whole file outside it would undo that entry, so it waits for the lock."""
+    import hashlib
+    import subprocess
+    import sys
+    import time
+
+    def run(*args: str) -> None:
+        subprocess.run(args, cwd=tmp_path, check=True, capture_output=True)
+
+    run("git", "init", "-q")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "code.py")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    lock = tmp_path / "dvc.lock"
+    committed = hashlib.md5(b"x = 1\n").hexdigest()
+    lock.write_text(
+        "schema: '2.0'\nstages:\n  a:\n    cmd: run a\n    deps:\n    - path: code.py\n      hash: md5\n"
+        f"      md5: {committed}\n      size: 6\n"
+    )
+    (tmp_path / "code.py").write_text("x = 2\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom dvc.repo import Repo\nwith Repo('.') as r, r.lock:\n"
+         "    print('held', flush=True)\n    time.sleep(2)\n    open('released', 'w').write(str(time.time()))"],
+        cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    assert dvc_lockfile.rehash(str(lock), ["code.py"], root=str(tmp_path)) == {"code.py": 1}
+    done = time.time()
+    holder.wait()
+    assert float((tmp_path / "released").read_text()) <= done  # it wrote only once the holder let go

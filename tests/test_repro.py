@@ -181,7 +181,7 @@ def test_recorded_stages_up_to_date_once_what_they_need_is_rebuilt_are_not_launc
     r = _run(repo, "--jobs", "2")
     assert r.returncode == 0, r.stdout + r.stderr
     assert _events(repo) == [("start", "first"), ("end", "first")]
-    assert sorted(p.stem for p in logs.glob("*.log")) == ["first"], r.stdout + r.stderr  # none handed to DVC
+    assert sorted(_stage_of(p) for p in logs.glob("*.log")) == ["first"], r.stdout + r.stderr  # none to DVC
     assert "up to date now: 3" in r.stderr + r.stdout and "up to date now: 1" in r.stderr + r.stdout
     # The plan's count says how many of the stages "to run" may turn out current.
     assert "5 stage(s) to run, 3 of them up to 2 at a time; 4 recorded before" in r.stdout, r.stdout
@@ -246,6 +246,41 @@ def test_a_recorded_stage_is_asked_about_while_another_stage_runs(tmp_path: Path
     assert _events(tmp_path).index(("end", "first")) < _events(tmp_path).index(("end", "slow"))
 
 
+def _stage_of(log: Path) -> str:
+    """The stage a runner log belongs to (``log_path``: the name, then a hash of it)."""
+    return log.stem.rsplit("-", 1)[0]
+
+
+def test_stage_names_that_differ_only_in_what_a_file_name_cannot_hold_get_their_own_logs():
+    from pipeline.repro import log_path
+
+    assert log_path("s@x y") != log_path("s@x_y") and _stage_of(log_path("s@x y")) == "s@x_y"
+
+
+def test_an_interrupt_while_a_stage_starts_leaves_it_tracked_not_running_on_its_own(
+    tmp_path: Path, monkeypatch
+):
+    """Ctrl-C right after the stage's process started, before the runner recorded it: the stage went on after
+    "stopped". It is held until the stage is tracked, then drains as any interrupt does."""
+    from pipeline import repro
+
+    monkeypatch.chdir(tmp_path)
+    real = subprocess.Popen
+
+    def popen(*a, **k):
+        monkeypatch.setattr(repro.subprocess, "Popen", real)
+        p = real(*a, **k)
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, arriving right after the fork
+        return p
+
+    monkeypatch.setattr(repro.subprocess, "Popen", popen)
+    plan = repro.Plan(["s"], {"s": set()}, {"s"})
+    cmd = lambda name: [sys.executable, "-c", "import time; time.sleep(1); open('done', 'w').write('x')"]  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        repro.run(plan, 1, command=cmd)
+    assert (tmp_path / "done").exists()  # awaited before the runner returned: it did not outlive "stopped"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupt_lets_running_stages_finish_and_starts_no_more(repo: Path, sig: int):
     """What a study stopped between sittings relies on: Ctrl-C or kill loses no cell that was running."""
@@ -260,7 +295,7 @@ def test_an_interrupt_lets_running_stages_finish_and_starts_no_more(repo: Path, 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "run the same command to go on" in err
-    started = sorted(p.stem for p in logs.glob("cell@*.log"))
+    started = sorted(_stage_of(p) for p in logs.glob("cell@*.log"))
     assert len(started) == 2
     changed = set(json.loads(_dvc(repo, "status", "--json")))
     assert changed == {"cell@a", "cell@b", "cell@c", "last"} - set(started), changed
@@ -361,3 +396,17 @@ def test_the_default_pipeline_marks_what_can_run_beside_others_on_a_gpu():
     assert all(c <= 8 for c in marked.values() if c)  # room beside them on a 16-core GPU machine
     assert stages["train_student"]["meta"] == {"cores": 1} and stages["prepare"]["do"]["meta"] == {"cores": 1}
     assert "meta" not in stages["evaluate"] and "meta" not in stages["report"]
+
+
+def test_a_dvc_add_tracked_input_is_not_taken_for_a_recorded_stage(tmp_path: Path):
+    """A ``.dvc`` file's stage has no name: planning with one changed crashed (AttributeError) where plain
+    ``dvc repro`` goes on."""
+    from types import SimpleNamespace
+
+    from pipeline.repro import _recorded
+
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  a:\n    cmd: run a\n")
+    out = SimpleNamespace(fs_path=str(tmp_path / "dvc.lock"))
+    pipeline_stage = SimpleNamespace(name="a", addressing="a", path=str(tmp_path / "dvc.yaml"), outs=[out])
+    added = SimpleNamespace(addressing="data.dvc", path=str(tmp_path / "data.dvc"), outs=[out])
+    assert _recorded([pipeline_stage, added]) == {"a"}
