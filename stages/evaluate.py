@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import multiprocessing as mp
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -75,10 +76,15 @@ def evaluate_run(run_dir: Path, params) -> dict:
     test_ds, test_instances = _instances(dirs.test)
     shift = recorded_shift(exported, params.protocol)
     try:
-        split = make_split(
-            run["task"], run["condition"], run["seed"], _instances(dirs.train)[1],
-            test_instances, None, shift_key=shift["shift_key"], target=shift["shift_target_domain"],
-        )  # fmt: skip
+        # The split training drew (its val split too, or a slice of train), for its test keys; the low-shot
+        # subset's size warning was training's to give.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"lowshot-", category=UserWarning)
+            split = make_split(
+                run["task"], run["condition"], run["seed"], _instances(dirs.train)[1], test_instances,
+                _instances(dirs.val)[1] if dirs.val else None,
+                shift_key=shift["shift_key"], target=shift["shift_target_domain"],
+            )  # fmt: skip
     except SplitError as e:  # e.g. a shift target no test instance has: a score of 0 on nothing is no score
         raise DataError(run_dir, "protocol", str(e)) from None
     train = _train_record(run_dir)

@@ -61,14 +61,22 @@ def main(data_root, cache, out, params_path, overrides) -> None:
     params = stage_params(params_path, overrides)
     root = Path(data_root or Path(params.data.out) / params.data.source)
     url = cache or params.cache.store
+    train, val, test, train_dir = role_instances(root, params.protocol.splits)
+    pp = params.protocol
+    # Real data holds one source per root: a task it lacks said only "no training instances".
+    held = sorted({i.task for i in train})
+    missing = [t for t in pp.tasks if t not in held]
+    if missing:
+        raise click.UsageError(
+            f"protocol.tasks names {', '.join(missing)}, which {train_dir} does not hold (it holds "
+            f"{', '.join(held) or 'no labelled task'}); pass --set 'protocol.tasks=[{','.join(held)}]'"
+        )
     tc = TeacherCache(url)
     # Checked reads, as training's: a lost or damaged shard would otherwise score zero vectors (or fail in
     # zarr naming neither store nor array). Checks only read: the scores are the same on an intact store.
     tc.configure_reads(verify=True)
     check_covered(tc, url, root, params.protocol.splits)
-    train, val, test, train_dir = role_instances(root, params.protocol.splits)
     vocab = tc.attrs.get("data", {}).get("vqa_vocab") or PreparedDataset(train_dir).answer_vocab()
-    pp = params.protocol
     result: dict = {}
     for task in pp.tasks:
         try:

@@ -355,3 +355,13 @@ def test_truncated_jpeg_fails_or_is_skipped_for_each_instance_using_it(tmp_path:
     ds, skipped = run(module, built, tmp_path / "skip", "skip")
     assert ds.info["images"] == fx.GOOD_IMAGES - 1 and skipped["count"] == fx.PER_IMAGE
     assert all(e["file"] == str(image) for e in skipped["skipped"])
+
+
+def test_a_malformed_json_line_is_explained_without_a_dangling_word(tmp_path: Path) -> None:
+    from pipeline.data.readers import iter_jsonl
+
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"a": "tab\there"}\n')
+    errors: list[DataError] = []
+    list(iter_jsonl(path, errors.append))
+    assert str(errors[0]).endswith("malformed JSON at col 11: Invalid control character"), str(errors[0])

@@ -238,7 +238,7 @@ def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_o
     commands = _recipe()
     assert [c.split()[2] for c in commands] == [
         "stages.prepare_data", "stages.prepare_data", "stages.prepare_data", "stages.extract_teacher",
-        *["stages.train_student"] * 6, "stages.evaluate", *["stages.zeroshot"] * 3, "stages.report",
+        *["stages.train_student"] * 9, "stages.evaluate", *["stages.zeroshot"] * 3, "stages.report",
     ]  # fmt: skip
     for command in commands:
         command = command.replace("~/vqa", str(official / "vqa")).replace("~/snli", str(official / "snli"))
@@ -261,8 +261,10 @@ def test_the_readme_recipe_runs_on_official_files_of_all_three_sources_sharing_o
     assert extract["datasets"] == 7  # one store, the three sources' seven splits extracted together
     evals = {p.parent.name: json.loads(p.read_text()) for p in (work / "real" / "evals").glob("*/eval.json")}
     assert set(evals) == {
-        f"{t}-lowshot-0.05-{m}-s0" for t in ("vqa", "snli_ve", "vcr") for m in ("baseline", "clip_td")
-    }
+        f"{t}-lowshot-0.05-{m}-s0"
+        for t in ("vqa", "snli_ve", "vcr")
+        for m in ("blind", "baseline", "clip_td")
+    }  # the text-only floor beside every result
     # Tested on each source's test role: VQA val2014, SNLI-VE test, VCR val (every fixture split has the same
     # instance count, so the count alone cannot tell; the recorded folder does).
     for task, test_folder in (("vqa", "val2014"), ("snli_ve", "test"), ("vcr", "val")):

@@ -114,7 +114,12 @@ def test_stage_writes_every_task_and_condition(tmp_path):
 
 
 def test_stage_names_a_missing_cache(tmp_path):
-    res = CliRunner().invoke(zeroshot_main, ["--data", str(tmp_path), "--cache", str(tmp_path / "nope.zarr")])
+    from tests.conftest import prepare_synthetic
+
+    prepare_synthetic(tmp_path / "d")
+    res = CliRunner().invoke(
+        zeroshot_main, ["--data", str(tmp_path / "d"), "--cache", str(tmp_path / "nope.zarr")]
+    )
     assert res.exit_code != 0 and "nope.zarr" in res.output
 
 
@@ -198,3 +203,22 @@ def test_vqa_zeroshot_reports_the_floor_the_questions_answer_type_gives():
     )  # fmt: skip
     assert abs(z.text_floor - sum(expected) / len(expected)) < 1e-9 and z.text_floor > z.chance
     assert z.as_dict()["text_floor"] == z.text_floor
+
+
+def test_a_task_the_data_does_not_hold_is_named_with_the_fix(tmp_path):
+    """Real data holds one source per root: protocol.tasks left at the default said 'no training instances'."""
+    from stages.prepare_data import main as prepare_main
+    from tests.fixtures_official import build_snli_ve
+
+    for split in ("train", "dev", "test"):
+        build_snli_ve(tmp_path / "snli", split)
+    args = ["--source", "snli_ve", "--root", str(tmp_path / "snli"), "--out", str(tmp_path / "shards")]
+    for split in ("train", "dev", "test"):
+        args += ["--split", split]
+    assert CliRunner().invoke(prepare_main, args).exit_code == 0
+    res = CliRunner().invoke(
+        zeroshot_main, ["--data", str(tmp_path / "shards"), "--cache", str(tmp_path / "none.zarr"),
+                        "--out", str(tmp_path / "z.json")],
+    )  # fmt: skip
+    assert res.exit_code != 0 and not (tmp_path / "z.json").exists()
+    assert "protocol.tasks names vqa, vcr" in res.output and "--set 'protocol.tasks=[snli_ve]'" in res.output

@@ -84,7 +84,9 @@ def iter_jsonl(path: Path, on_error: Callable[[DataError], None]) -> Iterator[tu
                 on_error(DataError(path, f"line {lineno}", "not UTF-8 text"))
                 continue
             except json.JSONDecodeError as e:
-                on_error(DataError(path, f"line {lineno}", f"malformed JSON at col {e.colno}: {e.msg}"))
+                # json's message ends "... at" before the position it would append: the column says where.
+                why = e.msg.removesuffix(" at")
+                on_error(DataError(path, f"line {lineno}", f"malformed JSON at col {e.colno}: {why}"))
                 continue
             except RecursionError:
                 on_error(DataError(path, f"line {lineno}", "JSON nested too deeply to parse"))
