@@ -35,3 +35,14 @@ def test_only_cells_of_the_current_backbone_with_their_recorded_outputs_count(tm
     cells = current_cells(tmp_path / "dvc.lock", tmp_path / "study" / "dvc.lock")
     assert [c.name for c in cells] == ["fresh", "scratch"]
     assert stale_cells(tmp_path / "dvc.lock", tmp_path / "study" / "dvc.lock") == 1  # "old": a rerun pending
+
+
+def test_a_lock_without_a_recorded_backbone_judges_no_cell(tmp_path):
+    from pipeline.study.backbone import stale_evals
+
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"prepare": {"cmd": "x"}}}))
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "dvc.lock").write_text(yaml.safe_dump({"stages": {}}))
+    assert (
+        stale_evals(["study/runs/a/eval.json"], tmp_path / "dvc.lock", tmp_path / "study" / "dvc.lock") == []
+    )

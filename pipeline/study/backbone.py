@@ -46,10 +46,15 @@ def stale_cells(root_lock: Path, study_lock: Path) -> int:
 def stale_evals(paths: Iterable[str | Path], root_lock: Path, study_lock: Path) -> list[str]:
     """Those of ``paths`` (eval.json files) whose study/dvc.lock entry records another backbone than
     dvc.lock's. Lock paths are relative to the repository (the lock files' folder above study/); a path no
-    entry records (a copy elsewhere, a test's folder) is not judged. No lock file: nothing is."""
+    entry records (a copy elsewhere, a test's folder) is not judged. No lock file, or no backbone recorded in
+    dvc.lock: nothing is."""
     if not (root_lock.is_file() and study_lock.is_file()):
         return []
-    current, root = backbone(root_lock), root_lock.resolve().parent
+    try:
+        current = backbone(root_lock)
+    except (KeyError, StopIteration, TypeError):  # no pretrain_student recorded: no backbone to judge by
+        return []
+    root = root_lock.resolve().parent
     trained = {
         (root / o["path"]).resolve(): md5
         for md5, entry in entries(study_lock)
