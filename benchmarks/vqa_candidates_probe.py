@@ -15,9 +15,7 @@ Needs the embedded default built (`make repro`): the prepared test split, the te
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 from pathlib import Path
 
 import click
@@ -36,11 +34,9 @@ from pipeline.zeroshot import answer_types
 
 
 def same_type_distractors(inst, vocab: list[str], types: dict[str, str], k: int) -> list[str]:
-    """Up to K − 1 distractors of the gold's answer type, drawn as ``vqa_distractors`` draws (per-instance seed)."""
-    seed = int(hashlib.sha1(inst.key.encode()).hexdigest()[:8], 16)
+    """Up to K − 1 distractors of the gold's answer type, drawn as the method's are (per-instance seed)."""
     own = inst.meta.get("answer_type") or types.get(inst.answer)
-    pool = [a for a in vocab if a != inst.answer and types.get(a) == own]
-    return random.Random(seed).sample(pool, min(k - 1, len(pool)))
+    return vqa_distractors(inst, vocab, k, keep=lambda a: types.get(a) == own)
 
 
 def score(teacher, e_img: torch.Tensor, insts, answer_sets: list[list[str]], types: dict[str, str]) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .data.schema import Instance
@@ -40,11 +41,13 @@ class InstanceTexts:
         return [self.distill, *self.candidates, *self.rationale_candidates]
 
 
-def vqa_distractors(inst: Instance, vocab: list[str], k: int) -> list[str]:
-    """K-1 distractor answers drawn from the vocabulary with a per-instance seed, so the same texts are
-    produced at extraction and at training time."""
+def vqa_distractors(
+    inst: Instance, vocab: list[str], k: int, keep: Callable[[str], bool] | None = None
+) -> list[str]:
+    """K-1 distractor answers drawn from the vocabulary (those ``keep`` accepts, when given) with a
+    per-instance seed, so the same texts are produced at extraction and at training time."""
     seed = int(hashlib.sha1(inst.key.encode()).hexdigest()[:8], 16)
-    pool = [a for a in vocab if a != inst.answer]
+    pool = [a for a in vocab if a != inst.answer and (keep is None or keep(a))]
     return random.Random(seed).sample(pool, min(k - 1, len(pool)))
 
 
