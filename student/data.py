@@ -369,6 +369,10 @@ class _Selected(IterableDataset):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng(self.seed)
+        if nw > len(self.instances):  # train_loader refuses it; a worker with no position would spin forever
+            raise RuntimeError(
+                f"{self.ds.path}: worker {wid} of {nw} has none of {len(self.instances)} instances"
+            )
         while True:
             for j in epoch_order(rng, self.groups, len(self.instances), self.window)[wid::nw]:
                 inst = self.instances[j]
@@ -403,6 +407,12 @@ def train_loader(
         if len(chosen) != len(wanted):
             raise ValueError(f"{ds.path}: {len(wanted) - len(chosen)} selected keys have no instance")
         pipe = _Selected(ds, chosen, seed, group_of, order_window)
+        if num_workers > len(pipe.instances):
+            # A worker whose share of the epoch is empty yields nothing, and the DataLoader waited on it forever.
+            raise ValueError(
+                f"{ds.path}: train.num_workers={num_workers} exceeds this rank's {len(pipe.instances)} training "
+                "instances (a low-shot subset this small needs fewer workers: set train.num_workers lower)"
+            )
     else:
         if group_of is not None:
             raise ValueError("a chunk-local order (group_of) needs the instances in memory (instances=...)")

@@ -7,6 +7,7 @@ measure what the cache saves, never as a different code path through the loss.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -249,13 +250,29 @@ def teacher_batch(
                     weights
                     + confidence_weights(img["pooled"], tau, cand=rat, gold=rgold, clip=cfg.weight_clip)
                 )
-    return tb, weights
+    return tb, weights * _valid(img)
+
+
+def _valid(img: dict) -> Tensor | float:
+    """1 per image with teacher targets, 0 where the store marks the image invalid (``image/valid``: with
+    cache.on_error=skip, an image that did not decode or whose teacher output was not finite is stored as
+    zeros): distilled toward zeros with a weight, such an instance learnt a wrong target, silently."""
+    valid = img["valid"]
+    if bool(valid.all()):
+        return 1.0
+    warnings.warn(
+        "some images have no teacher targets (image/valid = 0 in the cache: they did not decode or the "
+        "teacher's output was not finite at extraction); their instances train on the task loss alone",
+        stacklevel=3,
+    )
+    return valid.to(torch.float32)
 
 
 def unlabeled_teacher_batch(
     image_ids: Sequence[str], source: TargetSource, cfg: MethodSettings
-) -> TeacherBatch:
-    """Image-only targets for the KD-only term (no text: txt_lengths 0, weights 1 per §5)."""
+) -> tuple[TeacherBatch, Tensor]:
+    """Image-only targets for the KD-only term (no text: txt_lengths 0) and their weights: 1 per §5, 0 for an
+    image the store marks invalid (``_valid``)."""
     relevance = cfg.relevance_source if cfg.relevance_source != "last" else None
     img = source.images(image_ids, relevance)
     check_targets_finite(source, image_ids, img)
@@ -269,4 +286,4 @@ def unlabeled_teacher_batch(
     }
     if "relevance" in img:
         tb["rel_img_tokens"] = img["relevance"]
-    return tb
+    return tb, torch.ones(b) * _valid(img)

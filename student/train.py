@@ -405,8 +405,9 @@ class Trainer:
             return None
         tb, weights = teacher_batch(batch, self.source, self.cfg, self.run.task)
         if unlabeled is not None:
-            tb = _cat_teacher(tb, unlabeled_teacher_batch(unlabeled[0], self.source, self.cfg))
-            weights = torch.cat([weights, torch.ones(len(unlabeled[0]))])  # §5: KD-only images weigh 1
+            utb, uweights = unlabeled_teacher_batch(unlabeled[0], self.source, self.cfg)
+            tb = _cat_teacher(tb, utb)
+            weights = torch.cat([weights, uweights])  # §5: KD-only images weigh 1
         tb, weights = to_device((tb, weights), self.device)
         if self.cfg.kd == "tokens":
             tb = prepare_teacher(tb, self.source.grid, self.student.grid, self.cfg)

@@ -747,3 +747,52 @@ def test_a_resume_is_refused_when_the_image_region_changed_and_eval_batches_are_
         spec = TaskSpec("vqa", None, 32, 16, resize_mode=mode)
         assert [b.mode for b in cache.batches(ds, ["a"], spec, 4, "tok")] == [mode]
     assert encoded == ["shortest", "squash"]  # the third pass read what the first kept
+
+
+@pytest.mark.parametrize("method", ["clip_td", "clip_td_no_weight"])
+def test_an_image_the_cache_marks_invalid_is_not_distilled(world, tmp_path, method):
+    """With cache.on_error=skip, an image whose teacher output was not finite is stored as zeros with
+    image/valid = 0: its instance was distilled toward zeros with a nonzero weight, silently. Its KD weight is
+    0 now (labelled and KD-only alike), with a warning; the other instances keep theirs."""
+    from student.targets import teacher_batch, unlabeled_teacher_batch
+
+    tr = Trainer(student_params(world), run_spec(world, tmp_path, method=method), progress=False)
+    source = tr.source
+
+    class FirstInvalid:
+        grid, logit_scale = source.grid, source.logit_scale
+
+        def images(self, *a, **k):
+            out = source.images(*a, **k)
+            out["valid"] = out["valid"].clone()
+            out["valid"][0] = False
+            out["pooled"][0] = 0.0
+            out["tokens"][0] = 0.0
+            return out
+
+        def texts(self, *a, **k):
+            return source.texts(*a, **k)
+
+    batch = next(tr.batches())
+    _, good = teacher_batch(batch, source, tr.cfg, "snli_ve")
+    with pytest.warns(UserWarning, match="no teacher targets"):
+        _, w = teacher_batch(batch, FirstInvalid(), tr.cfg, "snli_ve")
+    assert w[0] == 0 and (w[1:] > 0).all()
+    if method == "clip_td_no_weight":
+        assert torch.equal(w[1:], good[1:])
+    with pytest.warns(UserWarning, match="no teacher targets"):
+        _, uw = unlabeled_teacher_batch(batch.image_ids[:3], FirstInvalid(), tr.cfg)
+    assert uw.tolist() == [0.0, 1.0, 1.0]
+
+
+def test_more_loader_workers_than_training_instances_is_refused_not_a_hang(world):
+    """A worker whose share of the epoch is empty yielded nothing, and the DataLoader waited on it forever
+    (a tiny low-shot subset with train.num_workers above its size; the stuck worker outlived the run)."""
+    from pipeline.data.shards import PreparedDataset
+    from student.data import train_loader
+
+    root, _, _ = world
+    ds = PreparedDataset(root / "shards" / "train")
+    two = [i for i in ds.iter_instances() if i.task == "snli_ve"][:2]
+    with pytest.raises(ValueError, match=r"train.num_workers=3 exceeds this rank's 2 training instances"):
+        next(train_loader(ds, [i.key for i in two], None, batch_size=2, seed=0, num_workers=3, instances=two))
