@@ -339,8 +339,9 @@ def epoch_order(rng: np.random.Generator, groups: np.ndarray | None, n: int, win
 
 class _Selected(IterableDataset):
     """Endless seeded epochs over instances already in memory, each joined with its image bytes (read by
-    byte offset). Each DDP rank takes every ``world``-th instance and each DataLoader worker every
-    ``workers``-th position of the rank's epoch order, so nothing is seen twice within an epoch.
+    byte offset). Each DDP rank takes every ``world``-th instance (its share padded to ⌈n / world⌉ by
+    wrapping round, so every rank draws its instances equally often) and each DataLoader worker every
+    ``workers``-th position of the rank's epoch order, so nothing is seen twice within a rank's epoch.
     ``group_of`` (image id -> group) makes the epochs chunk-local (``epoch_order``)."""
 
     def __init__(
@@ -353,11 +354,15 @@ class _Selected(IterableDataset):
     ):
         rank, world = node_info()
         self.ds, self.seed, self.window = ds, seed, window
-        self.instances = sorted(instances, key=lambda i: i.key)[rank::world]
-        if not self.instances:
+        ordered = sorted(instances, key=lambda i: i.key)
+        if len(ordered) < world:
             raise ValueError(
                 f"{ds.path}: rank {rank} of {world} got none of the {len(instances)} selected training instances"
             )
+        # Every rank the same share, ⌈n / world⌉, wrapping round as DistributedSampler does: ranks step together,
+        # so a rank with one instance fewer cycled its share faster and drew those instances more often.
+        share = -(-len(ordered) // world)
+        self.instances = [ordered[(rank + k * world) % len(ordered)] for k in range(share)]
         self.groups = None
         if group_of is not None:
             missing = sorted({i.image_id for i in self.instances} - group_of.keys())

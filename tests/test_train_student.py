@@ -796,3 +796,22 @@ def test_more_loader_workers_than_training_instances_is_refused_not_a_hang(world
     two = [i for i in ds.iter_instances() if i.task == "snli_ve"][:2]
     with pytest.raises(ValueError, match=r"train.num_workers=3 exceeds this rank's 2 training instances"):
         next(train_loader(ds, [i.key for i in two], None, batch_size=2, seed=0, num_workers=3, instances=two))
+
+
+def test_ddp_ranks_get_equal_shares_that_cover_every_instance(monkeypatch):
+    """Ranks step together: with 9 instances on 8 ranks, a rank holding one instance fewer cycled its share
+    twice as fast and drew those instances twice as often. Shares are padded by wrapping round instead."""
+    from types import SimpleNamespace
+
+    import student.data as D
+
+    insts = [SimpleNamespace(key=f"k{i}", image_id=f"img{i}") for i in range(9)]
+    shares = []
+    for rank in range(8):
+        monkeypatch.setattr(D, "node_info", lambda rank=rank: (rank, 8))
+        shares.append([i.key for i in D._Selected(SimpleNamespace(path="train"), insts, seed=0).instances])
+    assert {len(s) for s in shares} == {2} and {k for s in shares for k in s} == {f"k{i}" for i in range(9)}
+    monkeypatch.setattr(D, "node_info", lambda: (0, 1))
+    assert [i.key for i in D._Selected(SimpleNamespace(path="train"), insts, seed=0).instances] == sorted(
+        i.key for i in insts
+    )  # one process: every instance once, in key order, as before
