@@ -116,6 +116,11 @@ class PretrainBatch:
     mlm: Tensor  # long [M, L]: the masked positions' token ids, -100 elsewhere
 
 
+# Draws of an "other caption" negative before the corpus is taken to have none (one draw in two succeeds in
+# the embedded world; a thousand failures in a row mean there is no such caption).
+MAX_NEGATIVE_DRAWS = 1000
+
+
 def make_batch(
     pairs: CaptionPairs, idx: Tensor, gen: torch.Generator, eot_id: int, max_len: int
 ) -> PretrainBatch:
@@ -131,10 +136,15 @@ def make_batch(
             kind[n] = HARD_NEGATIVE
         else:
             # Another image's caption, and not the same text (simple scenes share captions: a true match).
-            while True:
+            for _ in range(MAX_NEGATIVE_DRAWS):
                 j = int(torch.randint(len(pairs), (1,), generator=gen))
                 if pairs.inst_image[j] != pairs.inst_image[idx[n]] and not torch.equal(pairs.ids[j], ids[n]):
                     break
+            else:  # a corpus of one image, or of one text: no negative exists, and the loop never ended
+                raise ValueError(
+                    f"no caption of another image with another text in {MAX_NEGATIVE_DRAWS} draws: the "
+                    "pretraining corpus needs at least two images with different captions"
+                )
             ids[n] = pairs.ids[j]
             kind[n] = OTHER_CAPTION
     ids, mask = fit_text(ids, max_len, eot_id)

@@ -73,6 +73,21 @@ def test_batches_mix_matches_and_mismatches_and_mask_only_inner_tokens(corpus):
     assert torch.equal(mlm_text, batch.ids[batch.mlm_rows])
 
 
+def test_a_corpus_with_no_other_image_is_refused_not_an_endless_loop(corpus):
+    """An "other caption" negative needs another image with another text: with one image, drawing one looped
+    forever (a tiny student.pretrain.pairs or --val)."""
+    import dataclasses
+
+    sp = _sp()
+    pairs = load_pairs(corpus / "captions", sp, load_tokenizer(TEACHER))
+    one = dataclasses.replace(
+        pairs, inst_image=torch.zeros_like(pairs.inst_image), negatives=[[] for _ in range(len(pairs))]
+    )
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="needs at least two images with different captions"):
+        make_batch(one, torch.arange(len(one)), gen, create_student(sp.arch, sp).eot_id, sp.max_text_len)
+
+
 def test_the_itm_head_reads_unmasked_captions_so_a_mask_cannot_tell_a_match(corpus):
     # The head once read the MLM copy, where only matches carried a mask: "a mask => match" solved ITM blind.
     sp = _sp()
