@@ -407,7 +407,7 @@ def test_rehash_waits_for_dvcs_repository_lock(tmp_path: Path):
     import hashlib
     import subprocess
     import sys
-    import time
+    import threading
 
     def run(*args: str) -> None:
         subprocess.run(args, cwd=tmp_path, check=True, capture_output=True)
@@ -424,13 +424,21 @@ def test_rehash_waits_for_dvcs_repository_lock(tmp_path: Path):
         f"      md5: {committed}\n      size: 6\n"
     )
     (tmp_path / "code.py").write_text("x = 2\n")
+    before = lock.read_text()
+    # The holder keeps DVC's lock until told to let go, and at that moment copies what dvc.lock then holds.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import time\nfrom dvc.repo import Repo\nwith Repo('.') as r, r.lock:\n"
-         "    print('held', flush=True)\n    time.sleep(2)\n    open('released', 'w').write(str(time.time()))"],
-        cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", "import sys, shutil\nfrom dvc.repo import Repo\nwith Repo('.') as r, r.lock:\n"
+         "    print('held', flush=True)\n    sys.stdin.readline()\n    shutil.copy('dvc.lock', 'at-release')"],
+        cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert holder.stdout.readline().strip() == "held"
-    assert dvc_lockfile.rehash(str(lock), ["code.py"], root=str(tmp_path)) == {"code.py": 1}
-    done = time.time()
-    holder.wait()
-    assert float((tmp_path / "released").read_text()) <= done  # it wrote only once the holder let go
+    counts: dict = {}
+    worker = threading.Thread(
+        target=lambda: counts.update(dvc_lockfile.rehash(str(lock), ["code.py"], root=str(tmp_path)))
+    )
+    worker.start()
+    worker.join(1.0)  # room to reach the lock (not a measurement: a rehash that ignored it is caught below)
+    holder.communicate("go\n")
+    worker.join()
+    assert counts == {"code.py": 1} and lock.read_text() != before
+    assert (tmp_path / "at-release").read_text() == before  # nothing written while the holder had the lock
