@@ -7,7 +7,7 @@ confidence weights use:
   image; QA→R picks among ``question + gold answer + rationale``; Q→AR needs both.
 - VQA: the cached declarative candidates (the gold answer and up to K − 1 distractors of the question's answer
   type, ``pipeline.texts.vqa_answers``, from the answer vocabulary and answer types the store records); the
-  picked answer is scored with the VQA score over the human answers. This is a K-way choice, so it is
+  picked answer is scored with the VQA score over the human answers. This is a choice among 2 to K, so it is
   reported with its chance level (the mean VQA score of a uniform pick among the candidates) and with its
   text floor: the mean VQA score of a uniform pick among the candidates of the question's answer type (each
   answer's type as the training split's labels give it; an answer of unknown type is kept), what a reader of
@@ -118,7 +118,9 @@ def vqa_predictions(
             chance += float(np.mean([vqa_score(a, humans) for a in answers]))
             own = vqa_answer_type(inst, types)
             if types and own:
-                kept = [a for a in answers if types.get(a, own) == own]
+                # None of the question's type (its gold answer's majority type is another, and the vocabulary
+                # has no other answer of its own): the reader is left with a pick among them all.
+                kept = [a for a in answers if types.get(a, own) == own] or answers
                 floor += float(np.mean([vqa_score(a, humans) for a in kept]))
                 typed += 1
     n = max(len(insts), 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import numpy as np
 import torch
@@ -249,6 +250,17 @@ def test_vqa_zeroshot_candidates_share_the_questions_type_so_the_floor_is_chance
         vocab=vocab, types=types, vqa_candidates=4, shift_key="domain", shift_target="",
     )  # fmt: skip
     assert z.text_floor == 0.0 and abs(z.chance - 1 / 4) < 1e-9  # the gold and the 3 numbers
+
+    # ... and when the vocabulary has no other answer of the question's type, no candidate is of it: the
+    # reader picks among them all (the floor was the NaN mean of an empty list, with a warning).
+    lone = [dataclasses.replace(i, meta={"answer_type": "size"}) for i in insts]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        [z] = task_zeroshot(
+            OracleCache(known), "vqa", ["full"], insts, [], lone,
+            vocab=vocab, types=types, vqa_candidates=4, shift_key="domain", shift_target="",
+        )  # fmt: skip
+    assert z.text_floor == z.chance == 1.0  # the gold alone: no answer of type "size" to draw
 
 
 def test_a_task_the_data_does_not_hold_is_named_with_the_fix(tmp_path):
