@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = P.pretrain_student(
             sp, params.teacher.model, args.captions, args.val, Path(args.work or Path(args.out) / "backbone"),
             steps=pp.steps, batch_size=pp.batch_size, lr=pp.lr, weight_decay=pp.weight_decay,
-            warmup=pp.warmup, pairs_limit=pp.pairs, seed=pp.seed, metrics_path=None, progress=False,
+            warmup=pp.warmup, pairs_limit=pp.pairs, seed=pp.seed, threads=pp.threads, metrics_path=None,
+            progress=False,
         )  # fmt: skip
     finally:
         P.evaluate = evaluate

@@ -1,15 +1,18 @@
-"""What the teacher knows of VQA through two candidate sets: the method's (the gold answer and K − 1
-distractors from the whole answer vocabulary, which the confidence weights and the zero-shot stage read) and
-one whose distractors share the question's answer type (drawn with the same per-instance seed), where the
-question's wording rules nothing out.
+"""What the teacher knows of VQA through two candidate sets: the previous method's (the gold answer and K − 1
+distractors from the whole answer vocabulary, which the confidence weights and the zero-shot stage read until
+the record below decided the switch) and the method's (``pipeline.texts.vqa_answers``: distractors of the
+question's answer type, drawn with the same per-instance seed), where the question's wording rules nothing out.
+The record (benchmarks/results/vqa-candidates/probe.json) was taken before the switch: its "method" is the
+whole-vocabulary set (now "whole_vocabulary") and its "same_type" the method's set now ("method").
 
 For each set, on the test split's VQA instances: the teacher's zero-shot VQA score (the candidate closest to the
 image), the chance level (a uniform pick), the text floor (a uniform pick among the candidates of the question's
-answer type; equal to chance for the same-type set) and the mean confidence weight before normalisation
-(p_gold = softmax(τ · cos) over the set, docs/method.md §5). The method's set is scored from texts this script
-encodes with the teacher, so its score reproducing the zero-shot stage's checks the encoding.
+answer type; equal to chance for the method's set) and the mean confidence weight before normalisation
+(p_gold = softmax(τ · cos) over the set, docs/method.md §5). Both sets are scored from texts this script
+encodes with the teacher, so the method's score reproducing the zero-shot stage's checks the encoding.
 
-Needs the embedded default built (`make repro`): the prepared test split, the teacher checkpoint and its cache.
+Needs the embedded default built (`make repro`): the prepared test split, the teacher checkpoint and its cache
+(extracted with the answer types: ``pipeline.cache.vqa_answer_space``).
 ``python -m benchmarks.vqa_candidates_probe --out benchmarks/results/vqa-candidates/probe.json``
 """
 
@@ -24,19 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import machine
-from pipeline.cache import TeacherCache
+from pipeline.cache import TeacherCache, vqa_answer_space
 from pipeline.config import load_params
 from pipeline.data.shards import PreparedDataset
 from pipeline.metrics import vqa_score
 from pipeline.teacher import create_teacher
-from pipeline.texts import join_text, vqa_distractors
-from pipeline.zeroshot import answer_types
-
-
-def same_type_distractors(inst, vocab: list[str], types: dict[str, str], k: int) -> list[str]:
-    """Up to K − 1 distractors of the gold's answer type, drawn as the method's are (per-instance seed)."""
-    own = inst.meta.get("answer_type") or types.get(inst.answer)
-    return vqa_distractors(inst, vocab, k, keep=lambda a: types.get(a) == own)
+from pipeline.texts import join_text, vqa_answer_type, vqa_distractors
 
 
 def score(teacher, e_img: torch.Tensor, insts, answer_sets: list[list[str]], types: dict[str, str]) -> dict:
@@ -52,7 +48,7 @@ def score(teacher, e_img: torch.Tensor, insts, answer_sets: list[list[str]], typ
         humans = inst.human_answers or [inst.answer]
         picked.append(vqa_score(answers[int(cos.argmax())], humans))
         chance.append(np.mean([vqa_score(a, humans) for a in answers]))
-        own = inst.meta.get("answer_type") or types.get(inst.answer)
+        own = vqa_answer_type(inst, types)
         kept = [a for a in answers if types.get(a, own) == own]
         floor.append(np.mean([vqa_score(a, humans) for a in kept]))
         p_gold.append(float(torch.softmax(teacher.logit_scale * cos, dim=0)[0]))  # the gold is answers[0]
@@ -69,29 +65,25 @@ def score(teacher, e_img: torch.Tensor, insts, answer_sets: list[list[str]], typ
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write JSON here.")
 def main(params_path: str, out: Path | None) -> None:
-    """Score the teacher's VQA zero-shot through the method's candidates and through same-type ones."""
+    """Score the teacher's VQA zero-shot through the whole-vocabulary candidates and through the method's."""
     params = load_params(params_path)
     root = Path(params.data.out) / params.data.source
-    train = list(PreparedDataset(root / "train").iter_instances())
     test = [i for i in PreparedDataset(root / "test").iter_instances() if i.task == "vqa" and i.answer]
     tc = TeacherCache(params.cache.store)
-    vocab = tc.attrs.get("data", {}).get("vqa_vocab") or PreparedDataset(root / "train").answer_vocab()
-    types = answer_types(train)
+    vocab, types = vqa_answer_space(params.cache.store, tc.attrs)  # the method's, as the store records them
+    vocab = vocab or PreparedDataset(root / "train").answer_vocab()
     teacher = create_teacher(params.teacher.model, params.teacher.pretrained, "cpu", "fp32")
     e_img = tc.image_targets([i.image_id for i in test])["pooled"]
     k = params.distill.vqa_candidates
     result = {
         "n": len(test),
         "k": k,
-        "method": score(
-            teacher, e_img, test, [[i.answer, *vqa_distractors(i, vocab, k)] for i in test], types
+        # types None: every question untyped, its distractors from the whole vocabulary (the previous method).
+        "whole_vocabulary": score(
+            teacher, e_img, test, [[i.answer, *vqa_distractors(i, vocab, k, None)] for i in test], types
         ),
-        "same_type": score(
-            teacher,
-            e_img,
-            test,
-            [[i.answer, *same_type_distractors(i, vocab, types, k)] for i in test],
-            types,
+        "method": score(
+            teacher, e_img, test, [[i.answer, *vqa_distractors(i, vocab, k, types)] for i in test], types
         ),
         "machine": machine(),
     }

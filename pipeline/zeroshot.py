@@ -5,14 +5,17 @@ confidence weights use:
 
 - VCR: Q→A picks the answer whose ``question + answer`` text is closest (cosine of pooled embeddings) to the
   image; QA→R picks among ``question + gold answer + rationale``; Q→AR needs both.
-- VQA: the cached declarative candidates (the gold answer and K − 1 distractors from the answer vocabulary);
-  the picked answer is scored with the VQA score over the human answers. This is a K-way choice, so it is
+- VQA: the cached declarative candidates (the gold answer and up to K − 1 distractors of the question's answer
+  type, ``pipeline.texts.vqa_answers``, from the answer vocabulary and answer types the store records); the
+  picked answer is scored with the VQA score over the human answers. This is a choice among 2 to K, so it is
   reported with its chance level (the mean VQA score of a uniform pick among the candidates) and with its
-  text floor: the distractors come from every answer type, so the question's wording alone ("how many...")
-  rules some out; the floor is the mean VQA score of a uniform pick among the candidates of the question's
-  answer type (each answer's type as the training split's labels give it; an answer of unknown type is kept),
-  what a reader of the question who never sees the image gets. A zero-shot score below it says little of
-  what the teacher knows of the image.
+  text floor: the mean VQA score of a uniform pick among the candidates of the question's answer type (each
+  answer's type as the training split's labels give it; an answer of unknown type is kept), what a reader of
+  the question who never sees the image gets. The distractors share the question's type, so for a typed
+  question the floor is its chance level (unless its gold answer's majority type is another); it stays
+  reported because an untyped question's distractors come from every type, where the wording alone ("how
+  many...") rules some out, and because it shows the candidates give the question away no more than chance.
+  A zero-shot score below it says little of what the teacher knows of the image.
 - SNLI-VE: the cosine of image and hypothesis, cut into three labels by two thresholds fitted on the
   validation split (the only thing learned; the test split is only scored). Chance: the majority label's share.
 
@@ -21,7 +24,6 @@ Every score is computed on the test instances of each protocol condition (``shif
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -33,7 +35,7 @@ from .cache import TeacherCache
 from .data.schema import Instance
 from .metrics import PRIMARY, instance_scores, vqa_score
 from .protocol import make_split
-from .texts import instance_texts, join_text, vqa_distractors
+from .texts import instance_texts, vqa_answer_type, vqa_answers
 
 
 @dataclass
@@ -93,42 +95,32 @@ def vcr_predictions(cache: TeacherCache, insts: Sequence[Instance]) -> list[dict
     return preds
 
 
-def answer_types(train: Iterable[Instance]) -> dict[str, str]:
-    """Each VQA answer's type (``meta["answer_type"]``: VQA v2's yes/no, number, other; the synthetic world's
-    finer ones) as the labelled training instances give it, the most frequent where they disagree."""
-    seen: dict[str, Counter] = defaultdict(Counter)
-    for i in train:
-        if i.task == "vqa" and i.answer and i.meta.get("answer_type"):
-            seen[i.answer][i.meta["answer_type"]] += 1
-    return {a: c.most_common(1)[0][0] for a, c in seen.items()}
-
-
 def vqa_predictions(
     cache: TeacherCache,
     insts: Sequence[Instance],
     vocab: list[str],
     k: int,
-    types: dict[str, str] | None = None,
+    types: dict[str, str],
 ) -> tuple[list[dict], float, float | None]:
-    """The picked answers, the chance level (the mean VQA score of a uniform pick among the candidates) and,
-    with ``types`` (``answer_types``), the text floor: the same among the candidates of the question's type."""
+    """The picked answers, the chance level (the mean VQA score of a uniform pick among the candidates) and
+    the text floor: the same among the candidates of the question's type. ``vocab`` and ``types``: the store's
+    (``pipeline.cache.vqa_answer_space``), which its candidate texts were built from."""
     preds: list[dict] = []
     chance = floor = 0.0
     typed = 0
     for chunk in _batches(insts):
-        texts = [instance_texts(i, vocab, k) for i in chunk]
+        texts = [instance_texts(i, vocab, k, types) for i in chunk]
         picks = _pick(cache, chunk, [t.candidates for t in texts])
-        for inst, t, p in zip(chunk, texts, picks, strict=True):
-            answer_of = {
-                join_text(inst.question, a): a for a in [inst.answer, *vqa_distractors(inst, vocab, k)]
-            }
-            answers = [answer_of[c] for c in t.candidates]
+        for inst, p in zip(chunk, picks, strict=True):
+            answers, _ = vqa_answers(inst, vocab, k, types)  # in the order of the texts' candidates
             humans = inst.human_answers or [inst.answer]
             preds.append({"answer": answers[int(p)]})
             chance += float(np.mean([vqa_score(a, humans) for a in answers]))
-            own = (inst.meta or {}).get("answer_type") or (types or {}).get(inst.answer)
+            own = vqa_answer_type(inst, types)
             if types and own:
-                kept = [a for a in answers if types.get(a, own) == own]
+                # None of the question's type (its gold answer's majority type is another, and the vocabulary
+                # has no other answer of its own): the reader is left with a pick among them all.
+                kept = [a for a in answers if types.get(a, own) == own] or answers
                 floor += float(np.mean([vqa_score(a, humans) for a in kept]))
                 typed += 1
     n = max(len(insts), 1)
@@ -177,12 +169,15 @@ def task_zeroshot(
     test: Sequence[Instance],
     *,
     vocab: list[str],
+    types: dict[str, str],
     vqa_candidates: int,
     shift_key: str,
     shift_target: str,
 ) -> list[ZeroShot]:
     """The teacher's zero-shot score for one task on each condition's test instances. ``val`` None: the
-    source has no val split, and validation is a seeded slice of train (seed 0; make_split draws it)."""
+    source has no val split, and validation is a seeded slice of train (seed 0; make_split draws it).
+    ``vocab`` and ``types``: the VQA answer vocabulary and answer types the cache's candidate texts were
+    built from (``pipeline.cache.vqa_answer_space``)."""
     by_key = {i.key: i for i in [*(train if val is None else val), *test]}
     metric = PRIMARY[task]
     out = []
@@ -194,9 +189,10 @@ def task_zeroshot(
             preds = vcr_predictions(cache, insts)
             chance, how = 1 / 16, "cosine of image and each candidate text (Q→A, then QA→R)"
         elif task == "vqa":
-            preds, chance, floor = vqa_predictions(cache, insts, vocab, vqa_candidates, answer_types(train))
+            preds, chance, floor = vqa_predictions(cache, insts, vocab, vqa_candidates, types)
             how = (
-                f"cosine of image and the {vqa_candidates} cached declarative candidates (gold + distractors)"
+                f"cosine of image and the cached declarative candidates (gold + up to {vqa_candidates - 1} "
+                "distractors of the question's answer type)"
             )
         else:
             # Fitted on the condition's own validation split (training domains only), never on test.

@@ -57,7 +57,7 @@ def main(params_path, overrides, captions, val, out, metrics_path, quiet) -> Non
     m = pretrain_student(
         params.student, params.teacher.model, captions, val, out,
         steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, warmup=p.warmup,
-        pairs_limit=p.pairs, seed=p.seed, metrics_path=metrics_path, progress=not quiet,
+        pairs_limit=p.pairs, seed=p.seed, threads=p.threads, metrics_path=metrics_path, progress=not quiet,
     )  # fmt: skip
     v = m.get("val", {})
     # Hard negatives change one attribute of the true caption: only the image tells them from a match.

@@ -25,7 +25,7 @@ from stages.common import params_options, stage_params, write_json, write_text
 def main(study_path, cache, out, params_path, overrides) -> None:
     """The ceiling beside every study cell: stages.zeroshot's scoring (pipeline.zeroshot.task_zeroshot, from
     the cache alone) over study.tasks and every condition of the study's grid."""
-    from pipeline.cache import CacheCorrupt, CacheFormatError, TeacherCache
+    from pipeline.cache import CacheCorrupt, CacheFormatError, StaleCacheError, TeacherCache, vqa_answer_space
     from pipeline.data.errors import DataError
     from pipeline.data.shards import PreparedDataset
     from pipeline.zeroshot import task_zeroshot
@@ -47,7 +47,11 @@ def main(study_path, cache, out, params_path, overrides) -> None:
         train, val, test, train_dir = role_instances(root, params.protocol.splits)
     except DataError as e:
         raise click.ClickException(str(e)) from None
-    vocab = tc.attrs.get("data", {}).get("vqa_vocab") or PreparedDataset(train_dir).answer_vocab()
+    try:
+        vocab, types = vqa_answer_space(cache, tc.attrs)  # what the store's candidate texts were built from
+    except StaleCacheError as e:
+        raise click.ClickException(str(e)) from None
+    vocab = vocab or PreparedDataset(train_dir).answer_vocab()
     conditions = list(dict.fromkeys(c.condition for c in cells(sp)))
     pp = params.protocol
     result: dict = {}
@@ -61,6 +65,7 @@ def main(study_path, cache, out, params_path, overrides) -> None:
                 val,
                 test,
                 vocab=vocab,
+                types=types,
                 vqa_candidates=params.distill.vqa_candidates,
                 shift_key=pp.shift_key,
                 shift_target=pp.shift_target_domain,

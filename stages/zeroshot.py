@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from pipeline.cache import CacheCorrupt, CacheFormatError, TeacherCache, uncovered
+from pipeline.cache import (
+    CacheCorrupt,
+    CacheFormatError,
+    StaleCacheError,
+    TeacherCache,
+    uncovered,
+    vqa_answer_space,
+)
 from pipeline.config import SplitRoles
 from pipeline.data.errors import DataError
 from pipeline.data.shards import PreparedDataset
@@ -36,7 +43,7 @@ def check_covered(tc: TeacherCache, url: str, root: Path, roles: SplitRoles) -> 
             raise click.ClickException(why)
 
 
-@stage_command(user_errors=(CacheFormatError, CacheCorrupt, DataError, UnlabelledInstance))
+@stage_command(user_errors=(CacheFormatError, CacheCorrupt, StaleCacheError, DataError, UnlabelledInstance))
 @click.option(
     "--data",
     "data_root",
@@ -76,13 +83,16 @@ def main(data_root, cache, out, params_path, overrides) -> None:
     # zarr naming neither store nor array). Checks only read: the scores are the same on an intact store.
     tc.configure_reads(verify=True)
     check_covered(tc, url, root, params.protocol.splits)
-    vocab = tc.attrs.get("data", {}).get("vqa_vocab") or PreparedDataset(train_dir).answer_vocab()
+    # The store's VQA vocabulary and answer types: its candidate texts were built from them (a store from before
+    # the types is refused, naming the key and the rebuild).
+    vocab, types = vqa_answer_space(url, tc.attrs)
+    vocab = vocab or PreparedDataset(train_dir).answer_vocab()
     result: dict = {}
     for task in pp.tasks:
         try:
             scores = task_zeroshot(
                 tc, task, pp.conditions, train, val, test,
-                vocab=vocab, vqa_candidates=params.distill.vqa_candidates,
+                vocab=vocab, types=types, vqa_candidates=params.distill.vqa_candidates,
                 shift_key=pp.shift_key, shift_target=pp.shift_target_domain,
             )  # fmt: skip
         except SplitError as e:  # a task the data lacks, a shift target no test instance has

@@ -129,6 +129,10 @@ class TaskSpec:
     vqa_candidates: int = 4
     blind: bool = False  # every image blank (the `blind` method): nothing to decode
     resize_mode: str = "shortest"  # the teacher's eval region of a non-square image (``image_tensor``)
+    # VQA: each answer's type, which the candidates' distractors share (``pipeline.texts.vqa_answers``); the
+    # store's (``pipeline.cache.vqa_answer_space``) when the run reads one. None: none known, every question's
+    # distractors come from the whole vocabulary (an exported student's spec: it reads no candidates).
+    answer_types: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self.vocab_index = {a: i for i, a in enumerate(self.vocab)}
@@ -137,7 +141,7 @@ class TaskSpec:
         return self.tokenizer(list(texts))[:, : self.max_text_len]
 
     def texts(self, inst: Instance) -> InstanceTexts:
-        return instance_texts(inst, self.vocab, self.vqa_candidates)
+        return instance_texts(inst, self.vocab, self.vqa_candidates, self.answer_types)
 
 
 @dataclass

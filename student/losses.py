@@ -269,7 +269,8 @@ def confidence_weights(
 ) -> Tensor:
     """Detached per-instance weights w [B] (§5), normalised to mean 1 and clipped.
 
-    Candidate tasks (VQA, VCR Q->A, QA->R): pass cand [B, K, E] and gold [B]. SNLI-VE: pass snli_labels [B]
+    Candidate tasks (VQA, VCR Q->A, QA->R): pass cand [B, K, E] and gold [B] (and ``cand_mask`` [B, K] when
+    instances hold fewer than K); the raw weight is C_n · p_gold, C_n an instance's candidates. SNLI-VE: pass snli_labels [B]
     and e_txt = the hypotheses' pooled embeddings. Unlabeled rows (gold or label < 0, or neither given)
     get the in-batch image-text probability over e_txt, or 1 when ``has_text`` is False for the row."""
     with torch.no_grad():
@@ -278,7 +279,12 @@ def confidence_weights(
         if cand is not None:
             if gold is None:
                 raise ValueError("confidence_weights: cand given without gold")
-            raw = candidate_confidence(e_img, cand, gold, tau, cand_mask)
+            # The teacher's lift over a uniform pick (C_n · p_gold, whose chance level is 1 whatever C_n): VQA's
+            # same-type distractors give 2 to 4 candidates, and p_gold alone would weigh a yes/no question
+            # twice a colour one for its count alone. With equal counts (VCR) the batch normalisation below
+            # makes it p_gold.
+            n = cand_mask.sum(1) if cand_mask is not None else torch.full_like(gold, cand.shape[1])
+            raw = candidate_confidence(e_img, cand, gold, tau, cand_mask) * n.to(e_img.dtype)
         elif snli_labels is not None:
             if e_txt is None:
                 raise ValueError("confidence_weights: SNLI-VE needs e_txt (the hypotheses)")

@@ -244,12 +244,18 @@ def pretrain_student(
     warmup: int,
     pairs_limit: int,
     seed: int,
+    threads: int = 0,
     metrics_path: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train ``sp``'s student backbone with ITM + MLM; write ``out/student.pt`` atomically and the metrics."""
+    """Train ``sp``'s student backbone with ITM + MLM; write ``out/student.pt`` atomically and the metrics.
+    ``threads``: torch's thread count for it (``student.pretrain.threads``; 0 leaves torch's default, every
+    core): CPU results differ in the last bits between counts, so a pinned one gives the same backbone on
+    every machine of one instruction set."""
     from tqdm import tqdm
 
+    if threads > 0:  # as the teacher's pretraining (pipeline.pretrain) sets teacher.pretrain.threads
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(teacher_model)
     t_load = time.perf_counter()

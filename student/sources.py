@@ -1,29 +1,34 @@
 """Where a student run's teacher targets come from, and what the cache decides about the run's data order.
 
 The cache is checked against the run before anything is read from it (the data it was extracted from, the
-teacher's identity, the VQA answer vocabulary); ``train.order: chunked`` groups instances by the cache's chunks,
+teacher's identity, the VQA answer vocabulary and answer types); ``train.order: chunked`` groups instances by the cache's chunks,
 and cached views are replayed so every method of a seed sees the same augmentation.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import torch
 
 from pipeline.cache import (
     RESIZE_MODES,
     CacheFormatError,
+    StaleCacheError,
     TeacherCache,
     check_fingerprint,
     read_store_attrs,
     store_exists,
     uncovered,
+    vqa_answer_space,
 )
 from pipeline.config import Params
+from pipeline.data.schema import Instance
 from pipeline.data.shards import PreparedDataset
 from pipeline.identity import teacher_identity
 from pipeline.teacher import TeacherError, configured_resize_mode
+from pipeline.texts import answer_types
 from student.data import ViewTable
 from student.errors import FingerprintMismatch, RunSetupError
 from student.targets import CachedTargets, OnlineTargets, TargetSource
@@ -40,11 +45,13 @@ def open_targets(
     *,
     online: bool,
     relevance: str | None = None,
+    train_instances: Iterable[Instance] | None = None,
 ) -> TargetSource:
     """The run's teacher targets: the teacher itself (``online``), or the cache after checking it covers this
     run's training data (whatever else it holds), was extracted with this run's teacher (differing fields
-    named), holds this VQA answer vocabulary and the tokens of ``relevance`` (the source the run's token
-    selection ranks by; None when it selects none)."""
+    named), holds this VQA answer vocabulary and answer types (those ``train_instances``, default the training
+    split's, give) and the tokens of ``relevance`` (the source the run's token selection ranks by; None when
+    it selects none)."""
     tp = params.teacher
     if online:
         from pipeline.teacher import create_teacher
@@ -86,9 +93,37 @@ def open_targets(
             f"rebuild it: python -m stages.extract_teacher --shards ... --out {run.cache} --overwrite, with this "
             "run's --params/--set (or extract into another --out)"
         )
+    if vocab is not None:
+        try:
+            _, cached_types = vqa_answer_space(run.cache, cache.attrs)
+        except StaleCacheError as e:  # from before the types: its candidates are the old rule's
+            raise FingerprintMismatch(str(e)) from None
+        types = answer_types(train_instances if train_instances is not None else train_ds.iter_instances())
+        if cached_types != types:
+            # Kept, as the vocabulary, from the VQA data the store was first built from.
+            differ = sorted(a for a in set(types) | set(cached_types) if types.get(a) != cached_types.get(a))
+            shown = ", ".join(f"{a!r}: {cached_types.get(a)} → {types.get(a)}" for a in differ[:5])
+            raise FingerprintMismatch(
+                f"{run.cache}: VQA answer types (data.vqa_answer_types) differ from those {train_ds.path}'s "
+                f"instances give ({len(differ)} answer(s), store → data: {shown}{' …' if len(differ) > 5 else ''}"
+                f"); the store keeps the answer types it was built from, so rebuild it: python -m "
+                f"stages.extract_teacher --shards ... --out {run.cache} --overwrite, with this run's "
+                "--params/--set (or extract into another --out)"
+            )
     # On CUDA the float16 tokens travel as stored and prepare_teacher converts them on the device.
     half = torch.float16 if device.type == "cuda" else torch.float32
     return CachedTargets(cache, chunk_cache_bytes=params.train.target_cache_mb << 20, token_dtype=half)
+
+
+def run_answer_types(run, source: TargetSource | None, train_instances: Iterable[Instance]) -> dict[str, str]:
+    """The VQA answer types this run's candidate texts are built from (docs/method.md §5): the store's when the
+    run reads one (``open_targets`` checked them against the training split's), else those the training
+    instances give (an online teacher encodes the same texts; a run without a teacher never reads them)."""
+    if run.task != "vqa":
+        return {}
+    if isinstance(source, CachedTargets):
+        return vqa_answer_space(run.cache, source.cache.attrs)[1]
+    return answer_types(train_instances)
 
 
 def chunk_groups(

@@ -212,6 +212,18 @@ def assemble_teacher_batch(img: dict, txt: dict) -> TeacherBatch:
     return tb
 
 
+def pad_candidates(flat: Tensor, counts: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Each instance's candidates ([ΣC, E], instance after instance, ``counts`` each) as [B, max C, E] with the
+    mask of the real ones [B, max C]. VQA distractors share the question's answer type, and a type may have
+    fewer than K − 1 other answers (the synthetic world's yes/no has one), so a batch's instances can hold
+    different numbers of candidates; a missing one gets no probability in p_gold."""
+    n = torch.tensor(list(counts), device=flat.device)
+    mask = torch.arange(max(counts, default=0), device=flat.device)[None, :] < n[:, None]
+    out = flat.new_zeros(len(counts), mask.shape[1], flat.shape[-1])
+    out[mask] = flat  # row-major: instance by instance, its candidates in order
+    return out, mask
+
+
 def teacher_batch(
     batch: Batch, source: TargetSource, cfg: MethodSettings, task: str
 ) -> tuple[TeacherBatch, Tensor]:
@@ -235,13 +247,14 @@ def teacher_batch(
         else:
             cand_pooled = cand["pooled"]
             k = len(batch.teacher_texts[0].candidates)
-            cands = (
-                cand_pooled[: b * k].view(b, k, -1)
-                if task == "vqa"
-                else cand_pooled.view(b, 2 * k, -1)[:, :k]
-            )
+            if task == "vqa":
+                cands, mask = pad_candidates(cand_pooled, [len(t.candidates) for t in batch.teacher_texts])
+            else:
+                cands, mask = cand_pooled.view(b, 2 * k, -1)[:, :k], None
             gold = torch.tensor([t.gold for t in batch.teacher_texts])
-            weights = confidence_weights(img["pooled"], tau, cand=cands, gold=gold, clip=cfg.weight_clip)
+            weights = confidence_weights(
+                img["pooled"], tau, cand=cands, gold=gold, cand_mask=mask, clip=cfg.weight_clip
+            )
             if task == "vcr":
                 # QA→R agreement too: the instance's weight is the mean of its Q→A and QA→R weights.
                 rat = cand_pooled.view(b, 2 * k, -1)[:, k:]

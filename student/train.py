@@ -73,7 +73,7 @@ from student.placement import (
     to_device,
 )
 from student.pretrain import PretrainedMismatch, load_pretrained_backbone
-from student.sources import chunk_groups, open_targets, teacher_resize_mode, view_table
+from student.sources import chunk_groups, open_targets, run_answer_types, teacher_resize_mode, view_table
 from student.targets import CachedTargets, TargetSource, teacher_batch, unlabeled_teacher_batch
 
 
@@ -223,12 +223,14 @@ class Trainer:
             self.source = open_targets(
                 params, run, self.train_ds, datasets, self.device, online=online_teacher,
                 relevance=self.cfg.relevance_source if self.cfg.kd == "tokens" else None,
+                train_instances=self.train_instances,
             )  # fmt: skip
         vocab = self.train_ds.answer_vocab() if run.task == "vqa" else []
         self.resize_mode = teacher_resize_mode(params, run, self.source)
         self.spec = TaskSpec(run.task, load_tokenizer(teacher_model), params.student.image_size, params.student.max_text_len,
                              vocab, params.distill.vqa_candidates, blind=self.cfg.blind,
-                             resize_mode=self.resize_mode)  # fmt: skip
+                             resize_mode=self.resize_mode,
+                             answer_types=run_answer_types(run, self.source, self.train_instances))  # fmt: skip
         self._val_batches = BatchCache()  # every validation of the run reads the same instances
         self.views = view_table(params, run, self.source, self.train_ds, self.resize_mode)
         self.order_groups = chunk_groups(params, run, self.source, self.train_instances)
@@ -315,6 +317,10 @@ class Trainer:
             cache = {"store": sha256_json(reading_fingerprint(fp, [self.train_ds.fingerprint]))}
         else:
             cache = {}
+        if self.needs_teacher and self.run.task == "vqa":
+            # The candidates the confidence weights read: a checkpoint from before same-type distractors (or
+            # of other answer types) is another run's, whatever the store's fingerprint says.
+            cache["vqa_answer_types"] = sha256_json(self.spec.answer_types)
         sp = self.params.student
         init = {"pretrained": sha256_file(sp.pretrained)} if sp.init == "pretrained" else {"scratch": True}
         r = self.run

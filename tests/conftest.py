@@ -32,6 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test starts on one torch thread: the pretrainings set their own count (teacher.pretrain.threads,
+    student.pretrain.threads: 2 by default) and leave it set, as they do in a stage's process."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
 def _dvc_as_installed_before(monkeypatch):
     """pipeline.dvc_lockfile.install (the lock's cheap update and entry-wise read) patches DVC for the
     process; each test gets DVC back as it found it."""

@@ -16,6 +16,7 @@ from pipeline import extract as X
 from pipeline.config import CacheParams
 from pipeline.data.errors import DataError
 from pipeline.teacher import create_teacher
+from pipeline.texts import answer_types, instance_texts, text_hash
 from pipeline.verify import verify_store
 from tests.conftest import TINY_CFG, png_bytes, snli_instance
 from tests.test_extract import make_dataset
@@ -375,7 +376,7 @@ def test_append_with_views_int8_and_more_tokens_than_a_shard(world, tmp_path):
         x, y = got.image_targets(ids, views=views), want.image_targets(ids, views=views)
         for key in ("tokens", "pooled"):
             assert torch.nn.functional.cosine_similarity(x[key], y[key], dim=-1).min() >= 0.9999, (key, views)
-    texts = _all_texts([a, b], want.attrs["data"]["vqa_vocab"])
+    texts = _all_texts([a, b], *C.vqa_answer_space(ref, want.attrs))
     x, y = got.text_targets(texts), want.text_targets(texts)
     assert torch.equal(x["lengths"], y["lengths"])
     assert torch.nn.functional.cosine_similarity(x["pooled"], y["pooled"], dim=-1).min() >= 0.9999
@@ -424,7 +425,10 @@ def test_vqa_data_appended_to_a_store_without_it_sets_the_answer_vocabulary(worl
     # The VQA candidate texts the store holds are those built from that vocabulary.
     from tests.test_extract import _all_texts
 
-    C.TeacherCache(url).text_targets(_all_texts([world["a"]], world["a"].answer_vocab()), tokens=False)
+    attrs = C.read_store_attrs(url)
+    assert attrs["data"]["vqa_answer_types"] == answer_types(world["a"].iter_instances())
+    types = attrs["data"]["vqa_answer_types"]
+    C.TeacherCache(url).text_targets(_all_texts([world["a"]], world["a"].answer_vocab(), types), tokens=False)
 
 
 def _min_cosine(url: str, ref_url: str, ids: list[str], key: str) -> float:
@@ -432,3 +436,77 @@ def _min_cosine(url: str, ref_url: str, ids: list[str], key: str) -> float:
     got, ref = C.TeacherCache(url), C.TeacherCache(ref_url)
     a, b = got.image_targets(ids)[key], ref.image_targets(ids)[key]
     return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
+
+
+def _typed_vqa(path, split: str, seed: int):
+    """VQA questions labelled with their answer type (colour, number, yes/no), as VQA v2 and the synthetic world
+    label theirs."""
+    from pipeline.data.schema import Instance
+    from pipeline.data.shards import DatasetWriter, PreparedDataset
+
+    answers = {
+        "color": ["red", "blue", "green", "pink"],
+        "number": ["one", "two", "three"],
+        "yes/no": ["yes", "no"],
+    }
+    with DatasetWriter(path, source="synthetic", split=split, shard_size=7, image_shard_size=5) as w:
+        for i in range(6):
+            iid = f"typed-{seed}-{i}"
+            w.add_image(iid, png_bytes(7000 + seed * 100 + i), "png")
+            for kind, pool in answers.items():
+                a = pool[(i + seed) % len(pool)]
+                key = f"{iid}-{kind.replace('/', '')}"
+                w.add_instance(Instance(
+                    key=key, task="vqa", image_id=iid, split=split, question=f"{kind} {i}?", answer=a,
+                    human_answers=[a] * 10, meta={"answer_type": kind},
+                ))  # fmt: skip
+    return PreparedDataset(path)
+
+
+def test_the_store_records_the_answer_types_its_vqa_candidates_share(world, tmp_path):
+    """Extraction records each answer's type beside the vocabulary (data.vqa_answer_types), and the store holds
+    exactly the same-type candidates built from the two; a store grown with more data keeps its own."""
+    train = _typed_vqa(tmp_path / "t" / "train", "train", 0)
+    url = str(tmp_path / "typed.zarr")
+    _extract(world, [train], url)
+    attrs = C.read_store_attrs(url)
+    vocab, types = C.vqa_answer_space(url, attrs)
+    assert types == answer_types(train.iter_instances()) and set(types.values()) == {
+        "color",
+        "number",
+        "yes/no",
+    }
+    held = set(C.read_index(url, attrs).text_ids)
+    for inst in train.iter_instances():
+        t = instance_texts(inst, vocab, 4, types)
+        assert {text_hash(x) for x in t.all()} <= held
+        assert len(t.candidates) == {"color": 4, "number": 3, "yes/no": 2}[inst.meta["answer_type"]]
+    more = _typed_vqa(tmp_path / "m" / "train", "val", 5)
+    _extract(world, [train, more], url)
+    grown = C.read_store_attrs(url)
+    assert C.vqa_answer_space(url, grown) == (vocab, types) and C.covered_datasets(
+        grown
+    ) != C.covered_datasets(attrs)
+
+
+def test_a_store_from_before_the_answer_types_is_stale_and_rebuilt(world, tmp_path):
+    """A store holding a VQA vocabulary but no answer types was extracted with distractors from the whole
+    vocabulary: resuming or growing it would mix two candidate rules. It is stale (named), rebuilt with
+    --rebuild-stale."""
+    import zarr
+
+    train = _typed_vqa(tmp_path / "t" / "train", "train", 0)
+    url = str(tmp_path / "old.zarr")
+    _extract(world, [train], url)
+    group = zarr.open_group(url, mode="r+")
+    data = dict(group.attrs["data"])
+    types = data.pop(C.VQA_ANSWER_TYPES)
+    group.attrs["data"] = data
+    more = _typed_vqa(tmp_path / "m" / "train", "val", 5)
+    for datasets in ([train], [train, more]):  # resumed as it is, or grown
+        with pytest.raises(C.StaleCacheError, match=r"old\.zarr.*data\.vqa_answer_types"):
+            _extract(world, datasets, url)
+    X.UNIT_RUNS.clear()
+    m = X.extract([train], url, world["spec"], params(), scheduler="sync", progress=False, rebuild_stale=True)
+    assert m["units_skipped"] == 0 and C.read_store_attrs(url)["data"][C.VQA_ANSWER_TYPES] == types
+    assert verify_store(url).ok

@@ -84,6 +84,8 @@ def test_bad_override_syntax():
         ("cache.relevance_tokens=[foo]", r"cache\.relevance_tokens': unknown source\(s\) \['foo'\]; allowed"),
         ("train.seed=-1", r"train\.seed': must be at least 0, got -1"),
         ("student.pretrain.seed=-1", r"student\.pretrain\.seed': must be at least 0"),
+        ("student.pretrain.threads=-1", r"student\.pretrain\.threads': must be at least 0, got -1"),
+        ("teacher.pretrain.threads=-1", r"teacher\.pretrain\.threads': must be at least 0, got -1"),
         (
             "student.pretrain.weight_decay=-1",
             r"student\.pretrain\.weight_decay': must be a finite number >= 0",

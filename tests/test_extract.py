@@ -123,9 +123,13 @@ def _direct_images(teacher, datasets, ids):
     return teacher.encode_images(px)
 
 
-def _all_texts(datasets, vocab):
+def _all_texts(datasets, vocab, types):
+    """Every teacher text of ``datasets``' instances, VQA candidates from ``vocab`` and ``types`` (a store's)."""
     return [
-        t for ds in datasets for inst in ds.iter_instances() for t in instance_texts(inst, vocab, 4).all()
+        t
+        for ds in datasets
+        for inst in ds.iter_instances()
+        for t in instance_texts(inst, vocab, 4, types).all()
     ]
 
 
@@ -144,7 +148,7 @@ def test_cache_equals_direct_teacher_forward(world, baseline):
     assert _cos(got["pooled"], want["pooled"]).min() >= 0.999
     assert bool(got["valid"].all())
 
-    texts = _all_texts([world["train"], world["val"]], tc.attrs["data"]["vqa_vocab"])
+    texts = _all_texts([world["train"], world["val"]], *C.vqa_answer_space(baseline["url"], tc.attrs))
     uniq = list(dict.fromkeys(texts))
     tt = tc.text_targets(uniq)
     direct = teacher.encode_texts(teacher.tokenizer(uniq))
@@ -183,8 +187,8 @@ def test_duplicates_computed_once(world, baseline):
         2,
         1,
     )
-    vocab = C.TeacherCache(baseline["url"]).attrs["data"]["vqa_vocab"]
-    texts = _all_texts([world["train"], world["val"]], vocab)
+    space = C.vqa_answer_space(baseline["url"], C.TeacherCache(baseline["url"]).attrs)
+    texts = _all_texts([world["train"], world["val"]], *space)
     assert m["texts_total"] == len(texts) and m["unique_texts"] == len(set(texts)) < len(texts)
     assert m["text_duplicates_removed"] == len(texts) - len(set(texts))
     assert m["instances"] == 9 * 4 + 4 * 4 + 2
@@ -622,7 +626,8 @@ def test_text_arrays_take_their_own_chunk_size(world, baseline, tmp_path):
     assert small.group["text/pooled"].chunks[0] == 256 // row  # divides the 16-row shard
     assert base.group["text/tokens"].chunks[0] > 256 // row
     assert small.group["image/tokens"].chunks == base.group["image/tokens"].chunks
-    texts = list(dict.fromkeys(_all_texts([world["train"], world["val"]], base.attrs["data"]["vqa_vocab"])))
+    space = C.vqa_answer_space(baseline["url"], base.attrs)
+    texts = list(dict.fromkeys(_all_texts([world["train"], world["val"]], *space)))
     a, b = small.text_targets(texts), base.text_targets(texts)
     assert torch.equal(a["pooled"], b["pooled"]) and torch.equal(a["lengths"], b["lengths"])
     assert all(torch.equal(x, y) for x, y in zip(a["tokens"], b["tokens"], strict=True))

@@ -155,6 +155,23 @@ def test_candidate_confidence_and_normalisation():
     torch.testing.assert_close(normalise_weights(torch.zeros(3)), torch.ones(3))
 
 
+def test_candidate_weights_are_the_lift_over_a_uniform_pick_whatever_the_count():
+    """VQA's same-type distractors give 2 to 4 candidates: a teacher that knows nothing (every candidate
+    equally close) must weigh every question alike, not a yes/no one (p_gold 1/2) twice a colour one (1/4).
+    The weight is C_n · p_gold; with equal counts it is p_gold after the batch normalisation."""
+    e_img = T([[1.0, 0.0]] * 3)
+    cand = torch.zeros(3, 4, 2)
+    cand[..., 1] = 1.0  # every candidate orthogonal to the image: uniform p over the real ones
+    mask = T([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]).bool()
+    w = confidence_weights(e_img, 2.0, cand=cand, gold=T([0, 1, 2]), cand_mask=mask)
+    torch.testing.assert_close(w, torch.ones(3))
+    # The gold twice as likely as a uniform pick: weight 2 against the blind rows' 1, whatever its count.
+    cand[0, 0] = T([1.0, 0.0])  # row 0 (2 candidates): p_gold = e^2 / (e^2 + 1)
+    raw = T([2 * math.exp(2) / (math.exp(2) + 1), 1.0, 1.0])
+    w = confidence_weights(e_img, 2.0, cand=cand, gold=T([0, 1, 2]), cand_mask=mask, clip=(0.0, 10.0))
+    torch.testing.assert_close(w, raw / raw.mean())
+
+
 # e_img rows [1,0], [1,0], [0,1]; texts [1,0], [0,1], [0,1]. cos rows: [1,0,0], [1,0,0], [0,1,1].
 # tau = ln 2 -> exp(logits) rows [2,1,1], [2,1,1], [1,2,2] -> q_00 = 2/4, q_11 = 1/4, q_22 = 2/5.
 E_IMG = T([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
@@ -184,8 +201,9 @@ def test_unlabeled_inbatch_weights():
     # A VQA batch whose row 1 is unlabeled (gold -1) falls back to the in-batch probability for that row.
     cand = T([[[1.0, 0.0], [0.0, 1.0]]]).expand(3, 2, 2)
     w = confidence_weights(E_IMG, LN2, cand=cand, gold=T([0, -1, 1]), e_txt=E_TXT)
-    # gold rows: row 0 p = 2/3 (exp [2, 1]); row 2 cos [0, 1] -> p_gold = 2/3; row 1: q_11 = 1/4.
-    raw = T([2 / 3, 0.25, 2 / 3])
+    # gold rows: row 0 p = 2/3 (exp [2, 1]); row 2 cos [0, 1] -> p_gold = 2/3, each times its 2 candidates;
+    # row 1: q_11 = 1/4.
+    raw = T([4 / 3, 0.25, 4 / 3])
     torch.testing.assert_close(w, raw / raw.mean())
 
 

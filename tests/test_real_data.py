@@ -590,3 +590,14 @@ def test_real_params_train_the_default_student_from_scratch():
     default, real = (yaml.safe_load((REPO / p).read_text()) for p in ("params.yaml", "real/params.yaml"))
     assert real["train"] == default["train"]
     assert real["student"] == {**default["student"], "init": "scratch"}
+
+
+def test_real_params_pin_the_pretrainings_threads_as_params_yaml_does():
+    """The pretrainings' torch thread count decides their bits (docs/training.md): real/params.yaml copies
+    params.yaml's teacher.pretrain, and had kept its old thread count (0, every core) after the default was
+    pinned at 2, so a teacher pretrained from it would train to other bits on a machine of another core count."""
+    import yaml
+
+    default, real = (yaml.safe_load((REPO / p).read_text()) for p in ("params.yaml", "real/params.yaml"))
+    assert real["teacher"]["pretrain"] == default["teacher"]["pretrain"]
+    assert real["student"]["pretrain"]["threads"] == default["student"]["pretrain"]["threads"] == 2

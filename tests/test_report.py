@@ -282,7 +282,7 @@ def test_floor_and_ceiling_rows_shown_or_not_measured(runs: Path) -> None:
     t = table(md, "## vcr — q2ar (primary)")
     assert t["teacher zero-shot"] == ["0.610", "not measured", "0.625"]
     assert "not measured for snli_ve / lowshot-0.25; vcr / shift." in md
-    # A text floor beside the ceiling (VQA's candidates span answer types), where the file gives one.
+    # A text floor beside the ceiling (VQA's pick among its question's type), where the file gives one.
     md = markdown(summary, None, None, {"vcr": {"full": 0.625}}, floors={"vcr": {"full": 0.8}})
     assert table(md, "## vcr — q2ar (primary)")["teacher zero-shot"][-1] == "0.625 (text floor 0.800)"
     assert "(no `blind` runs) for snli_ve / lowshot-0.25; vcr / shift; vcr / full." in md

@@ -320,3 +320,51 @@ def test_the_itm_probe_scores_every_held_out_pair_once_per_kind_and_sees_no_mask
     assert r["match"]["n"] + r["hard_negative"]["n"] + r["other_caption"]["n"] == n
     hits = sum(r[k]["accuracy"] * r[k]["n"] for k in ("match", "hard_negative", "other_caption"))
     assert hits == pytest.approx(r["as_evaluated"]["accuracy"] * n, abs=1.5)  # 4 decimals each
+
+
+def test_the_pretraining_runs_on_student_pretrain_threads(corpus, tmp_path, monkeypatch):
+    """torch's CPU results differ in the last bits between 1 and 2 threads: the backbone's pretraining runs on
+    the pinned student.pretrain.threads (the stage passes it; 2 in params.yaml), whatever the machine's cores."""
+    import student.pretrain as P
+    from pipeline.config import Params
+    from stages.pretrain_student import main
+
+    assert Params().student.pretrain.threads == 2 == Params().teacher.pretrain.threads
+    seen, real = [], P.losses
+
+    def losses(*a, **k):  # what every training step calls
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(P, "losses", losses)
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            seen.clear()
+            pretrain_student(
+                _sp(), TEACHER, corpus / "captions", None, tmp_path / f"out{threads}", steps=2, batch_size=4,
+                lr=1e-3, weight_decay=0.0, warmup=1, pairs_limit=8, seed=0, threads=threads, progress=False,
+            )  # fmt: skip
+            assert seen == [threads, threads]
+        torch.set_num_threads(3)
+        seen.clear()
+        pretrain_student(
+            _sp(), TEACHER, corpus / "captions", None, tmp_path / "out0", steps=1, batch_size=4, lr=1e-3,
+            weight_decay=0.0, warmup=1, pairs_limit=8, seed=0, threads=0, progress=False,
+        )  # fmt: skip
+        assert seen == [3]  # 0: torch's own count is left as it is
+    finally:
+        torch.set_num_threads(before)
+
+    # The stage hands the key over.
+    from click.testing import CliRunner
+
+    got = {}
+    monkeypatch.setattr(P, "pretrain_student", lambda *a, **k: got.update(k) or {"steps": 0, "pairs": 0,
+                        "seconds": 0.0, "checkpoint": "x"})  # fmt: skip
+    res = CliRunner().invoke(
+        main, ["--captions", str(corpus / "captions"), "--val", str(corpus / "captions_val"), "--out",
+               str(tmp_path / "stage"), "--set", "student.pretrain.threads=3", "--quiet"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert got["threads"] == 3

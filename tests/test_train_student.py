@@ -159,6 +159,75 @@ def test_a_store_of_another_vqa_vocabulary_is_refused_saying_how_to_rebuild(worl
         Trainer(student_params(world), run, progress=False)
 
 
+def _store_with_data(world, tmp_path, edit) -> str:
+    """A copy of the world's store whose ``data`` attrs ``edit`` changed in place."""
+    import shutil
+
+    import zarr
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(world[2], store)
+    group = zarr.open_group(str(store), mode="r+")
+    data = dict(group.attrs["data"])
+    edit(data)
+    group.attrs["data"] = data
+    return str(store)
+
+
+def test_a_store_from_before_the_answer_types_is_refused_saying_how_to_rebuild(world, tmp_path):
+    """A store extracted before VQA distractors shared the gold's type holds the old candidates: read with the
+    whole vocabulary its confidence weights would be the old rule's. Refused, naming the store and the key."""
+    store = _store_with_data(world, tmp_path, lambda d: d.pop("vqa_answer_types"))
+    run = RunSpec("vqa", "full", "clip_td", 0, str(world[0] / "shards"), store, str(tmp_path / "r"))
+    with pytest.raises(
+        FingerprintMismatch,
+        match=r"store\.zarr.*data\.vqa_answer_types.*stages\.extract_teacher.*--rebuild-stale",
+    ):
+        Trainer(student_params(world), run, progress=False)
+
+
+def test_a_store_of_other_answer_types_is_refused_naming_them(world, tmp_path):
+    def retype(data):
+        data["vqa_answer_types"] = {**data["vqa_answer_types"], "yes": "color"}
+
+    store = _store_with_data(world, tmp_path, retype)
+    run = RunSpec("vqa", "full", "clip_td", 0, str(world[0] / "shards"), store, str(tmp_path / "r"))
+    with pytest.raises(
+        FingerprintMismatch, match=r"data\.vqa_answer_types.*'yes': color → yes/no.*--overwrite"
+    ):
+        Trainer(student_params(world), run, progress=False)
+
+
+def test_training_reads_the_vqa_candidates_extraction_cached(world, tmp_path):
+    """The texts a VQA run looks up for its confidence weights are those extraction encoded: built from the
+    store's vocabulary and answer types, distractors of the question's type, every one in the store."""
+    from pipeline.cache import TeacherCache
+    from pipeline.data.shards import PreparedDataset
+    from pipeline.extract import plan_extraction
+    from pipeline.texts import answer_types, instance_texts, text_hash
+
+    tr = Trainer(student_params(world), run_spec(world, tmp_path, task="vqa"), progress=False)
+    attrs = TeacherCache(world[2]).attrs["data"]
+    types = attrs["vqa_answer_types"]
+    assert tr.spec.answer_types == types == answer_types(tr.train_instances)
+    assert {"yes/no", "color", "number"} <= set(types.values())
+    shards = world[0] / "shards"
+    plan = plan_extraction([PreparedDataset(shards / s) for s in ("train", "val", "test")])
+    extracted = set(plan.text_ids)
+    counts = Counter()
+    for inst in tr.train_instances:
+        texts = tr.spec.texts(inst)
+        assert {text_hash(t) for t in texts.all()} <= extracted
+        answers = [c.removeprefix(inst.question).strip() for c in texts.candidates]
+        assert {types[a] for a in answers} == {inst.meta["answer_type"]}
+        counts[len(answers)] += 1
+        assert texts == instance_texts(inst, attrs["vqa_vocab"], 4, types)
+    assert counts[2] and counts[4]  # yes/no questions have one distractor, colour questions three
+    # The whole vocabulary's candidates (the previous rule) are not what the store holds.
+    old = [instance_texts(i, attrs["vqa_vocab"], 4) for i in tr.train_instances]
+    assert any(text_hash(c) not in extracted for t in old for c in t.candidates)
+
+
 def test_cache_from_other_teacher_is_refused(world, tmp_path):
     root, _, _ = world
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
@@ -277,13 +346,28 @@ def test_teacher_batch_reads_candidate_texts_pooled_only(world, tmp_path, task, 
         assert torch.equal(w, torch.ones(b))
         return
     k = len(batch.teacher_texts[0].candidates)
-    pooled = plain["pooled"][b:].view(b, -1, plain["pooled"].shape[-1])
     img = source.cache.image_targets(batch.image_ids)["pooled"]
     clip = tr.cfg.weight_clip
 
-    def conf(cand, gold):
-        return confidence_weights(img, source.logit_scale, cand=cand, gold=torch.tensor(gold), clip=clip)
+    def conf(cand, gold, mask=None):
+        return confidence_weights(
+            img, source.logit_scale, cand=cand, gold=torch.tensor(gold), cand_mask=mask, clip=clip
+        )
 
+    if task == "vqa":
+        # Distractors of the question's type: a yes/no question has 2 candidates, a colour question 4.
+        counts = [len(t.candidates) for t in batch.teacher_texts]
+        assert len(set(counts)) > 1, counts
+        pooled = torch.zeros(b, max(counts), plain["pooled"].shape[-1])
+        mask = torch.zeros(b, max(counts), dtype=torch.bool)
+        rows = iter(plain["pooled"][b:])
+        for n, c in enumerate(counts):
+            for j in range(c):
+                pooled[n, j], mask[n, j] = next(rows), True
+        want = conf(pooled, [t.gold for t in batch.teacher_texts], mask)
+        torch.testing.assert_close(w, want, rtol=0, atol=0)
+        return
+    pooled = plain["pooled"][b:].view(b, -1, plain["pooled"].shape[-1])
     want = conf(pooled[:, :k], [t.gold for t in batch.teacher_texts])
     if task == "vcr":
         want = 0.5 * (want + conf(pooled[:, k:], [t.rationale_gold for t in batch.teacher_texts]))

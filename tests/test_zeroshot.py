@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ def test_vcr_zeroshot_picks_the_candidate_the_teacher_knows():
     for name, known in (("both", both), ("wrong", wrong)):
         [z] = task_zeroshot(
             OracleCache(known), "vcr", ["full"], insts, [], insts,
-            vocab=[], vqa_candidates=4, shift_key="domain", shift_target="",
+            vocab=[], types={}, vqa_candidates=4, shift_key="domain", shift_target="",
         )  # fmt: skip
         assert z.n == 8 and z.chance == 1 / 16 and z.metric == "q2ar"
         scores[name] = z.score
@@ -80,10 +81,11 @@ def test_vqa_zeroshot_scores_the_picked_answer_and_reports_the_candidates_chance
         gold_text[i.image_id] = [t.candidates[t.gold]]
     [z] = task_zeroshot(
         OracleCache(gold_text), "vqa", ["full"], insts, [], insts,
-        vocab=vocab, vqa_candidates=4, shift_key="domain", shift_target="",
+        vocab=vocab, types={}, vqa_candidates=4, shift_key="domain", shift_target="",
     )  # fmt: skip
     assert z.score == 1.0
     assert abs(z.chance - 0.25) < 1e-9  # one right answer among 4 candidates, all 10 humans agree
+    assert z.text_floor is None  # untyped questions (no types): no floor
 
 
 def test_snli_thresholds_separate_the_three_labels():
@@ -111,6 +113,35 @@ def test_stage_writes_every_task_and_condition(tmp_path):
             assert 0.0 <= cell["score"] <= 1.0 and 0.0 < cell["chance"] < 1.0 and cell["n"] > 0
     # The shift cell scores the target domain only: fewer instances than full.
     assert z["vqa"]["shift"]["n"] < z["vqa"]["full"]["n"]
+    # Same-type candidates: the question's wording rules none out, so the text floor is the chance level.
+    for cell in z["vqa"].values():
+        assert abs(cell["text_floor"] - cell["chance"]) < 1e-9
+
+
+def test_stage_refuses_a_store_from_before_the_answer_types(tmp_path):
+    """A store extracted before VQA distractors shared the gold's type holds the old candidates: scored with
+    the whole vocabulary it would report the old rule's numbers. Refused in one line naming the key and the
+    rebuild; nothing written."""
+    import shutil
+
+    import zarr
+
+    root, cfg, store = build_world(tmp_path / "w")
+    old = tmp_path / "old.zarr"
+    shutil.copytree(store, old)
+    group = zarr.open_group(str(old), mode="r+")
+    data = dict(group.attrs["data"])
+    assert data.pop("vqa_answer_types")
+    group.attrs["data"] = data
+    out = tmp_path / "zeroshot.json"
+    res = CliRunner().invoke(
+        zeroshot_main, ["--data", str(root / "shards"), "--cache", str(old), "--out", str(out)]
+    )
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    line = res.output.strip()
+    assert "\n" not in line and str(old) in line and "data.vqa_answer_types" in line
+    assert "stages.extract_teacher" in line and "--rebuild-stale" in line
+    assert not out.exists()
 
 
 def test_stage_names_a_missing_cache(tmp_path):
@@ -156,7 +187,8 @@ def test_stage_reads_checked_a_lost_shard_is_one_line_and_an_intact_store_scores
     plain, checked = TeacherCache(store), TeacherCache(store)
     checked.configure_reads(verify=True)
     args = dict(
-        vocab=checked.attrs["data"]["vqa_vocab"], vqa_candidates=params.distill.vqa_candidates,
+        vocab=checked.attrs["data"]["vqa_vocab"], types=checked.attrs["data"]["vqa_answer_types"],
+        vqa_candidates=params.distill.vqa_candidates,
         shift_key=pp.shift_key, shift_target=pp.shift_target_domain,
     )  # fmt: skip
     for task in ("vqa", "snli_ve", "vcr"):
@@ -177,32 +209,58 @@ def test_stage_reads_checked_a_lost_shard_is_one_line_and_an_intact_store_scores
     assert not out.exists()
 
 
-def test_vqa_zeroshot_reports_the_floor_the_questions_answer_type_gives():
-    """The distractors span answer types: a question about colour rules out "two" without the image. The floor
-    is a uniform pick among the candidates of the question's type; it needs every instance's type."""
-    from pipeline.texts import vqa_distractors
+def test_vqa_zeroshot_candidates_share_the_questions_type_so_the_floor_is_chance():
+    """The distractors are of the question's answer type (the types the store records): the question's wording
+    rules none out, and the text floor (a uniform pick among the candidates of the question's type) is the
+    chance level. It is still computed as a floor: a gold answer whose majority type is another than its
+    question's leaves the pick among the question's type."""
+    from pipeline.texts import vqa_answers
 
-    vocab = ["red", "blue", "one", "two", "three"]
-    types = {"red": "color", "blue": "color", "one": "number", "two": "number", "three": "number"}
+    vocab = ["red", "blue", "green", "one", "two", "three"]
+    types = {
+        "red": "color",
+        "blue": "color",
+        "green": "color",
+        "one": "number",
+        "two": "number",
+        "three": "number",
+    }
     insts = [
         Instance(key=f"q{k}", task="vqa", image_id=f"img{k}", split="test", domain="plain",
                  question="what colour is the shape?", answer=["red", "blue"][k % 2],
                  human_answers=[["red", "blue"][k % 2]] * 10, meta={"answer_type": "color"})
         for k in range(12)
     ]  # fmt: skip
-    train = [dataclasses.replace(i, key=f"t{i.key}", answer=a, meta={"answer_type": t})
-             for i, (a, t) in zip(insts, [*types.items()] * 3, strict=False)]  # fmt: skip
-    expected = []
     for i in insts:
-        same = [a for a in [i.answer, *vqa_distractors(i, vocab, 4)] if types[a] == "color"]
-        expected.append(sum(a == i.answer for a in same) / len(same))
-    known = {i.image_id: [instance_texts(i, vocab, 4).candidates[0]] for i in insts}
+        answers, _ = vqa_answers(i, vocab, 4, types)
+        assert sorted(answers) == ["blue", "green", "red"]  # the colour type's 3 answers: all there is
+    known = {i.image_id: [instance_texts(i, vocab, 4, types).candidates[0]] for i in insts}
     [z] = task_zeroshot(
-        OracleCache(known), "vqa", ["full"], train, [], insts,
-        vocab=vocab, vqa_candidates=4, shift_key="domain", shift_target="",
+        OracleCache(known), "vqa", ["full"], insts, [], insts,
+        vocab=vocab, types=types, vqa_candidates=4, shift_key="domain", shift_target="",
     )  # fmt: skip
-    assert abs(z.text_floor - sum(expected) / len(expected)) < 1e-9 and z.text_floor > z.chance
-    assert z.as_dict()["text_floor"] == z.text_floor
+    assert abs(z.chance - 1 / 3) < 1e-9 and abs(z.text_floor - z.chance) < 1e-9
+    assert z.as_dict()["text_floor"] == z.text_floor and "answer type" in z.how
+
+    # A number question whose gold ("red") is a colour by its majority type: the floor picks among the
+    # question's type, which excludes the gold.
+    odd = [dataclasses.replace(i, meta={"answer_type": "number"}) for i in insts]
+    [z] = task_zeroshot(
+        OracleCache(known), "vqa", ["full"], insts, [], odd,
+        vocab=vocab, types=types, vqa_candidates=4, shift_key="domain", shift_target="",
+    )  # fmt: skip
+    assert z.text_floor == 0.0 and abs(z.chance - 1 / 4) < 1e-9  # the gold and the 3 numbers
+
+    # ... and when the vocabulary has no other answer of the question's type, no candidate is of it: the
+    # reader picks among them all (the floor was the NaN mean of an empty list, with a warning).
+    lone = [dataclasses.replace(i, meta={"answer_type": "size"}) for i in insts]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        [z] = task_zeroshot(
+            OracleCache(known), "vqa", ["full"], insts, [], lone,
+            vocab=vocab, types=types, vqa_candidates=4, shift_key="domain", shift_target="",
+        )  # fmt: skip
+    assert z.text_floor == z.chance == 1.0  # the gold alone: no answer of type "size" to draw
 
 
 def test_a_task_the_data_does_not_hold_is_named_with_the_fix(tmp_path):

@@ -79,13 +79,16 @@ from .create import create_store
 from .errors import CacheCorrupt, CacheFormatError, StaleCacheError
 from .fingerprint import (
     GROWING_FIELDS,
+    VQA_ANSWER_TYPES,
     check_fingerprint,
     covered_datasets,
     flatten,
+    lacks_answer_types,
     merge_datasets,
     reading_fingerprint,
     stale_fields,
     uncovered,
+    vqa_answer_space,
 )
 from .grow import (
     APPENDING,
@@ -163,6 +166,9 @@ __all__ = [
     "extents",
     "Extents",
     "GROWING_FIELDS",
+    "lacks_answer_types",
+    "VQA_ANSWER_TYPES",
+    "vqa_answer_space",
     "initial_segment",
     "is_pad_id",
     "merge_datasets",

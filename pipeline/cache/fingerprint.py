@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from .errors import StaleCacheError
+
 
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -101,3 +103,37 @@ def reading_fingerprint(store_attrs: dict, dataset_fingerprints: list[str]) -> d
         data.pop(f.split(".", 1)[1], None)
     out["data"] = {**data, "reads": sorted(dataset_fingerprints)}
     return out
+
+
+# Where a store records each VQA answer's type (``pipeline.texts.answer_types`` of its vocabulary's training
+# split), beside the vocabulary (``data.vqa_vocab``): with the two, every reader builds the candidate texts the
+# store holds (``pipeline.texts.vqa_answers``).
+VQA_ANSWER_TYPES = "vqa_answer_types"
+
+
+def lacks_answer_types(store_attrs: dict | None) -> bool:
+    """Whether a store holds a VQA answer vocabulary but no answer types: one extracted before VQA
+    distractors shared the gold answer's type, whose candidate texts span every type. It is stale for
+    every run (``pipeline.extract`` rebuilds it, a reader refuses it)."""
+    data = store_attrs.get("data") if isinstance(store_attrs, dict) else None
+    data = data if isinstance(data, dict) else {}
+    return bool(data.get("vqa_vocab")) and not isinstance(data.get(VQA_ANSWER_TYPES), dict)
+
+
+def vqa_answer_space(url: str, store_attrs: dict) -> tuple[list[str], dict[str, str]]:
+    """The VQA answer vocabulary and each answer's type that the store's candidate texts were built from
+    (``data.vqa_vocab``, ``data.vqa_answer_types``); ``([], {})`` for a store that holds no VQA answers. A
+    store from before the types (``lacks_answer_types``) raises StaleCacheError naming the store and the key:
+    read with the whole vocabulary, its candidates would be the old rule's, never silently."""
+    if lacks_answer_types(store_attrs):
+        raise StaleCacheError(
+            url,
+            [f"data.{VQA_ANSWER_TYPES}"],
+            "the store holds a VQA answer vocabulary but no answer types: it was extracted before VQA "
+            "distractors were drawn from the gold answer's type, so its candidate texts are not the ones "
+            "this version builds; re-run python -m stages.extract_teacher on it with --rebuild-stale (as "
+            "dvc.yaml does) or --overwrite",
+        )
+    data = store_attrs.get("data") if isinstance(store_attrs, dict) else None
+    data = data if isinstance(data, dict) else {}
+    return list(data.get("vqa_vocab") or []), dict(data.get(VQA_ANSWER_TYPES) or {})

@@ -96,7 +96,9 @@ def _extract_locked(
         raise ValueError(f"cache.relevance_tokens: unknown source(s) {bad}; allowed {C.RELEVANCE_SOURCES}")
 
     # A store this run may grow (same teacher, settings and format: other data is added, not stale) keeps
-    # building VQA candidate texts from its own answer vocabulary, which its students were checked against.
+    # building VQA candidate texts from its own answer vocabulary and answer types, which its students were
+    # checked against. One with a vocabulary but no types (``C.lacks_answer_types``: its candidates predate
+    # same-type distractors) is stale and never grown.
     kind, attrs, _ = C.inspect_location(store_url)
     # The relevance sources are a set: a store holding the same ones listed in another order is not stale.
     held = ((attrs or {}).get("fingerprint") or {}).get("store", {}) if isinstance(attrs, dict) else {}
@@ -105,7 +107,12 @@ def _extract_locked(
         relevance = tuple(held)
     growable = kind == "cache" and bool(attrs.get("layout")) and not overwrite
     store_vocab = list((attrs.get("data") or {}).get("vqa_vocab") or []) if growable else []
-    plan = plan_extraction(datasets, vqa_candidates, cp.on_error, vocab=store_vocab or None)
+    if store_vocab and C.lacks_answer_types(attrs):
+        growable = False
+    store_types = (attrs.get("data") or {}).get(C.VQA_ANSWER_TYPES) if growable else None
+    plan = plan_extraction(
+        datasets, vqa_candidates, cp.on_error, vocab=store_vocab if growable else None, types=store_types
+    )
     c = plan.counts
     if not plan.images or not plan.texts:  # a store without rows is never what a caller wants: say why
         raise DataError(
@@ -140,7 +147,7 @@ def _extract_locked(
         except DataError as e:
             log.warning("%s; rebuilding it (--rebuild-stale)", e)
             grow = False
-    if not grow and store_vocab:
+    if not grow and growable and store_vocab:
         # A stale store is rebuilt from this run's data alone. Planned so before open_or_check, which compares
         # an interrupted rebuild beside the store with this plan: planned with the old store's vocabulary, a
         # rebuild of data whose answers changed never matched its own plan and restarted from nothing.
@@ -168,6 +175,7 @@ def _extract_locked(
                 "counts": plan.counts,
                 "vqa_vocab_from": plan.vqa_vocab_from,
                 "vqa_vocab": plan.vqa_vocab,
+                C.VQA_ANSWER_TYPES: plan.vqa_answer_types,
             },
             fingerprint=fingerprint,
         )
@@ -405,8 +413,9 @@ def _grow(
         data = {**(attrs.get("data") or {}), **data_fp, "paths": paths}
         if (
             not data.get("vqa_vocab") and plan.vqa_vocab
-        ):  # the first VQA data this store holds fixes its vocab
+        ):  # the first VQA data this store holds fixes its vocab and answer types
             data.update(vqa_vocab=plan.vqa_vocab, vqa_vocab_from=plan.vqa_vocab_from)
+            data[C.VQA_ANSWER_TYPES] = plan.vqa_answer_types
         # "extract": where stores before provenance/ kept the run metrics in zarr.json.
         done = {k: v for k, v in attrs.items() if k not in (C.APPENDING, "extract")}
         done.update(complete=True, fingerprint=fp, data=data)

@@ -16,7 +16,7 @@ from ..config import usable_cores
 from ..data.errors import DataError
 from ..data.shards import PreparedDataset
 from ..splits import STANDARD_ROLES
-from ..texts import instance_texts, text_hash
+from ..texts import answer_types, instance_texts, text_hash
 from .errors import TextError
 from .teachers import TeacherSpec
 
@@ -33,6 +33,7 @@ class Plan:
     text_ids: list[str]
     vqa_vocab: list[str]
     vqa_vocab_from: str
+    vqa_answer_types: dict[str, str]  # each vocabulary answer's type, where its training split gives one
     counts: dict
     data_fingerprint: dict
     skipped_texts: list[dict] = field(default_factory=list)
@@ -65,10 +66,12 @@ def plan_extraction(
     vqa_candidates: int = 4,
     on_error: str = "fail",
     vocab: Sequence[str] | None = None,
+    types: dict[str, str] | None = None,
 ) -> Plan:
-    """Unique images and texts over all datasets, with counts and the data fingerprint. ``vocab``: the VQA
-    answer vocabulary to build candidate texts from (a store being grown keeps its own); default: the train
-    split's with answers."""
+    """Unique images and texts over all datasets, with counts and the data fingerprint. ``vocab`` and
+    ``types``: the VQA answer vocabulary and each answer's type to build candidate texts from (a store being
+    grown keeps its own, both together); default: the train split's with answers, and the types its labelled
+    instances give (``pipeline.texts.answer_types``)."""
     images: list[tuple[int, str, str]] = []
     by_id: dict[str, tuple[str, int]] = {}  # image id -> (sha1, row)
     by_sha: dict[str, int] = {}
@@ -95,16 +98,20 @@ def plan_extraction(
     src = _vocab_source(datasets)
     vocab_from = str(src.path) if src is not None else ""
     if vocab:
-        vocab, vocab_from = list(vocab), "the store"
+        if types is None:  # the store's vocabulary with this run's types would be texts no reader builds
+            raise ValueError("plan_extraction: a store's VQA vocabulary needs the store's answer types")
+        vocab, vocab_from, types = list(vocab), "the store", dict(types)
     else:
         vocab = src.answer_vocab() if src is not None else []
+        # One more pass over the vocabulary's split, only when it has VQA answers.
+        types = answer_types(src.iter_instances()) if vocab else {}
     texts, text_ids, seen = [], [], set()
     instances = texts_total = 0
     skipped: list[dict] = []
     for ds in datasets:
         for inst in ds.iter_instances():
             instances += 1
-            for t in instance_texts(inst, vocab, vqa_candidates).all():
+            for t in instance_texts(inst, vocab, vqa_candidates, types).all():
                 texts_total += 1
                 if not t.strip():
                     err = TextError(ds.path, inst.key, f"empty teacher text for task {inst.task!r}")
@@ -153,6 +160,7 @@ def plan_extraction(
         text_ids=text_ids,
         vqa_vocab=vocab,
         vqa_vocab_from=vocab_from,
+        vqa_answer_types=types,
         counts=counts,
         data_fingerprint=fingerprint,
         skipped_texts=skipped,

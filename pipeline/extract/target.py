@@ -33,7 +33,12 @@ def _differing(attrs: dict, fingerprint: dict, legacy: dict | None) -> list[str]
     fp = fp if isinstance(fp, dict) else {}
     if isinstance(fp.get("store"), dict) and legacy:
         fp = {**fp, "store": {**legacy, **fp["store"]}}
-    return sorted(set(C.check_fingerprint(fp, fingerprint)) | set(C.check_fingerprint(fingerprint, fp)))
+    diff = set(C.check_fingerprint(fp, fingerprint)) | set(C.check_fingerprint(fingerprint, fp))
+    if C.lacks_answer_types(attrs):
+        # Extracted before VQA distractors shared the gold's type: its candidate texts are the old rule's, and
+        # readers refuse it (``C.vqa_answer_space``), even where no fingerprint field differs.
+        diff.add(f"data.{C.VQA_ANSWER_TYPES}")
+    return sorted(diff)
 
 
 def open_or_check(

@@ -99,8 +99,8 @@ def _task_table(
 
 
 def zeroshot_cell(score: float, text_floor: float | None = None) -> str:
-    """The teacher's zero-shot score and, where its candidates allow a pick from the question alone (VQA's
-    distractors span answer types), that pick's score: a ceiling below it says little of the teacher."""
+    """The teacher's zero-shot score and, where the task has one (VQA), the score of a pick from the question
+    alone among the candidates of its answer type: a ceiling below it says little of the teacher."""
     return fmt(score) if text_floor is None else f"{fmt(score)} (text floor {fmt(text_floor)})"
 
 
@@ -200,8 +200,9 @@ def markdown(
         "(n/a) and no mark. *blind (text only)* = the same student with the image blanked (the floor: what "
         "the text alone gives); *teacher zero-shot* = the teacher's own score through the task's candidate "
         "texts (the knowledge there is to distil; primary metric only), with VQA's *text floor*: a uniform pick "
-        "among the candidates of the question's answer type, without the image (the distractors span answer "
-        "types; a score below it says little of what the teacher knows); either says "
+        "among the candidates of the question's answer type, without the image (the chance level where the "
+        "distractors share the question's type; a score below it says little of what the teacher knows); "
+        "either says "
         f"'{NOT_MEASURED}' where no input gives it. {NOT_RUN} = not run; — = undefined (e.g. the std of a "
         "single seed).",
         "",
