@@ -91,7 +91,7 @@ def test_the_store_records_the_types_and_one_without_them_is_refused_naming_the_
 
 def test_confidence_weights_over_instances_holding_different_numbers_of_candidates():
     """Same-type candidates: a yes/no question has 2, a colour question 4. Padded and masked, each instance's
-    p_gold is the softmax over its own candidates only."""
+    p_gold is the softmax over its own candidates only, and its weight the lift C_n · p_gold."""
     torch.manual_seed(0)
     counts = [4, 2, 3, 2]
     flat = torch.randn(sum(counts), 8)
@@ -103,7 +103,7 @@ def test_confidence_weights_over_instances_holding_different_numbers_of_candidat
     raw, pos = [], 0
     for n, c in enumerate(counts):
         cos = torch.nn.functional.cosine_similarity(e_img[n][None], flat[pos : pos + c], dim=-1)
-        raw.append(torch.softmax(5.0 * cos, dim=0)[gold[n]])
+        raw.append(c * torch.softmax(5.0 * cos, dim=0)[gold[n]])
         pos += c
     raw = torch.stack(raw)
     assert torch.allclose(got, raw / raw.mean(), atol=1e-5)
