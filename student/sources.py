@@ -90,8 +90,7 @@ def open_targets(
             f"{run.cache}: VQA answer vocabulary differs from {train_ds.path}'s (answers only here: "
             f"{new[:5]}{' …' if len(new) > 5 else ''}; only in the store's, from {data.get('vqa_vocab_from', '?')}: "
             f"{gone[:5]}{' …' if len(gone) > 5 else ''}); the store keeps the vocabulary it was built from, so "
-            f"rebuild it: python -m stages.extract_teacher --shards ... --out {run.cache} --overwrite, with this "
-            "run's --params/--set (or extract into another --out)"
+            + _rebuild(run)
         )
     if vocab is not None:
         try:
@@ -106,13 +105,19 @@ def open_targets(
             raise FingerprintMismatch(
                 f"{run.cache}: VQA answer types (data.vqa_answer_types) differ from those {train_ds.path}'s "
                 f"instances give ({len(differ)} answer(s), store → data: {shown}{' …' if len(differ) > 5 else ''}"
-                f"); the store keeps the answer types it was built from, so rebuild it: python -m "
-                f"stages.extract_teacher --shards ... --out {run.cache} --overwrite, with this run's "
-                "--params/--set (or extract into another --out)"
+                "); the store keeps the answer types it was built from, so " + _rebuild(run)
             )
     # On CUDA the float16 tokens travel as stored and prepare_teacher converts them on the device.
     half = torch.float16 if device.type == "cuda" else torch.float32
     return CachedTargets(cache, chunk_cache_bytes=params.train.target_cache_mb << 20, token_dtype=half)
+
+
+def _rebuild(run) -> str:
+    """How to rebuild a store whose VQA answer space (vocabulary, answer types) is not this run's."""
+    return (
+        f"rebuild it: python -m stages.extract_teacher --shards ... --out {run.cache} --overwrite, with this "
+        "run's --params/--set (or extract into another --out)"
+    )
 
 
 def run_answer_types(run, source: TargetSource | None, train_instances: Iterable[Instance]) -> dict[str, str]:
