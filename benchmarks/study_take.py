@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 
 from pipeline.dvc_lockfile import fast_load, stage_blocks
-from pipeline.study.backbone import backbone, entry_backbone
+from pipeline.study.freshness import backbone, entry_backbone
 
 LOCK = "study/dvc.lock"
 

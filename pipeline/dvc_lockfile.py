@@ -313,6 +313,11 @@ def _folder_now(folder: Path) -> dict[str, bytes]:
     }
 
 
+def path_hash(path: Path) -> str:
+    """DVC's md5 of a code dep as it is now: of the file's bytes, or of a folder's files (``_dir_hash``)."""
+    return _dir_hash(_folder_now(path))[0] if path.is_dir() else _md5(path.read_bytes())
+
+
 def _folder_at(rev: str, path: str, root: str) -> dict[str, bytes]:
     import subprocess
 

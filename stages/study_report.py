@@ -51,7 +51,7 @@ def main(study_path, runs, teacher, out, root_lock, study_lock) -> None:
     whose cells were trained from two student backbones is refused (--study-lock) and nothing is written.
     Everything is written beside OUT and renamed into place once all of it succeeded."""
     from pipeline.study.aggregate import collect_study
-    from pipeline.study.backbone import check_current
+    from pipeline.study.freshness import check_current
     from pipeline.study.report import write_study_report
 
     try:

@@ -273,12 +273,12 @@ def test_a_relative_gain_needs_an_interval_and_a_family_of_cells_is_adjusted(tmp
 
 
 def test_a_report_refuses_cells_of_another_backbone_and_leaves_the_previous_one(tmp_path, monkeypatch):
-    """While a rerun after a backbone change is under way, study/runs holds cells of both backbones: a report
-    over them would pair a method's runs on one with the baseline's on the other, and replace the previous
-    complete report with a mixed one that says nothing of it."""
+    """While a rerun after a backbone change (or any change of the cells' inputs) is under way, study/runs
+    holds cells of both: a report over them would pair a method's runs on one with the baseline's on the
+    other, and replace the previous complete report with a mixed one that says nothing of it."""
     from click.testing import CliRunner
 
-    from pipeline.study.backbone import BACKBONE
+    from pipeline.study.freshness import BACKBONE
     from stages.study_report import main
 
     monkeypatch.chdir(tmp_path)
@@ -305,8 +305,8 @@ def test_a_report_refuses_cells_of_another_backbone_and_leaves_the_previous_one(
     before = (out / "results.md").read_bytes()
     lock({"vqa-shift-clip_td-s101"})
     r = CliRunner().invoke(main, report)
-    assert r.exit_code == 1 and "1 cell(s) were trained from another student backbone" in r.output
-    assert "vqa-shift-clip_td-s101" in r.output
+    assert r.exit_code == 1 and "1 cell(s) were run on other inputs" in r.output
+    assert "vqa-shift-clip_td-s101" in r.output and f"{BACKBONE} changed" in r.output
     assert (out / "results.md").read_bytes() == before
     # A copy of the runs elsewhere (benchmarks.study_current's scratch folder) is not judged by the lock.
     shutil.copytree(runs, tmp_path / "copy")
@@ -459,19 +459,25 @@ def test_the_committed_study_report_regenerates_from_the_studys_committed_files(
     from click.testing import CliRunner
 
     from benchmarks import study_current
-    from pipeline.study.backbone import stale_cells
+    from pipeline.study.freshness import stale_cells
     from stages.study_report import main
 
     out = tmp_path / "study"
-    # While a rerun after a backbone change is under way, reports/study is the previous backbone's report
-    # (its cells' files are being replaced); what the committed files give then is the interim record of the
-    # cells already rerun, which must regenerate byte for byte instead.
-    rerun = stale_cells(ROOT / "dvc.lock", ROOT / "study" / "dvc.lock") > 0
+    # While a rerun after a change of the study's inputs is under way, reports/study is the previous complete
+    # report (its cells' files are being replaced); what the committed files give then is the interim record
+    # of the cells already rerun, which must regenerate byte for byte instead; before the first of them is
+    # in there is none, and the command says so.
+    rerun = bool(stale_cells(ROOT / "dvc.lock", ROOT / "study" / "dvc.lock"))
     command, committed = (
         (study_current.main, study_current.RECORD) if rerun else (main, Path("reports/study"))
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ROOT)
+        if rerun and not study_current.current_cells(Path("dvc.lock"), Path("study/dvc.lock")):
+            r = CliRunner().invoke(command, ["--out", str(out)])
+            assert r.exit_code == 1 and "none rerun yet" in r.output, r.output
+            assert not out.exists()
+            return
         r = CliRunner().invoke(command, ["--out", str(out)])
     assert r.exit_code == 0, r.output
     for name in ("results.md", "summary.json", "targets.json", "selection.json"):
