@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.study.freshness import Inputs, entries
+from pipeline.study.freshness import Inputs
 
 RECORD = Path("benchmarks/results/study-rerun")  # the committed interim report of the rerun under way
 SHARED = ("zeroshot", "selection", "metrics")  # study/runs folders of the stages every cell's report shares
@@ -30,7 +30,7 @@ def current_outputs(root_lock: Path, study_lock: Path) -> list[Path]:
     recorded (a folder output, such as a weaker teacher's cache, is no file of a report and is left out)."""
     inputs = Inputs(root_lock, study_lock)
     found = []
-    for _, entry in entries(study_lock):
+    for entry in inputs.stages.values():
         if inputs.stale(entry) is not None:
             continue  # run on the previous version, not rerun yet
         for o in entry.get("outs", []):

@@ -56,10 +56,11 @@ class Inputs:
 
     def __init__(self, root_lock: Path, study_lock: Path) -> None:
         self.root = root_lock.resolve().parent
+        self.stages = dict(entries(study_lock))  # the study lock's entries, parsed once
         self.outputs = {
             o["path"]: o.get("md5")
-            for lock in (root_lock, study_lock)
-            for _, entry in entries(lock)
+            for stages in (dict(entries(root_lock)), self.stages)
+            for entry in stages.values()
             for o in entry.get("outs", [])
         }
         self._hashes: dict[str, str | None] = {}
@@ -116,7 +117,7 @@ def stale_cells(root_lock: Path, study_lock: Path) -> dict[str, str]:
         return {}
     inputs = Inputs(root_lock, study_lock)
     found = {}
-    for name, entry in entries(study_lock):
+    for name, entry in inputs.stages.items():
         if _evals(entry) and (why := inputs.stale(entry)) is not None:
             found[name] = why
     return found
@@ -131,7 +132,7 @@ def stale_evals(paths: Iterable[str | Path], root_lock: Path, study_lock: Path) 
         return []
     inputs = Inputs(root_lock, study_lock)
     root = inputs.root
-    recorded = {(root / p).resolve(): e for _, e in entries(study_lock) for p in _evals(e)}
+    recorded = {(root / p).resolve(): e for e in inputs.stages.values() for p in _evals(e)}
     out = []
     for p in paths:
         entry = recorded.get(Path(p).resolve())
