@@ -293,6 +293,13 @@ def pretrain_teacher(
         raise ValueError(
             f"save_at {bad[0]}: a snapshot step must be in 0..{steps_run} (the steps this run trains)"
         )
+    if steps_run < p.steps and (Path(out) / CHECKPOINT_NAME).exists():
+        # A stopped run writes no finished teacher; one already there (an earlier full run's) would stay beside
+        # this run's snapshots and metrics as if it were theirs.
+        raise ValueError(
+            f"{Path(out) / CHECKPOINT_NAME}: a run stopped at step {steps_run} of {p.steps} writes no finished "
+            "teacher, and OUT holds one from another run: choose another --out, or remove that file"
+        )
     save_set = set(save_at)
     if p.threads > 0:
         torch.set_num_threads(p.threads)

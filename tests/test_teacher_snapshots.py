@@ -54,6 +54,13 @@ def test_snapshots_are_the_full_runs_teacher_at_that_step(tmp_path):
     assert all(torch.allclose(a[k], v, atol=1e-6) for k, v in b.items())
     assert json.loads((cut / "metrics.json").read_text())["checkpoint"] is None
 
+    # A stopped run into the full run's folder is refused before it trains: the finished teacher.pt would stay
+    # beside its snapshots and metrics as if it were theirs. The folder is left as it was.
+    before = {p.name: p.read_bytes() for p in full.iterdir()}
+    res = _run(tmp_path, full, "--save-at", "2", "--stop-at", "2")
+    assert res.exit_code != 0 and "teacher.pt" in res.output and "Traceback" not in res.output
+    assert {p.name: p.read_bytes() for p in full.iterdir()} == before
+
 
 def test_snapshot_beyond_the_run_is_refused(tmp_path):
     res = _run(tmp_path, tmp_path / "t", "--save-at", "5", "--stop-at", "3")
