@@ -332,7 +332,8 @@ def test_lowshot_plot_shows_every_fraction_with_confidence_bars(tmp_path: Path) 
     # 95% CI half-width of a 3-seed mean with std 0.01: t(0.975, 2) · 0.01 / √3.
     assert lines["baseline"]["err"] == pytest.approx([4.302653 * 0.01 / math.sqrt(3)] * 4, abs=1e-6)
     assert lines["clip_td"]["err"] == pytest.approx([0.0] * 4, abs=1e-12)  # identical seeds: no spread
-    assert lines["blind"]["label"] == "blind (text only)" and lines["blind"]["err"] == [0.0]  # one seed
+    # One seed has no interval: no bar (a zero-width one would read as a mean known exactly).
+    assert lines["blind"]["label"] == "blind (text only)" and lines["blind"]["err"] == [None]
     assert vqa["zeroshot"] == [(0.1, 0.5)]  # shift is not on the fraction axis
     two = lowshot_series([row for row in summary if row["condition"] in ("lowshot-0.1", "full")])
     assert two[0]["fractions"] == [0.1, 1.0] and not two[0]["log_x"]

@@ -41,11 +41,20 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
-def _ci_half(std: float | None, n: int) -> float:
-    """Half-width of the 95% t interval of a mean of n seeds; 0 (no bar) for a single seed."""
+def _ci_half(std: float | None, n: int) -> float | None:
+    """Half-width of the 95% t interval of a mean of n seeds; None for a single seed, which has no interval."""
     if std is None or n < 2:
-        return 0.0
+        return None
     return t_quantile(0.5 + CI_LEVEL / 2.0, n - 1) * std / math.sqrt(n)
+
+
+def _bars(errs: Iterable[float | None]) -> list[float]:
+    # NaN draws no bar: a zero-width bar on a one-seed point would read as a mean known exactly.
+    return [math.nan if e is None else e for e in errs]
+
+
+def _title(name: str, errs: Iterable[float | None]) -> str:
+    return f"{name} (bars: 95% CI{'; none for one seed' if any(e is None for e in errs) else ''})"
 
 
 def lowshot_series(
@@ -56,8 +65,8 @@ def lowshot_series(
 ) -> list[dict]:
     """What the low-shot plot draws, per task: ``{task, metric, fractions, log_x, lines, zeroshot}`` with
     fractions = every low-shot fraction present plus full (= 1.0), log_x when there are more than two, lines =
-    ``[{method, label, x, y, err}]`` (err = half-width of the 95% t interval of the mean over seeds, 0 for one
-    seed) and zeroshot = ``[(fraction, score)]`` of the measured teacher zero-shot scores."""
+    ``[{method, label, x, y, err}]`` (err = half-width of the 95% t interval of the mean over seeds, None for
+    one seed) and zeroshot = ``[(fraction, score)]`` of the measured teacher zero-shot scores."""
     rows = [r for r in summary if lowshot_fraction(r["condition"]) is not None]
     out = []
     for task in _tasks(rows):
@@ -120,7 +129,7 @@ def plot_lowshot(
             ax.errorbar(
                 line["x"],
                 line["y"],
-                yerr=line["err"],
+                yerr=_bars(line["err"]),
                 marker="o",
                 capsize=3,
                 linestyle="--" if line["method"] == blind else "-",
@@ -137,7 +146,7 @@ def plot_lowshot(
         ax.minorticks_off()
         ax.set_xlabel("labeled fraction")
         ax.set_ylabel(task["metric"])
-        ax.set_title(f"{task['task']} (bars: 95% CI)")
+        ax.set_title(_title(task["task"], (e for line in task["lines"] for e in line["err"])))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(plt, fig, path)
@@ -182,7 +191,7 @@ def plot_shift(
             [x - shift_off for x in xs],
             [r["mean"] for r in rows],
             width,
-            yerr=[_ci_half(r["std"], r["n"]) for r in rows],
+            yerr=_bars(_ci_half(r["std"], r["n"]) for r in rows),
             capsize=3,
             label="shift (target unseen)",
         )
@@ -191,7 +200,7 @@ def plot_shift(
                 [x + width / 2 for x in refs],
                 [d["mean"] for d in refs.values()],
                 width,
-                yerr=[_ci_half(d["std"], d["n"]) for d in refs.values()],
+                yerr=_bars(_ci_half(d["std"], d["n"]) for d in refs.values()),
                 capsize=3,
                 alpha=0.45,
                 label="full (target seen), same test domain",
@@ -206,7 +215,8 @@ def plot_shift(
             ha="right",
         )
         targets = sorted({d for r in rows for d in r["per_domain"]})
-        ax.set_title(f"{task} — target: {', '.join(targets) or '?'}")
+        one = any(r["n"] < 2 for r in rows) or any(d["n"] < 2 for d in refs.values())
+        ax.set_title(f"{task} — target: {', '.join(targets) or '?'}" + (" (no bar: one seed)" if one else ""))
         ax.set_ylabel(rows[0]["primary_metric"])
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
