@@ -109,13 +109,15 @@ def load_optional_json(path: str | Path) -> dict | None:
     return data
 
 
-def load_zeroshot(path: str | Path) -> dict[str, dict[str, float]] | None:
-    """The teacher zero-shot scores ``{task: {condition: score}}`` (format in the module docstring), or None
-    when the file does not exist. Any malformed entry fails, naming the file and the key."""
+def _zeroshot_file(
+    path: str | Path,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]] | None:
+    """(scores, text floors) of one zero-shot file, read once; None when it does not exist."""
     data = load_optional_json(path)
     if data is None:
         return None
     out: dict[str, dict[str, float]] = {}
+    floors: dict[str, dict[str, float]] = {}
     for task, scores in data.items():
         if not isinstance(scores, dict):
             raise ReportError(
@@ -123,6 +125,8 @@ def load_zeroshot(path: str | Path) -> dict[str, dict[str, float]] | None:
             )
         for condition, score in scores.items():
             if isinstance(score, dict) and "score" in score:  # stages.zeroshot's entries carry their details
+                if is_number(score.get("text_floor")):  # VQA's (pipeline/zeroshot.py)
+                    floors.setdefault(task, {})[condition] = float(score["text_floor"])
                 score = score["score"]
             try:
                 Condition.parse(condition)
@@ -134,31 +138,31 @@ def load_zeroshot(path: str | Path) -> dict[str, dict[str, float]] | None:
                     f"got {score!r}"
                 )
             out.setdefault(task, {})[condition] = float(score)
-    return out
+    return out, floors
 
 
-def load_text_floors(paths: Sequence[str | Path]) -> dict[str, dict[str, float]]:
-    """``{task: {condition: text_floor}}`` of the zero-shot entries that carry one (VQA: pipeline/zeroshot.py),
-    from files ``load_zeroshots`` has already checked."""
-    out: dict[str, dict[str, float]] = {}
-    for path in paths:
-        for task, scores in (load_optional_json(path) or {}).items():
-            for condition, z in scores.items():
-                if isinstance(z, dict) and is_number(z.get("text_floor")):
-                    out.setdefault(task, {})[condition] = float(z["text_floor"])
-    return out
+def load_zeroshot(path: str | Path) -> dict[str, dict[str, float]] | None:
+    """The teacher zero-shot scores ``{task: {condition: score}}`` (format in the module docstring), or None
+    when the file does not exist. Any malformed entry fails, naming the file and the key."""
+    read = _zeroshot_file(path)
+    return None if read is None else read[0]
 
 
-def load_zeroshots(paths: Sequence[str | Path]) -> dict[str, dict[str, float]] | None:
-    """``load_zeroshot`` of each file, merged: one per data root where the sources live apart (real data);
-    None when none exists. A task and condition scored in two files is refused, naming both."""
+def load_zeroshots(
+    paths: Sequence[str | Path],
+) -> tuple[dict[str, dict[str, float]] | None, dict[str, dict[str, float]]]:
+    """``load_zeroshot`` of each file, merged (None when none exists), and the text floors of the entries that
+    carry one, ``{task: {condition: text_floor}}``: one file per data root where the sources live apart (real
+    data). Each file is read once. A task and condition scored in two files is refused, naming both."""
     merged: dict[str, dict[str, float]] = {}
+    floors: dict[str, dict[str, float]] = {}
     where: dict[tuple[str, str], str | Path] = {}
     found = False
     for path in paths:
-        scores = load_zeroshot(path)
-        found |= scores is not None
-        for task, conds in (scores or {}).items():
+        read = _zeroshot_file(path)
+        found |= read is not None
+        scores, file_floors = read or ({}, {})
+        for task, conds in scores.items():
             for condition, score in conds.items():
                 if (task, condition) in where:
                     raise ReportError(
@@ -167,7 +171,9 @@ def load_zeroshots(paths: Sequence[str | Path]) -> dict[str, dict[str, float]] |
                     )
                 where[task, condition] = path
                 merged.setdefault(task, {})[condition] = score
-    return merged if found else None
+        for task, conds in file_floors.items():
+            floors.setdefault(task, {}).update(conds)
+    return (merged if found else None), floors
 
 
 def write_report(
@@ -188,7 +194,7 @@ def write_report(
     teacher = load_optional_json(teacher_path)
     extract = load_optional_json(extract_path)
     zeroshot_paths = [zeroshot_path] if isinstance(zeroshot_path, (str, Path)) else list(zeroshot_path)
-    zeroshot = load_zeroshots(zeroshot_paths)
+    zeroshot, floors = load_zeroshots(zeroshot_paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = {
@@ -215,7 +221,7 @@ def write_report(
                 baseline=baseline,
                 blind=blind,
                 sources=sources,
-                floors=load_text_floors(zeroshot_paths),
+                floors=floors,
             )  # fmt: skip
         )
         plot_lowshot(summary, tmp["lowshot"], baseline=baseline, zeroshot=zeroshot, blind=blind)

@@ -163,7 +163,7 @@ def markdown(
     """results.md: one table per task (+ one per secondary metric), teacher and cache sections, and notes.
 
     teacher / extract / zeroshot: the inputs' contents, or None when their file is missing ("not available",
-    "not measured"); zeroshot as ``load_zeroshot`` returns it, floors as ``load_text_floors`` does.
+    "not measured"); zeroshot as ``load_zeroshot`` returns it, floors as ``load_zeroshots`` does.
     sources: where the inputs came from, for the text (keys runs, teacher, extract, zeroshot).
     """
     if not summary:
