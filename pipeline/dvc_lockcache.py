@@ -39,9 +39,15 @@ Parse = Callable[[str, str, str], Any]
 
 
 def _versions() -> str:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return f"dvc {version('dvc')}, ruamel.yaml {version('ruamel.yaml')}, format 1"
+    # DVC's safe parse runs on ruamel's C loader when ruamel.yaml.clib is installed, pure Python otherwise:
+    # a parse cached under one is not served under the other (or another version of it).
+    try:
+        clib = version("ruamel.yaml.clib")
+    except PackageNotFoundError:
+        clib = "absent"
+    return f"dvc {version('dvc')}, ruamel.yaml {version('ruamel.yaml')}, ruamel.yaml.clib {clib}, format 1"
 
 
 def _same(a: Any, b: Any) -> bool:

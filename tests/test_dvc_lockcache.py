@@ -186,3 +186,29 @@ def test_installed_dvc_reads_every_lock_through_it(monkeypatch, repo: Path, coun
     assert strictyaml.load(str(ROOT / "params.yaml"))[0] == parse_yaml(
         (ROOT / "params.yaml").read_text(), "p"
     )
+
+
+def test_a_cache_written_beside_another_yaml_parser_is_not_served(repo: Path, counted, monkeypatch):
+    """DVC's parse goes through ruamel.yaml.clib's C loader where it is installed: a parse cached with it (or
+    another version of it) is parsed again without it, not served."""
+    import importlib.metadata
+
+    text = _lock_text({f"main@cell-{i}": _entry(i) for i in range(3)})
+    path = str(repo / "dvc.lock")
+    parse_lock(text, path, _parse(counted))
+    dvc_lockcache._MEMORY.clear()
+    counted.clear()
+    parse_lock(text, path, _parse(counted))
+    assert not any("cmd:" in t for t in counted)  # the same parser: every entry served from the disk cache
+
+    real = importlib.metadata.version
+
+    def without_clib(name: str) -> str:
+        if name == "ruamel.yaml.clib":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_clib)
+    dvc_lockcache._MEMORY.clear()
+    assert _same(parse_lock(text, path, _parse(counted)), parse_yaml(text, path))
+    assert sum("cmd:" in t for t in counted) == 3  # each entry parsed again
