@@ -33,14 +33,16 @@ from pipeline.study import StudyError, load_study
     "root_lock",
     type=click.Path(dir_okay=False, path_type=Path),
     default=Path("dvc.lock"),
-    help="The pipeline's lock: the student backbone it records is the one every cell must be trained from.",
+    help="The pipeline's lock: the shared artifacts it records (backbone, teacher cache, data) are the ones "
+    "every cell must have been run on.",
 )
 @click.option(
     "--study-lock",
     type=click.Path(dir_okay=False, path_type=Path),
     default=Path("study/dvc.lock"),
-    help="The study's lock: the backbone each cell was trained from. A cell of another backbone (a rerun "
-    "after `pretrain_student` changed, not finished) is refused; missing lock files check nothing.",
+    help="The study's lock: what each cell was run on. A cell run on other inputs than this checkout's (a "
+    "rerun after an artifact, the code or a param changed, not finished) is refused, naming the first input "
+    "that differs; missing lock files check nothing.",
 )
 def main(study_path, runs, teacher, out, root_lock, study_lock) -> None:
     """Aggregate every finished cell of the current grid with pipeline/report/stats.py's paired t statistics:
@@ -48,7 +50,7 @@ def main(study_path, runs, teacher, out, root_lock, study_lock) -> None:
     condition; the teacher dose-response; the ablations against clip_td; the selection diagnostic; a verdict
     per study target (docs/study.md) computed from these numbers; the wall time; the main grid's methods
     against the labelled fraction (lowshot.png). A study still running gives a report marked incomplete; one
-    whose cells were trained from two student backbones is refused (--study-lock) and nothing is written.
+    whose cells were run on two versions of their inputs is refused (--study-lock) and nothing is written.
     Everything is written beside OUT and renamed into place once all of it succeeded."""
     from pipeline.study.aggregate import collect_study
     from pipeline.study.freshness import check_current
