@@ -40,9 +40,13 @@ def current_outputs(root_lock: Path, study_lock: Path) -> list[Path]:
     return sorted(found)
 
 
+def _cells(outputs: list[Path]) -> list[Path]:
+    return [p.parent for p in outputs if p.name == "eval.json"]
+
+
 def current_cells(root_lock: Path, study_lock: Path) -> list[Path]:
     """Run folders of the cells run on this checkout's inputs, with the eval.json their entries recorded."""
-    return [p.parent for p in current_outputs(root_lock, study_lock) if p.name == "eval.json"]
+    return _cells(current_outputs(root_lock, study_lock))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,7 +61,7 @@ def main(runs: Path, root_lock: Path, study_lock: Path, out: Path) -> None:
     from stages.study_report import main as study_report
 
     found = current_outputs(root_lock, study_lock)
-    cells = [p.parent for p in found if p.name == "eval.json"]
+    cells = _cells(found)
     if not cells:
         raise click.ClickException(
             f"{study_lock}: no cell was run on the inputs {root_lock} and this checkout record (none rerun yet)"
