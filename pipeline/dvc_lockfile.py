@@ -26,7 +26,8 @@ without STAGE, every stage whose only changes are those deps is committed and ev
 
 ``python -m pipeline.dvc_lockfile rehash [--lock L] [--from REV] [--new FILE] PATH...``: the unchecked
 fallback, for when the other inputs cannot be checked on this machine (``rehash``'s and ``add_new_dep``'s
-docstrings).
+docstrings). ``python -m pipeline.dvc_lockfile add-param [--lock L] SECTION.KEY=VALUE``: the same for a new
+params.yaml key whose value does what the code did before it (``add_param``'s docstring).
 """
 
 from __future__ import annotations
@@ -441,6 +442,58 @@ def _add_new_dep(lock: str, path: str, root: str) -> int:
     return n
 
 
+def add_param(lock: str, key: str, value: str, root: str = ".") -> int:
+    """In ``lock``, record the new params.yaml key ``key`` ("section.name") at ``value`` (a YAML scalar) in every
+    entry that records the whole section without it; returns how many entries got it. For a key added at the
+    value that does what the code did before it existed (``train.precision: fp32``), so the stages ran exactly
+    that: like ``rehash``, it checks nothing else. The key goes last in its section, where params.yaml (and so
+    DVC) puts a key appended to it; an entry that records only other keys of the section is left as it is."""
+    with _repository_lock(root):
+        return _add_param(lock, key, value)
+
+
+def _add_param(lock: str, key: str, value: str) -> int:
+    section, _, name = key.partition(".")
+    parsed = yaml.safe_load(value)
+    if not section or not name or "." in name:
+        raise ValueError(f"{key}: expected section.name (a key of a top-level section of params.yaml)")
+    if isinstance(parsed, (dict, list)):
+        raise ValueError(f"{key}={value}: only a scalar value can be added")
+    rendered = yaml.safe_dump({name: parsed}, default_flow_style=False).strip()
+    lines = Path(lock).read_text(encoding="utf-8").splitlines(keepends=True)
+    n, i = 0, 0
+    while i < len(lines):
+        line = lines[i]
+        indent = len(line) - len(line.lstrip(" "))
+        if line.strip() != f"{section}:":
+            i += 1
+            continue
+        # the section's mapping under an entry's "params.yaml:": its keys sit two deeper, its lists at that depth
+        end, keys = i + 1, set()
+        while end < len(lines) and len(lines[end]) - len(lines[end].lstrip(" ")) > indent:
+            if len(lines[end]) - len(lines[end].lstrip(" ")) == indent + 2 and not lines[
+                end
+            ].lstrip().startswith("- "):
+                keys.add(lines[end].strip().split(":", 1)[0])
+            end += 1
+        if keys and name not in keys and _under_params_yaml(lines, i, indent):
+            lines.insert(end, " " * (indent + 2) + rendered + "\n")
+            n += 1
+        i = end
+    if n:
+        _write_beside(lock, "".join(lines))
+    return n
+
+
+def _under_params_yaml(lines: list[str], i: int, indent: int) -> bool:
+    """Whether line ``i`` (at ``indent``) is a key of a ``params.yaml:`` mapping."""
+    for j in range(i - 1, -1, -1):
+        depth = len(lines[j]) - len(lines[j].lstrip(" "))
+        if depth < indent:
+            return lines[j].strip() == "params.yaml:"
+    return False
+
+
 def _run_cli(cli, argv: list[str]) -> int:
     """A subcommand's exit status (click's own exit caught: main() returns it to sys.exit)."""
     try:
@@ -482,6 +535,28 @@ def _rehash_cli(argv: list[str]) -> int:
     return _run_cli(cli, argv)
 
 
+def _add_param_cli(argv: list[str]) -> int:
+    import click
+
+    @click.command("add-param")
+    @click.option("--lock", default="study/dvc.lock", show_default=True, help="the dvc.lock to update")
+    @click.argument("assignments", nargs=-1, required=True, metavar="SECTION.KEY=VALUE...")
+    def cli(lock: str, assignments: tuple[str, ...]) -> None:
+        """Record each new params.yaml key at VALUE in LOCK's entries that record its whole section without it,
+        checking nothing else: for a key added at the value that does what the code did before it existed."""
+        for a in assignments:
+            key, eq, value = a.partition("=")
+            if not eq:
+                raise click.UsageError(f"{a}: expected SECTION.KEY=VALUE")
+            try:
+                n = add_param(lock, key, value)
+            except ValueError as e:
+                raise click.ClickException(str(e)) from None
+            click.echo(f"{key}: {n} entr{'y' if n == 1 else 'ies'} updated")
+
+    return _run_cli(cli, argv)
+
+
 def _commit_unchanged_cli(argv: list[str]) -> int:
     import click
 
@@ -508,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         return _commit_unchanged_cli(argv[1:])
     if argv[:1] == ["rehash"]:
         return _rehash_cli(argv[1:])
+    if argv[:1] == ["add-param"]:
+        return _add_param_cli(argv[1:])
     install()
     from dvc.cli import main as dvc_main
 

@@ -442,3 +442,51 @@ def test_rehash_waits_for_dvcs_repository_lock(tmp_path: Path):
     worker.join()
     assert counts == {"code.py": 1} and lock.read_text() != before
     assert (tmp_path / "at-release").read_text() == before  # nothing written while the holder had the lock
+
+
+def test_a_new_param_at_the_old_behaviour_is_recorded_where_dvc_records_its_section(tmp_path: Path):
+    """train.precision: fp32 appended to params.yaml: the entries of the stages that record the whole train
+    section get it, and dvc status agrees they are up to date; a stage that records only another key of the
+    section, and a section of another name holding a key of that name, are left as they were."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+    def run(*args: str) -> str:
+        r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    dvc = (sys.executable, "-m", "dvc")
+    run("git", "init", "-q")
+    run(*dvc, "init", "-q")
+    params = "train:\n  steps: 3\n  clip: [0.1, 3.0]\n  sizes:\n    vcr: 4\ntest:\n  train:\n    steps: 1\n"
+    (tmp_path / "params.yaml").write_text(params)
+    write = f"{sys.executable} -c \"open('${{item}}.txt', 'w').write('x')\""
+    stages = {
+        "s": {
+            "foreach": ["x", "y"],
+            "do": {"cmd": write, "params": ["train", "test"], "outs": ["${item}.txt"]},
+        },
+        "t": {"cmd": write.replace("${item}", "t"), "params": ["train.steps"], "outs": ["t.txt"]},
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    run(*dvc, "repro", "-q")
+    (tmp_path / "params.yaml").write_text(params.replace("    vcr: 4\n", "    vcr: 4\n  precision: fp32\n"))
+    assert "modified:           train" in run(*dvc, "status")
+    lock = tmp_path / "dvc.lock"
+    before = yaml.safe_load(lock.read_text())["stages"]
+
+    assert dvc_lockfile.add_param(str(lock), "train.precision", "fp32", root=str(tmp_path)) == 2
+    after = yaml.safe_load(lock.read_text())["stages"]
+    assert after["s@x"]["params"]["params.yaml"]["train"] == {
+        "steps": 3, "clip": [0.1, 3.0], "sizes": {"vcr": 4}, "precision": "fp32"
+    }  # fmt: skip
+    assert after["s@x"]["params"]["params.yaml"]["test"] == {"train": {"steps": 1}}
+    assert after["t"] == before["t"]
+    assert "up to date" in run(*dvc, "status")
+    assert dvc_lockfile.add_param(str(lock), "train.precision", "fp32", root=str(tmp_path)) == 0  # done once
+    with pytest.raises(ValueError, match="section.name"):
+        dvc_lockfile.add_param(str(lock), "precision", "fp32", root=str(tmp_path))
