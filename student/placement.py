@@ -25,6 +25,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_bf16(device: torch.device) -> None:
+    """``train.precision: bf16`` on ``device``: a GPU without bfloat16 fails here, naming the key; a CPU without
+    native bfloat16 (AMX or AVX512-BF16) only warns, since autocast still runs there, emulated and slower than
+    float32."""
+    import warnings
+
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise RunError(
+                f"train.precision=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 (use fp32)"
+            )
+        return
+    # Private probes (torch.cpu), absent on some builds: without them nothing is said.
+    native = [getattr(torch.cpu, f"_is_{isa}_supported", None) for isa in ("amx_tile", "avx512_bf16")]
+    if all(f is not None for f in native) and not any(f() for f in native):
+        warnings.warn(
+            "train.precision=bf16: this CPU has neither AMX nor AVX512-BF16, so bfloat16 is emulated and the "
+            "steps are slower than with fp32",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
 def to_device(x, device: torch.device):
     """Tensors inside (nested) tuples, lists and dicts moved to ``device``; everything else as it is."""
     if isinstance(x, torch.Tensor):

@@ -68,6 +68,7 @@ from student.model import StudentOutput, TaskHeads, count_parameters, create_stu
 from student.placement import (
     average_gradients,
     broadcast_parameters,
+    check_bf16,
     mean_over_ranks,
     resolve_device,
     to_device,
@@ -116,14 +117,31 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def forward_task(student, heads: TaskHeads, task: str, batch: Batch) -> tuple[torch.Tensor, StudentOutput]:
+def forward_student(
+    student, pixels: torch.Tensor, text_ids: torch.Tensor, autocast: torch.dtype | None = None
+) -> StudentOutput:
+    """The student's outputs; with ``autocast`` (``train.precision: bf16``) its forward runs in that dtype's
+    autocast and the outputs come back as float32, so the heads, the KD terms and their weights are computed
+    as under fp32."""
+    if autocast is None:
+        return student(pixels, text_ids)
+    with torch.autocast(pixels.device.type, dtype=autocast):
+        out = student(pixels, text_ids)
+    return StudentOutput(out.pooled.float(), out.image_tokens.float(), out.text_tokens.float(), out.text_mask)
+
+
+def forward_task(
+    student, heads: TaskHeads, task: str, batch: Batch, autocast: torch.dtype | None = None
+) -> tuple[torch.Tensor, StudentOutput]:
     """Task loss and the student outputs the KD term distils (for VCR: the gold question+answer pair)."""
     if task != "vcr":
-        out = student(batch.pixels, batch.text_ids)
+        out = forward_student(student, batch.pixels, batch.text_ids, autocast)
         loss, _ = heads.loss(task, out.pooled, batch.target)
         return loss, out
     b, k2, length = batch.text_ids.shape
-    out = student(images_for_texts(student, batch.pixels, k2), batch.text_ids.view(b * k2, length))
+    out = forward_student(
+        student, images_for_texts(student, batch.pixels, k2), batch.text_ids.view(b * k2, length), autocast
+    )
     pooled = out.pooled.view(b, k2, -1)
     k = k2 // 2
     l_qa, _ = heads.loss("vcr", pooled[:, :k], batch.target[:, 0])
@@ -168,6 +186,9 @@ class Trainer:
         if tp.threads:
             torch.set_num_threads(tp.threads)
         self.device = resolve_device(tp.device)
+        self.autocast = torch.bfloat16 if tp.precision == "bf16" else None
+        if self.autocast is not None:
+            check_bf16(self.device)
         # Under torchrun (WORLD_SIZE > 1) every rank streams its own shards (pipeline.data.shards.node_shards)
         # with batch_size / world_size instances, so the global batch is the 1-process batch; gradients are
         # averaged over the ranks before clipping, so every rank takes the same optimizer step.
@@ -252,6 +273,10 @@ class Trainer:
         modules = [self.student, self.heads] + ([self.dheads] if self.dheads is not None else [])
         for m in modules:  # initialised on the CPU first, so a seed gives the same weights on every device
             m.to(self.device)
+        # bf16 with channels_last: oneDNN's convolutions then skip the layout reorders around each of them
+        # (benchmarks/bench_step_layout.py measures both).
+        if self.autocast is not None:
+            self.student.to(memory_format=torch.channels_last)
         self.params_list = [p for m in modules for p in m.parameters()]
         # fused: one kernel over all parameters instead of ~10 per tensor; on 2 CPU cores the per-tensor
         # update of the 49,408-row token embedding was 40% of a default step (cProfile).
@@ -428,14 +453,14 @@ class Trainer:
         # The step's finite checks and its logged values are each read from the device once (on a GPU every
         # read waits for the queue to drain), yet no update is made from a non-finite loss or gradient.
         with deferred_finite_checks() as checks:
-            l_task, out = forward_task(self.student, self.heads, task, batch)
+            l_task, out = forward_task(self.student, self.heads, task, batch, self.autocast)
             check_finite("task loss", l_task)
             tb = weights = None
             if self.needs_teacher:
                 tb, weights = targets if targets is not None else self.targets(batch, unlabeled)
                 if unlabeled is not None:
                     _, u_pixels, u_text = unlabeled
-                    out = _cat_outputs(out, self.student(u_pixels, u_text))
+                    out = _cat_outputs(out, forward_student(self.student, u_pixels, u_text, self.autocast))
             total, parts = distill_loss(
                 out,
                 self.dheads,

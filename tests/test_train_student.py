@@ -4,6 +4,7 @@ every method runs, export drops the distillation heads; docs/training.md's plugi
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -292,6 +293,56 @@ def test_batches_and_targets_move_to_the_training_device(world, tmp_path):
     assert {"img_target", "img_select", "txt_target", "txt_relevance"} <= set(tb)  # prepared off the step
     assert set(tb_m) == set(tb) and {t.device.type for t in tb_m.values()} == {"meta"}
     assert w_m.device.type == "meta"
+
+
+@pytest.mark.parametrize("task", ["vqa", "vcr"])
+def test_bf16_steps_follow_the_fp32_steps_and_export_a_float32_student(world, tmp_path, task):
+    """train.precision=bf16: from the same weights on the same batches the losses are fp32's up to bfloat16's
+    rounding (and not fp32's exactly: the forward did run in bfloat16), the convolutions sit in channels_last,
+    and what is exported loads into a plain float32 student."""
+    logs, batches = {}, None
+    for precision in ("fp32", "bf16"):
+        params = student_params(
+            world, **{"train.precision": precision, "train.steps": 2, "train.eval_every": 2}
+        )
+        tr = Trainer(params, run_spec(world, tmp_path, task=task, name=precision), progress=False)
+        try:
+            if batches is None:
+                stream = tr.batches()
+                batches = [next(stream) for _ in range(3)]
+            logs[precision] = [tr.train_step(b, None)["loss"] for b in batches]
+            convs = [m.weight for m in tr.student.modules() if isinstance(m, torch.nn.Conv2d)]
+            assert convs and all(
+                w.is_contiguous(memory_format=torch.channels_last) == (precision == "bf16") for w in convs
+            )
+        finally:
+            tr.close()
+    assert logs["bf16"] != logs["fp32"]
+    assert logs["bf16"] == pytest.approx(logs["fp32"], rel=2e-2)
+
+    metrics = run_student(params, run_spec(world, tmp_path, task=task, name="export"), progress=False)
+    assert metrics["steps"] == 2 and metrics["final"]["loss"] == metrics["final"]["loss"]
+    exported = torch.load(tmp_path / "export" / "student.pt", weights_only=True)["student"]
+    assert {t.dtype for t in exported.values() if t.is_floating_point()} == {torch.float32}
+    plain = create_student(params.student.arch, params.student, vocabulary=exported["token_ids"])
+    plain.load_state_dict(exported)
+
+
+def test_bf16_names_the_key_on_a_gpu_without_it_and_warns_on_a_cpu_that_emulates_it(monkeypatch):
+    from student.placement import check_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "an old GPU")
+    with pytest.raises(RuntimeError, match=r"train\.precision=bf16: an old GPU has no bfloat16"):
+        check_bf16(torch.device("cuda"))
+    for isa in ("amx_tile", "avx512_bf16"):
+        monkeypatch.setattr(torch.cpu, f"_is_{isa}_supported", lambda: False, raising=False)
+    with pytest.warns(RuntimeWarning, match=r"train\.precision=bf16: .*emulated"):
+        check_bf16(torch.device("cpu"))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_bf16(torch.device("cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
