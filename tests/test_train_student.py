@@ -295,16 +295,19 @@ def test_batches_and_targets_move_to_the_training_device(world, tmp_path):
     assert w_m.device.type == "meta"
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("task", ["vqa", "vcr"])
-def test_bf16_steps_follow_the_fp32_steps_and_export_a_float32_student(world, tmp_path, task):
+def test_bf16_steps_follow_the_fp32_steps_and_export_a_float32_student(world, tmp_path, task, device):
     """train.precision=bf16: from the same weights on the same batches the losses are fp32's up to bfloat16's
     rounding (and not fp32's exactly: the forward did run in bfloat16), the convolutions sit in channels_last,
     and what is exported loads into a plain float32 student."""
     logs, batches = {}, None
     for precision in ("fp32", "bf16"):
-        params = student_params(
-            world, **{"train.precision": precision, "train.steps": 2, "train.eval_every": 2}
-        )
+        sets = {"train.precision": precision, "train.steps": 2, "train.eval_every": 2, "train.device": device}
+        params = student_params(world, **sets)
         tr = Trainer(params, run_spec(world, tmp_path, task=task, name=precision), progress=False)
         try:
             if batches is None:
