@@ -34,6 +34,7 @@ from typing import Any
 import fsspec
 
 from .cache import LOCK_FILE
+from .process import pid_namespace, proc_start, proc_state
 
 log = logging.getLogger("clip_td.lock")
 
@@ -71,45 +72,14 @@ class StoreNotWritable(PermissionError):
 # ----------------------------------------------------------------------------------------- process identity
 
 
-def _proc_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux /proc), which tells a live holder from an
-    unrelated process that later got the same pid; None where /proc is not available."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: parse after its closing parenthesis.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return int(fields[19]) if len(fields) > 19 else None
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-        return stat[stat.rfind(")") + 2 :].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
-def _pid_namespace() -> str:
-    """Containers sharing a host name and a volume see each other's pids as unrelated numbers; a lock is only
-    judged by pid within the namespace that wrote it."""
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return ""
-
-
 def holder_info(purpose: str) -> dict:
     """What the lock file records about this process."""
     now = _dt.datetime.now().astimezone()
     return {
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "pidns": _pid_namespace(),
-        "proc_start": _proc_start(os.getpid()),
+        "pidns": pid_namespace(),
+        "proc_start": proc_start(os.getpid()),
         "started": now.isoformat(timespec="seconds"),
         "purpose": purpose,
         "token": uuid.uuid4().hex,
@@ -124,7 +94,7 @@ def is_leftover(name: str) -> bool:
 
 def is_stale(holder: dict) -> str:
     """Why the holder is known to be dead ("" when it may be alive, including every holder on another host)."""
-    if holder.get("host") != socket.gethostname() or holder.get("pidns", "") != _pid_namespace():
+    if holder.get("host") != socket.gethostname() or holder.get("pidns", "") != pid_namespace():
         return ""
     pid = holder.get("pid")
     if not isinstance(pid, int) or pid <= 0:
@@ -135,9 +105,9 @@ def is_stale(holder: dict) -> str:
         return f"pid {pid} is not running"
     except PermissionError:
         pass  # alive, owned by another user
-    if _proc_state(pid) == "Z":
+    if proc_state(pid) == "Z":
         return f"pid {pid} has exited (zombie)"
-    start = _proc_start(pid)
+    start = proc_start(pid)
     if holder.get("proc_start") is not None and start is not None and start != holder["proc_start"]:
         return f"pid {pid} now belongs to another process"
     return ""
@@ -176,7 +146,7 @@ class StoreLock:
             if not isinstance(holder, dict):
                 raise ValueError("not an object")
         except ValueError:
-            holder = {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": None}
+            holder = {"host": socket.gethostname(), "pidns": pid_namespace(), "pid": None}
         holder["lock_path"] = self.path
         return holder
 

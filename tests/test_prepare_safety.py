@@ -334,17 +334,28 @@ def test_lone_surrogate_in_text_fails_prepare_or_is_a_counted_skip(tmp_path, sou
 
 
 def test_only_stale_temp_folders_of_dead_runs_on_this_host_are_removed(tmp_path, good):
+    from pipeline.process import pid_namespace
+
     built, out = good
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale, live, unmarked = out / ".dev.tmp-1-a", out / ".dev.tmp-2-b", out / ".dev.tmp-3-c"
-    for folder, pid in ((stale, dead.pid), (live, os.getpid()), (unmarked, None)):
+    host, ns = socket.gethostname(), pid_namespace()
+    marks = {
+        "stale": f"{host} {dead.pid} {ns}",
+        "live": f"{host} {os.getpid()} {ns}",
+        # another container on the same host name and volume: its pids are not this namespace's to judge
+        "other-container": f"{host} {dead.pid} {ns}0",
+        "earlier-version": f"{host} {dead.pid}",  # no namespace recorded: whose pid it is cannot be told
+        "unmarked": None,
+    }
+    for name, mark in marks.items():
+        folder = out / f".dev.tmp-{name}"
         folder.mkdir()
         (folder / "instances-000000.tar").write_bytes(b"partial")
-        if pid is not None:
-            (folder / ".clip-td-partial").write_text(f"{socket.gethostname()} {pid}\n")
+        if mark is not None:
+            (folder / ".clip-td-partial").write_text(mark + "\n")
     assert prepare(built.root, out, built.split).exit_code == 0
-    assert not stale.exists() and live.exists() and unmarked.exists()
+    assert {n for n in marks if (out / f".dev.tmp-{n}").exists()} == set(marks) - {"stale"}
 
 
 def test_writer_used_as_context_manager_leaves_nothing_when_the_body_raises(tmp_path):

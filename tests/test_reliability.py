@@ -32,6 +32,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from pipeline import cache as C
 from pipeline import extract as X
 from pipeline import lock as L
+from pipeline import process
 from pipeline.config import CacheParams, SyntheticParams
 from pipeline.data import synthetic
 from pipeline.data.errors import DataError
@@ -283,7 +284,7 @@ def test_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
-    while L._proc_state(zombie.pid) not in ("Z", ""):  # exited, not yet reaped
+    while process.proc_state(zombie.pid) not in ("Z", ""):  # exited, not yet reaped
         time.sleep(0.01)
     cases = {
         "dead": ({"pid": dead.pid, "proc_start": None}, "is not running"),
@@ -311,7 +312,7 @@ def test_lock_of_another_host_or_live_process_is_never_broken(tmp_path):
     _write_lock(url, host="elsewhere.example", pid=12345)
     with pytest.raises(L.StoreLocked, match=r"pid 12345 on host elsewhere\.example.*delete .*\.lock"):
         L.StoreLock(url).acquire()
-    _write_lock(url, pid=os.getppid(), proc_start=L._proc_start(os.getppid()))  # alive, same host
+    _write_lock(url, pid=os.getppid(), proc_start=process.proc_start(os.getppid()))  # alive, same host
     with pytest.raises(L.StoreLocked, match=f"pid {os.getppid()}"):
         L.StoreLock(url).acquire()
     assert L.read_lock(url)["pid"] == os.getppid()  # untouched

@@ -39,6 +39,7 @@ from typing import Any
 import webdataset as wds
 
 from ..durable import sync_dir, sync_tree
+from ..process import alive, here_tag, pid_namespace
 from .errors import DataError, SkipReport
 from .schema import IMAGE_EXTS, Instance, SchemaError, image_key
 
@@ -51,7 +52,7 @@ SHARD_MTIME = 946684800.0  # 2000-01-01 UTC: every tar member's mtime (see Datas
 
 # Everything a prepared split folder may hold: a folder holding anything else is not (only) ours to replace.
 _OWN_FILES = re.compile(r"^(dataset\.json|images\.index\.json|skipped\.json|(instances|images)-\d{6}\.tar)$")
-_TMP_MARK = ".clip-td-partial"  # in a temp split folder: host and pid of the run building it
+_TMP_MARK = ".clip-td-partial"  # in a temp split folder: host, pid and pid namespace of the run building it
 
 
 def check_split_name(split: str) -> str:
@@ -154,8 +155,8 @@ class DatasetWriter:
         try:
             _remove_stale_tmp(self.out)
             _remove_replaced(self.out)
-            self.tmp = _new_dir(self.out.parent, f".{self.out.name}.tmp-{_host_tag()}-{os.getpid()}-")
-            (self.tmp / _TMP_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+            self.tmp = _new_dir(self.out.parent, f".{self.out.name}.tmp-{here_tag()}-{os.getpid()}-")
+            (self.tmp / _TMP_MARK).write_text(f"{socket.gethostname()} {os.getpid()} {pid_namespace()}\n")
         except BaseException:
             _remove_empty(self._made_parents)
             raise
@@ -361,29 +362,25 @@ def _roll_back(placed: list[DatasetWriter], aside: list[tuple[DatasetWriter, Pat
     return stuck
 
 
-def _host_tag() -> str:
-    """This host, as a short name-safe tag (a host name may hold characters a folder name should not)."""
-    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
-
-
 def _old_prefix(dest: Path) -> str:
-    return f".{dest.name}.old-{_host_tag()}-{os.getpid()}-"
+    return f".{dest.name}.old-{here_tag()}-{os.getpid()}-"
 
 
 def _replaced_copies(dest: Path) -> list[tuple[Path, str]]:
     """Previous versions of ``dest`` moved aside by ``commit_all`` and still there, each with who moved it:
-    "running" (a live process on this host: a commit in progress), "over" (a process of this host that no
-    longer exists) or "unknown" (another host, or a name this version does not write)."""
+    "running" (a live process of this host and pid namespace: a commit in progress), "over" (a process of
+    this host and namespace that no longer exists) or "unknown" (another host or container, or a name this
+    version does not write)."""
     name = re.compile(rf"\.{re.escape(dest.name)}\.old-([0-9a-f]{{8}})-(\d+)-[0-9a-f]{{8}}")
     found = []
     for d in sorted(dest.parent.glob(f".{glob.escape(dest.name)}.old-*")):
         if d.is_symlink() or not d.is_dir():
             continue
         m = name.fullmatch(d.name)
-        if m is None or m[1] != _host_tag():
+        if m is None or m[1] != here_tag():
             state = "unknown"
         else:
-            state = "running" if _alive(int(m[2])) else "over"
+            state = "running" if alive(int(m[2])) else "over"
         found.append((d, state))
     return found
 
@@ -392,8 +389,8 @@ def _remove_replaced(dest: Path) -> None:
     """Remove the ``.old`` folders of this split that commits killed before their cleanup left, when that is
     safe: a non-empty one only while ``dest`` holds a prepared split (the newer version; otherwise the .old
     folder may be the only copy, and ``check_destination`` refuses the split instead), an empty one always;
-    and only those a process of this host left that no longer exists (a concurrent commit's is never
-    touched)."""
+    and only those a process of this host and pid namespace left that no longer exists (a concurrent
+    commit's, in this container or another, is never touched)."""
     in_place = dest.is_dir() and not dest.is_symlink() and not _not_a_prepared_split(dest / INFO_FILE)
     for d, state in _replaced_copies(dest):
         if state != "over":
@@ -437,11 +434,12 @@ def _mkdirs(path: Path) -> list[Path]:
 
 
 def _remove_stale_tmp(dest: Path) -> None:
-    """Remove temp folders of this split left by killed runs: only those marked as ours, by this host, by a
-    process that no longer exists (so a concurrent run's folder is never touched). A commit unlinks the mark
-    just before its renames, so a run killed there leaves an unmarked one: its name (host tag and pid) says
-    the same, and it holds only a new split, never the only copy of one."""
-    host = socket.gethostname()
+    """Remove temp folders of this split left by killed runs: only those marked as ours, by this host and pid
+    namespace (pipeline/process.py), by a process that no longer exists (so a concurrent run's folder, in
+    this container or another that shares the volume, is never touched). A commit unlinks the mark just
+    before its renames, so a run killed there leaves an unmarked one: its name (host-and-namespace tag and
+    pid) says the same, and it holds only a new split, never the only copy of one."""
+    here = (socket.gethostname(), pid_namespace())
     name = re.compile(rf"\.{re.escape(dest.name)}\.tmp-([0-9a-f]{{8}})-(\d+)-[0-9a-f]{{8}}")
     for d in dest.parent.glob(f".{glob.escape(dest.name)}.tmp-*"):
         mark = d / _TMP_MARK
@@ -449,26 +447,17 @@ def _remove_stale_tmp(dest: Path) -> None:
             if d.is_symlink() or mark.is_symlink():
                 continue
             if mark.is_file():
-                mark_host, pid = mark.read_text().split()
-                if mark_host != host or _alive(int(pid)):
+                # host, pid and pid namespace; a mark without the namespace (an earlier version's) is left
+                mark_host, pid, pidns = mark.read_text().split()
+                if (mark_host, pidns) != here or alive(int(pid)):
                     continue
             else:
                 m = name.fullmatch(d.name)
-                if m is None or m[1] != _host_tag() or _alive(int(m[2])):
+                if m is None or m[1] != here_tag() or alive(int(m[2])):
                     continue
         except (OSError, ValueError):
             continue
         shutil.rmtree(d, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _index_image_tars(out: Path) -> dict[str, list]:

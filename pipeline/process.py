@@ -1,0 +1,60 @@
+"""Who a process is, as another process judges it: its host, its pid namespace and its start time.
+
+A pid names a process only on the host and in the pid namespace that wrote it down: containers that share a
+host name and a volume see each other's pids as unrelated numbers. So the teacher cache's lock
+(pipeline/lock.py) and prepare's temp folders (pipeline/data/shards.py) record both, and judge a recorded pid
+dead only from inside the namespace that recorded it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+
+
+def proc_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux /proc), which tells a live holder from an
+    unrelated process that later got the same pid; None where /proc is not available."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: parse after its closing parenthesis.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return int(fields[19]) if len(fields) > 19 else None
+
+
+def proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+        return stat[stat.rfind(")") + 2 :].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def pid_namespace() -> str:
+    """This process's pid namespace ("" where /proc does not say)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+def here_tag() -> str:
+    """This host and pid namespace as a short name-safe tag (a host name may hold characters a folder name
+    should not): two processes with the same tag can judge each other's pids."""
+    return hashlib.sha1(f"{socket.gethostname()} {pid_namespace()}".encode()).hexdigest()[:8]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a process of this pid namespace (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
