@@ -310,9 +310,9 @@ class TrainParams:
     # The training reader's LRU of decoded inner chunks, in MiB (0 turns it off).
     target_cache_mb: int = 256
     # "bf16": the student's forward runs under bfloat16 autocast with its convolutions in channels_last order
-    # (weights, optimizer and every loss stay float32): faster where the hardware computes bfloat16 natively
-    # (AMX or AVX512-BF16 CPUs, recent GPUs), slower elsewhere (docs/benchmarks.md, "The student step against
-    # the original"). Scores move by bfloat16's rounding, so runs are compared within one precision.
+    # (weights, optimizer and every loss stay float32): faster where the CPU computes bfloat16 natively (AMX or
+    # AVX512-BF16), maybe slower where it is emulated (docs/training.md). Scores move by bfloat16's rounding,
+    # so runs are compared within one precision.
     precision: Literal["fp32", "bf16"] = "fp32"
 
     def validate(self) -> None:

@@ -27,8 +27,8 @@ def resolve_device(name: str) -> torch.device:
 
 def check_bf16(device: torch.device) -> None:
     """``train.precision: bf16`` on ``device``: a GPU without bfloat16 fails here, naming the key; a CPU without
-    native bfloat16 (AMX or AVX512-BF16) only warns, since autocast still runs there, emulated and slower than
-    float32."""
+    native bfloat16 (AMX or AVX512-BF16) only warns, since autocast still runs there, emulated (and maybe
+    slower than float32)."""
     import warnings
 
     if device.type == "cuda":
@@ -42,7 +42,7 @@ def check_bf16(device: torch.device) -> None:
     if all(f is not None for f in native) and not any(f() for f in native):
         warnings.warn(
             "train.precision=bf16: this CPU has neither AMX nor AVX512-BF16, so bfloat16 is emulated and the "
-            "steps are slower than with fp32",
+            "steps may be slower than with fp32",
             RuntimeWarning,
             stacklevel=2,
         )
