@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -330,10 +331,9 @@ def test_rehash_of_a_folder_dep_matches_dvcs_own_hash(tmp_path: Path):
     assert "up to date" in run(*dvc, "status")
 
 
-def test_a_new_module_is_added_to_the_entries_of_the_stages_that_list_it(tmp_path: Path):
-    """A module split out of code the stages already ran (pipeline/durable.py): each entry of a stage that
-    now lists it gets its hash, in the sorted place DVC puts it, and dvc status agrees they are up to date;
-    a stage that does not list it is left as it was."""
+def _dvc_repo(tmp_path: Path):
+    """A git + DVC repository in ``tmp_path``; returns a runner of commands there that fails on a non-zero exit
+    (returning their stdout), and the dvc command."""
     import os
     import subprocess
     import sys
@@ -348,6 +348,14 @@ def test_a_new_module_is_added_to_the_entries_of_the_stages_that_list_it(tmp_pat
     dvc = (sys.executable, "-m", "dvc")
     run("git", "init", "-q")
     run(*dvc, "init", "-q")
+    return run, dvc
+
+
+def test_a_new_module_is_added_to_the_entries_of_the_stages_that_list_it(tmp_path: Path):
+    """A module split out of code the stages already ran (pipeline/durable.py): each entry of a stage that
+    now lists it gets its hash, in the sorted place DVC puts it, and dvc status agrees they are up to date;
+    a stage that does not list it is left as it was."""
+    run, dvc = _dvc_repo(tmp_path)
     for name in ("a.py", "c.py"):
         (tmp_path / name).write_text(f"# {name}\n")
     write = f"{sys.executable} -c \"open('${{item}}.txt', 'w').write('x')\""
@@ -448,20 +456,7 @@ def test_a_new_param_at_the_old_behaviour_is_recorded_where_dvc_records_its_sect
     """train.precision: fp32 appended to params.yaml: the entries of the stages that record the whole train
     section get it, and dvc status agrees they are up to date; a stage that records only another key of the
     section, and a section of another name holding a key of that name, are left as they were."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-
-    def run(*args: str) -> str:
-        r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout + r.stderr
-        return r.stdout
-
-    dvc = (sys.executable, "-m", "dvc")
-    run("git", "init", "-q")
-    run(*dvc, "init", "-q")
+    run, dvc = _dvc_repo(tmp_path)
     params = "train:\n  steps: 3\n  clip: [0.1, 3.0]\n  sizes:\n    vcr: 4\ntest:\n  train:\n    steps: 1\n"
     (tmp_path / "params.yaml").write_text(params)
     write = f"{sys.executable} -c \"open('${{item}}.txt', 'w').write('x')\""
