@@ -463,18 +463,16 @@ def _add_param(lock: str, key: str, value: str) -> int:
     lines = Path(lock).read_text(encoding="utf-8").splitlines(keepends=True)
     n, i = 0, 0
     while i < len(lines):
-        line = lines[i]
-        indent = len(line) - len(line.lstrip(" "))
-        if line.strip() != f"{section}:":
+        indent = _depth(lines[i])
+        if lines[i].strip() != f"{section}:":
             i += 1
             continue
         # the section's mapping under an entry's "params.yaml:": its keys sit two deeper, its lists at that depth
         end, keys = i + 1, set()
-        while end < len(lines) and len(lines[end]) - len(lines[end].lstrip(" ")) > indent:
-            if len(lines[end]) - len(lines[end].lstrip(" ")) == indent + 2 and not lines[
-                end
-            ].lstrip().startswith("- "):
-                keys.add(lines[end].strip().split(":", 1)[0])
+        while end < len(lines) and _depth(lines[end]) > indent:
+            child = lines[end]
+            if _depth(child) == indent + 2 and not child.lstrip().startswith("- "):
+                keys.add(child.strip().split(":", 1)[0])
             end += 1
         if keys and name not in keys and _under_params_yaml(lines, i, indent):
             lines.insert(end, " " * (indent + 2) + rendered + "\n")
@@ -485,11 +483,14 @@ def _add_param(lock: str, key: str, value: str) -> int:
     return n
 
 
+def _depth(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
 def _under_params_yaml(lines: list[str], i: int, indent: int) -> bool:
     """Whether line ``i`` (at ``indent``) is a key of a ``params.yaml:`` mapping."""
     for j in range(i - 1, -1, -1):
-        depth = len(lines[j]) - len(lines[j].lstrip(" "))
-        if depth < indent:
+        if _depth(lines[j]) < indent:
             return lines[j].strip() == "params.yaml:"
     return False
 
