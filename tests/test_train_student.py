@@ -45,8 +45,10 @@ def test_cached_targets_equal_online_targets(world, tmp_path, task):
         assert cached["kd"] == pytest.approx(online["kd"], rel=1e-4, abs=1e-5)
 
 
-def test_resume_is_bit_exact(world, tmp_path):
-    params = student_params(world)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_bit_exact(world, tmp_path, precision):
+    # bf16: the checkpoint's float32 weights and AdamW moments go back into channels_last parameters.
+    params = student_params(world, **{"train.precision": precision})
     straight = Trainer(params, run_spec(world, tmp_path, name="straight"), progress=False)
     straight.fit(resume=False)
     first = Trainer(params, run_spec(world, tmp_path, name="resumed"), progress=False)
