@@ -34,7 +34,7 @@ from typing import Any
 import fsspec
 
 from .cache import LOCK_FILE
-from .process import pid_namespace, proc_start, proc_state
+from .process import alive, pid_namespace, proc_start, proc_state
 
 log = logging.getLogger("clip_td.lock")
 
@@ -99,12 +99,8 @@ def is_stale(holder: dict) -> str:
     pid = holder.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return "the lock file names no valid pid"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not alive(pid):
         return f"pid {pid} is not running"
-    except PermissionError:
-        pass  # alive, owned by another user
     if proc_state(pid) == "Z":
         return f"pid {pid} has exited (zombie)"
     start = proc_start(pid)

@@ -3,6 +3,8 @@ the ranks of a torchrun job in step."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -29,8 +31,6 @@ def check_bf16(device: torch.device) -> None:
     """``train.precision: bf16`` on ``device``: a GPU without bfloat16 fails here, naming the key; a CPU without
     native bfloat16 (AMX or AVX512-BF16) only warns, since autocast still runs there, emulated (and maybe
     slower than float32)."""
-    import warnings
-
     if device.type == "cuda":
         if not torch.cuda.is_bf16_supported():
             raise RunError(
