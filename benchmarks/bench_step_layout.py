@@ -23,7 +23,9 @@ by step so that load on the machine hits every arm alike; each variant's ratio t
 is taken step by step and the median reported (quartiles beside). Before timing, a few steps of each variant
 on the same batches give its losses, compared with ``default``'s (the max relative difference: float error,
 not a different model; for the bf16 arms, bfloat16's 8-bit mantissa). A torch profile of each FiLM arm's steps gives the convolutions' share (forward and
-backward): what the step would still cost if everything around them were free.
+backward): what the step would still cost if everything around them were free. A last table times the text
+block's attention alone (forward + backward) in torch's kernels at the student's text lengths: float32, bfloat16
+(what autocast picked before ``student.model.attention``) and ``attention`` on bfloat16 inputs.
 
 Compilation needs a C++ compiler; where it fails, the arm is reported as unavailable with torch's error.
 """
@@ -166,6 +168,47 @@ def measure(world, task: str, steps: int, work: Path) -> dict:
     return out
 
 
+def attention_kernels(batch: int, heads: int, width: int, lengths=(8, 16, 32), reps: int = 40) -> dict:
+    """Median ms of one attention forward + backward per (text length, kernel), the kernels rotated rep by rep;
+    the last quarter of each row's keys masked as padding, as a batch's shorter texts are."""
+    import math
+
+    import torch.nn.functional as F
+
+    from student.model import attention
+
+    def torch_sdpa(q, k, v, bias):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    kernels = {
+        "float32": (torch.float32, torch_sdpa),
+        "bf16 (torch)": (torch.bfloat16, torch_sdpa),
+        "bf16 (student.model.attention)": (torch.bfloat16, attention),
+    }
+    out: dict = {}
+    for n in lengths:
+        inputs = {}
+        for name, (dtype, _) in kernels.items():
+            q, k, v = (
+                torch.randn(batch, heads, n, width // heads, dtype=dtype, requires_grad=True)
+                for _ in range(3)
+            )
+            bias = torch.zeros(batch, 1, 1, n, dtype=dtype)
+            bias[..., n - max(1, n // 4) :] = -math.inf
+            inputs[name] = (q, k, v, bias)
+        wall: dict[str, list[float]] = {name: [] for name in kernels}
+        names = list(kernels)
+        for i in range(WARMUP + reps):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                fn, args = kernels[name][1], inputs[name]
+                t = time.perf_counter()
+                fn(*args).float().sum().backward()
+                if i >= WARMUP:
+                    wall[name].append(time.perf_counter() - t)
+        out[str(n)] = {name: round(median(w) * 1e3, 3) for name, w in wall.items()}
+    return out
+
+
 def summary_markdown(payload: dict) -> str:
     m, machine = payload["measurements"], payload["machine"]
     lines = [
@@ -207,6 +250,17 @@ def summary_markdown(payload: dict) -> str:
                 f"- {task} {tag}: {p['conv_share']:.0%} of {p['step_ms']:.1f} ms, i.e. "
                 f"{p['conv_share'] * p['step_ms']:.1f} ms of convolutions ({p['steps']} steps)"
             )
+    att = m.get("attention_ms")
+    if att:
+        names = list(next(iter(att.values())))
+        lines += [
+            "",
+            f"The text block's attention alone, forward + backward, median ms ({payload['settings']['attention']}):",
+            "",
+            "| text length | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
+        lines += [f"| {n} | " + " | ".join(f"{row[k]:.2f}" for k in names) + " |" for n, row in att.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -233,6 +287,13 @@ def main(argv: list[str] | None = None) -> int:
             "torch_threads": torch.get_num_threads(),
             "quick": args.quick,
         }
+        shape = {
+            "batch": params.train.batch_size,
+            "heads": params.student.heads,
+            "width": params.student.width,
+        }
+        res.settings["attention"] = ", ".join(f"{k} {v}" for k, v in shape.items())
+        res.measurements["attention_ms"] = attention_kernels(**shape)
         for task in tasks:
             m = measure(world, task, steps, work / task)
             res.measurements[task] = m

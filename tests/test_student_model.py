@@ -1,7 +1,9 @@
 import copy
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import StudentParams
@@ -11,6 +13,7 @@ from student.model import (
     StudentOutput,
     TaskHeads,
     ViltStudent,
+    attention,
     count_parameters,
     create_student,
     fit_text,
@@ -406,3 +409,25 @@ def test_film_exported_student_round_trips_its_compact_vocabulary(tmp_path):
     assert torch.equal(loaded.token_ids, vocab) and loaded.tok_embed.weight.shape == (len(vocab) + 1, 16)
     px, ids = torch.randn(2, 3, 16, 16), torch.tensor([[SOT, 3, 11, EOT], [SOT, 4, EOT, 0]])
     torch.testing.assert_close(loaded(px, ids).pooled, m(px, ids).pooled)
+
+
+def test_attention_keeps_float32_calls_and_computes_cpu_bfloat16_in_float32():
+    """Float32 attention is torch's own call, bit for bit (recorded fp32 runs stay valid); under CPU bfloat16
+    autocast the text block's attention runs in float32 on the bfloat16 inputs, returns bfloat16, and its
+    gradients reach the inputs."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 2, 16, 32, generator=g) for _ in range(3))
+    bias = torch.zeros(4, 1, 1, 16)
+    bias[..., 12:] = -math.inf
+    assert torch.equal(attention(q, k, v, bias), F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attention(qb, kb, vb, bias)
+    assert y.dtype == torch.bfloat16
+    want = F.scaled_dot_product_attention(qb.float(), kb.float(), vb.float(), attn_mask=bias)
+    assert torch.equal(y, want.bfloat16())
+    y.float().sum().backward()
+    assert all(
+        t.grad is not None and t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0 for t in (qb, kb, vb)
+    )
