@@ -34,7 +34,7 @@ from typing import Any
 import fsspec
 
 from .cache import LOCK_FILE
-from .process import alive, pid_namespace, proc_start, proc_state
+from .process import pid_namespace, proc_start, why_ended
 
 log = logging.getLogger("clip_td.lock")
 
@@ -94,19 +94,7 @@ def is_leftover(name: str) -> bool:
 
 def is_stale(holder: dict) -> str:
     """Why the holder is known to be dead ("" when it may be alive, including every holder on another host)."""
-    if holder.get("host") != socket.gethostname() or holder.get("pidns", "") != pid_namespace():
-        return ""
-    pid = holder.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return "the lock file names no valid pid"
-    if not alive(pid):
-        return f"pid {pid} is not running"
-    if proc_state(pid) == "Z":
-        return f"pid {pid} has exited (zombie)"
-    start = proc_start(pid)
-    if holder.get("proc_start") is not None and start is not None and start != holder["proc_start"]:
-        return f"pid {pid} now belongs to another process"
-    return ""
+    return why_ended(holder.get("host"), holder.get("pidns", ""), holder.get("pid"), holder.get("proc_start"))
 
 
 # ---------------------------------------------------------------------------------------------------- lock

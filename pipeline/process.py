@@ -58,3 +58,22 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def why_ended(host: object, pidns: object, pid: object, start: object) -> str:
+    """Why the process that recorded (host, pid namespace, pid, start time) is known to have ended: gone, a
+    zombie, or its pid reused by another process. "" when it may still run, which includes every process of
+    another host or pid namespace (its pid is not ours to judge). ``start`` None: not recorded (an earlier
+    version's record, or no /proc), so a reused pid counts as the recorder, the safe direction."""
+    if host != socket.gethostname() or pidns != pid_namespace():
+        return ""
+    if not isinstance(pid, int) or pid <= 0:
+        return "no valid pid is recorded"
+    if not alive(pid):
+        return f"pid {pid} is not running"
+    if proc_state(pid) == "Z":
+        return f"pid {pid} has exited (zombie)"
+    now = proc_start(pid)
+    if start is not None and now is not None and now != start:
+        return f"pid {pid} now belongs to another process"
+    return ""

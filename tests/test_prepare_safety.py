@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -334,18 +335,26 @@ def test_lone_surrogate_in_text_fails_prepare_or_is_a_counted_skip(tmp_path, sou
 
 
 def test_only_stale_temp_folders_of_dead_runs_on_this_host_are_removed(tmp_path, good):
-    from pipeline.process import pid_namespace
+    from pipeline.process import pid_namespace, proc_start, proc_state
 
     built, out = good
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host, ns = socket.gethostname(), pid_namespace()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    while proc_state(zombie.pid) not in ("Z", ""):  # exited, not yet reaped
+        time.sleep(0.01)
+    host, ns, me = socket.gethostname(), pid_namespace(), os.getpid()
     marks = {
-        "stale": f"{host} {dead.pid} {ns}",
-        "live": f"{host} {os.getpid()} {ns}",
+        "stale": f"{host} {dead.pid} {ns} -",
+        "zombie": f"{host} {zombie.pid} {ns} -",
+        # the writer's pid now names another process (this one, started at another time)
+        "reused": f"{host} {me} {ns} {proc_start(me) + 1}",
+        "live": f"{host} {me} {ns} {proc_start(me)}",
         # another container on the same host name and volume: its pids are not this namespace's to judge
-        "other-container": f"{host} {dead.pid} {ns}0",
-        "earlier-version": f"{host} {dead.pid}",  # no namespace recorded: whose pid it is cannot be told
+        "other-container": f"{host} {dead.pid} {ns}0 -",
+        "start-unrecorded": f"{host} {dead.pid} {ns}",  # the previous version's mark: judged without it
+        "live-start-unrecorded": f"{host} {me} {ns}",
+        "no-namespace": f"{host} {dead.pid}",  # whose pid it is cannot be told
         "unmarked": None,
     }
     for name, mark in marks.items():
@@ -355,7 +364,9 @@ def test_only_stale_temp_folders_of_dead_runs_on_this_host_are_removed(tmp_path,
         if mark is not None:
             (folder / ".clip-td-partial").write_text(mark + "\n")
     assert prepare(built.root, out, built.split).exit_code == 0
-    assert {n for n in marks if (out / f".dev.tmp-{n}").exists()} == set(marks) - {"stale"}
+    removed = {"stale", "zombie", "reused", "start-unrecorded"}
+    assert {n for n in marks if (out / f".dev.tmp-{n}").exists()} == set(marks) - removed
+    zombie.wait()
 
 
 def test_writer_used_as_context_manager_leaves_nothing_when_the_body_raises(tmp_path):

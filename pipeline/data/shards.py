@@ -39,7 +39,7 @@ from typing import Any
 import webdataset as wds
 
 from ..durable import sync_dir, sync_tree
-from ..process import alive, here_tag, pid_namespace
+from ..process import here_tag, pid_namespace, proc_start, why_ended
 from .errors import DataError, SkipReport
 from .schema import IMAGE_EXTS, Instance, SchemaError, image_key
 
@@ -156,7 +156,10 @@ class DatasetWriter:
             _remove_stale_tmp(self.out)
             _remove_replaced(self.out)
             self.tmp = _new_dir(self.out.parent, f".{self.out.name}.tmp-{here_tag()}-{os.getpid()}-")
-            (self.tmp / _TMP_MARK).write_text(f"{socket.gethostname()} {os.getpid()} {pid_namespace()}\n")
+            start = proc_start(os.getpid())
+            (self.tmp / _TMP_MARK).write_text(
+                f"{socket.gethostname()} {os.getpid()} {pid_namespace()} {'-' if start is None else start}\n"
+            )
         except BaseException:
             _remove_empty(self._made_parents)
             raise
@@ -369,7 +372,7 @@ def _old_prefix(dest: Path) -> str:
 def _replaced_copies(dest: Path) -> list[tuple[Path, str]]:
     """Previous versions of ``dest`` moved aside by ``commit_all`` and still there, each with who moved it:
     "running" (a live process of this host and pid namespace: a commit in progress), "over" (a process of
-    this host and namespace that no longer exists) or "unknown" (another host or container, or a name this
+    this host and namespace that has ended, ``process.why_ended``) or "unknown" (another host or container, or a name this
     version does not write)."""
     name = re.compile(rf"\.{re.escape(dest.name)}\.old-([0-9a-f]{{8}})-(\d+)-[0-9a-f]{{8}}")
     found = []
@@ -380,7 +383,8 @@ def _replaced_copies(dest: Path) -> list[tuple[Path, str]]:
         if m is None or m[1] != here_tag():
             state = "unknown"
         else:
-            state = "running" if alive(int(m[2])) else "over"
+            ended = why_ended(socket.gethostname(), pid_namespace(), int(m[2]), None)
+            state = "over" if ended else "running"
         found.append((d, state))
     return found
 
@@ -435,7 +439,8 @@ def _mkdirs(path: Path) -> list[Path]:
 
 def _remove_stale_tmp(dest: Path) -> None:
     """Remove temp folders of this split left by killed runs: only those marked as ours, by this host and pid
-    namespace (pipeline/process.py), by a process that no longer exists (so a concurrent run's folder, in
+    namespace (pipeline/process.py), by a process that has ended (gone, a zombie, or its pid now another
+    process's: ``process.why_ended``, as the cache lock judges its holder; so a concurrent run's folder, in
     this container or another that shares the volume, is never touched). A commit unlinks the mark just
     before its renames, so a run killed there leaves an unmarked one: its name (host-and-namespace tag and
     pid) says the same, and it holds only a new split, never the only copy of one."""
@@ -447,13 +452,17 @@ def _remove_stale_tmp(dest: Path) -> None:
             if d.is_symlink() or mark.is_symlink():
                 continue
             if mark.is_file():
-                # host, pid and pid namespace; a mark without the namespace (an earlier version's) is left
-                mark_host, pid, pidns = mark.read_text().split()
-                if (mark_host, pidns) != here or alive(int(pid)):
+                # host, pid, pid namespace and start time ("-": not known); a mark without the start time is an
+                # earlier version's, judged without it; one without the namespace too is left
+                fields = mark.read_text().split()
+                if len(fields) not in (3, 4):
+                    continue
+                mark_host, pid, pidns, start = (*fields, "-")[:4]
+                if not why_ended(mark_host, pidns, int(pid), None if start == "-" else int(start)):
                     continue
             else:
                 m = name.fullmatch(d.name)
-                if m is None or m[1] != here_tag() or alive(int(m[2])):
+                if m is None or m[1] != here_tag() or not why_ended(*here, int(m[2]), None):
                     continue
         except (OSError, ValueError):
             continue
