@@ -140,9 +140,10 @@ class Dropout(nn.Dropout):
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_bias: Tensor) -> Tensor:
     """Scaled dot-product attention; under CPU bfloat16 autocast (``train.precision: bf16``) computed in float32
-    and cast back, because the CPU's bfloat16 flash-attention kernel is the slow one at a text's lengths: forward +
-    backward 5.9-7.0 ms against 0.5-1.1 ms in float32 at 16-32 tokens, 32 rows, 2 heads (one thread;
-    ``python -m benchmarks.bench_attention``). Float32 inputs take torch's call unchanged."""
+    and cast back, because torch's CPU bfloat16 flash-attention kernel is the slow one at a text's lengths:
+    forward + backward 6.0-9.4 ms against 0.65-1.32 ms in float32 at 16-32 tokens, 32 rows, 2 heads (one
+    thread; the attention table of ``python -m benchmarks.bench_step_layout``). Float32 inputs, and every GPU,
+    take torch's call unchanged."""
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_bias.float())

@@ -372,8 +372,8 @@ def _old_prefix(dest: Path) -> str:
 def _replaced_copies(dest: Path) -> list[tuple[Path, str]]:
     """Previous versions of ``dest`` moved aside by ``commit_all`` and still there, each with who moved it:
     "running" (a live process of this host and pid namespace: a commit in progress), "over" (a process of
-    this host and namespace that has ended, ``process.why_ended``) or "unknown" (another host or container, or a name this
-    version does not write)."""
+    this host and namespace that has ended, ``process.why_ended``) or "unknown" (another host or container,
+    or a name this version does not write)."""
     name = re.compile(rf"\.{re.escape(dest.name)}\.old-([0-9a-f]{{8}})-(\d+)-[0-9a-f]{{8}}")
     found = []
     for d in sorted(dest.parent.glob(f".{glob.escape(dest.name)}.old-*")):
