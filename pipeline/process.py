@@ -13,26 +13,28 @@ import os
 import socket
 
 
-def proc_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux /proc), which tells a live holder from an
-    unrelated process that later got the same pid; None where /proc is not available."""
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat from field 3 on ([] where it cannot be read). The command name (field 2) may hold
+    spaces and parentheses: parse after its closing parenthesis."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read().decode(errors="replace")
     except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: parse after its closing parenthesis.
-    fields = stat[stat.rfind(")") + 2 :].split()
+        return []
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def proc_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux /proc), which tells a live holder from an
+    unrelated process that later got the same pid; None where /proc is not available."""
+    fields = _stat_fields(pid)
     return int(fields[19]) if len(fields) > 19 else None
 
 
 def proc_state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-        return stat[stat.rfind(")") + 2 :].split()[0]
-    except (OSError, IndexError):
-        return ""
+    """The process's state letter ("Z": exited, not yet reaped); "" where /proc does not say."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else ""
 
 
 def pid_namespace() -> str:

@@ -52,7 +52,9 @@ SHARD_MTIME = 946684800.0  # 2000-01-01 UTC: every tar member's mtime (see Datas
 
 # Everything a prepared split folder may hold: a folder holding anything else is not (only) ours to replace.
 _OWN_FILES = re.compile(r"^(dataset\.json|images\.index\.json|skipped\.json|(instances|images)-\d{6}\.tar)$")
-_TMP_MARK = ".clip-td-partial"  # in a temp split folder: host, pid and pid namespace of the run building it
+_TMP_MARK = (
+    ".clip-td-partial"  # in a temp split folder: host, pid, pid namespace and start of the run building it
+)
 
 
 def check_split_name(split: str) -> str:
@@ -383,8 +385,7 @@ def _replaced_copies(dest: Path) -> list[tuple[Path, str]]:
         if m is None or m[1] != here_tag():
             state = "unknown"
         else:
-            ended = why_ended(socket.gethostname(), pid_namespace(), int(m[2]), None)
-            state = "over" if ended else "running"
+            state = "over" if _named_by_ended_run(m[1], int(m[2])) else "running"
         found.append((d, state))
     return found
 
@@ -437,6 +438,12 @@ def _mkdirs(path: Path) -> list[Path]:
     return made[::-1]
 
 
+def _named_by_ended_run(tag: str, pid: int) -> bool:
+    """Whether a folder named with ``tag`` (``process.here_tag``) and ``pid`` was left by a run of this host and
+    pid namespace that has ended; a name records no start time, so a reused pid counts as that run."""
+    return tag == here_tag() and bool(why_ended(socket.gethostname(), pid_namespace(), pid, None))
+
+
 def _remove_stale_tmp(dest: Path) -> None:
     """Remove temp folders of this split left by killed runs: only those marked as ours, by this host and pid
     namespace (pipeline/process.py), by a process that has ended (gone, a zombie, or its pid now another
@@ -444,7 +451,6 @@ def _remove_stale_tmp(dest: Path) -> None:
     this container or another that shares the volume, is never touched). A commit unlinks the mark just
     before its renames, so a run killed there leaves an unmarked one: its name (host-and-namespace tag and
     pid) says the same, and it holds only a new split, never the only copy of one."""
-    here = (socket.gethostname(), pid_namespace())
     name = re.compile(rf"\.{re.escape(dest.name)}\.tmp-([0-9a-f]{{8}})-(\d+)-[0-9a-f]{{8}}")
     for d in dest.parent.glob(f".{glob.escape(dest.name)}.tmp-*"):
         mark = d / _TMP_MARK
@@ -462,7 +468,7 @@ def _remove_stale_tmp(dest: Path) -> None:
                     continue
             else:
                 m = name.fullmatch(d.name)
-                if m is None or m[1] != here_tag() or not why_ended(*here, int(m[2]), None):
+                if m is None or not _named_by_ended_run(m[1], int(m[2])):
                     continue
         except (OSError, ValueError):
             continue
