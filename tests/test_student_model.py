@@ -17,6 +17,7 @@ from student.model import (
     count_parameters,
     create_student,
     fit_text,
+    gelu,
     list_students,
     register_student,
     text_vocabulary,
@@ -431,3 +432,24 @@ def test_attention_keeps_float32_calls_and_computes_cpu_bfloat16_in_float32():
     assert all(
         t.grad is not None and t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0 for t in (qb, kb, vb)
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_gives_the_contiguous_kernels_values_and_gradients_in_either_memory_order(dtype):
+    """``gelu`` reads a channels_last map as one NHWC tensor, so it runs torch's contiguous GELU kernel (the
+    faster one; F.gelu on channels_last takes another, whose float32 values differ in the last bit): values
+    and input gradients equal F.gelu's on the NCHW-contiguous map bit for bit, and come back in the input's
+    memory order, which the FiLM trunk's next convolution reads."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 16, 8, 8, generator=g).to(dtype)
+    up = torch.randn(32, 16, 8, 8, generator=g).to(dtype)
+    ref = x.clone().requires_grad_()
+    want = F.gelu(ref)
+    want.backward(up)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        a = x.clone().contiguous(memory_format=layout).requires_grad_()
+        y = gelu(a)
+        assert torch.equal(y, want)
+        assert y.is_contiguous(memory_format=layout)
+        y.backward(up.contiguous(memory_format=layout))
+        assert torch.equal(a.grad, ref.grad)
