@@ -25,7 +25,8 @@ on the same batches give its losses, compared with ``default``'s (the max relati
 not a different model; for the bf16 arms, bfloat16's 8-bit mantissa). A torch profile of each FiLM arm's steps gives the convolutions' share (forward and
 backward): what the step would still cost if everything around them were free. A last table times the text
 block's attention alone (forward + backward) in torch's kernels at the student's text lengths: float32, bfloat16
-(what autocast picked before ``student.model.attention``) and ``attention`` on bfloat16 inputs.
+(what autocast picked before ``student.model.attention``) and ``attention`` on bfloat16 inputs; another the FiLM
+maps' GELU, torch's on NCHW and channels_last maps against ``student.model.gelu`` on channels_last ones.
 
 Compilation needs a C++ compiler; where it fails, the arm is reported as unavailable with torch's error.
 """
@@ -168,9 +169,23 @@ def measure(world, task: str, steps: int, work: Path) -> dict:
     return out
 
 
+def rotated_medians(calls: dict, reps: int) -> dict[str, float]:
+    """Median ms of each zero-argument call, the calls rotated rep by rep after ``WARMUP`` untimed reps, so
+    that load on the machine hits every call alike."""
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for i in range(WARMUP + reps):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t = time.perf_counter()
+            calls[name]()
+            if i >= WARMUP:
+                wall[name].append(time.perf_counter() - t)
+    return {name: round(median(w) * 1e3, 3) for name, w in wall.items()}
+
+
 def attention_kernels(batch: int, heads: int, width: int, lengths=(8, 16, 32), reps: int = 40) -> dict:
-    """Median ms of one attention forward + backward per (text length, kernel), the kernels rotated rep by rep;
-    the last quarter of each row's keys masked as padding, as a batch's shorter texts are."""
+    """Median ms of one attention forward + backward per (text length, kernel); the last quarter of each row's
+    keys masked as padding, as a batch's shorter texts are."""
     import math
 
     import torch.nn.functional as F
@@ -187,25 +202,51 @@ def attention_kernels(batch: int, heads: int, width: int, lengths=(8, 16, 32), r
     }
     out: dict = {}
     for n in lengths:
-        inputs = {}
-        for name, (dtype, _) in kernels.items():
+        calls = {}
+        for name, (dtype, fn) in kernels.items():
             q, k, v = (
                 torch.randn(batch, heads, n, width // heads, dtype=dtype, requires_grad=True)
                 for _ in range(3)
             )
             bias = torch.zeros(batch, 1, 1, n, dtype=dtype)
             bias[..., n - max(1, n // 4) :] = -math.inf
-            inputs[name] = (q, k, v, bias)
-        wall: dict[str, list[float]] = {name: [] for name in kernels}
-        names = list(kernels)
-        for i in range(WARMUP + reps):
-            for name in names[i % len(names) :] + names[: i % len(names)]:
-                fn, args = kernels[name][1], inputs[name]
-                t = time.perf_counter()
-                fn(*args).float().sum().backward()
-                if i >= WARMUP:
-                    wall[name].append(time.perf_counter() - t)
-        out[str(n)] = {name: round(median(w) * 1e3, 3) for name, w in wall.items()}
+            calls[name] = lambda fn=fn, args=(q, k, v, bias): fn(*args).float().sum().backward()
+        out[str(n)] = rotated_medians(calls, reps)
+    return out
+
+
+def gelu_kernels(batch: int, maps: dict[str, tuple[int, int]], reps: int = 40) -> dict:
+    """Median ms of one GELU forward + backward per (FiLM map, dtype, call): torch's F.gelu on the NCHW map
+    and on the channels_last one (the layout of the bf16 arms), and ``student.model.gelu`` on the
+    channels_last one. ``maps``: name -> (channels, side)."""
+    import torch.nn.functional as F
+
+    from student.model import gelu
+
+    out: dict = {}
+    for name, (c, side) in maps.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(batch, c, side, side).to(dtype)
+            up = torch.randn(batch, c, side, side).to(dtype)
+            cl = torch.channels_last
+            inputs = {
+                "F.gelu (NCHW)": (F.gelu, x, up),
+                "F.gelu (channels_last)": (
+                    F.gelu,
+                    x.contiguous(memory_format=cl),
+                    up.contiguous(memory_format=cl),
+                ),
+                "student.model.gelu (channels_last)": (
+                    gelu,
+                    x.contiguous(memory_format=cl),
+                    up.contiguous(memory_format=cl),
+                ),
+            }
+            calls = {}
+            for call, (fn, a, g) in inputs.items():
+                a = a.clone(memory_format=torch.preserve_format).requires_grad_()
+                calls[call] = lambda fn=fn, a=a, g=g: fn(a).backward(g)
+            out[f"{name} {str(dtype).removeprefix('torch.')}"] = rotated_medians(calls, reps)
     return out
 
 
@@ -261,6 +302,17 @@ def summary_markdown(payload: dict) -> str:
             "|---" * (len(names) + 1) + "|",
         ]
         lines += [f"| {n} | " + " | ".join(f"{row[k]:.2f}" for k in names) + " |" for n, row in att.items()]
+    gelus = m.get("gelu_ms")
+    if gelus:
+        names = list(next(iter(gelus.values())))
+        lines += [
+            "",
+            f"The FiLM student's GELU alone, forward + backward, median ms ({payload['settings']['gelu']}):",
+            "",
+            "| map, dtype | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
+        lines += [f"| {n} | " + " | ".join(f"{row[k]:.2f}" for k in names) + " |" for n, row in gelus.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -294,6 +346,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         res.settings["attention"] = ", ".join(f"{k} {v}" for k, v in shape.items())
         res.measurements["attention_ms"] = attention_kernels(**shape)
+        # The FiLM maps a GELU reads: the stem's first (half width, half side) and the blocks' (width, quarter side).
+        width, side = params.student.width, params.student.image_size
+        maps = {
+            f"stem {max(8, width // 2)}x{side // 2}x{side // 2}": (max(8, width // 2), side // 2),
+            f"block {width}x{side // 4}x{side // 4}": (width, side // 4),
+        }
+        res.settings["gelu"] = f"batch {params.train.batch_size}, maps channels x height x width"
+        res.measurements["gelu_ms"] = gelu_kernels(params.train.batch_size, maps)
         for task in tasks:
             m = measure(world, task, steps, work / task)
             res.measurements[task] = m
