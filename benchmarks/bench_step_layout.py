@@ -250,6 +250,18 @@ def gelu_kernels(batch: int, maps: dict[str, tuple[int, int]], reps: int = 40) -
     return out
 
 
+def kernel_table(rows: dict[str, dict[str, float]], title: str, first: str) -> list[str]:
+    """Markdown lines of one kernel table: a row per measured shape, a column per call."""
+    names = list(next(iter(rows.values())))
+    return [
+        title,
+        "",
+        f"| {first} | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+        *(f"| {n} | " + " | ".join(f"{row[k]:.2f}" for k in names) + " |" for n, row in rows.items()),
+    ]
+
+
 def summary_markdown(payload: dict) -> str:
     m, machine = payload["measurements"], payload["machine"]
     lines = [
@@ -291,28 +303,20 @@ def summary_markdown(payload: dict) -> str:
                 f"- {task} {tag}: {p['conv_share']:.0%} of {p['step_ms']:.1f} ms, i.e. "
                 f"{p['conv_share'] * p['step_ms']:.1f} ms of convolutions ({p['steps']} steps)"
             )
-    att = m.get("attention_ms")
-    if att:
-        names = list(next(iter(att.values())))
-        lines += [
-            "",
-            f"The text block's attention alone, forward + backward, median ms ({payload['settings']['attention']}):",
-            "",
-            "| text length | " + " | ".join(names) + " |",
-            "|---" * (len(names) + 1) + "|",
-        ]
-        lines += [f"| {n} | " + " | ".join(f"{row[k]:.2f}" for k in names) + " |" for n, row in att.items()]
-    gelus = m.get("gelu_ms")
-    if gelus:
-        names = list(next(iter(gelus.values())))
-        lines += [
-            "",
-            f"The FiLM student's GELU alone, forward + backward, median ms ({payload['settings']['gelu']}):",
-            "",
-            "| map, dtype | " + " | ".join(names) + " |",
-            "|---" * (len(names) + 1) + "|",
-        ]
-        lines += [f"| {n} | " + " | ".join(f"{row[k]:.2f}" for k in names) + " |" for n, row in gelus.items()]
+    tables = (
+        ("attention_ms", "The text block's attention", "attention", "text length"),
+        ("gelu_ms", "The FiLM student's GELU", "gelu", "map, dtype"),
+    )
+    for key, what, setting, first in tables:
+        if m.get(key):
+            lines += [
+                "",
+                *kernel_table(
+                    m[key],
+                    f"{what} alone, forward + backward, median ms ({payload['settings'][setting]}):",
+                    first,
+                ),
+            ]
     return "\n".join(lines) + "\n"
 
 
