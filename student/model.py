@@ -321,7 +321,7 @@ class ViltStudent(CompactVocabulary, nn.Module):
 def gelu(x: Tensor) -> Tensor:
     """F.gelu over the memory order of a channels_last tensor: torch's GELU took 1.7x longer (forward) on a
     channels_last layout than on the same bytes read as one contiguous NHWC tensor (ViLT's stem), and at the
-    FiLM blocks' maps forward + backward 10-17% longer (the GELU table of ``python -m
+    FiLM blocks' maps forward + backward 11-20% longer (the GELU table of ``python -m
     benchmarks.bench_step_layout``). The values are those of torch's contiguous kernel, i.e. of the NCHW map;
     F.gelu on channels_last takes another kernel, whose float32 values differ in the last bit."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
