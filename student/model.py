@@ -318,22 +318,22 @@ class ViltStudent(CompactVocabulary, nn.Module):
         return StudentOutput(x[:, 0], x[:, 1 : 1 + g2], text_tokens, text_mask)
 
 
-def gelu(x: Tensor) -> Tensor:
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     """F.gelu over the memory order of a channels_last tensor: torch's GELU took 1.7x longer (forward) on a
     channels_last layout than on the same bytes read as one contiguous NHWC tensor (ViLT's stem), and at the
     FiLM blocks' maps forward + backward 11-20% longer (the GELU table of ``python -m
     benchmarks.bench_step_layout``). The values are those of torch's contiguous kernel, i.e. of the NCHW map;
     F.gelu on channels_last takes another kernel, whose float32 values differ in the last bit."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return F.gelu(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    return F.gelu(x)
+        return F.gelu(x.permute(0, 2, 3, 1), approximate=approximate).permute(0, 3, 1, 2)
+    return F.gelu(x, approximate=approximate)
 
 
 class _GELU(nn.GELU):
-    """nn.GELU through ``gelu`` (same state dict: none)."""
+    """nn.GELU through ``gelu`` (same arguments, same state dict: none)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return gelu(x)
+        return gelu(x, self.approximate)
 
 
 def make_stem(kind: str, width: int, patch: int) -> nn.Module:

@@ -52,9 +52,8 @@ SHARD_MTIME = 946684800.0  # 2000-01-01 UTC: every tar member's mtime (see Datas
 
 # Everything a prepared split folder may hold: a folder holding anything else is not (only) ours to replace.
 _OWN_FILES = re.compile(r"^(dataset\.json|images\.index\.json|skipped\.json|(instances|images)-\d{6}\.tar)$")
-_TMP_MARK = (
-    ".clip-td-partial"  # in a temp split folder: host, pid, pid namespace and start of the run building it
-)
+# In a temp split folder: host, pid, pid namespace and start time of the run building it.
+_TMP_MARK = ".clip-td-partial"
 
 
 def check_split_name(split: str) -> str:
