@@ -9,6 +9,10 @@ that student is this checkout's (the root lock's ``pretrain_student`` output; ``
 condition). A cell this checkout changed since that revision too (another sitting's, taken already) is a
 conflict, and nothing is taken; so is a stage this checkout's study/dvc.yaml does not define.
 
+A stage the sitting reran with the very outputs it had (its code deps had changed, its result had not) is
+taken too when its entry records this checkout's code: each dep it records either hashes to the file git
+tracks here or equals this lock's record. Otherwise this lock keeps the old deps and every sitting reruns it.
+
 The outputs are copied beside their destinations first, then renamed into place, then the lock is written:
 an entry never claims files that are not there. A taken entry replaces this lock's entry of the same name, or
 goes last (where DVC puts a new stage). Code changed here since the clone's revision leaves the taken entries
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.dvc_lockfile import fast_load, stage_blocks
+from pipeline.dvc_lockfile import fast_load, path_hash, stage_blocks
 from pipeline.study.freshness import backbone, entry_backbone
 
 LOCK = "study/dvc.lock"
@@ -67,7 +71,27 @@ def cells_to_take(src: Path, dst: Path, only_backbone: str | None) -> list[str]:
             f"{len(both)} cells changed here too since {src}'s revision (another sitting's?), e.g. {both[:3]}: "
             "nothing taken"
         )
-    return [n for n in ran if _result(ours.get(n)) != _result(theirs[n])]
+    taken = [n for n in ran if _result(ours.get(n)) != _result(theirs[n])]
+    return taken + [n for n in theirs if n in ours and n not in ran and _refreshed(theirs[n], ours[n], dst)]
+
+
+def _refreshed(theirs: dict, ours: dict, dst: Path) -> bool:
+    """Whether THEIRS is OURS rerun with the same result against the code this checkout holds: the same
+    command, params and outputs, and each dep either as OURS records it or hashing to DST's tracked file."""
+    if theirs == ours or any(theirs.get(k) != ours.get(k) for k in ("cmd", "params", "outs")):
+        return False
+    import subprocess
+
+    recorded = {d["path"]: d.get("md5") for d in ours.get("deps", [])}
+    for d in theirs.get("deps", []):
+        if recorded.get(d["path"]) == d.get("md5"):
+            continue
+        tracked = subprocess.run(
+            ["git", "-C", str(dst), "ls-files", "--", d["path"]], capture_output=True, text=True
+        ).stdout.strip()  # only code and metrics git holds: an artifact folder may be gigabytes, or absent
+        if not tracked or path_hash(dst / d["path"]) != d.get("md5"):
+            return False
+    return True
 
 
 def take(src: Path, dst: Path, names: list[str]) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from benchmarks.study_take import main
+from pipeline.dvc_lockfile import path_hash
 
 ENTRY = """\
   {name}:
@@ -109,6 +110,29 @@ def test_a_second_clone_does_not_undo_the_first_and_a_cell_both_ran_is_a_conflic
     assert r.exit_code != 0 and "1 cells changed here too" in r.output and "main@a" in r.output
     assert (dst / "study" / "dvc.lock").read_text() == before
     assert (dst / "study" / "runs" / "main@a" / "eval.json").read_text() == "a1"
+
+
+def test_a_rerun_with_the_same_outputs_against_this_checkouts_code_refreshes_the_entry(tmp_path, monkeypatch):
+    # The sitting reran d and c because their code had changed, and got the outputs they had. d's entry
+    # records the code this checkout holds and is taken, so the next sitting does not rerun it; c's records
+    # code that is not this checkout's and stays as it is.
+    dst = tmp_path / "main"
+    write(dst, BASE, code="c1")
+    (dst / "student").mkdir()
+    (dst / "student" / "model.py").write_text("width = 64\n")
+    subprocess.run(["git", "-C", str(dst), "init", "-q"], check=True)
+    subprocess.run(["git", "-C", str(dst), "add", "student"], check=True)
+    here = path_hash(dst / "student").removesuffix(".dir")
+    src = clone(tmp_path / "clone", BASE, BASE)
+    code = {"main@a": "c1", "main@b": "c1", "main@c": "c9", "main@d": here}
+    (src / "study" / "dvc.lock").write_text(lock_of(BASE, code))
+    monkeypatch.chdir(dst)
+
+    r = CliRunner().invoke(main, [str(src)])
+    assert r.exit_code == 0 and "1 cells taken, 1 output files copied" in r.output, r.output
+    want = {"main@a": "c1", "main@b": "c1", "main@c": "c1", "main@d": here}
+    assert (dst / "study" / "dvc.lock").read_text() == lock_of(BASE, want)
+    assert CliRunner().invoke(main, [str(src), "--dry-run"]).output.split() == []
 
 
 def test_a_missing_output_or_an_unknown_stage_takes_nothing(tmp_path, monkeypatch):
