@@ -21,7 +21,7 @@ import click
 
 from pipeline.study.freshness import Inputs
 
-RECORD = Path("benchmarks/results/study-rerun")  # the committed interim report of the rerun under way
+RECORD = Path("benchmarks/results/study-rerun")  # the latest rerun's report: interim until its last cell
 SHARED = ("zeroshot", "selection", "metrics")  # study/runs folders of the stages every cell's report shares
 
 
