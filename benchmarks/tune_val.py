@@ -9,6 +9,7 @@ data's fingerprint, is appended to --out; docs/tuning.md cites these lines.
     python -m benchmarks.tune_val --task vqa --condition lowshot-0.1 --methods baseline,clip_td --seeds 1000,1001 \\
         --set train.steps=300 --set distill.alpha0=0.3
     python -m benchmarks.tune_val --compare TAG_A,TAG_B   # paired per-seed B - A of two tagged sweeps
+    python -m benchmarks.tune_val --compare-methods baseline,clip_td   # two methods of the same sweeps
 """
 
 from __future__ import annotations
@@ -59,18 +60,28 @@ def summary(path: str) -> str:
     return "\n".join(rows)
 
 
-def compare(path: str, tag_a: str, tag_b: str) -> str:
-    """A markdown table of tag B against tag A in ``path``: per task, condition and method, the paired per-seed
-    difference B − A of the validation score with its 95% interval, p, and p Holm-adjusted over the table's
-    rows (seeds run under both tags only)."""
+# What a comparison pairs on: the field whose two values are compared, then the fields naming a table row.
+PAIRED_ON = {
+    "tag": ("tag", ("task", "condition", "method")),
+    "method": ("method", ("tag", "task", "condition")),
+}
+
+
+def compare(path: str, name_a: str, name_b: str, by: str = "tag") -> str:
+    """A markdown table of B against A in ``path``, two tags (``by="tag"``: per task, condition and method) or
+    two methods (``by="method"``: per tag, task and condition): the paired per-seed difference B − A of the
+    validation score with its 95% interval, p, and p Holm-adjusted over the table's rows (seeds run under both
+    only)."""
+    side, row = PAIRED_ON[by]
     runs: dict[tuple, dict] = {}
     for r in records(path):
-        if r["tag"] in (tag_a, tag_b):
-            key = (r["tag"], r["task"], r["condition"], r["method"], r["seed"])
+        if r[side] in (name_a, name_b):
+            key = (r[side], *(r[f] for f in row), r["seed"])
             # One setting per tag and seed, or the pairing would silently keep whichever line came last.
             if key in runs and runs[key]["overrides"] != r["overrides"]:
                 raise click.ClickException(
-                    f"{path}: tag {r['tag']!r} holds two settings for {' '.join(map(str, key[1:]))} "
+                    f"{path}: tag {r['tag']!r} holds two settings for "
+                    f"{' '.join(str(r[f]) for f in ('task', 'condition', 'method', 'seed'))} "
                     f"({runs[key]['overrides']} and {r['overrides']}); give each setting its own tag"
                 )
             runs[key] = r
@@ -81,15 +92,15 @@ def compare(path: str, tag_a: str, tag_b: str) -> str:
     cells = []
     for cell in sorted({k[1:4] for k in runs}):
         seeds = sorted(
-            s for (t, *c, s) in runs if t == tag_a and tuple(c) == cell and (tag_b, *cell, s) in runs
+            s for (t, *c, s) in runs if t == name_a and tuple(c) == cell and (name_b, *cell, s) in runs
         )
         if seeds:
-            a = [runs[(tag_a, *cell, s)] for s in seeds]
-            b = [runs[(tag_b, *cell, s)] for s in seeds]
+            a = [runs[(name_a, *cell, s)] for s in seeds]
+            b = [runs[(name_b, *cell, s)] for s in seeds]
             cells.append(
                 (cell, seeds, a, b, paired_test([y["val"] - x["val"] for x, y in zip(a, b, strict=True)]))
             )
-    rows = [f"| task | condition | method | seeds | {tag_a} (A) | {tag_b} (B) | B − A (95% CI) | paired t | Holm over rows | "
+    rows = [f"| {' | '.join(row)} | seeds | {name_a} (A) | {name_b} (B) | B − A (95% CI) | paired t | Holm over rows | "
             f"image sensitivity A / B | seconds A / B |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (cell, seeds, a, b, d), p_holm in zip(cells, holm([c[-1]["p"] for c in cells]), strict=True):
@@ -191,6 +202,13 @@ def recorded_overrides(overrides: tuple[str, ...] | list[str]) -> tuple[list[str
     help="Print tag B against tag A from --out (paired per-seed differences, 95% CI, p) and exit.",
 )
 @click.option(
+    "--compare-methods",
+    "compare_methods",
+    default="",
+    metavar="METHOD_A,METHOD_B",
+    help="Print method B against method A from --out, per tag, task and condition (paired per seed) and exit.",
+)
+@click.option(
     "--prior",
     "show_prior",
     is_flag=True,
@@ -204,14 +222,18 @@ def recorded_overrides(overrides: tuple[str, ...] | list[str]) -> tuple[list[str
 )
 def main(
     task, condition, methods, seeds, data_root, cache, params_path, overrides, threads, out, tag, show_summary,
-    compare_tags, show_prior, study_path,
+    compare_tags, compare_methods, show_prior, study_path,
 ) -> None:  # fmt: skip
-    if compare_tags:
-        tags = compare_tags.split(",")
-        if len(tags) != 2:
-            raise click.BadParameter(f"{compare_tags!r}: give two tags, TAG_A,TAG_B", param_hint="--compare")
-        click.echo(compare(out, *tags))
-        return
+    for by, given, option in (
+        ("tag", compare_tags, "--compare"),
+        ("method", compare_methods, "--compare-methods"),
+    ):
+        if given:
+            pair = given.split(",")
+            if len(pair) != 2:
+                raise click.BadParameter(f"{given!r}: give two, A,B", param_hint=option)
+            click.echo(compare(out, *pair, by=by))
+            return
     if show_summary:
         click.echo(summary(out))
         return
