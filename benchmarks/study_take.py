@@ -9,9 +9,10 @@ that student is this checkout's (the root lock's ``pretrain_student`` output; ``
 condition). A cell this checkout changed since that revision too (another sitting's, taken already) is a
 conflict, and nothing is taken; so is a stage this checkout's study/dvc.yaml does not define.
 
-A stage the sitting reran with the very outputs it had (its code deps had changed, its result had not) is
-taken too when its entry records this checkout's code: each dep it records either hashes to the file git
-tracks here or equals this lock's record. Otherwise this lock keeps the old deps and every sitting reruns it.
+A stage the sitting reran with the very outputs it had (its code or params had changed, its result had not)
+is taken too when its entry records this checkout's inputs: each dep it records either hashes to the file git
+tracks here or equals this lock's record, and each param it records is the value this checkout's params file
+holds. Otherwise this lock keeps the old inputs and every sitting reruns it.
 
 The outputs are copied beside their destinations first, then renamed into place, then the lock is written:
 an entry never claims files that are not there. A taken entry replaces this lock's entry of the same name, or
@@ -76,9 +77,12 @@ def cells_to_take(src: Path, dst: Path, only_backbone: str | None) -> list[str]:
 
 
 def _refreshed(theirs: dict, ours: dict, dst: Path) -> bool:
-    """Whether THEIRS is OURS rerun with the same result against the code this checkout holds: the same
-    command, params and outputs, and each dep either as OURS records it or hashing to DST's tracked file."""
-    if theirs == ours or any(theirs.get(k) != ours.get(k) for k in ("cmd", "params", "outs")):
+    """Whether THEIRS is OURS rerun with the same result against the inputs this checkout holds: the same
+    command and outputs, each dep either as OURS records it or hashing to DST's tracked file, and each param as
+    OURS records it or as DST's params file holds it."""
+    if theirs == ours or any(theirs.get(k) != ours.get(k) for k in ("cmd", "outs")):
+        return False
+    if theirs.get("params") != ours.get("params") and not _params_here(theirs.get("params") or {}, dst):
         return False
     import subprocess
 
@@ -91,6 +95,25 @@ def _refreshed(theirs: dict, ours: dict, dst: Path) -> bool:
         ).stdout.strip()  # only code and metrics git holds: an artifact folder may be gigabytes, or absent
         if not tracked or path_hash(dst / d["path"]) != d.get("md5"):
             return False
+    return True
+
+
+_ABSENT = object()  # a key the params file lacks: equal to no recorded value, None included
+
+
+def _params_here(params: dict, dst: Path) -> bool:
+    """Whether every param a lock entry records ({file: {dotted key: value}}) is the value DST's file holds."""
+    import yaml
+
+    for name, keys in params.items():
+        path = dst / name
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        for key, value in keys.items():
+            node = data
+            for part in key.split("."):
+                node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+            if node != value:
+                return False
     return True
 
 

@@ -61,10 +61,15 @@ def summary(path: str) -> str:
 
 
 # What a comparison pairs on: the field whose two values are compared, then the fields naming a table row.
+# Two methods are compared under one setting: a tag may hold several (a sweep), each its own row.
 PAIRED_ON = {
     "tag": ("tag", ("task", "condition", "method")),
-    "method": ("method", ("tag", "task", "condition")),
+    "method": ("method", ("tag", "overrides", "task", "condition")),
 }
+
+
+def _field(r: dict, name: str) -> str:
+    return (" ".join(r["overrides"]) or "(defaults)") if name == "overrides" else r[name]
 
 
 def compare(path: str, name_a: str, name_b: str, by: str = "tag") -> str:
@@ -76,7 +81,7 @@ def compare(path: str, name_a: str, name_b: str, by: str = "tag") -> str:
     runs: dict[tuple, dict] = {}
     for r in records(path):
         if r[side] in (name_a, name_b):
-            key = (r[side], *(r[f] for f in row), r["seed"])
+            key = (r[side], *(_field(r, f) for f in row), r["seed"])
             # One setting per tag and seed, or the pairing would silently keep whichever line came last.
             if key in runs and runs[key]["overrides"] != r["overrides"]:
                 raise click.ClickException(
@@ -90,7 +95,7 @@ def compare(path: str, name_a: str, name_b: str, by: str = "tag") -> str:
         return sum(r.get(key, float("nan")) for r in rs) / len(rs)
 
     cells = []
-    for cell in sorted({k[1:4] for k in runs}):
+    for cell in sorted({k[1:-1] for k in runs}):
         seeds = sorted(
             s for (t, *c, s) in runs if t == name_a and tuple(c) == cell and (name_b, *cell, s) in runs
         )
@@ -102,7 +107,7 @@ def compare(path: str, name_a: str, name_b: str, by: str = "tag") -> str:
             )
     rows = [f"| {' | '.join(row)} | seeds | {name_a} (A) | {name_b} (B) | B − A (95% CI) | paired t | Holm over rows | "
             f"image sensitivity A / B | seconds A / B |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            "|" + "---|" * (len(row) + 8)]  # fmt: skip
     for (cell, seeds, a, b, d), p_holm in zip(cells, holm([c[-1]["p"] for c in cells]), strict=True):
         rows.append(
             f"| {' | '.join(cell)} | {','.join(map(str, seeds))} | {mean(a, 'val'):.3f} | {mean(b, 'val'):.3f} | "

@@ -135,6 +135,38 @@ def test_a_rerun_with_the_same_outputs_against_this_checkouts_code_refreshes_the
     assert CliRunner().invoke(main, [str(src), "--dry-run"]).output.split() == []
 
 
+def test_a_rerun_with_the_same_outputs_under_this_checkouts_params_refreshes_the_entry(tmp_path, monkeypatch):
+    # A params key the stage reads changed (a tuning seed declared to the study): the sitting reran a and b
+    # with the same outputs. a's entry records the value this checkout's params file holds and is taken; b's
+    # records a value this checkout does not hold and stays.
+    def with_params(lock: str, seeds: dict[str, str]) -> str:
+        for n, v in seeds.items():
+            head = f"  {n}:\n    cmd: run {n}\n"
+            lock = lock.replace(
+                head, f"{head}    params:\n      study/params.yaml:\n        study.tuning_seeds: {v}\n"
+            )
+        return lock
+
+    dst = tmp_path / "main"
+    write(dst, BASE)
+    (dst / "study" / "params.yaml").write_text("study:\n  seeds: [100]\n  tuning_seeds: [0, 1, 2000]\n")
+    old = {"main@a": "[0, 1]", "main@b": "[0, 1]"}
+    (dst / "study" / "dvc.lock").write_text(with_params((dst / "study" / "dvc.lock").read_text(), old))
+    src = clone(tmp_path / "clone", BASE, BASE)
+    code = dict.fromkeys(BASE, "c1")
+    (src / "study" / "dvc.lock").write_text(
+        with_params(lock_of(BASE, code), {"main@a": "[0, 1, 2000]", "main@b": "[0, 1, 3000]"})
+    )
+    monkeypatch.chdir(dst)
+
+    r = CliRunner().invoke(main, [str(src), "--dry-run"])
+    assert r.exit_code == 0 and r.output.split() == ["main@a"], r.output
+    r = CliRunner().invoke(main, [str(src)])
+    assert r.exit_code == 0 and "1 cells taken" in r.output, r.output
+    want = with_params(lock_of(BASE, code), {"main@a": "[0, 1, 2000]", "main@b": "[0, 1]"})
+    assert (dst / "study" / "dvc.lock").read_text() == want
+
+
 def test_a_missing_output_or_an_unknown_stage_takes_nothing(tmp_path, monkeypatch):
     dst = tmp_path / "main"
     write(dst, BASE)

@@ -116,9 +116,10 @@ def test_the_study_seeds_are_refused_and_every_tuning_seed_is_declared_to_the_st
     assert used and used <= set(study.tuning_seeds), sorted(used - set(study.tuning_seeds))
 
 
-def test_compare_methods_pairs_two_methods_of_the_same_sweep_seed_by_seed(tmp_path):
-    # docs/tuning.md's constant-λ check rests on this: clip_td_const_lambda − clip_td per seed within a tag.
+def test_compare_methods_pairs_two_methods_of_one_setting_seed_by_seed(tmp_path):
+    # docs/tuning.md's constant-λ check rests on this: clip_td_const_lambda − clip_td per seed within a sweep.
     line = {"tag": "t", "task": "vqa", "condition": "lowshot-0.01", "overrides": []}
+    alpha = {**line, "overrides": ["distill.alpha0=1.0"]}  # another setting in the sweep: its own row
     rows = [
         {**line, "method": "clip_td", "seed": 2000, "val": 0.40},
         {**line, "method": "clip_td", "seed": 2001, "val": 0.50},
@@ -126,20 +127,21 @@ def test_compare_methods_pairs_two_methods_of_the_same_sweep_seed_by_seed(tmp_pa
         {**line, "method": "clip_td_const_lambda", "seed": 2001, "val": 0.54},
         {**line, "method": "clip_td_const_lambda", "seed": 2002, "val": 0.99},  # no clip_td partner: left out
         {**line, "method": "baseline", "seed": 2000, "val": 0.0},  # neither method: no row
-        {
-            **line,
-            "tag": "u",
-            "method": "clip_td",
-            "seed": 2000,
-            "val": 0.0,
-        },  # another sweep, no partner there
+        {**line, "tag": "u", "method": "clip_td", "seed": 2000, "val": 0.0},  # another sweep: no partner
+        {**alpha, "method": "clip_td", "seed": 2000, "val": 0.10},
+        {**alpha, "method": "clip_td_const_lambda", "seed": 2000, "val": 0.30},
     ]
     path = tmp_path / "tuning.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    header, _, *table = compare(str(path), "clip_td", "clip_td_const_lambda", by="method").splitlines()
-    assert header.startswith("| tag | task | condition | seeds | clip_td (A) | clip_td_const_lambda (B) |")
-    assert len(table) == 1
-    cells = [c.strip() for c in table[0].strip("|").split("|")]
-    assert cells[:6] == ["t", "vqa", "lowshot-0.01", "2000,2001", "0.450", "0.495"]
+    header, rule, *table = compare(str(path), "clip_td", "clip_td_const_lambda", by="method").splitlines()
+    assert header.startswith(
+        "| tag | overrides | task | condition | seeds | clip_td (A) | clip_td_const_lambda (B) |"
+    )
+    assert rule.count("---") == header.count("|") - 1
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in table]
+    assert [c[:7] for c in cells] == [
+        ["t", "(defaults)", "vqa", "lowshot-0.01", "2000,2001", "0.450", "0.495"],
+        ["t", "distill.alpha0=1.0", "vqa", "lowshot-0.01", "2000", "0.100", "0.300"],
+    ]
     # Differences +0.05 and +0.04: the same interval as the tag comparison's, with the sign turned.
-    assert cells[6] == "+0.045 [-0.019, +0.109]"
+    assert cells[0][7] == "+0.045 [-0.019, +0.109]"
