@@ -74,7 +74,7 @@ def _field(r: dict, name: str) -> str:
 
 def compare(path: str, name_a: str, name_b: str, by: str = "tag") -> str:
     """A markdown table of B against A in ``path``, two tags (``by="tag"``: per task, condition and method) or
-    two methods (``by="method"``: per tag, task and condition): the paired per-seed difference B − A of the
+    two methods (``by="method"``: per tag, setting, task and condition): the paired per-seed difference B − A of the
     validation score with its 95% interval, p, and p Holm-adjusted over the table's rows (seeds run under both
     only)."""
     side, row = PAIRED_ON[by]
@@ -211,7 +211,7 @@ def recorded_overrides(overrides: tuple[str, ...] | list[str]) -> tuple[list[str
     "compare_methods",
     default="",
     metavar="METHOD_A,METHOD_B",
-    help="Print method B against method A from --out, per tag, task and condition (paired per seed) and exit.",
+    help="Print method B against method A from --out, per tag, setting, task and condition (paired per seed) and exit.",
 )
 @click.option(
     "--prior",
