@@ -10,9 +10,8 @@ condition). A cell this checkout changed since that revision too (another sittin
 conflict, and nothing is taken; so is a stage this checkout's study/dvc.yaml does not define.
 
 A stage the sitting reran with the very outputs it had (its code or params had changed, its result had not)
-is taken too when its entry records this checkout's inputs: each dep it records either hashes to the file git
-tracks here or equals this lock's record, and each param it records is the value this checkout's params file
-holds. Otherwise this lock keeps the old inputs and every sitting reruns it.
+is taken too when its entry records this checkout's inputs, as ``pipeline.study.freshness`` judges a cell
+current. Otherwise this lock keeps the old inputs and every sitting reruns it.
 
 The outputs are copied beside their destinations first, then renamed into place, then the lock is written:
 an entry never claims files that are not there. A taken entry replaces this lock's entry of the same name, or
@@ -29,8 +28,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.dvc_lockfile import fast_load, path_hash, stage_blocks
-from pipeline.study.freshness import backbone, entry_backbone
+from pipeline.dvc_lockfile import fast_load, stage_blocks
+from pipeline.study.freshness import Inputs, backbone, entry_backbone
 
 LOCK = "study/dvc.lock"
 
@@ -73,48 +72,18 @@ def cells_to_take(src: Path, dst: Path, only_backbone: str | None) -> list[str]:
             "nothing taken"
         )
     taken = [n for n in ran if _result(ours.get(n)) != _result(theirs[n])]
-    return taken + [n for n in theirs if n in ours and n not in ran and _refreshed(theirs[n], ours[n], dst)]
+    inputs = Inputs(dst / "dvc.lock", dst / LOCK)
+    return taken + [
+        n for n in theirs if n in ours and n not in ran and _refreshed(theirs[n], ours[n], inputs)
+    ]
 
 
-def _refreshed(theirs: dict, ours: dict, dst: Path) -> bool:
-    """Whether THEIRS is OURS rerun with the same result against the inputs this checkout holds: the same
-    command and outputs, each dep either as OURS records it or hashing to DST's tracked file, and each param as
-    OURS records it or as DST's params file holds it."""
+def _refreshed(theirs: dict, ours: dict, inputs: Inputs) -> bool:
+    """Whether THEIRS is OURS rerun with the same result on the inputs this checkout records: the same command
+    and outputs, and no dep or param that differs from this checkout's (``Inputs.stale``)."""
     if theirs == ours or any(theirs.get(k) != ours.get(k) for k in ("cmd", "outs")):
         return False
-    if theirs.get("params") != ours.get("params") and not _params_here(theirs.get("params") or {}, dst):
-        return False
-    import subprocess
-
-    recorded = {d["path"]: d.get("md5") for d in ours.get("deps", [])}
-    for d in theirs.get("deps", []):
-        if recorded.get(d["path"]) == d.get("md5"):
-            continue
-        tracked = subprocess.run(
-            ["git", "-C", str(dst), "ls-files", "--", d["path"]], capture_output=True, text=True
-        ).stdout.strip()  # only code and metrics git holds: an artifact folder may be gigabytes, or absent
-        if not tracked or path_hash(dst / d["path"]) != d.get("md5"):
-            return False
-    return True
-
-
-_ABSENT = object()  # a key the params file lacks: equal to no recorded value, None included
-
-
-def _params_here(params: dict, dst: Path) -> bool:
-    """Whether every param a lock entry records ({file: {dotted key: value}}) is the value DST's file holds."""
-    import yaml
-
-    for name, keys in params.items():
-        path = dst / name
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-        for key, value in keys.items():
-            node = data
-            for part in key.split("."):
-                node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
-            if node != value:
-                return False
-    return True
+    return inputs.stale(theirs) is None
 
 
 def take(src: Path, dst: Path, names: list[str]) -> int:

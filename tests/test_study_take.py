@@ -148,14 +148,18 @@ def test_a_rerun_with_the_same_outputs_under_this_checkouts_params_refreshes_the
         return lock
 
     dst = tmp_path / "main"
-    write(dst, BASE)
+    (dst / "student").mkdir(parents=True)  # every other input of a and b is this checkout's
+    (dst / "student" / "model.py").write_text("width = 64\n")
+    here = path_hash(dst / "student").removesuffix(".dir")
+    cells = {**BASE, "main@a": ("new", "a0"), "main@b": ("new", "b0")}
+    write(dst, cells, code=here)
     (dst / "study" / "params.yaml").write_text("study:\n  seeds: [100]\n  tuning_seeds: [0, 1, 2000]\n")
     old = {"main@a": "[0, 1]", "main@b": "[0, 1]"}
     (dst / "study" / "dvc.lock").write_text(with_params((dst / "study" / "dvc.lock").read_text(), old))
-    src = clone(tmp_path / "clone", BASE, BASE)
-    code = dict.fromkeys(BASE, "c1")
+    src = clone(tmp_path / "clone", cells, cells)
+    code = dict.fromkeys(cells, here)
     (src / "study" / "dvc.lock").write_text(
-        with_params(lock_of(BASE, code), {"main@a": "[0, 1, 2000]", "main@b": "[0, 1, 3000]"})
+        with_params(lock_of(cells, code), {"main@a": "[0, 1, 2000]", "main@b": "[0, 1, 3000]"})
     )
     monkeypatch.chdir(dst)
 
@@ -163,7 +167,7 @@ def test_a_rerun_with_the_same_outputs_under_this_checkouts_params_refreshes_the
     assert r.exit_code == 0 and r.output.split() == ["main@a"], r.output
     r = CliRunner().invoke(main, [str(src)])
     assert r.exit_code == 0 and "1 cells taken" in r.output, r.output
-    want = with_params(lock_of(BASE, code), {"main@a": "[0, 1, 2000]", "main@b": "[0, 1]"})
+    want = with_params(lock_of(cells, code), {"main@a": "[0, 1, 2000]", "main@b": "[0, 1]"})
     assert (dst / "study" / "dvc.lock").read_text() == want
 
 
