@@ -314,6 +314,11 @@ class TrainParams:
     # AVX512-BF16), maybe slower where it is emulated (docs/training.md). Scores move by bfloat16's rounding,
     # so runs are compared within one precision.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # true: the student's image trunk (the film student's stem and FiLM blocks, whose shapes the batch size
+    # fixes) goes through torch.compile while it trains; evaluation runs it eagerly. Each new batch shape
+    # costs a compile (seconds to a minute) against a few milliseconds a step saved (benchmarks/
+    # bench_step_layout.py), so it pays on long runs only; a student without an image trunk is refused.
+    compile: bool = False
 
     def validate(self) -> None:
         # steps=0 or -1 used to "train" nothing, export no student and exit 0.

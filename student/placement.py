@@ -1,5 +1,5 @@
-"""Where a run's tensors live: the training device, moving nested batches onto it, and the collectives that keep
-the ranks of a torchrun job in step."""
+"""Where and how a run's tensors are computed: the training device, bfloat16's check, the compiled image trunk,
+moving nested batches onto the device, and the collectives that keep the ranks of a torchrun job in step."""
 
 from __future__ import annotations
 
@@ -46,6 +46,24 @@ def check_bf16(device: torch.device) -> None:
             RuntimeWarning,
             stacklevel=2,
         )
+
+
+def compile_trunk(student: torch.nn.Module, arch: str) -> None:
+    """``train.compile``: the student's ``image_trunk`` through ``torch.compile`` while the student trains.
+    In eval mode the eager trunk runs, so evaluation's batch sizes and the dropout switch cost no compiles;
+    the parameters are the same, so checkpoints and the export do not change."""
+    eager = getattr(student, "image_trunk", None)
+    if not callable(eager):
+        raise RunError(
+            f"train.compile=true: student.arch={arch} has no image_trunk to compile (the film student has one)"
+        )
+    # dynamic=False: the batch size fixes every shape in the trunk (bench_step_layout measures this form).
+    compiled = torch.compile(eager, dynamic=False)
+
+    def image_trunk(*args, **kwargs):
+        return (compiled if student.training else eager)(*args, **kwargs)
+
+    student.image_trunk = image_trunk
 
 
 def to_device(x, device: torch.device):

@@ -69,6 +69,7 @@ from student.placement import (
     average_gradients,
     broadcast_parameters,
     check_bf16,
+    compile_trunk,
     mean_over_ranks,
     resolve_device,
     to_device,
@@ -277,6 +278,8 @@ class Trainer:
         # (benchmarks/bench_step_layout.py measures both).
         if self.autocast is not None:
             self.student.to(memory_format=torch.channels_last)
+        if tp.compile:
+            compile_trunk(self.student, params.student.arch)
         self.params_list = [p for m in modules for p in m.parameters()]
         # fused: one kernel over all parameters instead of ~10 per tensor; on 2 CPU cores the per-tensor
         # update of the 49,408-row token embedding was 40% of a default step (cProfile).

@@ -4,6 +4,7 @@ every method runs, export drops the distillation heads; docs/training.md's plugi
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -331,6 +332,50 @@ def test_bf16_steps_follow_the_fp32_steps_and_export_a_float32_student(world, tm
     assert {t.dtype for t in exported.values() if t.is_floating_point()} == {torch.float32}
     plain = create_student(params.student.arch, params.student, vocabulary=exported["token_ids"])
     plain.load_state_dict(exported)
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "clang++", "c++")),
+    reason="torch.compile on a CPU needs a C++ compiler",
+)
+def test_compiled_trunk_trains_as_the_eager_one_and_evaluation_runs_eagerly(world, tmp_path, monkeypatch):
+    """train.compile=true: the film student's image trunk trains through torch.compile with the eager trunk's
+    losses up to float error (inductor fuses the ops around the convolutions), validation runs the eager
+    trunk (no compile per evaluation batch size), and a student without an image trunk is refused by key."""
+    real_compile, compiled_calls = torch.compile, []
+
+    def counting_compile(fn, **kwargs):
+        compiled = real_compile(fn, **kwargs)
+
+        def call(*args, **kw):
+            compiled_calls.append(1)
+            return compiled(*args, **kw)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    logs, batches = {}, None
+    for compile_ in (False, True):
+        params = student_params(world, **{"train.compile": compile_, "train.steps": 3, "train.eval_every": 3})
+        tr = Trainer(
+            params, run_spec(world, tmp_path, task="vqa", name=f"compile-{compile_}"), progress=False
+        )
+        try:
+            if batches is None:
+                stream = tr.batches()
+                batches = [next(stream) for _ in range(3)]
+            logs[compile_] = [tr.train_step(b, None)["loss"] for b in batches]
+            if compile_:
+                assert len(compiled_calls) == 3
+                tr.validate()
+                assert len(compiled_calls) == 3 and tr.student.training
+        finally:
+            tr.close()
+    assert logs[True] == pytest.approx(logs[False], rel=1e-5)
+
+    vilt = student_params(world, **{"train.compile": True, "student.arch": "vilt"})
+    with pytest.raises(RuntimeError, match=r"train\.compile=true: student\.arch=vilt has no image_trunk"):
+        Trainer(vilt, run_spec(world, tmp_path, task="vqa", name="vilt"), progress=False)
 
 
 def test_bf16_names_the_key_on_a_gpu_without_it_and_warns_on_a_cpu_that_emulates_it(monkeypatch):
