@@ -15,7 +15,8 @@ same FiLM step costs when only the way it is computed changes, or its precision:
 * ``bf16``         ``train.precision: bf16`` as the trainer runs it: the forward under bfloat16 autocast,
                    channels_last (float32 weights, optimizer and losses). Not the same math: its losses differ
                    from default's by bfloat16's rounding, held to ``BF16_RTOL`` instead of ``LOSS_RTOL``;
-* ``bf16_compiled`` ``bf16`` with the image trunk compiled as in ``cl_compiled``;
+* ``bf16_compiled`` ``bf16`` with the image trunk compiled as in ``cl_compiled``: ``train.precision: bf16``
+                   with ``train.compile: true``;
 * ``old``          the original step (``bench_step``'s legacy ViLT), for the ratio the target names.
 
 All are driven by ``Trainer.train_step`` on the same pre-collected batches and teacher targets, rotated step
@@ -42,6 +43,7 @@ import torch
 from benchmarks.bench_step import METHODS, WARMUP, make_trainers
 from benchmarks.common import Result, Scratch, log, median, parser, quartiles
 from benchmarks.world import build
+from student.placement import compile_trunk
 
 DEFAULT_TASKS = ("vqa", "snli_ve")
 VARIANTS = ("cl", "cl_compiled", "bf16", "bf16_compiled")
@@ -61,7 +63,7 @@ def make_variant(trainer, variant: str) -> None:
     student = trainer.student
     student.to(memory_format=torch.channels_last)
     if variant.endswith("_compiled"):
-        student.image_trunk = torch.compile(student.image_trunk, dynamic=False)
+        compile_trunk(student, "film")  # what train.compile does
 
 
 def tolerance(variant: str) -> float:
