@@ -16,9 +16,9 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DVC_NO_ANAL
 start=$SECONDS
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 # The tests that need a CUDA device (skipped everywhere else): training steps and predict on the GPU agree with
-# the CPU, and train.precision=bf16's steps follow fp32's. Short (a tiny world, 4-step students), so they go
-# first and always run.
-timeout -k 10 150 python3 -m pytest -q -p no:cacheprovider -k "cuda_steps or on_the_gpu or bf16_steps" \
+# the CPU, train.precision=bf16's steps follow fp32's, and train.compile's follow the eager trunk's. Short (a
+# tiny world, 3-4-step students), so they go first and always run.
+timeout -k 10 150 python3 -m pytest -q -p no:cacheprovider -k "cuda_steps or on_the_gpu or bf16_steps or (compiled_trunk and cuda)" \
   tests/test_train_student.py tests/test_predict.py >"$OUT/gpu-tests.log" 2>&1
 echo "GPU tests exit $? after $((SECONDS - start)) s: $(tail -1 "$OUT/gpu-tests.log")"
 # At REPRO_S: two SIGTERMs (the first lets running stages finish, the second stops them), so bench_repro
