@@ -9,14 +9,13 @@ same FiLM step costs when only the way it is computed changes, or its precision:
 * ``default``      params.yaml's student as the trainer runs it (NCHW tensors, eager);
 * ``cl``           the same weights in channels_last memory order (oneDNN's convolutions skip the layout
                    reorders they do for NCHW);
-* ``cl_compiled``  channels_last, and ``FilmStudent.image_trunk`` (stem + FiLM blocks, every shape fixed by
-                   the batch size) handed to ``torch.compile`` (inductor: fused elementwise kernels around
-                   oneDNN's convolutions);
+* ``cl_compiled``  ``train.compile: true``: channels_last, and ``FilmStudent.image_trunk`` (stem + FiLM blocks,
+                   every shape fixed by the batch size) handed to ``torch.compile`` while it trains (inductor:
+                   fused elementwise kernels around oneDNN's convolutions);
 * ``bf16``         ``train.precision: bf16`` as the trainer runs it: the forward under bfloat16 autocast,
                    channels_last (float32 weights, optimizer and losses). Not the same math: its losses differ
                    from default's by bfloat16's rounding, held to ``BF16_RTOL`` instead of ``LOSS_RTOL``;
-* ``bf16_compiled`` ``bf16`` with the image trunk compiled as in ``cl_compiled``: ``train.precision: bf16``
-                   with ``train.compile: true``;
+* ``bf16_compiled`` ``train.precision: bf16`` with ``train.compile: true``;
 * ``old``          the original step (``bench_step``'s legacy ViLT), for the ratio the target names.
 
 All are driven by ``Trainer.train_step`` on the same pre-collected batches and teacher targets, rotated step
@@ -43,7 +42,6 @@ import torch
 from benchmarks.bench_step import METHODS, WARMUP, make_trainers
 from benchmarks.common import Result, Scratch, log, median, parser, quartiles
 from benchmarks.world import build
-from student.placement import compile_trunk
 
 DEFAULT_TASKS = ("vqa", "snli_ve")
 VARIANTS = ("cl", "cl_compiled", "bf16", "bf16_compiled")
@@ -56,14 +54,13 @@ CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_co
 COMPILE_WARMUP = 2  # extra untimed steps for the compiled arm (the first call compiles)
 
 
-def make_variant(trainer, variant: str) -> None:
-    """Turn a trainer's student into ``variant`` in place (same parameters, so the optimizer's references stay
-    valid: ``Module.to(memory_format=...)`` swaps each parameter's data, not the parameter). The bf16 arms'
-    trainers were built with ``train.precision=bf16``, which did their channels_last."""
-    student = trainer.student
-    student.to(memory_format=torch.channels_last)
-    if variant.endswith("_compiled"):
-        compile_trunk(student, "film")  # what train.compile does
+# Each arm but ``cl`` is a setting of the trainer, so the benchmark times what a user's run does.
+SETTINGS = {
+    "cl": (),
+    "cl_compiled": ("train.compile=true",),
+    "bf16": ("train.precision=bf16",),
+    "bf16_compiled": ("train.precision=bf16", "train.compile=true"),
+}
 
 
 def tolerance(variant: str) -> float:
@@ -75,11 +72,13 @@ def trainers_for(world, task: str, work: Path) -> dict:
     same weights)."""
     out = make_trainers(world, task, work, arms=("old", "default"))
     for variant in VARIANTS:
-        sets = ("train.precision=bf16",) if variant.startswith("bf16") else ()
-        more = make_trainers(world, task, work / variant, arms=("default",), default_sets=sets)
+        more = make_trainers(world, task, work / variant, arms=("default",), default_sets=SETTINGS[variant])
         for method in METHODS:
             tr = more[f"default-{method}"]
-            make_variant(tr, variant)
+            if (
+                variant == "cl"
+            ):  # Module.to swaps each parameter's data, so the optimizer's references stay valid
+                tr.student.to(memory_format=torch.channels_last)
             out[f"{variant}-{method}"] = tr
     return out
 

@@ -315,9 +315,10 @@ class TrainParams:
     # so runs are compared within one precision.
     precision: Literal["fp32", "bf16"] = "fp32"
     # true: the student's image trunk (the film student's stem and FiLM blocks, whose shapes the batch size
-    # fixes) goes through torch.compile while it trains; evaluation runs it eagerly. Each new batch shape
-    # costs a compile (seconds to a minute) against a few milliseconds a step saved (benchmarks/
-    # bench_step_layout.py), so it pays on long runs only; a student without an image trunk is refused.
+    # fixes) goes through torch.compile while it trains, its convolutions in channels_last order as under bf16;
+    # evaluation runs it eagerly. Each new batch shape costs a compile (seconds to a minute) against a few
+    # milliseconds a step saved (benchmarks/bench_step_layout.py), so it pays on long runs only; a student
+    # without an image trunk is refused.
     compile: bool = False
 
     def validate(self) -> None:

@@ -274,9 +274,10 @@ class Trainer:
         modules = [self.student, self.heads] + ([self.dheads] if self.dheads is not None else [])
         for m in modules:  # initialised on the CPU first, so a seed gives the same weights on every device
             m.to(self.device)
-        # bf16 with channels_last: oneDNN's convolutions then skip the layout reorders around each of them
-        # (benchmarks/bench_step_layout.py measures both).
-        if self.autocast is not None:
+        # bf16 or compile with channels_last: oneDNN's convolutions then skip the layout reorders around each
+        # of them (benchmarks/bench_step_layout.py measures each); the float32 default stays NCHW, whose
+        # results the study records (channels_last moves them in the last bits).
+        if self.autocast is not None or tp.compile:
             self.student.to(memory_format=torch.channels_last)
         if tp.compile:
             compile_trunk(self.student, params.student.arch)

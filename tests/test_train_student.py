@@ -349,9 +349,10 @@ TRITON = pytest.mark.skipif(
 def test_compiled_trunk_trains_as_the_eager_one_and_evaluation_runs_eagerly(
     world, tmp_path, monkeypatch, device
 ):
-    """train.compile=true: the film student's image trunk trains through torch.compile with the eager trunk's
-    losses up to float error (inductor fuses the ops around the convolutions), validation runs the eager
-    trunk (no compile per evaluation batch size), and a student without an image trunk is refused by key."""
+    """train.compile=true: the film student's image trunk trains through torch.compile, in channels_last, with
+    the eager NCHW trunk's losses up to float error (inductor fuses the ops around the convolutions),
+    validation runs the eager trunk (no compile per evaluation batch size), and a student without an image
+    trunk is refused by key."""
     real_compile, compiled_calls = torch.compile, []
 
     def counting_compile(fn, **kwargs):
@@ -376,6 +377,10 @@ def test_compiled_trunk_trains_as_the_eager_one_and_evaluation_runs_eagerly(
                 stream = tr.batches()
                 batches = [next(stream) for _ in range(3)]
             logs[compile_] = [tr.train_step(b, None)["loss"] for b in batches]
+            convs = [m.weight for m in tr.student.modules() if isinstance(m, torch.nn.Conv2d)]
+            assert convs and all(
+                w.is_contiguous(memory_format=torch.channels_last) == compile_ for w in convs
+            )
             if compile_:
                 assert len(compiled_calls) == 3
                 tr.validate()
