@@ -75,9 +75,8 @@ def trainers_for(world, task: str, work: Path) -> dict:
         more = make_trainers(world, task, work / variant, arms=("default",), default_sets=SETTINGS[variant])
         for method in METHODS:
             tr = more[f"default-{method}"]
-            if (
-                variant == "cl"
-            ):  # Module.to swaps each parameter's data, so the optimizer's references stay valid
+            # Module.to swaps each parameter's data, so the optimizer's references stay valid.
+            if variant == "cl":
                 tr.student.to(memory_format=torch.channels_last)
             out[f"{variant}-{method}"] = tr
     return out
