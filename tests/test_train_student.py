@@ -302,31 +302,51 @@ def test_batches_and_targets_move_to_the_training_device(world, tmp_path):
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def losses_on_the_same_batches(
+    world, tmp_path, task: str, arms: dict, common: dict, inspect=None
+) -> dict[str, list[float]]:
+    """Per arm: the losses of three training steps of a Trainer built with ``common`` and that arm's settings,
+    every arm on the same three batches (drawn by the first arm's trainer); ``inspect(arm, trainer)`` runs
+    after its steps."""
+    logs, batches = {}, None
+    for arm, sets in arms.items():
+        params = student_params(world, **common, **sets)
+        tr = Trainer(params, run_spec(world, tmp_path, task=task, name=arm), progress=False)
+        try:
+            if batches is None:
+                stream = tr.batches()
+                batches = [next(stream) for _ in range(3)]
+            logs[arm] = [tr.train_step(b, None)["loss"] for b in batches]
+            if inspect is not None:
+                inspect(arm, tr)
+        finally:
+            tr.close()
+    return logs
+
+
+def channels_last(tr: Trainer) -> bool:
+    convs = [m.weight for m in tr.student.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs
+    return all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("task", ["vqa", "vcr"])
 def test_bf16_steps_follow_the_fp32_steps_and_export_a_float32_student(world, tmp_path, task, device):
     """train.precision=bf16: from the same weights on the same batches the losses are fp32's up to bfloat16's
     rounding (and not fp32's exactly: the forward did run in bfloat16), the convolutions sit in channels_last,
     and what is exported loads into a plain float32 student."""
-    logs, batches = {}, None
-    for precision in ("fp32", "bf16"):
-        sets = {"train.precision": precision, "train.steps": 2, "train.eval_every": 2, "train.device": device}
-        params = student_params(world, **sets)
-        tr = Trainer(params, run_spec(world, tmp_path, task=task, name=precision), progress=False)
-        try:
-            if batches is None:
-                stream = tr.batches()
-                batches = [next(stream) for _ in range(3)]
-            logs[precision] = [tr.train_step(b, None)["loss"] for b in batches]
-            convs = [m.weight for m in tr.student.modules() if isinstance(m, torch.nn.Conv2d)]
-            assert convs and all(
-                w.is_contiguous(memory_format=torch.channels_last) == (precision == "bf16") for w in convs
-            )
-        finally:
-            tr.close()
+    arms = {precision: {"train.precision": precision} for precision in ("fp32", "bf16")}
+    common = {"train.steps": 2, "train.eval_every": 2, "train.device": device}
+
+    def inspect(precision, tr):
+        assert channels_last(tr) == (precision == "bf16")
+
+    logs = losses_on_the_same_batches(world, tmp_path, task, arms, common, inspect)
     assert logs["bf16"] != logs["fp32"]
     assert logs["bf16"] == pytest.approx(logs["fp32"], rel=2e-2)
 
+    params = student_params(world, **common, **arms["bf16"])
     metrics = run_student(params, run_spec(world, tmp_path, task=task, name="export"), progress=False)
     assert metrics["steps"] == 2 and metrics["final"]["loss"] == metrics["final"]["loss"]
     exported = torch.load(tmp_path / "export" / "student.pt", weights_only=True)["student"]
@@ -365,29 +385,18 @@ def test_compiled_trunk_trains_as_the_eager_one_and_evaluation_runs_eagerly(
         return call
 
     monkeypatch.setattr(torch, "compile", counting_compile)
-    logs, batches = {}, None
-    for compile_ in (False, True):
-        sets = {"train.compile": compile_, "train.steps": 3, "train.eval_every": 3, "train.device": device}
-        params = student_params(world, **sets)
-        tr = Trainer(
-            params, run_spec(world, tmp_path, task="vqa", name=f"compile-{compile_}"), progress=False
-        )
-        try:
-            if batches is None:
-                stream = tr.batches()
-                batches = [next(stream) for _ in range(3)]
-            logs[compile_] = [tr.train_step(b, None)["loss"] for b in batches]
-            convs = [m.weight for m in tr.student.modules() if isinstance(m, torch.nn.Conv2d)]
-            assert convs and all(
-                w.is_contiguous(memory_format=torch.channels_last) == compile_ for w in convs
-            )
-            if compile_:
-                assert len(compiled_calls) == 3
-                tr.validate()
-                assert len(compiled_calls) == 3 and tr.student.training
-        finally:
-            tr.close()
-    assert logs[True] == pytest.approx(logs[False], rel=1e-5 if device == "cpu" else 1e-4)
+    arms = {"eager": {"train.compile": False}, "compiled": {"train.compile": True}}
+    common = {"train.steps": 3, "train.eval_every": 3, "train.device": device}
+
+    def inspect(arm, tr):
+        assert channels_last(tr) == (arm == "compiled")
+        if arm == "compiled":
+            assert len(compiled_calls) == 3
+            tr.validate()
+            assert len(compiled_calls) == 3 and tr.student.training
+
+    logs = losses_on_the_same_batches(world, tmp_path, "vqa", arms, common, inspect)
+    assert logs["compiled"] == pytest.approx(logs["eager"], rel=1e-5 if device == "cpu" else 1e-4)
 
     vilt = student_params(world, **{"train.compile": True, "student.arch": "vilt"})
     with pytest.raises(RuntimeError, match=r"train\.compile=true: student\.arch=vilt has no image_trunk"):
